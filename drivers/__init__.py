@@ -1,0 +1,1 @@
+"""Device drivers: one small interface for Modbus, GPIO and simulated devices."""
