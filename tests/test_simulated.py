@@ -317,7 +317,7 @@ def test_unplug_and_replug(modem: VirtualNullModem, bus: SimulatedBus, client: M
     bus.start()
     assert read(client, 1, 0, 1) == [0x2400]
     modem.unplug()
-    assert not os.path.exists(modem.gateway_port)
+    assert not os.path.lexists(modem.gateway_port)
     with pytest.raises((ConnectionException, ModbusIOException)):
         client.read_holding_registers(0, count=1, device_id=1)
     disconnect(client)
