@@ -46,9 +46,7 @@ class Heartbeats:
         """Names whose last beat (or registration) is older than their deadline, sorted."""
         t = time.monotonic() if now is None else now
         with self._lock:
-            return sorted(
-                name for name, deadline in self._deadlines.items() if t - self._last[name] > deadline
-            )
+            return sorted(name for name, deadline in self._deadlines.items() if t - self._last[name] > deadline)
 
     def snapshot(self, now: float | None = None) -> dict[str, float]:
         """Seconds since each part's last beat (or registration)."""

@@ -1,0 +1,479 @@
+"""The alarm core: readings, failed polls, contacts and operator actions in; events and what to show out.
+
+Pure: no I/O, no threads, no clock reads — every method takes ``now`` (monotonic seconds). The
+:class:`~gateway.panel.AlarmPanel` serialises calls from bus threads and GPIO callbacks and applies the
+returned :class:`Annunciation` to the outputs.
+
+Rules (see docs/alarms.md): two gas levels with hysteresis on clearing; an alarm latches until a person
+resets it; silence mutes only what is active now; faults clear themselves; warm-up neither alarms nor
+faults; supervisory signals from extinguisher stations; priority alarm > supervisory > trouble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from drivers.profiles import GasReading, StationReading
+from gateway.config import AlarmSettings, DeviceConfig, LinkageRule
+from gateway.events import Event
+
+__all__ = ["AlarmCore", "Annunciation", "Level", "ResetResult", "Sound"]
+
+DEVICE_FAULTS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault")
+TEST_SOUND_S = 3.0
+WALK_TEST_S = 60.0
+
+
+class Level(IntEnum):
+    """Gas alarm level."""
+
+    NONE = 0
+    LOW = 1
+    HIGH = 2
+
+
+class Sound(IntEnum):
+    """What the sounder plays, in priority order (higher wins)."""
+
+    QUIET = 0
+    TROUBLE = 1
+    TEST = 2
+    SUPERVISORY = 3
+    GAS = 4
+    FIRE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Annunciation:
+    """Desired output state: the sounder's pattern, the lit LEDs (with whether they are silenced), relays on."""
+
+    sound: Sound = Sound.QUIET
+    leds: frozenset[str] = frozenset()
+    relays: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class ResetResult:
+    """Devices whose latch was cleared, and those still in alarm (condition present)."""
+
+    reset: tuple[str, ...]
+    still_active: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class _Condition:
+    category: str  # alarm | supervisory | trouble
+    sound: Sound
+    unit: str | None
+    household: str | None
+    since: float
+    level: Level = Level.NONE
+    silenced: bool = False
+
+
+@dataclass(slots=True)
+class _DeviceState:
+    cfg: DeviceConfig
+    level: Level = Level.NONE  # condition now, with hysteresis
+    latched: Level = Level.NONE
+    failures: int = 0
+    first_failure: float | None = None
+    last_seen: float | None = None
+    last_value: float | None = None
+    warming_up: bool = False
+    contact_active: bool = False
+    door_open_since: float | None = None
+    test_until: float | None = None
+    telemetry_at: float | None = None
+    telemetry_value: float | None = None
+    comm_errors: int = 0
+    faults: set[str] = field(default_factory=set)
+    supervisory: set[str] = field(default_factory=set)
+
+
+CONTACT_SUPERVISORY = {
+    "extinguisher_presence": "removed",
+    "pressure_switch": "pressure",
+    "cabinet_door": "door_open",
+    "obstruction": "obstructed",
+}
+
+
+class AlarmCore:
+    """State of every device and every active condition of one building."""
+
+    def __init__(
+        self,
+        devices: Iterable[DeviceConfig],
+        settings: AlarmSettings | None = None,
+        linkage: Iterable[LinkageRule] = (),
+    ) -> None:
+        self.settings = settings or AlarmSettings()
+        self.linkage = tuple(linkage)
+        self._devices = {d.id: _DeviceState(cfg=d) for d in devices}
+        self._conditions: dict[tuple[str, str], _Condition] = {}
+        self._test_sound_until = float("-inf")
+        self._relays: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------------------------------ queries
+
+    def device_ids(self) -> list[str]:
+        """Every device, in config order."""
+        return list(self._devices)
+
+    def device_state(self, device_id: str) -> dict[str, object]:
+        """A snapshot of one device for status displays."""
+        st = self._devices[device_id]
+        alarm = self._conditions.get((device_id, "alarm"))
+        if st.test_until is not None:
+            state = "test"
+        elif alarm is not None:
+            state = "fire" if alarm.sound is Sound.FIRE else f"{alarm.level.name.lower()}_alarm"
+        elif st.supervisory:
+            state = "supervisory"
+        elif st.faults:
+            state = "fault"
+        elif st.warming_up:
+            state = "warmup"
+        elif st.last_seen is None and st.cfg.is_modbus:
+            state = "unknown"
+        else:
+            state = "normal"
+        return {
+            "device": device_id,
+            "kind": st.cfg.kind,
+            "unit": st.cfg.unit,
+            "household": st.cfg.household,
+            "state": state,
+            "latched": st.latched.name.lower() if st.latched else None,
+            "condition_present": st.level > Level.NONE or (alarm is not None and st.contact_active),
+            "value": st.last_value,
+            "measure": st.cfg.measure,
+            "last_seen": st.last_seen,
+            "faults": sorted(st.faults),
+            "supervisory": sorted(st.supervisory),
+            "comm_errors": st.comm_errors,
+            "failures": st.failures,
+        }
+
+    def active(self) -> list[dict[str, object]]:
+        """Every active condition (alarms latched, supervisory, trouble)."""
+        return [
+            {"subject": subject, "what": what, "category": c.category, "since": c.since,
+             "silenced": c.silenced, "level": c.level.name.lower() if c.level else None}
+            for (subject, what), c in self._conditions.items()
+        ]
+
+    def annunciation(self, now: float) -> Annunciation:
+        """What the outputs must show now: the highest-priority unsilenced signal wins the sounder."""
+        sound = Sound.QUIET
+        leds: set[str] = set()
+        for c in self._conditions.values():
+            leds.add({"alarm": "alarm", "supervisory": "supervisory", "trouble": "fault"}[c.category])
+            if not c.silenced and c.sound > sound:
+                sound = c.sound
+        if now < self._test_sound_until and sound < Sound.TEST:
+            sound = Sound.TEST
+        if any(c.silenced for c in self._conditions.values() if c.category == "alarm") and not any(
+            not c.silenced for c in self._conditions.values() if c.category == "alarm"
+        ):
+            leds.add("alarm_silenced")
+        return Annunciation(sound=sound, leds=frozenset(leds), relays=self._relays)
+
+    # ------------------------------------------------------------------------------------ inputs
+
+    def reading(self, device_id: str, reading: GasReading, now: float) -> list[Event]:
+        """A detector answered a poll."""
+        st = self._devices[device_id]
+        events = self._answered(st, now)
+        st.last_value = reading.value
+        cfg = st.cfg
+        if "warmup" in reading.status:
+            st.warming_up = True
+            return self._finish(events, now)
+        st.warming_up = False
+        reported = {s for s in reading.status if s in DEVICE_FAULTS}
+        mismatch = reading.measure is not None and cfg.measure is not None and reading.measure != cfg.measure
+        if mismatch:
+            reported.add("unit_mismatch")
+        self._set_faults(st, reported, (*DEVICE_FAULTS, "unit_mismatch"), now, events,
+                         detail=f"detector reports {reading.measure}" if mismatch else None)
+        detector_level = Level.NONE
+        if "high_alarm" in reading.status or "over_range" in reading.status:
+            detector_level = Level.HIGH
+        elif "low_alarm" in reading.status:
+            detector_level = Level.LOW
+        trusted = not mismatch and "sensor_fault" not in reading.status and "data_error" not in reading.status
+        measured = self._concentration_level(st, reading.value) if trusted else Level.NONE
+        self._gas_level(st, max(detector_level, measured), reading.value, now, events)
+        self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events)
+        return self._finish(events, now)
+
+    def station(self, device_id: str, reading: StationReading, now: float) -> list[Event]:
+        """An extinguisher station on a bus answered a poll."""
+        st = self._devices[device_id]
+        events = self._answered(st, now)
+        st.last_value = reading.pressure
+        wanted = set()
+        if reading.presence is False:
+            wanted.add("removed")
+        if reading.pressure_ok is False:
+            wanted.add("pressure")
+        if reading.obstructed:
+            wanted.add("obstructed")
+        if reading.door_open:
+            if st.door_open_since is None:
+                st.door_open_since = now
+            if now - st.door_open_since >= self.settings.door_open_s:
+                wanted.add("door_open")
+        else:
+            st.door_open_since = None
+        self._set_supervisory(st, wanted, now, events, value=reading.pressure)
+        return self._finish(events, now)
+
+    def contact(self, device_id: str, active: bool, now: float) -> list[Event]:
+        """A GPIO dry contact changed: ``active`` means away from its normal state."""
+        st = self._devices[device_id]
+        events: list[Event] = []
+        st.contact_active = active
+        st.last_seen = now
+        kind = st.cfg.kind
+        if kind == "gas_relay":
+            self._gas_level(st, Level.HIGH if active else Level.NONE, None, now, events)
+        elif kind == "fire_contact":
+            self._gas_level(st, Level.HIGH if active else Level.NONE, None, now, events, fire=True)
+        elif kind == "cabinet_door":
+            st.door_open_since = now if active else None
+            wanted = {"door_open"} if active and self.settings.door_open_s <= 0 else set()
+            self._set_supervisory(st, wanted, now, events)
+        else:
+            code = CONTACT_SUPERVISORY[kind]
+            self._set_supervisory(st, {code} if active else set(), now, events)
+        return self._finish(events, now)
+
+    def contact_fault(self, device_id: str, present: bool, now: float, detail: str | None = None) -> list[Event]:
+        """A supervised contact is implausible (both lines equal, stuck) — or plausible again."""
+        st = self._devices[device_id]
+        events: list[Event] = []
+        self._set_faults(st, {"contact_unplausible"} if present else set(), ("contact_unplausible",), now, events,
+                         detail=detail)
+        return self._finish(events, now)
+
+    def poll_failed(self, device_id: str, reason: str, now: float) -> list[Event]:
+        """A poll got no valid answer (timeout, garbled frame, exception response)."""
+        st = self._devices[device_id]
+        events: list[Event] = []
+        st.failures += 1
+        st.comm_errors += 1
+        if st.first_failure is None:
+            st.first_failure = now
+        if "offline" not in st.faults and (
+            st.failures >= self.settings.offline_after_failures
+            or now - st.first_failure >= self.settings.offline_ceiling_s
+        ):
+            self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events,
+                             detail=f"{st.failures} failed polls, last: {reason}")
+        return self._finish(events, now)
+
+    def port_state(self, bus_id: str, lost: bool, now: float, detail: str | None = None) -> list[Event]:
+        """A serial port disappeared (``lost``) or opened again."""
+        events: list[Event] = []
+        key = (f"bus:{bus_id}", "fault:port_lost")
+        if lost and key not in self._conditions:
+            self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
+            events.append(Event("fault", "raised", now, code="port_lost", detail=detail or bus_id))
+        elif not lost and key in self._conditions:
+            del self._conditions[key]
+            events.append(Event("fault", "cleared", now, code="port_lost", detail=detail or bus_id))
+        return self._finish(events, now)
+
+    def tick(self, now: float) -> list[Event]:
+        """Time passing: fault ceilings, cabinet doors left open, walk tests ending."""
+        events: list[Event] = []
+        for st in self._devices.values():
+            if (st.first_failure is not None and "offline" not in st.faults
+                    and now - st.first_failure >= self.settings.offline_ceiling_s):
+                self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events,
+                                 detail=f"no answer for {now - st.first_failure:.0f} s")
+            if (st.door_open_since is not None and "door_open" not in st.supervisory
+                    and now - st.door_open_since >= self.settings.door_open_s):
+                self._set_supervisory(st, st.supervisory | {"door_open"}, now, events)
+            if st.test_until is not None and now >= st.test_until:
+                st.test_until = None
+                events.append(self._event(st, "test", "ended", now))
+        return self._finish(events, now)
+
+    def silence(self, now: float, source: str) -> list[Event]:
+        """Mute the sounder for what is active now; anything new sounds again."""
+        muted = [c for c in self._conditions.values() if not c.silenced]
+        for c in muted:
+            c.silenced = True
+        self._test_sound_until = float("-inf")
+        return self._finish([Event("silence", "silenced", now, source=source, detail=f"{len(muted)} signals")], now)
+
+    def reset(self, device_id: str | None, now: float, source: str) -> tuple[list[Event], ResetResult]:
+        """Clear latched alarms (one device or all) whose condition has gone; the rest stay in alarm."""
+        if device_id is not None and device_id not in self._devices:
+            raise KeyError(device_id)
+        targets = [self._devices[device_id]] if device_id else list(self._devices.values())
+        events: list[Event] = []
+        done: list[str] = []
+        still: list[str] = []
+        for st in targets:
+            key = (st.cfg.id, "alarm")
+            if key not in self._conditions:
+                if st.test_until is not None:
+                    st.test_until = None
+                    events.append(self._event(st, "test", "ended", now, source=source))
+                continue
+            if st.level > Level.NONE:
+                still.append(st.cfg.id)
+                continue
+            del self._conditions[key]
+            events.append(self._event(st, "reset", "reset", now, level=st.latched.name.lower(), source=source))
+            st.latched = Level.NONE
+            done.append(st.cfg.id)
+        return self._finish(events, now), ResetResult(tuple(done), tuple(still))
+
+    def test(self, device_id: str | None, now: float, source: str) -> list[Event]:
+        """Walk test: a short test sound; alarms from the device(s) for a while are recorded as tests."""
+        if device_id is not None and device_id not in self._devices:
+            raise KeyError(device_id)
+        targets = [self._devices[device_id]] if device_id else list(self._devices.values())
+        events = []
+        for st in targets:
+            st.test_until = now + WALK_TEST_S
+            events.append(self._event(st, "test", "started", now, source=source))
+        self._test_sound_until = now + TEST_SOUND_S
+        return self._finish(events, now)
+
+    # ------------------------------------------------------------------------------------ rules
+
+    def _answered(self, st: _DeviceState, now: float) -> list[Event]:
+        events: list[Event] = []
+        st.failures = 0
+        st.first_failure = None
+        st.last_seen = now
+        if "offline" in st.faults:
+            self._set_faults(st, st.faults - {"offline"}, ("offline",), now, events)
+        return events
+
+    def _concentration_level(self, st: _DeviceState, value: float) -> Level:
+        cfg = st.cfg
+        low, high, hyst = cfg.low, cfg.high, cfg.hysteresis
+        if low is None or high is None or hyst is None:
+            return Level.NONE
+        if value >= high or (st.level == Level.HIGH and value > high - hyst):
+            return Level.HIGH
+        if value >= low or (st.level >= Level.LOW and value > low - hyst):
+            return Level.LOW
+        return Level.NONE
+
+    def _gas_level(
+        self, st: _DeviceState, level: Level, value: float | None, now: float, events: list[Event],
+        *, fire: bool = False,
+    ) -> None:
+        previous = st.level
+        st.level = level
+        kind_level = "fire" if fire else level.name.lower()
+        if st.test_until is not None:
+            if level > previous:
+                events.append(self._event(st, "test", "detected", now, level=kind_level, value=value))
+                self._test_sound_until = now + TEST_SOUND_S
+            return
+        key = (st.cfg.id, "alarm")
+        if level > st.latched:
+            action = "raised" if st.latched == Level.NONE else "escalated"
+            st.latched = level
+            self._conditions[key] = _Condition("alarm", Sound.FIRE if fire else Sound.GAS, st.cfg.unit,
+                                               st.cfg.household, now, level=level)
+            events.append(self._event(st, "alarm", action, now, level=kind_level, value=value))
+        elif level == Level.NONE and previous > Level.NONE and key in self._conditions:
+            events.append(self._event(st, "alarm", "cleared", now, level=st.latched.name.lower(), value=value,
+                                      detail="condition cleared; latched until reset"))
+
+    def _set_faults(
+        self, st: _DeviceState, wanted: set[str], managed: tuple[str, ...], now: float, events: list[Event],
+        detail: str | None = None,
+    ) -> None:
+        for code in managed:
+            key = (st.cfg.id, f"fault:{code}")
+            if code in wanted and code not in st.faults:
+                st.faults.add(code)
+                self._conditions[key] = _Condition("trouble", Sound.TROUBLE, st.cfg.unit, st.cfg.household, now)
+                events.append(self._event(st, "fault", "raised", now, code=code, detail=detail))
+            elif code not in wanted and code in st.faults:
+                st.faults.discard(code)
+                self._conditions.pop(key, None)
+                events.append(self._event(st, "fault", "cleared", now, code=code))
+
+    def _set_supervisory(
+        self, st: _DeviceState, wanted: set[str], now: float, events: list[Event], value: float | None = None
+    ) -> None:
+        for code in sorted(wanted | st.supervisory):
+            key = (st.cfg.id, f"supervisory:{code}")
+            if code in wanted and code not in st.supervisory:
+                st.supervisory.add(code)
+                self._conditions[key] = _Condition("supervisory", Sound.SUPERVISORY, st.cfg.unit,
+                                                   st.cfg.household, now)
+                events.append(self._event(st, "supervisory", "raised", now, code=code, value=value))
+            elif code not in wanted and code in st.supervisory:
+                st.supervisory.discard(code)
+                self._conditions.pop(key, None)
+                events.append(self._event(st, "supervisory", "cleared", now, code=code, value=value))
+
+    def _telemetry(self, st: _DeviceState, value: float, measure: str | None, now: float,
+                   events: list[Event]) -> None:
+        s = self.settings
+        if (st.telemetry_at is None or now - st.telemetry_at >= s.telemetry_interval_s
+                or st.telemetry_value is None or abs(value - st.telemetry_value) >= s.telemetry_deadband):
+            st.telemetry_at = now
+            st.telemetry_value = value
+            events.append(self._event(st, "telemetry", "reading", now, value=value, measure=measure))
+
+    def _finish(self, events: list[Event], now: float) -> list[Event]:
+        relays = self._linked_relays()
+        if relays != self._relays:
+            for relay in sorted(relays - self._relays):
+                events.append(Event("relay", "on", now, code=relay))
+            for relay in sorted(self._relays - relays):
+                events.append(Event("relay", "off", now, code=relay))
+            self._relays = relays
+        return events
+
+    def _linked_relays(self) -> frozenset[str]:
+        on: set[str] = set()
+        for rule in self.linkage:
+            kind, _, ref = rule.scope.partition(":")
+            for c in self._conditions.values():
+                if (kind == "unit" and c.unit != ref) or (kind == "household" and c.household != ref):
+                    continue
+                if self._matches(rule.signal, c):
+                    on.add(rule.output)
+                    break
+        return frozenset(on)
+
+    @staticmethod
+    def _matches(signal: str, c: _Condition) -> bool:
+        if signal == "supervisory":
+            return c.category == "supervisory"
+        if signal == "fault":
+            return c.category == "trouble"
+        if c.category != "alarm":
+            return False
+        if signal == "any_alarm":
+            return True
+        if signal == "fire":
+            return c.sound is Sound.FIRE
+        if c.sound is Sound.FIRE:
+            return False
+        return c.level >= (Level.HIGH if signal == "gas_high" else Level.LOW)
+
+    @staticmethod
+    def _event(st: _DeviceState, kind: str, action: str, now: float, **fields: object) -> Event:
+        cfg = st.cfg
+        measure = fields.pop("measure", cfg.measure)
+        return Event(kind, action, now, device=cfg.id, unit=cfg.unit, household=cfg.household,
+                     measure=measure if kind in ("alarm", "telemetry", "test") else None, **fields)  # type: ignore[arg-type]

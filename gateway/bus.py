@@ -1,0 +1,210 @@
+"""One thread per RS-485 bus: the only owner of its serial port.
+
+The thread polls its devices in turn and, for every answer or failure, calls the alarm panel directly —
+so a reading reaches the buzzer without waiting for the asyncio loop. Other work for the port (a fresh
+reading for the CLI, an address scan) is queued to the same thread with :meth:`BusPoller.submit`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import structlog
+
+from drivers.modbus import CommError, ExtinguisherStation, GasDetector, ModbusClient, ModbusDevice
+from drivers.profiles import GasReading, StationReading
+from gateway.config import BusConfig
+from gateway.panel import AlarmPanel
+from gateway.realtime import raise_priority
+
+__all__ = ["BusPoller", "open_client"]
+
+log = structlog.get_logger()
+
+
+def open_client(bus: BusConfig) -> Any:
+    """A pymodbus synchronous RTU client for the bus (not yet connected). Retries are ours, not pymodbus's."""
+    from pymodbus import FramerType
+    from pymodbus.client import ModbusSerialClient
+
+    return ModbusSerialClient(
+        port=bus.port,
+        framer=FramerType.RTU,
+        baudrate=bus.baudrate,
+        bytesize=bus.bytesize,
+        parity=bus.parity,
+        stopbits=bus.stopbits,
+        timeout=bus.timeout_s,
+        retries=0,
+    )
+
+
+class BusPoller:
+    """Polls the devices of one bus forever, in its own thread."""
+
+    def __init__(
+        self,
+        bus: BusConfig,
+        devices: list[ModbusDevice],
+        panel: AlarmPanel,
+        *,
+        heartbeat: Callable[[], None] | None = None,
+        client_factory: Callable[[BusConfig], Any] = open_client,
+        realtime_priority: int = 0,
+    ) -> None:
+        self.bus = bus
+        self.devices = devices
+        self._panel = panel
+        self._heartbeat = heartbeat
+        self._client_factory = client_factory
+        self._priority = realtime_priority
+        self._requests: queue.Queue[tuple[Callable[[ModbusClient], Any], Future[Any]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bus-{bus.id}", daemon=True)
+        self._client: Any = None
+        self.port_lost = False
+        self.polls = 0
+        self.errors = 0
+        self.last_cycle_s = 0.0
+
+    @property
+    def deadline_s(self) -> float:
+        """How long a healthy thread may go without a heartbeat."""
+        per_cycle = len(self.devices) * (self.bus.timeout_s + 0.1) + self.bus.poll_interval_s
+        return max(10.0, 3 * per_cycle)
+
+    @property
+    def thread(self) -> threading.Thread:
+        """The bus thread."""
+        return self._thread
+
+    @property
+    def paused(self) -> bool:
+        """Whether polling is paused (for an address scan)."""
+        return self._paused.is_set()
+
+    def start(self) -> None:
+        """Start polling."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and close the port."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def pause(self, paused: bool) -> None:
+        """Pause or resume polling (queued requests still run)."""
+        if paused:
+            self._paused.set()
+        else:
+            self._paused.clear()
+        self._wake.set()
+
+    def submit(self, work: Callable[[ModbusClient], Any]) -> Future[Any]:
+        """Run ``work(client)`` on the bus thread between polls."""
+        future: Future[Any] = Future()
+        self._requests.put((work, future))
+        self._wake.set()
+        return future
+
+    # ------------------------------------------------------------------------------ thread
+
+    def _run(self) -> None:
+        raise_priority(self._priority, self._thread.name)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if self._ensure_port():
+                if not self._paused.is_set():
+                    for device in self.devices:
+                        if self._stop.is_set():
+                            break
+                        self._poll(device)
+                        self._serve_requests()
+                else:
+                    self._serve_requests()
+            if self._heartbeat is not None:
+                self._heartbeat()
+            self.last_cycle_s = time.monotonic() - started
+            self._sleep_until(started + self.bus.poll_interval_s)
+        if self._client is not None:
+            self._client.close()
+
+    def _sleep_until(self, deadline: float) -> None:
+        while not self._stop.is_set():
+            self._serve_requests()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.wait(remaining)
+            self._wake.clear()
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                work, future = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            if not self._ensure_port():
+                future.set_exception(CommError("port", f"{self.bus.port} is not available"))
+                continue
+            try:
+                future.set_result(work(self._client))
+            except BaseException as exc:  # delivered to the waiting caller
+                future.set_exception(exc)
+
+    def _ensure_port(self) -> bool:
+        if self._client is not None and self._client.connected:
+            return True
+        if self._client is None:
+            self._client = self._client_factory(self.bus)
+        try:
+            ok = bool(self._client.connect())
+        except Exception as exc:  # pyserial raises several undocumented types
+            ok = False
+            detail = str(exc)
+        else:
+            detail = f"cannot open {self.bus.port}"
+        if ok != (not self.port_lost):
+            self.port_lost = not ok
+            self._panel.port_state(self.bus.id, lost=self.port_lost, detail=f"{self.bus.id}: {detail}"
+                                   if not ok else self.bus.id)
+            log.warning("serial port lost", bus=self.bus.id, port=self.bus.port) if not ok else log.info(
+                "serial port open", bus=self.bus.id, port=self.bus.port)
+        if not ok:
+            for device in self.devices:
+                self._panel.poll_failed(device.device_id, "port")
+        return ok
+
+    def _poll(self, device: ModbusDevice) -> None:
+        self.polls += 1
+        try:
+            reading = device.poll(self._client)
+        except CommError as exc:
+            self.errors += 1
+            self._panel.poll_failed(device.device_id, exc.reason)
+            if exc.reason in ("port", "timeout") and not self._port_present():
+                self._client.close()
+            return
+        except Exception as exc:  # a driver bug must never stop the bus thread
+            self.errors += 1
+            self._panel.poll_failed(device.device_id, f"error: {exc!r}")
+            log.exception("poll raised", device=device.device_id)
+            return
+        if isinstance(device, GasDetector) and isinstance(reading, GasReading):
+            self._panel.reading(device.device_id, reading)
+        elif isinstance(device, ExtinguisherStation) and isinstance(reading, StationReading):
+            self._panel.station(device.device_id, reading)
+
+    def _port_present(self) -> bool:
+        return not self.bus.port.startswith("/") or os.path.exists(self.bus.port)

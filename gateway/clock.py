@@ -1,0 +1,34 @@
+"""Whether the system clock is synchronised (a Pi has no real-time clock until NTP syncs)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+__all__ = ["clock_synchronised"]
+
+_TIME_ERROR = 5  # adjtimex(2): clock not synchronised
+_cache: tuple[float, bool] | None = None
+
+
+def _adjtimex_state() -> int | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    buf = ctypes.create_string_buffer(512)  # struct timex with modes = 0: read only
+    state = libc.adjtimex(buf)
+    return None if state < 0 else int(state)
+
+
+def clock_synchronised(max_age_s: float = 10.0) -> bool:
+    """True when the kernel says the clock is synchronised (cached for ``max_age_s``)."""
+    global _cache
+    now = time.monotonic()
+    if _cache is not None and now - _cache[0] < max_age_s:
+        return _cache[1]
+    state = _adjtimex_state()
+    synced = state is not None and state != _TIME_ERROR
+    _cache = (now, synced)
+    return synced

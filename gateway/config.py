@@ -1,0 +1,911 @@
+"""Site configuration: TOML → a typed, validated site model.
+
+Everything is checked before anything starts. Every error names the key path (``devices[3].address``)
+and the reason; :class:`ConfigError` carries both. ``gatewayd`` exits 78 (EX_CONFIG) on it and
+``gatewayctl config check`` exits 1 with the same message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from drivers.profiles import (
+    BUILTIN_DETECTOR_PROFILES,
+    BUILTIN_STATION_PROFILES,
+    DetectorProfile,
+    StationProfile,
+    parse_detector_profile,
+    parse_station_profile,
+)
+
+__all__ = [
+    "CONTACT_KINDS",
+    "EX_CONFIG",
+    "MODBUS_KINDS",
+    "AlarmSettings",
+    "BusConfig",
+    "ConfigError",
+    "ControlConfig",
+    "DeviceConfig",
+    "HouseholdConfig",
+    "LinkageRule",
+    "MqttConfig",
+    "OutputPin",
+    "OutputsConfig",
+    "RelayConfig",
+    "RuntimeConfig",
+    "SiteConfig",
+    "StorageConfig",
+    "UnitConfig",
+    "load_config",
+    "parse_config",
+]
+
+EX_CONFIG = 78
+
+#: Device kinds polled over a Modbus RTU bus.
+MODBUS_KINDS = frozenset({"gas_detector", "extinguisher_station"})
+#: Device kinds wired as a dry contact to a GPIO pin.
+CONTACT_KINDS = frozenset(
+    {"gas_relay", "fire_contact", "extinguisher_presence", "pressure_switch", "cabinet_door", "obstruction"}
+)
+ALL_KINDS = MODBUS_KINDS | CONTACT_KINDS
+
+#: Signals a linkage rule may react to.
+LINKAGE_SIGNALS = frozenset({"gas_low", "gas_high", "fire", "supervisory", "fault", "any_alarm"})
+
+#: Default gas alarm thresholds per measuring unit (low, high, clearing hysteresis).
+DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
+    "%LEL": (10.0, 25.0, 2.0),
+    "ppm": (50.0, 150.0, 10.0),
+    "%VOL": (0.5, 1.25, 0.1),
+}
+GAS_UNITS: dict[str, str] = {"CH4": "%LEL", "LPG": "%LEL", "H2": "%LEL", "CO": "ppm"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class UnitConfig:
+    """A unit (one stairwell) of the building."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HouseholdConfig:
+    """A household in a unit."""
+
+    id: str
+    unit: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class BusConfig:
+    """One RS-485 serial bus, owned by one thread."""
+
+    id: str
+    port: str
+    baudrate: int
+    parity: Literal["N", "E", "O"]
+    stopbits: int
+    bytesize: int
+    timeout_s: float
+    poll_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """A detector or station: on a bus (``bus``/``address``/``profile``) or on a GPIO pin."""
+
+    id: str
+    kind: str
+    name: str
+    unit: str
+    household: str | None
+    bus: str | None = None
+    address: int | None = None
+    detector_profile: DetectorProfile | None = None
+    station_profile: StationProfile | None = None
+    gas: str | None = None
+    measure: str | None = None
+    low: float | None = None
+    high: float | None = None
+    hysteresis: float | None = None
+    pin: str | None = None
+    contact: Literal["NO", "NC"] = "NO"
+    pull_up: bool = True
+    bounce_ms: int = 50
+    supervision_pin: str | None = None
+
+    @property
+    def is_modbus(self) -> bool:
+        """Whether the device is polled over a bus."""
+        return self.bus is not None
+
+    @property
+    def scope(self) -> tuple[str, str | None]:
+        """(unit, household) the device belongs to."""
+        return self.unit, self.household
+
+
+@dataclass(frozen=True, slots=True)
+class OutputPin:
+    """A GPIO output."""
+
+    pin: str
+    active_high: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """A relay output (gas valve, exhaust fan, ...)."""
+
+    id: str
+    pin: str
+    active_high: bool = True
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputsConfig:
+    """Buzzer, optional LEDs and relays."""
+
+    buzzer: OutputPin
+    leds: dict[str, OutputPin] = field(default_factory=dict)
+    relays: tuple[RelayConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkageRule:
+    """Drive ``output`` while ``signal`` is active anywhere in ``scope`` (``building``, ``unit:ID``, ...)."""
+
+    signal: str
+    scope: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmSettings:
+    """Alarm rules: fault detection, supervisory timing, telemetry."""
+
+    offline_after_failures: int = 3
+    offline_ceiling_s: float = 100.0
+    door_open_s: float = 120.0
+    trouble_chirp_interval_s: float = 45.0
+    telemetry_interval_s: float = 60.0
+    telemetry_deadband: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """Uplink to the central server's broker."""
+
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str = ""
+    topic_prefix: str = "safety"
+    protocol: Literal[5, 311] = 5
+    keepalive_s: int = 30
+    max_inflight: int = 32
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_insecure: bool = False
+    credentials_file: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """SQLite outbox and history."""
+
+    path: str = "/var/lib/gateway/events.db"
+    max_mb: float = 64.0
+    min_free_mb: float = 50.0
+    history_days: float = 30.0
+    history_min_events: int = 999
+    telemetry_batch_s: float = 0.5
+
+
+DEFAULT_SOCKET = "/run/gateway/control.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Local control socket for ``gatewayctl``."""
+
+    socket: str = DEFAULT_SOCKET
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Process tuning for the real-time path."""
+
+    realtime_priority: int = 0
+    gc_freeze: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    """The whole validated site: building → units → households → devices, and how to reach the server."""
+
+    community: str
+    building: str
+    gateway_id: str
+    units: tuple[UnitConfig, ...]
+    households: tuple[HouseholdConfig, ...]
+    buses: tuple[BusConfig, ...]
+    devices: tuple[DeviceConfig, ...]
+    outputs: OutputsConfig
+    linkage: tuple[LinkageRule, ...]
+    alarm: AlarmSettings
+    mqtt: MqttConfig
+    storage: StorageConfig
+    control: ControlConfig
+    runtime: RuntimeConfig
+    source: str = ""
+
+    def device(self, device_id: str) -> DeviceConfig:
+        """The device with this id (KeyError if none)."""
+        for dev in self.devices:
+            if dev.id == device_id:
+                return dev
+        raise KeyError(device_id)
+
+    def bus_devices(self, bus_id: str) -> list[DeviceConfig]:
+        """Devices polled on one bus, in config order."""
+        return [d for d in self.devices if d.bus == bus_id]
+
+
+# --------------------------------------------------------------------------------------------- reader
+
+
+class _Table:
+    """A TOML table being read, tracking the key path and unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
+        self.data: Mapping[str, Any] = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self.seen.add(name)
+        return self.data.get(name, default)
+
+    def _get(self, name: str, required: bool) -> Any:
+        self.seen.add(name)
+        if name not in self.data:
+            if required:
+                raise ConfigError(self.key(name), "is required")
+            return None
+        return self.data[name]
+
+    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self._get(name, required and default is None)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(self.key(name), f"must be a string, got {_typename(value)}")
+        if not value.strip():
+            raise ConfigError(self.key(name), "must not be empty")
+        return value
+
+    def req_str(self, name: str) -> str:
+        value = self.text(name, required=True)
+        assert value is not None
+        return value
+
+    def ident(self, name: str) -> str:
+        value = self.req_str(name)
+        if not all(c.isalnum() or c in "-_." for c in value):
+            raise ConfigError(self.key(name), f"{value!r} may contain only letters, digits, '-', '_' and '.'")
+        return value
+
+    def integer(self, name: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None) -> int:
+        value = self._get(name, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), f"must be an integer, got {_typename(value)}")
+        _check_range(self.key(name), value, lo, hi)
+        return value
+
+    def num(
+        self, name: str, default: float | None = None, *, lo: float | None = None, hi: float | None = None
+    ) -> float:
+        value = self._get(name, default is None)
+        if value is None:
+            assert default is not None
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.key(name), f"must be a number, got {_typename(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(self.key(name), "must be a finite number")
+        _check_range(self.key(name), float(value), lo, hi)
+        return float(value)
+
+    def opt_num(self, name: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
+        if name not in self.data:
+            self.seen.add(name)
+            return None
+        return self.num(name, lo=lo, hi=hi)
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self._get(name, False)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), f"must be true or false, got {_typename(value)}")
+        return value
+
+    def choice(self, name: str, choices: Iterator[Any] | frozenset[Any] | tuple[Any, ...], default: Any) -> Any:
+        value = self._get(name, default is None)
+        if value is None:
+            return default
+        options = tuple(choices)
+        if value not in options or isinstance(value, bool):
+            listed = ", ".join(repr(c) for c in sorted(options, key=str))
+            raise ConfigError(self.key(name), f"must be one of {listed}, got {value!r}")
+        return value
+
+    def table(self, name: str, *, required: bool = False) -> _Table | None:
+        value = self._get(name, required)
+        if value is None:
+            return None
+        return _Table(value, self.key(name))
+
+    def tables(self, name: str) -> list[_Table]:
+        value = self._get(name, False)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]]), got {_typename(value)}")
+        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), "unknown key")
+
+
+def _typename(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
+def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
+    if lo is not None and value < lo:
+        raise ConfigError(path, f"must be ≥ {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(path, f"must be ≤ {hi:g}, got {value:g}")
+
+
+def _pin(table: _Table, name: str, default: str | None = None) -> str | None:
+    """A GPIO pin: an integer BCM number or a gpiozero pin name such as ``GPIO17`` or ``BOARD11``."""
+    value = table.raw(name)
+    if value is None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value <= 53:
+            raise ConfigError(table.key(name), f"BCM pin must be 0–53, got {value}")
+        return f"GPIO{value}"
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ConfigError(table.key(name), f"must be a BCM pin number or pin name, got {_typename(value)}")
+
+
+# --------------------------------------------------------------------------------------------- parse
+
+
+def load_config(path: str | os.PathLike[str]) -> SiteConfig:
+    """Read and validate a site config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(p), "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), f"cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), f"invalid TOML: {exc}") from None
+    return parse_config(data, source=str(p), base_dir=p.parent)
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | None = None) -> SiteConfig:
+    """Validate a parsed TOML document into a :class:`SiteConfig`."""
+    root = _Table(data, "")
+    base = base_dir or Path.cwd()
+
+    site = root.table("site", required=True)
+    assert site is not None
+    community = site.ident("community")
+    building = site.ident("building")
+    gateway_id = site.text("gateway_id") or f"{community}-{building}"
+    site.done()
+
+    units = _parse_units(root)
+    households = _parse_households(root, {u.id for u in units})
+    buses = _parse_buses(root)
+    detector_profiles, station_profiles = _parse_profiles(root)
+    alarm = _parse_alarm(root)
+    devices = _parse_devices(root, units, households, buses, detector_profiles, station_profiles)
+    outputs = _parse_outputs(root)
+    _check_pins(devices, outputs)
+    linkage = _parse_linkage(root, units, households, outputs)
+    mqtt = _parse_mqtt(root, base, default_client_id=gateway_id)
+    storage = _parse_storage(root, base)
+    control = _parse_control(root, base)
+    runtime = _parse_runtime(root)
+    root.done()
+    return SiteConfig(
+        community=community,
+        building=building,
+        gateway_id=gateway_id,
+        units=units,
+        households=households,
+        buses=buses,
+        devices=devices,
+        outputs=outputs,
+        linkage=linkage,
+        alarm=alarm,
+        mqtt=mqtt,
+        storage=storage,
+        control=control,
+        runtime=runtime,
+        source=source,
+    )
+
+
+def _unique(path: str, ids: dict[str, str], value: str) -> None:
+    if value in ids:
+        raise ConfigError(path, f"duplicate id {value!r} (first used at {ids[value]})")
+    ids[value] = path
+
+
+def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
+    units: list[UnitConfig] = []
+    seen: dict[str, str] = {}
+    for t in root.tables("units"):
+        uid = t.ident("id")
+        _unique(t.key("id"), seen, uid)
+        units.append(UnitConfig(id=uid, name=t.text("name") or uid))
+        t.done()
+    if not units:
+        raise ConfigError("units", "at least one unit is required")
+    return tuple(units)
+
+
+def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
+    households: list[HouseholdConfig] = []
+    seen: dict[str, str] = {}
+    for t in root.tables("households"):
+        hid = t.ident("id")
+        _unique(t.key("id"), seen, hid)
+        unit = t.req_str("unit")
+        if unit not in unit_ids:
+            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
+        households.append(HouseholdConfig(id=hid, unit=unit, name=t.text("name") or hid))
+        t.done()
+    return tuple(households)
+
+
+def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
+    buses: list[BusConfig] = []
+    seen: dict[str, str] = {}
+    ports: dict[str, str] = {}
+    for t in root.tables("buses"):
+        bid = t.ident("id")
+        _unique(t.key("id"), seen, bid)
+        port = t.req_str("port")
+        if port in ports:
+            raise ConfigError(t.key("port"), f"port {port!r} is already used by {ports[port]}")
+        ports[port] = t.path
+        buses.append(
+            BusConfig(
+                id=bid,
+                port=port,
+                baudrate=t.choice(
+                    "baudrate", (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), 9600
+                ),
+                parity=t.choice("parity", ("N", "E", "O"), "N"),
+                stopbits=t.choice("stopbits", (1, 2), 1),
+                bytesize=t.choice("bytesize", (7, 8), 8),
+                timeout_s=t.num("timeout_s", 0.5, lo=0.05, hi=10.0),
+                poll_interval_s=t.num("poll_interval_s", 1.0, lo=0.1, hi=60.0),
+            )
+        )
+        t.done()
+    return tuple(buses)
+
+
+def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
+    detectors = dict(BUILTIN_DETECTOR_PROFILES)
+    stations = dict(BUILTIN_STATION_PROFILES)
+    profiles = root.table("profiles")
+    if profiles is None:
+        return detectors, stations
+    for name in profiles.data:
+        t = profiles.table(name)
+        assert t is not None
+        if name in detectors or name in stations:
+            raise ConfigError(t.path, f"profile {name!r} already exists (built-in or defined twice)")
+        kind = t.choice("kind", ("gas_detector", "extinguisher_station"), None)
+        try:
+            if kind == "gas_detector":
+                detectors[name] = parse_detector_profile(name, {k: v for k, v in t.data.items() if k != "kind"})
+            else:
+                stations[name] = parse_station_profile(name, {k: v for k, v in t.data.items() if k != "kind"})
+        except ValueError as exc:
+            sub, _, reason = str(exc).partition(": ")
+            raise ConfigError(f"{t.path}.{sub}" if reason else t.path, reason or str(exc)) from None
+    profiles.done()
+    return detectors, stations
+
+
+def _parse_alarm(root: _Table) -> AlarmSettings:
+    t = root.table("alarm")
+    if t is None:
+        return AlarmSettings()
+    d = AlarmSettings()
+    settings = AlarmSettings(
+        offline_after_failures=t.integer("offline_after_failures", d.offline_after_failures, lo=1, hi=10),
+        offline_ceiling_s=t.num("offline_ceiling_s", d.offline_ceiling_s, lo=1.0, hi=100.0),
+        door_open_s=t.num("door_open_s", d.door_open_s, lo=0.0, hi=3600.0),
+        trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
+        telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
+        telemetry_deadband=t.num("telemetry_deadband", d.telemetry_deadband, lo=0.0),
+    )
+    t.done()
+    return settings
+
+
+def _parse_devices(
+    root: _Table,
+    units: tuple[UnitConfig, ...],
+    households: tuple[HouseholdConfig, ...],
+    buses: tuple[BusConfig, ...],
+    detector_profiles: dict[str, DetectorProfile],
+    station_profiles: dict[str, StationProfile],
+) -> tuple[DeviceConfig, ...]:
+    unit_ids = {u.id for u in units}
+    household_unit = {h.id: h.unit for h in households}
+    bus_ids = {b.id for b in buses}
+    devices: list[DeviceConfig] = []
+    seen: dict[str, str] = {}
+    addresses: dict[tuple[str, int], str] = {}
+    for t in root.tables("devices"):
+        did = t.ident("id")
+        _unique(t.key("id"), seen, did)
+        kind = t.choice("kind", ALL_KINDS, None)
+        household = t.text("household")
+        unit = t.text("unit")
+        if household is not None:
+            if household not in household_unit:
+                raise ConfigError(t.key("household"), f"unknown household {household!r}")
+            if unit is not None and unit != household_unit[household]:
+                raise ConfigError(
+                    t.key("unit"), f"household {household!r} is in unit {household_unit[household]!r}, not {unit!r}"
+                )
+            unit = household_unit[household]
+        elif unit is None:
+            raise ConfigError(t.path, "needs a 'household' or a 'unit'")
+        elif unit not in unit_ids:
+            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
+        name = t.text("name") or did
+        if kind in MODBUS_KINDS:
+            if t.has("pin"):
+                raise ConfigError(t.key("pin"), f"a {kind} is polled on a bus; use 'bus' and 'address'")
+            bus = t.req_str("bus")
+            if bus not in bus_ids:
+                raise ConfigError(t.key("bus"), f"unknown bus {bus!r}")
+            address = t.integer("address", lo=1, hi=247)
+            if (bus, address) in addresses:
+                raise ConfigError(
+                    t.key("address"), f"address {address} on bus {bus!r} is already used by {addresses[bus, address]}"
+                )
+            addresses[bus, address] = did
+            profile_name = t.req_str("profile")
+            if kind == "gas_detector":
+                if profile_name not in detector_profiles:
+                    raise ConfigError(t.key("profile"), f"unknown gas detector profile {profile_name!r}")
+                devices.append(_gas_detector(t, did, name, unit, household, bus, address,
+                                             detector_profiles[profile_name]))
+            else:
+                if profile_name not in station_profiles:
+                    raise ConfigError(t.key("profile"), f"unknown extinguisher station profile {profile_name!r}")
+                devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household,
+                                            bus=bus, address=address,
+                                            station_profile=station_profiles[profile_name]))
+        else:
+            for key in ("bus", "address", "profile"):
+                if t.has(key):
+                    raise ConfigError(t.key(key), f"a {kind} is a GPIO contact; use 'pin' and 'contact'")
+            pin = _pin(t, "pin")
+            if pin is None:
+                raise ConfigError(t.key("pin"), "is required")
+            devices.append(
+                DeviceConfig(
+                    id=did,
+                    kind=kind,
+                    name=name,
+                    unit=unit,
+                    household=household,
+                    pin=pin,
+                    contact=t.choice("contact", ("NO", "NC"), "NC" if kind == "extinguisher_presence" else "NO"),
+                    pull_up=t.flag("pull_up", True),
+                    bounce_ms=t.integer("bounce_ms", 50, lo=0, hi=5000),
+                    supervision_pin=_pin(t, "supervision_pin"),
+                )
+            )
+        t.done()
+    return tuple(devices)
+
+
+def _gas_detector(
+    t: _Table, did: str, name: str, unit: str, household: str | None, bus: str, address: int,
+    profile: DetectorProfile,
+) -> DeviceConfig:
+    gas = t.choice("gas", tuple(GAS_UNITS), profile.default_gas)
+    measure = GAS_UNITS[gas]
+    d_low, d_high, d_hyst = DEFAULT_THRESHOLDS[measure]
+    low = t.num("low", d_low, lo=0.0)
+    high = t.num("high", d_high, lo=0.0)
+    hysteresis = t.num("hysteresis", d_hyst, lo=0.0)
+    if measure == "%LEL":
+        if low > 25.0:
+            raise ConfigError(t.key("low"), f"level 1 must be ≤ 25 %LEL (GB/T 50493), got {low:g}")
+        if high > 50.0:
+            raise ConfigError(t.key("high"), f"level 2 must be ≤ 50 %LEL (GB/T 50493), got {high:g}")
+    if low <= 0.0:
+        raise ConfigError(t.key("low"), f"must be > 0, got {low:g}")
+    if low >= high:
+        raise ConfigError(t.key("low"), f"must be below high ({high:g} {measure}), got {low:g}")
+    if hysteresis >= low:
+        raise ConfigError(t.key("hysteresis"), f"must be below low ({low:g} {measure}), got {hysteresis:g}")
+    return DeviceConfig(id=did, kind="gas_detector", name=name, unit=unit, household=household, bus=bus,
+                        address=address, detector_profile=profile, gas=gas, measure=measure, low=low, high=high,
+                        hysteresis=hysteresis)
+
+
+def _output_pin(t: _Table, name: str) -> OutputPin | None:
+    value = t.raw(name)
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        sub = _Table(value, t.key(name))
+        pin = _pin(sub, "pin")
+        if pin is None:
+            raise ConfigError(sub.key("pin"), "is required")
+        out = OutputPin(pin=pin, active_high=sub.flag("active_high", True))
+        sub.done()
+        return out
+    pin = _pin(t, name)
+    assert pin is not None
+    return OutputPin(pin=pin)
+
+
+def _parse_outputs(root: _Table) -> OutputsConfig:
+    t = root.table("outputs", required=True)
+    assert t is not None
+    buzzer = _output_pin(t, "buzzer")
+    if buzzer is None:
+        raise ConfigError(t.key("buzzer"), "is required (the local sounder)")
+    leds: dict[str, OutputPin] = {}
+    led_table = t.table("leds")
+    if led_table is not None:
+        for colour in ("alarm", "supervisory", "fault", "power"):
+            led = _output_pin(led_table, colour)
+            if led is not None:
+                leds[colour] = led
+        led_table.done()
+    relays: list[RelayConfig] = []
+    seen: dict[str, str] = {}
+    for r in t.tables("relays"):
+        rid = r.ident("id")
+        _unique(r.key("id"), seen, rid)
+        pin = _pin(r, "pin")
+        if pin is None:
+            raise ConfigError(r.key("pin"), "is required")
+        relays.append(RelayConfig(id=rid, pin=pin, active_high=r.flag("active_high", True), name=r.text("name") or rid))
+        r.done()
+    t.done()
+    return OutputsConfig(buzzer=buzzer, leds=leds, relays=tuple(relays))
+
+
+def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig) -> None:
+    used: dict[str, str] = {}
+
+    def claim(pin: str, path: str) -> None:
+        key = pin.upper()
+        if key in used:
+            raise ConfigError(path, f"pin {pin} is already used by {used[key]}")
+        used[key] = path
+
+    claim(outputs.buzzer.pin, "outputs.buzzer")
+    for colour, led in outputs.leds.items():
+        claim(led.pin, f"outputs.leds.{colour}")
+    for i, relay in enumerate(outputs.relays):
+        claim(relay.pin, f"outputs.relays[{i}].pin")
+    for i, dev in enumerate(devices):
+        if dev.pin is not None:
+            claim(dev.pin, f"devices[{i}].pin")
+        if dev.supervision_pin is not None:
+            claim(dev.supervision_pin, f"devices[{i}].supervision_pin")
+
+
+def _parse_linkage(
+    root: _Table, units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...], outputs: OutputsConfig
+) -> tuple[LinkageRule, ...]:
+    unit_ids = {u.id for u in units}
+    household_ids = {h.id for h in households}
+    relay_ids = {r.id for r in outputs.relays}
+    rules: list[LinkageRule] = []
+    for t in root.tables("linkage"):
+        signal = t.choice("signal", LINKAGE_SIGNALS, None)
+        scope = t.text("scope", "building") or "building"
+        kind, _, ref = scope.partition(":")
+        if scope != "building" and not (
+            (kind == "unit" and ref in unit_ids) or (kind == "household" and ref in household_ids)
+        ):
+            raise ConfigError(t.key("scope"), f"must be 'building', 'unit:<id>' or 'household:<id>', got {scope!r}")
+        output = t.req_str("output")
+        if output not in relay_ids:
+            raise ConfigError(t.key("output"), f"unknown relay {output!r}")
+        rules.append(LinkageRule(signal=signal, scope=scope, output=output))
+        t.done()
+    return tuple(rules)
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value)
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConfig:
+    t = root.table("mqtt")
+    if t is None:
+        return MqttConfig(client_id=default_client_id)
+    d = MqttConfig()
+    prefix = t.text("topic_prefix", d.topic_prefix) or d.topic_prefix
+    if any(c in prefix for c in "#+") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ConfigError(t.key("topic_prefix"), f"must be a plain topic path without wildcards, got {prefix!r}")
+    tls = t.table("tls")
+    ca = cert = key = None
+    insecure = False
+    if tls is not None:
+        ca = _resolve(base, tls.text("ca_file"))
+        cert = _resolve(base, tls.text("cert_file"))
+        key = _resolve(base, tls.text("key_file"))
+        insecure = tls.flag("insecure", False)
+        if (cert is None) != (key is None):
+            raise ConfigError(tls.key("cert_file" if cert is None else "key_file"),
+                              "client certificate and key must be given together")
+        for name, value in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(tls.key(name), f"file not found: {value}")
+        tls.done()
+    credentials = _resolve(base, t.text("credentials_file"))
+    username = password = None
+    if credentials is not None:
+        username, password = read_credentials(credentials, t.key("credentials_file"))
+    cfg = MqttConfig(
+        host=t.text("host", d.host) or d.host,
+        port=t.integer("port", 8883 if tls is not None else d.port, lo=1, hi=65535),
+        client_id=t.text("client_id") or default_client_id,
+        topic_prefix=prefix,
+        protocol=t.choice("protocol", (5, 311), 5),
+        keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=3600),
+        max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=1000),
+        tls_ca_file=ca,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_insecure=insecure,
+        credentials_file=credentials,
+        username=username,
+        password=password,
+    )
+    t.done()
+    return cfg
+
+
+def read_credentials(path: str, key: str) -> tuple[str, str]:
+    """Read ``username`` and ``password`` from a TOML file that only its owner may read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            key, f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+        )
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(key, f"cannot parse {path}: {exc}") from None
+    user, password = data.get("username"), data.get("password")
+    if not isinstance(user, str) or not isinstance(password, str) or set(data) - {"username", "password"}:
+        raise ConfigError(key, f"{path} must hold exactly the string keys 'username' and 'password'")
+    return user, password
+
+
+def _parse_storage(root: _Table, base: Path) -> StorageConfig:
+    t = root.table("storage")
+    if t is None:
+        return StorageConfig()
+    d = StorageConfig()
+    cfg = StorageConfig(
+        path=_resolve(base, t.text("path", d.path)) or d.path,
+        max_mb=t.num("max_mb", d.max_mb, lo=1.0, hi=100_000.0),
+        min_free_mb=t.num("min_free_mb", d.min_free_mb, lo=0.0),
+        history_days=t.num("history_days", d.history_days, lo=30.0),
+        history_min_events=t.integer("history_min_events", d.history_min_events, lo=999),
+        telemetry_batch_s=t.num("telemetry_batch_s", d.telemetry_batch_s, lo=0.0, hi=10.0),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_control(root: _Table, base: Path) -> ControlConfig:
+    t = root.table("control")
+    if t is None:
+        return ControlConfig()
+    cfg = ControlConfig(socket=_resolve(base, t.text("socket", DEFAULT_SOCKET)) or DEFAULT_SOCKET,
+                        group=t.text("group"))
+    t.done()
+    return cfg
+
+
+def _parse_runtime(root: _Table) -> RuntimeConfig:
+    t = root.table("runtime")
+    if t is None:
+        return RuntimeConfig()
+    cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
+                        gc_freeze=t.flag("gc_freeze", True))
+    t.done()
+    return cfg

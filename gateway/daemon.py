@@ -1,0 +1,338 @@
+"""``gatewayd``: assembles the gateway and runs it.
+
+Data flows one way: drivers → alarm panel (→ annunciator, at once) → bridge → outbox (SQLite) → uplink
+(MQTT). Bus threads and GPIO callbacks never wait for the loop; the loop only gets copies of events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from drivers.gpio import ContactInput, make_buzzer, make_output
+from drivers.modbus import ExtinguisherStation, GasDetector, ModbusDevice
+from gateway import __version__
+from gateway.alarm import AlarmCore, Annunciation
+from gateway.annunciator import Annunciator, trouble_pattern
+from gateway.bridge import Bridge
+from gateway.bus import BusPoller
+from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
+from gateway.events import Event, Priority
+from gateway.health import Heartbeats
+from gateway.logs import configure_logging
+from gateway.notify import Notifier, Watchdog
+from gateway.outbox import Outbox
+from gateway.panel import AlarmPanel
+from gateway.realtime import raise_priority
+from gateway.topics import Topics
+from gateway.uplink import Uplink
+
+__all__ = ["Gateway", "main"]
+
+log = structlog.get_logger()
+DB_RETRY_MAX_S = 2.0
+
+
+class Gateway:
+    """One building's gateway: pins, buses, alarm panel, outbox and uplink."""
+
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        *,
+        heartbeats: Heartbeats | None = None,
+        on_pins_ready: Callable[[Gateway], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._on_pins_ready = on_pins_ready
+        self.heartbeats = heartbeats or Heartbeats()
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.community, cfg.building)
+        self.started_at = time.time()
+        self.outbox: Outbox
+        self.uplink: Uplink
+        self.panel: AlarmPanel
+        self.annunciator: Annunciator
+        self.buses: dict[str, BusPoller] = {}
+        self.contacts: dict[str, ContactInput] = {}
+        self._outputs: list[Any] = []
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._followers: set[asyncio.Queue[Event]] = set()
+        self._listeners: list[Callable[[Event], None]] = []
+        self.events_seen = 0
+
+    # ------------------------------------------------------------------------------ start / stop
+
+    async def start(self) -> None:
+        """Open storage and pins, start the alarm threads and the loop tasks."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        self.outbox = await Outbox.open(
+            cfg.storage.path, gateway_id=cfg.gateway_id,
+            identity={"community": cfg.community, "building": cfg.building},
+        )
+        bridge = Bridge(loop)
+        self.bridge = bridge
+        self.heartbeats.register("annunciator", 5.0)
+        buzzer = make_buzzer(cfg.outputs.buzzer.pin, active_high=cfg.outputs.buzzer.active_high)
+        leds = {name: make_output(p.pin, active_high=p.active_high) for name, p in cfg.outputs.leds.items()}
+        relays = {r.id: make_output(r.pin, active_high=r.active_high) for r in cfg.outputs.relays}
+        self._outputs = [buzzer, *leds.values(), *relays.values()]
+        from gateway.alarm import Sound
+
+        self.annunciator = Annunciator(
+            buzzer, leds=leds, relays=relays,
+            patterns={Sound.TROUBLE: trouble_pattern(cfg.alarm.trouble_chirp_interval_s)},
+            heartbeat=lambda: self.heartbeats.beat("annunciator"),
+            realtime_priority=cfg.runtime.realtime_priority,
+        )
+        self.annunciator.start()
+        core = AlarmCore(cfg.devices, cfg.alarm, cfg.linkage)
+        self.panel = AlarmPanel(core, self.annunciator, bridge.sink(self._event_arrived),
+                                on_annunciation=bridge.sink(self._annunciation_changed))
+        self.heartbeats.register("alarm-ticker", 5.0)
+        self.panel.start_ticker(heartbeat=lambda: self.heartbeats.beat("alarm-ticker"))
+        for dev in cfg.devices:
+            if dev.pin is not None:
+                self._attach_contact(dev.id, dev)
+        if self._on_pins_ready is not None:
+            self._on_pins_ready(self)
+        for device_id, contact in self.contacts.items():
+            if contact.is_active:
+                self.panel.contact(device_id, True)
+            if not contact.is_plausible:
+                self.panel.contact_fault(device_id, False)
+        for bus in cfg.buses:
+            drivers: list[ModbusDevice] = []
+            for dev in cfg.bus_devices(bus.id):
+                assert dev.address is not None
+                if dev.detector_profile is not None:
+                    drivers.append(GasDetector(dev.id, dev.address, dev.detector_profile))
+                elif dev.station_profile is not None:
+                    drivers.append(ExtinguisherStation(dev.id, dev.address, dev.station_profile))
+            name = f"bus:{bus.id}"
+            poller = BusPoller(bus, drivers, self.panel, heartbeat=self._beater(name),
+                               realtime_priority=cfg.runtime.realtime_priority)
+            self.heartbeats.register(name, poller.deadline_s)
+            self.buses[bus.id] = poller
+            poller.start()
+        self.uplink = Uplink(cfg.mqtt, self.outbox, self.topics, birth=self.birth,
+                             heartbeat=lambda: self.heartbeats.beat("uplink"))
+        self.heartbeats.register("uplink", 30.0)
+        self.heartbeats.register("loop", 10.0)
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="outbox-writer"),
+            asyncio.create_task(self.uplink.run(), name="uplink"),
+            asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat"),
+        ]
+        if cfg.runtime.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
+                 devices=len(cfg.devices), buses=len(cfg.buses))
+
+    def _beater(self, name: str) -> Callable[[], None]:
+        return lambda: self.heartbeats.beat(name)
+
+    def _attach_contact(self, device_id: str, dev: Any) -> None:
+        def changed(active: bool) -> None:
+            self.panel.contact(device_id, active)
+
+        def plausible(ok: bool) -> None:
+            self.panel.contact_fault(device_id, ok)
+
+        contact = ContactInput(dev.pin, contact=dev.contact, pull_up=dev.pull_up, bounce_ms=dev.bounce_ms,
+                               supervision_pin=dev.supervision_pin, on_change=changed, on_plausibility=plausible)
+        self.contacts[device_id] = contact
+
+    async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
+        """Planned stop: flush the outbox to the broker within the bound, say offline, release everything."""
+        await self._drain_queue()
+        await self.uplink.stop(flush_timeout_s=flush_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for poller in self.buses.values():
+            await asyncio.to_thread(poller.stop)
+        self.panel.stop()
+        await self._drain_queue()
+        self.annunciator.stop()
+        for contact in self.contacts.values():
+            contact.close()
+        for output in self._outputs:
+            output.close()
+        await self.outbox.close()
+        log.info("gateway stopped", gateway=self.cfg.gateway_id)
+
+    # ------------------------------------------------------------------------------ loop side
+
+    def _event_arrived(self, event: Event) -> None:
+        self.events_seen += 1
+        self._queue.put_nowait(event)
+        for q in self._followers:
+            q.put_nowait(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def _annunciation_changed(self, annunciation: Annunciation) -> None:
+        log.info("annunciator", sound=annunciation.sound.name.lower(), pattern=self.annunciator.sound_pattern,
+                 buzzer="on" if annunciation.sound else "off", leds=sorted(annunciation.leds),
+                 relays=sorted(annunciation.relays))
+
+    def follow(self) -> asyncio.Queue[Event]:
+        """A queue receiving a copy of every new event (for ``--follow``); call :meth:`unfollow` after."""
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self._followers.add(q)
+        return q
+
+    def unfollow(self, q: asyncio.Queue[Event]) -> None:
+        """Stop feeding a follower queue."""
+        self._followers.discard(q)
+
+    async def _drain_queue(self) -> None:
+        batch = []
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if batch:
+            await self._store(batch)
+
+    async def _writer(self) -> None:
+        """Commit events in batches: alarms at once, telemetry gathered for a bounded delay."""
+        batch_s = self.cfg.storage.telemetry_batch_s
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + batch_s
+            while True:
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                if any(e.priority > Priority.TELEMETRY for e in batch) or time.monotonic() >= deadline:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    batch.append(await asyncio.wait_for(self._queue.get(), deadline - time.monotonic()))
+            await self._store(batch)
+
+    async def _store(self, batch: list[Event]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                ids = await self.outbox.append(batch)
+                break
+            except sqlite3.OperationalError as exc:
+                log.warning("database busy; retrying", error=str(exc), events=len(batch), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(DB_RETRY_MAX_S, delay * 2)
+        for event, event_id in zip(batch, ids, strict=True):
+            if event.kind == "telemetry":
+                log.info("reading", device=event.device, value=event.value, measure=event.measure,
+                         event_id=event_id)
+            else:
+                log.info("event stored", kind=event.kind, action=event.action, device=event.device,
+                         alarm_level=event.level, code=event.code, value=event.value, event_id=event_id)
+
+    async def _loop_heartbeat(self) -> None:
+        while True:
+            self.heartbeats.beat("loop")
+            await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------------------ state
+
+    def birth(self) -> dict[str, Any]:
+        """Full current state: every device, a config summary, software version, session counter."""
+        snap = self.panel.snapshot()
+        return {
+            "version": 1,
+            "type": "birth",
+            "gateway": self.cfg.gateway_id,
+            "community": self.cfg.community,
+            "building": self.cfg.building,
+            "session": self.outbox.session,
+            "software": __version__,
+            "time": time.time(),
+            "config": {
+                "units": [u.id for u in self.cfg.units],
+                "households": len(self.cfg.households),
+                "devices": len(self.cfg.devices),
+                "buses": [b.id for b in self.cfg.buses],
+            },
+            "devices": [_jsonable(d) for d in snap["devices"]],
+            "annunciator": {"sound": snap["annunciation"].sound.name.lower()},
+        }
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if k != "last_seen"}
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+
+async def _serve(cfg: SiteConfig, *, duration: float | None) -> int:
+    notifier = Notifier()
+    gateway = Gateway(cfg)
+    await gateway.start()
+    watchdog = Watchdog(gateway.heartbeats, notifier, status_text=lambda: _summary(gateway))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier.ready()
+    notifier.status(_summary(gateway))
+    watchdog.start()
+    try:
+        if duration is None:
+            await stop.wait()
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), duration)
+    finally:
+        notifier.stopping()
+        watchdog.stop()
+        await gateway.stop()
+    return 0
+
+
+def _summary(gateway: Gateway) -> str:
+    snap = gateway.panel.snapshot()
+    faults = sum(1 for d in snap["devices"] if d["faults"])
+    return (f"{len(snap['devices']) - faults} devices ok, {faults} fault, "
+            f"uplink {'up' if gateway.uplink.connected else 'down'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``gatewayd``."""
+    parser = argparse.ArgumentParser(prog="gatewayd", description="Building safety gateway daemon")
+    parser.add_argument("--config", default="/etc/gateway/building.toml", help="site config (TOML)")
+    parser.add_argument("--demo", action="store_true", help="run a simulated building and play a gas leak")
+    parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    args = parser.parse_args(argv)
+    configure_logging(level=args.log_level)
+    if args.demo:
+        from gateway.demo import run_demo
+
+        return run_demo(duration=args.duration or 30.0)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"gatewayd: config error: {exc}", file=sys.stderr)
+        log.error("config error", key=exc.path, reason=exc.reason)
+        return EX_CONFIG
+    raise_priority(0, "main")
+    return asyncio.run(_serve(cfg, duration=args.duration))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The alarm panel: the one door into the pure alarm core from threads.
+
+Bus threads, GPIO callbacks, the ticker and operator commands all call the panel. It serialises them with
+a lock that guards only in-memory state (never held across disk or network I/O), shows the resulting
+:class:`~gateway.alarm.Annunciation` on the annunciator *before* anything else, then hands copies of the
+events to the sink (the bridge to the asyncio loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from drivers.profiles import GasReading, StationReading
+from gateway.alarm import AlarmCore, Annunciation, ResetResult
+from gateway.annunciator import Annunciator
+from gateway.events import Event
+
+__all__ = ["AlarmPanel"]
+
+
+class AlarmPanel:
+    """Thread-safe front of :class:`AlarmCore` that drives the :class:`Annunciator`."""
+
+    def __init__(
+        self,
+        core: AlarmCore,
+        annunciator: Annunciator,
+        sink: Callable[[Event], None],
+        *,
+        on_annunciation: Callable[[Annunciation], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.core = core
+        self.annunciator = annunciator
+        self._sink = sink
+        self._on_annunciation = on_annunciation
+        self._clock = clock
+        self._wall = wall_clock
+        self._lock = threading.Lock()
+        self._shown = Annunciation()
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------------ inputs (any thread)
+
+    def reading(self, device_id: str, reading: GasReading) -> None:
+        """A detector answered."""
+        self._apply(self.core.reading, device_id, reading)
+
+    def station(self, device_id: str, reading: StationReading) -> None:
+        """An extinguisher station on a bus answered."""
+        self._apply(self.core.station, device_id, reading)
+
+    def contact(self, device_id: str, active: bool) -> None:
+        """A GPIO contact changed."""
+        self._apply(self.core.contact, device_id, active)
+
+    def contact_fault(self, device_id: str, plausible: bool) -> None:
+        """A supervised contact pair became (im)plausible."""
+        self._apply(self.core.contact_fault, device_id, not plausible)
+
+    def poll_failed(self, device_id: str, reason: str) -> None:
+        """A poll failed."""
+        self._apply(self.core.poll_failed, device_id, reason)
+
+    def port_state(self, bus_id: str, lost: bool, detail: str | None = None) -> None:
+        """A serial port was lost or came back."""
+        now = self._clock()
+        self._run(lambda: self.core.port_state(bus_id, lost, now, detail), now)
+
+    def tick(self) -> None:
+        """Let time-based rules run."""
+        now = self._clock()
+        self._run(lambda: self.core.tick(now), now)
+
+    # ------------------------------------------------------------------------------ operator actions
+
+    def silence(self, source: str) -> None:
+        """Mute the sounder for what is active now."""
+        now = self._clock()
+        self._run(lambda: self.core.silence(now, source), now)
+
+    def reset(self, device_id: str | None, source: str) -> ResetResult:
+        """Reset latched alarms; raises KeyError for an unknown device."""
+        now = self._clock()
+        result: list[ResetResult] = []
+
+        def run() -> list[Event]:
+            events, outcome = self.core.reset(device_id, now, source)
+            result.append(outcome)
+            return events
+
+        self._run(run, now)
+        return result[0]
+
+    def test(self, device_id: str | None, source: str) -> None:
+        """Start a walk test; raises KeyError for an unknown device."""
+        now = self._clock()
+        self._run(lambda: self.core.test(device_id, now, source), now)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Devices, active conditions and the annunciation, consistent with each other."""
+        with self._lock:
+            return {
+                "devices": [self.core.device_state(d) for d in self.core.device_ids()],
+                "active": self.core.active(),
+                "annunciation": self._shown,
+                "now": self._clock(),
+            }
+
+    # ------------------------------------------------------------------------------ ticker
+
+    def start_ticker(self, interval_s: float = 0.5, heartbeat: Callable[[], None] | None = None) -> None:
+        """Run :meth:`tick` in its own thread, so timed rules never wait on the loop."""
+
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                self.tick()
+                if heartbeat is not None:
+                    heartbeat()
+
+        self._ticker = threading.Thread(target=run, name="alarm-ticker", daemon=True)
+        self._ticker.start()
+
+    def stop(self) -> None:
+        """Stop the ticker."""
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _apply(self, method: Callable[..., list[Event]], device_id: str, value: Any) -> None:
+        now = self._clock()
+        self._run(lambda: method(device_id, value, now), now)
+
+    def _run(self, step: Callable[[], list[Event]], now: float) -> None:
+        with self._lock:
+            events = step()
+            annunciation = self.core.annunciation(now)
+            changed = annunciation != self._shown
+            if changed:
+                self.annunciator.show(annunciation)
+                self._shown = annunciation
+        if changed and self._on_annunciation is not None:
+            self._on_annunciation(annunciation)
+        if events:
+            wall = self._wall()
+            for event in events:
+                self._sink(dataclasses.replace(event, wall=wall))
