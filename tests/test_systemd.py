@@ -184,6 +184,8 @@ def test_unit_contract() -> None:
     assert one["RestrictRealtime"] == "no"
     assert int(one["LimitRTPRIO"]) > 0
     assert s["SystemCallFilter"] == ["@system-service", "~@privileged @resources", "sched_setscheduler"]
+    # a call outside the filter must fail, not kill the alarm daemon (the default action is SIGSYS)
+    assert one["SystemCallErrorNumber"] == "EPERM"
     assert one["UMask"] == "0027"
     assert "PYTHONUNBUFFERED=1" in s["Environment"]
 
@@ -193,6 +195,91 @@ def test_stop_timeout_covers_the_outbox_flush() -> None:
     match = re.fullmatch(r"(\d+)s?", timeout)
     assert match
     assert 5 < int(match.group(1)) <= 30
+
+
+# -- the daemon inside the unit's system-call filter -----------------------------------------------------
+
+# System calls the daemon makes that the unit denies (EPERM, by SystemCallErrorNumber=), with what it costs.
+KNOWN_DENIED = {
+    # gateway/clock.py asks the kernel whether the clock is synchronised with a read-only adjtimex();
+    # @clock is denied by ProtectClock=, so under systemd the check reads "not synchronised".
+    "clock_adjtime": "clock sync check (adjtimex) gets EPERM",
+    "adjtimex": "clock sync check gets EPERM",
+}
+IMPLIED_DENY = {  # filters that other settings of the unit add
+    "ProtectClock": "@clock",
+    "ProtectKernelModules": "@module",
+    "ProtectKernelLogs": "syslog",
+}
+
+
+def expand_syscalls(name: str) -> set[str]:
+    if not name.startswith("@"):
+        return {name}
+    assert analyze is not None
+    out = run([analyze, "syscall-filter", "--no-pager", name]).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names |= expand_syscalls(line)
+    return names
+
+
+def allowed_syscalls() -> set[str]:
+    """The unit's effective allow list: entries applied in order, as systemd.exec(5) describes."""
+    s = unit_settings()
+    allowed: set[str] = set()
+    for i, entry in enumerate(s["SystemCallFilter"]):
+        deny = entry.startswith("~")
+        names = set().union(*(expand_syscalls(n) for n in entry.lstrip("~").split()))
+        assert i > 0 or not deny, "the first SystemCallFilter= must be an allow list"
+        allowed = allowed - names if deny else allowed | names
+    for setting, group in IMPLIED_DENY.items():
+        if s.get(setting, ["no"])[-1] == "yes":
+            allowed -= expand_syscalls(group)
+    return allowed
+
+
+def test_allowed_syscalls_include_realtime_but_not_privileged() -> None:
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    allowed = allowed_syscalls()
+    assert "sched_setscheduler" in allowed
+    assert {"setrlimit", "sched_setaffinity", "setuid", "mount", "reboot", "settimeofday"}.isdisjoint(allowed)
+    assert {"openat", "read", "epoll_wait", "connect", "sendto", "ioctl", "fdatasync"} <= allowed
+
+
+SYSCALL_LINE = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)\(")
+SOCKET_FAMILY = re.compile(r"\bsocket(?:pair)?\((AF_[A-Z0-9]+)")
+
+
+@pytest.mark.skipif(
+    analyze is None or shutil.which("strace") is None or shutil.which("setpriv") is None or os.geteuid() != 0,
+    reason="needs systemd-analyze, strace, setpriv and root (to run the daemon as nobody)",
+)
+def test_demo_daemon_stays_inside_the_sandbox(tmp_path: Path) -> None:
+    """Run ``gatewayd --demo`` unprivileged under strace; every call it makes must pass the unit's filter."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = run([*nobody, sys.executable, "-c", "import gateway.daemon"], cwd=tmp_path)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot import the package from this checkout: {probe.stderr.strip()[-200:]}")
+    trace = tmp_path / "trace"
+    code = "import sys; from gateway.daemon import main; sys.exit(main(['--demo', '--duration', '3']))"
+    result = run(["strace", "-f", "-qq", "-o", str(trace), *nobody, sys.executable, "-c", code], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    lines = trace.read_text().splitlines()
+    # only what happens after setpriv has dropped privileges and executed Python
+    start = max(i for i, line in enumerate(lines) if "execve(" in line and "= 0" in line)
+    used = {m.group(1) for line in lines[start:] if (m := SYSCALL_LINE.match(line))}
+    assert "epoll_wait" in used or "epoll_pwait" in used or "poll" in used  # the trace is real
+    denied = used - allowed_syscalls() - {"execve"}
+    assert denied <= set(KNOWN_DENIED), sorted(denied - set(KNOWN_DENIED))
+
+    families = {m.group(1) for line in lines[start:] if (m := SOCKET_FAMILY.search(line))}
+    permitted = set(unit_settings()["RestrictAddressFamilies"][-1].split())
+    assert families <= permitted, families - permitted
 
 
 # -- sysusers, tmpfiles, udev ---------------------------------------------------------------------------
