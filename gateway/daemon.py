@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import signal
 import sqlite3
@@ -26,7 +27,9 @@ from gateway.alarm import AlarmCore, Annunciation
 from gateway.annunciator import Annunciator, trouble_pattern
 from gateway.bridge import Bridge
 from gateway.bus import BusPoller
+from gateway.commands import CommandHandler
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
+from gateway.control import ControlServer, ControlServerError
 from gateway.events import Event, Priority
 from gateway.health import Heartbeats
 from gateway.logs import configure_logging
@@ -69,6 +72,9 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._followers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[Event], None]] = []
+        self._stored_watchers: set[asyncio.Event] = set()
+        self.commands = CommandHandler(self)
+        self.control: ControlServer | None = None
         self.events_seen = 0
 
     # ------------------------------------------------------------------------------ start / stop
@@ -135,11 +141,22 @@ class Gateway:
             asyncio.create_task(self.uplink.run(), name="uplink"),
             asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat"),
         ]
+        await self._start_control()
         if cfg.runtime.gc_freeze:
             gc.collect()
             gc.freeze()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
                  devices=len(cfg.devices), buses=len(cfg.buses))
+
+    async def _start_control(self) -> None:
+        """Open the control socket for gatewayctl; without it the gateway still runs (logged)."""
+        control = ControlServer(self.cfg.control, self.commands)
+        try:
+            await control.start()
+        except ControlServerError as exc:
+            log.error("control socket unavailable; gatewayctl cannot reach this daemon", error=str(exc))
+            return
+        self.control = control
 
     def _beater(self, name: str) -> Callable[[], None]:
         return lambda: self.heartbeats.beat(name)
@@ -157,6 +174,8 @@ class Gateway:
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush the outbox to the broker within the bound, say offline, release everything."""
+        if self.control is not None:
+            await self.control.stop()
         await self._drain_queue()
         await self.uplink.stop(flush_timeout_s=flush_timeout_s)
         for task in self._tasks:
@@ -201,6 +220,20 @@ class Gateway:
         """Stop feeding a follower queue."""
         self._followers.discard(q)
 
+    def record(self, event: Event) -> None:
+        """Store an event made on the loop (operator actions such as a relay test), like any other."""
+        self._event_arrived(dataclasses.replace(event, wall=event.wall or time.time()))
+
+    def watch_stored(self) -> asyncio.Event:
+        """An asyncio.Event set after every commit of events to the outbox; :meth:`unwatch_stored` after."""
+        stored = asyncio.Event()
+        self._stored_watchers.add(stored)
+        return stored
+
+    def unwatch_stored(self, stored: asyncio.Event) -> None:
+        """Stop setting a watcher from :meth:`watch_stored`."""
+        self._stored_watchers.discard(stored)
+
     async def _drain_queue(self) -> None:
         batch = []
         while not self._queue.empty():
@@ -233,6 +266,8 @@ class Gateway:
                 log.warning("database busy; retrying", error=str(exc), events=len(batch), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(DB_RETRY_MAX_S, delay * 2)
+        for watcher in self._stored_watchers:
+            watcher.set()
         for event, event_id in zip(batch, ids, strict=True):
             if event.kind == "telemetry":
                 log.info("reading", device=event.device, value=event.value, measure=event.measure,

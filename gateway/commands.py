@@ -1,0 +1,649 @@
+"""The one door for operator commands, whether they come from ``gatewayctl`` (control socket) or MQTT.
+
+:meth:`CommandHandler.handle` validates its arguments strictly and never raises: every outcome is a
+:class:`CommandResult`. ``ok=False`` with an empty ``data`` means the command was *rejected* (unknown
+command, bad argument, unknown device, refused in the current state); ``ok=False`` with
+``data["failed"] = True`` means it was accepted but could not be carried out (a device did not answer,
+the uplink is down). ``source`` ("cli:uid=1000", "mqtt:<command id>") is recorded in every event a command
+causes.
+
+Commands (arguments in parentheses; all optional unless marked *):
+
+* ``silence`` () — mute the sounder for what is active now.
+* ``reset`` (``device`` | ``all``: true) and ``test`` (``device`` | ``all``: true) — exactly one of the two.
+* ``status`` () and ``rebirth`` () — current state; publish the retained birth message again.
+* ``events`` (``limit``, ``since``, ``device``, ``household``, ``kind``) — stored history, newest last.
+* ``read`` (``device``\\*, ``raw``) — a fresh reading now, through the bus thread that owns the port.
+* ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses.
+* ``buzzer_test`` (``seconds_per_pattern``) and ``relay_test`` (``output``\\*, ``seconds``).
+* ``config_show`` () — the effective configuration, secrets masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import functools
+import os
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from drivers.modbus import CommError, ExtinguisherStation, GasDetector, ModbusClient, ModbusDevice, read_block
+from drivers.profiles import GasReading, StationReading
+from gateway import __version__
+from gateway.alarm import Sound
+from gateway.annunciator import PATTERNS
+from gateway.events import KIND_PRIORITY, Event
+
+if TYPE_CHECKING:
+    from gateway.bus import BusPoller
+    from gateway.daemon import Gateway
+
+__all__ = ["COMMANDS", "CommandHandler", "CommandRejected", "CommandResult", "Progress"]
+
+log = structlog.get_logger()
+
+COMMANDS = frozenset(
+    {"silence", "reset", "test", "status", "rebirth", "events", "read", "scan", "buzzer_test", "relay_test",
+     "config_show"}
+)
+#: Events returned at most by one ``events`` call.
+EVENTS_MAX = 10_000
+#: Sounder patterns played by ``buzzer_test``, in this order.
+BUZZER_TEST_ORDER = (Sound.GAS, Sound.FIRE, Sound.SUPERVISORY, Sound.TROUBLE, Sound.TEST)
+#: Longest pattern of a buzzer test: a real alarm arriving meanwhile waits at most this long for the sounder.
+BUZZER_TEST_MAX_S = 5.0
+RELAY_TEST_MAX_S = 60.0
+#: Per-address reply timeout during a scan (never longer than the bus's own timeout).
+SCAN_PROBE_TIMEOUT_S = 0.25
+SECRET_MASK = "********"
+
+#: ``progress(update)`` receives scan progress: {"done", "total", "address", "found"}.
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Outcome of a command. ``reason`` says why when ``ok`` is False; ``data`` is JSON-ready."""
+
+    ok: bool
+    reason: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def failed(cls, reason: str, **data: Any) -> CommandResult:
+        """Accepted, but it could not be carried out."""
+        return cls(False, reason, {"failed": True, **data})
+
+
+class CommandRejected(Exception):
+    """A command or its arguments are not acceptable; the message is the reason."""
+
+
+class _Args:
+    """Strict reader of a command's arguments: types checked, unknown keys refused."""
+
+    def __init__(self, command: str, args: Any) -> None:
+        if not isinstance(args, Mapping):
+            raise CommandRejected(f"{command}: args must be an object, got {_typename(args)}")
+        for key in args:
+            if not isinstance(key, str):
+                raise CommandRejected(f"{command}: argument names must be strings")
+        self.command = command
+        self.data: Mapping[str, Any] = args
+        self.seen: set[str] = set()
+
+    def _get(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def _bad(self, key: str, reason: str) -> CommandRejected:
+        return CommandRejected(f"{self.command}: {key}: {reason}")
+
+    def text(self, key: str, *, required: bool = False, max_len: int = 200) -> str | None:
+        value = self._get(key)
+        if value is None:
+            if required:
+                raise self._bad(key, "is required")
+            return None
+        if not isinstance(value, str) or not value:
+            raise self._bad(key, f"must be a non-empty string, got {_typename(value)}")
+        if len(value) > max_len:
+            raise self._bad(key, f"is longer than {max_len} characters")
+        return value
+
+    def integer(self, key: str, default: int, *, lo: int, hi: int) -> int:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(key, f"must be an integer, got {_typename(value)}")
+        if not lo <= value <= hi:
+            raise self._bad(key, f"must be {lo}–{hi}, got {value}")
+        return value
+
+    def number(self, key: str, default: float, *, lo: float, hi: float) -> float:
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+            raise self._bad(key, f"must be a number, got {_typename(value)}")
+        if not lo <= value <= hi:
+            raise self._bad(key, f"must be {lo:g}–{hi:g}, got {value:g}")
+        return float(value)
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value = self._get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, f"must be true or false, got {_typename(value)}")
+        return value
+
+    def raw(self, key: str) -> Any:
+        return self._get(key)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            allowed = ", ".join(sorted(self.seen)) or "none"
+            raise CommandRejected(f"{self.command}: unknown argument {unknown[0]!r} (allowed: {allowed})")
+
+
+@dataclass(frozen=True, slots=True)
+class _EventQuery:
+    limit: int
+    since: float | None
+    device: str | None
+    household: str | None
+    kind: str | None
+
+    def filters(self) -> dict[str, Any]:
+        return {"since": self.since, "device": self.device, "household": self.household, "kind": self.kind}
+
+
+class CommandHandler:
+    """Validates and carries out operator commands against a running :class:`~gateway.daemon.Gateway`."""
+
+    COMMANDS: frozenset[str] = COMMANDS
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._scanning: set[str] = set()
+
+    async def handle(
+        self, command: str, args: Mapping[str, Any], *, source: str, progress: Progress | None = None
+    ) -> CommandResult:
+        """Carry out ``command``; never raises. ``progress`` receives scan progress updates."""
+        if not isinstance(command, str) or command not in self.COMMANDS:
+            shown = command if isinstance(command, str) else _typename(command)
+            return CommandResult(False, f"unknown command {shown!r} (one of {', '.join(sorted(self.COMMANDS))})")
+        try:
+            reader = _Args(command, args)
+            result: CommandResult = await getattr(self, f"_cmd_{command}")(reader, source, progress)
+        except CommandRejected as exc:
+            log.info("command rejected", command=command, source=source, reason=str(exc))
+            return CommandResult(False, str(exc))
+        except Exception as exc:  # a bug must not take the caller (socket, MQTT) down
+            log.exception("command failed", command=command, source=source)
+            return CommandResult.failed(f"{command}: internal error: {exc!r}")
+        if command not in ("status", "events", "config_show", "read"):
+            log.info("command", command=command, source=source, ok=result.ok, reason=result.reason)
+        return result
+
+    # ------------------------------------------------------------------------------ alarm actions
+
+    async def _cmd_silence(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+        a.done()
+        self.gateway.panel.silence(source)
+        return CommandResult(True, data={"sound": self.gateway.panel.snapshot()["annunciation"].sound.name.lower()})
+
+    def _target(self, a: _Args) -> str | None:
+        device = a.text("device")
+        everything = a.flag("all")
+        a.done()
+        if device is not None and everything:
+            raise CommandRejected(f"{a.command}: give either 'device' or 'all', not both")
+        if device is None and not everything:
+            raise CommandRejected(f"{a.command}: give 'device' or 'all': true")
+        if device is not None:
+            self._device(a.command, device)
+        return device
+
+    async def _cmd_reset(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+        device = self._target(a)
+        outcome = self.gateway.panel.reset(device, source)
+        data = {"reset": list(outcome.reset), "still_active": list(outcome.still_active)}
+        if device is not None and device in outcome.still_active:
+            return CommandResult(False, f"reset: {device}: the alarm condition is still present; "
+                                 "it can be reset once it has cleared", data)
+        return CommandResult(True, data=data)
+
+    async def _cmd_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+        device = self._target(a)
+        self.gateway.panel.test(device, source)
+        devices = [device] if device is not None else [d.id for d in self.gateway.cfg.devices]
+        from gateway.alarm import WALK_TEST_S
+
+        return CommandResult(True, data={"devices": devices, "seconds": WALK_TEST_S})
+
+    # ------------------------------------------------------------------------------ state
+
+    async def _cmd_status(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        a.done()
+        return CommandResult(True, data=await self.status())
+
+    async def status(self) -> dict[str, Any]:
+        """Gateway, uplink, annunciator, buses and a device table."""
+        gw = self.gateway
+        cfg = gw.cfg
+        snap = gw.panel.snapshot()
+        now_mono, now_wall = snap["now"], time.time()
+
+        def wall(mono: float | None) -> float | None:
+            return None if mono is None else now_wall - (now_mono - mono)
+
+        devices = []
+        for d in snap["devices"]:
+            seen = d["last_seen"]
+            devices.append({
+                "device": d["device"], "unit": d["unit"], "household": d["household"], "kind": d["kind"],
+                "state": d["state"], "value": d["value"], "measure": d["measure"], "last_seen": wall(seen),
+                "last_seen_age_s": None if seen is None else round(now_mono - seen, 1),
+                "faults": d["faults"], "supervisory": d["supervisory"], "latched": d["latched"],
+                "condition_present": d["condition_present"], "comm_errors": d["comm_errors"],
+            })
+        backlog, oldest = await gw.outbox.backlog()
+        ann = snap["annunciation"]
+        uplink = gw.uplink
+        return {
+            "gateway": {
+                "id": cfg.gateway_id, "community": cfg.community, "building": cfg.building,
+                "version": __version__, "session": gw.outbox.session, "pid": os.getpid(),
+                "started_at": gw.started_at, "uptime_s": round(now_wall - gw.started_at, 1), "config": cfg.source,
+                "database": cfg.storage.path,
+            },
+            "uplink": {
+                "connected": uplink.connected, "broker": uplink.broker,
+                "rtt_ms": None if uplink.rtt_ms is None else round(uplink.rtt_ms, 1),
+                "backlog": backlog, "oldest_undelivered": oldest,
+                "oldest_undelivered_age_s": None if oldest is None else round(now_wall - oldest, 1),
+                "inflight": uplink.inflight, "delivered_total": uplink.delivered_total,
+                "last_error": uplink.last_error,
+            },
+            "annunciator": {
+                "sound": ann.sound.name.lower(), "pattern": gw.annunciator.sound_pattern,
+                "buzzer_on": gw.annunciator.buzzer_on, "leds": sorted(ann.leds),
+                "relays": gw.annunciator.relay_states,
+            },
+            "buses": [
+                {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
+                 "polls": p.polls, "errors": p.errors}
+                for p in gw.buses.values()
+            ],
+            "active": [{**c, "since": wall(c["since"])} for c in snap["active"]],  # type: ignore[arg-type]
+            "devices": devices,
+        }
+
+    async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        a.done()
+        gw = self.gateway
+        if not gw.uplink.publish_json(gw.topics.birth, gw.birth(), retain=True):
+            return CommandResult.failed("rebirth: the uplink is not connected")
+        return CommandResult(True, data={"topic": gw.topics.birth})
+
+    async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        a.done()
+        return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})
+
+    # ------------------------------------------------------------------------------ history
+
+    def _event_query(self, a: _Args) -> _EventQuery:
+        limit = a.integer("limit", 50, lo=1, hi=EVENTS_MAX)
+        since_raw = a.raw("since")
+        since: float | None
+        if since_raw is None:
+            since = None
+        elif isinstance(since_raw, int | float) and not isinstance(since_raw, bool) and since_raw >= 0:
+            since = float(since_raw)
+        elif isinstance(since_raw, str):
+            try:
+                parsed = dt.datetime.fromisoformat(since_raw)
+            except ValueError:
+                raise CommandRejected(f"{a.command}: since: not an ISO 8601 time: {since_raw[:40]!r}") from None
+            since = parsed.timestamp()
+        else:
+            raise CommandRejected(f"{a.command}: since: must be epoch seconds or an ISO 8601 time, "
+                                  f"got {_typename(since_raw)}")
+        device = a.text("device")
+        if device is not None:
+            self._device(a.command, device)
+        household = a.text("household")
+        if household is not None and household not in {h.id for h in self.gateway.cfg.households}:
+            raise CommandRejected(f"{a.command}: household: unknown household {household!r}")
+        kind = a.text("kind")
+        if kind is not None and kind not in KIND_PRIORITY:
+            raise CommandRejected(f"{a.command}: kind: unknown kind {kind!r} (one of {', '.join(KIND_PRIORITY)})")
+        return _EventQuery(limit, since, device, household, kind)
+
+    async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        query = self._event_query(a)
+        a.done()
+        rows = await self.gateway.outbox.recent(limit=query.limit, **query.filters())
+        return CommandResult(True, data={"events": rows})
+
+    async def follow(self, args: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        """Stored history (as ``events``), then every newly stored matching event, until the caller stops.
+
+        Raises :class:`CommandRejected` before yielding anything when the arguments are bad.
+        """
+        a = _Args("events", args)
+        query = self._event_query(a)
+        a.done()
+        gw = self.gateway
+        stored = gw.watch_stored()
+        try:
+            rows = await gw.outbox.recent(limit=query.limit, **query.filters())
+            after = rows[-1]["stored_seq"] if rows else await self._last_seq()
+            for row in rows:
+                yield row
+            while True:
+                await stored.wait()
+                stored.clear()
+                # recent() keeps the newest rows of a query: ask for more than one wake-up can store
+                rows = await gw.outbox.recent(limit=EVENTS_MAX, after_seq=after, **query.filters())
+                for row in rows:
+                    yield row
+                if rows:
+                    after = rows[-1]["stored_seq"]
+        finally:
+            gw.unwatch_stored(stored)
+
+    async def _last_seq(self) -> int:
+        rows = await self.gateway.outbox.recent(limit=1)
+        return int(rows[-1]["stored_seq"]) if rows else 0
+
+    # ------------------------------------------------------------------------------ bus work
+
+    def _device(self, command: str, device_id: str) -> None:
+        try:
+            self.gateway.cfg.device(device_id)
+        except KeyError:
+            raise CommandRejected(f"{command}: device: unknown device {device_id!r}") from None
+
+    def _driver(self, device_id: str) -> tuple[BusPoller, ModbusDevice] | None:
+        for poller in self.gateway.buses.values():
+            for driver in poller.devices:
+                if driver.device_id == device_id:
+                    return poller, driver
+        return None
+
+    async def _on_bus(self, poller: BusPoller, work: Callable[[ModbusClient], Any], timeout_s: float) -> Any:
+        future = poller.submit(work)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    async def _cmd_read(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        device_id = a.text("device", required=True)
+        raw = a.flag("raw")
+        a.done()
+        assert device_id is not None
+        self._device("read", device_id)
+        contact = self.gateway.contacts.get(device_id)
+        dev = self.gateway.cfg.device(device_id)
+        if contact is not None:
+            data: dict[str, Any] = {"device": device_id, "kind": dev.kind, "pin": dev.pin, "contact": contact.contact,
+                                    "closed": contact.is_closed, "active": contact.is_active,
+                                    "plausible": contact.is_plausible}
+            return CommandResult(True, data=data)
+        found = self._driver(device_id)
+        if found is None:
+            raise CommandRejected(f"read: {device_id} is not on a bus")
+        poller, driver = found
+        started = time.monotonic()
+        try:
+            reading = await self._on_bus(poller, driver.poll, poller.deadline_s)
+        except TimeoutError:
+            return CommandResult.failed(f"read: bus {poller.bus.id} did not serve the request within "
+                                        f"{poller.deadline_s:.0f} s")
+        except CommError as exc:
+            return CommandResult.failed(f"read: {device_id} at address {driver.address} on {poller.bus.id}: "
+                                        f"no valid answer ({exc})")
+        data = {"device": device_id, "kind": dev.kind, "bus": poller.bus.id, "address": driver.address,
+                "took_ms": round((time.monotonic() - started) * 1000, 1), **_reading(reading)}
+        if raw:
+            data["raw"] = _raw_registers(driver, reading)
+        return CommandResult(True, data=data)
+
+    async def _cmd_scan(self, a: _Args, source: str, progress: Progress | None) -> CommandResult:
+        bus_id = a.text("bus", required=True)
+        first = a.integer("from", 1, lo=1, hi=247)
+        last = a.integer("to", 247, lo=1, hi=247)
+        pause = a.flag("pause_polling")
+        a.done()
+        assert bus_id is not None
+        poller = self.gateway.buses.get(bus_id)
+        if poller is None:
+            known = ", ".join(self.gateway.buses) or "none"
+            raise CommandRejected(f"scan: bus: unknown bus {bus_id!r} (configured: {known})")
+        if first > last:
+            raise CommandRejected(f"scan: from ({first}) must not be above to ({last})")
+        if bus_id in self._scanning:
+            raise CommandRejected(f"scan: a scan of {bus_id} is already running")
+        paused_here = False
+        if not poller.paused:
+            if not pause:
+                raise CommandRejected(f"scan: bus {bus_id} is polling its detectors; pass pause_polling to pause "
+                                      "polling during the scan (no alarms are read from this bus meanwhile)")
+            poller.pause(True)
+            paused_here = True
+            self.gateway.record(Event("system", "paused", time.monotonic(), code="polling_paused", source=source,
+                                      detail=f"polling of {bus_id} paused for an address scan"))
+        self._scanning.add(bus_id)
+        probe_s = min(poller.bus.timeout_s, SCAN_PROBE_TIMEOUT_S)
+        found: list[dict[str, Any]] = []
+        total = last - first + 1
+        try:
+            for n, address in enumerate(range(first, last + 1), start=1):
+                try:
+                    hit = await self._on_bus(poller, functools.partial(_probe, address=address, timeout_s=probe_s),
+                                             poller.deadline_s)
+                except TimeoutError:
+                    return CommandResult.failed(f"scan: bus {bus_id} did not serve the scan", found=found)
+                except CommError as exc:
+                    return CommandResult.failed(f"scan: {bus_id}: {exc}", found=found)
+                if hit is not None:
+                    found.append(hit)
+                if progress is not None:
+                    progress({"done": n, "total": total, "address": address, "found": len(found),
+                              "hit": hit})
+        finally:
+            self._scanning.discard(bus_id)
+            if paused_here:
+                poller.pause(False)
+                self.gateway.record(Event("system", "resumed", time.monotonic(), code="polling_resumed",
+                                          source=source, detail=f"polling of {bus_id} resumed after the scan"))
+        configured = {d.address: d.id for d in self.gateway.cfg.bus_devices(bus_id)}
+        for hit in found:
+            hit["configured_as"] = configured.get(hit["address"])
+        return CommandResult(True, data={"bus": bus_id, "from": first, "to": last, "responders": found,
+                                         "paused_polling": paused_here})
+
+    # ------------------------------------------------------------------------------ outputs
+
+    async def _cmd_buzzer_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+        seconds = a.number("seconds_per_pattern", 1.0, lo=0.1, hi=BUZZER_TEST_MAX_S)
+        a.done()
+        gw = self.gateway
+        sounding = gw.panel.snapshot()["annunciation"].sound
+        if sounding >= Sound.TEST:
+            raise CommandRejected(f"buzzer_test: the sounder is signalling {sounding.name.lower()}; "
+                                  "silence or clear it first")
+        played: list[str] = []
+        gw.record(Event("test", "started", time.monotonic(), code="buzzer", source=source,
+                        detail=f"buzzer test, {seconds:g} s per pattern"))
+        for sound in BUZZER_TEST_ORDER:
+            current = gw.panel.snapshot()["annunciation"].sound
+            if current >= Sound.TEST:  # a real signal came in: it wins at once
+                gw.annunciator.play(PATTERNS[Sound.TEST], 0.0)
+                return CommandResult.failed(f"buzzer_test: stopped, the sounder must signal "
+                                            f"{current.name.lower()}", played=played)
+            pattern = PATTERNS[sound]
+            gw.annunciator.play(pattern, seconds)
+            played.append(pattern.name)
+            await asyncio.sleep(seconds)
+        gw.record(Event("test", "ended", time.monotonic(), code="buzzer", source=source))
+        return CommandResult(True, data={"patterns": played, "seconds_per_pattern": seconds})
+
+    async def _cmd_relay_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+        output = a.text("output", required=True)
+        seconds = a.number("seconds", 2.0, lo=0.1, hi=RELAY_TEST_MAX_S)
+        a.done()
+        gw = self.gateway
+        relays = {r.id for r in gw.cfg.outputs.relays}
+        if output not in relays:
+            raise CommandRejected(f"relay_test: output: unknown relay {output!r} (configured: "
+                                  f"{', '.join(sorted(relays)) or 'none'})")
+        assert output is not None
+        gw.record(Event("relay", "on", time.monotonic(), code=output, source=source,
+                        detail=f"relay test for {seconds:g} s"))
+        gw.annunciator.set_relay(output, True)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            linked = output in gw.annunciator.current.relays
+            gw.annunciator.set_relay(output, linked)
+        if not linked:
+            gw.record(Event("relay", "off", time.monotonic(), code=output, source=source, detail="relay test ended"))
+        return CommandResult(True, data={"output": output, "seconds": seconds, "left_on_by_linkage": linked})
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _typename(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _reading(reading: GasReading | StationReading) -> dict[str, Any]:
+    if isinstance(reading, GasReading):
+        return {"value": reading.value, "measure": reading.measure, "status": sorted(reading.status),
+                "gas": reading.gas, "warmup_remaining_s": reading.warmup_remaining_s}
+    return {"presence": reading.presence, "pressure_ok": reading.pressure_ok, "pressure": reading.pressure,
+            "door_open": reading.door_open, "obstructed": reading.obstructed}
+
+
+def _raw_registers(driver: ModbusDevice, reading: GasReading | StationReading) -> dict[str, Any]:
+    if isinstance(driver, GasDetector):
+        p = driver.profile
+        return {"function": p.function, "start": p.start, "registers": list(reading.raw)}
+    if isinstance(driver, ExtinguisherStation):
+        return {"points": dict(zip(driver.profile.points, reading.raw, strict=False))}
+    return {"values": list(reading.raw)}
+
+
+def _probe(client: ModbusClient, address: int, timeout_s: float) -> dict[str, Any] | None:
+    """Runs on the bus thread: does ``address`` answer, and which profile does it look like?"""
+    params = getattr(client, "comm_params", None)
+    saved = getattr(params, "timeout_connect", None)
+    if params is not None and saved is not None:
+        params.timeout_connect = timeout_s
+    try:
+        return _classify(client, address)
+    finally:
+        if params is not None and saved is not None:
+            params.timeout_connect = saved
+
+
+def _answers(client: ModbusClient, function: int, start: int, count: int, address: int) -> list[int] | bool:
+    """Registers/bits read; True when the device answered with an exception; False when it stayed silent."""
+    try:
+        return read_block(client, function, start, count, address)
+    except CommError as exc:
+        if exc.reason == "exception_response":
+            return True
+        if exc.reason == "port":
+            raise
+        return False
+
+
+def _classify(client: ModbusClient, address: int) -> dict[str, Any] | None:
+    first = _answers(client, 3, 0, 10, address)
+    if first is False:
+        first = _answers(client, 3, 0, 1, address)  # a device with fewer registers
+    if first is False:
+        return None
+    guesses: list[str] = []
+    detail: dict[str, Any] = {}
+    if isinstance(first, list) and len(first) == 10 and _plausible_profile_a(first):
+        guesses.append("A")
+        detail["registers_0_9"] = first
+    word = _answers(client, 3, 0x6000, 2, address)
+    if isinstance(word, list):
+        guesses.append("B")
+        detail["registers_6000"] = word
+    bits = _answers(client, 2, 0, 4, address)
+    if isinstance(bits, list) and not guesses:
+        guesses.append("io-station")
+        detail["discrete_inputs_0_3"] = bits
+    return {"address": address, "profile": guesses[0] if guesses else "unknown", "candidates": guesses, **detail}
+
+
+def _plausible_profile_a(regs: list[int]) -> bool:
+    unit_code, decimals_code = regs[0] >> 12 & 0xF, regs[0] >> 8 & 0xF
+    status = regs[5] & 0xFF
+    return (unit_code in (0, 2, 4) and decimals_code in (0x0, 0x4, 0x8, 0xC)
+            and status in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0F)
+            and regs[1] <= max(regs[4], 1) * 2)
+
+
+_SECRET_KEYS = frozenset({"password"})
+
+
+def masked_config(cfg: Any) -> dict[str, Any]:
+    """The site config as JSON-ready data; secrets (the MQTT password) masked, file paths kept."""
+    data = _plain(cfg)
+    assert isinstance(data, dict)
+    for dev in data.get("devices", []):
+        for key in ("detector_profile", "station_profile"):
+            if dev.get(key) is not None:
+                dev[key] = dev[key]["name"]
+    return data
+
+
+def _plain(value: Any, key: str = "") -> Any:
+    if key in _SECRET_KEYS:
+        return None if value is None else SECRET_MASK
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [_plain(v) for v in value]
+        return sorted(items) if isinstance(value, set | frozenset) else items
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+

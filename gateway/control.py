@@ -1,0 +1,253 @@
+"""The local control socket for ``gatewayctl``: JSON lines over a Unix stream socket.
+
+Request (one line): ``{"id": 1, "command": "status", "args": {}}``. Response (one line):
+``{"id": 1, "ok": true, "reason": null, "data": {...}}``. ``events`` with ``"follow": true`` and ``scan``
+first send any number of ``{"id": 1, "stream": {...}}`` lines (an event; scan progress), then the final
+response. A malformed line gets ``{"id": null, "ok": false, "reason": "..."}`` and the connection stays
+usable; a line over :data:`MAX_LINE` bytes closes the connection after that answer. The caller's uid,
+taken from the kernel (``SO_PEERCRED``), is recorded as the command's source: ``cli:uid=1000``.
+The protocol is documented in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import struct
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.commands import CommandHandler, CommandRejected, CommandResult
+from gateway.config import ControlConfig
+
+__all__ = ["MAX_LINE", "ControlServer", "ControlServerError"]
+
+log = structlog.get_logger()
+
+#: Longest request line accepted.
+MAX_LINE = 64 * 1024
+SOCKET_MODE = 0o660
+_REQUEST_KEYS = frozenset({"id", "command", "args"})
+
+
+class ControlServerError(Exception):
+    """The control socket could not be opened."""
+
+
+class ControlServer:
+    """Serves :class:`~gateway.commands.CommandHandler` on a Unix socket."""
+
+    def __init__(self, cfg: ControlConfig, handler: CommandHandler) -> None:
+        self.cfg = cfg
+        self.path = cfg.socket
+        self.handler = handler
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Bind the socket (mode 0660, group from config). A live socket of another daemon is an error."""
+        path = Path(self.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlServerError(f"cannot create {path.parent}: {exc.strerror}") from None
+        await self._remove_stale(path)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_LINE)
+        except OSError as exc:
+            raise ControlServerError(f"cannot bind {path}: {exc.strerror}") from None
+        os.chmod(path, SOCKET_MODE)
+        if self.cfg.group:
+            try:
+                shutil.chown(path, group=self.cfg.group)
+            except (LookupError, OSError) as exc:
+                log.error("control socket group not set", socket=str(path), group=self.cfg.group, error=str(exc))
+        log.info("control socket listening", socket=str(path), group=self.cfg.group)
+
+    async def _remove_stale(self, path: Path) -> None:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlServerError(f"{path} exists and is not a socket")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+        except (OSError, TimeoutError):
+            path.unlink(missing_ok=True)  # left over from a daemon that did not stop cleanly
+            return
+        writer.close()
+        raise ControlServerError(f"{path} is in use by another running daemon")
+
+    async def stop(self) -> None:
+        """Stop listening, end open connections (followers get a final response), remove the socket."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    # ------------------------------------------------------------------------------ connections
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        source = f"cli:uid={_peer_uid(writer)}"
+        try:
+            while True:
+                try:
+                    line = await reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial.strip():
+                        await self._answer(writer, exc.partial, source, reader)
+                    return
+                except asyncio.LimitOverrunError:
+                    await _send(writer, _response(None, CommandResult(False, f"request longer than {MAX_LINE} "
+                                                                            "bytes")))
+                    return
+                if line.strip():
+                    await self._answer(writer, line, source, reader)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _answer(self, writer: asyncio.StreamWriter, line: bytes, source: str,
+                      reader: asyncio.StreamReader) -> None:
+        try:
+            request = parse_request(line)
+        except CommandRejected as exc:
+            await _send(writer, _response(_salvage_id(line), CommandResult(False, str(exc))))
+            return
+        rid, command, args = request
+        if command == "events" and "follow" in args:
+            follow = args["follow"]
+            args = {k: v for k, v in args.items() if k != "follow"}
+            if not isinstance(follow, bool):
+                await _send(writer, _response(rid, CommandResult(False, "events: follow: must be true or false")))
+                return
+            if follow:
+                await self._follow(writer, reader, rid, args)
+                return
+        if command == "scan":
+            result = await self._with_progress(writer, rid, command, args, source)
+        else:
+            result = await self.handler.handle(command, args, source=source)
+        await _send(writer, _response(rid, result))
+
+    async def _with_progress(self, writer: asyncio.StreamWriter, rid: Any, command: str, args: dict[str, Any],
+                             source: str) -> CommandResult:
+        def progress(update: dict[str, Any]) -> None:
+            if not writer.is_closing():
+                writer.write(_line({"id": rid, "stream": update}))
+
+        return await self.handler.handle(command, args, source=source, progress=progress)
+
+    async def _follow(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, rid: Any,
+                      args: dict[str, Any]) -> None:
+        """Stream events until the client hangs up or the daemon stops."""
+        gone = asyncio.ensure_future(reader.read(1))  # the client sends nothing more; EOF means it left
+        stream = self.handler.follow(args)
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(stream))
+                try:
+                    done, _ = await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+                except asyncio.CancelledError:
+                    item.cancel()
+                    with contextlib.suppress(Exception):
+                        await _send(writer, _response(rid, CommandResult(True, "daemon stopping")))
+                    raise
+                if item not in done:
+                    item.cancel()
+                    return
+                try:
+                    row = item.result()
+                except CommandRejected as exc:
+                    await _send(writer, _response(rid, CommandResult(False, str(exc))))
+                    return
+                await _send(writer, {"id": rid, "stream": row})
+        finally:
+            gone.cancel()
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
+    """(id, command, args) of one request line; raises :class:`CommandRejected` with the reason."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandRejected("request is not valid UTF-8") from None
+    try:
+        request = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise CommandRejected("request is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise CommandRejected("request must be a JSON object")
+    unknown = sorted(set(request) - _REQUEST_KEYS)
+    if unknown:
+        raise CommandRejected(f"unknown request field {unknown[0]!r} (allowed: args, command, id)")
+    rid = request.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int) or len(str(rid)) > 100):
+        raise CommandRejected("id must be a string or an integer")
+    command = request.get("command")
+    if not isinstance(command, str):
+        raise CommandRejected("command is required and must be a string")
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise CommandRejected("args must be an object")
+    return rid, command, args
+
+
+def _salvage_id(line: bytes) -> Any:
+    with contextlib.suppress(Exception):
+        request = json.loads(line)
+        rid = request.get("id") if isinstance(request, dict) else None
+        if isinstance(rid, str | int) and not isinstance(rid, bool) and len(str(rid)) <= 100:
+            return rid
+    return None
+
+
+def _response(rid: Any, result: CommandResult) -> dict[str, Any]:
+    return {"id": rid, "ok": result.ok, "reason": result.reason, "data": result.data}
+
+
+def _line(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message, separators=(",", ":"), default=str) + "\n").encode()
+
+
+async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    writer.write(_line(message))
+    await writer.drain()
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | str:
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return "unknown"
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
