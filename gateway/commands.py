@@ -228,9 +228,7 @@ class CommandHandler:
         device = self._target(a)
         self.gateway.panel.test(device, source)
         devices = [device] if device is not None else [d.id for d in self.gateway.cfg.devices]
-        from gateway.alarm import WALK_TEST_S
-
-        return CommandResult(True, data={"devices": devices, "seconds": WALK_TEST_S})
+        return CommandResult(True, data={"devices": devices})
 
     # ------------------------------------------------------------------------------ state
 
