@@ -1,0 +1,121 @@
+"""Running the real daemon components in-process against a simulated building.
+
+* :func:`simulated_detectors` puts one pymodbus-served gas detector per :class:`DetectorSpec` on a bus.
+* :func:`running_gateway` starts a :class:`gateway.daemon.Gateway` on the current asyncio loop.
+* :class:`TimedMockPin` is a gpiozero ``MockPin`` that also keeps the monotonic time of every change,
+  for ordering checks against other clocks (``MockPin.states`` keeps only deltas).
+* :func:`read_events` reads the outbox with plain ``sqlite3``, independently of the daemon.
+* :func:`eventually` is an async ``wait_until`` that lets the loop (and so the gateway) run meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from gpiozero.pins.mock import MockPin
+
+from drivers.simulated import SimulatedBus, SimulatedGasDetector
+from gateway.config import SiteConfig
+from gateway.daemon import Gateway
+from tests.support.site import DetectorSpec
+
+__all__ = ["TimedMockPin", "eventually", "read_events", "running_gateway", "simulated_detectors"]
+
+T = TypeVar("T")
+
+
+class TimedMockPin(MockPin):  # type: ignore[misc]
+    """A ``MockPin`` recording ``(time.monotonic(), state)`` for every change in :attr:`changes`.
+
+    Create it before the device that uses it: ``factory.pin("GPIO18", pin_class=TimedMockPin)``.
+    """
+
+    def __init__(self, factory: Any, info: Any) -> None:
+        self.changes: list[tuple[float, bool]] = []
+        super().__init__(factory, info)
+
+    def _change_state(self, value: bool) -> bool:
+        changed = bool(super()._change_state(value))
+        if changed:
+            self.changes.append((time.monotonic(), bool(value)))
+        return changed
+
+    def first_high(self, after: float = float("-inf")) -> float | None:
+        """Monotonic time the pin first went high after ``after``, or None."""
+        return next((t for t, state in list(self.changes) if state and t > after), None)
+
+
+@contextlib.contextmanager
+def simulated_detectors(
+    device_port: str, detectors: Sequence[DetectorSpec], *, profile: str = "A"
+) -> Iterator[tuple[SimulatedBus, dict[str, SimulatedGasDetector]]]:
+    """A running :class:`SimulatedBus` with a %LEL gas detector (status normal, clean air) per spec."""
+    bus = SimulatedBus(device_port)
+    sims: dict[str, SimulatedGasDetector] = {}
+    for spec in detectors:
+        sim = bus.add_gas_detector(spec.address, "A" if profile == "A" else "B", unit="%LEL", decimals=1)
+        sim.set_status("normal")
+        sims[spec.id] = sim
+    bus.start()
+    try:
+        yield bus, sims
+    finally:
+        bus.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(cfg: SiteConfig, **kwargs: Any) -> AsyncIterator[Gateway]:
+    """Start a gateway on the running loop and stop it (flushing briefly) afterwards."""
+    gateway = Gateway(cfg, **kwargs)
+    await gateway.start()
+    try:
+        yield gateway
+    finally:
+        await gateway.stop(flush_timeout_s=2.0)
+
+
+def read_events(db_path: str | os.PathLike[str], where: str = "1", params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Rows of the ``events`` table (payload decoded into ``body``), in commit order."""
+    if not os.path.exists(db_path):
+        return []
+    con = sqlite3.connect(db_path, timeout=10)
+    try:
+        con.row_factory = sqlite3.Row
+        rows = con.execute(f"SELECT * FROM events WHERE {where} ORDER BY seq", tuple(params)).fetchall()
+    except sqlite3.OperationalError as exc:  # schema not created yet
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        con.close()
+    result = []
+    for row in rows:
+        item = dict(row)
+        item["body"] = json.loads(item["payload"])
+        result.append(item)
+    return result
+
+
+async def eventually(
+    predicate: Callable[[], T],
+    timeout: float = 30.0,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "condition not met",
+) -> T:
+    """Await until ``predicate()`` is truthy and return it; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"{text} (after {timeout}s)")
+        await asyncio.sleep(interval)
