@@ -6,7 +6,9 @@ A profile is data, not code: the built-in profiles A and B are instances of the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,9 @@ __all__ = [
     "BUILTIN_DETECTOR_PROFILES",
     "BUILTIN_STATION_PROFILES",
     "DETECTOR_STATUSES",
+    "GASES",
+    "MAX_DECIMALS",
+    "MEASURES",
     "PROFILE_A",
     "PROFILE_B",
     "STATION_IO_4DI",
@@ -22,6 +27,7 @@ __all__ = [
     "BitPoint",
     "DetectorProfile",
     "GasReading",
+    "ProfileError",
     "StationProfile",
     "StationReading",
     "WarmupField",
@@ -37,6 +43,12 @@ DETECTOR_STATUSES = frozenset(
     }
 )
 STATION_POINTS = ("presence", "pressure", "door", "obstruction")
+#: Measuring units a detector may report in.
+MEASURES = ("%LEL", "ppm", "%VOL")
+#: Gases a detector profile may name as its default.
+GASES = ("CH4", "LPG", "H2", "CO")
+#: Most decimals a concentration register may carry.
+MAX_DECIMALS = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +128,16 @@ class DetectorProfile:
         raw = regs[self.value_register]
         if self.signed and raw >= 0x8000:
             raw -= 0x10000
-        decimals = self.decimals if isinstance(self.decimals, int) else int(self.decimals.lookup(regs) or 0)
+        # A code the map does not know makes the value untrustworthy: report data_error, never guess.
+        status: set[str] = set()
+        decimals = self.decimals if isinstance(self.decimals, int) else self._field_decimals(regs)
+        if decimals is None:
+            status.add("data_error")
+            decimals = 0
         value = raw * self.scale / (10**decimals)
         measure = self.measure if not isinstance(self.measure, BitField) else self.measure.lookup(regs)
-        status: set[str] = set()
+        if isinstance(self.measure, BitField) and measure is None:
+            status.add("data_error")
         if self.status is not None:
             code = self.status.extract(regs)
             status.add(self.status.codes.get(code, "data_error"))
@@ -132,11 +150,20 @@ class DetectorProfile:
             if not word >> self.warmup.ready_bit & 1:
                 remaining = (word & self.warmup.remaining_mask) * self.warmup.remaining_scale
                 status.add("warmup")
+        if "data_error" in status:
+            status.discard("normal")
         if not status:
             status.add("normal")
         gas = self.gas.lookup(regs) if self.gas is not None else None
         return GasReading(value=value, measure=measure, status=frozenset(status), warmup_remaining_s=remaining,
                           gas=gas, raw=tuple(registers))
+
+    def _field_decimals(self, regs: Mapping[int, int]) -> int | None:
+        """Decimals from a bit field: through its code table, or the field's value itself without one."""
+        assert isinstance(self.decimals, BitField)
+        code = self.decimals.extract(regs)
+        decimals = self.decimals.codes.get(code) if self.decimals.codes else code
+        return decimals if isinstance(decimals, int) and 0 <= decimals <= MAX_DECIMALS else None
 
 
 #: Profile A — common detector module, function 03, holding registers 0–9.
@@ -268,30 +295,75 @@ BUILTIN_STATION_PROFILES: dict[str, StationProfile] = {"io-4di": STATION_IO_4DI}
 # ------------------------------------------------------------------------------------ config parsing
 
 
+class ProfileError(ValueError):
+    """A custom profile is invalid. ``key`` is relative to the profile's table (``value.decimals.mask``)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+@contextmanager
+def _within(prefix: str) -> Iterator[None]:
+    """Prefix the key of a :class:`ProfileError` raised while reading a sub-table."""
+    try:
+        yield
+    except ProfileError as exc:
+        raise ProfileError(f"{prefix}.{exc.key}" if exc.key else prefix, exc.reason) from None
+
+
+def _typename(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return type(value).__name__
+
+
 def _int(data: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 0xFFFF, default: int | None = None) -> int:
     value = data.get(key, default)
     if value is None:
-        raise ValueError(f"{key}: is required")
+        raise ProfileError(key, "is required")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key}: must be an integer")
+        raise ProfileError(key, f"must be an integer, got {_typename(value)}")
     if not lo <= value <= hi:
-        raise ValueError(f"{key}: must be {lo}–{hi}, got {value}")
+        raise ProfileError(key, f"must be {lo}–{hi}, got {value}")
     return value
 
 
-def _num(data: Mapping[str, Any], key: str, default: float | None = None) -> float:
+def _num(data: Mapping[str, Any], key: str, default: float | None = None, *, nonzero: bool = False) -> float:
     value = data.get(key, default)
     if value is None:
-        raise ValueError(f"{key}: is required")
+        raise ProfileError(key, "is required")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key}: must be a number")
+        raise ProfileError(key, f"must be a number, got {_typename(value)}")
+    if not math.isfinite(value):
+        raise ProfileError(key, "must be a finite number")
+    if nonzero and value == 0:
+        raise ProfileError(key, "must not be 0")
     return float(value)
 
 
-def _only(data: Mapping[str, Any], allowed: set[str], prefix: str = "") -> None:
+def _flag(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise ProfileError(key, f"must be true or false, got {_typename(value)}")
+    return value
+
+
+def _only(data: Mapping[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ValueError(f"{prefix}{unknown[0]}: unknown key")
+        raise ProfileError(unknown[0], f"unknown key (expected one of {', '.join(sorted(allowed))})")
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
@@ -299,90 +371,120 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValueError(f"{key}: must be a table")
+        raise ProfileError(key, f"must be a table, got {_typename(value)}")
     return value
 
 
-def _codes(data: Mapping[str, Any], key: str, allowed: frozenset[str] | None) -> dict[int, Any]:
-    table = _table(data, key) or {}
+def _codes(table: Mapping[str, Any], mask: int, names: tuple[str, ...] | frozenset[str] | None) -> dict[int, Any]:
+    """``codes = { "0x05" = "low_alarm", ... }`` (names) or ``{ "4" = 1, ... }`` (decimals, names=None)."""
     codes: dict[int, Any] = {}
-    for code, name in table.items():
+    for code, value in table.items():
         try:
             number = int(code, 0)
         except ValueError:
-            raise ValueError(f"{key}.{code}: code must be an integer such as \"5\" or \"0x05\"") from None
-        if allowed is not None and name not in allowed:
-            raise ValueError(f"{key}.{code}: unknown status {name!r} (one of {', '.join(sorted(allowed))})")
-        codes[number] = name
+            raise ProfileError(code, 'code must be an integer such as "5" or "0x05"') from None
+        if not 0 <= number <= mask:
+            raise ProfileError(code, f"code {number} can never occur in a field masked with 0x{mask:X}")
+        if names is not None:
+            if value not in names:
+                raise ProfileError(code, f"unknown name {value!r} (one of {', '.join(sorted(names))})")
+        elif isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DECIMALS:
+            raise ProfileError(code, f"decimals must be an integer 0–{MAX_DECIMALS}, got {value!r}")
+        codes[number] = value
     return codes
 
 
-def _bitfield(data: Mapping[str, Any], key: str, allowed: frozenset[str] | None) -> BitField | None:
+def _bitfield(
+    data: Mapping[str, Any], key: str, *, names: tuple[str, ...] | frozenset[str] | None, require_codes: bool
+) -> BitField | None:
+    """``{ register, shift = 0, mask = 0xFFFF, codes = {...} }``; ``names=None`` reads decimals codes."""
     table = _table(data, key)
     if table is None:
         return None
-    _only(table, {"register", "shift", "mask", "codes"}, f"{key}.")
-    try:
-        return BitField(register=_int(table, "register"), shift=_int(table, "shift", hi=15, default=0),
-                        mask=_int(table, "mask", default=0xFFFF), codes=_codes(table, "codes", allowed))
-    except ValueError as exc:
-        raise ValueError(f"{key}.{exc}") from None
+    with _within(key):
+        _only(table, {"register", "shift", "mask", "codes"})
+        register = _int(table, "register")
+        shift = _int(table, "shift", hi=15, default=0)
+        mask = _int(table, "mask", lo=1, default=0xFFFF)
+        if mask << shift > 0xFFFF:
+            raise ProfileError("mask", f"0x{mask:X} shifted left by {shift} does not fit a 16-bit register")
+        code_table = _table(table, "codes")
+        if code_table is None and require_codes:
+            raise ProfileError("codes", "is required: a table of code = name")
+        with _within("codes"):
+            codes = _codes(code_table or {}, mask, names)
+    return BitField(register=register, shift=shift, mask=mask, codes=codes)
 
 
 def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfile:
-    """A custom detector register map from config. Raises ValueError("key: reason")."""
-    _only(data, {"function", "start", "count", "value", "status", "flags", "warmup", "gas", "measure"})
+    """A custom detector register map from config. Raises :class:`ProfileError`."""
+    _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas"})
     function = _int(data, "function", lo=3, hi=4, default=3)
     start = _int(data, "start")
     count = _int(data, "count", lo=1, hi=125)
+    if start + count - 1 > 0xFFFF:
+        raise ProfileError("count", f"{count} registers from {start} run past register 65535")
     value = _table(data, "value")
     if value is None:
-        raise ValueError("value: is required (register, decimals, scale, signed)")
-    _only(value, {"register", "decimals", "scale", "signed"}, "value.")
-    value_register = _int(value, "register")
-    decimals: int | BitField = 0
-    raw_decimals = value.get("decimals", 0)
-    if isinstance(raw_decimals, Mapping):
-        field_ = _bitfield(value, "decimals", None)
-        assert field_ is not None
-        decimals = field_
+        raise ProfileError("value", "is required: a table with register (and decimals, scale, signed)")
+    with _within("value"):
+        _only(value, {"register", "decimals", "scale", "signed"})
+        value_register = _int(value, "register")
+        decimals: int | BitField
+        if isinstance(value.get("decimals"), Mapping):
+            field_ = _bitfield(value, "decimals", names=None, require_codes=False)
+            assert field_ is not None
+            decimals = field_
+        else:
+            decimals = _int(value, "decimals", hi=MAX_DECIMALS, default=0)
+        scale = _num(value, "scale", 1.0, nonzero=True)
+        signed = _flag(value, "signed", False)
+    measure: str | BitField
+    if isinstance(data.get("measure"), Mapping):
+        measure_field = _bitfield(data, "measure", names=MEASURES, require_codes=True)
+        assert measure_field is not None
+        measure = measure_field
     else:
-        decimals = _int(value, "decimals", hi=6, default=0)
-    measure = data.get("measure", "%LEL")
-    if measure not in ("%LEL", "ppm", "%VOL"):
-        raise ValueError(f"measure: must be '%LEL', 'ppm' or '%VOL', got {measure!r}")
+        measure = data.get("measure", "%LEL")
+        if measure not in MEASURES:
+            raise ProfileError("measure", f"must be '%LEL', 'ppm', '%VOL' or a bit field, got {measure!r}")
+    status = _bitfield(data, "status", names=DETECTOR_STATUSES, require_codes=True)
     flags: list[tuple[int, int, str]] = []
     raw_flags = data.get("flags", [])
     if not isinstance(raw_flags, list):
-        raise ValueError("flags: must be an array of tables")
+        raise ProfileError("flags", f"must be an array of tables, got {_typename(raw_flags)}")
     for i, flag in enumerate(raw_flags):
-        if not isinstance(flag, Mapping):
-            raise ValueError(f"flags[{i}]: must be a table")
-        _only(flag, {"register", "bit", "status"}, f"flags[{i}].")
-        status_name = flag.get("status")
-        if status_name not in DETECTOR_STATUSES:
-            raise ValueError(f"flags[{i}].status: unknown status {status_name!r}")
-        flags.append((_int(flag, "register"), _int(flag, "bit", hi=15), status_name))
+        with _within(f"flags[{i}]"):
+            if not isinstance(flag, Mapping):
+                raise ProfileError("", f"must be a table, got {_typename(flag)}")
+            _only(flag, {"register", "bit", "status"})
+            status_name = flag.get("status")
+            if status_name not in DETECTOR_STATUSES:
+                raise ProfileError("status", f"unknown status {status_name!r} (one of "
+                                             f"{', '.join(sorted(DETECTOR_STATUSES))})")
+            flags.append((_int(flag, "register"), _int(flag, "bit", hi=15), status_name))
     warm = _table(data, "warmup")
     warmup = None
     if warm is not None:
-        _only(warm, {"register", "ready_bit", "remaining_mask", "remaining_scale"}, "warmup.")
-        warmup = WarmupField(register=_int(warm, "register"), ready_bit=_int(warm, "ready_bit", hi=15, default=15),
-                             remaining_mask=_int(warm, "remaining_mask", default=0x7FFF),
-                             remaining_scale=_num(warm, "remaining_scale", 0.1))
-    status = _bitfield(data, "status", DETECTOR_STATUSES)
+        with _within("warmup"):
+            _only(warm, {"register", "ready_bit", "remaining_mask", "remaining_scale"})
+            warmup = WarmupField(register=_int(warm, "register"),
+                                 ready_bit=_int(warm, "ready_bit", hi=15, default=15),
+                                 remaining_mask=_int(warm, "remaining_mask", lo=1, default=0x7FFF),
+                                 remaining_scale=_num(warm, "remaining_scale", 0.1, nonzero=True))
+            if warmup.remaining_mask >> warmup.ready_bit & 1:
+                raise ProfileError("remaining_mask", f"must not include the ready bit {warmup.ready_bit}")
+            if warmup.remaining_scale < 0:
+                raise ProfileError("remaining_scale", f"must be > 0, got {warmup.remaining_scale:g}")
     gas_name = data.get("gas", "CH4")
-    if gas_name not in ("CH4", "LPG", "H2", "CO"):
-        raise ValueError(f"gas: must be CH4, LPG, H2 or CO, got {gas_name!r}")
-    profile = DetectorProfile(
-        name=name, function=function, start=start, count=count, value_register=value_register,
-        decimals=decimals, scale=_num(value, "scale", 1.0), signed=bool(value.get("signed", False)),
-        measure=measure, status=status, flags=tuple(flags), warmup=warmup, default_gas=gas_name,
-    )
+    if gas_name not in GASES:
+        raise ProfileError("gas", f"must be one of {', '.join(GASES)}, got {gas_name!r}")
     block = range(start, start + count)
     referenced = [("value.register", value_register)]
     if isinstance(decimals, BitField):
         referenced.append(("value.decimals.register", decimals.register))
+    if isinstance(measure, BitField):
+        referenced.append(("measure.register", measure.register))
     if status is not None:
         referenced.append(("status.register", status.register))
     referenced += [(f"flags[{i}].register", f[0]) for i, f in enumerate(flags)]
@@ -390,40 +492,66 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
         referenced.append(("warmup.register", warmup.register))
     for key, register in referenced:
         if register not in block:
-            raise ValueError(f"{key}: register {register} is outside the block read ({start}–{start + count - 1})")
-    return profile
+            raise ProfileError(key, f"register {register} is outside the block read ({start}–{start + count - 1})")
+    return DetectorProfile(
+        name=name, function=function, start=start, count=count, value_register=value_register,
+        decimals=decimals, scale=scale, signed=signed, measure=measure, status=status, flags=tuple(flags),
+        warmup=warmup, default_gas=gas_name,
+    )
+
+
+#: The most coils/discrete inputs (function 1/2) and registers (function 3/4) one Modbus read returns.
+_MAX_SPAN = {1: 2000, 2: 2000, 3: 125, 4: 125}
+
+
+def _station_point(point_name: str, table: Mapping[str, Any]) -> BitPoint | AnalogPoint:
+    function = _int(table, "function", lo=1, hi=4)
+    address = _int(table, "address")
+    if "min" in table or "max" in table:
+        if point_name != "pressure":
+            raise ProfileError("min" if "min" in table else "max", "an analog range is only for 'pressure'")
+        if function not in (3, 4):
+            raise ProfileError("function", f"an analog pressure is read from registers (3 or 4), got {function}")
+        _only(table, {"function", "address", "min", "max", "scale", "signed"})
+        lo, hi = _num(table, "min"), _num(table, "max")
+        if lo >= hi:
+            raise ProfileError("min", f"must be below max ({hi:g}), got {lo:g}")
+        return AnalogPoint(function=function, address=address, minimum=lo, maximum=hi,
+                           scale=_num(table, "scale", 1.0, nonzero=True), signed=_flag(table, "signed", False))
+    _only(table, {"function", "address", "normal", "bit"})
+    if "bit" in table and function in (1, 2):
+        raise ProfileError("bit", f"only for a register (function 3 or 4); function {function} reads one bit")
+    return BitPoint(function=function, address=address, normal=_flag(table, "normal", True),
+                    bit=_int(table, "bit", hi=15, default=0))
 
 
 def parse_station_profile(name: str, data: Mapping[str, Any]) -> StationProfile:
-    """A custom extinguisher-station map from config. Raises ValueError("key: reason")."""
+    """A custom extinguisher-station map from config. Raises :class:`ProfileError`."""
     _only(data, set(STATION_POINTS))
     points: dict[str, BitPoint | AnalogPoint] = {}
+    used: dict[tuple[int, int, int | None], str] = {}
     for point_name in STATION_POINTS:
         table = _table(data, point_name)
         if table is None:
             continue
-        try:
-            function = _int(table, "function", lo=1, hi=4)
-            address = _int(table, "address")
-            if "min" in table or "max" in table:
-                if point_name != "pressure" or function not in (3, 4):
-                    raise ValueError("min: an analog range is only for 'pressure' on function 3 or 4")
-                _only(table, {"function", "address", "min", "max", "scale", "signed"})
-                lo, hi = _num(table, "min"), _num(table, "max")
-                if lo >= hi:
-                    raise ValueError(f"min: must be below max ({hi:g})")
-                points[point_name] = AnalogPoint(function=function, address=address, minimum=lo, maximum=hi,
-                                                 scale=_num(table, "scale", 1.0),
-                                                 signed=bool(table.get("signed", False)))
-            else:
-                _only(table, {"function", "address", "normal", "bit"})
-                normal = table.get("normal", True)
-                if not isinstance(normal, bool):
-                    raise ValueError("normal: must be true or false")
-                points[point_name] = BitPoint(function=function, address=address, normal=normal,
-                                              bit=_int(table, "bit", hi=15, default=0))
-        except ValueError as exc:
-            raise ValueError(f"{point_name}.{exc}") from None
+        with _within(point_name):
+            point = _station_point(point_name, table)
+            bit = point.bit if isinstance(point, BitPoint) and point.function in (3, 4) else None
+            for other_key, other in used.items():
+                same_input = other_key[:2] == (point.function, point.address) and (
+                    bit is None or other_key[2] is None or other_key[2] == bit
+                )
+                if same_input:
+                    raise ProfileError("address", f"function {point.function} address {point.address}"
+                                                  f"{'' if bit is None else f' bit {bit}'} is already '{other}'")
+            used[point.function, point.address, bit] = point_name
+        points[point_name] = point
     if not points:
-        raise ValueError("presence: a station profile needs at least one point")
-    return StationProfile(name=name, points=points)
+        raise ProfileError("", f"needs at least one of {', '.join(STATION_POINTS)}")
+    profile = StationProfile(name=name, points=points)
+    for function, (first, count) in profile.spans().items():
+        if count > _MAX_SPAN[function]:
+            last = next(n for n, p in reversed(points.items()) if p.function == function)
+            raise ProfileError(f"{last}.address", f"points read with function {function} span {count} addresses "
+                                                  f"from {first}; one read covers at most {_MAX_SPAN[function]}")
+    return profile

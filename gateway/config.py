@@ -19,7 +19,9 @@ from typing import Any, Literal
 from drivers.profiles import (
     BUILTIN_DETECTOR_PROFILES,
     BUILTIN_STATION_PROFILES,
+    MEASURES,
     DetectorProfile,
+    ProfileError,
     StationProfile,
     parse_detector_profile,
     parse_station_profile,
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 EX_CONFIG = 78
+#: Longest poll cycle of a bus: a detector's alarm reaches the gateway within 30 s (GB/T 45839 §5.4.1).
+MAX_POLL_CYCLE_S = 30.0
 
 #: Device kinds polled over a Modbus RTU bus.
 MODBUS_KINDS = frozenset({"gas_detector", "extinguisher_station"})
@@ -68,6 +72,12 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
     "%VOL": (0.5, 1.25, 0.1),
 }
 GAS_UNITS: dict[str, str] = {"CH4": "%LEL", "LPG": "%LEL", "H2": "%LEL", "CO": "ppm"}
+#: Upper limits of the set-points per measuring unit: (level 1, level 2, why).
+THRESHOLD_CAPS: dict[str, tuple[float | None, float, str]] = {
+    "%LEL": (25.0, 50.0, "GB/T 50493-2019"),
+    "%VOL": (None, 100.0, "a volume fraction"),
+    "ppm": (None, 10_000.0, "1 %VOL; use %VOL above it"),
+}
 
 
 class ConfigError(ValueError):
@@ -136,6 +146,7 @@ class DeviceConfig:
     pull_up: bool = True
     bounce_ms: int = 50
     supervision_pin: str | None = None
+    door_open_s: float | None = None  # cabinet door / station: overrides [alarm] door_open_s
 
     @property
     def is_modbus(self) -> bool:
@@ -194,6 +205,7 @@ class AlarmSettings:
     trouble_chirp_interval_s: float = 45.0
     telemetry_interval_s: float = 60.0
     telemetry_deadband: float = 1.0
+    walk_test_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,9 +385,10 @@ class _Table:
         value = self._get(name, default is None)
         if value is None:
             return default
-        options = tuple(choices)
-        if value not in options or isinstance(value, bool):
-            listed = ", ".join(repr(c) for c in sorted(options, key=str))
+        options = tuple(sorted(choices, key=str)) if isinstance(choices, frozenset) else tuple(choices)
+        # Exact type: 9600.0 or true must not pass for 9600 or 1.
+        if not any(type(value) is type(option) and value == option for option in options):
+            listed = ", ".join(repr(c) for c in options)
             raise ConfigError(self.key(name), f"must be one of {listed}, got {value!r}")
         return value
 
@@ -422,18 +435,45 @@ def _check_range(path: str, value: float, lo: float | None, hi: float | None) ->
         raise ConfigError(path, f"must be ≤ {hi:g}, got {value:g}")
 
 
+#: Physical pin of the 40-pin header (BOARDn, J8:n) → BCM GPIO number; the others are power and ground.
+_HEADER_TO_BCM: dict[int, int] = {
+    3: 2, 5: 3, 7: 4, 8: 14, 10: 15, 11: 17, 12: 18, 13: 27, 15: 22, 16: 23, 18: 24, 19: 10, 21: 9, 22: 25,
+    23: 11, 24: 8, 26: 7, 27: 0, 28: 1, 29: 5, 31: 6, 32: 12, 33: 13, 35: 19, 36: 16, 37: 26, 38: 20, 40: 21,
+}
+#: Serial ports on the SoC's primary UART, which takes GPIO14 (TXD) and GPIO15 (RXD).
+_UART_PORTS = frozenset({"/dev/serial0", "/dev/ttyAMA0", "/dev/ttyS0"})
+
+
 def _pin(table: _Table, name: str, default: str | None = None) -> str | None:
-    """A GPIO pin: an integer BCM number or a gpiozero pin name such as ``GPIO17`` or ``BOARD11``."""
+    """A GPIO pin, normalised to ``GPIOn`` so two spellings of one pin are seen as one.
+
+    Accepted: a BCM number (``17``), ``"GPIO17"``, ``"BCM17"``, ``"17"``, or a header pin ``"BOARD11"``/``"J8:11"``.
+    """
     value = table.raw(name)
     if value is None:
         return default
+    key = table.key(name)
+    if isinstance(value, str):
+        text = value.strip().upper()
+        for prefix in ("GPIO", "BCM", ""):
+            if text.startswith(prefix) and text[len(prefix):].isdigit():
+                value = int(text[len(prefix):])
+                break
+        else:
+            for prefix in ("BOARD", "J8:"):
+                if text.startswith(prefix) and text[len(prefix):].isdigit():
+                    header = int(text[len(prefix):])
+                    if header not in _HEADER_TO_BCM:
+                        raise ConfigError(key, f"header pin {header} is not a GPIO (power, ground or out of 1–40)")
+                    value = _HEADER_TO_BCM[header]
+                    break
+            else:
+                raise ConfigError(key, f"{value!r} is not a pin: use a BCM number (17) or 'GPIO17', 'BOARD11'")
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value <= 53:
-            raise ConfigError(table.key(name), f"BCM pin must be 0–53, got {value}")
+            raise ConfigError(key, f"BCM pin must be 0–53, got {value}")
         return f"GPIO{value}"
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    raise ConfigError(table.key(name), f"must be a BCM pin number or pin name, got {_typename(value)}")
+    raise ConfigError(key, f"must be a BCM pin number or pin name, got {_typename(value)}")
 
 
 # --------------------------------------------------------------------------------------------- parse
@@ -464,7 +504,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | 
     assert site is not None
     community = site.ident("community")
     building = site.ident("building")
-    gateway_id = site.text("gateway_id") or f"{community}-{building}"
+    gateway_id = site.ident("gateway_id") if site.has("gateway_id") else f"{community}-{building}"
     site.done()
 
     units = _parse_units(root)
@@ -474,7 +514,8 @@ def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | 
     alarm = _parse_alarm(root)
     devices = _parse_devices(root, units, households, buses, detector_profiles, station_profiles)
     outputs = _parse_outputs(root)
-    _check_pins(devices, outputs)
+    _check_pins(devices, outputs, buses)
+    _check_bus_cycles(buses, devices)
     linkage = _parse_linkage(root, units, households, outputs)
     mqtt = _parse_mqtt(root, base, default_client_id=gateway_id)
     storage = _parse_storage(root, base)
@@ -553,13 +594,34 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
                 ),
                 parity=t.choice("parity", ("N", "E", "O"), "N"),
                 stopbits=t.choice("stopbits", (1, 2), 1),
-                bytesize=t.choice("bytesize", (7, 8), 8),
+                bytesize=_rtu_bytesize(t),
                 timeout_s=t.num("timeout_s", 0.5, lo=0.05, hi=10.0),
-                poll_interval_s=t.num("poll_interval_s", 1.0, lo=0.1, hi=60.0),
+                # A detector's alarm must reach the gateway within 30 s (GB/T 45839 §5.4.1).
+                poll_interval_s=t.num("poll_interval_s", 1.0, lo=0.1, hi=MAX_POLL_CYCLE_S),
             )
         )
         t.done()
     return tuple(buses)
+
+
+def _rtu_bytesize(t: _Table) -> int:
+    bytesize: int = t.integer("bytesize", 8)
+    if bytesize != 8:
+        raise ConfigError(t.key("bytesize"), f"Modbus RTU frames carry 8 data bits, got {bytesize}")
+    return bytesize
+
+
+def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...]) -> None:
+    """Even with every device silent, one cycle of each bus must fit the 30 s alarm budget."""
+    for i, bus in enumerate(buses):
+        polled = sum(1 for d in devices if d.bus == bus.id)
+        worst = polled * bus.timeout_s
+        if worst > MAX_POLL_CYCLE_S:
+            raise ConfigError(
+                f"buses[{i}].timeout_s",
+                f"{polled} devices × {bus.timeout_s:g} s = {worst:g} s per cycle when none answers; an alarm must "
+                f"reach the gateway within {MAX_POLL_CYCLE_S:g} s: lower the timeout or split the bus",
+            )
 
 
 def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
@@ -573,15 +635,17 @@ def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str,
         assert t is not None
         if name in detectors or name in stations:
             raise ConfigError(t.path, f"profile {name!r} already exists (built-in or defined twice)")
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(t.path, f"profile name {name!r} may contain only letters, digits, '-', '_' and '.'")
         kind = t.choice("kind", ("gas_detector", "extinguisher_station"), None)
+        body = {k: v for k, v in t.data.items() if k != "kind"}
         try:
             if kind == "gas_detector":
-                detectors[name] = parse_detector_profile(name, {k: v for k, v in t.data.items() if k != "kind"})
+                detectors[name] = parse_detector_profile(name, body)
             else:
-                stations[name] = parse_station_profile(name, {k: v for k, v in t.data.items() if k != "kind"})
-        except ValueError as exc:
-            sub, _, reason = str(exc).partition(": ")
-            raise ConfigError(f"{t.path}.{sub}" if reason else t.path, reason or str(exc)) from None
+                stations[name] = parse_station_profile(name, body)
+        except ProfileError as exc:
+            raise ConfigError(f"{t.path}.{exc.key}" if exc.key else t.path, exc.reason) from None
     profiles.done()
     return detectors, stations
 
@@ -598,6 +662,7 @@ def _parse_alarm(root: _Table) -> AlarmSettings:
         trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
         telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
         telemetry_deadband=t.num("telemetry_deadband", d.telemetry_deadband, lo=0.0),
+        walk_test_s=t.num("walk_test_s", d.walk_test_s, lo=30.0, hi=3600.0),
     )
     t.done()
     return settings
@@ -659,7 +724,8 @@ def _parse_devices(
                     raise ConfigError(t.key("profile"), f"unknown extinguisher station profile {profile_name!r}")
                 devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household,
                                             bus=bus, address=address,
-                                            station_profile=station_profiles[profile_name]))
+                                            station_profile=station_profiles[profile_name],
+                                            door_open_s=_door_open_s(t, kind)))
         else:
             for key in ("bus", "address", "profile"):
                 if t.has(key):
@@ -679,10 +745,20 @@ def _parse_devices(
                     pull_up=t.flag("pull_up", True),
                     bounce_ms=t.integer("bounce_ms", 50, lo=0, hi=5000),
                     supervision_pin=_pin(t, "supervision_pin"),
+                    door_open_s=_door_open_s(t, kind),
                 )
             )
         t.done()
     return tuple(devices)
+
+
+def _door_open_s(t: _Table, kind: str) -> float | None:
+    """Per-device override of ``[alarm] door_open_s`` (a cabinet door contact or a station's door point)."""
+    value = t.opt_num("door_open_s", lo=0.0, hi=3600.0)
+    if value is not None and kind not in ("cabinet_door", "extinguisher_station"):
+        raise ConfigError(t.key("door_open_s"), f"only a cabinet_door or an extinguisher_station has a door, "
+                                                f"not a {kind}")
+    return value
 
 
 def _gas_detector(
@@ -690,22 +766,33 @@ def _gas_detector(
     profile: DetectorProfile,
 ) -> DeviceConfig:
     gas = t.choice("gas", tuple(GAS_UNITS), profile.default_gas)
-    measure = GAS_UNITS[gas]
+    fixed = profile.measure if isinstance(profile.measure, str) else None
+    measure_given = t.has("measure")
+    measure = t.choice("measure", MEASURES, fixed or GAS_UNITS[gas])
+    if fixed is not None and measure != fixed:
+        raise ConfigError(t.key("measure"), f"profile {profile.name!r} reports in {fixed}, not {measure}")
+    if gas == "CO" and measure != "ppm":
+        raise ConfigError(t.key("measure" if measure_given else "gas"),
+                          f"CO is measured in ppm, but profile {profile.name!r} reports in {measure}")
     d_low, d_high, d_hyst = DEFAULT_THRESHOLDS[measure]
     low = t.num("low", d_low, lo=0.0)
     high = t.num("high", d_high, lo=0.0)
     hysteresis = t.num("hysteresis", d_hyst, lo=0.0)
-    if measure == "%LEL":
-        if low > 25.0:
-            raise ConfigError(t.key("low"), f"level 1 must be ≤ 25 %LEL (GB/T 50493), got {low:g}")
-        if high > 50.0:
-            raise ConfigError(t.key("high"), f"level 2 must be ≤ 50 %LEL (GB/T 50493), got {high:g}")
+    low_cap, high_cap, why = THRESHOLD_CAPS[measure]
     if low <= 0.0:
         raise ConfigError(t.key("low"), f"must be > 0, got {low:g}")
+    if low_cap is not None and low > low_cap:
+        raise ConfigError(t.key("low"), f"level 1 must be ≤ {low_cap:g} {measure} ({why}), got {low:g}")
+    if high > high_cap:
+        raise ConfigError(t.key("high"), f"level 2 must be ≤ {high_cap:g} {measure} ({why}), got {high:g}")
     if low >= high:
         raise ConfigError(t.key("low"), f"must be below high ({high:g} {measure}), got {low:g}")
     if hysteresis >= low:
         raise ConfigError(t.key("hysteresis"), f"must be below low ({low:g} {measure}), got {hysteresis:g}")
+    if hysteresis >= high - low:
+        raise ConfigError(t.key("hysteresis"),
+                          f"must be below high − low ({high - low:g} {measure}) so the two levels stay apart, "
+                          f"got {hysteresis:g}")
     return DeviceConfig(id=did, kind="gas_detector", name=name, unit=unit, household=household, bus=bus,
                         address=address, detector_profile=profile, gas=gas, measure=measure, low=low, high=high,
                         hysteresis=hysteresis)
@@ -756,7 +843,8 @@ def _parse_outputs(root: _Table) -> OutputsConfig:
     return OutputsConfig(buzzer=buzzer, leds=leds, relays=tuple(relays))
 
 
-def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig) -> None:
+def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses: tuple[BusConfig, ...]) -> None:
+    """No pin serves two things (pins are already normalised to ``GPIOn``)."""
     used: dict[str, str] = {}
 
     def claim(pin: str, path: str) -> None:
@@ -765,6 +853,10 @@ def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig) -> No
             raise ConfigError(path, f"pin {pin} is already used by {used[key]}")
         used[key] = path
 
+    for i, bus in enumerate(buses):
+        if bus.port in _UART_PORTS:
+            claim("GPIO14", f"buses[{i}].port (UART TXD)")
+            claim("GPIO15", f"buses[{i}].port (UART RXD)")
     claim(outputs.buzzer.pin, "outputs.buzzer")
     for colour, led in outputs.leds.items():
         claim(led.pin, f"outputs.leds.{colour}")
@@ -788,10 +880,12 @@ def _parse_linkage(
         signal = t.choice("signal", LINKAGE_SIGNALS, None)
         scope = t.text("scope", "building") or "building"
         kind, _, ref = scope.partition(":")
-        if scope != "building" and not (
-            (kind == "unit" and ref in unit_ids) or (kind == "household" and ref in household_ids)
-        ):
-            raise ConfigError(t.key("scope"), f"must be 'building', 'unit:<id>' or 'household:<id>', got {scope!r}")
+        if scope != "building":
+            if kind not in ("unit", "household") or not ref:
+                raise ConfigError(t.key("scope"),
+                                  f"must be 'building', 'unit:<id>' or 'household:<id>', got {scope!r}")
+            if ref not in (unit_ids if kind == "unit" else household_ids):
+                raise ConfigError(t.key("scope"), f"unknown {kind} {ref!r}")
         output = t.req_str("output")
         if output not in relay_ids:
             raise ConfigError(t.key("output"), f"unknown relay {output!r}")
@@ -813,7 +907,7 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         return MqttConfig(client_id=default_client_id)
     d = MqttConfig()
     prefix = t.text("topic_prefix", d.topic_prefix) or d.topic_prefix
-    if any(c in prefix for c in "#+") or prefix.startswith("/") or prefix.endswith("/"):
+    if any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
         raise ConfigError(t.key("topic_prefix"), f"must be a plain topic path without wildcards, got {prefix!r}")
     tls = t.table("tls")
     ca = cert = key = None
@@ -829,6 +923,8 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         for name, value in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
             if value is not None and not Path(value).is_file():
                 raise ConfigError(tls.key(name), f"file not found: {value}")
+        if key is not None:
+            _check_private(key, tls.key("key_file"))
         tls.done()
     credentials = _resolve(base, t.text("credentials_file"))
     username = password = None
@@ -856,14 +952,7 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
 
 def read_credentials(path: str, key: str) -> tuple[str, str]:
     """Read ``username`` and ``password`` from a TOML file that only its owner may read."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            key, f"{path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
-        )
+    _check_private(path, key)
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -871,7 +960,23 @@ def read_credentials(path: str, key: str) -> tuple[str, str]:
     user, password = data.get("username"), data.get("password")
     if not isinstance(user, str) or not isinstance(password, str) or set(data) - {"username", "password"}:
         raise ConfigError(key, f"{path} must hold exactly the string keys 'username' and 'password'")
+    if not user:
+        raise ConfigError(key, f"{path}: username must not be empty")
     return user, password
+
+
+def _check_private(path: str, key: str) -> None:
+    """A secret (password, private key) must be neither group- nor world-accessible."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(key, f"{path} is not a regular file")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            key, f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"
+        )
 
 
 def _parse_storage(root: _Table, base: Path) -> StorageConfig:
