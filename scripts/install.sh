@@ -177,7 +177,12 @@ uninstall_all() {
     run rm -f -- "$TMPFILES_DEST"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
-    run rmdir --ignore-fail-on-non-empty -- "$PREFIX/docs" "$PREFIX"
+    local dir
+    for dir in "$PREFIX/docs" "$PREFIX"; do
+        if [[ -d $dir ]]; then
+            run rmdir --ignore-fail-on-non-empty -- "$dir"
+        fi
+    done
 
     if ((PURGE)); then
         run rm -rf -- "$DATA_DIR"

@@ -481,6 +481,138 @@ def test_refuses_to_install_without_root(untouched: Path) -> None:
         shutil.rmtree(base)
 
 
+# -- a real install, isolated in a private mount namespace ----------------------------------------------
+
+REAL_INSTALL = r"""
+set -euo pipefail
+work=$1
+for d in etc opt var; do
+    mkdir -p "$work/ovl/$d/upper" "$work/ovl/$d/work"
+    mount -t overlay overlay \
+        -o "lowerdir=/$d,upperdir=$work/ovl/$d/upper,workdir=$work/ovl/$d/work" "/$d"
+done
+export PATH="$work/stubs:$PATH"
+cd "$work/repo"
+fact() { printf '%s=%s\n' "$1" "$2"; }
+state() {
+    fact "$1.user" "$(getent passwd gateway | cut -d: -f1,6,7 || true)"
+    fact "$1.groups" "$(id -nG gateway 2>/dev/null || true)"
+    fact "$1.config" "$(stat -c '%a %U %G' /etc/gateway/building.toml 2>/dev/null || echo absent)"
+    fact "$1.configdir" "$(stat -c '%a %U %G' /etc/gateway 2>/dev/null || echo absent)"
+    fact "$1.data" "$(stat -c '%a %U %G' /var/lib/gateway 2>/dev/null || echo absent)"
+    fact "$1.unit_same" "$(cmp -s systemd/gatewayd.service /etc/systemd/system/gatewayd.service \
+        && echo yes || echo no)"
+    fact "$1.rules" "$(test -e /etc/udev/rules.d/99-gateway-rs485.rules && echo yes || echo no)"
+    if [[ -x /opt/gateway/venv/bin/gatewayd ]]; then
+        fact "$1.venv" "$(/opt/gateway/venv/bin/gatewayd --version 2>&1)"
+    else
+        fact "$1.venv" absent
+    fi
+    fact "$1.group" "$(getent group gateway | cut -d: -f1 || true)"
+    fact "$1.edit" "$(grep -c '^# site edit' /etc/gateway/building.toml 2>/dev/null || echo absent)"
+}
+bash scripts/install.sh >"$work/install1.log" 2>&1 || { fact install1 failed; exit 1; }
+state first
+echo '# site edit' >>/etc/gateway/building.toml
+bash scripts/install.sh >"$work/install2.log" 2>&1 || { fact install2 failed; exit 1; }
+state second
+touch /var/lib/gateway/events.db
+bash scripts/install.sh --uninstall >"$work/uninstall.log" 2>&1 || { fact uninstall failed; exit 1; }
+state uninstalled
+bash scripts/install.sh --uninstall --purge >"$work/purge.log" 2>&1 || { fact purge failed; exit 1; }
+state purged
+"""
+
+STUB = """#!/bin/sh
+echo "$(basename "$0") $*" >>"{log}"
+case "$*" in *is-active*|*is-enabled*) exit 3 ;; esac
+exit 0
+"""
+
+
+def _submounts_under(*tops: str) -> list[str]:
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return [p for p in points if any(p == t or p.startswith(t + "/") for t in tops)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("systemd-sysusers") is None,
+    reason="needs root, unshare and systemd-sysusers",
+)
+def test_real_install_upgrade_uninstall_purge(tmp_path: Path) -> None:
+    """Run the installer for real, with /etc, /opt and /var overlaid in a private mount namespace.
+
+    systemctl and udevadm are stubs that record their calls (there is no systemd as PID 1 here); everything
+    else (sysusers, tmpfiles, venv, pip, file modes) is real. The host's directories stay untouched.
+    """
+    if _submounts_under("/etc", "/opt", "/var"):
+        pytest.skip(f"mounts under /etc, /opt or /var would be hidden: {_submounts_under('/etc', '/opt', '/var')}")
+    probe = run(["unshare", "-m", "--propagation", "private", "true"])
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a mount namespace: {probe.stderr.strip()}")
+    before = system_state()
+    # a copy of the checkout, so pip's in-tree build does not litter the repository
+    shutil.copytree(
+        ROOT,
+        tmp_path / "repo",
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache"),
+    )
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    calls = tmp_path / "calls.log"
+    for tool in ("systemctl", "udevadm"):
+        (stubs / tool).write_text(STUB.format(log=calls))
+        (stubs / tool).chmod(0o755)
+
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "bash", "-c", REAL_INSTALL, "real-install", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    logs = {p.name: p.read_text()[-3000:] for p in tmp_path.glob("*.log")}
+    assert result.returncode == 0, (result.stdout, result.stderr, logs)
+    facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+
+    assert facts["first.user"] == "gateway:/var/lib/gateway:/usr/sbin/nologin"
+    assert {"gateway", "dialout", "gpio"} <= set(facts["first.groups"].split())
+    assert facts["first.config"] == "640 root gateway"
+    assert facts["first.configdir"] == "750 root gateway"
+    assert facts["first.data"] == "750 gateway gateway"
+    assert facts["first.unit_same"] == "yes"
+    assert facts["first.rules"] == "yes"
+    assert facts["first.venv"].startswith("gatewayd ")
+    # upgrade: runs again, keeps the site's edit to the config
+    assert facts["second.edit"] == "1"
+    assert "keep: /etc/gateway/building.toml" in logs["install2.log"]
+    assert facts["second.venv"] == facts["first.venv"]
+    # uninstall keeps data, config and user
+    assert facts["uninstalled.unit_same"] == "no"
+    assert facts["uninstalled.rules"] == "no"
+    assert facts["uninstalled.venv"] == "absent"
+    assert facts["uninstalled.data"] == "750 gateway gateway"
+    assert facts["uninstalled.edit"] == "1"
+    assert facts["uninstalled.user"].startswith("gateway:")
+    # purge removes them
+    assert facts["purged.data"] == "absent"
+    assert facts["purged.config"] == "absent"
+    assert facts["purged.user"] == ""
+    assert facts["purged.group"] == ""
+
+    recorded = calls.read_text().splitlines()
+    for call in (
+        "systemctl daemon-reload",
+        "systemctl enable gatewayd.service",
+        "systemctl start gatewayd.service",
+        "udevadm control --reload",
+        "systemctl disable --now gatewayd.service",
+    ):
+        assert call in recorded, recorded
+    assert system_state() == before
+
+
 # -- shellcheck over scripts/ ---------------------------------------------------------------------------
 
 SHELL_SHEBANG = re.compile(rb"^#!\s*(/usr)?/bin/(env\s+)?(ba|da|k)?sh\b")
