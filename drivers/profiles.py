@@ -49,6 +49,13 @@ MEASURES = ("%LEL", "ppm", "%VOL")
 GASES = ("CH4", "LPG", "H2", "CO")
 #: Most decimals a concentration register may carry.
 MAX_DECIMALS = 6
+#: Decoded values are rounded to this many decimals, so 140 × 0.01 is 1.4 and not 1.4000000000000001.
+_PRECISION = 9
+
+
+def _lowest_bit(mask: int) -> int:
+    """Position of the lowest set bit of ``mask`` (the shift that right-aligns a masked field)."""
+    return (mask & -mask).bit_length() - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,22 +141,26 @@ class DetectorProfile:
         if decimals is None:
             status.add("data_error")
             decimals = 0
-        value = raw * self.scale / (10**decimals)
+        value = round(raw * self.scale / (10**decimals), _PRECISION)
         measure = self.measure if not isinstance(self.measure, BitField) else self.measure.lookup(regs)
         if isinstance(self.measure, BitField) and measure is None:
             status.add("data_error")
         if self.status is not None:
             code = self.status.extract(regs)
             status.add(self.status.codes.get(code, "data_error"))
+        remaining: float | None = None
+        warming = self.warmup is not None and not regs[self.warmup.register] >> self.warmup.ready_bit & 1
+        if self.warmup is not None and warming:
+            mask = self.warmup.remaining_mask
+            field_ = (regs[self.warmup.register] & mask) >> _lowest_bit(mask)
+            remaining = round(field_ * self.warmup.remaining_scale, _PRECISION)
+            status.add("warmup")
         for register, bit, name in self.flags:
+            # While warming up, the warm-up register's bits hold the remaining time, not flags.
+            if warming and self.warmup is not None and register == self.warmup.register:
+                continue
             if regs[register] >> bit & 1:
                 status.add(name)
-        remaining: float | None = None
-        if self.warmup is not None:
-            word = regs[self.warmup.register]
-            if not word >> self.warmup.ready_bit & 1:
-                remaining = (word & self.warmup.remaining_mask) * self.warmup.remaining_scale
-                status.add("warmup")
         if "data_error" in status:
             status.discard("normal")
         if not status:
@@ -255,7 +266,7 @@ class StationProfile:
             if isinstance(point, AnalogPoint):
                 if point.signed and word >= 0x8000:
                     word -= 0x10000
-                values[name] = word * point.scale
+                values[name] = round(word * point.scale, _PRECISION)
             else:
                 bit = bool(word >> point.bit & 1) if point.function in (3, 4) else bool(word)
                 values[name] = bit == point.normal  # True = in its normal state
