@@ -7,6 +7,7 @@ reading for the CLI, an address scan) is queued to the same thread with :meth:`B
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -74,6 +75,7 @@ class BusPoller:
         self.polls = 0
         self.errors = 0
         self.last_cycle_s = 0.0
+        self._failing: set[str] = set()
 
     @property
     def deadline_s(self) -> float:
@@ -122,21 +124,47 @@ class BusPoller:
         raise_priority(self._priority, self._thread.name)
         while not self._stop.is_set():
             started = time.monotonic()
-            if self._ensure_port():
-                if not self._paused.is_set():
-                    for device in self.devices:
-                        if self._stop.is_set():
-                            break
-                        self._poll(device)
-                        self._serve_requests()
-                else:
-                    self._serve_requests()
+            try:
+                self._cycle()
+            except Exception:  # the thread outlives any bug: the other devices must still be polled
+                self._log_once("cycle", "bus cycle failed; polling goes on")
             if self._heartbeat is not None:
-                self._heartbeat()
+                try:
+                    self._heartbeat()
+                except Exception:
+                    self._log_once("heartbeat", "heartbeat failed")
             self.last_cycle_s = time.monotonic() - started
             self._sleep_until(started + self.bus.poll_interval_s)
         if self._client is not None:
-            self._client.close()
+            with contextlib.suppress(Exception):
+                self._client.close()
+
+    def _cycle(self) -> None:
+        if not self._ensure_port():
+            return
+        if self._paused.is_set():
+            self._serve_requests()
+            return
+        for device in self.devices:
+            if self._stop.is_set():
+                break
+            self._poll(device)
+            self._serve_requests()
+
+    def _tell(self, key: str, call: Callable[..., None], *args: Any) -> None:
+        """Report to the alarm panel; a bug behind it is logged and never stops the bus thread."""
+        try:
+            call(*args)
+        except Exception:
+            self._log_once(key, "alarm panel raised", subject=str(args[0]) if args else None)
+        else:
+            self._failing.discard(key)
+
+    def _log_once(self, key: str, message: str, **fields: Any) -> None:
+        """Log an unexpected exception with its traceback once per failing place, not at every poll."""
+        if key not in self._failing:
+            self._failing.add(key)
+            log.exception(message, bus=self.bus.id, **fields)
 
     def _sleep_until(self, deadline: float) -> None:
         while not self._stop.is_set():
@@ -155,7 +183,12 @@ class BusPoller:
                 return
             if not future.set_running_or_notify_cancel():
                 continue
-            if not self._ensure_port():
+            try:
+                ready = self._ensure_port()
+            except Exception as exc:  # delivered to the waiting caller; the thread goes on
+                future.set_exception(exc)
+                continue
+            if not ready:
                 future.set_exception(CommError("port", f"{self.bus.port} is not available"))
                 continue
             try:
@@ -177,34 +210,36 @@ class BusPoller:
             detail = f"cannot open {self.bus.port}"
         if ok != (not self.port_lost):
             self.port_lost = not ok
-            self._panel.port_state(self.bus.id, lost=self.port_lost, detail=f"{self.bus.id}: {detail}"
-                                   if not ok else self.bus.id)
+            self._tell("port", self._panel.port_state, self.bus.id, self.port_lost,
+                       f"{self.bus.id}: {detail}" if not ok else self.bus.id)
             log.warning("serial port lost", bus=self.bus.id, port=self.bus.port) if not ok else log.info(
                 "serial port open", bus=self.bus.id, port=self.bus.port)
         if not ok:
             for device in self.devices:
-                self._panel.poll_failed(device.device_id, "port")
+                self._tell(device.device_id, self._panel.poll_failed, device.device_id, "port")
         return ok
 
     def _poll(self, device: ModbusDevice) -> None:
         self.polls += 1
+        key = device.device_id
         try:
             reading = device.poll(self._client)
         except CommError as exc:
             self.errors += 1
-            self._panel.poll_failed(device.device_id, exc.reason)
+            self._tell(key, self._panel.poll_failed, key, exc.reason)
             if exc.reason in ("port", "timeout") and not self._port_present():
                 self._client.close()
             return
         except Exception as exc:  # a driver bug must never stop the bus thread
             self.errors += 1
-            self._panel.poll_failed(device.device_id, f"error: {exc!r}")
-            log.exception("poll raised", device=device.device_id)
+            self._log_once(f"driver:{key}", "poll raised", device=key)
+            self._tell(key, self._panel.poll_failed, key, f"error: {exc!r}")
             return
+        self._failing.discard(f"driver:{key}")
         if isinstance(device, GasDetector) and isinstance(reading, GasReading):
-            self._panel.reading(device.device_id, reading)
+            self._tell(key, self._panel.reading, key, reading)
         elif isinstance(device, ExtinguisherStation) and isinstance(reading, StationReading):
-            self._panel.station(device.device_id, reading)
+            self._tell(key, self._panel.station, key, reading)
 
     def _port_present(self) -> bool:
         return not self.bus.port.startswith("/") or os.path.exists(self.bus.port)
