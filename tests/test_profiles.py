@@ -232,7 +232,8 @@ register = 1
 decimals = { register = 0, shift = 8, mask = 0xF, codes = { "0" = 0, "4" = 1, "8" = 2 } }
 """)
     reading = profile.decode([0x2800, 2550])
-    assert (reading.measure, reading.value) == ("%LEL", pytest.approx(25.5))
+    assert reading.measure == "%LEL"
+    assert reading.value == pytest.approx(25.5)
     assert profile.decode([0x2100, 5]).status == {"data_error"}
 
 
@@ -498,4 +499,5 @@ def test_simulator_registers_decode_to_what_was_set() -> None:
         sim.set_concentration(42.0)
         sim.set_status("high_alarm")
         reading = profile.decode(sim.registers())
-        assert (reading.value, reading.status) == (pytest.approx(42.0), {"high_alarm"})
+        assert reading.value == pytest.approx(42.0)
+        assert reading.status == {"high_alarm"}
