@@ -1,0 +1,193 @@
+"""GPIO drivers on gpiozero's MockFactory: dry contacts (NO/NC, supervision pair) and outputs."""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from drivers.gpio import ContactInput, make_buzzer, make_output
+
+
+class Recorder:
+    """Collects callback values and the thread each one ran on."""
+
+    def __init__(self) -> None:
+        self.values: list[bool] = []
+        self.threads: list[int] = []
+
+    def __call__(self, value: bool) -> None:
+        self.values.append(value)
+        self.threads.append(threading.get_ident())
+
+
+@pytest.fixture
+def contacts() -> Iterator[list[ContactInput]]:
+    """Contacts created by a test, closed at teardown."""
+    made: list[ContactInput] = []
+    yield made
+    for contact in made:
+        contact.close()
+
+
+def contact_on(made: list[ContactInput], pin: str, **kwargs: Any) -> tuple[ContactInput, Recorder]:
+    changes = Recorder()
+    contact = ContactInput(pin, on_change=changes, **kwargs)
+    made.append(contact)
+    return contact, changes
+
+
+# -- NO / NC with the pull-up: pin low = contact closed ----------------------------------------------------
+
+
+def test_normally_open_contact(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    contact, changes = contact_on(contacts, "GPIO5", contact="NO")
+    pin = mock_pins.pin("GPIO5")
+    assert pin.state == 1  # pulled up: the contact is open
+    assert (contact.is_closed, contact.is_active) == (False, False)
+    pin.drive_low()  # the detector's alarm relay closes
+    assert (contact.is_closed, contact.is_active) == (True, True)
+    pin.drive_high()
+    assert (contact.is_closed, contact.is_active) == (False, False)
+    assert changes.values == [True, False]
+
+
+def test_normally_closed_contact(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    contact, changes = contact_on(contacts, "GPIO6", contact="NC")
+    pin = mock_pins.pin("GPIO6")
+    assert contact.is_active  # open (or a broken wire) is the event for an NC contact
+    pin.drive_low()  # the extinguisher sits on its switch
+    assert (contact.is_closed, contact.is_active) == (True, False)
+    pin.drive_high()  # taken away
+    assert (contact.is_closed, contact.is_active) == (False, True)
+    assert changes.values == [False, True]
+
+
+def test_without_pull_up_pin_high_is_closed(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    contact, changes = contact_on(contacts, "GPIO13", contact="NO", pull_up=False)
+    pin = mock_pins.pin("GPIO13")
+    assert pin.state == 0 and not contact.is_closed
+    pin.drive_high()
+    assert contact.is_closed and contact.is_active
+    assert changes.values == [True]
+
+
+def test_repeated_level_is_not_a_change(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    _, changes = contact_on(contacts, "GPIO5", contact="NO")
+    pin = mock_pins.pin("GPIO5")
+    pin.drive_low()
+    pin.drive_low()
+    assert changes.values == [True]
+
+
+# -- callbacks run on the thread that drives the pin ------------------------------------------------------
+
+
+def test_callback_runs_on_the_driving_thread(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    _, changes = contact_on(contacts, "GPIO19", contact="NO")
+    pin = mock_pins.pin("GPIO19")
+    driver_ident: list[int] = []
+
+    def drive() -> None:
+        driver_ident.append(threading.get_ident())
+        pin.drive_low()
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    thread.join(10)
+    assert changes.values == [True]  # already delivered when drive_low() returned
+    assert changes.threads == driver_ident
+    pin.drive_high()
+    assert changes.threads[-1] == threading.get_ident()
+
+
+def test_callbacks_survive_garbage_collection(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    """gpiozero holds callbacks weakly; the contact must keep its own strong references."""
+    changes = Recorder()
+    contacts.append(ContactInput("GPIO20", contact="NO", on_change=changes, supervision_pin="GPIO21",
+                                 on_plausibility=changes))
+    gc.collect()
+    mock_pins.pin("GPIO20").drive_low()
+    mock_pins.pin("GPIO21").drive_low()
+    assert changes.values  # both handlers still fire
+
+
+# -- supervision pair: the two sides of a changeover contact must differ -----------------------------------
+
+
+def test_supervision_pair_plausibility(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    plausibility = Recorder()
+    contact, changes = contact_on(contacts, "GPIO5", contact="NC", supervision_pin="GPIO6",
+                                  on_plausibility=plausibility)
+    main, other = mock_pins.pin("GPIO5"), mock_pins.pin("GPIO6")
+    assert not contact.is_plausible  # both sides open: a wiring fault
+    main.drive_low()  # main closed, other side open: a healthy changeover
+    assert contact.is_plausible and not contact.is_active
+    assert changes.values == [False] and plausibility.values == [True]
+    other.drive_low()  # both sides closed: stuck or shorted
+    assert not contact.is_plausible
+    assert plausibility.values == [True, False]
+    other.drive_high()
+    main.drive_high()  # the switch flips: main open, other closed would be plausible, both open is not
+    assert not contact.is_plausible and contact.is_active
+    other.drive_low()
+    assert contact.is_plausible
+    assert plausibility.values[-1] is True
+
+
+def test_without_supervision_always_plausible(mock_pins: Any, contacts: list[ContactInput]) -> None:
+    contact, _ = contact_on(contacts, "GPIO5")
+    assert contact.is_plausible
+    mock_pins.pin("GPIO5").drive_low()
+    assert contact.is_plausible
+
+
+def test_close_releases_the_pins(mock_pins: Any) -> None:
+    first = ContactInput("GPIO5", on_change=Recorder(), supervision_pin="GPIO6")
+    first.close()
+    second = ContactInput("GPIO5", on_change=Recorder(), supervision_pin="GPIO6")
+    second.close()
+
+
+# -- outputs start off -----------------------------------------------------------------------------------------
+
+
+def test_buzzer_starts_off(mock_pins: Any) -> None:
+    buzzer = make_buzzer("GPIO18")
+    try:
+        pin = mock_pins.pin("GPIO18")
+        assert pin.state == 0 and not buzzer.is_active
+        buzzer.on()
+        assert pin.state == 1
+        buzzer.off()
+        pin.assert_states([0, 1, 0])
+    finally:
+        buzzer.close()
+
+
+def test_active_low_buzzer_starts_off(mock_pins: Any) -> None:
+    buzzer = make_buzzer("GPIO18", active_high=False)
+    try:
+        pin = mock_pins.pin("GPIO18")
+        assert pin.state == 1 and not buzzer.is_active  # off = high for an active-low sounder
+        buzzer.on()
+        assert pin.state == 0
+    finally:
+        buzzer.close()
+
+
+@pytest.mark.parametrize(("active_high", "off_level"), [(True, 0), (False, 1)])
+def test_output_starts_off(mock_pins: Any, active_high: bool, off_level: int) -> None:
+    relay = make_output("GPIO12", active_high=active_high)
+    try:
+        pin = mock_pins.pin("GPIO12")
+        assert pin.state == off_level and not relay.is_active
+        # Never pulsed on while being set up (the first entry is the mock pin's state before it was claimed).
+        assert 1 - off_level not in [entry.state for entry in pin.states[1:]]
+        relay.on()
+        assert pin.state == 1 - off_level
+    finally:
+        relay.close()
