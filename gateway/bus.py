@@ -8,6 +8,7 @@ reading for the CLI, an address scan) is queued to the same thread with :meth:`B
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -32,9 +33,8 @@ log = structlog.get_logger()
 def open_client(bus: BusConfig) -> Any:
     """A pymodbus synchronous RTU client for the bus (not yet connected). Retries are ours, not pymodbus's."""
     from pymodbus import FramerType
-    from pymodbus.client import ModbusSerialClient
 
-    return ModbusSerialClient(
+    return _prompt_client_class()(
         port=bus.port,
         framer=FramerType.RTU,
         baudrate=bus.baudrate,
@@ -44,6 +44,37 @@ def open_client(bus: BusConfig) -> Any:
         timeout=bus.timeout_s,
         retries=0,
     )
+
+
+@functools.cache
+def _prompt_client_class() -> type[Any]:
+    """pymodbus's serial client, except that a response is taken as soon as its bytes arrive.
+
+    The stock client sleep-polls the port every four character times and waits until two polls see the
+    same byte count (4–8 ms at 9600 baud after the last byte, and a GIL hand-off per poll). This one
+    blocks in ``select`` until bytes are readable and hands over what is there at once; pymodbus's RTU
+    framer already waits for the rest of a partial frame (by its length and CRC) and calls again. Measured
+    in benchmarks/buzzer_latency.py (docs/performance.md).
+    """
+    import select
+
+    from pymodbus.client import ModbusSerialClient
+    from pymodbus.exceptions import ConnectionException
+
+    class PromptSerialClient(ModbusSerialClient):
+        def recv(self, size: int | None) -> bytes:
+            if size is not None or self.socket is None:
+                return super().recv(size)
+            try:
+                readable, _, _ = select.select([self.socket], [], [], self.comm_params.timeout_connect)
+                if not readable:
+                    return b""
+                return bytes(self.socket.read(self.socket.in_waiting or 1))
+            except OSError:  # pyserial's SerialException too: the adapter went away
+                self.close()  # type: ignore[no-untyped-call]
+                raise ConnectionException(str(self)) from None
+
+    return PromptSerialClient
 
 
 class BusPoller:
