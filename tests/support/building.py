@@ -6,6 +6,7 @@
   for ordering checks against other clocks (``MockPin.states`` keeps only deltas).
 * :func:`read_events` reads the outbox with plain ``sqlite3``, independently of the daemon.
 * :func:`eventually` is an async ``wait_until`` that lets the loop (and so the gateway) run meanwhile.
+* :class:`CountingHeartbeats` keeps the time of every beat, so a test can count a bus thread's cycles.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from gpiozero.pins.mock import MockPin
 from drivers.simulated import SimulatedBus, SimulatedGasDetector
 from gateway.config import SiteConfig
 from gateway.daemon import Gateway
+from gateway.health import Heartbeats
 from tests.support.site import DetectorSpec
 
-__all__ = ["TimedMockPin", "eventually", "read_events", "running_gateway", "simulated_detectors"]
+__all__ = ["CountingHeartbeats", "TimedMockPin", "eventually", "read_events", "running_gateway", "simulated_detectors"]
 
 T = TypeVar("T")
 
@@ -50,6 +52,23 @@ class TimedMockPin(MockPin):  # type: ignore[misc]
     def first_high(self, after: float = float("-inf")) -> float | None:
         """Monotonic time the pin first went high after ``after``, or None."""
         return next((t for t, state in list(self.changes) if state and t > after), None)
+
+
+class CountingHeartbeats(Heartbeats):
+    """Heartbeats that also remember when each part beat (a bus thread beats once per poll cycle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beats: dict[str, list[float]] = {}
+
+    def beat(self, name: str, now: float | None = None) -> None:
+        t = time.monotonic() if now is None else now
+        self.beats.setdefault(name, []).append(t)
+        super().beat(name, t)
+
+    def count(self, name: str, after: float = float("-inf"), before: float = float("inf")) -> int:
+        """Beats of ``name`` strictly between ``after`` and ``before`` (monotonic seconds)."""
+        return sum(1 for t in list(self.beats.get(name, ())) if after < t < before)
 
 
 @contextlib.contextmanager
