@@ -567,3 +567,34 @@ def test_loaded_config_is_typed(tmp_path: Path) -> None:
     path.write_text(BASE, encoding="utf-8")
     cfg = load_config(path)
     assert isinstance(cfg, SiteConfig) and cfg.source == str(path)
+
+
+# -- docs/config.md stays in step with the code ---------------------------------------------------------------
+
+DOCS = ROOT / "docs" / "config.md"
+
+
+def test_every_config_field_is_documented() -> None:
+    import dataclasses as dc
+
+    from gateway import config as c
+
+    text = DOCS.read_text(encoding="utf-8")
+    not_keys = {"detector_profile", "station_profile", "tls", "username", "password"}  # derived or in other files
+    renamed = {"tls_ca_file": "ca_file", "tls_cert_file": "cert_file", "tls_key_file": "key_file",
+               "tls_insecure": "insecure"}
+    classes = (c.BusConfig, c.DeviceConfig, c.RelayConfig, c.AlarmSettings, c.MqttConfig, c.StorageConfig,
+               c.ControlConfig, c.RuntimeConfig, c.UnitConfig, c.HouseholdConfig)
+    missing = [f"{cls.__name__}.{f.name}" for cls in classes for f in dc.fields(cls)
+               if f.name not in not_keys and f"`{renamed.get(f.name, f.name)}`" not in text]
+    assert not missing, f"keys missing from docs/config.md: {missing}"
+
+
+def test_profile_examples_in_the_docs_validate(tmp_path: Path) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
+    profiles = [tomllib.loads(block)["profiles"] for block in blocks if "[profiles." in block]
+    assert len(profiles) == 2
+    doc = base()
+    doc["profiles"] = {name: body for p in profiles for name, body in p.items()}
+    cfg = parse_config(doc, base_dir=tmp_path)
+    assert cfg.devices  # the profiles parsed along with the site
