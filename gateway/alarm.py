@@ -4,9 +4,21 @@ Pure: no I/O, no threads, no clock reads — every method takes ``now`` (monoton
 :class:`~gateway.panel.AlarmPanel` serialises calls from bus threads and GPIO callbacks and applies the
 returned :class:`Annunciation` to the outputs.
 
-Rules (see docs/alarms.md): two gas levels with hysteresis on clearing; an alarm latches until a person
-resets it; silence mutes only what is active now; faults clear themselves; warm-up neither alarms nor
-faults; supervisory signals from extinguisher stations; priority alarm > supervisory > trouble.
+Rules (docs/alarms.md gives each with its default and source):
+
+- two gas levels per detector, with hysteresis on clearing; the detector's own status is folded in
+  (its low/high alarm flags and over-range raise alarms whatever the concentration register says;
+  sensor faults, data errors and a due calibration are faults);
+- warm-up readings neither alarm nor fault;
+- an alarm latches until a person resets it; a reset while the condition is still present is refused
+  and recorded; a condition that cleared and came back is raised again;
+- silence mutes only the signals active now: any alarm raised (or escalated) later sounds again;
+- faults (offline after N failed polls or a time ceiling, reported faults, port lost, implausible
+  contact) clear by themselves when the cause goes away;
+- supervisory signals (extinguisher removed, pressure, cabinet door open too long, access obstructed);
+- sounder priority FIRE > GAS > SUPERVISORY > TEST > TROUBLE;
+- relays follow latched alarms (and supervisory/fault signals) within each linkage rule's scope;
+- walk test: a device in test mode reports its detections as ``test``/``detected``, never as alarms.
 """
 
 from __future__ import annotations
@@ -14,16 +26,41 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 from drivers.profiles import GasReading, StationReading
 from gateway.config import AlarmSettings, DeviceConfig, LinkageRule
 from gateway.events import Event
 
-__all__ = ["AlarmCore", "Annunciation", "Level", "ResetResult", "Sound"]
+__all__ = [
+    "CONTACT_SUPERVISORY",
+    "DEVICE_FAULTS",
+    "TEST_SOUND_S",
+    "AlarmCore",
+    "Annunciation",
+    "Level",
+    "ResetResult",
+    "Sound",
+]
 
+#: Statuses a detector reports that are faults (trouble), not alarms.
 DEVICE_FAULTS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault")
+#: Statuses whose concentration reading cannot be trusted.
+UNTRUSTED = frozenset({"sensor_fault", "data_error"})
+#: Detector statuses that are a level-2 (high) alarm whatever the concentration reads.
+HIGH_FLAGS = frozenset({"high_alarm", "over_range"})
+#: Detector statuses that are a level-1 (low) alarm; STEL/TWA are the exposure alarms of toxic-gas detectors.
+LOW_FLAGS = frozenset({"low_alarm", "stel", "twa"})
+#: How long the sounder plays the test pattern when a walk test starts or detects something.
 TEST_SOUND_S = 3.0
-WALK_TEST_S = 60.0
+
+#: Supervisory code raised by each supervisory contact kind.
+CONTACT_SUPERVISORY = {
+    "extinguisher_presence": "removed",
+    "pressure_switch": "pressure",
+    "cabinet_door": "door_open",
+    "obstruction": "obstructed",
+}
 
 
 class Level(IntEnum):
@@ -47,7 +84,7 @@ class Sound(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Annunciation:
-    """Desired output state: the sounder's pattern, the lit LEDs (with whether they are silenced), relays on."""
+    """Desired output state: the sounder's signal, the lit LEDs, the relays that are on."""
 
     sound: Sound = Sound.QUIET
     leds: frozenset[str] = frozenset()
@@ -56,7 +93,7 @@ class Annunciation:
 
 @dataclass(frozen=True, slots=True)
 class ResetResult:
-    """Devices whose latch was cleared, and those still in alarm (condition present)."""
+    """Devices whose latch was cleared, and those still in alarm (condition present, reset refused)."""
 
     reset: tuple[str, ...]
     still_active: tuple[str, ...]
@@ -64,6 +101,8 @@ class ResetResult:
 
 @dataclass(slots=True)
 class _Condition:
+    """One active signal: a latched alarm, a supervisory signal or a fault."""
+
     category: str  # alarm | supervisory | trouble
     sound: Sound
     unit: str | None
@@ -76,8 +115,9 @@ class _Condition:
 @dataclass(slots=True)
 class _DeviceState:
     cfg: DeviceConfig
-    level: Level = Level.NONE  # condition now, with hysteresis
+    level: Level = Level.NONE  # the alarm condition now (with hysteresis); NONE while unknown
     latched: Level = Level.NONE
+    cleared: bool = False  # the latched alarm's condition has cleared (a return is raised again)
     failures: int = 0
     first_failure: float | None = None
     last_seen: float | None = None
@@ -90,15 +130,11 @@ class _DeviceState:
     telemetry_value: float | None = None
     comm_errors: int = 0
     faults: set[str] = field(default_factory=set)
-    supervisory: set[str] = field(default_factory=set)
+    supervisory: set[str] = field(default_factory=set)  # supervisory conditions present now
 
-
-CONTACT_SUPERVISORY = {
-    "extinguisher_presence": "removed",
-    "pressure_switch": "pressure",
-    "cabinet_door": "door_open",
-    "obstruction": "obstructed",
-}
+    @property
+    def fire(self) -> bool:
+        return self.cfg.kind == "fire_contact"
 
 
 class AlarmCore:
@@ -148,12 +184,14 @@ class AlarmCore:
             "household": st.cfg.household,
             "state": state,
             "latched": st.latched.name.lower() if st.latched else None,
-            "condition_present": st.level > Level.NONE or (alarm is not None and st.contact_active),
+            "condition_present": st.level > Level.NONE,
+            "silenced": alarm.silenced if alarm is not None else None,
             "value": st.last_value,
             "measure": st.cfg.measure,
             "last_seen": st.last_seen,
             "faults": sorted(st.faults),
             "supervisory": sorted(st.supervisory),
+            "test": st.test_until is not None,
             "comm_errors": st.comm_errors,
             "failures": st.failures,
         }
@@ -167,19 +205,18 @@ class AlarmCore:
         ]
 
     def annunciation(self, now: float) -> Annunciation:
-        """What the outputs must show now: the highest-priority unsilenced signal wins the sounder."""
+        """What the outputs must show now: the highest-priority unsilenced signal wins the sounder.
+
+        LEDs show every active condition, silenced or not; relays follow the linkage rules.
+        """
         sound = Sound.QUIET
         leds: set[str] = set()
         for c in self._conditions.values():
-            leds.add({"alarm": "alarm", "supervisory": "supervisory", "trouble": "fault"}[c.category])
+            leds.add(_LED[c.category])
             if not c.silenced and c.sound > sound:
                 sound = c.sound
         if now < self._test_sound_until and sound < Sound.TEST:
             sound = Sound.TEST
-        if any(c.silenced for c in self._conditions.values() if c.category == "alarm") and not any(
-            not c.silenced for c in self._conditions.values() if c.category == "alarm"
-        ):
-            leds.add("alarm_silenced")
         return Annunciation(sound=sound, leds=frozenset(leds), relays=self._relays)
 
     # ------------------------------------------------------------------------------------ inputs
@@ -191,7 +228,9 @@ class AlarmCore:
         st.last_value = reading.value
         cfg = st.cfg
         if "warmup" in reading.status:
+            # The detector is not ready: its reading says nothing about gas, and is neither alarm nor fault.
             st.warming_up = True
+            self._alarm_level(st, Level.NONE, reading.value, now, events, known=False)
             return self._finish(events, now)
         st.warming_up = False
         reported = {s for s in reading.status if s in DEVICE_FAULTS}
@@ -199,15 +238,15 @@ class AlarmCore:
         if mismatch:
             reported.add("unit_mismatch")
         self._set_faults(st, reported, (*DEVICE_FAULTS, "unit_mismatch"), now, events,
-                         detail=f"detector reports {reading.measure}" if mismatch else None)
-        detector_level = Level.NONE
-        if "high_alarm" in reading.status or "over_range" in reading.status:
-            detector_level = Level.HIGH
-        elif "low_alarm" in reading.status:
-            detector_level = Level.LOW
-        trusted = not mismatch and "sensor_fault" not in reading.status and "data_error" not in reading.status
+                         detail=f"detector reports {reading.measure}, configured {cfg.measure}" if mismatch else None)
+        flagged = Level.NONE
+        if reading.status & HIGH_FLAGS:
+            flagged = Level.HIGH
+        elif reading.status & LOW_FLAGS:
+            flagged = Level.LOW
+        trusted = not mismatch and not reading.status & UNTRUSTED
         measured = self._concentration_level(st, reading.value) if trusted else Level.NONE
-        self._gas_level(st, max(detector_level, measured), reading.value, now, events)
+        self._alarm_level(st, max(flagged, measured), reading.value, now, events, known=trusted)
         self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events)
         return self._finish(events, now)
 
@@ -216,21 +255,21 @@ class AlarmCore:
         st = self._devices[device_id]
         events = self._answered(st, now)
         st.last_value = reading.pressure
-        wanted = set()
+        present = set()
         if reading.presence is False:
-            wanted.add("removed")
+            present.add("removed")
         if reading.pressure_ok is False:
-            wanted.add("pressure")
+            present.add("pressure")
         if reading.obstructed:
-            wanted.add("obstructed")
+            present.add("obstructed")
         if reading.door_open:
             if st.door_open_since is None:
                 st.door_open_since = now
-            if now - st.door_open_since >= self.settings.door_open_s:
-                wanted.add("door_open")
+            if now - st.door_open_since >= self._door_open_s(st):
+                present.add("door_open")
         else:
             st.door_open_since = None
-        self._set_supervisory(st, wanted, now, events, value=reading.pressure)
+        self._set_supervisory(st, present, now, events, value=reading.pressure)
         return self._finish(events, now)
 
     def contact(self, device_id: str, active: bool, now: float) -> list[Event]:
@@ -240,14 +279,12 @@ class AlarmCore:
         st.contact_active = active
         st.last_seen = now
         kind = st.cfg.kind
-        if kind == "gas_relay":
-            self._gas_level(st, Level.HIGH if active else Level.NONE, None, now, events)
-        elif kind == "fire_contact":
-            self._gas_level(st, Level.HIGH if active else Level.NONE, None, now, events, fire=True)
+        if kind in ("gas_relay", "fire_contact"):
+            self._alarm_level(st, Level.HIGH if active else Level.NONE, None, now, events)
         elif kind == "cabinet_door":
             st.door_open_since = now if active else None
-            wanted = {"door_open"} if active and self.settings.door_open_s <= 0 else set()
-            self._set_supervisory(st, wanted, now, events)
+            limit = self._door_open_s(st)
+            self._set_supervisory(st, {"door_open"} if active and limit <= 0 else set(), now, events)
         else:
             code = CONTACT_SUPERVISORY[kind]
             self._set_supervisory(st, {code} if active else set(), now, events)
@@ -262,7 +299,7 @@ class AlarmCore:
         return self._finish(events, now)
 
     def poll_failed(self, device_id: str, reason: str, now: float) -> list[Event]:
-        """A poll got no valid answer (timeout, garbled frame, exception response)."""
+        """A poll got no valid answer (timeout, garbled frame, exception response, port gone)."""
         st = self._devices[device_id]
         events: list[Event] = []
         st.failures += 1
@@ -273,8 +310,7 @@ class AlarmCore:
             st.failures >= self.settings.offline_after_failures
             or now - st.first_failure >= self.settings.offline_ceiling_s
         ):
-            self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events,
-                             detail=f"{st.failures} failed polls, last: {reason}")
+            self._go_offline(st, now, events, f"{st.failures} failed polls, last: {reason}")
         return self._finish(events, now)
 
     def port_state(self, bus_id: str, lost: bool, now: float, detail: str | None = None) -> list[Event]:
@@ -290,23 +326,21 @@ class AlarmCore:
         return self._finish(events, now)
 
     def tick(self, now: float) -> list[Event]:
-        """Time passing: fault ceilings, cabinet doors left open, walk tests ending."""
+        """Time passing: fault ceilings, cabinet doors left open, walk tests ending, the test sound ending."""
         events: list[Event] = []
         for st in self._devices.values():
             if (st.first_failure is not None and "offline" not in st.faults
                     and now - st.first_failure >= self.settings.offline_ceiling_s):
-                self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events,
-                                 detail=f"no answer for {now - st.first_failure:.0f} s")
+                self._go_offline(st, now, events, f"no answer for {now - st.first_failure:.0f} s")
             if (st.door_open_since is not None and "door_open" not in st.supervisory
-                    and now - st.door_open_since >= self.settings.door_open_s):
+                    and now - st.door_open_since >= self._door_open_s(st)):
                 self._set_supervisory(st, st.supervisory | {"door_open"}, now, events)
             if st.test_until is not None and now >= st.test_until:
-                st.test_until = None
-                events.append(self._event(st, "test", "ended", now))
+                self._end_test(st, now, events, source=None)
         return self._finish(events, now)
 
     def silence(self, now: float, source: str) -> list[Event]:
-        """Mute the sounder for what is active now; anything new sounds again."""
+        """Mute the sounder for what is active now; anything raised later sounds again. LEDs stay."""
         muted = [c for c in self._conditions.values() if not c.silenced]
         for c in muted:
             c.silenced = True
@@ -314,42 +348,59 @@ class AlarmCore:
         return self._finish([Event("silence", "silenced", now, source=source, detail=f"{len(muted)} signals")], now)
 
     def reset(self, device_id: str | None, now: float, source: str) -> tuple[list[Event], ResetResult]:
-        """Clear latched alarms (one device or all) whose condition has gone; the rest stay in alarm."""
-        if device_id is not None and device_id not in self._devices:
-            raise KeyError(device_id)
-        targets = [self._devices[device_id]] if device_id else list(self._devices.values())
+        """Clear latched alarms (one device or all) whose condition has gone, and end walk tests.
+
+        A latched alarm whose condition is still present stays latched; the refusal is recorded as a
+        ``reset``/``refused`` event. Raises KeyError for an unknown device.
+        """
+        targets = self._targets(device_id)
         events: list[Event] = []
         done: list[str] = []
         still: list[str] = []
         for st in targets:
+            if st.test_until is not None:
+                self._end_test(st, now, events, source=source)
             key = (st.cfg.id, "alarm")
             if key not in self._conditions:
-                if st.test_until is not None:
-                    st.test_until = None
-                    events.append(self._event(st, "test", "ended", now, source=source))
                 continue
+            latched = "fire" if st.fire else st.latched.name.lower()
             if st.level > Level.NONE:
                 still.append(st.cfg.id)
+                present = "fire" if st.fire else st.level.name.lower()
+                events.append(self._event(st, "reset", "refused", now, level=latched, value=st.last_value,
+                                          source=source, detail=f"condition still present ({present}); "
+                                          "alarm stays latched"))
                 continue
             del self._conditions[key]
-            events.append(self._event(st, "reset", "reset", now, level=st.latched.name.lower(), source=source))
             st.latched = Level.NONE
+            st.cleared = False
+            events.append(self._event(st, "reset", "reset", now, level=latched, source=source))
             done.append(st.cfg.id)
         return self._finish(events, now), ResetResult(tuple(done), tuple(still))
 
     def test(self, device_id: str | None, now: float, source: str) -> list[Event]:
-        """Walk test: a short test sound; alarms from the device(s) for a while are recorded as tests."""
-        if device_id is not None and device_id not in self._devices:
-            raise KeyError(device_id)
-        targets = [self._devices[device_id]] if device_id else list(self._devices.values())
+        """Walk test: a short test sound; detections by the device(s) for ``walk_test_s`` are recorded as tests.
+
+        Raises KeyError for an unknown device.
+        """
         events = []
-        for st in targets:
-            st.test_until = now + WALK_TEST_S
-            events.append(self._event(st, "test", "started", now, source=source))
+        for st in self._targets(device_id):
+            st.test_until = now + self.settings.walk_test_s
+            events.append(self._event(st, "test", "started", now, source=source,
+                                      detail=f"until reset or {self.settings.walk_test_s:g} s"))
         self._test_sound_until = now + TEST_SOUND_S
         return self._finish(events, now)
 
     # ------------------------------------------------------------------------------------ rules
+
+    def _targets(self, device_id: str | None) -> list[_DeviceState]:
+        if device_id is None:
+            return list(self._devices.values())
+        return [self._devices[device_id]]
+
+    def _door_open_s(self, st: _DeviceState) -> float:
+        own = st.cfg.door_open_s
+        return self.settings.door_open_s if own is None else own
 
     def _answered(self, st: _DeviceState, now: float) -> list[Event]:
         events: list[Event] = []
@@ -359,6 +410,12 @@ class AlarmCore:
         if "offline" in st.faults:
             self._set_faults(st, st.faults - {"offline"}, ("offline",), now, events)
         return events
+
+    def _go_offline(self, st: _DeviceState, now: float, events: list[Event], detail: str) -> None:
+        self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events, detail=detail)
+        if st.cfg.is_modbus:
+            # Nothing is known about the gas any more: the latch stays, but a reset is no longer refused.
+            self._alarm_level(st, Level.NONE, None, now, events, known=False)
 
     def _concentration_level(self, st: _DeviceState, value: float) -> Level:
         cfg = st.cfg
@@ -371,28 +428,52 @@ class AlarmCore:
             return Level.LOW
         return Level.NONE
 
-    def _gas_level(
+    def _alarm_level(
         self, st: _DeviceState, level: Level, value: float | None, now: float, events: list[Event],
-        *, fire: bool = False,
+        *, known: bool = True,
     ) -> None:
+        """The device's alarm condition is now ``level``; ``known=False`` when it is unknown (no event)."""
         previous = st.level
         st.level = level
-        kind_level = "fire" if fire else level.name.lower()
         if st.test_until is not None:
             if level > previous:
-                events.append(self._event(st, "test", "detected", now, level=kind_level, value=value))
+                events.append(self._event(st, "test", "detected", now, level=self._level_name(st, level),
+                                          value=value))
                 self._test_sound_until = now + TEST_SOUND_S
             return
+        self._latch(st, previous, value, now, events, known=known)
+
+    def _latch(
+        self, st: _DeviceState, previous: Level, value: float | None, now: float, events: list[Event],
+        *, known: bool = True,
+    ) -> None:
         key = (st.cfg.id, "alarm")
+        level = st.level
         if level > st.latched:
             action = "raised" if st.latched == Level.NONE else "escalated"
             st.latched = level
-            self._conditions[key] = _Condition("alarm", Sound.FIRE if fire else Sound.GAS, st.cfg.unit,
+            st.cleared = False
+            self._conditions[key] = _Condition("alarm", Sound.FIRE if st.fire else Sound.GAS, st.cfg.unit,
                                                st.cfg.household, now, level=level)
-            events.append(self._event(st, "alarm", action, now, level=kind_level, value=value))
-        elif level == Level.NONE and previous > Level.NONE and key in self._conditions:
-            events.append(self._event(st, "alarm", "cleared", now, level=st.latched.name.lower(), value=value,
-                                      detail="condition cleared; latched until reset"))
+            events.append(self._event(st, "alarm", action, now, level=self._level_name(st, level), value=value))
+        elif level > Level.NONE and st.cleared and key in self._conditions:
+            # The condition had cleared but the alarm was not yet reset: it is back, so it sounds again.
+            st.cleared = False
+            self._conditions[key] = _Condition("alarm", Sound.FIRE if st.fire else Sound.GAS, st.cfg.unit,
+                                               st.cfg.household, now, level=st.latched)
+            events.append(self._event(st, "alarm", "raised", now, level=self._level_name(st, level), value=value,
+                                      detail="condition returned before reset"))
+        elif known and level == Level.NONE and previous > Level.NONE and key in self._conditions:
+            st.cleared = True
+            events.append(self._event(st, "alarm", "cleared", now, level=self._level_name(st, st.latched),
+                                      value=value, detail="condition cleared; latched until reset"))
+
+    def _end_test(self, st: _DeviceState, now: float, events: list[Event], source: str | None) -> None:
+        """Leave test mode; a condition still present now counts for real."""
+        st.test_until = None
+        events.append(self._event(st, "test", "ended", now, source=source))
+        self._latch(st, Level.NONE, st.last_value, now, events)
+        self._set_supervisory(st, set(st.supervisory), now, events, resync=True)
 
     def _set_faults(
         self, st: _DeviceState, wanted: set[str], managed: tuple[str, ...], now: float, events: list[Event],
@@ -410,19 +491,25 @@ class AlarmCore:
                 events.append(self._event(st, "fault", "cleared", now, code=code))
 
     def _set_supervisory(
-        self, st: _DeviceState, wanted: set[str], now: float, events: list[Event], value: float | None = None
+        self, st: _DeviceState, present: set[str], now: float, events: list[Event], value: float | None = None,
+        *, resync: bool = False,
     ) -> None:
-        for code in sorted(wanted | st.supervisory):
+        """The supervisory conditions present now. In test mode new ones are test detections."""
+        for code in sorted(present | st.supervisory):
             key = (st.cfg.id, f"supervisory:{code}")
-            if code in wanted and code not in st.supervisory:
+            if code in present and (code not in st.supervisory or (resync and key not in self._conditions)):
                 st.supervisory.add(code)
+                if st.test_until is not None:
+                    events.append(self._event(st, "test", "detected", now, code=code, value=value))
+                    self._test_sound_until = now + TEST_SOUND_S
+                    continue
                 self._conditions[key] = _Condition("supervisory", Sound.SUPERVISORY, st.cfg.unit,
                                                    st.cfg.household, now)
                 events.append(self._event(st, "supervisory", "raised", now, code=code, value=value))
-            elif code not in wanted and code in st.supervisory:
+            elif code not in present and code in st.supervisory:
                 st.supervisory.discard(code)
-                self._conditions.pop(key, None)
-                events.append(self._event(st, "supervisory", "cleared", now, code=code, value=value))
+                if self._conditions.pop(key, None) is not None:
+                    events.append(self._event(st, "supervisory", "cleared", now, code=code, value=value))
 
     def _telemetry(self, st: _DeviceState, value: float, measure: str | None, now: float,
                    events: list[Event]) -> None:
@@ -437,43 +524,56 @@ class AlarmCore:
         relays = self._linked_relays()
         if relays != self._relays:
             for relay in sorted(relays - self._relays):
-                events.append(Event("relay", "on", now, code=relay))
+                events.append(Event("relay", "on", now, code=relay, detail=self._relay_cause(relay)))
             for relay in sorted(self._relays - relays):
                 events.append(Event("relay", "off", now, code=relay))
             self._relays = relays
         return events
 
     def _linked_relays(self) -> frozenset[str]:
-        on: set[str] = set()
-        for rule in self.linkage:
-            kind, _, ref = rule.scope.partition(":")
-            for c in self._conditions.values():
-                if (kind == "unit" and c.unit != ref) or (kind == "household" and c.household != ref):
-                    continue
-                if self._matches(rule.signal, c):
-                    on.add(rule.output)
-                    break
-        return frozenset(on)
+        return frozenset(rule.output for rule in self.linkage if self._rule_active(rule))
+
+    def _relay_cause(self, relay: str) -> str:
+        return ", ".join(f"{r.signal} in {r.scope}" for r in self.linkage if r.output == relay and self._rule_active(r))
+
+    def _rule_active(self, rule: LinkageRule) -> bool:
+        kind, _, ref = rule.scope.partition(":")
+        for c in self._conditions.values():
+            if (kind == "unit" and c.unit != ref) or (kind == "household" and c.household != ref):
+                continue
+            if _matches(rule.signal, c):
+                return True
+        return False
 
     @staticmethod
-    def _matches(signal: str, c: _Condition) -> bool:
-        if signal == "supervisory":
-            return c.category == "supervisory"
-        if signal == "fault":
-            return c.category == "trouble"
-        if c.category != "alarm":
-            return False
-        if signal == "any_alarm":
-            return True
-        if signal == "fire":
-            return c.sound is Sound.FIRE
-        if c.sound is Sound.FIRE:
-            return False
-        return c.level >= (Level.HIGH if signal == "gas_high" else Level.LOW)
+    def _level_name(st: _DeviceState, level: Level) -> str:
+        return "fire" if st.fire else level.name.lower()
 
     @staticmethod
-    def _event(st: _DeviceState, kind: str, action: str, now: float, **fields: object) -> Event:
+    def _event(st: _DeviceState, kind: str, action: str, now: float, *, measure: str | None = None,
+               **fields: Any) -> Event:
         cfg = st.cfg
-        measure = fields.pop("measure", cfg.measure)
-        return Event(kind, action, now, device=cfg.id, unit=cfg.unit, household=cfg.household,
-                     measure=measure if kind in ("alarm", "telemetry", "test") else None, **fields)  # type: ignore[arg-type]
+        if kind in ("alarm", "telemetry", "test", "reset"):
+            measure = measure or cfg.measure
+        return Event(kind, action, now, device=cfg.id, unit=cfg.unit, household=cfg.household, measure=measure,
+                     **fields)
+
+
+_LED = {"alarm": "alarm", "supervisory": "supervisory", "trouble": "fault"}
+
+
+def _matches(signal: str, c: _Condition) -> bool:
+    """Whether a linkage signal (config LINKAGE_SIGNALS) covers this condition."""
+    if signal == "supervisory":
+        return c.category == "supervisory"
+    if signal == "fault":
+        return c.category == "trouble"
+    if c.category != "alarm":
+        return False
+    if signal == "any_alarm":
+        return True
+    if signal == "fire":
+        return c.sound is Sound.FIRE
+    if c.sound is Sound.FIRE:
+        return False
+    return c.level >= (Level.HIGH if signal == "gas_high" else Level.LOW)

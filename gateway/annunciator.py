@@ -17,7 +17,7 @@ from typing import Protocol
 from gateway.alarm import Annunciation, Sound
 from gateway.realtime import raise_priority
 
-__all__ = ["LED_PATTERNS", "PATTERNS", "Annunciator", "Output", "Pattern", "trouble_pattern"]
+__all__ = ["CHIRP_S", "LED_PATTERNS", "PATTERNS", "Annunciator", "Output", "Pattern", "trouble_pattern"]
 
 Step = tuple[bool, float]
 
@@ -56,13 +56,21 @@ def _temporal(pulses: int, on: float, off: float, pause: float, name: str) -> Pa
     return Pattern(name, tuple(steps))
 
 
+#: Length of the trouble chirp.
+CHIRP_S = 0.1
+
+
 def trouble_pattern(interval_s: float = 45.0) -> Pattern:
-    """One short chirp every ``interval_s`` seconds (30–60 s)."""
-    return Pattern("trouble", ((True, 0.1), (False, interval_s - 0.1)))
+    """One short chirp every ``interval_s`` seconds (``[alarm] trouble_chirp_interval_s``, 30–60 s)."""
+    if interval_s <= CHIRP_S:
+        raise ValueError(f"trouble chirp interval must exceed the {CHIRP_S} s chirp, got {interval_s}")
+    return Pattern("trouble", ((True, CHIRP_S), (False, interval_s - CHIRP_S)))
 
 
-#: Sounder patterns. Gas: Temporal-4 (NFPA 720); fire: Temporal-3 (ANSI/ASA S3.41); supervisory: a
-#: distinct slow double beep; test: short beeps; trouble: a chirp.
+#: Sounder patterns (docs/alarms.md). Gas/CO: Temporal-4, four 0.1 s pulses 0.1 s apart then 5 s off
+#: (NFPA 720). Fire: Temporal-3, three 0.5 s pulses 0.5 s apart then 1.5 s off (ANSI/ASA S3.41).
+#: Supervisory: a slow double beep every 5 s, unlike both. Test: quick 0.1 s beeps twice a second.
+#: Trouble: one chirp every 45 s by default.
 PATTERNS: dict[Sound, Pattern] = {
     Sound.GAS: _temporal(4, 0.1, 0.1, 5.0, "temporal-4"),
     Sound.FIRE: _temporal(3, 0.5, 0.5, 1.5, "temporal-3"),
@@ -71,10 +79,10 @@ PATTERNS: dict[Sound, Pattern] = {
     Sound.TROUBLE: trouble_pattern(),
 }
 
-#: LED patterns (GB 16808): alarm red ≥ 1 Hz, fault yellow ≥ 0.2 Hz, each flash on ≥ 0.25 s.
+#: LED patterns (GB 16808-2008): alarm red flashing 1 Hz; fault yellow 0.5 Hz (≥ 0.2 Hz); every flash on
+#: 0.5 s (≥ 0.25 s). Supervisory has its own LED, flashing like the fault LED. Power is steady.
 LED_PATTERNS: dict[str, Pattern] = {
     "alarm": Pattern("alarm-led", ((True, 0.5), (False, 0.5))),
-    "alarm_silenced": Pattern("steady", ((True, 1.0),)),
     "supervisory": Pattern("supervisory-led", ((True, 0.5), (False, 1.5))),
     "fault": Pattern("fault-led", ((True, 0.5), (False, 1.5))),
     "power": Pattern("steady", ((True, 1.0),)),
@@ -173,11 +181,17 @@ class Annunciator:
         return dict(self._relay_state)
 
     def show(self, annunciation: Annunciation) -> None:
-        """Show this state now; called from any thread. Never blocks on I/O other than the pins."""
+        """Show this state now; called from any thread. Never blocks on I/O other than the pins.
+
+        A new sounder signal above TEST (an alarm or a supervisory signal) ends a buzzer test at once.
+        """
         now = self._clock()
         with self._lock:
             previous = self._current
             self._current = annunciation
+            if (self._override is not None and annunciation.sound != previous.sound
+                    and annunciation.sound > Sound.TEST):
+                self._override = None
             if self._override is None and (annunciation.sound != previous.sound or (self._buzzer.pattern is None
                                            and annunciation.sound != Sound.QUIET)):
                 self._buzzer.follow(self._patterns.get(annunciation.sound), now)
@@ -230,11 +244,10 @@ class Annunciator:
         """The pattern thread (for raising its scheduling priority)."""
         return self._thread
 
-    def _led_pattern(self, name: str, annunciation: Annunciation) -> Pattern | None:
+    @staticmethod
+    def _led_pattern(name: str, annunciation: Annunciation) -> Pattern | None:
         if name == "power":
             return LED_PATTERNS["power"]
-        if name == "alarm" and "alarm_silenced" in annunciation.leds and "alarm" in annunciation.leds:
-            return LED_PATTERNS["alarm_silenced"]
         return LED_PATTERNS.get(name) if name in annunciation.leds else None
 
     def _run(self) -> None:

@@ -1,9 +1,10 @@
 """The alarm panel: the one door into the pure alarm core from threads.
 
 Bus threads, GPIO callbacks, the ticker and operator commands all call the panel. It serialises them with
-a lock that guards only in-memory state (never held across disk or network I/O), shows the resulting
-:class:`~gateway.alarm.Annunciation` on the annunciator *before* anything else, then hands copies of the
-events to the sink (the bridge to the asyncio loop).
+a lock that guards only in-memory state (never held across disk or network I/O), reads the clock under
+that lock (so the core sees time in order), shows the resulting :class:`~gateway.alarm.Annunciation` on
+the annunciator *before* anything else, then hands copies of the events to the sink (the bridge to the
+asyncio loop) in the order the core produced them. The sink must not block.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from drivers.profiles import GasReading, StationReading
 from gateway.alarm import AlarmCore, Annunciation, ResetResult
 from gateway.annunciator import Annunciator
 from gateway.events import Event
 
 __all__ = ["AlarmPanel"]
+
+log = structlog.get_logger()
 
 
 class AlarmPanel:
@@ -41,7 +46,8 @@ class AlarmPanel:
         self._on_annunciation = on_annunciation
         self._clock = clock
         self._wall = wall_clock
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the core and the annunciation shown
+        self._handoff = threading.Lock()  # taken before the core lock is released: keeps the sink in order
         self._shown = Annunciation()
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -70,38 +76,33 @@ class AlarmPanel:
 
     def port_state(self, bus_id: str, lost: bool, detail: str | None = None) -> None:
         """A serial port was lost or came back."""
-        now = self._clock()
-        self._run(lambda: self.core.port_state(bus_id, lost, now, detail), now)
+        self._run(lambda now: self.core.port_state(bus_id, lost, now, detail))
 
     def tick(self) -> None:
         """Let time-based rules run."""
-        now = self._clock()
-        self._run(lambda: self.core.tick(now), now)
+        self._run(self.core.tick)
 
     # ------------------------------------------------------------------------------ operator actions
 
     def silence(self, source: str) -> None:
-        """Mute the sounder for what is active now."""
-        now = self._clock()
-        self._run(lambda: self.core.silence(now, source), now)
+        """Mute the sounder for what is active now (``source``: who asked, e.g. ``cli``, ``mqtt``)."""
+        self._run(lambda now: self.core.silence(now, source))
 
     def reset(self, device_id: str | None, source: str) -> ResetResult:
-        """Reset latched alarms; raises KeyError for an unknown device."""
-        now = self._clock()
+        """Reset latched alarms (and end walk tests); raises KeyError for an unknown device."""
         result: list[ResetResult] = []
 
-        def run() -> list[Event]:
+        def run(now: float) -> list[Event]:
             events, outcome = self.core.reset(device_id, now, source)
             result.append(outcome)
             return events
 
-        self._run(run, now)
+        self._run(run)
         return result[0]
 
     def test(self, device_id: str | None, source: str) -> None:
         """Start a walk test; raises KeyError for an unknown device."""
-        now = self._clock()
-        self._run(lambda: self.core.test(device_id, now, source), now)
+        self._run(lambda now: self.core.test(device_id, now, source))
 
     def snapshot(self) -> dict[str, Any]:
         """Devices, active conditions and the annunciation, consistent with each other."""
@@ -136,20 +137,32 @@ class AlarmPanel:
     # ------------------------------------------------------------------------------ internals
 
     def _apply(self, method: Callable[..., list[Event]], device_id: str, value: Any) -> None:
-        now = self._clock()
-        self._run(lambda: method(device_id, value, now), now)
+        self._run(lambda now: method(device_id, value, now))
 
-    def _run(self, step: Callable[[], list[Event]], now: float) -> None:
+    def _run(self, step: Callable[[float], list[Event]]) -> None:
+        """Run one core step, show its annunciation, then hand its events on — in that order."""
         with self._lock:
-            events = step()
+            now = self._clock()
+            events = step(now)
             annunciation = self.core.annunciation(now)
             changed = annunciation != self._shown
             if changed:
                 self.annunciator.show(annunciation)
                 self._shown = annunciation
-        if changed and self._on_annunciation is not None:
-            self._on_annunciation(annunciation)
-        if events:
             wall = self._wall()
+            self._handoff.acquire()
+        try:
+            if changed and self._on_annunciation is not None:
+                self._deliver(self._on_annunciation, annunciation)
             for event in events:
-                self._sink(dataclasses.replace(event, wall=wall))
+                self._deliver(self._sink, dataclasses.replace(event, wall=wall))
+        finally:
+            self._handoff.release()
+
+    @staticmethod
+    def _deliver(target: Callable[[Any], None], item: Any) -> None:
+        """A failing consumer must not stop the caller (a bus thread, a GPIO callback)."""
+        try:
+            target(item)
+        except Exception:
+            log.exception("alarm panel consumer failed", item=repr(item))
