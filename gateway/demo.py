@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -32,7 +33,9 @@ def demo_config(workdir: Path, bus_port: str, *, source: Path = EXAMPLE) -> Site
         buses=buses,
         storage=dataclasses.replace(cfg.storage, path=str(workdir / "events.db")),
         control=dataclasses.replace(cfg.control, socket=str(workdir / "control.sock"), group=None),
-        mqtt=dataclasses.replace(cfg.mqtt, host="127.0.0.1", port=1883),
+        mqtt=dataclasses.replace(
+            cfg.mqtt, host="127.0.0.1", port=1883, client_id=f"{cfg.gateway_id}-demo-{os.getpid()}"
+        ),
     )
 
 
