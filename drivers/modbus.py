@@ -1,18 +1,33 @@
 """Modbus RTU devices polled through pymodbus's synchronous serial client.
 
 A :class:`ModbusDevice` only turns one poll into a decoded reading; the bus thread that owns the port
-(:mod:`gateway.bus`) calls :meth:`ModbusDevice.poll` for each device in turn.
+(:mod:`gateway.bus`) calls :meth:`ModbusDevice.poll` for each device in turn. :class:`StrictSerialClient`
+(:class:`StrictFraming`) is pymodbus's RTU client refusing answers with extra bytes around the frame.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pymodbus.client import ModbusSerialClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
 
 from drivers.profiles import DetectorProfile, GasReading, StationProfile, StationReading
 
-__all__ = ["CommError", "ExtinguisherStation", "GasDetector", "ModbusClient", "ModbusDevice", "read_block"]
+__all__ = [
+    "CommError",
+    "ExtinguisherStation",
+    "FrameError",
+    "GasDetector",
+    "ModbusClient",
+    "ModbusDevice",
+    "StrictFraming",
+    "StrictSerialClient",
+    "read_block",
+]
 
 
 class CommError(Exception):
@@ -22,6 +37,61 @@ class CommError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class FrameError(ModbusIOException):
+    """An answer decoded, but more bytes came than its frame holds (noise, a collision, a second frame)."""
+
+
+if TYPE_CHECKING:
+    _SerialBase = ModbusSerialClient
+else:
+    _SerialBase = object
+
+
+class StrictFraming(_SerialBase):
+    """Mixin for pymodbus's synchronous serial client: refuse an answer that came with extra bytes.
+
+    pymodbus finds a frame by its length and CRC and drops what surrounds it, so a valid frame with
+    leading or trailing garbage passes. On a bus one answer is exactly one frame: anything more means the
+    line is noisy or two devices talked, and the data is not trusted (:class:`FrameError`). Counted are the
+    bytes read for the answer and those already waiting behind it when it decoded; bytes left over from an
+    earlier answer are drained by pymodbus before each request and are not counted. Put this class
+    first among the bases, so it sees every byte whatever ``recv`` the others implement.
+    """
+
+    received = 0
+    """Bytes read since the last request was sent."""
+
+    def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        self.received = 0
+        return int(super().send(request, addr))
+
+    def recv(self, size: int | None) -> bytes:
+        data = bytes(super().recv(size))
+        self.received += len(data)
+        return data
+
+    def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
+        response = super().execute(no_response_expected, request)
+        if response is not None and not no_response_expected:
+            expected = 2 + len(response.encode()) + 2  # address, function code, data, CRC
+            received = self.received + self._trailing()
+            if received != expected:
+                raise FrameError(f"{received} bytes received for a {expected}-byte frame",
+                                 function_code=request.function_code, dev_id=request.dev_id)
+        return response
+
+    def _trailing(self) -> int:
+        """Bytes already waiting behind the frame (drained before the next request)."""
+        try:
+            return int(self.socket.in_waiting) if self.socket is not None else 0
+        except OSError:
+            return 0
+
+
+class StrictSerialClient(StrictFraming, ModbusSerialClient):
+    """pymodbus's synchronous serial client with :class:`StrictFraming`."""
 
 
 class ModbusClient(Protocol):
@@ -34,9 +104,12 @@ class ModbusClient(Protocol):
 
 
 def read_block(client: ModbusClient, function: int, address: int, count: int, device_id: int) -> list[int]:
-    """One read with function code 1–4; bits come back as 0/1. Raises :class:`CommError`."""
-    from pymodbus.exceptions import ModbusException  # local: keep profile decoding importable alone
+    """One read with function code 1–4; bits come back as 0/1. Raises :class:`CommError`.
 
+    Reasons: ``timeout`` (no valid frame for this device in time: silence, garbage, wrong CRC or
+    address), ``bad_response`` (a frame that is not the answer asked for), ``exception_response``,
+    ``port`` (the serial port failed).
+    """
     readers = {
         1: client.read_coils,
         2: client.read_discrete_inputs,
@@ -45,6 +118,10 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
     }
     try:
         response = readers[function](address, count=count, device_id=device_id)
+    except FrameError as exc:
+        raise CommError("bad_response", str(exc)) from None
+    except ConnectionException as exc:
+        raise CommError("port", str(exc)) from None
     except ModbusException as exc:
         raise CommError("timeout", str(exc)) from None
     except (OSError, ValueError) as exc:
@@ -54,6 +131,8 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
         if code:
             raise CommError("exception_response", f"exception code {code}")
         raise CommError("timeout", str(response))
+    if response.function_code != function:  # pymodbus returns whatever function the device answered
+        raise CommError("bad_response", f"function {response.function_code} answered a function {function} read")
     if function in (1, 2):
         bits = list(response.bits)[:count]
         if len(bits) < count:

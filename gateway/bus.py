@@ -19,7 +19,14 @@ from typing import Any
 
 import structlog
 
-from drivers.modbus import CommError, ExtinguisherStation, GasDetector, ModbusClient, ModbusDevice
+from drivers.modbus import (
+    CommError,
+    ExtinguisherStation,
+    GasDetector,
+    ModbusClient,
+    ModbusDevice,
+    StrictFraming,
+)
 from drivers.profiles import GasReading, StationReading
 from gateway.config import BusConfig
 from gateway.panel import AlarmPanel
@@ -31,7 +38,10 @@ log = structlog.get_logger()
 
 
 def open_client(bus: BusConfig) -> Any:
-    """A pymodbus synchronous RTU client for the bus (not yet connected). Retries are ours, not pymodbus's."""
+    """A pymodbus synchronous RTU client for the bus (not yet connected), strict about frame length.
+
+    Retries are ours, not pymodbus's.
+    """
     from pymodbus import FramerType
 
     return _prompt_client_class()(
@@ -74,7 +84,10 @@ def _prompt_client_class() -> type[Any]:
                 self.close()  # type: ignore[no-untyped-call]
                 raise ConnectionException(str(self)) from None
 
-    return PromptSerialClient
+    class BusSerialClient(StrictFraming, PromptSerialClient):
+        """Prompt receive, and an answer with extra bytes around its frame is refused."""
+
+    return BusSerialClient
 
 
 class BusPoller:
