@@ -325,6 +325,18 @@ class AlarmCore:
             events.append(Event("fault", "cleared", now, code="port_lost", detail=detail or bus_id))
         return self._finish(events, now)
 
+    def stale_thread(self, name: str, stale: bool, now: float) -> list[Event]:
+        """A watched part of the gateway (a bus thread, the annunciator) stopped beating, or beats again."""
+        events: list[Event] = []
+        key = (f"thread:{name}", "fault:stale_thread")
+        if stale and key not in self._conditions:
+            self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
+            events.append(Event("fault", "raised", now, code="stale_thread", detail=name))
+        elif not stale and key in self._conditions:
+            del self._conditions[key]
+            events.append(Event("fault", "cleared", now, code="stale_thread", detail=name))
+        return self._finish(events, now)
+
     def tick(self, now: float) -> list[Event]:
         """Time passing: fault ceilings, cabinet doors left open, walk tests ending, the test sound ending."""
         events: list[Event] = []

@@ -37,6 +37,7 @@ from gateway.notify import Notifier, Watchdog
 from gateway.outbox import Outbox
 from gateway.panel import AlarmPanel
 from gateway.realtime import raise_priority
+from gateway.selfcheck import SelfCheck
 from gateway.topics import Topics
 from gateway.uplink import Uplink
 
@@ -142,6 +143,8 @@ class Gateway:
             asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat"),
         ]
         await self._start_control()
+        self.selfcheck = SelfCheck(self.heartbeats, self.panel)
+        self.selfcheck.start()
         if cfg.runtime.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -174,6 +177,7 @@ class Gateway:
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush the outbox to the broker within the bound, say offline, release everything."""
+        self.selfcheck.stop()
         if self.control is not None:
             await self.control.stop()
         await self._drain_queue()

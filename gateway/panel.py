@@ -78,6 +78,10 @@ class AlarmPanel:
         """A serial port was lost or came back."""
         self._run(lambda now: self.core.port_state(bus_id, lost, now, detail))
 
+    def stale_thread(self, name: str, stale: bool) -> None:
+        """A watched part of the gateway stopped beating, or beats again (:mod:`gateway.selfcheck`)."""
+        self._run(lambda now: self.core.stale_thread(name, stale, now))
+
     def tick(self) -> None:
         """Let time-based rules run."""
         self._run(self.core.tick)
