@@ -305,7 +305,7 @@ def test_the_check_thread_raises_and_clears_and_beats(panel_parts: tuple[AlarmPa
     try:
         assert "selfcheck" in beats.names()
         wait_until(lambda: sink.faults("raised"), timeout=10, message="no fault for a silent annunciator")
-        assert check.faulted == ["annunciator"]
+        wait_until(lambda: check.faulted == ["annunciator"], timeout=10, message="the fault is not kept")
         beats.beat("annunciator")
         wait_until(lambda: sink.faults("cleared"), timeout=10, message="the fault did not clear")
         assert "selfcheck" not in beats.stale()
