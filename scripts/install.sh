@@ -137,7 +137,6 @@ install_all() {
     else
         run "$PYTHON" -m venv "$PREFIX/venv"
     fi
-    run "$PREFIX/venv/bin/pip" install --disable-pip-version-check --upgrade pip
     # A local directory is always rebuilt and reinstalled, so this also upgrades.
     run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
     run install -D -m 0644 docs/deploy.md "$PREFIX/docs/deploy.md"
