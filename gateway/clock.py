@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
 
 __all__ = ["clock_synchronised"]
 
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronised
+#: Written by systemd-timesyncd once it has synchronised (readable inside the service sandbox, where
+#: adjtimex is refused by ProtectClock=yes).
+TIMESYNC_FLAG = "/run/systemd/timesync/synchronized"
 _cache: tuple[float, bool] | None = None
 
 
@@ -19,7 +23,7 @@ def _adjtimex_state() -> int | None:
         return None
     buf = ctypes.create_string_buffer(512)  # struct timex with modes = 0: read only
     state = libc.adjtimex(buf)
-    return None if state < 0 else int(state)
+    return None if state < 0 else int(state)  # -1 with EPERM under ProtectClock=yes
 
 
 def clock_synchronised(max_age_s: float = 10.0) -> bool:
@@ -29,6 +33,6 @@ def clock_synchronised(max_age_s: float = 10.0) -> bool:
     if _cache is not None and now - _cache[0] < max_age_s:
         return _cache[1]
     state = _adjtimex_state()
-    synced = state is not None and state != _TIME_ERROR
+    synced = os.path.exists(TIMESYNC_FLAG) if state is None else state != _TIME_ERROR
     _cache = (now, synced)
     return synced

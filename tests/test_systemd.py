@@ -202,9 +202,9 @@ def test_stop_timeout_covers_the_outbox_flush() -> None:
 # System calls the daemon makes that the unit denies (EPERM, by SystemCallErrorNumber=), with what it costs.
 KNOWN_DENIED = {
     # gateway/clock.py asks the kernel whether the clock is synchronised with a read-only adjtimex();
-    # @clock is denied by ProtectClock=, so under systemd the check reads "not synchronised".
-    "clock_adjtime": "clock sync check (adjtimex) gets EPERM",
-    "adjtimex": "clock sync check gets EPERM",
+    # @clock is denied by ProtectClock=, so under systemd it falls back to systemd-timesyncd's flag file.
+    "clock_adjtime": "clock sync check (adjtimex) gets EPERM; falls back to /run/systemd/timesync/synchronized",
+    "adjtimex": "clock sync check gets EPERM; falls back to the timesyncd flag file",
 }
 IMPLIED_DENY = {  # filters that other settings of the unit add
     "ProtectClock": "@clock",
