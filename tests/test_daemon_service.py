@@ -1,0 +1,122 @@
+"""gatewayd under service supervision: sd_notify on a real AF_UNIX datagram socket, JSON logs for journald."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from drivers.simulated import SimulatedBus, VirtualNullModem
+from tests.support.broker import MosquittoBroker
+from tests.support.site import build_site
+from tests.support.wait import wait_until
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET like systemd's: collects the datagrams the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self._lock:
+                self.messages.append(fields)
+
+    def snapshot(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.messages)
+
+    def index_of(self, key: str, predicate=lambda v: True, start: int = 0) -> int | None:
+        for i, message in enumerate(self.snapshot()[start:], start):
+            if key in message and predicate(message[key]):
+                return i
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    path = Path("/tmp") / f"gw-notify-{os.getpid()}-{id(tmp_path)}.sock"  # AF_UNIX paths are short
+    lst = NotifyListener(path)
+    try:
+        yield lst
+    finally:
+        lst.close()
+        path.unlink(missing_ok=True)
+
+
+def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: MosquittoBroker, listener) -> None:
+    hang = tmp_path / "hang-bus1"
+    with VirtualNullModem(tmp_path) as modem:
+        bus = SimulatedBus(modem.device_port)
+        bus.add_gas_detector(1, "A").set_status("normal")
+        with bus:
+            site = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                              socket_path=tmp_path / "control.sock")
+            config = site.write(tmp_path / "site.toml")
+            env = dict(os.environ, NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="1000000",
+                       GPIOZERO_PIN_FACTORY="mock", GATEWAY_FAILPOINTS=f"bus_hang=bus1@{hang}")
+            env.pop("WATCHDOG_PID", None)
+            proc = subprocess.Popen([sys.executable, "-m", "gateway.daemon", "--config", str(config)],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_until(lambda: listener.index_of("READY") is not None, timeout=60,
+                           message=lambda: f"no READY=1; got {listener.snapshot()}")
+                ready = listener.index_of("READY")
+                assert ready is not None
+                wait_until(lambda: listener.index_of("WATCHDOG", start=ready) is not None, timeout=30,
+                           message="no WATCHDOG=1 while healthy")
+                healthy_status = listener.index_of("STATUS", lambda v: "devices ok" in v)
+                assert healthy_status is not None
+
+                hang.write_text("")  # the poll thread of bus1 stops making progress
+                wait_until(lambda: listener.index_of("STATUS", lambda v: "stale" in v and "bus:bus1" in v)
+                           is not None, timeout=60, message=lambda: f"no stale STATUS; got {listener.snapshot()[-5:]}")
+                stale_at = listener.index_of("STATUS", lambda v: "stale" in v)
+                assert stale_at is not None
+                wait_until(lambda: len(listener.snapshot()) >= stale_at + 4, timeout=30)
+                after = listener.snapshot()[stale_at:]
+                assert not any("WATCHDOG" in m for m in after), after
+                assert all("bus:bus1" in m.get("STATUS", "bus:bus1") for m in after), after
+
+                proc.send_signal(signal.SIGTERM)
+                out, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert listener.index_of("STOPPING") is not None
+    # journald: one JSON object per line with level and event, so `journalctl -o cat | jq` works
+    records = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert records, "no log output"
+    assert all("level" in r and "event" in r and "timestamp" in r for r in records)
+    assert any(r["event"] == "gateway started" for r in records)
