@@ -44,14 +44,25 @@ if TYPE_CHECKING:
     from gateway.bus import BusPoller
     from gateway.daemon import Gateway
 
-__all__ = ["COMMANDS", "CommandHandler", "CommandRejected", "CommandResult", "Progress"]
+__all__ = ["COMMANDS", "COMMAND_ARGS", "CommandHandler", "CommandRejected", "CommandResult", "Progress"]
 
 log = structlog.get_logger()
 
-COMMANDS = frozenset(
-    {"silence", "reset", "test", "status", "rebirth", "events", "read", "scan", "buzzer_test", "relay_test",
-     "config_show"}
-)
+#: Every command and the arguments it accepts.
+COMMAND_ARGS: dict[str, frozenset[str]] = {
+    "silence": frozenset(),
+    "reset": frozenset({"device", "all"}),
+    "test": frozenset({"device", "all"}),
+    "status": frozenset(),
+    "rebirth": frozenset(),
+    "events": frozenset({"limit", "since", "device", "household", "kind"}),
+    "read": frozenset({"device", "raw"}),
+    "scan": frozenset({"bus", "from", "to", "pause_polling"}),
+    "buzzer_test": frozenset({"seconds_per_pattern"}),
+    "relay_test": frozenset({"output", "seconds"}),
+    "config_show": frozenset(),
+}
+COMMANDS = frozenset(COMMAND_ARGS)
 #: Events returned at most by one ``events`` call.
 EVENTS_MAX = 10_000
 #: Sounder patterns played by ``buzzer_test``, in this order.
@@ -91,15 +102,17 @@ class _Args:
     def __init__(self, command: str, args: Any) -> None:
         if not isinstance(args, Mapping):
             raise CommandRejected(f"{command}: args must be an object, got {_typename(args)}")
+        allowed = COMMAND_ARGS[command]
         for key in args:
             if not isinstance(key, str):
                 raise CommandRejected(f"{command}: argument names must be strings")
+            if key not in allowed:
+                listed = ", ".join(sorted(allowed)) or "none"
+                raise CommandRejected(f"{command}: unknown argument {key[:40]!r} (allowed: {listed})")
         self.command = command
         self.data: Mapping[str, Any] = args
-        self.seen: set[str] = set()
 
     def _get(self, key: str) -> Any:
-        self.seen.add(key)
         return self.data.get(key)
 
     def _bad(self, key: str, reason: str) -> CommandRejected:
@@ -148,12 +161,6 @@ class _Args:
     def raw(self, key: str) -> Any:
         return self._get(key)
 
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            allowed = ", ".join(sorted(self.seen)) or "none"
-            raise CommandRejected(f"{self.command}: unknown argument {unknown[0]!r} (allowed: {allowed})")
-
 
 @dataclass(frozen=True, slots=True)
 class _EventQuery:
@@ -199,14 +206,12 @@ class CommandHandler:
     # ------------------------------------------------------------------------------ alarm actions
 
     async def _cmd_silence(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
-        a.done()
         self.gateway.panel.silence(source)
         return CommandResult(True, data={"sound": self.gateway.panel.snapshot()["annunciation"].sound.name.lower()})
 
     def _target(self, a: _Args) -> str | None:
         device = a.text("device")
         everything = a.flag("all")
-        a.done()
         if device is not None and everything:
             raise CommandRejected(f"{a.command}: give either 'device' or 'all', not both")
         if device is None and not everything:
@@ -233,7 +238,6 @@ class CommandHandler:
     # ------------------------------------------------------------------------------ state
 
     async def _cmd_status(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        a.done()
         return CommandResult(True, data=await self.status())
 
     async def status(self) -> dict[str, Any]:
@@ -277,7 +281,7 @@ class CommandHandler:
             "annunciator": {
                 "sound": ann.sound.name.lower(), "pattern": gw.annunciator.sound_pattern,
                 "buzzer_on": gw.annunciator.buzzer_on, "leds": sorted(ann.leds),
-                "relays": gw.annunciator.relay_states,
+                "relays": {r.id: gw.annunciator.relay_states.get(r.id, False) for r in cfg.outputs.relays},
             },
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
@@ -289,14 +293,12 @@ class CommandHandler:
         }
 
     async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        a.done()
         gw = self.gateway
         if not gw.uplink.publish_json(gw.topics.birth, gw.birth(), retain=True):
             return CommandResult.failed("rebirth: the uplink is not connected")
         return CommandResult(True, data={"topic": gw.topics.birth})
 
     async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        a.done()
         return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})
 
     # ------------------------------------------------------------------------------ history
@@ -331,7 +333,6 @@ class CommandHandler:
 
     async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         query = self._event_query(a)
-        a.done()
         rows = await self.gateway.outbox.recent(limit=query.limit, **query.filters())
         return CommandResult(True, data={"events": rows})
 
@@ -342,7 +343,6 @@ class CommandHandler:
         """
         a = _Args("events", args)
         query = self._event_query(a)
-        a.done()
         gw = self.gateway
         stored = gw.watch_stored()
         try:
@@ -392,7 +392,6 @@ class CommandHandler:
     async def _cmd_read(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         device_id = a.text("device", required=True)
         raw = a.flag("raw")
-        a.done()
         assert device_id is not None
         self._device("read", device_id)
         contact = self.gateway.contacts.get(device_id)
@@ -426,7 +425,6 @@ class CommandHandler:
         first = a.integer("from", 1, lo=1, hi=247)
         last = a.integer("to", 247, lo=1, hi=247)
         pause = a.flag("pause_polling")
-        a.done()
         assert bus_id is not None
         poller = self.gateway.buses.get(bus_id)
         if poller is None:
@@ -439,8 +437,9 @@ class CommandHandler:
         paused_here = False
         if not poller.paused:
             if not pause:
-                raise CommandRejected(f"scan: bus {bus_id} is polling its detectors; pass pause_polling to pause "
-                                      "polling during the scan (no alarms are read from this bus meanwhile)")
+                raise CommandRejected(f"scan: bus {bus_id} is polling its detectors; pause it with pause_polling "
+                                      "(gatewayctl scan --pause-polling) for the scan; no alarms are read from "
+                                      "this bus meanwhile")
             poller.pause(True)
             paused_here = True
             self.gateway.record(Event("system", "paused", time.monotonic(), code="polling_paused", source=source,
@@ -479,7 +478,6 @@ class CommandHandler:
 
     async def _cmd_buzzer_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         seconds = a.number("seconds_per_pattern", 1.0, lo=0.1, hi=BUZZER_TEST_MAX_S)
-        a.done()
         gw = self.gateway
         sounding = gw.panel.snapshot()["annunciation"].sound
         if sounding >= Sound.TEST:
@@ -504,7 +502,6 @@ class CommandHandler:
     async def _cmd_relay_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         output = a.text("output", required=True)
         seconds = a.number("seconds", 2.0, lo=0.1, hi=RELAY_TEST_MAX_S)
-        a.done()
         gw = self.gateway
         relays = {r.id for r in gw.cfg.outputs.relays}
         if output not in relays:
@@ -614,7 +611,7 @@ def _plausible_profile_a(regs: list[int]) -> bool:
     status = regs[5] & 0xFF
     return (unit_code in (0, 2, 4) and decimals_code in (0x0, 0x4, 0x8, 0xC)
             and status in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x08, 0x09, 0x0F)
-            and regs[1] <= max(regs[4], 1) * 2)
+            and regs[4] > 0 and regs[1] <= regs[4] * 2)
 
 
 _SECRET_KEYS = frozenset({"password"})
