@@ -1,0 +1,434 @@
+"""``gatewayctl`` as a real subprocess against a real ``gatewayd`` subprocess.
+
+The daemon runs with ``GPIOZERO_PIN_FACTORY=mock``; its RS-485 bus is simulated in this test process on a
+virtual null modem; the uplink talks to a private mosquitto. One daemon serves the module (tests leave the
+site as they found it); the daemon-down tests start and stop their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from tests.support.broker import MosquittoBroker
+from tests.support.site import SiteSpec
+from tests.support.wait import wait_until
+from tests.test_commands import DOOR_ID, PASSWORD, RELAY_ID, populate_bus, write_site
+
+BIN = Path(sys.executable).parent
+GATEWAYCTL = str(BIN / "gatewayctl")
+GATEWAYD = str(BIN / "gatewayd")
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REJECTED = 0, 1, 2, 3, 4
+
+
+@dataclass
+class DaemonSite:
+    directory: Path
+    config: Path
+    spec: SiteSpec
+    bus: SimulatedBus
+    detectors: list[SimulatedGasDetector]
+    daemon: subprocess.Popen[bytes] | None = None
+
+    @property
+    def device_ids(self) -> list[str]:
+        return [d.id for d in self.spec.detectors]
+
+    def ctl(self, *args: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return run_ctl("--config", str(self.config), *args, timeout=timeout, **kwargs)
+
+    def ctl_json(self, *args: str, expect: int = EXIT_OK) -> dict[str, Any]:
+        result = self.ctl(*args, "--json")
+        assert result.returncode == expect, (args, result.returncode, result.stdout, result.stderr)
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def start_daemon(self) -> None:
+        env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
+        log = (self.directory / "gatewayd.log").open("ab")
+        self.daemon = subprocess.Popen([GATEWAYD, "--config", str(self.config)], env=env, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self._healthy, timeout=60, interval=0.2, message=self._log_tail)
+
+    def _healthy(self) -> bool:
+        assert self.daemon is not None and self.daemon.poll() is None, self._log_tail()
+        result = self.ctl("status", "--json", timeout=20)
+        if result.returncode != EXIT_OK:
+            return False
+        devices = json.loads(result.stdout)["data"]["devices"]
+        return all(d["state"] == "normal" for d in devices)
+
+    def stop_daemon(self) -> int:
+        assert self.daemon is not None
+        self.daemon.send_signal(signal.SIGTERM)
+        try:
+            code = self.daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.daemon.kill()
+            code = self.daemon.wait(timeout=10)
+        self.daemon = None
+        return code
+
+    def _log_tail(self) -> str:
+        path = self.directory / "gatewayd.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "gatewayd did not become healthy; log tail:\n" + "\n".join(text.splitlines()[-30:])
+
+    def status(self) -> dict[str, Any]:
+        return self.ctl_json("status")["data"]
+
+    def device_state(self, device: str) -> dict[str, Any]:
+        return next(d for d in self.status()["devices"] if d["device"] == device)
+
+
+def run_ctl(*args: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GATEWAYCTL, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "NO_COLOR": ""}, **kwargs)
+
+
+@contextlib.contextmanager
+def daemon_site(directory: Path) -> Iterator[DaemonSite]:
+    broker = MosquittoBroker(directory / "broker")
+    broker.start()
+    try:
+        with VirtualNullModem(directory) as modem:
+            spec, config = write_site(directory, bus_port=modem.gateway_port, broker_port=broker.port)
+            bus = SimulatedBus(modem.device_port)
+            detectors = populate_bus(bus, spec)
+            with bus:
+                site = DaemonSite(directory, config, spec, bus, detectors)
+                site.start_daemon()
+                try:
+                    yield site
+                finally:
+                    if site.daemon is not None:
+                        site.stop_daemon()
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[DaemonSite]:
+    """One running daemon for the module, in a directory others may traverse (for the permission test)."""
+    directory = Path(tempfile.mkdtemp(prefix="gatewayctl-test-"))
+    directory.chmod(0o755)
+    try:
+        with daemon_site(directory) as s:
+            yield s
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- no daemon needed
+
+
+def test_version_and_usage_errors_exit_2() -> None:
+    version = run_ctl("--version")
+    assert version.returncode == EXIT_OK and version.stdout.startswith("gatewayctl ")
+    for args in ([], ["frobnicate"], ["events", "--kind", "party"], ["events", "--since", "yesterday"],
+                 ["events", "--limit", "0"], ["reset"], ["reset", "gas-1", "--all"], ["test"],
+                 ["scan", "bus1", "--from", "9", "--to", "3"], ["buzzer-test", "--seconds", "0"], ["read"],
+                 ["relay-test"], ["config"], ["config", "check"]):
+        result = run_ctl(*args)
+        assert result.returncode == EXIT_USAGE, (args, result.stdout, result.stderr)
+        assert "usage" in result.stderr
+
+
+def test_config_check_ok_and_error(tmp_path: Path) -> None:
+    good, _ = write_site(tmp_path, bus_port="/dev/ttyUSB0", broker_port=1883)
+    spec_file = tmp_path / "site.toml"
+    ok = run_ctl("config", "check", str(spec_file), "--json")
+    assert ok.returncode == EXIT_OK
+    assert json.loads(ok.stdout)["data"] == {"file": str(spec_file), "gateway": "test-community-b01", "units": 1,
+                                            "households": 2, "devices": 3, "buses": 1}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(spec_file.read_text().replace("baudrate = 9600", "baudrate = 9601"))
+    result = run_ctl("config", "check", str(bad))
+    assert result.returncode == EXIT_ERROR
+    assert "buses[0].baudrate" in result.stderr and "9601" in result.stderr
+    assert good.community == "test-community"
+
+
+# ------------------------------------------------------------------------------------------- running daemon
+
+
+def test_status_json_and_plain_text(site: DaemonSite) -> None:
+    data = site.ctl_json("status")
+    assert data["ok"] is True and data["daemon"] == "running"
+    status = data["data"]
+    assert status["gateway"]["id"] == "test-community-b01"
+    assert status["gateway"]["pid"] == site.daemon.pid  # type: ignore[union-attr]
+    assert status["uplink"]["connected"] is True and status["uplink"]["broker"].startswith("127.0.0.1:")
+    assert status["annunciator"]["sound"] == "quiet" and status["annunciator"]["relays"] == {RELAY_ID: False}
+    rows = {d["device"]: d for d in status["devices"]}
+    assert set(rows) == {*site.device_ids, DOOR_ID}
+    first = rows[site.device_ids[0]]
+    assert (first["household"], first["unit"], first["kind"], first["state"], first["measure"]) == (
+        site.spec.detectors[0].household, "u1", "gas_detector", "normal", "%LEL")
+    text = site.ctl("status")
+    assert text.returncode == EXIT_OK
+    assert "\033[" not in text.stdout  # plain when piped
+    assert "connected to 127.0.0.1:" in text.stdout and "HOUSEHOLD / UNIT" in text.stdout
+    assert all(device in text.stdout for device in site.device_ids)
+
+
+def test_status_is_coloured_on_a_terminal(site: DaemonSite) -> None:
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "status"], stdout=terminal,
+                                stderr=subprocess.PIPE, env={k: v for k, v in os.environ.items() if k != "NO_COLOR"})
+        os.close(terminal)
+        output = _read_all(controller, proc)
+    finally:
+        os.close(controller)
+    assert proc.returncode == EXIT_OK
+    assert "\033[32mnormal" in output  # green device state
+
+
+def _read_all(fd: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the other side closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=10)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_events_json_with_filters(site: DaemonSite) -> None:
+    device = site.device_ids[0]
+    rows = site.ctl_json("events", "--kind", "telemetry", "--device", device, "--limit", "2")["data"]["events"]
+    assert 1 <= len(rows) <= 2 and all(r["kind"] == "telemetry" and r["device"] == device for r in rows)
+    assert all(r["event_id"].startswith("test-community-b01:") for r in rows)
+    household = site.spec.detectors[1].household
+    by_household = site.ctl_json("events", "--household", household, "--since", "1h")["data"]["events"]
+    assert by_household and {r["household"] for r in by_household} == {household}
+    future = site.ctl_json("events", "--since", "2099-01-01T00:00")["data"]["events"]
+    assert future == []
+    text = site.ctl("events", "--limit", "5")
+    assert text.returncode == EXIT_OK and text.stdout.startswith("TIME") and "telemetry" in text.stdout
+    unknown = site.ctl("events", "--device", "gas-nowhere")
+    assert unknown.returncode == EXIT_REJECTED and "unknown device 'gas-nowhere'" in unknown.stderr
+
+
+def test_follow_sees_a_new_alarm(site: DaemonSite) -> None:
+    device = site.device_ids[1]
+    follower = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "events", "--follow", "--json",
+                                 "--kind", "alarm", "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    lines: list[dict[str, Any]] = []
+
+    def reader() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            lines.append(json.loads(line))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        site.detectors[1].set_concentration(30.0)
+        wait_until(lambda: any(e["device"] == device and e["action"] == "raised" for e in lines), timeout=30,
+                   message=lambda: f"follower saw {lines}")
+        raised = next(e for e in lines if e["device"] == device and e["action"] == "raised")
+        assert raised["kind"] == "alarm" and raised["level"] == "high" and raised["value"] == 30.0
+    finally:
+        follower.send_signal(signal.SIGINT)
+        code = follower.wait(timeout=20)
+        site.detectors[1].set_concentration(0.0)
+        wait_until(lambda: not site.device_state(device)["condition_present"], timeout=30)
+        assert site.ctl("reset", "--all").returncode == EXIT_OK
+    assert code == EXIT_OK
+
+
+def test_silence_reset_and_walk_test(site: DaemonSite) -> None:
+    device = site.device_ids[0]
+    site.detectors[0].set_concentration(30.0)
+    wait_until(lambda: site.status()["annunciator"]["sound"] == "gas", timeout=30)
+    silenced = site.ctl_json("silence")
+    assert silenced["data"] == {"sound": "quiet"}
+    still = site.ctl("reset", device)
+    assert still.returncode == EXIT_REJECTED and "still present" in still.stderr
+    site.detectors[0].set_concentration(0.0)
+    wait_until(lambda: not site.device_state(device)["condition_present"], timeout=30)
+    assert site.device_state(device)["latched"] == "high"
+    reset = site.ctl_json("reset", device)
+    assert reset["data"] == {"reset": [device], "still_active": []}
+    assert site.device_state(device)["state"] == "normal"
+    walk = site.ctl_json("test", device)
+    assert walk["data"]["devices"] == [device]
+    assert site.device_state(device)["state"] == "test"
+    everything = site.ctl("test", "--all")
+    assert everything.returncode == EXIT_OK and "walk test started for 3 device(s)" in everything.stdout
+    assert site.ctl_json("reset", "--all")["ok"] is True  # ends the walk tests
+    assert site.device_state(device)["state"] == "normal"
+    unknown = site.ctl("test", "gas-nowhere", "--json")
+    assert unknown.returncode == EXIT_REJECTED
+    assert json.loads(unknown.stdout) == {"ok": False, "reason": "test: device: unknown device 'gas-nowhere'",
+                                          "data": {}, "daemon": "running"}
+    sources = {e["source"] for e in site.ctl_json("events", "--kind", "silence")["data"]["events"]}
+    assert sources == {f"cli:uid={os.getuid()}"}
+
+
+def test_read_fresh_value_raw_registers_and_failures(site: DaemonSite) -> None:
+    det = site.detectors[1]
+    det.set_concentration(4.2)
+    try:
+        data = site.ctl_json("read", site.device_ids[1], "--raw")["data"]
+        assert data["value"] == 4.2 and data["status"] == ["normal"] and data["address"] == det.slave
+        assert data["raw"] == {"function": 3, "start": 0, "registers": det.registers()}
+        text = site.ctl("read", site.device_ids[1], "--raw")
+        assert text.returncode == EXIT_OK and "4.2 %LEL, status normal" in text.stdout and "42  0x002A" in text.stdout
+    finally:
+        det.set_concentration(0.0)
+    contact = site.ctl_json("read", DOOR_ID)["data"]
+    assert contact["kind"] == "cabinet_door" and contact["active"] is False
+    assert site.ctl("read", "gas-nowhere").returncode == EXIT_REJECTED
+    site.bus.responding(det.slave, False)
+    try:
+        silent = site.ctl("read", site.device_ids[1])
+    finally:
+        site.bus.responding(det.slave, True)
+    assert silent.returncode == EXIT_ERROR and "no valid answer" in silent.stderr
+
+
+def test_scan_refused_while_polling_then_finds_responders(site: DaemonSite) -> None:
+    refused = site.ctl("scan", "bus1", "--from", "1", "--to", "7")
+    assert refused.returncode == EXIT_REJECTED and "--pause-polling" in refused.stderr
+    data = site.ctl_json("scan", "bus1", "--from", "1", "--to", "7", "--pause-polling")["data"]
+    found = {r["address"]: (r["profile"], r["configured_as"]) for r in data["responders"]}
+    assert found == {1: ("A", site.device_ids[0]), 2: ("A", site.device_ids[1]), 5: ("B", None),
+                     6: ("io-station", None)}
+    assert site.status()["buses"][0]["paused"] is False
+    text = site.ctl("scan", "bus1", "--from", "4", "--to", "6", "--pause-polling")
+    assert text.returncode == EXIT_OK and "2 responding address(es) in 4–6" in text.stdout
+    assert "[" not in text.stderr  # no progress bar when stderr is not a terminal
+    assert site.ctl("scan", "bus9", "--pause-polling").returncode == EXIT_REJECTED
+
+
+def test_scan_progress_bar_on_a_terminal(site: DaemonSite) -> None:
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "scan", "bus1", "--from", "1", "--to",
+                                 "3", "--pause-polling"], stdout=subprocess.PIPE, stderr=terminal)
+        os.close(terminal)
+        progress = _read_all(controller, proc)
+    finally:
+        os.close(controller)
+    assert proc.returncode == EXIT_OK
+    assert "scanning bus1 [" in progress and "3/3" in progress and "found 2" in progress
+
+
+def test_buzzer_and_relay_tests(site: DaemonSite) -> None:
+    buzzer = site.ctl_json("buzzer-test", "--seconds", "0.1")["data"]
+    assert buzzer["patterns"] == ["temporal-4", "temporal-3", "supervisory", "trouble", "test"]
+    relay = site.ctl_json("relay-test", RELAY_ID, "--seconds", "0.2")["data"]
+    assert relay == {"output": RELAY_ID, "seconds": 0.2, "left_on_by_linkage": False}
+    text = site.ctl("relay-test", RELAY_ID, "--seconds", "0.2")
+    assert text.returncode == EXIT_OK and "off again" in text.stdout
+    unknown = site.ctl("relay-test", "fan")
+    assert unknown.returncode == EXIT_REJECTED and "unknown relay 'fan'" in unknown.stderr
+    too_long = site.ctl("buzzer-test", "--seconds", "30")
+    assert too_long.returncode == EXIT_REJECTED and "0.1–5" in too_long.stderr
+
+
+def test_config_show_masks_secrets(site: DaemonSite) -> None:
+    config = site.ctl_json("config", "show")["data"]["config"]
+    assert config["mqtt"]["password"] == "********" and config["mqtt"]["username"] == "gw"
+    assert config["control"]["socket"] == str(site.directory / "control.sock")
+    text = site.ctl("config", "show")
+    assert text.returncode == EXIT_OK and 'mqtt.password = "********"' in text.stdout
+    assert PASSWORD not in text.stdout
+
+
+def _without_dac_override() -> None:
+    """In the child before exec: drop the capabilities that let root ignore file permissions."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def test_permission_error_prints_a_one_line_hint(site: DaemonSite) -> None:
+    socket_path = site.directory / "control.sock"
+    socket_path.chmod(0)  # nobody may connect: as for a technician outside the socket's group
+    try:
+        result = site.ctl("status", preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
+    finally:
+        socket_path.chmod(0o660)
+    assert result.returncode == EXIT_ERROR, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "permission denied" in lines[0] and "add yourself to group gateway" in lines[0]
+    assert site.ctl("status").returncode == EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- daemon down
+
+
+def test_daemon_down_status_and_events_read_the_database_others_exit_3(tmp_path: Path) -> None:
+    with daemon_site(tmp_path) as down:
+        down.detectors[0].set_concentration(30.0)
+        wait_until(lambda: any(e["kind"] == "alarm" for e in down.ctl_json("events")["data"]["events"]), timeout=30)
+        assert down.stop_daemon() == 0
+        assert not (tmp_path / "control.sock").exists()
+
+        status = down.ctl("status")
+        assert status.returncode == EXIT_UNAVAILABLE
+        assert status.stdout.startswith("DAEMON DOWN: the daemon is not running")
+        assert down.device_ids[0] in status.stdout and "read-only" in status.stdout
+        data = down.ctl_json("status", expect=EXIT_UNAVAILABLE)
+        assert data["daemon"] == "down" and data["data"]["gateway"]["id"] == "test-community-b01"
+        assert {d["device"] for d in data["data"]["devices"]} >= set(down.device_ids)
+
+        events = down.ctl_json("events", "--kind", "alarm", expect=EXIT_UNAVAILABLE)
+        assert events["daemon"] == "down"
+        assert [(e["device"], e["action"]) for e in events["data"]["events"]] == [(down.device_ids[0], "raised")]
+        text = down.ctl("events")
+        assert text.returncode == EXIT_UNAVAILABLE and "DAEMON DOWN" in text.stdout and "alarm" in text.stdout
+        follow = down.ctl("events", "--follow")
+        assert follow.returncode == EXIT_UNAVAILABLE and "cannot follow" in follow.stderr
+
+        for args in (["silence"], ["reset", "--all"], ["test", "--all"], ["buzzer-test"],
+                     ["relay-test", RELAY_ID], ["read", down.device_ids[0]], ["scan", "bus1", "--pause-polling"],
+                     ["config", "show"]):
+            result = down.ctl(*args)
+            assert result.returncode == EXIT_UNAVAILABLE, (args, result.stderr)
+            assert "the daemon is not running" in result.stderr
+        database_untouched = (tmp_path / "events.db").stat().st_mtime
+        down.ctl("status")
+        assert (tmp_path / "events.db").stat().st_mtime == database_untouched
+
+        missing = tmp_path / "elsewhere.toml"
+        missing.write_text(down.config.read_text().replace(str(tmp_path / "events.db"), str(tmp_path / "no.db")))
+        nothing = run_ctl("--config", str(missing), "status")
+        assert nothing.returncode == EXIT_UNAVAILABLE and "no database at" in nothing.stderr
+        assert run_ctl("--config", str(tmp_path / "absent.toml"), "status").returncode == EXIT_ERROR
