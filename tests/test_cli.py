@@ -432,3 +432,17 @@ def test_daemon_down_status_and_events_read_the_database_others_exit_3(tmp_path:
         nothing = run_ctl("--config", str(missing), "status")
         assert nothing.returncode == EXIT_UNAVAILABLE and "no database at" in nothing.stderr
         assert run_ctl("--config", str(tmp_path / "absent.toml"), "status").returncode == EXIT_ERROR
+
+        # after a crash: the socket file is left behind, the database has its WAL files
+        down.detectors[0].set_concentration(0.0)
+        down.start_daemon()
+        assert down.daemon is not None
+        down.daemon.kill()
+        down.daemon.wait(timeout=30)
+        down.daemon = None
+        assert (tmp_path / "control.sock").exists()
+        crashed = down.ctl_json("events", "--kind", "alarm", expect=EXIT_UNAVAILABLE)
+        assert crashed["daemon"] == "down" and len(crashed["data"]["events"]) == 1
+        assert down.ctl("silence").returncode == EXIT_UNAVAILABLE
+        after_crash = down.ctl_json("status", expect=EXIT_UNAVAILABLE)["data"]
+        assert after_crash["gateway"]["session"] == 2
