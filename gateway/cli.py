@@ -363,6 +363,26 @@ async def _offline_query(database: str, query: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _with_configured_devices(seen: list[dict[str, Any]], config: str) -> list[dict[str, Any]]:
+    """Stored device rows in config order with their kinds, plus configured devices with no stored event.
+
+    Without a fully readable config the stored rows are returned as they are.
+    """
+    try:
+        cfg = load_config(config)
+    except ConfigError:
+        return seen
+    by_id = {d["device"]: d for d in seen}
+    rows = []
+    for dev in cfg.devices:
+        row = by_id.pop(dev.id, None) or {"device": dev.id, "unit": dev.unit, "household": dev.household,
+                                          "state": "no stored event", "value": None, "measure": None,
+                                          "last_seen": None, "last_seen_age_s": None, "faults": [],
+                                          "supervisory": []}
+        rows.append({**row, "kind": dev.kind})
+    return rows + list(by_id.values())
+
+
 # ------------------------------------------------------------------------------------------- commands
 
 
@@ -412,6 +432,7 @@ class Cli:
             paths = self.paths()
             data = asyncio.run(_offline_query(paths.database, {}))
             data.pop("events")
+            data["devices"] = _with_configured_devices(data["devices"], self.args.config)
             note = f"{exc}; showing what {paths.database} holds"
             if self.json:
                 self.emit({"ok": True, "reason": note, "data": data, "daemon": "down"})

@@ -407,7 +407,10 @@ def test_daemon_down_status_and_events_read_the_database_others_exit_3(tmp_path:
         assert down.device_ids[0] in status.stdout and "read-only" in status.stdout
         data = down.ctl_json("status", expect=EXIT_UNAVAILABLE)
         assert data["daemon"] == "down" and data["data"]["gateway"]["id"] == "test-community-b01"
-        assert {d["device"] for d in data["data"]["devices"]} >= set(down.device_ids)
+        offline_rows = {d["device"]: d for d in data["data"]["devices"]}
+        assert set(offline_rows) == {*down.device_ids, DOOR_ID}
+        assert offline_rows[down.device_ids[0]]["kind"] == "gas_detector"
+        assert offline_rows[DOOR_ID]["state"] == "no stored event"
 
         events = down.ctl_json("events", "--kind", "alarm", expect=EXIT_UNAVAILABLE)
         assert events["daemon"] == "down"
