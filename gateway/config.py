@@ -219,6 +219,7 @@ class MqttConfig:
     protocol: Literal[5, 311] = 5
     keepalive_s: int = 30
     max_inflight: int = 32
+    tls: bool = False  # an [mqtt.tls] table is present: TLS with the broker's certificate verified
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -938,6 +939,7 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         protocol=t.choice("protocol", (5, 311), 5),
         keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=3600),
         max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=1000),
+        tls=tls is not None,
         tls_ca_file=ca,
         tls_cert_file=cert,
         tls_key_file=key,

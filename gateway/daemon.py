@@ -29,6 +29,7 @@ from gateway.bridge import Bridge
 from gateway.bus import BusPoller
 from gateway.commands import CommandHandler
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
+from gateway.contract import BusCounters, CommandGate, CommandService, StatusReporter, UplinkFigures, birth_message
 from gateway.control import ControlServer, ControlServerError
 from gateway.events import Event, Priority
 from gateway.health import Heartbeats
@@ -45,6 +46,9 @@ __all__ = ["Gateway", "main"]
 
 log = structlog.get_logger()
 DB_RETRY_MAX_S = 2.0
+#: A status message after every connect and then this often (seconds).
+STATUS_INTERVAL_S = 60.0
+STATUS_CHECK_S = 0.5
 
 
 class Gateway:
@@ -133,14 +137,23 @@ class Gateway:
             self.heartbeats.register(name, poller.deadline_s)
             self.buses[bus.id] = poller
             poller.start()
+        self.mqtt_commands = CommandService(
+            CommandGate(self.topics, started_at=self.started_at), self.commands,
+            lambda topic, body, properties: self.uplink.publish_json(topic, body, properties=properties),
+            gateway=cfg.gateway_id, session=lambda: self.outbox.session,
+        )
         self.uplink = Uplink(cfg.mqtt, self.outbox, self.topics, birth=self.birth,
+                             on_command=self.mqtt_commands.on_message,
                              heartbeat=lambda: self.heartbeats.beat("uplink"))
+        self._status = StatusReporter(gateway=cfg.gateway_id, community=cfg.community, building=cfg.building,
+                                      software=__version__)
         self.heartbeats.register("uplink", 30.0)
         self.heartbeats.register("loop", 10.0)
         self._tasks = [
             asyncio.create_task(self._writer(), name="outbox-writer"),
             asyncio.create_task(self.uplink.run(), name="uplink"),
             asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat"),
+            asyncio.create_task(self._publish_status(), name="status"),
         ]
         await self._start_control()
         self.selfcheck = SelfCheck(self.heartbeats, self.panel)
@@ -289,29 +302,35 @@ class Gateway:
 
     def birth(self) -> dict[str, Any]:
         """Full current state: every device, a config summary, software version, session counter."""
-        snap = self.panel.snapshot()
-        return {
-            "version": 1,
-            "type": "birth",
-            "gateway": self.cfg.gateway_id,
-            "community": self.cfg.community,
-            "building": self.cfg.building,
-            "session": self.outbox.session,
-            "software": __version__,
-            "time": time.time(),
-            "config": {
-                "units": [u.id for u in self.cfg.units],
-                "households": len(self.cfg.households),
-                "devices": len(self.cfg.devices),
-                "buses": [b.id for b in self.cfg.buses],
-            },
-            "devices": [_jsonable(d) for d in snap["devices"]],
-            "annunciator": {"sound": snap["annunciation"].sound.name.lower()},
-        }
+        cfg = self.cfg
+        return birth_message(
+            gateway=cfg.gateway_id, community=cfg.community, building=cfg.building, session=self.outbox.session,
+            software=__version__, snapshot=self.panel.snapshot(),
+            config={"units": [u.id for u in cfg.units], "households": len(cfg.households),
+                    "devices": len(cfg.devices), "buses": [b.id for b in cfg.buses]},
+        )
 
+    async def status_message(self) -> dict[str, Any]:
+        """The status message (schemas/status.json); its link-quality window restarts here."""
+        up = self.uplink
+        return self._status.build(
+            session=self.outbox.session, backlog=await self.outbox.backlog(), snapshot=self.panel.snapshot(),
+            uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
+                                 rejected=up.rejected_total, inflight=up.inflight),
+            buses=[BusCounters(bus_id, p.polls, p.errors, p.port_lost) for bus_id, p in self.buses.items()],
+        )
 
-def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in state.items() if k != "last_seen"}
+    async def _publish_status(self) -> None:
+        """Status after every connect and every STATUS_INTERVAL_S while connected."""
+        published_for = 0
+        due = 0.0
+        while True:
+            up = self.uplink
+            fresh = up.connected and (up.connections != published_for or time.monotonic() >= due)
+            if fresh and up.publish_json(self.topics.status, await self.status_message()):
+                published_for = up.connections
+                due = time.monotonic() + STATUS_INTERVAL_S
+            await asyncio.sleep(STATUS_CHECK_S)
 
 
 # ------------------------------------------------------------------------------------------- entry

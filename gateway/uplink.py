@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig
+from gateway.contract import availability_message
 from gateway.outbox import Outbox, PendingEvent
 from gateway.topics import Topics
 
@@ -84,6 +85,7 @@ class Uplink:
         self.rejected_total = 0
         self.connections = 0
         self.last_error: str | None = None
+        _warn_transport(mqtt_cfg)
 
     @property
     def broker(self) -> str:
@@ -162,7 +164,9 @@ class Uplink:
                         retain=True)
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, self.cfg.password)
-        if self.cfg.tls_ca_file or self.cfg.tls_cert_file:
+        if self.cfg.tls or self.cfg.tls_ca_file or self.cfg.tls_cert_file:
+            # The broker's certificate chain is always verified (the system CAs when no ca_file is given);
+            # mqtt.tls.insecure only skips the host name check.
             client.tls_set(ca_certs=self.cfg.tls_ca_file, certfile=self.cfg.tls_cert_file,
                            keyfile=self.cfg.tls_key_file, cert_reqs=ssl.CERT_REQUIRED)
             if self.cfg.tls_insecure:
@@ -327,15 +331,25 @@ class Uplink:
         return bool(info.rc == mqtt.MQTT_ERR_SUCCESS)
 
     def _availability(self, state: str, reason: str | None = None) -> str:
-        body = {"version": 1, "type": "availability", "gateway": self.outbox.gateway_id, "state": state,
-                "session": self.outbox.session, "time": time.time()}
-        if reason:
-            body["reason"] = reason
+        body = availability_message(gateway=self.outbox.gateway_id, community=self.topics.community,
+                                    building=self.topics.building, state=state, session=self.outbox.session,
+                                    reason=reason)
         return json.dumps(body, separators=(",", ":"))
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._lost.wait() if self._stopping else asyncio.sleep(seconds), seconds)
+
+
+def _warn_transport(cfg: MqttConfig) -> None:
+    """Loud warnings, at every start, for a link to the broker that is not fully protected."""
+    tls = cfg.tls or bool(cfg.tls_ca_file or cfg.tls_cert_file)
+    if tls and cfg.tls_insecure:
+        log.warning("INSECURE MQTT TLS: mqtt.tls.insecure is set, the broker's host name is NOT verified; "
+                    "anyone with a certificate from the same CA can pose as the broker", broker=cfg.host)
+    elif not tls and cfg.host not in ("localhost", "127.0.0.1", "::1"):
+        log.warning("MQTT WITHOUT TLS: events, commands and credentials travel in clear; configure [mqtt.tls]",
+                    broker=cfg.host)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
