@@ -1,0 +1,412 @@
+"""The MQTT contract: schemas, topics, the command gate, and every message of a real scenario against its schema.
+
+The scenario runs ``gatewayd --config`` as a real subprocess (GPIOZERO_PIN_FACTORY=mock) against a simulated
+bus in this process and a private mosquitto; a recording subscriber collects everything the gateway publishes
+(start, alarm, supervisory, reset by a remote command, fault, kill -9 → Will, restart, planned stop) and
+every message is checked against its JSON Schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from jsonschema import Draft202012Validator
+
+from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway import daemon as daemon_module
+from gateway.config import load_config
+from gateway.contract import (
+    MAX_VALIDITY_S,
+    SCHEMA_NAMES,
+    CommandGate,
+    Rejected,
+    SeenIds,
+    availability_message,
+    command_message,
+    command_result,
+    iso_time,
+    schema,
+    schema_name,
+    validator,
+)
+from gateway.topics import Topics
+from tests.support.broker import MosquittoBroker
+from tests.support.building import eventually, running_gateway, simulated_detectors
+from tests.support.mqtt import MqttRecorder, RecordedMessage
+from tests.support.site import SiteSpec, build_site
+
+GATEWAYD = str(Path(sys.executable).with_name("gatewayd"))
+TOPICS = Topics("safety", "c1", "b1")
+
+
+# ------------------------------------------------------------------------------------------- schemas
+
+
+@pytest.mark.parametrize("name", SCHEMA_NAMES)
+def test_every_schema_is_draft_2020_12_with_a_version(name: str) -> None:
+    s = schema(name)
+    assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    Draft202012Validator.check_schema(s)
+    assert s["properties"]["version"] == {"const": 1}
+    assert "version" in s["required"]
+
+
+def test_availability_builder_and_schema() -> None:
+    online = availability_message(gateway="g", community="c1", building="b1", state="online", session=3)
+    will = availability_message(gateway="g", community="c1", building="b1", state="offline", session=3,
+                                reason="connection lost")
+    assert validator("availability").is_valid(online)
+    assert validator("availability").is_valid(will)
+    assert not validator("availability").is_valid({**will, "reason": None})
+    assert not validator("availability").is_valid({k: v for k, v in will.items() if k != "reason"})
+    assert not validator("availability").is_valid({**online, "session": 0})
+
+
+def test_command_result_builder_and_schema() -> None:
+    common: dict[str, Any] = {"gateway": "g", "community": "c1", "building": "b1", "session": 1, "command": "reset"}
+    ok = command_result(command_id="a1", code="ok", data={"reset": ["d"]}, **common)
+    refused = command_result(command_id="a1", code="refused", reason="still present", **common)
+    failed = command_result(command_id="a1", code="failed", reason="uplink down", **common)
+    unreadable = command_result(command_id=None, code="malformed", reason="not JSON", **common)
+    assert [m["status"] for m in (ok, refused, failed, unreadable)] == ["accepted", "rejected", "failed", "rejected"]
+    for m in (ok, refused, failed, unreadable):
+        assert validator("command_result").is_valid(m), m
+    assert not validator("command_result").is_valid({**refused, "reason": None})
+    assert not validator("command_result").is_valid({**ok, "status": "rejected"})
+    long = command_result(command_id="a", code="invalid", reason="x" * 5000, **common)
+    assert validator("command_result").is_valid(long) and len(long["reason"]) <= 300
+
+
+def test_iso_time_matches_the_event_time_format() -> None:
+    assert iso_time(0.25) == "1970-01-01T00:00:00.250Z"
+    assert validator("availability").is_valid(availability_message(
+        gateway="g", community="c", building="b", state="online", session=1, wall=1_700_000_000.999))
+
+
+# ------------------------------------------------------------------------------------------- topics
+
+
+def test_topics_give_each_building_its_own_subtree() -> None:
+    t = TOPICS
+    assert t.base == "safety/c1/b1"
+    mine = [t.availability, t.birth, t.status, t.event("alarm"), t.command("reset"), t.reply]
+    assert all(topic.startswith(t.base + "/") for topic in mine)
+    other = Topics("safety", "c1", "b10")
+    assert not any(mqtt.topic_matches_sub(f"{t.base}/#", topic) for topic in
+                   (other.availability, other.event("alarm"), other.command("reset"), other.reply))
+    # commands in and results out never overlap: the gateway does not receive its own results
+    assert not mqtt.topic_matches_sub(t.command_filter, t.reply)
+    assert not mqtt.topic_matches_sub(t.command_filter, f"{t.reply}/x")
+    assert t.command_name(t.command("silence")) == "silence"
+    assert t.command_name(other.command("silence")) is None
+    assert t.command_name(t.reply) is None
+
+
+def test_topics_refuse_levels_that_would_widen_an_acl() -> None:
+    for bad in ("", "a/b", "+", "#", "x#"):
+        with pytest.raises(ValueError):
+            Topics("safety", bad, "b1")
+        with pytest.raises(ValueError):
+            Topics("safety", "c1", bad)
+    with pytest.raises(ValueError):
+        Topics("safety/#", "c1", "b1")
+    assert Topics("org/safety", "c1", "b1").base == "org/safety/c1/b1"
+
+
+def test_reply_topics_must_stay_in_the_reply_subtree() -> None:
+    t = TOPICS
+    assert t.is_reply_topic(t.reply)
+    assert t.is_reply_topic(f"{t.reply}/server-1/42")
+    for bad in ("safety/c1/b1/replyx", "safety/c1/b2/reply", f"{t.reply}/+", f"{t.reply}/#", f"{t.reply}/",
+                "safety/c1/b1/event/alarm"):
+        assert not t.is_reply_topic(bad), bad
+
+
+def test_schema_name_by_topic() -> None:
+    t = TOPICS
+    assert schema_name(t, t.availability) == "availability"
+    assert schema_name(t, t.birth) == "birth"
+    assert schema_name(t, t.status) == "status"
+    assert schema_name(t, t.event("fault")) == "event"
+    assert schema_name(t, t.command("reset")) == "command"
+    assert schema_name(t, f"{t.reply}/x") == "command_result"
+    assert schema_name(t, "safety/c1/b2/birth") is None
+
+
+# ------------------------------------------------------------------------------------------- gate
+
+
+def gate(now: float, *, started_at: float | None = None, seen: SeenIds | None = None) -> CommandGate:
+    return CommandGate(TOPICS, started_at=now - 100 if started_at is None else started_at,
+                       clock=lambda: now, seen=seen)
+
+
+def payload(name: str = "silence", **kwargs: Any) -> bytes:
+    return json.dumps(command_message(name, community="c1", building="b1", **kwargs)).encode()
+
+
+def test_gate_admits_a_valid_command_once() -> None:
+    now = time.time()
+    g = gate(now)
+    body = payload("reset", args={"device": "gas-1"}, command_id="cmd-1", issued_at=now)
+    command = g.admit(TOPICS.command("reset"), body)
+    assert (command.id, command.name, dict(command.args)) == ("cmd-1", "reset", {"device": "gas-1"})
+    assert validator("command").is_valid(json.loads(body))
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("reset"), body)
+    assert exc.value.code == "replayed"
+
+
+def test_seen_ids_are_forgotten_after_expiry_and_bounded() -> None:
+    seen = SeenIds(capacity=2)
+    seen.add("a", expires_at=10.0, now=0.0)
+    seen.add("b", expires_at=20.0, now=0.0)
+    with pytest.raises(Rejected) as exc:
+        seen.add("c", expires_at=30.0, now=5.0)
+    assert exc.value.code == "busy"
+    seen.add("c", expires_at=30.0, now=10.0)  # "a" expired at 10 s
+    assert "a" not in seen and "b" in seen and len(seen) == 2
+    # a replay of "a" after its expiry is refused by the gate as expired, never run twice
+    now = 1_000.0
+    g = gate(now, seen=SeenIds())
+    old = payload(command_id="x", issued_at=now - 61, ttl_s=60)
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("silence"), old)
+    assert exc.value.code == "expired"
+
+
+@pytest.mark.parametrize(("kwargs", "code"), [
+    ({"issued_at_offset": -10, "ttl_s": 5}, "expired"),
+    ({"issued_at_offset": 0, "ttl_s": MAX_VALIDITY_S + 1}, "invalid"),
+    ({"issued_at_offset": 31, "ttl_s": 60}, "not_yet_valid"),
+    ({"issued_at_offset": -150, "ttl_s": 200}, "stale"),  # issued before the gateway started (restart)
+])
+def test_gate_validity_window(kwargs: dict[str, float], code: str) -> None:
+    now = 10_000.0
+    g = gate(now, started_at=now - 100)
+    body = payload(issued_at=now + kwargs["issued_at_offset"], ttl_s=kwargs["ttl_s"])
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("silence"), body)
+    assert exc.value.code == code
+
+
+def test_gate_accepts_offsets_and_rejects_a_trailing_newline_in_the_id() -> None:
+    now = time.time()
+    body = command_message("status", community="c1", building="b1", issued_at=now)
+    body["issued_at"] = time.strftime("%Y-%m-%dT%H:%M:%S+08:00", time.gmtime(now + 8 * 3600))
+    assert gate(now).admit(TOPICS.command("status"), json.dumps(body).encode()).name == "status"
+    body["id"] = "abc\n"
+    with pytest.raises(Rejected) as exc:
+        gate(now).admit(TOPICS.command("status"), json.dumps(body).encode())
+    assert exc.value.code == "invalid"
+
+
+# ------------------------------------------------------------------------------------------- scenario
+
+
+STATION_ADDRESS = 9
+STATION_TOML = f"""
+[[devices]]
+id = "u1-station"
+kind = "extinguisher_station"
+unit = "u1"
+bus = "bus1"
+address = {STATION_ADDRESS}
+profile = "io-4di"
+"""
+
+
+def validate_all(topics: Topics, messages: list[RecordedMessage]) -> dict[str, int]:
+    """Every message validates against the schema its topic names; returns counts per schema."""
+    counts: dict[str, int] = {}
+    problems = []
+    for m in messages:
+        name = schema_name(topics, m.topic)
+        if name is None:
+            problems.append(f"{m.topic}: not a contract topic")
+            continue
+        counts[name] = counts.get(name, 0) + 1
+        if not m.is_json:
+            problems.append(f"{m.topic}: not JSON: {m.payload[:100]!r}")
+            continue
+        for error in validator(name).iter_errors(m.json):
+            problems.append(f"{m.topic}: {'.'.join(map(str, error.absolute_path))}: {error.message}")
+    assert not problems, "\n".join(problems)
+    return counts
+
+
+@pytest.fixture
+def modem(tmp_path: Path) -> Iterator[VirtualNullModem]:
+    with VirtualNullModem(tmp_path / "dev") as nm:
+        yield nm
+
+
+class Daemon:
+    """``gatewayd --config`` as a subprocess on mock pins."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
+        self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen([GATEWAYD, "--config", str(config)], env=env, stdout=self._out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=config.parent)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._out.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()
+
+
+@pytest.mark.timeout(180)
+def test_every_message_of_a_scenario_follows_its_schema(
+    tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                      socket_path=tmp_path / "control.sock", households=1, community="c1", building="b1")
+    config = tmp_path / "site.toml"
+    config.write_text(spec.toml + STATION_TOML, encoding="utf-8")
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder: MqttRecorder = mqtt_recorder_factory(topics=f"{topics.base}/#")
+    log = tmp_path / "gatewayd.log"
+    detector_spec = spec.detectors[0]
+
+    def wait_topic(suffix: str, timeout: float = 30.0, **fields: Any) -> RecordedMessage:
+        def match(m: RecordedMessage) -> bool:
+            body = m.json
+            return (m.topic == f"{topics.base}/{suffix}" and isinstance(body, dict)
+                    and all(body.get(k) == v for k, v in fields.items()))
+        try:
+            return recorder.wait_for(match, timeout=timeout)
+        except AssertionError:
+            print(log.read_text(errors="replace")[-4000:])
+            raise
+
+    bus = SimulatedBus(modem.device_port)
+    detector = bus.add_gas_detector(detector_spec.address, "A", unit="%LEL", decimals=1)
+    detector.set_status("normal")
+    station = bus.add_io_station(STATION_ADDRESS)
+    for address, value in ((0, True), (1, True), (2, True), (3, False)):  # present, pressure ok, shut, clear
+        station.set_discrete_input(address, value)
+    with bus:
+        first = Daemon(config, log)
+        try:
+            online = wait_topic("availability", state="online")
+            session = online.json["session"]
+            wait_topic("birth", session=session)
+            wait_topic("status", session=session)
+
+            detector.set_concentration(35.0)
+            wait_topic("event/alarm", action="raised", device=detector_spec.id, level="high")
+            station.set_discrete_input(0, False)  # the extinguisher is taken from its bracket
+            wait_topic("event/supervisory", action="raised", device="u1-station", code="removed")
+            detector.set_concentration(0.0)
+            wait_topic("event/alarm", action="cleared", device=detector_spec.id)
+
+            reset = command_message("reset", community="c1", building="b1", args={"all": True})
+            recorder.publish(topics.command("reset"), reset)
+            result = wait_topic("reply", id=reset["id"])
+            assert result.json["status"] == "accepted", result.json
+            wait_topic("event/reset", action="reset", device=detector_spec.id)
+
+            bus.responding(detector_spec.address, False)
+            wait_topic("event/fault", action="raised", device=detector_spec.id, code="offline")
+        finally:
+            first.kill()  # SIGKILL: no clean offline, the broker publishes the Will
+        will = wait_topic("availability", state="offline", session=session)
+        assert will.json["reason"] == "connection lost"
+
+        bus.responding(detector_spec.address, True)
+        second = Daemon(config, log)
+        try:
+            wait_topic("availability", state="online", session=session + 1)
+            wait_topic("birth", session=session + 1)
+            wait_topic("status", session=session + 1)
+            second.proc.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+        finally:
+            second.kill()
+        planned = wait_topic("availability", state="offline", session=session + 1)
+        assert planned.json["reason"] == "planned stop"
+
+    messages = recorder.messages()
+    counts = validate_all(topics, messages)
+    assert set(counts) == set(SCHEMA_NAMES), counts
+    events = [m.json for m in messages if schema_name(topics, m.topic) == "event"]
+    assert {"alarm", "supervisory", "reset", "fault", "telemetry"} <= {e["kind"] for e in events}
+    for e in events:  # the topic names the kind; the body names the building and the device's place
+        assert (e["community"], e["building"]) == ("c1", "b1")
+        if e.get("device") == detector_spec.id:
+            assert (e["unit"], e["household"]) == (detector_spec.unit, detector_spec.household)
+    # sequence numbers within each session have no gaps and ids are <gateway>:<session>:<seq>
+    for s in {e["session"] for e in events}:
+        seqs = sorted({e["seq"] for e in events if e["session"] == s})
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert all(e["event_id"] == f"{e['gateway']}:{e['session']}:{e['seq']}" for e in events)
+    # after the Will nothing from session 1; the planned stop is the last word of session 2
+    availability = [m.json for m in messages if m.topic == topics.availability]
+    assert [(a["state"], a["session"]) for a in availability] == [
+        ("online", session), ("offline", session), ("online", session + 1), ("offline", session + 1)]
+
+
+# ------------------------------------------------------------------------------------------- status
+
+
+@pytest.mark.timeout(120)
+async def test_status_at_start_then_periodically_with_link_quality(
+    tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
+    mqtt_recorder_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(daemon_module, "STATUS_INTERVAL_S", 0.5)
+    spec: SiteSpec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db",
+                                broker_port=broker.port, socket_path=tmp_path / "control.sock", households=2)
+    cfg = load_config(spec.write(tmp_path / "site.toml"))
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol=311))
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder: MqttRecorder = mqtt_recorder_factory(topics=[topics.status, topics.availability])
+    silent = spec.detectors[1]
+
+    def statuses() -> list[dict[str, Any]]:
+        return [m.json for m in recorder.messages(topics.status)]
+
+    with simulated_detectors(modem.device_port, spec.detectors) as (bus, _sims):
+        async with running_gateway(cfg) as gateway:
+            await eventually(lambda: len(statuses()) >= 1, timeout=30)
+            first = statuses()[0]
+            assert first["session"] == gateway.outbox.session
+            await eventually(lambda: gateway.uplink.rtt_ms is not None, timeout=30)
+            bus.responding(silent.address, False)
+
+            def degraded() -> dict[str, Any] | None:
+                for s in statuses():
+                    row = s["links"]["buses"][0]
+                    if row["window_errors"] and row["success_ratio"] is not None and row["success_ratio"] < 1:
+                        return s
+                return None
+
+            status = await eventually(degraded, timeout=30)
+            await eventually(lambda: len(statuses()) >= 3, timeout=30)  # it keeps coming
+    assert all(validator("status").is_valid(s) for s in statuses())
+    times = [s["time"] for s in statuses()]
+    assert times == sorted(times)
+    assert status["uplink"]["rtt_ms"] is not None and status["uplink"]["delivered"] >= 1
+    assert status["devices"]["total"] == 2
+    assert sum(status["devices"]["by_state"].values()) == 2
+    assert [d["device"] for d in status["links"]["devices"]] == [silent.id]
+    assert status["links"]["devices"][0]["comm_errors"] >= 1
+    assert status["backlog"]["events"] >= 0
