@@ -67,8 +67,10 @@ COMMANDS = frozenset(COMMAND_ARGS)
 EVENTS_MAX = 10_000
 #: Sounder patterns played by ``buzzer_test``, in this order.
 BUZZER_TEST_ORDER = (Sound.GAS, Sound.FIRE, Sound.SUPERVISORY, Sound.TROUBLE, Sound.TEST)
-#: Longest pattern of a buzzer test: a real alarm arriving meanwhile waits at most this long for the sounder.
+#: Longest pattern of a buzzer test.
 BUZZER_TEST_MAX_S = 5.0
+#: How often a buzzer test looks for a real signal that must take the sounder back.
+BUZZER_TEST_CHECK_S = 0.05
 RELAY_TEST_MAX_S = 60.0
 #: Per-address reply timeout during a scan (never longer than the bus's own timeout).
 SCAN_PROBE_TIMEOUT_S = 0.25
@@ -487,17 +489,28 @@ class CommandHandler:
         gw.record(Event("test", "started", time.monotonic(), code="buzzer", source=source,
                         detail=f"buzzer test, {seconds:g} s per pattern"))
         for sound in BUZZER_TEST_ORDER:
-            current = gw.panel.snapshot()["annunciation"].sound
-            if current >= Sound.TEST:  # a real signal came in: it wins at once
-                gw.annunciator.play(PATTERNS[Sound.TEST], 0.0)
-                return CommandResult.failed(f"buzzer_test: stopped, the sounder must signal "
-                                            f"{current.name.lower()}", played=played)
             pattern = PATTERNS[sound]
             gw.annunciator.play(pattern, seconds)
             played.append(pattern.name)
-            await asyncio.sleep(seconds)
+            interrupted = await self._signal_within(seconds)
+            if interrupted is not None:
+                # a real signal came in: end the test pattern now so the pattern thread plays the signal
+                gw.annunciator.play(PATTERNS[Sound.TEST], 0.0)
+                reason = f"buzzer_test: stopped, the sounder must signal {interrupted.name.lower()}"
+                gw.record(Event("test", "ended", time.monotonic(), code="buzzer", source=source, detail=reason))
+                return CommandResult.failed(reason, played=played)
         gw.record(Event("test", "ended", time.monotonic(), code="buzzer", source=source))
         return CommandResult(True, data={"patterns": played, "seconds_per_pattern": seconds})
+
+    async def _signal_within(self, seconds: float) -> Sound | None:
+        """Wait ``seconds``; return early with the sound if the panel asks for a real signal meanwhile."""
+        annunciator = self.gateway.annunciator
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if annunciator.current.sound >= Sound.TEST:
+                return annunciator.current.sound
+            await asyncio.sleep(min(BUZZER_TEST_CHECK_S, remaining))
+        return annunciator.current.sound if annunciator.current.sound >= Sound.TEST else None
 
     async def _cmd_relay_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         output = a.text("output", required=True)

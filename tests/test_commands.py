@@ -292,6 +292,20 @@ async def test_buzzer_test_plays_every_pattern_but_never_over_an_alarm(site: Sit
     assert not too_long.ok and "0.1–5" in (too_long.reason or "")
 
 
+async def test_a_real_alarm_ends_a_buzzer_test_at_once(site: Site) -> None:
+    task = asyncio.create_task(site.handler.handle("buzzer_test", {"seconds_per_pattern": 5}, source="test"))
+    await wait_for(lambda: site.gateway.annunciator.sound_pattern == "temporal-4", "first test pattern playing")
+    site.detectors[1].set_concentration(30.0)
+    # the first pattern alone lasts 5 s; the alarm must end the test well before that
+    result = await asyncio.wait_for(task, 3.0)
+    assert not result.ok and result.data["failed"] is True and "must signal gas" in (result.reason or "")
+    assert result.data["played"] == ["temporal-4"]
+    assert site.gateway.annunciator.current.sound.name == "GAS"
+    await wait_for(lambda: site.gateway.annunciator.sound_pattern == "temporal-4", "gas pattern on the sounder")
+    ended = await wait_for(lambda: stored_at_least(site, 2, kind="test"), "buzzer test start and end stored")
+    assert ended[-1]["action"] == "ended" and "stopped" in ended[-1]["detail"]
+
+
 async def test_relay_test_switches_the_relay_and_restores_it(site: Site, mock_pins: Any) -> None:
     pin = mock_pins.pin(RELAY_PIN)
     task = asyncio.create_task(site.handler.handle("relay_test", {"output": RELAY_ID, "seconds": 0.5},
