@@ -116,7 +116,9 @@ class _Condition:
 class _DeviceState:
     cfg: DeviceConfig
     level: Level = Level.NONE  # the alarm condition now (with hysteresis); NONE while unknown
-    latched: Level = Level.NONE
+    latched: Level = Level.NONE  # highest level since the last reset
+    announced: Level = Level.NONE  # highest level raised since the condition last cleared
+    last_known: Level = Level.NONE  # the condition when last known (unknown spells do not change it)
     cleared: bool = False  # the latched alarm's condition has cleared (a return is raised again)
     failures: int = 0
     first_failure: float | None = None
@@ -384,7 +386,7 @@ class AlarmCore:
                                           "alarm stays latched"))
                 continue
             del self._conditions[key]
-            st.latched = Level.NONE
+            st.latched = st.announced = Level.NONE
             st.cleared = False
             events.append(self._event(st, "reset", "reset", now, level=latched, source=source))
             done.append(st.cfg.id)
@@ -453,30 +455,39 @@ class AlarmCore:
                                           value=value))
                 self._test_sound_until = now + TEST_SOUND_S
             return
-        self._latch(st, previous, value, now, events, known=known)
+        self._latch(st, value, now, events, known=known)
 
-    def _latch(
-        self, st: _DeviceState, previous: Level, value: float | None, now: float, events: list[Event],
-        *, known: bool = True,
-    ) -> None:
+    def _latch(self, st: _DeviceState, value: float | None, now: float, events: list[Event], *,
+               known: bool = True) -> None:
+        """Raise, escalate or clear the device's alarm from its condition ``st.level``.
+
+        ``known=False``: a NONE level means "unknown", not "gas gone" — no clearing is recorded from it.
+        """
         key = (st.cfg.id, "alarm")
         level = st.level
-        if level > st.latched:
-            action = "raised" if st.latched == Level.NONE else "escalated"
-            st.latched = level
-            st.cleared = False
-            self._conditions[key] = _Condition("alarm", Sound.FIRE if st.fire else Sound.GAS, st.cfg.unit,
-                                               st.cfg.household, now, level=level)
-            events.append(self._event(st, "alarm", action, now, level=self._level_name(st, level), value=value))
-        elif level > Level.NONE and st.cleared and key in self._conditions:
-            # The condition had cleared but the alarm was not yet reset: it is back, so it sounds again.
+        was_known = st.last_known
+        if level > Level.NONE or known:
+            st.last_known = level
+        if level > st.announced:
+            # New (raised), higher (escalated), or back after clearing while still latched (raised again):
+            # each sounds, even after a silence.
+            detail = None
+            if st.latched == Level.NONE:
+                action = "raised"
+            elif st.cleared:
+                action, detail = "raised", "condition returned before reset"
+            else:
+                action = "escalated"
+            st.announced = level
+            st.latched = max(st.latched, level)
             st.cleared = False
             self._conditions[key] = _Condition("alarm", Sound.FIRE if st.fire else Sound.GAS, st.cfg.unit,
                                                st.cfg.household, now, level=st.latched)
-            events.append(self._event(st, "alarm", "raised", now, level=self._level_name(st, level), value=value,
-                                      detail="condition returned before reset"))
-        elif known and level == Level.NONE and previous > Level.NONE and key in self._conditions:
+            events.append(self._event(st, "alarm", action, now, level=self._level_name(st, level), value=value,
+                                      detail=detail))
+        elif known and level == Level.NONE and was_known > Level.NONE and key in self._conditions:
             st.cleared = True
+            st.announced = Level.NONE
             events.append(self._event(st, "alarm", "cleared", now, level=self._level_name(st, st.latched),
                                       value=value, detail="condition cleared; latched until reset"))
 
@@ -484,7 +495,7 @@ class AlarmCore:
         """Leave test mode; a condition still present now counts for real."""
         st.test_until = None
         events.append(self._event(st, "test", "ended", now, source=source))
-        self._latch(st, Level.NONE, st.last_value, now, events)
+        self._latch(st, st.last_value, now, events, known=False)
         self._set_supervisory(st, set(st.supervisory), now, events, resync=True)
 
     def _set_faults(

@@ -291,6 +291,28 @@ def test_gas_returning_before_the_reset_sounds_again(core: AlarmCore) -> None:
     assert sound(core) is Sound.GAS
 
 
+def test_gas_returning_lower_then_rising_again_sounds_at_each_step(core: AlarmCore) -> None:
+    core.reading("g1", reading(30.0), T0)
+    core.reading("g1", reading(0.0), T0 + 1)
+    again = one(core.reading("g1", reading(12.0), T0 + 2), "alarm", "raised")
+    assert again.level == "low" and latched(core, "g1") == "high"
+    core.silence(T0 + 3, "cli")
+    assert one(core.reading("g1", reading(30.0), T0 + 4), "alarm", "escalated").level == "high"
+    assert sound(core) is Sound.GAS
+    assert core.annunciation(T0).relays == {"valve1"}
+
+
+def test_a_clean_reading_after_an_unknown_spell_records_the_clearing(core: AlarmCore) -> None:
+    core.reading("g1", reading(30.0), T0)
+    for i in range(3):
+        core.poll_failed("g1", "timeout", T0 + 1 + i)
+    core.silence(T0 + 5, "cli")
+    assert one(core.reading("g1", reading(0.0), T0 + 6), "alarm", "cleared").level == "high"
+    assert one(core.reading("g1", reading(30.0), T0 + 7), "alarm", "raised").detail == (
+        "condition returned before reset")
+    assert sound(core) is Sound.GAS
+
+
 def test_an_offline_device_in_alarm_can_be_reset_and_alarms_again_if_still_in_gas(core: AlarmCore) -> None:
     core.reading("g1", reading(30.0), T0)
     for i in range(3):
@@ -660,7 +682,9 @@ class AlarmModel(RuleBasedStateMachine):
         if e.kind == "alarm" and e.action in ("raised", "escalated"):
             assert e.device not in self.in_test, "a device under test never raises a real alarm"
             assert e.level is not None and e.device is not None
-            self.alarms[e.device] = (e.level, False)
+            before = self.alarms.get(e.device, (e.level, False))[0]
+            level = e.level if LEVEL_RANK[e.level] >= LEVEL_RANK[before] else before  # the latch only rises
+            self.alarms[e.device] = (level, False)
         elif e.kind == "reset" and e.action == "reset":
             assert e.device is not None and e.source
             self.alarms.pop(e.device)
