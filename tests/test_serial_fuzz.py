@@ -62,6 +62,21 @@ def bus_config(port: str, *, timeout_s: float, poll_interval_s: float = 0.0) -> 
 # ------------------------------------------------------------------------------------------- driver level
 
 
+def poll_within_tries(detector: GasDetector, client: Any, tries: int = 3) -> Any:
+    """A reading within ``tries`` polls: fewer failures in a row than put a device offline (default 3).
+
+    The healthy answer goes through a relay thread and a second simulated bus; on a loaded machine one
+    relayed answer may miss the short timeout, which must not be mistaken for the fuzzing reaching it.
+    """
+    for attempt in range(tries):
+        try:
+            return detector.poll(client)
+        except CommError:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
@@ -79,7 +94,7 @@ def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
         assert client.connect()
         try:
             for _ in range(rounds):
-                assert healthy.poll(client).value == pytest.approx(3.0)
+                assert poll_within_tries(healthy, client).value == pytest.approx(3.0)
                 for victim in victims:
                     with pytest.raises(CommError) as excinfo:
                         victim.poll(client)

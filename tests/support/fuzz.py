@@ -100,10 +100,29 @@ def bad_answer(rng: random.Random, category: str, request: ModbusPDU) -> bytes:
     raise ValueError(f"unknown category {category!r}")
 
 
+def _next_request(framer: FramerRTU, buffer: bytes) -> tuple[int, ModbusPDU | None]:
+    """(bytes used, request or None) for the first request in ``buffer``; (0, None) to wait for more.
+
+    One frame at a time: pymodbus's framer swallows the whole buffer with the first frame, and when this
+    thread falls behind, two requests can sit in it.
+    """
+    if len(buffer) < FramerRTU.MIN_SIZE:
+        return 0, None
+    pdu_class = framer.decoder.lookupPduClass(buffer)
+    if pdu_class is None:
+        return 1, None  # not a request we know: skip a byte
+    size = pdu_class.calculateRtuFrameSize(buffer)
+    if not size or len(buffer) < size:
+        return 0, None
+    _used, request = framer.handleFrame(buffer[:size], 0, 0)
+    return size, request
+
+
 class FuzzingDevice:
     """Answers requests for ``fuzzed`` addresses with bad frames; relays ``relayed`` ones; ignores the rest.
 
-    A late answer is held back until the gateway's next request and so lands in the next transaction.
+    A late answer is held back until the gateway's next request and so lands in the next transaction
+    (or is dropped, the gateway seeing silence, when this thread has fallen behind the gateway).
     ``late_allowed`` names the fuzzed addresses that may answer late: those whose successor in the poll
     order is another fuzzed address, so a late answer never spoils the healthy device's transaction.
     By default every fuzzed address may; one that may not, with ``late`` as its only category, gets
@@ -135,6 +154,7 @@ class FuzzingDevice:
         self._answered: Counter[int] = Counter()
         self.relayed_answers = 0
         self.relay_misses = 0
+        self.late_dropped = 0
         self.requests = 0
         self.errors: list[BaseException] = []
         self._late: bytes | None = None
@@ -208,11 +228,12 @@ class FuzzingDevice:
                     continue
                 buffer += data
                 while buffer:
-                    used, request = framer.handleFrame(buffer, 0, 0)
+                    used, request = _next_request(framer, buffer)
                     buffer = buffer[used:]
-                    if request is None:
+                    if request is not None:
+                        self._answer(port, relay, request, caught_up=not buffer and not port.in_waiting)
+                    elif not used:
                         break
-                    self._answer(port, relay, request)
         except Exception as exc:  # surfaced by the test through .errors / .alive
             self.errors.append(exc)
         finally:
@@ -220,10 +241,14 @@ class FuzzingDevice:
             if relay is not None:
                 relay.close()
 
-    def _answer(self, port: serial.Serial, relay: serial.Serial | None, request: ModbusPDU) -> None:
+    def _answer(self, port: serial.Serial, relay: serial.Serial | None, request: ModbusPDU, *,
+                caught_up: bool) -> None:
         self.requests += 1
         if self._late is not None:  # the gateway has sent its next request: it gave up on the last one
-            port.write(self._late)
+            if caught_up:  # else a later request of the same address may be waiting: the answer would fit it
+                port.write(self._late)
+            else:
+                self.late_dropped += 1
             self._late = None
         address = request.dev_id
         if address in self.fuzzed:
