@@ -75,12 +75,19 @@ def _prompt_client_class() -> type[Any]:
         def recv(self, size: int | None) -> bytes:
             if size is not None or self.socket is None:
                 return super().recv(size)
+            # Two system calls per chunk — each one gives the GIL away and must win it back, so no more.
+            deadline = time.monotonic() + self.comm_params.timeout_connect
             try:
-                readable, _, _ = select.select([self.socket], [], [], self.comm_params.timeout_connect)
-                if not readable:
-                    return b""
-                return bytes(self.socket.read(self.socket.in_waiting or 1))
-            except OSError:  # pyserial's SerialException too: the adapter went away
+                fd = self.socket.fileno()
+                while (left := deadline - time.monotonic()) > 0:
+                    if select.select([fd], [], [], left)[0]:
+                        with contextlib.suppress(BlockingIOError):  # pyserial opens the port non-blocking
+                            data = os.read(fd, 1024)
+                            if not data:
+                                raise OSError("the port hung up")
+                            return data
+                return b""
+            except OSError:  # the adapter went away
                 self.close()  # type: ignore[no-untyped-call]
                 raise ConnectionException(str(self)) from None
 
