@@ -108,21 +108,18 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        source = f"cli:uid={_peer_uid(writer)}"
+        conn = _Connection(reader, writer, f"cli:uid={_peer_uid(writer)}")
         try:
             while True:
                 try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip():
-                        await self._answer(writer, exc.partial, source, reader)
-                    return
+                    line = await conn.read_line()
                 except asyncio.LimitOverrunError:
-                    await _send(writer, _response(None, CommandResult(False, f"request longer than {MAX_LINE} "
-                                                                            "bytes")))
+                    await conn.send(_response(None, CommandResult(False, f"request longer than {MAX_LINE} bytes")))
+                    return
+                if line is None:
                     return
                 if line.strip():
-                    await self._answer(writer, line, source, reader)
+                    await self._answer(conn, line)
         except (ConnectionError, BrokenPipeError):
             pass
         except asyncio.CancelledError:
@@ -133,51 +130,67 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _answer(self, writer: asyncio.StreamWriter, line: bytes, source: str,
-                      reader: asyncio.StreamReader) -> None:
+    async def _answer(self, conn: _Connection, line: bytes) -> None:
         try:
-            request = parse_request(line)
+            rid, command, args = parse_request(line)
         except CommandRejected as exc:
-            await _send(writer, _response(_salvage_id(line), CommandResult(False, str(exc))))
+            await conn.send(_response(_salvage_id(line), CommandResult(False, str(exc))))
             return
-        rid, command, args = request
         if command == "events" and "follow" in args:
             follow = args["follow"]
             args = {k: v for k, v in args.items() if k != "follow"}
             if not isinstance(follow, bool):
-                await _send(writer, _response(rid, CommandResult(False, "events: follow: must be true or false")))
+                await conn.send(_response(rid, CommandResult(False, "events: follow: must be true or false")))
                 return
             if follow:
-                await self._follow(writer, reader, rid, args)
+                await self._follow(conn, rid, args)
                 return
         if command == "scan":
-            result = await self._with_progress(writer, rid, command, args, source)
+            result = await self._scan(conn, rid, args)
+            if result is None:
+                return
         else:
-            result = await self.handler.handle(command, args, source=source)
-        await _send(writer, _response(rid, result))
+            result = await self.handler.handle(command, args, source=conn.source)
+        await conn.send(_response(rid, result))
 
-    async def _with_progress(self, writer: asyncio.StreamWriter, rid: Any, command: str, args: dict[str, Any],
-                             source: str) -> CommandResult:
+    async def _scan(self, conn: _Connection, rid: Any, args: dict[str, Any]) -> CommandResult | None:
+        """A scan with progress lines; a client that hangs up cancels it (and so resumes polling at once)."""
+
         def progress(update: dict[str, Any]) -> None:
-            if not writer.is_closing():
-                writer.write(_line({"id": rid, "stream": update}))
+            if not conn.writer.is_closing():
+                conn.writer.write(_line({"id": rid, "stream": update}))
 
-        return await self.handler.handle(command, args, source=source, progress=progress)
+        work = asyncio.ensure_future(self.handler.handle("scan", args, source=conn.source, progress=progress))
+        hangup = conn.watch_hangup()
+        try:
+            waiters: set[asyncio.Future[Any]] = {work, hangup}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if hangup.done() and hangup.result():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                log.info("scan cancelled: the client hung up", source=conn.source)
+                return None
+            return await work
+        finally:
+            hangup.cancel()
+            if not work.done():
+                work.cancel()
 
-    async def _follow(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader, rid: Any,
-                      args: dict[str, Any]) -> None:
-        """Stream events until the client hangs up or the daemon stops."""
-        gone = asyncio.ensure_future(reader.read(1))  # the client sends nothing more; EOF means it left
+    async def _follow(self, conn: _Connection, rid: Any, args: dict[str, Any]) -> None:
+        """Stream events until the client hangs up (or sends anything) or the daemon stops."""
+        hangup = conn.watch_hangup()
         stream = self.handler.follow(args)
         try:
             while True:
-                item = asyncio.ensure_future(anext(stream))
+                item: asyncio.Future[Any] = asyncio.ensure_future(anext(stream))
+                waiters: set[asyncio.Future[Any]] = {item, hangup}
                 try:
-                    done, _ = await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 except asyncio.CancelledError:
                     item.cancel()
                     with contextlib.suppress(Exception):
-                        await _send(writer, _response(rid, CommandResult(True, "daemon stopping")))
+                        await conn.send(_response(rid, CommandResult(True, "daemon stopping")))
                     raise
                 if item not in done:
                     item.cancel()
@@ -185,13 +198,50 @@ class ControlServer:
                 try:
                     row = item.result()
                 except CommandRejected as exc:
-                    await _send(writer, _response(rid, CommandResult(False, str(exc))))
+                    await conn.send(_response(rid, CommandResult(False, str(exc))))
                     return
-                await _send(writer, {"id": rid, "stream": row})
+                await conn.send({"id": rid, "stream": row})
         finally:
-            gone.cancel()
+            hangup.cancel()
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+
+class _Connection:
+    """One client: its streams, its source, and a byte read ahead while watching for a hang-up."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.source = source
+        self._ahead = b""
+
+    async def read_line(self) -> bytes | None:
+        """The next request line (None at the end); raises LimitOverrunError on an overlong line."""
+        if self._ahead == b"\n":
+            self._ahead = b""
+            return b"\n"
+        try:
+            line = await self.reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            line = exc.partial
+            if not (self._ahead + line).strip():
+                return None
+        line, self._ahead = self._ahead + line, b""
+        return line
+
+    def watch_hangup(self) -> asyncio.Future[bool]:
+        """Completes with True when the client closes its side, False when it sends something (kept)."""
+
+        async def watch() -> bool:
+            data = await self.reader.read(1)
+            self._ahead += data
+            return not data
+
+        return asyncio.ensure_future(watch())
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await _send(self.writer, message)
 
 
 def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:

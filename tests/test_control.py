@@ -203,3 +203,29 @@ async def test_a_follower_that_hangs_up_is_forgotten(site: Site) -> None:
     assert len(site.gateway._stored_watchers) == 1
     await conn.close()
     await wait_for(lambda: not site.gateway._stored_watchers, "follower gone")
+
+
+async def test_a_client_hanging_up_cancels_its_scan_and_polling_resumes(site: Site) -> None:
+    conn = await Conn.open(socket_path(site))
+    await conn.send(b'{"id": 1, "command": "scan", "args": {"bus": "bus1", "pause_polling": true}}\n')
+    first = await conn.receive()
+    assert first["stream"]["done"] == 1 and first["stream"]["total"] == 247
+    assert site.gateway.buses["bus1"].paused
+    await conn.close()
+    await wait_for(lambda: not site.gateway.buses["bus1"].paused, "polling resumed")
+    rows = await wait_for(lambda: stored_at_least(site, 2, kind="system"), "pause and resume stored")
+    assert [r["action"] for r in rows] == ["paused", "resumed"]
+    again = await site.handler.handle("scan", {"bus": "bus1", "from": 1, "to": 1, "pause_polling": True},
+                                      source="test")
+    assert again.ok  # the cancelled scan no longer holds the bus
+
+
+async def test_a_request_sent_during_a_follow_ends_it_and_is_answered(site: Site) -> None:
+    conn = await Conn.open(socket_path(site))
+    await conn.send(b'{"id": 1, "command": "events", "args": {"follow": true, "limit": 1}}\n')
+    assert "stream" in await conn.receive()
+    answer = await conn.request({"id": 2, "command": "status"})
+    while "stream" in answer:  # events stored meanwhile may still be in flight
+        answer = await conn.receive()
+    assert answer["id"] == 2 and answer["ok"] is True
+    await conn.close()
