@@ -13,6 +13,7 @@ import contextlib
 import json
 import random
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -178,7 +179,9 @@ class Uplink:
             loop.call_soon_threadsafe(settle, rc)
 
         def on_connect_fail(c: mqtt.Client, u: Any) -> None:
-            loop.call_soon_threadsafe(settle, "connection failed")
+            # paho calls this while handling the OSError (TLS verification, refused, ...): keep its reason
+            failure = sys.exc_info()[1]
+            loop.call_soon_threadsafe(settle, f"connection failed: {failure}" if failure else "connection failed")
 
         def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
             loop.call_soon_threadsafe(self._disconnected, c, rc)
