@@ -11,7 +11,8 @@ was given (and lies in the gateway's reply subtree), otherwise on ``<base>/reply
 
 Replay window across restarts: seen ids are kept in memory until their command expires (at most
 :data:`MAX_VALIDITY_S` after issue). A restart forgets them, so a command issued before this process started
-is refused as ``stale``: a replay can never outlive the process that saw the original.
+is refused as ``stale`` (allowing :data:`STALE_GRACE_S` for times given in whole seconds): a replay can never
+outlive the process that saw the original by more than that.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ MAX_COMMAND_DEPTH = 8
 MAX_VALIDITY_S = 300.0
 #: How far in the future issued_at may lie (clock difference between server and gateway).
 MAX_CLOCK_SKEW_S = 30.0
+#: A command issued up to this long before the gateway started is not yet stale (times in whole seconds).
+STALE_GRACE_S = 1.0
 #: Unexpired command ids remembered at most; beyond that new commands are refused as busy.
 SEEN_CAPACITY = 4096
 MAX_REASON = 300
@@ -371,7 +374,7 @@ class CommandGate:
             raise Rejected("expired", f"expired {now - expires:.1f} s ago")
         if issued > now + MAX_CLOCK_SKEW_S:
             raise Rejected("not_yet_valid", f"issued_at is {issued - now:.0f} s ahead of the gateway's clock")
-        if issued < self.started_at:
+        if issued < self.started_at - STALE_GRACE_S:
             raise Rejected("stale", "issued before the gateway started; send a new command")
         self.seen.add(body["id"], expires, now)
         return Command(id=body["id"], name=name, args=body.get("args", {}), issued_at=issued, expires_at=expires)
