@@ -1,17 +1,18 @@
 """Security of the uplink against a real mosquitto: TLS with a CA made at test time, client certificates,
 credentials from a private file, and the broker ACL from docs/mqtt.md.
 
-Certificates are made with the ``openssl`` command (EC P-256, valid for two days) in the test's directory.
+Certificates are made with the ``cryptography`` package (EC P-256, valid for two days) in the test's directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import ipaddress
 import json
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.simulated import VirtualNullModem
@@ -35,10 +40,7 @@ from tests.support.building import eventually, running_gateway, simulated_detect
 from tests.support.mqtt import MqttRecorder
 from tests.support.site import SiteSpec, build_site
 
-pytestmark = [
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
-]
+pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAYD = str(Path(sys.executable).with_name("gatewayd"))
@@ -50,40 +52,64 @@ SERVER_USER, SERVER_PASSWORD = "central-server", "srv-secret"
 # ------------------------------------------------------------------------------------------- PKI
 
 
-def openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @dataclass(frozen=True)
 class Issued:
     cert: Path
     key: Path
 
 
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
 class Authority:
-    """A throwaway certificate authority."""
+    """A throwaway certificate authority (EC P-256, valid for two days)."""
 
     def __init__(self, directory: Path, name: str) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cert, self.key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
-        openssl(self.dir, "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                "-nodes", "-keyout", self.key.name, "-out", self.cert.name, "-days", "2", "-subj", f"/CN={name}",
-                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder().subject_name(self._name).issuer_name(self._name)
+                .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                             crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False)
+                .sign(self._key, hashes.SHA256()))
+        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(self.key, self._key)
+        self._cert = cert
 
     def issue(self, name: str, common_name: str, *, server_names: tuple[str, ...] = (), client: bool = False) -> Issued:
-        key, csr, cert, ext = (self.dir / f"{name}.{s}" for s in ("key", "csr", "crt", "ext"))
-        openssl(self.dir, "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", key.name, "-out", csr.name, "-subj", "/CN=" + common_name.replace("/", "\\/"))
-        lines = ["basicConstraints=CA:FALSE", f"extendedKeyUsage={'clientAuth' if client else 'serverAuth'}"]
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   .issuer_name(self._name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                                         else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                                  critical=False))
         if server_names:
-            lines.append("subjectAltName=" + ",".join(
-                f"IP:{n}" if re.fullmatch(r"[0-9.]+", n) else f"DNS:{n}" for n in server_names))
-        ext.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        openssl(self.dir, "x509", "-req", "-in", csr.name, "-CA", self.cert.name, "-CAkey", self.key.name,
-                "-CAcreateserial", "-out", cert.name, "-days", "2", "-extfile", ext.name)
-        key.chmod(0o600)
-        return Issued(cert, key)
+            names: list[x509.GeneralName] = [
+                x509.IPAddress(ipaddress.ip_address(n)) if re.fullmatch(r"[0-9.]+", n) else x509.DNSName(n)
+                for n in server_names]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        cert_path, key_path = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(key_path, key)
+        return Issued(cert_path, key_path)
 
 
 @dataclass(frozen=True)
