@@ -239,6 +239,7 @@ class StorageConfig:
     history_days: float = 30.0
     history_min_events: int = 999
     telemetry_batch_s: float = 0.5
+    memory_events: int = 10_000
 
 
 DEFAULT_SOCKET = "/run/gateway/control.sock"
@@ -993,6 +994,7 @@ def _parse_storage(root: _Table, base: Path) -> StorageConfig:
         history_days=t.num("history_days", d.history_days, lo=30.0),
         history_min_events=t.integer("history_min_events", d.history_min_events, lo=999),
         telemetry_batch_s=t.num("telemetry_batch_s", d.telemetry_batch_s, lo=0.0, hi=10.0),
+        memory_events=t.integer("memory_events", d.memory_events, lo=100, hi=1_000_000),
     )
     t.done()
     return cfg

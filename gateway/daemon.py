@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -31,14 +31,15 @@ from gateway.commands import CommandHandler
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
 from gateway.contract import BusCounters, CommandGate, CommandService, StatusReporter, UplinkFigures, birth_message
 from gateway.control import ControlServer, ControlServerError
-from gateway.events import Event, Priority
+from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.logs import configure_logging
 from gateway.notify import Notifier, Watchdog
-from gateway.outbox import Outbox
+from gateway.outbox import Outbox, StorageLimits
 from gateway.panel import AlarmPanel
 from gateway.realtime import raise_priority
 from gateway.selfcheck import SelfCheck
+from gateway.storage_writer import EventWriter
 from gateway.topics import Topics
 from gateway.uplink import Uplink
 
@@ -49,7 +50,7 @@ log = structlog.get_logger()
 #: default is 5 ms). Bus threads and GPIO callbacks wake from I/O and need it back at once; at 0.5 ms the
 #: hand-off stops dominating the alarm path (docs/performance.md), for a few per cent of throughput.
 SWITCH_INTERVAL_S = 0.0005
-DB_RETRY_MAX_S = 2.0
+STORAGE_MAINTENANCE_S = 60.0
 #: A status message after every connect and then this often (seconds).
 STATUS_INTERVAL_S = 60.0
 STATUS_CHECK_S = 0.5
@@ -77,7 +78,6 @@ class Gateway:
         self.buses: dict[str, BusPoller] = {}
         self.contacts: dict[str, ContactInput] = {}
         self._outputs: list[Any] = []
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._followers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[Event], None]] = []
@@ -96,7 +96,10 @@ class Gateway:
         self.outbox = await Outbox.open(
             cfg.storage.path, gateway_id=cfg.gateway_id,
             identity={"community": cfg.community, "building": cfg.building},
+            limits=StorageLimits.from_config(cfg.storage),
         )
+        self.writer = EventWriter(self.outbox, batch_s=cfg.storage.telemetry_batch_s,
+                                  memory_limit=cfg.storage.memory_events, on_stored=self._stored)
         bridge = Bridge(loop)
         self.bridge = bridge
         self.heartbeats.register("annunciator", 5.0)
@@ -156,6 +159,7 @@ class Gateway:
         self.heartbeats.register("loop", 10.0)
         self._tasks = [
             asyncio.create_task(self._writer(), name="outbox-writer"),
+            asyncio.create_task(self._maintain_storage(), name="storage-maintenance"),
             asyncio.create_task(self.uplink.run(), name="uplink"),
             asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat"),
             asyncio.create_task(self._publish_status(), name="status"),
@@ -221,7 +225,7 @@ class Gateway:
 
     def _event_arrived(self, event: Event) -> None:
         self.events_seen += 1
-        self._queue.put_nowait(event)
+        self.writer.put(event)
         for q in self._followers:
             q.put_nowait(event)
         for listener in self._listeners:
@@ -257,37 +261,29 @@ class Gateway:
         self._stored_watchers.discard(stored)
 
     async def _drain_queue(self) -> None:
-        batch = []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        if batch:
-            await self._store(batch)
+        await self.writer.flush()
 
     async def _writer(self) -> None:
-        """Commit events in batches: alarms at once, telemetry gathered for a bounded delay."""
-        batch_s = self.cfg.storage.telemetry_batch_s
-        while True:
-            batch = [await self._queue.get()]
-            deadline = time.monotonic() + batch_s
-            while True:
-                while not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                if any(e.priority > Priority.TELEMETRY for e in batch) or time.monotonic() >= deadline:
-                    break
-                with contextlib.suppress(TimeoutError):
-                    batch.append(await asyncio.wait_for(self._queue.get(), deadline - time.monotonic()))
-            await self._store(batch)
+        """Commit events (gateway.storage_writer): alarms at once, telemetry batched, held in memory on trouble."""
+        await self.writer.run()
 
-    async def _store(self, batch: list[Event]) -> None:
-        delay = 0.05
+    async def _maintain_storage(self) -> None:
+        """History retention, size cap and free-disk watermark, every STORAGE_MAINTENANCE_S."""
         while True:
+            await asyncio.sleep(STORAGE_MAINTENANCE_S)
+            generation = self.outbox.generation
             try:
-                ids = await self.outbox.append(batch)
-                break
-            except sqlite3.OperationalError as exc:
-                log.warning("database busy; retrying", error=str(exc), events=len(batch), retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(DB_RETRY_MAX_S, delay * 2)
+                await self.outbox.maintain()
+            except sqlite3.Error as exc:
+                log.warning("storage maintenance failed; retried later", error=str(exc))
+                with contextlib.suppress(sqlite3.Error, OSError):
+                    await self.outbox.recover(exc, generation=generation)
+
+    async def storage_status(self) -> dict[str, Any]:
+        """Outbox figures (backlog, oldest undelivered age, evictions by class, sizes) and the in-memory side."""
+        return {**await self.outbox.stats(), **self.writer.stats()}
+
+    def _stored(self, batch: Sequence[Event], ids: Sequence[str]) -> None:
         for watcher in self._stored_watchers:
             watcher.set()
         for event, event_id in zip(batch, ids, strict=True):

@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import json
 import random
+import sqlite3
 import ssl
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,6 +38,18 @@ log = structlog.get_logger()
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
 REJECTED_RETRY_S = 5.0
+ACK_TIMEOUT_S = 30.0
+PREFETCH_ROWS = 500
+ACK_BATCH = 256
+ACK_DELAY_S = 0.2
+STORAGE_RETRY_S = 0.2
+
+
+@dataclass(slots=True)
+class _InFlight:
+    row: PendingEvent
+    sent_at: float
+    sends: int
 
 
 class UplinkError(Exception):
@@ -63,6 +78,8 @@ class Uplink:
         on_command: Callable[[mqtt.MQTTMessage], Awaitable[None]] | None = None,
         heartbeat: Callable[[], None] | None = None,
         connect_timeout_s: float = 10.0,
+        ack_timeout_s: float = ACK_TIMEOUT_S,
+        prefetch: int = PREFETCH_ROWS,
     ) -> None:
         self.cfg = mqtt_cfg
         self.outbox = outbox
@@ -72,14 +89,31 @@ class Uplink:
         self._heartbeat = heartbeat
         self._connect_timeout = connect_timeout_s
         self._client: mqtt.Client | None = None
-        self._inflight: dict[int, tuple[PendingEvent, float]] = {}
-        self._acked: list[int] = []
-        self._rejected: dict[int, float] = {}
-        self._next_after = 0
+        self.ack_timeout_s = ack_timeout_s
+        self.rejected_retry_s = REJECTED_RETRY_S
+        self.prefetch = max(1, prefetch)
+        # Forwarding state, all owned by the loop. paho's thread only appends to _ack_inbox.
+        self._inflight: dict[int, _InFlight] = {}  # mid → row, in publish order
+        self._acked: list[tuple[int, int]] = []  # (seq, publishes) acknowledged, not yet marked in SQLite
+        self._acked_since: float | None = None
+        self._acked_generation = outbox.generation
+        self._rejected: dict[int, tuple[PendingEvent, float]] = {}  # seq → (row, retry due)
+        self._sends: dict[int, int] = {}  # publishes of rows still without a successful PUBACK
+        self._cursor = 0  # highest seq taken from the outbox on this connection
+        self._stale = True  # the outbox may hold rows after the cursor
+        self._fetching = False
+        self._queue: deque[PendingEvent] | None = None  # rows taken from the outbox, not yet published
+        self._queue_generation = -1
+        self._ack_inbox: deque[tuple[mqtt.Client, int, ReasonCode]] = deque()
+        self._ack_wake_scheduled = False
         self._progress = asyncio.Event()
         self._lost = asyncio.Event()
+        self._stop_requested = asyncio.Event()
         self._stopping = False
         self._connected_mono = 0.0
+        outbox.on_append(self._appended)
+        self.resent_total = 0
+        self.outcome_unknown_total = 0
         self.connected = False
         self.rtt_ms: float | None = None
         self.delivered_total = 0
@@ -101,38 +135,52 @@ class Uplink:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Connect, forward, reconnect — until :meth:`stop`."""
+        """Connect, forward, reconnect — until :meth:`stop`. Nothing that goes wrong ends this loop."""
         delays = backoff_delays()
         while not self._stopping:
+            self._beat()
             try:
                 client = await self._connect()
             except UplinkError as exc:
                 self.last_error = str(exc)
-                waiting, _ = await self.outbox.backlog()
+                waiting: int | str = "unknown"
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    waiting, _ = await self.outbox.backlog()
                 delay = next(delays)
                 log.warning("uplink down; events buffered", broker=self.broker, error=str(exc),
                             waiting=waiting, retry_in_s=round(delay, 1))
                 await self._sleep(delay)
                 continue
             delays = backoff_delays()
+            failed = False
             try:
                 await self._forward(client)
+            except Exception as exc:  # a bug or storage trouble must not stall the uplink: reconnect
+                failed = True
+                self.last_error = f"forwarding failed: {exc!r}"
+                log.error("uplink forwarding failed; reconnecting", error=repr(exc))
             finally:
                 await self._drop(client)
+            if failed:
+                await self._sleep(next(delays))
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush what can be flushed in time, publish a clean offline, disconnect."""
         deadline = time.monotonic() + flush_timeout_s
         while self.connected and time.monotonic() < deadline:
-            waiting, _ = await self.outbox.backlog()
+            try:
+                self._take_acks()
+                await self._flush_acks()
+                waiting, _ = await self.outbox.backlog()
+            except (sqlite3.Error, ValueError):
+                break
             if waiting == 0 and not self._inflight:
                 break
             self._progress.clear()
-            try:
-                await asyncio.wait_for(self._progress.wait(), timeout=max(0.01, deadline - time.monotonic()))
-            except TimeoutError:
-                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=max(0.01, min(0.1, deadline - time.monotonic())))
         self._stopping = True
+        self._stop_requested.set()
         client = self._client
         if client is not None and self.connected:
             info = client.publish(self.topics.availability, self._availability("offline", "planned stop"),
@@ -187,7 +235,12 @@ class Uplink:
             loop.call_soon_threadsafe(self._disconnected, c, rc)
 
         def on_publish(c: mqtt.Client, u: Any, mid: int, rc: ReasonCode, props: Any) -> None:
-            loop.call_soon_threadsafe(self._puback, c, mid, rc)
+            # One loop wake-up for a run of PUBACKs, not one per message.
+            self._ack_inbox.append((c, mid, rc))
+            if not self._ack_wake_scheduled:
+                self._ack_wake_scheduled = True
+                with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                    loop.call_soon_threadsafe(self._take_acks)
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
             loop.call_soon_threadsafe(self._message, msg)
@@ -219,16 +272,21 @@ class Uplink:
         return client
 
     async def _drop(self, client: mqtt.Client) -> None:
+        self._take_acks()  # PUBACKs that arrived before the end still count
         if self._client is client:
             self._client = None
         self.connected = False
-        lost = len(self._inflight)
+        unknown = len(self._inflight)
+        self.outcome_unknown_total += unknown
         self._inflight.clear()
         self._rejected.clear()
-        self._next_after = 0
-        await self._flush_acks()
-        if lost:
-            log.warning("uplink lost with events in flight; they will be sent again", inflight=lost)
+        self._cursor = 0
+        self._stale = True
+        with contextlib.suppress(sqlite3.Error, ValueError):
+            await self._flush_acks()
+        if unknown:
+            log.warning("uplink lost with events in flight: outcome unknown, they will be sent again",
+                        inflight=unknown)
         with contextlib.suppress(Exception):  # already gone
             client.disconnect()
         await asyncio.to_thread(client.loop_stop)
@@ -247,74 +305,202 @@ class Uplink:
         if self._birth is not None:
             client.publish(self.topics.birth, json.dumps(self._birth(), separators=(",", ":")), qos=1, retain=True)
         client.subscribe(self.topics.command_filter, qos=1)
-        while not self._lost.is_set():
-            if self._heartbeat is not None:
-                self._heartbeat()
-            self._retry_rejected()
-            room = self.cfg.max_inflight - len(self._inflight)
-            self._progress.clear()
-            self.outbox.appended.clear()
-            if room > 0:
-                rows = await self.outbox.pending(after=self._next_after, limit=room)
-                sent = []
-                for row in rows:
-                    info = client.publish(self.topics.event(row.kind), self._wire_payload(row), qos=1)
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        self._lost.set()
-                        break
-                    self._inflight[info.mid] = (row, time.monotonic())
-                    self._next_after = row.seq
-                    sent.append(row.seq)
-                if sent:
-                    await self.outbox.mark_sent(sent)
-                    continue
-            await self._flush_acks()
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self._progress, self.outbox.appended, self._lost)]
-            try:
-                await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
-            await self._flush_acks()
+        # Rows flow: outbox (by seq, after the cursor) → prefetch queue → publish (at most max_inflight without
+        # a PUBACK) → PUBACK → marked delivered in batches. A row is never taken twice on one connection.
+        generation = self.outbox.generation
+        queue: deque[PendingEvent] = deque()
+        self._queue, self._queue_generation = queue, generation
+        self._stale = True
+        try:
+            await self._pump(client, queue, generation)
+        finally:
+            self._queue = None
 
-    def _wire_payload(self, row: PendingEvent) -> str:
-        historical = (row.session != self.outbox.session or row.attempts > 0
-                      or row.mono < self._connected_mono)
+    async def _pump(self, client: mqtt.Client, queue: deque[PendingEvent], generation: int) -> None:
+        while not self._lost.is_set():
+            self._beat()
+            if self.outbox.generation != generation:  # the file was replaced: its seqs mean nothing now
+                generation = self._queue_generation = self.outbox.generation
+                queue.clear()
+                self._forget_rows()
+            if self._ack_overdue():
+                self.last_error = f"no PUBACK within {self.ack_timeout_s:g} s"
+                log.warning("broker stopped acknowledging; reconnecting", inflight=len(self._inflight),
+                            ack_timeout_s=self.ack_timeout_s)
+                return
+            self._requeue_rejected(queue)
+            room = self.cfg.max_inflight - len(self._inflight)
+            try:
+                if room > 0 and len(queue) < room and self._stale:
+                    self._stale = False
+                    self._fetching = True
+                    try:
+                        rows = await self.outbox.pending(after=self._cursor, limit=self.prefetch)
+                    finally:
+                        self._fetching = False
+                    if len(rows) >= self.prefetch:
+                        self._stale = True
+                    if rows and self.outbox.generation == generation:
+                        queue.extend(r for r in rows if r.seq > self._cursor)
+                        self._cursor = max(self._cursor, rows[-1].seq)
+                    room = self.cfg.max_inflight - len(self._inflight)
+                if room > 0 and queue and not self._publish(client, queue, room):
+                    return
+                if self._acks_due(idle=not queue and not self._stale):
+                    await self._flush_acks()
+            except (sqlite3.Error, ValueError) as exc:
+                self._stale = True
+                await self._storage_trouble(exc, generation)
+                continue
+            self._progress.clear()
+            room = self.cfg.max_inflight - len(self._inflight)
+            if room > 0 and (queue or self._stale):
+                continue
+            await self._wait_progress(self._wait_timeout())
+
+    def _publish(self, client: mqtt.Client, queue: deque[PendingEvent], room: int) -> bool:
+        """Publish up to ``room`` queued rows; False when paho refuses (the connection is gone)."""
+        now = time.monotonic()
+        while room > 0 and queue:
+            row = queue.popleft()
+            sends = self._sends.get(row.seq, 0)
+            info = client.publish(self.topics.event(row.kind), self._wire_payload(row, resend=sends > 0), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                queue.appendleft(row)
+                self.last_error = f"publish: {mqtt.error_string(info.rc)}"
+                self._lost.set()
+                return False
+            self._inflight[info.mid] = _InFlight(row, now, sends + 1)
+            self._sends[row.seq] = sends + 1
+            if sends:
+                self.resent_total += 1
+            room -= 1
+        return True
+
+    def _wire_payload(self, row: PendingEvent, *, resend: bool = False) -> str:
+        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on."""
+        historical = resend or row.session != self.outbox.session or row.mono < self._connected_mono
         return row.payload[:-1] + (',"historical":true}' if historical else ',"historical":false}')
+
+    def _take_acks(self) -> None:
+        """On the loop: handle every PUBACK paho's thread queued since the last call."""
+        self._ack_wake_scheduled = False
+        while self._ack_inbox:
+            client, mid, rc = self._ack_inbox.popleft()
+            self._puback(client, mid, rc)
 
     def _puback(self, client: mqtt.Client, mid: int, rc: ReasonCode) -> None:
         if client is not self._client:
             return
         entry = self._inflight.pop(mid, None)
-        if entry is None:
+        if entry is None:  # not an event (availability, birth, status, command result)
             return
-        row, sent_at = entry
-        if rc.is_failure:
+        row = entry.row
+        if rc.is_failure:  # MQTT 5 reason code ≥ 0x80: the broker did not take it
             self.rejected_total += 1
-            self._rejected[row.seq] = time.monotonic()
-            log.error("broker rejected event; will retry", event_id=row.event_id, reason=str(rc))
-        else:
-            rtt = (time.monotonic() - sent_at) * 1000
+            self._rejected[row.seq] = (row, time.monotonic() + self.rejected_retry_s)
+            log.error("broker rejected event; will retry", event_id=row.event_id, kind=row.kind, reason=str(rc),
+                      reason_code=f"0x{rc.value:02x}", retry_in_s=self.rejected_retry_s)
+        else:  # includes 0x10 "no matching subscribers": the broker has it
+            now = time.monotonic()
+            rtt = (now - entry.sent_at) * 1000
             self.rtt_ms = rtt if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt
-            self._acked.append(row.seq)
+            self._sends.pop(row.seq, None)
+            if not self._acked:
+                self._acked_since = now
+            self._acked.append((row.seq, entry.sends))
+            self.delivered_total += 1
             if row.priority > 0:
                 log.info("event forwarded", event_id=row.event_id, kind=row.kind)
         self._progress.set()
 
-    def _retry_rejected(self) -> None:
+    def _requeue_rejected(self, queue: deque[PendingEvent]) -> None:
+        """Rejected rows whose wait is over go to the front of the queue (later rows were not held back)."""
         if not self._rejected:
             return
         now = time.monotonic()
-        due = [seq for seq, at in self._rejected.items() if now - at >= REJECTED_RETRY_S]
-        if due and len(due) == len(self._rejected):
-            self._next_after = min(self._next_after, min(due) - 1)
-            self._rejected.clear()
+        due = sorted(seq for seq, (_, at) in self._rejected.items() if now >= at)
+        for seq in reversed(due):
+            queue.appendleft(self._rejected.pop(seq)[0])
+
+    def _ack_overdue(self) -> bool:
+        if not self._inflight:
+            return False
+        oldest = next(iter(self._inflight.values()))
+        return time.monotonic() - oldest.sent_at > self.ack_timeout_s
+
+    def _acks_due(self, *, idle: bool) -> bool:
+        if not self._acked:
+            return False
+        return (idle or self._stopping or len(self._acked) >= ACK_BATCH
+                or time.monotonic() - (self._acked_since or 0.0) >= ACK_DELAY_S)
 
     async def _flush_acks(self) -> None:
-        if self._acked:
-            acked, self._acked = self._acked, []
+        """Mark acknowledged rows delivered, in one transaction. On failure they stay queued for the next try."""
+        if not self._acked:
+            return
+        if self._acked_generation != self.outbox.generation:  # acks for a file that was replaced
+            self._acked.clear()
+            self._acked_generation = self.outbox.generation
+            return
+        acked, self._acked = self._acked, []
+        since, self._acked_since = self._acked_since, None
+        try:
             await self.outbox.mark_delivered(acked)
-            self.delivered_total += len(acked)
+        except BaseException:
+            self._acked = acked + self._acked
+            self._acked_since = since
+            raise
+
+    def _forget_rows(self) -> None:
+        """Drop every seq-based state (the outbox file was replaced)."""
+        self._inflight.clear()
+        self._rejected.clear()
+        self._acked.clear()
+        self._acked_generation = self.outbox.generation
+        self._sends.clear()
+        self._cursor = 0
+        self._stale = True
+
+    def _appended(self, rows: list[PendingEvent]) -> None:
+        """New rows committed: when caught up, take them straight into the queue (no re-read); else re-read."""
+        queue = self._queue
+        if (queue is not None and rows and not self._stale and not self._fetching
+                and self._queue_generation == self.outbox.generation
+                and rows[0].seq == self._cursor + 1 and len(queue) < self.prefetch):
+            queue.extend(rows)
+            self._cursor = rows[-1].seq
+        else:
+            self._stale = True
+        self._progress.set()
+
+    def _wait_timeout(self) -> float:
+        now = time.monotonic()
+        timeout = 1.0  # heartbeat and ack-timeout checks
+        if self._acked:
+            timeout = min(timeout, (self._acked_since or now) + ACK_DELAY_S - now)
+        if self._rejected:
+            timeout = min(timeout, min(at for _, at in self._rejected.values()) - now)
+        return max(0.001, timeout)
+
+    async def _wait_progress(self, timeout: float) -> None:
+        """Wait for a PUBACK, new rows, a disconnect or stop — or ``timeout`` (no task per wait)."""
+        handle = asyncio.get_running_loop().call_later(timeout, self._progress.set)
+        try:
+            await self._progress.wait()
+        finally:
+            handle.cancel()
+
+    async def _storage_trouble(self, exc: BaseException, generation: int) -> None:
+        """A read or ack write failed: busy → wait and retry; corrupt → the outbox replaces the file."""
+        log.warning("outbox unavailable to the uplink; retrying", error=str(exc))
+        with contextlib.suppress(sqlite3.Error, OSError, ValueError):
+            await self.outbox.recover(exc, generation=generation)
+        await self._wait_progress(STORAGE_RETRY_S)
+
+    def _beat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat()
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -340,8 +526,16 @@ class Uplink:
         return json.dumps(body, separators=(",", ":"))
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lost.wait() if self._stopping else asyncio.sleep(seconds), seconds)
+        """Back off for ``seconds``, feeding the heartbeat (the uplink is alive, only the broker is not) and waking
+        at once on :meth:`stop`."""
+        end = time.monotonic() + seconds
+        while not self._stopping:
+            self._beat()
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), min(remaining, 5.0))
 
 
 def _warn_transport(cfg: MqttConfig) -> None:

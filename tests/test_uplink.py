@@ -1,0 +1,361 @@
+"""The uplink against a real mosquitto: order, the in-flight window, PUBACK reason codes, disconnects,
+a broker that stops answering, the stop flush and rows left by a crash.
+
+The outbox is a real SQLite file; the broker is stopped (SIGSTOP), killed (SIGKILL) and restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from gateway.config import MqttConfig
+from gateway.events import Event
+from gateway.outbox import Outbox
+from gateway.topics import Topics
+from gateway.uplink import Uplink
+from tests.support.broker import MosquittoBroker
+from tests.support.building import eventually
+from tests.support.mqtt import RecordedMessage
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+TOPICS = Topics("safety", "c1", "b1")
+EVENTS = f"{TOPICS.base}/event/#"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+class PersistentBroker(MosquittoBroker):
+    """mosquitto that keeps client sessions across restarts (saved at exit and on :meth:`save`).
+
+    A subscriber with a persistent session then gets every message published while it was away, so a test
+    can restart the broker without racing the publisher's reconnect against the subscriber's.
+    """
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.config_path.read_text(encoding="utf-8").replace("persistence false\n", "")
+        text += (f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 0\n"
+                 "max_queued_messages 0\n")
+        self.config_path.write_text(text, encoding="utf-8")
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "mosquitto.db"
+
+    def save(self) -> None:
+        """Write the session store now (SIGUSR1) and wait for it."""
+        self.store.unlink(missing_ok=True)
+        assert self.pid is not None
+        os.kill(self.pid, signal.SIGUSR1)
+        wait_until(self.store.exists, timeout=10, message="mosquitto did not save its sessions")
+
+
+class SessionRecorder:
+    """A subscriber with a persistent session (MQTT 3.1.1, clean session off) recording JSON bodies."""
+
+    def __init__(self, broker: MosquittoBroker, topic: str = EVENTS, client_id: str = "session-recorder") -> None:
+        self._cond = threading.Condition()
+        self.bodies: list[dict[str, Any]] = []
+        self._subscribed = False
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
+                                  clean_session=False)
+        self.client.reconnect_delay_set(min_delay=0.05, max_delay=0.5)  # type: ignore[arg-type]
+
+        def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
+            c.subscribe(topic, qos=1)
+
+        def on_subscribe(c: mqtt.Client, u: Any, mid: int, rcs: Any, props: Any) -> None:
+            with self._cond:
+                self._subscribed = True
+                self._cond.notify_all()
+
+        def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            with self._cond:
+                self.bodies.append(json.loads(msg.payload))
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = on_subscribe
+        self.client.on_message = on_message
+        self.client.connect_async(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        with self._cond:
+            assert self._cond.wait_for(lambda: self._subscribed, timeout=30), "recorder did not subscribe"
+
+    def received(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return list(self.bodies)
+
+    def wait_ids(self, ids: set[str], timeout: float = 60.0) -> list[dict[str, Any]]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: ids <= {b["event_id"] for b in self.bodies}, timeout=timeout)
+            missing = ids - {b["event_id"] for b in self.bodies}
+        assert ok, f"{len(missing)} of {len(ids)} events never arrived, e.g. {sorted(missing)[:5]}"
+        return self.received()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def ev(kind: str = "telemetry", n: int = 0) -> Event:
+    return Event(kind, "reading" if kind == "telemetry" else "raised", time.monotonic(), device=f"gas-{n % 3}",
+                 value=float(n), wall=time.time())
+
+
+def bodies(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
+    return [m.json for m in messages]
+
+
+@contextlib.asynccontextmanager
+async def forwarding(
+    tmp_path: Path, broker: MosquittoBroker, *, protocol: int = 5, max_inflight: int = 8, start: bool = True,
+    **kwargs: Any,
+) -> AsyncIterator[tuple[Outbox, Uplink]]:
+    ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
+    cfg = MqttConfig(host=broker.host, port=broker.port, client_id="gw-test", protocol=protocol,  # type: ignore[arg-type]
+                     max_inflight=max_inflight, keepalive_s=10)
+    up = Uplink(cfg, ob, TOPICS, connect_timeout_s=1.0, **kwargs)
+    task = asyncio.create_task(up.run())
+    try:
+        if start:
+            await eventually(lambda: up.connected, timeout=30, message="uplink never connected")
+        yield ob, up
+    finally:
+        await up.stop(flush_timeout_s=0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await ob.close()
+
+
+async def undelivered(ob: Outbox) -> int:
+    return (await ob.backlog())[0]
+
+
+async def all_delivered(ob: Outbox, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await undelivered(ob):
+        assert time.monotonic() < deadline, f"{await undelivered(ob)} events never marked delivered"
+        await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def stopped(broker: MosquittoBroker) -> Iterator[None]:
+    """The broker process frozen: TCP still accepts (the kernel does it), MQTT never answers."""
+    assert broker.pid is not None
+    pid = broker.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+async def test_forwards_in_order_and_flags_replayed_events(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
+    early = await ob.append([ev("alarm", 0), ev("telemetry", 1)])  # stored while no uplink ran
+    await ob.close()
+    async with forwarding(tmp_path, broker) as (ob, up):
+        ids = list(early)
+        for batch in range(10):
+            ids += await ob.append([ev("alarm" if i % 7 == 0 else "telemetry", i) for i in range(30 * batch,
+                                                                                             30 * batch + 30)])
+        got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, len(ids), 60))
+        await all_delivered(ob)
+    assert [b["event_id"] for b in got] == ids, "one copy of each, in stored order"
+    assert [b["historical"] for b in got[:2]] == [True, True], "stored before the uplink ran"
+    assert not any(b["historical"] for b in got[2:]), "sent live"
+    assert got[2]["kind"] == "alarm" and recorder.messages(EVENTS)[2].topic == f"{TOPICS.base}/event/alarm"
+    assert up.delivered_total == len(ids)
+
+
+async def test_the_in_flight_window_is_bounded_and_each_row_waits_for_its_own_puback(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    async with forwarding(tmp_path, broker, max_inflight=8) as (ob, up):
+        with stopped(broker):
+            ids = await ob.append([ev("telemetry", i) for i in range(50)])
+            await eventually(lambda: up.inflight == 8, timeout=10)
+            await asyncio.sleep(0)  # let the forwarding loop look for room once more: there is none
+            assert up.inflight == 8
+            assert await undelivered(ob) == 50, "nothing is delivered without its PUBACK"
+        got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 50, 60))
+        await all_delivered(ob)
+    assert [b["event_id"] for b in got] == ids
+
+
+async def test_a_refused_puback_keeps_the_row_and_it_is_sent_again(
+    tmp_path: Path, mqtt_recorder_factory: Any
+) -> None:
+    acl = tmp_path / "acl"
+    allowed = ["availability", "birth", "status", "command/#", "event/telemetry"]
+    acl.write_text("".join(f"topic readwrite {TOPICS.base}/{t}\n" for t in allowed) + "topic read safety/#\n")
+    broker = MosquittoBroker(tmp_path / "broker", acl_file=acl).start()
+    try:
+        recorder = mqtt_recorder_factory(broker, EVENTS)
+        async with forwarding(tmp_path, broker) as (ob, up):
+            up.rejected_retry_s = 0.3
+            first, alarm, last = await ob.append([ev("telemetry", 1), ev("alarm", 2), ev("telemetry", 3)])
+            await asyncio.to_thread(recorder.wait_for_count, None, 2, 30)
+            await eventually(lambda: up.rejected_total >= 2, timeout=30, message="the refusal was not retried")
+            await eventually(lambda: up.delivered_total == 2, timeout=30)
+            await up._flush_acks()
+            cur = await ob.connection.execute("SELECT event_id FROM events WHERE delivered = 0")
+            assert await cur.fetchall() == [(alarm,)], "0x87 not authorized is not a delivery"
+            acl.write_text(acl.read_text() + f"topic write {TOPICS.base}/event/alarm\n")
+            assert broker.pid is not None
+            os.kill(broker.pid, signal.SIGHUP)  # mosquitto reloads its ACL
+            got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 3, 30))
+            await all_delivered(ob)
+    finally:
+        broker.stop()
+    assert [b["event_id"] for b in got] == [first, last, alarm], "rows behind a refused one are not held back"
+    assert got[2]["historical"] is True
+
+
+async def test_no_matching_subscribers_is_a_successful_puback(tmp_path: Path, broker: MosquittoBroker) -> None:
+    async with forwarding(tmp_path, broker) as (ob, up):
+        await ob.append([ev("telemetry", i) for i in range(5)])
+        await all_delivered(ob)  # MQTT 5 answers 0x10 "no matching subscribers": below 0x80, a success
+        assert up.rejected_total == 0
+
+
+async def test_mqtt_311_forwards_too(tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    async with forwarding(tmp_path, broker, protocol=311) as (ob, _):
+        ids = await ob.append([ev("alarm", 1), ev("telemetry", 2)])
+        got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 2, 30))
+        await all_delivered(ob)
+    assert [b["event_id"] for b in got] == ids
+
+
+async def test_a_disconnect_means_outcome_unknown_and_the_same_ids_go_again(tmp_path: Path) -> None:
+    broker = PersistentBroker(tmp_path / "broker").start()
+    recorder = SessionRecorder(broker)
+    try:
+        broker.save()  # the recorder's session survives the kill below
+        async with forwarding(tmp_path, broker, ack_timeout_s=600.0) as (ob, up):
+            with stopped(broker):
+                ids = await ob.append([ev("telemetry", i) for i in range(20)])
+                await eventually(lambda: up.inflight == 8, timeout=10)
+                broker.kill()
+                # The PUBACK wait wakes on the disconnect itself, not on the (600 s) ack timeout.
+                await eventually(lambda: not up.connected and up.inflight == 0, timeout=20)
+            assert up.outcome_unknown_total >= 8
+            assert await undelivered(ob) == 20
+            broker.start()
+            got = await asyncio.to_thread(recorder.wait_ids, set(ids), 60)
+            await all_delivered(ob)
+            assert up.resent_total >= 8
+    finally:
+        recorder.close()
+        broker.stop()
+    assert [b["event_id"] for b in got] == ids
+    assert all(b["historical"] for b in got), "every one was sent again on a later connection"
+
+
+async def test_a_broker_that_never_answers_connect_is_retried(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    with stopped(broker):
+        async with forwarding(tmp_path, broker, start=False) as (ob, up):
+            ids = await ob.append([ev("alarm", 1)])
+            await eventually(lambda: up.last_error is not None and "connect" in up.last_error, timeout=20)
+            assert up.connections == 0 and not up.connected
+            os.kill(broker.pid or 0, signal.SIGCONT)
+            got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 1, 60))
+            await all_delivered(ob)
+    assert got[0]["event_id"] == ids[0]
+
+
+async def test_a_broker_that_stops_acknowledging_is_left_and_the_rows_sent_again(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    async with forwarding(tmp_path, broker, ack_timeout_s=1.0) as (ob, up):
+        with stopped(broker):
+            ids = await ob.append([ev("telemetry", i) for i in range(5)])
+            await eventually(lambda: up.outcome_unknown_total >= 5, timeout=20,
+                             message="the uplink kept waiting on a broker that does not answer")
+            assert up.last_error is not None
+        for event_id in ids:  # duplicates (same id) are allowed: the stalled broker may wake up with them
+            await asyncio.to_thread(recorder.wait_for, lambda m, i=event_id: m.json.get("event_id") == i, 60)
+        await all_delivered(ob)
+    assert {m.json["event_id"] for m in recorder.messages(EVENTS)} == set(ids)
+
+
+async def test_stop_flushes_the_backlog_before_saying_offline(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, f"{TOPICS.base}/#")
+    async with forwarding(tmp_path, broker, max_inflight=32) as (ob, up):
+        ids = await ob.append([ev("telemetry", i) for i in range(2000)])
+        await up.stop(flush_timeout_s=30)
+        assert await undelivered(ob) == 0
+    offline = await asyncio.to_thread(
+        recorder.wait_for, lambda m: m.topic == TOPICS.availability and m.json.get("state") == "offline", 30)
+    events = recorder.messages(EVENTS)
+    assert [m.json["event_id"] for m in events] == ids
+    assert events[-1].index < offline.index
+
+
+async def test_rows_left_in_flight_by_a_crash_are_sent_again_on_start(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    db = tmp_path / "events.db"
+    ob = await Outbox.open(str(db), gateway_id="gw-test")
+    ids = await ob.append([ev("alarm", i) for i in range(10)])
+    await ob.close()
+    con = sqlite3.connect(db)  # as a kill -9 leaves them: sent (attempted) but never acknowledged
+    con.execute("UPDATE events SET attempts = 1")
+    con.commit()
+    con.close()
+    async with forwarding(tmp_path, broker) as (ob, _):
+        assert ob.session == 2
+        got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 10, 30))
+        await all_delivered(ob)
+    assert [b["event_id"] for b in got] == ids
+    assert all(b["historical"] and b["session"] == 1 for b in got)
+
+
+async def test_a_replaced_database_restarts_the_forwarding_cursor(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    async with forwarding(tmp_path, broker) as (ob, _):
+        await ob.append([ev("telemetry", i) for i in range(10)])
+        await asyncio.to_thread(recorder.wait_for_count, None, 10, 30)
+        assert await ob.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        fault = await asyncio.to_thread(recorder.wait_for, lambda m: m.json.get("code") == "storage_corrupt", 30)
+        ids = await ob.append([ev("alarm", 11)])
+        after = await asyncio.to_thread(recorder.wait_for, lambda m: m.json.get("event_id") == ids[0], 30)
+        await all_delivered(ob)
+    assert fault.json["session"] == 2 and fault.index < after.index
