@@ -21,6 +21,7 @@ import functools
 import heapq
 import inspect
 import json
+import math
 import re
 import time
 import uuid
@@ -559,8 +560,19 @@ def _as_mapping(data: Any) -> Mapping[str, Any] | None:
 
 
 def _jsonable(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Plain JSON data: unknown types as strings, NaN and infinities (not JSON) as null."""
     if data is None:
         return None
-    loaded: dict[str, Any] = json.loads(json.dumps(dict(data), default=str))
+    loaded: dict[str, Any] = _finite(json.loads(json.dumps(dict(data), default=str)))
     return loaded
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 

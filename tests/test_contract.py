@@ -88,6 +88,13 @@ def test_command_result_builder_and_schema() -> None:
     assert validator("command_result").is_valid(long) and len(long["reason"]) <= 300
 
 
+def test_command_result_data_is_plain_json() -> None:
+    result = command_result(gateway="g", community="c1", building="b1", session=1, command_id="a", command="status",
+                            code="ok", data={"x": float("nan"), "y": [float("inf"), 1.5], "when": object.__name__})
+    assert result["data"] == {"x": None, "y": [None, 1.5], "when": "object"}
+    json.dumps(result, allow_nan=False)
+
+
 def test_iso_time_matches_the_event_time_format() -> None:
     assert iso_time(0.25) == "1970-01-01T00:00:00.250Z"
     assert validator("availability").is_valid(availability_message(
