@@ -56,6 +56,14 @@ STATUS_INTERVAL_S = 60.0
 STATUS_CHECK_S = 0.5
 
 
+def _release_startup_heap() -> None:
+    """Hand the heap that start-up freed (imports, config parsing) back to the OS: about 1 MB of RSS (glibc)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 class Gateway:
     """One building's gateway: pins, buses, alarm panel, outbox and uplink."""
 
@@ -170,6 +178,7 @@ class Gateway:
         if cfg.runtime.gc_freeze:
             gc.collect()
             gc.freeze()
+            _release_startup_heap()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
                  devices=len(cfg.devices), buses=len(cfg.buses))
 
