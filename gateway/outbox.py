@@ -744,8 +744,15 @@ def _class_name(priority: int) -> str:
         return str(priority)
 
 
+_iso_second: tuple[int, str] = (-1, "")
+
+
 def _iso(wall: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+    global _iso_second
+    second = int(wall // 1)
+    if _iso_second[0] != second:  # one strftime per second of events, not per event
+        _iso_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_iso_second[1]}.{int(wall % 1 * 1000):03d}Z"
 
 
 def _file_bytes(path: str) -> int:

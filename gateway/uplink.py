@@ -15,9 +15,10 @@ import random
 import sqlite3
 import ssl
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,8 @@ PREFETCH_ROWS = 500
 ACK_BATCH = 256
 ACK_DELAY_S = 0.2
 STORAGE_RETRY_S = 0.2
+CONTROL_INFLIGHT = 16
+OUTCOME_BATCH = 64  # PUBACKs gathered in the window before the loop is woken to take them
 
 
 @dataclass(slots=True)
@@ -50,6 +53,136 @@ class _InFlight:
     row: PendingEvent
     sent_at: float
     sends: int
+
+
+class _Window:
+    """The rows queued on one connection and those in flight on it, shared by the loop and paho's thread.
+
+    On each PUBACK paho's network thread takes the row out of the window and publishes the next queued row
+    at once, so the window refills without a round trip through the asyncio loop; the loop adds rows, handles
+    the outcomes (marking delivered, retrying refusals) and watches the ack timeout.
+
+    Locks: ``state`` guards the containers and is never held while calling paho. ``sending`` serialises
+    publishing so rows leave in queue order; paho's thread only *tries* it (paho calls on_publish holding its
+    own message lock, which ``publish()`` on the loop thread needs too: waiting there would deadlock) and
+    leaves the refill to the loop when it is busy. A PUBACK that beats ``publish()`` returning is parked in
+    ``early`` until the message id is registered.
+    """
+
+    def __init__(self, client: mqtt.Client, limit: int, topic: Callable[[str], str],
+                 wire: Callable[[PendingEvent, bool], str], sends: dict[int, int],
+                 notify: Callable[[], None]) -> None:
+        self.client = client
+        self.limit = limit
+        self._topic = topic
+        self._wire = wire
+        self._notify = notify
+        # seq → publishes of rows that went out without a successful PUBACK: those in flight when the
+        # connection ended, and refused ones (guarded by ``state``). Rows acknowledged at once never get here.
+        self.sends = sends
+        self.state = threading.Lock()
+        self.sending = threading.Lock()
+        self.queue: deque[PendingEvent] = deque()
+        self.inflight: dict[int, _InFlight] = {}  # mid → row, in publish order
+        self.early: dict[int, ReasonCode] = {}
+        self.outcomes: deque[tuple[_InFlight, ReasonCode, float]] = deque()
+        self.reserved = 0
+        self.refused = False  # paho refused a publish: the connection is gone
+        self.closed = False
+        self.resent = 0
+
+    def fill(self, *, blocking: bool) -> None:
+        """Publish queued rows, in order, while there is room."""
+        if not self.sending.acquire(blocking=blocking):
+            return
+        parked = False
+        try:
+            while True:
+                with self.state:
+                    if (self.closed or self.refused or not self.queue
+                            or len(self.inflight) + self.reserved >= self.limit):
+                        return
+                    row = self.queue.popleft()
+                    sends = self.sends.get(row.seq, 0)
+                    self.reserved += 1
+                info = self.client.publish(self._topic(row.kind), self._wire(row, sends > 0), qos=1)
+                with self.state:
+                    self.reserved -= 1
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        self.queue.appendleft(row)
+                        self.refused = True
+                        return
+                    entry = _InFlight(row, time.monotonic(), sends + 1)
+                    if sends:
+                        self.resent += 1
+                    if self.early:
+                        rc = self.early.pop(info.mid, None)
+                        self.early.clear()  # anything else parked was not an event of ours
+                        if rc is not None:
+                            self.outcomes.append((entry, rc, time.monotonic()))
+                            parked = True
+                            continue
+                    self.inflight[info.mid] = entry
+        finally:
+            self.sending.release()
+            if parked:
+                self._notify()
+
+    def acknowledged(self, mid: int, rc: ReasonCode) -> bool:
+        """paho's thread: a PUBACK arrived. True when the loop should come for the outcomes now: a refusal,
+        a batch gathered, or the queue ran dry (the loop refills it); otherwise it takes them on its next turn."""
+        with self.state:
+            entry = self.inflight.pop(mid, None)
+            if entry is None:
+                if self.reserved:
+                    self.early[mid] = rc  # maybe ours: publish() has not returned its mid yet
+                return False
+            self.outcomes.append((entry, rc, time.monotonic()))
+            return rc.is_failure or len(self.outcomes) >= OUTCOME_BATCH or not self.queue
+
+    def take_outcomes(self) -> list[tuple[_InFlight, ReasonCode, float]]:
+        with self.state:
+            out = list(self.outcomes)
+            self.outcomes.clear()
+            return out
+
+    def add(self, rows: Iterable[PendingEvent], *, front: bool = False) -> None:
+        with self.state:
+            if front:
+                self.queue.extendleft(reversed(list(rows)))
+            else:
+                self.queue.extend(rows)
+
+    def sizes(self) -> tuple[int, int]:
+        """(queued, in flight)."""
+        with self.state:
+            return len(self.queue), len(self.inflight) + self.reserved
+
+    def oldest_sent(self) -> float | None:
+        with self.state:
+            oldest = next(iter(self.inflight.values()), None)
+            return None if oldest is None else oldest.sent_at
+
+    def close(self) -> int:
+        """No more publishing; returns how many were in flight (their outcome is unknown)."""
+        with self.state:
+            self.closed = True
+            for entry in self.inflight.values():
+                self.sends[entry.row.seq] = entry.sends
+            unknown = len(self.inflight) + self.reserved
+            self.inflight.clear()
+            self.queue.clear()
+            self.early.clear()
+            return unknown
+
+    def forget(self) -> None:
+        """The outbox file was replaced: every seq here means nothing now."""
+        with self.state:
+            self.queue.clear()
+            self.inflight.clear()
+            self.early.clear()
+            self.outcomes.clear()
+            self.sends.clear()
 
 
 class UplinkError(Exception):
@@ -92,8 +225,8 @@ class Uplink:
         self.ack_timeout_s = ack_timeout_s
         self.rejected_retry_s = REJECTED_RETRY_S
         self.prefetch = max(1, prefetch)
-        # Forwarding state, all owned by the loop. paho's thread only appends to _ack_inbox.
-        self._inflight: dict[int, _InFlight] = {}  # mid → row, in publish order
+        # Forwarding state owned by the loop; what paho's thread touches lives in the connection's _Window.
+        self._window: _Window | None = None
         self._acked: list[tuple[int, int]] = []  # (seq, publishes) acknowledged, not yet marked in SQLite
         self._acked_since: float | None = None
         self._acked_generation = outbox.generation
@@ -102,9 +235,9 @@ class Uplink:
         self._cursor = 0  # highest seq taken from the outbox on this connection
         self._stale = True  # the outbox may hold rows after the cursor
         self._fetching = False
-        self._queue: deque[PendingEvent] | None = None  # rows taken from the outbox, not yet published
-        self._queue_generation = -1
-        self._ack_inbox: deque[tuple[mqtt.Client, int, ReasonCode]] = deque()
+        self._window_generation = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._marking: asyncio.Task[None] | None = None  # acks being written to the outbox, beside publishing
         self._ack_wake_scheduled = False
         self._progress = asyncio.Event()
         self._lost = asyncio.Event()
@@ -130,7 +263,8 @@ class Uplink:
     @property
     def inflight(self) -> int:
         """Events published and waiting for their PUBACK."""
-        return len(self._inflight)
+        window = self._window
+        return 0 if window is None else window.sizes()[1]
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -170,11 +304,12 @@ class Uplink:
         while self.connected and time.monotonic() < deadline:
             try:
                 self._take_acks()
+                await self._marked()
                 await self._flush_acks()
                 waiting, _ = await self.outbox.backlog()
             except (sqlite3.Error, ValueError):
                 break
-            if waiting == 0 and not self._inflight:
+            if waiting == 0 and not self.inflight:
                 break
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
@@ -194,7 +329,7 @@ class Uplink:
     # ------------------------------------------------------------------------------ connection
 
     async def _connect(self) -> mqtt.Client:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         outcome: asyncio.Future[ReasonCode | str] = loop.create_future()
 
         def settle(value: ReasonCode | str) -> None:
@@ -220,7 +355,8 @@ class Uplink:
                            keyfile=self.cfg.tls_key_file, cert_reqs=ssl.CERT_REQUIRED)
             if self.cfg.tls_insecure:
                 client.tls_insecure_set(True)
-        client.max_inflight_messages_set(self.cfg.max_inflight)
+        # Room beyond the event window for availability, birth, status and command results.
+        client.max_inflight_messages_set(self.cfg.max_inflight + CONTROL_INFLIGHT)
         client.max_queued_messages_set(0)
         client.connect_timeout = self._connect_timeout
         def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
@@ -235,12 +371,12 @@ class Uplink:
             loop.call_soon_threadsafe(self._disconnected, c, rc)
 
         def on_publish(c: mqtt.Client, u: Any, mid: int, rc: ReasonCode, props: Any) -> None:
-            # One loop wake-up for a run of PUBACKs, not one per message.
-            self._ack_inbox.append((c, mid, rc))
-            if not self._ack_wake_scheduled:
-                self._ack_wake_scheduled = True
-                with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                    loop.call_soon_threadsafe(self._take_acks)
+            window = self._window
+            if window is not None and window.client is c:
+                wake = window.acknowledged(mid, rc)
+                window.fill(blocking=False)  # refill from this thread: no round trip through the loop
+                if wake:
+                    self._wake_for_outcomes()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
             loop.call_soon_threadsafe(self._message, msg)
@@ -276,12 +412,16 @@ class Uplink:
         if self._client is client:
             self._client = None
         self.connected = False
-        unknown = len(self._inflight)
+        window, self._window = self._window, None
+        unknown = 0
+        if window is not None and window.client is client:
+            unknown = window.close()
+            self._outcomes(window, window.take_outcomes())
         self.outcome_unknown_total += unknown
-        self._inflight.clear()
         self._rejected.clear()
         self._cursor = 0
         self._stale = True
+        await self._marked()  # before the next connection reads the outbox again
         with contextlib.suppress(sqlite3.Error, ValueError):
             await self._flush_acks()
         if unknown:
@@ -305,33 +445,36 @@ class Uplink:
         if self._birth is not None:
             client.publish(self.topics.birth, json.dumps(self._birth(), separators=(",", ":")), qos=1, retain=True)
         client.subscribe(self.topics.command_filter, qos=1)
-        # Rows flow: outbox (by seq, after the cursor) → prefetch queue → publish (at most max_inflight without
-        # a PUBACK) → PUBACK → marked delivered in batches. A row is never taken twice on one connection.
+        # Rows flow: outbox (by seq, after the cursor) → window queue → publish (at most max_inflight without a
+        # PUBACK; refilled by paho's thread on each PUBACK) → PUBACK → marked delivered in batches. A row is
+        # never taken twice on one connection.
         generation = self.outbox.generation
-        queue: deque[PendingEvent] = deque()
-        self._queue, self._queue_generation = queue, generation
+        window = _Window(client, self.cfg.max_inflight, self.topics.event, self._wire_payload, self._sends,
+                         self._wake_for_outcomes)
+        self._window, self._window_generation = window, generation
         self._stale = True
-        try:
-            await self._pump(client, queue, generation)
-        finally:
-            self._queue = None
+        await self._pump(window, generation)
 
-    async def _pump(self, client: mqtt.Client, queue: deque[PendingEvent], generation: int) -> None:
+    async def _pump(self, window: _Window, generation: int) -> None:
         while not self._lost.is_set():
             self._beat()
             if self.outbox.generation != generation:  # the file was replaced: its seqs mean nothing now
-                generation = self._queue_generation = self.outbox.generation
-                queue.clear()
+                generation = self._window_generation = self.outbox.generation
+                window.forget()
                 self._forget_rows()
-            if self._ack_overdue():
+            if window.refused:
+                self.last_error = "publish refused: not connected"
+                return
+            sent_at = window.oldest_sent()
+            if sent_at is not None and time.monotonic() - sent_at > self.ack_timeout_s:
                 self.last_error = f"no PUBACK within {self.ack_timeout_s:g} s"
-                log.warning("broker stopped acknowledging; reconnecting", inflight=len(self._inflight),
+                log.warning("broker stopped acknowledging; reconnecting", inflight=self.inflight,
                             ack_timeout_s=self.ack_timeout_s)
                 return
-            self._requeue_rejected(queue)
-            room = self.cfg.max_inflight - len(self._inflight)
+            self._requeue_rejected(window)
+            queued, _ = window.sizes()
             try:
-                if room > 0 and len(queue) < room and self._stale:
+                if self._stale and queued < self.prefetch // 2 + 1:
                     self._stale = False
                     self._fetching = True
                     try:
@@ -341,99 +484,107 @@ class Uplink:
                     if len(rows) >= self.prefetch:
                         self._stale = True
                     if rows and self.outbox.generation == generation:
-                        queue.extend(r for r in rows if r.seq > self._cursor)
+                        window.add(r for r in rows if r.seq > self._cursor)
                         self._cursor = max(self._cursor, rows[-1].seq)
-                    room = self.cfg.max_inflight - len(self._inflight)
-                if room > 0 and queue and not self._publish(client, queue, room):
-                    return
-                if self._acks_due(idle=not queue and not self._stale):
-                    await self._flush_acks()
+                window.fill(blocking=True)
+                queued, _ = window.sizes()
+                if self._acks_due(idle=not queued and not self._stale) and (
+                        self._marking is None or self._marking.done()):
+                    # In a task of its own: publishing goes on while the outbox is busy with a commit.
+                    self._marking = asyncio.create_task(self._mark_in_background(generation))
             except (sqlite3.Error, ValueError) as exc:
                 self._stale = True
                 await self._storage_trouble(exc, generation)
                 continue
             self._progress.clear()
-            room = self.cfg.max_inflight - len(self._inflight)
-            if room > 0 and (queue or self._stale):
+            queued, inflight = window.sizes()
+            if (self._stale and queued < self.prefetch // 2 + 1) or (queued and inflight < window.limit):
                 continue
             await self._wait_progress(self._wait_timeout())
 
-    def _publish(self, client: mqtt.Client, queue: deque[PendingEvent], room: int) -> bool:
-        """Publish up to ``room`` queued rows; False when paho refuses (the connection is gone)."""
-        now = time.monotonic()
-        while room > 0 and queue:
-            row = queue.popleft()
-            sends = self._sends.get(row.seq, 0)
-            info = client.publish(self.topics.event(row.kind), self._wire_payload(row, resend=sends > 0), qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                queue.appendleft(row)
-                self.last_error = f"publish: {mqtt.error_string(info.rc)}"
-                self._lost.set()
-                return False
-            self._inflight[info.mid] = _InFlight(row, now, sends + 1)
-            self._sends[row.seq] = sends + 1
-            if sends:
-                self.resent_total += 1
-            room -= 1
-        return True
+    def _wire_payload(self, row: PendingEvent, resend: bool = False) -> str:
+        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on.
 
-    def _wire_payload(self, row: PendingEvent, *, resend: bool = False) -> str:
-        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on."""
+        Called on the loop and on paho's thread; reads only what is fixed while a connection lasts.
+        """
         historical = resend or row.session != self.outbox.session or row.mono < self._connected_mono
         return row.payload[:-1] + (',"historical":true}' if historical else ',"historical":false}')
 
-    def _take_acks(self) -> None:
-        """On the loop: handle every PUBACK paho's thread queued since the last call."""
-        self._ack_wake_scheduled = False
-        while self._ack_inbox:
-            client, mid, rc = self._ack_inbox.popleft()
-            self._puback(client, mid, rc)
+    def _wake_for_outcomes(self) -> None:
+        """Any thread: have the loop take the window's outcomes (one wake-up for a run of PUBACKs)."""
+        if self._ack_wake_scheduled:
+            return
+        self._ack_wake_scheduled = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                loop.call_soon_threadsafe(self._take_acks)
 
-    def _puback(self, client: mqtt.Client, mid: int, rc: ReasonCode) -> None:
-        if client is not self._client:
-            return
-        entry = self._inflight.pop(mid, None)
-        if entry is None:  # not an event (availability, birth, status, command result)
-            return
-        row = entry.row
-        if rc.is_failure:  # MQTT 5 reason code ≥ 0x80: the broker did not take it
-            self.rejected_total += 1
-            self._rejected[row.seq] = (row, time.monotonic() + self.rejected_retry_s)
-            log.error("broker rejected event; will retry", event_id=row.event_id, kind=row.kind, reason=str(rc),
-                      reason_code=f"0x{rc.value:02x}", retry_in_s=self.rejected_retry_s)
-        else:  # includes 0x10 "no matching subscribers": the broker has it
-            now = time.monotonic()
-            rtt = (now - entry.sent_at) * 1000
+    def _take_acks(self) -> None:
+        """On the loop: handle the outcomes of every PUBACK since the last call."""
+        self._ack_wake_scheduled = False
+        window = self._window
+        if window is not None:
+            self._outcomes(window, window.take_outcomes())
+
+    def _outcomes(self, window: _Window, outcomes: list[tuple[_InFlight, ReasonCode, float]]) -> None:
+        for entry, rc, acked_at in outcomes:
+            row = entry.row
+            if rc.is_failure:  # MQTT 5 reason code ≥ 0x80: the broker did not take it
+                self.rejected_total += 1
+                self._rejected[row.seq] = (row, time.monotonic() + self.rejected_retry_s)
+                log.error("broker rejected event; will retry", event_id=row.event_id, kind=row.kind,
+                          reason=str(rc), reason_code=f"0x{rc.value:02x}", retry_in_s=self.rejected_retry_s)
+                continue
+            # Success, including 0x10 "no matching subscribers": the broker has it.
+            rtt = (acked_at - entry.sent_at) * 1000
             self.rtt_ms = rtt if self.rtt_ms is None else 0.8 * self.rtt_ms + 0.2 * rtt
-            self._sends.pop(row.seq, None)
             if not self._acked:
-                self._acked_since = now
+                self._acked_since = acked_at
             self._acked.append((row.seq, entry.sends))
             self.delivered_total += 1
             if row.priority > 0:
                 log.info("event forwarded", event_id=row.event_id, kind=row.kind)
-        self._progress.set()
+        if outcomes:
+            with window.state:
+                if window.sends or self.rejected_total:
+                    for entry, rc, _ in outcomes:
+                        if rc.is_failure:
+                            window.sends[entry.row.seq] = entry.sends
+                        else:
+                            window.sends.pop(entry.row.seq, None)
+                self.resent_total += window.resent
+                window.resent = 0
+            if len(self._sends) > 100_000:  # rows evicted while unacknowledged leave entries behind
+                self._sends.clear()
+            self._progress.set()
 
-    def _requeue_rejected(self, queue: deque[PendingEvent]) -> None:
+    def _requeue_rejected(self, window: _Window) -> None:
         """Rejected rows whose wait is over go to the front of the queue (later rows were not held back)."""
         if not self._rejected:
             return
         now = time.monotonic()
         due = sorted(seq for seq, (_, at) in self._rejected.items() if now >= at)
-        for seq in reversed(due):
-            queue.appendleft(self._rejected.pop(seq)[0])
-
-    def _ack_overdue(self) -> bool:
-        if not self._inflight:
-            return False
-        oldest = next(iter(self._inflight.values()))
-        return time.monotonic() - oldest.sent_at > self.ack_timeout_s
+        if due:
+            window.add((self._rejected.pop(seq)[0] for seq in due), front=True)
 
     def _acks_due(self, *, idle: bool) -> bool:
         if not self._acked:
             return False
         return (idle or self._stopping or len(self._acked) >= ACK_BATCH
                 or time.monotonic() - (self._acked_since or 0.0) >= ACK_DELAY_S)
+
+    async def _marked(self) -> None:
+        """Wait for the background ack marking, if one runs."""
+        if self._marking is not None:
+            with contextlib.suppress(Exception):
+                await self._marking
+
+    async def _mark_in_background(self, generation: int) -> None:
+        try:
+            await self._flush_acks()
+        except (sqlite3.Error, ValueError) as exc:  # the acks stay queued; the next flush tries again
+            await self._storage_trouble(exc, generation)
 
     async def _flush_acks(self) -> None:
         """Mark acknowledged rows delivered, in one transaction. On failure they stay queued for the next try."""
@@ -453,22 +604,20 @@ class Uplink:
             raise
 
     def _forget_rows(self) -> None:
-        """Drop every seq-based state (the outbox file was replaced)."""
-        self._inflight.clear()
+        """Drop every seq-based state of the loop (the outbox file was replaced)."""
         self._rejected.clear()
         self._acked.clear()
         self._acked_generation = self.outbox.generation
-        self._sends.clear()
         self._cursor = 0
         self._stale = True
 
     def _appended(self, rows: list[PendingEvent]) -> None:
-        """New rows committed: when caught up, take them straight into the queue (no re-read); else re-read."""
-        queue = self._queue
-        if (queue is not None and rows and not self._stale and not self._fetching
-                and self._queue_generation == self.outbox.generation
-                and rows[0].seq == self._cursor + 1 and len(queue) < self.prefetch):
-            queue.extend(rows)
+        """New rows committed: when caught up, take them straight into the window (no re-read); else re-read."""
+        window = self._window
+        if (window is not None and rows and not self._stale and not self._fetching
+                and self._window_generation == self.outbox.generation
+                and rows[0].seq == self._cursor + 1 and window.sizes()[0] < self.prefetch):
+            window.add(rows)
             self._cursor = rows[-1].seq
         else:
             self._stale = True
@@ -477,6 +626,9 @@ class Uplink:
     def _wait_timeout(self) -> float:
         now = time.monotonic()
         timeout = 1.0  # heartbeat and ack-timeout checks
+        window = self._window
+        if window is not None and window.outcomes:
+            timeout = ACK_DELAY_S
         if self._acked:
             timeout = min(timeout, (self._acked_since or now) + ACK_DELAY_S - now)
         if self._rejected:
