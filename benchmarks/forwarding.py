@@ -11,7 +11,8 @@ One run against one private mosquitto on loopback (``tests.support.broker.Mosqui
    baseline.
 3. ``drain_100k_s``: 100 000 events stored while the broker is stopped; the broker is started again and the
    time is taken from the uplink's reconnect (its CONNACK) until the last one is marked delivered.
-   ``reconnect_s`` (broker start → reconnect, the jittered backoff) is reported beside it.
+   ``reconnect_s`` (broker start → reconnect, the jittered backoff) is reported beside it, and
+   ``forward_only_ratio``: that drain rate (stored events, no appends meanwhile) ÷ ``baseline_eps``.
 
 Targets: ratio ≥ 0.8, drain ≤ 60 s. Prints one JSON line last.
 ``.venv/bin/python benchmarks/forwarding.py [--events 20000] [--rounds 3] [--window 32] [--backlog 100000]``
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gateway_eps": round(gateway_eps),
         "ratio": round(gateway_eps / baseline_eps, 3),
         **drained,
+        "forward_only_ratio": round(drained["drain_eps"] / baseline_eps, 3),
         "events": args.events,
         "rounds": args.rounds,
         "window": args.window,

@@ -212,6 +212,19 @@ async def test_retention_keeps_the_newest_999_whatever_their_age(tmp_path: Path)
         await ob.close()
 
 
+async def test_maintenance_retires_bounds_and_checkpoints(tmp_path: Path) -> None:
+    ob = await open_outbox(tmp_path, limits=StorageLimits(history_s=30 * DAY_S, history_min_events=1,
+                                                          min_free_bytes=0))
+    try:
+        old = await append_seqs(ob, [ev(wall=NOW - 40 * DAY_S) for _ in range(20)])
+        await ob.mark_delivered([(s, 1) for s in old], now=NOW - 40 * DAY_S)
+        await append_seqs(ob, [ev("alarm", wall=NOW)])
+        assert await ob.maintain(now=NOW) == {"retired": 19}
+        assert len(await seqs_where(ob, "1")) == 2
+    finally:
+        await ob.close()
+
+
 async def test_stats_for_the_status_display(tmp_path: Path) -> None:
     ob = await open_outbox(tmp_path)
     try:
