@@ -368,7 +368,8 @@ class Uplink:
             loop.call_soon_threadsafe(settle, f"connection failed: {failure}" if failure else "connection failed")
 
         def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
-            loop.call_soon_threadsafe(self._disconnected, c, rc)
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(self._disconnected, c, rc)
 
         def on_publish(c: mqtt.Client, u: Any, mid: int, rc: ReasonCode, props: Any) -> None:
             window = self._window
