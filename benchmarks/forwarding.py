@@ -24,25 +24,39 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from common import log_to_file
-from paho.mqtt.enums import CallbackAPIVersion
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from gateway.config import MqttConfig
-from gateway.events import Event
-from gateway.outbox import Outbox
-from gateway.topics import Topics
-from gateway.uplink import Uplink
-from tests.support.broker import MosquittoBroker
+import paho.mqtt.client as mqtt  # noqa: E402
+import structlog  # noqa: E402
+from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+
+from gateway.config import MqttConfig  # noqa: E402
+from gateway.events import Event  # noqa: E402
+from gateway.logs import configure_logging  # noqa: E402
+from gateway.outbox import Outbox  # noqa: E402
+from gateway.topics import Topics  # noqa: E402
+from gateway.uplink import Uplink  # noqa: E402
+from tests.support.broker import MosquittoBroker  # noqa: E402
 
 TOPICS = Topics("safety", "bench", "b01")
 GATEWAY = "bench-b01"
+
+
+def log_to_file(path: Path) -> Any:
+    """The gateway's log lines (JSON) to ``path``, not stdout."""
+    configure_logging(json=True)
+    handle = path.open("a", encoding="utf-8", buffering=1)
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=handle))
+    return handle
 
 
 def _events(n: int, start: int = 0) -> list[Event]:
