@@ -126,6 +126,9 @@ class DetectorProfile:
     warmup: WarmupField | None = None
     gas: BitField | None = None
     default_gas: str = "CH4"
+    #: Default alarm thresholds of devices using this profile (``low``, ``high``, ``hysteresis``), in the
+    #: device's unit; a device's own keys override them, the unit's defaults fill the rest.
+    thresholds: Mapping[str, float] = field(default_factory=dict)
 
     def decode(self, registers: Sequence[int]) -> GasReading:
         """Registers (as read from ``start``) → reading. Raises ValueError on a register outside the block."""
@@ -429,7 +432,7 @@ def _bitfield(
 
 def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfile:
     """A custom detector register map from config. Raises :class:`ProfileError`."""
-    _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas"})
+    _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas", "thresholds"})
     function = _int(data, "function", lo=3, hi=4, default=3)
     start = _int(data, "start")
     count = _int(data, "count", lo=1, hi=125)
@@ -490,6 +493,16 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
     gas_name = data.get("gas", "CH4")
     if gas_name not in GASES:
         raise ProfileError("gas", f"must be one of {', '.join(GASES)}, got {gas_name!r}")
+    thresholds: dict[str, float] = {}
+    limits = _table(data, "thresholds")
+    if limits is not None:
+        with _within("thresholds"):
+            _only(limits, {"low", "high", "hysteresis"})
+            for key in ("low", "high", "hysteresis"):
+                if key in limits:
+                    thresholds[key] = _num(limits, key)
+                    if thresholds[key] < 0:
+                        raise ProfileError(key, f"must be ≥ 0, got {thresholds[key]:g}")
     block = range(start, start + count)
     referenced = [("value.register", value_register)]
     if isinstance(decimals, BitField):
@@ -507,7 +520,7 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
     return DetectorProfile(
         name=name, function=function, start=start, count=count, value_register=value_register,
         decimals=decimals, scale=scale, signed=signed, measure=measure, status=status, flags=tuple(flags),
-        warmup=warmup, default_gas=gas_name,
+        warmup=warmup, default_gas=gas_name, thresholds=thresholds,
     )
 
 

@@ -777,9 +777,10 @@ def _gas_detector(
         raise ConfigError(t.key("measure" if measure_given else "gas"),
                           f"CO is measured in ppm, but profile {profile.name!r} reports in {measure}")
     d_low, d_high, d_hyst = DEFAULT_THRESHOLDS[measure]
-    low = t.num("low", d_low, lo=0.0)
-    high = t.num("high", d_high, lo=0.0)
-    hysteresis = t.num("hysteresis", d_hyst, lo=0.0)
+    from_profile = profile.thresholds
+    low = t.num("low", from_profile.get("low", d_low), lo=0.0)
+    high = t.num("high", from_profile.get("high", d_high), lo=0.0)
+    hysteresis = t.num("hysteresis", from_profile.get("hysteresis", d_hyst), lo=0.0)
     low_cap, high_cap, why = THRESHOLD_CAPS[measure]
     if low <= 0.0:
         raise ConfigError(t.key("low"), f"must be > 0, got {low:g}")

@@ -467,6 +467,35 @@ def test_defaults(tmp_path: Path) -> None:
     assert cfg.device("gas-u1-101").unit == "u1"  # taken from the household
 
 
+def test_profile_thresholds_are_the_devices_defaults(tmp_path: Path) -> None:
+    doc = base()
+    doc["profiles"] = {"quiet": detector_profile(thresholds={"low": 15.0, "high": 30.0, "hysteresis": 3.0})}
+    doc["devices"].append(gas(profile="quiet"))
+    doc["devices"].append(gas(id="gas-y", address=10, profile="quiet", high=40.0))
+    cfg = parse_config(doc, base_dir=tmp_path)
+    assert (cfg.device("gas-x").low, cfg.device("gas-x").high, cfg.device("gas-x").hysteresis) == (15.0, 30.0, 3.0)
+    assert (cfg.device("gas-y").low, cfg.device("gas-y").high) == (15.0, 40.0)
+
+
+@pytest.mark.parametrize(
+    ("thresholds", "path", "reason"),
+    [
+        ({"low": 30.0, "high": 40.0}, "devices[3].low", "≤ 25"),
+        ({"low": 20.0, "high": 15.0}, "devices[3].low", "below high"),
+        ({"lo": 1.0}, "profiles.quiet.thresholds.lo", "unknown key"),
+        ({"low": -1.0}, "profiles.quiet.thresholds.low", "≥ 0"),
+    ],
+)
+def test_profile_thresholds_are_checked(tmp_path: Path, thresholds: Doc, path: str, reason: str) -> None:
+    doc = base()
+    doc["profiles"] = {"quiet": detector_profile(thresholds=thresholds)}
+    doc["devices"].append(gas(profile="quiet"))
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, base_dir=tmp_path)
+    assert info.value.path == path
+    assert reason in info.value.reason
+
+
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     doc = base()
     doc["storage"] = {"path": "data/events.db"}
