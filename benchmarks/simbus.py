@@ -1,0 +1,195 @@
+"""Simulated RS-485 buses in a process of their own, for the benchmarks.
+
+The detectors (pymodbus's RTU server on a pseudo-terminal, :mod:`drivers.simulated`) must not share an
+interpreter — and its GIL — with the gateway under test, any more than a real detector does. This module
+runs one :class:`~drivers.simulated.VirtualNullModem` and :class:`~drivers.simulated.SimulatedBus` per bus
+in a child process and lets the parent set concentrations and *arm* a detector: the child then reports
+when the first response frame carrying the armed concentration was handed over (``time.perf_counter()``,
+which is CLOCK_MONOTONIC on Linux and so comparable across processes, plus ``time.time()``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+__all__ = ["FrameReport", "SimBuses"]
+
+SIM_PRIORITY = 60  # above the gateway's alarm threads (runtime.realtime_priority, e.g. 50)
+
+
+@dataclass(frozen=True)
+class FrameReport:
+    """When the armed response frame left the detector and reached the gateway's port."""
+
+    bus: str
+    slave: int
+    raw: int
+    response: float  # perf_counter when pymodbus handed the frame to its serial port
+    handed_over: float  # perf_counter when the null modem wrote it to the gateway side
+    wall: float  # time.time() at hand-over
+
+
+def _regs_of(frame: bytes) -> tuple[int, int] | None:
+    """(slave, register 1) of a function-3 response frame for registers 0–9 (profile A)."""
+    if len(frame) >= 7 and frame[1] == 3 and frame[2] == 20:
+        return frame[0], (frame[5] << 8) | frame[6]
+    return None
+
+
+def _hardware_priority() -> str:
+    """Run the simulated detectors and cable like hardware: not queued behind the gateway for a CPU.
+
+    SCHED_FIFO (inherited by the threads started afterwards) when permitted, else normal scheduling —
+    then the stressed gateway's CPU load also delays the simulated wire, and the serial figures say so.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SIM_PRIORITY))
+    except (AttributeError, PermissionError, OSError):
+        return "normal"
+    return f"fifo:{SIM_PRIORITY}"
+
+
+def _child(conn: Connection, workdir: str, layout: dict[str, list[int]]) -> None:
+    from drivers.simulated import SimulatedBus, VirtualNullModem
+
+    scheduling = _hardware_priority()
+    modems = {}
+    buses = {}
+    detectors = {}
+    armed: dict[tuple[str, int], tuple[int, int]] = {}  # (bus, slave) → (token, raw)
+    pending: dict[str, list[tuple[int, int, int, bytes, float]]] = {}  # bus → frames awaiting hand-over
+    reports: dict[int, FrameReport] = {}
+    cond = threading.Condition()
+
+    for name, slaves in layout.items():
+        pending[name] = []
+        buffer = bytearray()
+
+        def on_response(slave: int, frame: bytes, t: float, name: str = name) -> None:
+            parsed = _regs_of(frame)
+            if parsed is None:
+                return
+            with cond:
+                entry = armed.get((name, slave))
+                if entry is not None and entry[1] == parsed[1]:
+                    del armed[(name, slave)]
+                    pending[name].append((entry[0], slave, parsed[1], bytes(frame), t))
+
+        def on_device_write(data: bytes, t: float, name: str = name, buffer: bytearray = buffer) -> None:
+            wall = time.time()
+            with cond:
+                waiting = pending[name]
+                if not waiting:
+                    buffer.clear()
+                    return
+                buffer.extend(data)
+                for p in [p for p in waiting if p[3] in buffer]:
+                    waiting.remove(p)
+                    token, slave, raw, _frame, t_resp = p
+                    reports[token] = FrameReport(name, slave, raw, t_resp, t, wall)
+                if waiting:
+                    del buffer[:-64]
+                else:
+                    buffer.clear()
+                cond.notify_all()
+
+        modem = VirtualNullModem(Path(workdir) / name, on_device_write=on_device_write)
+        modem.start()
+        bus = SimulatedBus(modem.device_port, on_response=on_response)
+        for slave in slaves:
+            det = bus.add_gas_detector(slave, "A", unit="%LEL", decimals=1)
+            det.set_status("normal")
+            detectors[(name, slave)] = det
+        bus.start()
+        modems[name] = modem
+        buses[name] = bus
+
+    conn.send(("ready", {name: m.gateway_port for name, m in modems.items()}, scheduling))
+    try:
+        while True:
+            msg = conn.recv()
+            op = msg[0]
+            if op == "stop":
+                break
+            if op == "set":  # no reply: the parent must not be woken while the gateway works
+                _, bus_name, slave, value, token = msg
+                with cond:
+                    detectors[(bus_name, slave)].set_concentration(value)
+                    if token is not None:
+                        armed[(bus_name, slave)] = (token, round(value * 10))
+            elif op == "report":
+                _, token, timeout = msg
+                with cond:
+                    cond.wait_for(lambda: token in reports, timeout)  # noqa: B023
+                    conn.send(reports.pop(token, None))
+    finally:
+        for bus in buses.values():
+            bus.stop()
+        for modem in modems.values():
+            modem.close()
+        conn.send(("stopped", None))
+
+
+class SimBuses:
+    """Profile A gas detectors (%LEL, one decimal) on simulated buses served by a child process.
+
+    Calls are synchronous and must come from one thread at a time. :meth:`set` sends and returns at once;
+    the child says nothing until asked with :meth:`report`, so no thread of the calling process wakes up
+    while the gateway under test is reacting to a frame.
+    """
+
+    def __init__(self, workdir: str | Path, layout: dict[str, list[int]]) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child_conn, str(workdir), layout), name="simbus",
+                                 daemon=True)
+        self._tokens = itertools.count(1)
+        self._lock = threading.Lock()
+        self.ports: dict[str, str] = {}
+        self.scheduling = ""
+
+    def start(self, timeout: float = 30.0) -> dict[str, str]:
+        """Start the child; returns bus name → the gateway-side port path."""
+        self._proc.start()
+        if not self._conn.poll(timeout):
+            raise TimeoutError("simulated buses did not start")
+        op, ports, self.scheduling = self._conn.recv()
+        assert op == "ready", op
+        self.ports = ports
+        return ports
+
+    def set(self, bus: str, slave: int, value: float, *, arm: bool = False) -> int | None:
+        """Set a detector's concentration; with ``arm`` returns a token for :meth:`report`."""
+        token = next(self._tokens) if arm else None
+        with self._lock:
+            self._conn.send(("set", bus, slave, value, token))
+        return token
+
+    def report(self, token: int, timeout: float = 10.0) -> FrameReport:
+        """When the first response frame carrying an armed :meth:`set`'s value was sent (waits for it)."""
+        with self._lock:
+            self._conn.send(("report", token, timeout))
+            if not self._conn.poll(timeout + 5):
+                raise TimeoutError("the simulated buses did not answer")
+            report = self._conn.recv()
+        if report is None:
+            raise TimeoutError(f"no frame carried the value armed with token {token}")
+        assert isinstance(report, FrameReport)
+        return report
+
+    def stop(self) -> None:
+        """Stop the buses and the child."""
+        if self._proc.is_alive():
+            with self._lock:
+                self._conn.send(("stop",))
+            self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
