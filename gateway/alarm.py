@@ -339,6 +339,18 @@ class AlarmCore:
             events.append(Event("fault", "cleared", now, code="stale_thread", detail=name))
         return self._finish(events, now)
 
+    def gateway_fault(self, code: str, present: bool, now: float, detail: str | None = None) -> list[Event]:
+        """A fault of the gateway itself (e.g. ``storage_full``): trouble signal and fault LED while present."""
+        events: list[Event] = []
+        key = ("gateway", f"fault:{code}")
+        if present and key not in self._conditions:
+            self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
+            events.append(Event("fault", "raised", now, code=code, detail=detail))
+        elif not present and key in self._conditions:
+            del self._conditions[key]
+            events.append(Event("fault", "cleared", now, code=code, detail=detail))
+        return self._finish(events, now)
+
     def tick(self, now: float) -> list[Event]:
         """Time passing: fault ceilings, cabinet doors left open, walk tests ending, the test sound ending."""
         events: list[Event] = []

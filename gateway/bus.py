@@ -29,6 +29,7 @@ from drivers.modbus import (
 )
 from drivers.profiles import GasReading, StationReading
 from gateway.config import BusConfig
+from gateway.failpoints import failpoint
 from gateway.panel import AlarmPanel
 from gateway.realtime import raise_priority
 
@@ -175,6 +176,8 @@ class BusPoller:
         raise_priority(self._priority, self._thread.name)
         while not self._stop.is_set():
             started = time.monotonic()
+            while failpoint("bus_hang", self.bus.id) and not self._stop.is_set():
+                self._stop.wait(0.2)  # fault injection: a hung poll thread (tests of the watchdog)
             try:
                 self._cycle()
             except Exception:  # the thread outlives any bug: the other devices must still be polled

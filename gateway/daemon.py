@@ -108,7 +108,8 @@ class Gateway:
             limits=StorageLimits.from_config(cfg.storage),
         )
         self.writer = EventWriter(self.outbox, batch_s=cfg.storage.telemetry_batch_s,
-                                  memory_limit=cfg.storage.memory_events, on_stored=self._stored)
+                                  memory_limit=cfg.storage.memory_events, on_stored=self._stored,
+                                  on_fault=self._storage_fault)
         bridge = Bridge(loop)
         self.bridge = bridge
         self.heartbeats.register("annunciator", 5.0)
@@ -288,6 +289,10 @@ class Gateway:
                 log.warning("storage maintenance failed; retried later", error=str(exc))
                 with contextlib.suppress(sqlite3.Error, OSError):
                     await self.outbox.recover(exc, generation=generation)
+
+    def _storage_fault(self, code: str, present: bool, detail: str | None) -> None:
+        """Storage faults go through the alarm panel: trouble signal and fault LED while present."""
+        self.panel.gateway_fault(code, present, detail)
 
     async def storage_status(self) -> dict[str, Any]:
         """Outbox figures (backlog, oldest undelivered age, evictions by class, sizes) and the in-memory side."""

@@ -82,6 +82,10 @@ class AlarmPanel:
         """A watched part of the gateway stopped beating, or beats again (:mod:`gateway.selfcheck`)."""
         self._run(lambda now: self.core.stale_thread(name, stale, now))
 
+    def gateway_fault(self, code: str, present: bool, detail: str | None = None) -> None:
+        """A fault of the gateway itself (storage full, storage error) was raised or cleared."""
+        self._run(lambda now: self.core.gateway_fault(code, present, now, detail))
+
     def tick(self) -> None:
         """Let time-based rules run."""
         self._run(self.core.tick)

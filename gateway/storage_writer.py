@@ -50,11 +50,13 @@ class EventWriter:
         batch_s: float = 0.5,
         memory_limit: int = 10_000,
         on_stored: Callable[[Sequence[Event], Sequence[str]], None] | None = None,
+        on_fault: Callable[[str, bool, str | None], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.batch_s = batch_s
         self.memory_limit = max(1, memory_limit)
         self._on_stored = on_stored
+        self._on_fault = on_fault
         self._held: deque[Event] = deque()
         self._committing = 0  # events at the front of _held inside the current transaction: never shed
         self._first_held_at: float | None = None
@@ -227,10 +229,17 @@ class EventWriter:
         self.fault = code
         log.error("storage fault: events held in memory", code=code, detail=detail, held=len(self._held),
                   limit=self.memory_limit)
-        self._held.append(Event("fault", "raised", time.monotonic(), code=code, detail=detail, wall=time.time()))
+        if self._on_fault is not None:  # through the alarm panel: trouble chirp and fault LED, event back here
+            self._on_fault(code, True, detail)
+        else:
+            self._held.append(Event("fault", "raised", time.monotonic(), code=code, detail=detail,
+                                    wall=time.time()))
 
     def _clear_fault(self) -> None:
         code, self.fault = self.fault, None
         log.warning("storage fault cleared", code=code)
-        self._held.append(Event("fault", "cleared", time.monotonic(), code=code, wall=time.time()))
+        if self._on_fault is not None and code is not None:
+            self._on_fault(code, False, None)
+        else:
+            self._held.append(Event("fault", "cleared", time.monotonic(), code=code, wall=time.time()))
         self._wake.set()

@@ -429,6 +429,16 @@ def test_port_lost_and_back(core: AlarmCore) -> None:
     assert sound(core) is Sound.QUIET
 
 
+def test_gateway_fault_is_trouble_until_cleared(core: AlarmCore) -> None:
+    fault = one(core.gateway_fault("storage_full", True, T0, "disk full"), "fault", "raised")
+    assert (fault.code, fault.detail, fault.device) == ("storage_full", "disk full", None)
+    assert core.gateway_fault("storage_full", True, T0 + 1) == []
+    assert sound(core) is Sound.TROUBLE
+    assert "fault" in core.annunciation(T0).leds
+    assert one(core.gateway_fault("storage_full", False, T0 + 2), "fault", "cleared").code == "storage_full"
+    assert sound(core) is Sound.QUIET
+
+
 def test_an_alarm_from_a_healthy_device_during_a_port_fault_is_handled_like_any_alarm(core: AlarmCore) -> None:
     core.port_state("b1", True, T0)
     for i in range(3):

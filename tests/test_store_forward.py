@@ -326,6 +326,7 @@ async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
                 assert all(not t.done() for t in gateway._tasks), "a gateway task died"
                 status = await gateway.storage_status()
                 assert status["storage_fault"] == "storage_full" and status["held_in_memory"] >= 2
+                assert "fault" in gateway.panel.snapshot()["annunciation"].leds  # shown locally, not only stored
 
                 await gateway.outbox.connection.execute("PRAGMA max_page_count = 1073741823")  # space returns
                 await eventually(lambda: gateway.writer.fault is None and gateway.writer.held == 0, timeout=30)
