@@ -257,6 +257,14 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
         relays = ", ".join(f"{k} {'ON' if v else 'off'}" for k, v in sorted(ann["relays"].items())) or "—"
         yield (f"Sounder   {sound}  pattern {ann['pattern'] or '—'}  buzzer {'on' if ann['buzzer_on'] else 'off'}"
                f"  LEDs {', '.join(ann['leds']) or '—'}  relays {relays}")
+    storage = data.get("storage")
+    if storage is not None:
+        evicted = sum(storage.get("evicted_undelivered", {}).values())
+        dropped = sum(storage.get("dropped_in_memory", {}).values())
+        fault = storage.get("storage_fault")
+        yield (f"Storage   {style(fault.upper(), 'red') if fault else 'ok'}  history {storage.get('history', 0)}"
+               f"  evicted undelivered {evicted}, delivered {sum(storage.get('evicted_delivered', {}).values())}"
+               f"  dropped in memory {dropped}")
     for bus in data.get("buses", []):
         state = "PORT LOST" if bus["port_lost"] else ("paused" if bus["paused"] else "polling")
         yield (f"Bus       {bus['id']} {bus['port']}: {style(state, 'red' if bus['port_lost'] else None)}, "

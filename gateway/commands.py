@@ -285,6 +285,7 @@ class CommandHandler:
                 "buzzer_on": gw.annunciator.buzzer_on, "leds": sorted(ann.leds),
                 "relays": {r.id: gw.annunciator.relay_states.get(r.id, False) for r in cfg.outputs.relays},
             },
+            "storage": await gw.storage_status(),
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
                  "polls": p.polls, "errors": p.errors}

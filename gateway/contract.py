@@ -190,6 +190,7 @@ class StatusReporter:
     def build(
         self, *, session: int, uplink: UplinkFigures, backlog: tuple[int, float | None],
         snapshot: Mapping[str, Any], buses: Sequence[BusCounters], wall: float | None = None,
+        storage: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One status message (advances the link-quality window)."""
         now_wall = time.time() if wall is None else wall
@@ -212,7 +213,7 @@ class StatusReporter:
             self._previous[b.bus] = b
         window = now - self._window_start
         self._window_start = now
-        return {
+        message = {
             "version": MESSAGE_VERSION, "type": "status", **self._identity, "session": session,
             "software": self._software, "time": iso_time(now_wall), "uptime_s": round(now - self._started, 3),
             "uplink": {"rtt_ms": None if uplink.rtt_ms is None else round(uplink.rtt_ms, 3),
@@ -224,6 +225,17 @@ class StatusReporter:
             "links": {"window_s": round(window, 3), "buses": bus_rows, "devices": link_devices},
             "annunciator": {"sound": snapshot["annunciation"].sound.name.lower()},
         }
+        if storage is not None:
+            message["storage"] = {
+                "fault": storage.get("storage_fault"),
+                "history": int(storage.get("history", 0)),
+                "evicted_undelivered": dict(storage.get("evicted_undelivered", {})),
+                "evicted_delivered": dict(storage.get("evicted_delivered", {})),
+                "dropped_in_memory": dict(storage.get("dropped_in_memory", {})),
+                "used_bytes": int(storage.get("used_bytes", 0)),
+                "max_bytes": int(storage.get("max_bytes", 0)),
+            }
+        return message
 
 
 def command_result(

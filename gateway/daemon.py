@@ -334,6 +334,7 @@ class Gateway:
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),
             buses=[BusCounters(bus_id, p.polls, p.errors, p.port_lost) for bus_id, p in self.buses.items()],
+            storage=await self.storage_status(),
         )
 
     async def _publish_status(self) -> None:

@@ -187,6 +187,8 @@ def test_status_json_and_plain_text(site: DaemonSite) -> None:
     assert text.returncode == EXIT_OK
     assert "\033[" not in text.stdout  # plain when piped
     assert "connected to 127.0.0.1:" in text.stdout and "HOUSEHOLD / UNIT" in text.stdout
+    assert "Storage   ok" in text.stdout and "evicted undelivered 0" in text.stdout
+    assert status["storage"]["storage_fault"] is None
     assert all(device in text.stdout for device in site.device_ids)
 
 

@@ -220,6 +220,7 @@ async def test_status_reports_gateway_uplink_annunciator_and_devices(site: Site,
     assert d["gateway"]["id"] == "test-community-b01" and d["gateway"]["pid"] == os.getpid()
     assert d["uplink"]["connected"] is True and d["uplink"]["broker"] == f"127.0.0.1:{broker.port}"
     assert isinstance(d["uplink"]["backlog"], int)
+    assert set(d["storage"]["evicted_undelivered"]) == {"telemetry", "info", "trouble", "supervisory", "alarm"}
     assert d["annunciator"] == {"sound": "quiet", "pattern": None, "buzzer_on": False, "leds": [],
                                 "relays": {RELAY_ID: False}}
     rows = {row["device"]: row for row in d["devices"]}

@@ -417,3 +417,5 @@ async def test_status_at_start_then_periodically_with_link_quality(
     assert [d["device"] for d in status["links"]["devices"]] == [silent.id]
     assert status["links"]["devices"][0]["comm_errors"] >= 1
     assert status["backlog"]["events"] >= 0
+    assert status["storage"]["fault"] is None and status["storage"]["evicted_undelivered"]["alarm"] == 0
+    assert status["storage"]["history"] >= 1  # delivered events kept for inspection
