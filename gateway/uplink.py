@@ -38,6 +38,7 @@ __all__ = ["Uplink", "UplinkError"]
 log = structlog.get_logger()
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
+STABLE_CONNECTION_S = 30.0
 REJECTED_RETRY_S = 5.0
 ACK_TIMEOUT_S = 30.0
 PREFETCH_ROWS = 500
@@ -285,17 +286,19 @@ class Uplink:
                             waiting=waiting, retry_in_s=round(delay, 1))
                 await self._sleep(delay)
                 continue
-            delays = backoff_delays()
-            failed = False
+            connected_at = time.monotonic()
             try:
                 await self._forward(client)
             except Exception as exc:  # a bug or storage trouble must not stall the uplink: reconnect
-                failed = True
                 self.last_error = f"forwarding failed: {exc!r}"
                 log.error("uplink forwarding failed; reconnecting", error=repr(exc))
             finally:
                 await self._drop(client)
-            if failed:
+            # The backoff starts over only after a connection that held; one the broker drops at once (a
+            # client id taken over, an ACL) must not turn into a reconnect storm. Never straight back in.
+            if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
+                delays = backoff_delays()
+            if not self._stopping:
                 await self._sleep(next(delays))
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:

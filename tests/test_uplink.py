@@ -360,3 +360,25 @@ async def test_a_replaced_database_restarts_the_forwarding_cursor(
         after = await asyncio.to_thread(recorder.wait_for, lambda m: m.json.get("event_id") == ids[0], 30)
         await all_delivered(ob)
     assert fault.json["session"] == 2 and fault.index < after.index
+
+
+async def test_a_broker_that_drops_every_connection_at_once_gets_no_reconnect_storm(
+    tmp_path: Path, broker: MosquittoBroker
+) -> None:
+    """Another client with our id keeps taking the session over: the uplink backs off instead of hammering."""
+    rival = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="gw-test", protocol=mqtt.MQTTv5)
+    rival.reconnect_delay_set(min_delay=0.05, max_delay=0.05)
+    async with forwarding(tmp_path, broker) as (_ob, up):
+        rival.connect(broker.host, broker.port)
+        rival.loop_start()
+        try:
+            await eventually(lambda: up.connections >= 2, timeout=30, message="the uplink never came back")
+            first = up.connections
+            window_end = time.monotonic() + 6.0
+            while time.monotonic() < window_end:
+                await asyncio.sleep(0.1)
+            # 1 s, 2 s, 4 s … between attempts: a handful of connections, not one per rival reconnect (~100)
+            assert up.connections - first <= 5, up.connections - first
+        finally:
+            rival.loop_stop()
+            rival.disconnect()
