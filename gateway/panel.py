@@ -9,6 +9,7 @@ asyncio loop) in the order the core produced them. The sink must not block.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -47,7 +48,9 @@ class AlarmPanel:
         self._clock = clock
         self._wall = wall_clock
         self._lock = threading.Lock()  # the core and the annunciation shown
-        self._handoff = threading.Lock()  # taken before the core lock is released: keeps the sink in order
+        # What the core produced, in its order, until handed on; whoever holds _handoff drains it (see _run).
+        self._pending: collections.deque[tuple[Annunciation | None, list[Event], float]] = collections.deque()
+        self._handoff = threading.Lock()
         self._shown = Annunciation()
         self._ticker: threading.Thread | None = None
         self._stop = threading.Event()
@@ -157,15 +160,27 @@ class AlarmPanel:
             if changed:
                 self.annunciator.show(annunciation)
                 self._shown = annunciation
-            wall = self._wall()
-            self._handoff.acquire()
-        try:
-            if changed and self._on_annunciation is not None:
-                self._deliver(self._on_annunciation, annunciation)
-            for event in events:
-                self._deliver(self._sink, dataclasses.replace(event, wall=wall))
-        finally:
-            self._handoff.release()
+            if changed or events:
+                self._pending.append((annunciation if changed else None, events, self._wall()))
+        self._hand_on()
+
+    def _hand_on(self) -> None:
+        """Deliver pending results in order. Never waits: handing on is a system call (the bridge wakes the
+        loop), so a thread that finds another one delivering leaves its results to it and returns — a
+        lock held across I/O must not stand between an alarm and the buzzer. Whoever releases the lock
+        looks again, so nothing is left behind."""
+        while self._pending:
+            if not self._handoff.acquire(blocking=False):
+                return
+            try:
+                while self._pending:
+                    annunciation, events, wall = self._pending.popleft()
+                    if annunciation is not None and self._on_annunciation is not None:
+                        self._deliver(self._on_annunciation, annunciation)
+                    for event in events:
+                        self._deliver(self._sink, dataclasses.replace(event, wall=wall))
+            finally:
+                self._handoff.release()
 
     @staticmethod
     def _deliver(target: Callable[[Any], None], item: Any) -> None:
