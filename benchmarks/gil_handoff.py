@@ -5,7 +5,8 @@ before it can set the buzzer pin. CPython makes it wait up to the switch interva
 5 ms by default) before the running thread is asked to hand over — per system call on the path. This
 measures that wait for several switch intervals, with one or two pure-Python busy threads, for a waker at
 normal priority and at SCHED_FIFO (when permitted): the lateness of a timed wake-up, and the time of two
-further system calls (each gives the GIL away and must win it back).
+further system calls (each gives the GIL away and must win it back). Last, what a shorter interval costs:
+the extra time three busy threads need for the same work.
 
     .venv/bin/python benchmarks/gil_handoff.py [--wakes 500]
 """
@@ -75,6 +76,26 @@ def measure(interval_s: float, busy: int, fifo: int, wakes: int) -> dict[str, An
     }
 
 
+def throughput_cost(interval_s: float, threads: int = 3, work: int = 3_000_000) -> float:
+    """Seconds for ``threads`` busy threads to finish a fixed amount of pure-Python work."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+
+    def busy() -> None:
+        x = 0
+        for i in range(work):
+            x += i
+
+    workers = [threading.Thread(target=busy) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    sys.setswitchinterval(previous)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wakes", type=int, default=500)
@@ -89,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"interval {interval_ms:>4} ms  busy {busy}  fifo {row['fifo']!s:<5}  wake p50 "
                       f"{row['wake_p50_ms']:7.3f}  p99 {row['wake_p99_ms']:7.3f}  max {row['wake_max_ms']:7.3f}  "
                       f"2 syscalls p99 {row['two_syscalls_p99_ms']:7.3f} ms")
-    print(json.dumps({"gil_handoff": rows}))
+    base = min(throughput_cost(0.005) for _ in range(3))
+    cost = {}
+    for interval_ms in (1.0, 0.5, 0.25, 0.1):
+        t = min(throughput_cost(interval_ms / 1000) for _ in range(3))
+        cost[str(interval_ms)] = round(100 * (t / base - 1), 1)
+        print(f"interval {interval_ms:>4} ms: three busy threads {cost[str(interval_ms)]:+.1f} % time vs 5 ms")
+    print(json.dumps({"gil_handoff": rows, "busy_threads_extra_time_pct": cost}))
     return 0
 
 
