@@ -32,8 +32,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -99,8 +97,14 @@ def schema(name: str) -> dict[str, Any]:
 
 
 @functools.cache
-def validator(name: str) -> Draft202012Validator:
-    """A checked validator for message ``name``."""
+def validator(name: str) -> Any:
+    """A checked ``jsonschema`` Draft 2020-12 validator for message ``name``.
+
+    jsonschema is imported here, on first use, not with the module: it costs ~3 MB of resident memory that
+    a gateway which never receives a command should not pay (docs/performance.md).
+    """
+    from jsonschema import Draft202012Validator
+
     s = schema(name)
     Draft202012Validator.check_schema(s)
     return Draft202012Validator(s)
@@ -349,7 +353,6 @@ class CommandGate:
         self.started_at = started_at
         self._clock = clock
         self.seen = seen or SeenIds()
-        self._validator = validator("command")
 
     def admit(self, topic: str, payload: bytes) -> Command:
         """The command carried by ``payload`` on ``topic``, or :class:`Rejected` saying why not."""
@@ -365,7 +368,9 @@ class CommandGate:
             raise Rejected("unknown_command", f"unknown command {_clip(name, 64)!r}; known: {', '.join(COMMANDS)}")
         if body.get("command") != name:
             raise Rejected("invalid", f"'command' must be {name!r}, the topic's last level")
-        error = best_match(self._validator.iter_errors(body))
+        from jsonschema.exceptions import best_match
+
+        error = best_match(validator("command").iter_errors(body))
         if error is not None:
             where = ".".join(str(p) for p in error.absolute_path) or "command"
             code = "bad_args" if error.absolute_path and error.absolute_path[0] == "args" else "invalid"

@@ -363,12 +363,14 @@ class Uplink:
         client.max_queued_messages_set(0)
         client.connect_timeout = self._connect_timeout
         def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
-            loop.call_soon_threadsafe(settle, rc)
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(settle, rc)
 
         def on_connect_fail(c: mqtt.Client, u: Any) -> None:
             # paho calls this while handling the OSError (TLS verification, refused, ...): keep its reason
             failure = sys.exc_info()[1]
-            loop.call_soon_threadsafe(settle, f"connection failed: {failure}" if failure else "connection failed")
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(settle, f"connection failed: {failure}" if failure else "connection failed")
 
         def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
@@ -383,7 +385,8 @@ class Uplink:
                     self._wake_for_outcomes()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-            loop.call_soon_threadsafe(self._message, msg)
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(self._message, msg)
 
         client.on_connect = on_connect
         client.on_connect_fail = on_connect_fail
@@ -401,6 +404,9 @@ class Uplink:
         except (TimeoutError, OSError, ValueError) as exc:
             await self._drop(client)
             raise UplinkError(f"connect: {exc or 'timed out'}") from None
+        except asyncio.CancelledError:  # stopping while a connect hangs: let paho's thread end on its own
+            threading.Thread(target=client.loop_stop, name="mqtt-connect-abandoned", daemon=True).start()
+            raise
         if isinstance(result, str) or result.is_failure:
             await self._drop(client)
             raise UplinkError(f"connect refused: {result}")
