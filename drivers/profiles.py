@@ -33,6 +33,7 @@ __all__ = [
     "WarmupField",
     "parse_detector_profile",
     "parse_station_profile",
+    "toml_type_name",
 ]
 
 #: Status names a detector profile may report.
@@ -327,7 +328,8 @@ def _within(prefix: str) -> Iterator[None]:
         raise ProfileError(f"{prefix}.{exc.key}" if exc.key else prefix, exc.reason) from None
 
 
-def _typename(value: Any) -> str:
+def toml_type_name(value: Any) -> str:
+    """How a config error names the type of a TOML value ("an integer", "a table", ...)."""
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):
@@ -348,7 +350,7 @@ def _int(data: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = 0xFFFF, de
     if value is None:
         raise ProfileError(key, "is required")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProfileError(key, f"must be an integer, got {_typename(value)}")
+        raise ProfileError(key, f"must be an integer, got {toml_type_name(value)}")
     if not lo <= value <= hi:
         raise ProfileError(key, f"must be {lo}–{hi}, got {value}")
     return value
@@ -359,7 +361,7 @@ def _num(data: Mapping[str, Any], key: str, default: float | None = None, *, non
     if value is None:
         raise ProfileError(key, "is required")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ProfileError(key, f"must be a number, got {_typename(value)}")
+        raise ProfileError(key, f"must be a number, got {toml_type_name(value)}")
     if not math.isfinite(value):
         raise ProfileError(key, "must be a finite number")
     if nonzero and value == 0:
@@ -370,7 +372,7 @@ def _num(data: Mapping[str, Any], key: str, default: float | None = None, *, non
 def _flag(data: Mapping[str, Any], key: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
-        raise ProfileError(key, f"must be true or false, got {_typename(value)}")
+        raise ProfileError(key, f"must be true or false, got {toml_type_name(value)}")
     return value
 
 
@@ -385,7 +387,7 @@ def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ProfileError(key, f"must be a table, got {_typename(value)}")
+        raise ProfileError(key, f"must be a table, got {toml_type_name(value)}")
     return value
 
 
@@ -466,11 +468,11 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
     flags: list[tuple[int, int, str]] = []
     raw_flags = data.get("flags", [])
     if not isinstance(raw_flags, list):
-        raise ProfileError("flags", f"must be an array of tables, got {_typename(raw_flags)}")
+        raise ProfileError("flags", f"must be an array of tables, got {toml_type_name(raw_flags)}")
     for i, flag in enumerate(raw_flags):
         with _within(f"flags[{i}]"):
             if not isinstance(flag, Mapping):
-                raise ProfileError("", f"must be a table, got {_typename(flag)}")
+                raise ProfileError("", f"must be a table, got {toml_type_name(flag)}")
             _only(flag, {"register", "bit", "status"})
             status_name = flag.get("status")
             if status_name not in DETECTOR_STATUSES:

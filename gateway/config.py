@@ -26,6 +26,7 @@ from drivers.profiles import (
     parse_detector_profile,
     parse_station_profile,
 )
+from drivers.profiles import toml_type_name as _typename
 
 __all__ = [
     "CONTACT_KINDS",
@@ -412,22 +413,6 @@ class _Table:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
             raise ConfigError(self.key(unknown[0]), "unknown key")
-
-
-def _typename(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "a table"
-    return type(value).__name__
 
 
 def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
