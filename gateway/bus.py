@@ -58,42 +58,92 @@ def open_client(bus: BusConfig) -> Any:
 
 
 @functools.cache
+def _libc_keeping_gil() -> Any:
+    """libc through :class:`ctypes.PyDLL`: its calls keep the GIL, so they cost no hand-off.
+
+    Only for calls that cannot block: ``read`` on a non-blocking descriptor and the ``FIONREAD`` ioctl.
+    """
+    import ctypes
+
+    libc = ctypes.PyDLL(None, use_errno=True)
+    libc.read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+    libc.read.restype = ctypes.c_ssize_t
+    libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+    libc.ioctl.restype = ctypes.c_int
+    return libc
+
+
+@functools.cache
 def _prompt_client_class() -> type[Any]:
     """pymodbus's serial client, except that a response is taken as soon as its bytes arrive.
 
     The stock client sleep-polls the port every four character times and waits until two polls see the
     same byte count (4–8 ms at 9600 baud after the last byte, and a GIL hand-off per poll). This one
     blocks in ``select`` until bytes are readable and hands over what is there at once; pymodbus's RTU
-    framer already waits for the rest of a partial frame (by its length and CRC) and calls again. Measured
-    in benchmarks/buzzer_latency.py (docs/performance.md).
+    framer already waits for the rest of a partial frame (by its length and CRC) and calls again.
+
+    ``select`` is the only call between the answer's arrival and the buzzer that gives the GIL away: a
+    thread that gives it away while another thread runs Python waits up to one switch interval to win it
+    back. The read and the count of bytes waiting behind the frame (:class:`StrictFraming`) go through
+    libc without releasing it, on a descriptor kept non-blocking. Measured in
+    benchmarks/buzzer_latency.py (docs/performance.md).
     """
+    import ctypes
+    import errno
     import select
+    import termios
 
     from pymodbus.client import ModbusSerialClient
     from pymodbus.exceptions import ConnectionException
 
+    libc = _libc_keeping_gil()
+
     class PromptSerialClient(ModbusSerialClient):
+        _buffer: ctypes.Array[ctypes.c_char]  # set when the port opens, used only by the bus thread
+        _count: ctypes.c_int
+
+        def connect(self) -> bool:
+            fresh = self.socket is None
+            ok = bool(super().connect())
+            if ok and fresh and self.socket is not None:
+                os.set_blocking(self.socket.fileno(), False)  # libc read below must never block
+                self._buffer = ctypes.create_string_buffer(1024)
+                self._count = ctypes.c_int()
+            return ok
+
         def recv(self, size: int | None) -> bytes:
             if size is not None or self.socket is None:
                 return super().recv(size)
-            # Two system calls per chunk — each one gives the GIL away and must win it back, so no more.
             deadline = time.monotonic() + self.comm_params.timeout_connect
             try:
                 fd = self.socket.fileno()
                 while (left := deadline - time.monotonic()) > 0:
                     if select.select([fd], [], [], left)[0]:
-                        with contextlib.suppress(BlockingIOError):  # pyserial opens the port non-blocking
-                            data = os.read(fd, 1024)
-                            if not data:
-                                raise OSError("the port hung up")
-                            return data
+                        got = libc.read(fd, self._buffer, len(self._buffer))
+                        if got > 0:
+                            return self._buffer.raw[:got]
+                        if got == 0:
+                            raise OSError("the port hung up")
+                        if (code := ctypes.get_errno()) not in (errno.EAGAIN, errno.EINTR):
+                            raise OSError(code, os.strerror(code))
                 return b""
             except OSError:  # the adapter went away
                 self.close()  # type: ignore[no-untyped-call]
                 raise ConnectionException(str(self)) from None
 
+        def bytes_waiting(self) -> int:
+            """Bytes readable on the port now (0 when it is closed or failing)."""
+            if self.socket is None:
+                return 0
+            if libc.ioctl(self.socket.fileno(), termios.FIONREAD, ctypes.byref(self._count)) != 0:
+                return 0
+            return self._count.value
+
     class BusSerialClient(StrictFraming, PromptSerialClient):
         """Prompt receive, and an answer with extra bytes around its frame is refused."""
+
+        def _trailing(self) -> int:
+            return self.bytes_waiting()
 
     return BusSerialClient
 
