@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -80,7 +82,19 @@ DROP INDEX IF EXISTS events_wall;
 
 _COLUMNS = ("event_id, session, session_seq, kind, action, priority, device, unit, household, wall, mono,"
             " clock_synced, payload")
-_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+# Rows per INSERT statement: SQLite's limit on bound parameters is 32 766 since 3.32 (999 before).
+_ROWS_PER_INSERT = (32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999) // 14
+
+_MARK_DELIVERED = ("UPDATE events SET delivered = 1, delivered_at = ?, attempts = attempts + ?"
+                   " WHERE seq BETWEEN ? AND ?")
+
+
+@functools.lru_cache(maxsize=32)
+def _insert_sql(rows: int) -> str:
+    """One INSERT of ``rows`` events with their seqs given (the outbox is the file's only writer)."""
+    values = ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * rows)
+    return f"INSERT INTO events (seq, {_COLUMNS}) VALUES {values}"
+
 
 # Eviction ladder: (delivered, priority), first rung first. Delivered history goes before anything
 # undelivered; undelivered rows go from the lowest class up, so no alarm, fault or supervisory event is
@@ -187,6 +201,8 @@ class Outbox:
         self._busy_timeout_ms = busy_timeout_ms
         self._disk_free = disk_free
         self._session_seq = 0
+        self._last_seq: int | None = None
+        """Highest seq the events table ever gave (AUTOINCREMENT never reuses one); None: read it again."""
         self._since_bounds_check = 0
         self._bounds_check_every = max(32 * 1024, limits.max_bytes // 200)
         # One connection, one transaction at a time: every method holds this lock for its statements, so no
@@ -288,6 +304,7 @@ class Outbox:
         _write_session_file(self._session_file, session)
         self.session = session
         self._session_seq = 0
+        self._last_seq = None
         head = {"version": 1, "gateway": self.gateway_id, **self._identity, "session": session}
         self._payload_prefix = _JSON.encode(head)[:-1] + ","
 
@@ -366,35 +383,41 @@ class Outbox:
         synced = clock_synchronised()
         rows = []
         ids = []
-        seq = self._session_seq
+        session_seq = self._session_seq
+        seq = self._last_seq if self._last_seq is not None else await self._read_last_seq()
         size = 0
         session = self.session
         prefix = f"{self.gateway_id}:{session}:"
         for event in events:
             seq += 1
-            event_id = prefix + str(seq)
+            session_seq += 1
+            event_id = prefix + str(session_seq)
             ids.append(event_id)
-            payload = self._payload(event, event_id, seq, synced)
+            payload = self._payload(event, event_id, session_seq, synced)
             size += len(payload)
-            rows.append((event_id, session, seq, event.kind, event.action, int(event.priority), event.device,
-                         event.unit, event.household, event.wall or time.time(), event.mono, int(synced), payload))
-        await db.execute("BEGIN IMMEDIATE")
+            rows.append((seq, event_id, session, session_seq, event.kind, event.action, int(event.priority),
+                         event.device, event.unit, event.household, event.wall or time.time(), event.mono,
+                         int(synced), payload))
         try:
-            await db.executemany(_INSERT, rows)
-            cur = await db.execute("SELECT last_insert_rowid()")
-            last = await cur.fetchone()
-            await db.execute("COMMIT")
+            if len(rows) <= _ROWS_PER_INSERT:  # one statement, so one transaction: one trip to SQLite's thread
+                await db.execute(_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
+            else:
+                await db.execute("BEGIN IMMEDIATE")
+                for i in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[i:i + _ROWS_PER_INSERT]
+                    await db.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                await db.execute("COMMIT")
         except BaseException:
+            self._last_seq = None  # read it again: another writer may have taken these seqs
             await _rollback(db)
             raise
-        self._session_seq = seq
+        self._last_seq = seq
+        self._session_seq = session_seq
         self.stored_total += len(events)
         self.commits += 1
         self.appended.set()
         if self._append_listeners:
-            # One writer inside one transaction: AUTOINCREMENT gave the rows consecutive seqs ending at ``last``.
-            first = int(last[0]) - len(rows) + 1 if last else 0
-            stored = [PendingEvent(first + i, r[0], session, r[3], r[5], r[12], 0, r[10]) for i, r in enumerate(rows)]
+            stored = [PendingEvent(r[0], r[1], session, r[4], r[6], r[13], 0, r[11]) for r in rows]
             for listener in self._append_listeners:
                 listener(stored)
         # Rows cost about twice their payload once the indexes are counted.
@@ -407,15 +430,22 @@ class Outbox:
                 log.warning("storage bounds check failed", error=str(exc))
         return ids
 
+    async def _read_last_seq(self) -> int:
+        rows = await self.connection.execute_fetchall(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+            " coalesce((SELECT max(seq) FROM events), 0))")
+        self._last_seq = int(next(iter(rows))[0])
+        return self._last_seq
+
     async def pending(self, *, after: int = 0, limit: int = 100) -> list[PendingEvent]:
         """Undelivered events after ``seq``, oldest first."""
         async with self._lock:
-            cur = await self.connection.execute(
+            rows = await self.connection.execute_fetchall(
                 "SELECT seq, event_id, session, kind, priority, payload, attempts, mono FROM events"
                 " WHERE delivered = 0 AND seq > ? ORDER BY seq LIMIT ?",
                 (after, limit),
             )
-            return [PendingEvent._make(row) for row in await cur.fetchall()]
+            return [PendingEvent._make(row) for row in rows]
 
     async def mark_delivered(self, acks: Iterable[tuple[int, int]], *, now: float | None = None) -> None:
         """The broker acknowledged these rows — ``(seq, publishes)`` pairs: they leave the outbox as history."""
@@ -423,13 +453,15 @@ class Outbox:
         ranges = _runs(acks)
         if not ranges:
             return
+        marks = [(when, sends, lo, hi) for lo, hi, sends in ranges]
         async with self._lock:
             db = self.connection
+            if len(marks) == 1:  # one statement is its own transaction
+                await db.execute(_MARK_DELIVERED, marks[0])
+                return
             await db.execute("BEGIN IMMEDIATE")
             try:
-                await db.executemany(
-                    "UPDATE events SET delivered = 1, delivered_at = ?, attempts = attempts + ?"
-                    " WHERE seq BETWEEN ? AND ?", [(when, sends, lo, hi) for lo, hi, sends in ranges])
+                await db.executemany(_MARK_DELIVERED, marks)
                 await db.execute("COMMIT")
             except BaseException:
                 await _rollback(db)

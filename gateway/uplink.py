@@ -236,6 +236,7 @@ class Uplink:
         self._cursor = 0  # highest seq taken from the outbox on this connection
         self._stale = True  # the outbox may hold rows after the cursor
         self._fetching = False
+        self._arrived: list[PendingEvent] = []  # rows committed while a fetch was under way
         self._window_generation = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._marking: asyncio.Task[None] | None = None  # acks being written to the outbox, beside publishing
@@ -491,11 +492,14 @@ class Uplink:
                         rows = await self.outbox.pending(after=self._cursor, limit=self.prefetch)
                     finally:
                         self._fetching = False
+                        arrived, self._arrived = self._arrived, []
                     if len(rows) >= self.prefetch:
                         self._stale = True
                     if rows and self.outbox.generation == generation:
                         window.add(r for r in rows if r.seq > self._cursor)
                         self._cursor = max(self._cursor, rows[-1].seq)
+                    if arrived:
+                        self._take_appended([r for r in arrived if r.seq > self._cursor])
                 window.fill(blocking=True)
                 queued, _ = window.sizes()
                 if self._acks_due(idle=not queued and not self._stale) and (
@@ -622,16 +626,27 @@ class Uplink:
         self._stale = True
 
     def _appended(self, rows: list[PendingEvent]) -> None:
-        """New rows committed: when caught up, take them straight into the window (no re-read); else re-read."""
+        """New rows committed: when caught up, take them straight into the window (no re-read); else re-read.
+
+        Rows committed while a fetch is under way may or may not be in its result: they wait beside it and
+        those after what it returned are taken when it is done.
+        """
+        if self._fetching:
+            self._arrived.extend(rows)
+        else:
+            self._take_appended(rows)
+        self._progress.set()
+
+    def _take_appended(self, rows: list[PendingEvent]) -> None:
         window = self._window
-        if (window is not None and rows and not self._stale and not self._fetching
-                and self._window_generation == self.outbox.generation
+        if not rows:
+            return
+        if (window is not None and not self._stale and self._window_generation == self.outbox.generation
                 and rows[0].seq == self._cursor + 1 and window.sizes()[0] < self.prefetch):
             window.add(rows)
             self._cursor = rows[-1].seq
         else:
             self._stale = True
-        self._progress.set()
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()

@@ -89,6 +89,35 @@ async def test_pending_after_a_cursor_and_delivery_by_seq(tmp_path: Path) -> Non
         await ob.close()
 
 
+async def test_seqs_never_reused_and_listeners_get_the_stored_rows(tmp_path: Path) -> None:
+    ob = await open_outbox(tmp_path)
+    heard: list[list[Any]] = []
+    ob.on_append(heard.append)
+    try:
+        first = await append_seqs(ob, [ev(device=f"d{i}") for i in range(3)])
+        assert first == [1, 2, 3]
+        assert [(r.seq, r.event_id) for r in heard[-1]] == [(1, "gw-test:1:1"), (2, "gw-test:1:2"), (3, "gw-test:1:3")]
+        big = await append_seqs(ob, [ev(device=f"b{i}") for i in range(5000)])  # more than one INSERT holds
+        assert big == list(range(4, 5004)) and [r.seq for r in heard[-1]] == big
+        stored = {r[0]: r[1] for r in await ob.connection.execute_fetchall("SELECT seq, payload FROM events")}
+        assert all(json.loads(row.payload) == json.loads(stored[row.seq]) for row in heard[-1])
+        await ob.connection.execute("DELETE FROM events WHERE seq >= 5000")  # the newest rows go
+    finally:
+        await ob.close()
+    ob = await open_outbox(tmp_path)
+    try:
+        assert await append_seqs(ob, [ev()]) == [5004]  # as AUTOINCREMENT: a deleted seq is never given again
+        # Another writer took the next seq: the append fails once, then goes on after it.
+        await ob.connection.execute(
+            "INSERT INTO events (seq, event_id, session, session_seq, kind, action, priority, wall, mono,"
+            " clock_synced, payload) VALUES (5005, 'intruder', 0, 0, 'telemetry', 'reading', 0, 0, 0, 0, '{}')")
+        with pytest.raises(sqlite3.IntegrityError):
+            await ob.append([ev()])
+        assert await append_seqs(ob, [ev()]) == [5006]
+    finally:
+        await ob.close()
+
+
 async def _fill_for_eviction(ob: Outbox) -> dict[str, list[int]]:
     pad = "x" * 900  # rows of about a kilobyte, so pages follow rows
     groups = {
