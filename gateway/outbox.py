@@ -23,6 +23,7 @@ import functools
 import itertools
 import json
 import math
+import operator
 import os
 import shutil
 import sqlite3
@@ -113,6 +114,7 @@ _JOURNAL_SIZE_LIMIT = 4 * MB
 
 # Event fields, read directly: dataclasses.asdict() deep-copies and costs more than the insert itself.
 _EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
+_event_values = operator.attrgetter(*_EVENT_FIELDS)
 _JSON = json.JSONEncoder(separators=(",", ":"))
 
 FailureKind = Literal["busy", "full", "corrupt", "io", "other"]
@@ -361,10 +363,8 @@ class Outbox:
         """The event's JSON (schemas/event.json without ``historical``, which the uplink adds when sending)."""
         body: dict[str, Any] = {"event_id": event_id, "seq": session_seq, "time": _iso(event.wall),
                                 "clock_synced": synced}
-        for name in _EVENT_FIELDS:
-            value = getattr(event, name)
-            if value is not None:
-                body[name] = value
+        values = zip(_EVENT_FIELDS, _event_values(event), strict=True)
+        body.update({name: value for name, value in values if value is not None})
         return self._payload_prefix + _JSON.encode(body)[1:]
 
     async def append(self, events: Sequence[Event]) -> list[str]:

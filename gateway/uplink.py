@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import sqlite3
@@ -75,7 +76,7 @@ class _Window:
                  notify: Callable[[], None]) -> None:
         self.client = client
         self.limit = limit
-        self._topic = topic
+        self._topic = functools.lru_cache(maxsize=16)(topic)  # one topic per event kind
         self._wire = wire
         self._notify = notify
         # seq → publishes of rows that went out without a successful PUBACK: those in flight when the
@@ -542,9 +543,11 @@ class Uplink:
             self._outcomes(window, window.take_outcomes())
 
     def _outcomes(self, window: _Window, outcomes: list[tuple[_InFlight, ReasonCode, float]]) -> None:
+        refused = False
         for entry, rc, acked_at in outcomes:
             row = entry.row
             if rc.is_failure:  # MQTT 5 reason code ≥ 0x80: the broker did not take it
+                refused = True
                 self.rejected_total += 1
                 self._rejected[row.seq] = (row, time.monotonic() + self.rejected_retry_s)
                 log.error("broker rejected event; will retry", event_id=row.event_id, kind=row.kind,
@@ -561,7 +564,7 @@ class Uplink:
                 log.info("event forwarded", event_id=row.event_id, kind=row.kind)
         if outcomes:
             with window.state:
-                if window.sends or self.rejected_total:
+                if window.sends or refused:
                     for entry, rc, _ in outcomes:
                         if rc.is_failure:
                             window.sends[entry.row.seq] = entry.sends
