@@ -1,6 +1,7 @@
 """Forwarding throughput: a bare paho QoS 1 loop vs the outbox and uplink, then a 100 000-event backlog drained.
 
-One run against one private mosquitto on loopback (``tests.support.broker.MosquittoBroker``, a free port):
+One run against one private mosquitto on loopback (``tests.support.broker.MosquittoBroker``, a free port),
+whose Receive Maximum is set to hold the whole window (mosquitto's default of 20 would cap the gateway at 15):
 
 1. ``baseline_eps``: a bare paho client publishing N messages at QoS 1 with at most ``--window`` without a
    PUBACK (the gateway's ``mqtt.max_inflight``); the payload is a real event payload of the gateway.
@@ -44,7 +45,7 @@ from gateway.events import Event  # noqa: E402
 from gateway.logs import configure_logging  # noqa: E402
 from gateway.outbox import Outbox  # noqa: E402
 from gateway.topics import Topics  # noqa: E402
-from gateway.uplink import Uplink  # noqa: E402
+from gateway.uplink import CONTROL_INFLIGHT, Uplink  # noqa: E402
 from tests.support.broker import MosquittoBroker  # noqa: E402
 
 TOPICS = Topics("safety", "bench", "b01")
@@ -183,7 +184,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-forwarding-") as tmp:
         workdir = Path(tmp)
         log = log_to_file(workdir / "gateway.log")
-        broker = MosquittoBroker(workdir / "broker").start()
+        # The broker takes the whole window plus the gateway's share for control messages (its CONNACK
+        # Receive Maximum), so both sides keep ``--window`` events in flight; mosquitto's default is 20.
+        broker = MosquittoBroker(workdir / "broker", max_inflight_messages=args.window + CONTROL_INFLIGHT).start()
         try:
             payload = asyncio.run(_sample_payload(workdir))
             base: list[float] = []

@@ -34,7 +34,11 @@ from gateway.contract import availability_message
 from gateway.outbox import Outbox, PendingEvent
 from gateway.topics import Topics
 
-__all__ = ["Uplink", "UplinkError"]
+__all__ = [
+    "Uplink",
+    "UplinkError",
+    "event_window",
+]
 
 log = structlog.get_logger()
 BACKOFF_MIN_S = 1.0
@@ -187,6 +191,18 @@ class _Window:
             self.sends.clear()
 
 
+def event_window(configured: int, receive_maximum: int | None) -> int:
+    """Events in flight on one connection: the configured window, within the broker's Receive Maximum.
+
+    MQTT 5 brokers state in CONNACK how many QoS 1 messages they take unacknowledged (absent: 65 535); a
+    client that sends more is disconnected (0x93). A share of it stays free for availability, status and
+    command results.
+    """
+    if not receive_maximum:
+        return configured
+    return max(1, min(configured, receive_maximum - min(CONTROL_INFLIGHT, receive_maximum // 4)))
+
+
 class UplinkError(Exception):
     """A connection attempt failed."""
 
@@ -252,6 +268,8 @@ class Uplink:
         self.outcome_unknown_total = 0
         self.connected = False
         self.rtt_ms: float | None = None
+        self.window_limit = mqtt_cfg.max_inflight
+        """Events allowed in flight on the current connection (see :func:`event_window`)."""
         self.delivered_total = 0
         self.rejected_total = 0
         self.connections = 0
@@ -360,11 +378,21 @@ class Uplink:
                            keyfile=self.cfg.tls_key_file, cert_reqs=ssl.CERT_REQUIRED)
             if self.cfg.tls_insecure:
                 client.tls_insecure_set(True)
-        # Room beyond the event window for availability, birth, status and command results.
+        # Room beyond the event window for availability, birth, status and command results (lowered to the
+        # broker's Receive Maximum once CONNACK states one).
         client.max_inflight_messages_set(self.cfg.max_inflight + CONTROL_INFLIGHT)
         client.max_queued_messages_set(0)
         client.connect_timeout = self._connect_timeout
+        connack: dict[str, int] = {}
+
         def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+            receive_maximum = getattr(props, "ReceiveMaximum", None)
+            if receive_maximum:
+                connack["receive_maximum"] = int(receive_maximum)
+                # Nothing is in flight yet: from now on paho holds back what would go beyond the broker's
+                # limit (control messages; events never do). Its public setter refuses once connected.
+                if 0 < receive_maximum < c.max_inflight_messages:
+                    c._max_inflight_messages = int(receive_maximum)
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
                 loop.call_soon_threadsafe(settle, rc)
 
@@ -412,6 +440,11 @@ class Uplink:
         if isinstance(result, str) or result.is_failure:
             await self._drop(client)
             raise UplinkError(f"connect refused: {result}")
+        receive_maximum = connack.get("receive_maximum")
+        self.window_limit = event_window(self.cfg.max_inflight, receive_maximum)
+        if self.window_limit < self.cfg.max_inflight:
+            log.info("broker's receive maximum limits the events in flight", receive_maximum=receive_maximum,
+                     window=self.window_limit, configured=self.cfg.max_inflight)
         self._client = client
         self.connected = True
         self.connections += 1
@@ -461,7 +494,7 @@ class Uplink:
         # PUBACK; refilled by paho's thread on each PUBACK) → PUBACK → marked delivered in batches. A row is
         # never taken twice on one connection.
         generation = self.outbox.generation
-        window = _Window(client, self.cfg.max_inflight, self.topics.event, self._wire_payload, self._sends,
+        window = _Window(client, self.window_limit, self.topics.event, self._wire_payload, self._sends,
                          self._wake_for_outcomes)
         self._window, self._window_generation = window, generation
         self._stale = True

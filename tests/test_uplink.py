@@ -26,7 +26,7 @@ from gateway.config import MqttConfig
 from gateway.events import Event
 from gateway.outbox import Outbox
 from gateway.topics import Topics
-from gateway.uplink import Uplink
+from gateway.uplink import Uplink, event_window
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually
 from tests.support.mqtt import RecordedMessage
@@ -242,6 +242,27 @@ async def test_the_in_flight_window_is_bounded_and_each_row_waits_for_its_own_pu
         got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 50, 60))
         await all_delivered(ob)
     assert [b["event_id"] for b in got] == ids
+
+
+async def test_the_window_stays_within_the_brokers_receive_maximum(
+    tmp_path: Path, mqtt_recorder_factory: Any
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker", max_inflight_messages=12).start()  # CONNACK: receive max 12
+    try:
+        recorder = mqtt_recorder_factory(broker, EVENTS)
+        async with forwarding(tmp_path, broker, max_inflight=32) as (ob, up):
+            assert up.window_limit == event_window(32, 12) == 9  # 3 kept for status and command results
+            with stopped(broker):
+                ids = await ob.append([ev("telemetry", i) for i in range(40)])
+                await eventually(lambda: up.inflight == 9, timeout=10)
+                await asyncio.sleep(0)
+                assert up.inflight == 9
+            got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 40, 60))
+            await all_delivered(ob)
+        assert [b["event_id"] for b in got] == ids
+    finally:
+        broker.stop()
+    assert event_window(32, None) == 32 and event_window(32, 65_535) == 32 and event_window(32, 1) == 1
 
 
 async def test_a_refused_puback_keeps_the_row_and_it_is_sent_again(

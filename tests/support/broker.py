@@ -97,6 +97,7 @@ class MosquittoBroker:
         password_file: str | os.PathLike[str] | None = None,
         acl_file: str | os.PathLike[str] | None = None,
         allow_anonymous: bool = True,
+        max_inflight_messages: int | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
@@ -114,6 +115,9 @@ class MosquittoBroker:
         self.require_certificate = require_certificate
         self.password_file = password_file
         self.acl_file = acl_file
+        self.max_inflight_messages = max_inflight_messages
+        """mosquitto's ``max_inflight_messages``, also the Receive Maximum it states to MQTT 5 clients
+        (mosquitto's default: 20)."""
         self.allow_anonymous = allow_anonymous
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -266,6 +270,8 @@ class MosquittoBroker:
             lines.append(f"password_file {Path(self.password_file).resolve()}")
         if self.acl_file is not None:
             lines.append(f"acl_file {Path(self.acl_file).resolve()}")
+        if self.max_inflight_messages is not None:
+            lines.append(f"max_inflight_messages {self.max_inflight_messages}")
         lines.append(f"listener {self.port} {self.host}")
         if self.tls_enabled:
             lines.append(f"listener {self.tls_port} {self.host}")
