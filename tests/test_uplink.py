@@ -200,30 +200,23 @@ async def test_rows_committed_during_a_fetch_go_out_once_in_order_without_a_read
     recorder = mqtt_recorder_factory(broker, EVENTS)
     ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
     ids = await ob.append([ev("telemetry", i) for i in range(20)])  # stored before the uplink: it fetches them
+    await ob.close()
     read_back: list[int] = []
-    real_pending = ob.pending
+    async with forwarding(tmp_path, broker, start=False) as (ob, up):
+        real_pending = ob.pending
 
-    async def pending(**kwargs: Any) -> list[Any]:
-        rows = await real_pending(**kwargs)
-        read_back.extend(r.seq for r in rows)
-        if len(ids) == 20:  # the first fetch: more rows are committed before it is handed over
-            ids.extend(await ob.append([ev("alarm", 100)]))
-            ids.extend(await ob.append([ev("telemetry", i) for i in range(101, 110)]))
-        return rows
+        async def pending(**kwargs: Any) -> list[Any]:
+            rows = await real_pending(**kwargs)
+            read_back.extend(r.seq for r in rows)
+            if len(ids) == 20:  # the first fetch: more rows are committed before it is handed over
+                ids.extend(await ob.append([ev("alarm", 100)]))
+                ids.extend(await ob.append([ev("telemetry", i) for i in range(101, 110)]))
+            return rows
 
-    ob.pending = pending  # type: ignore[method-assign]
-    cfg = MqttConfig(host=broker.host, port=broker.port, client_id="gw-test", keepalive_s=10)
-    up = Uplink(cfg, ob, TOPICS, connect_timeout_s=1.0)
-    task = asyncio.create_task(up.run())
-    try:
+        ob.pending = pending  # type: ignore[method-assign]  # before the uplink's task first runs
         got = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 30, 60))
         await all_delivered(ob)
-    finally:
-        await up.stop(flush_timeout_s=0.5)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await ob.close()
+        assert up.delivered_total == 30
     assert len(ids) == 30 and [b["event_id"] for b in got] == ids, "each once, in stored order"
     assert sorted(read_back) == list(range(1, 21)), "the rows committed during the fetch were not read back"
 
