@@ -17,6 +17,7 @@ from gateway.events import Event
 from gateway.outbox import Outbox
 from gateway.storage_writer import EventWriter
 from tests.support.building import eventually
+from tests.support.storage import fill_to_the_brim
 
 
 def ev(kind: str = "telemetry", *, device: str = "gas-1", detail: str | None = None, value: float | None = None
@@ -81,19 +82,6 @@ async def test_a_busy_database_is_retried_with_backoff(outbox: Outbox) -> None:
             assert [r["kind"] for r in await rows(outbox)] == ["alarm"]
     finally:
         other.close()
-
-
-async def fill_to_the_brim(outbox: Outbox) -> None:
-    """Cap the file at its current pages and fill the space left with undelivered faults (not evictable)."""
-    db = outbox.connection
-    cur = await db.execute("PRAGMA page_count")
-    row = await cur.fetchone()
-    assert row is not None
-    await db.execute(f"PRAGMA max_page_count = {row[0]}")
-    for size in (8000, 1000, 100, 10):
-        with contextlib.suppress(sqlite3.OperationalError):
-            while True:
-                await outbox.append([ev("fault", detail="f" * size)])
 
 
 async def test_disk_full_holds_events_in_memory_raises_a_fault_and_recovers(outbox: Outbox) -> None:

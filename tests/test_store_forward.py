@@ -33,10 +33,10 @@ import pytest
 
 from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.outbox import Outbox
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
+from tests.support.storage import fill_to_the_brim
 from tests.support.wait import wait_until
 from tests.test_uplink import PersistentBroker, SessionRecorder
 
@@ -280,23 +280,6 @@ def test_kill_9_at_50_random_moments_loses_nothing_committed(
 # ------------------------------------------------------------------------------------------- full disk
 
 
-async def fill_to_the_brim(outbox: Outbox) -> None:
-    """Cap the file at its current pages and fill what is left with undelivered faults (never evictable)."""
-    from gateway.events import Event
-
-    db = outbox.connection
-    await db.execute("DELETE FROM events WHERE priority < 2 OR delivered = 1")  # nothing left to evict
-    cur = await db.execute("PRAGMA page_count")
-    row = await cur.fetchone()
-    assert row is not None
-    await db.execute(f"PRAGMA max_page_count = {row[0]}")
-    for size in (8000, 1000, 100, 10):
-        with contextlib.suppress(sqlite3.OperationalError):
-            while True:
-                await outbox.append([Event("fault", "raised", time.monotonic(), code="filler", detail="f" * size,
-                                           wall=time.time())])
-
-
 @contextlib.contextmanager
 def broker_later(tmp_path: Path) -> Iterator[MosquittoBroker]:
     broker = MosquittoBroker(tmp_path / "broker", port=free_port())
@@ -317,7 +300,7 @@ async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
         with simulated_detectors(modem.device_port, spec.detectors) as (_, sims):
             async with running_gateway(cfg) as gateway:
                 await eventually(lambda: gateway.outbox.stored_total > 0, timeout=30)
-                await fill_to_the_brim(gateway.outbox)
+                await fill_to_the_brim(gateway.outbox, leave_nothing_evictable=True)
                 sims[detector.id].set_concentration(30.0)
                 await eventually(lambda: buzzer.first_high() is not None, timeout=20, message="the buzzer is silent")
                 await eventually(lambda: gateway.writer.fault == "storage_full", timeout=20)
