@@ -238,7 +238,7 @@ async def test_tls_client_certificate_password_and_documented_acl(
                 assert gateway.uplink.connected
         assert validator("availability").is_valid(server.messages(topics.availability)[-1].json)
         assert server.messages(topics.availability)[-1].json["reason"] == "planned stop"
-        assert "OpenSSL Error" not in broker.log_text()
+        assert "OpenSSL Error" not in broker.log_since_ready()
 
         # the documented ACL: a gateway identity reaches only its own subtree
         intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="intruder", protocol=mqtt.MQTTv5)

@@ -127,6 +127,7 @@ class MosquittoBroker:
         self.output_path = self.workdir / "mosquitto.out"
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
+        self._ready_log_offset = 0
 
     # -- properties ---------------------------------------------------------
 
@@ -302,18 +303,42 @@ class MosquittoBroker:
             if _mqtt_connack(self.host, self.port, timeout=2.0):
                 if self._proc.poll() is not None:
                     return "exited"
-                if not self.tls_enabled or self._tls_accepting():
+                if not self.tls_enabled or self._tls_accepting(deadline):
+                    self._ready_log_offset = len(self._log_file_text())
                     return "ready"
             if time.monotonic() >= deadline:
                 return "timeout"
             time.sleep(0.02)
 
-    def _tls_accepting(self) -> bool:
+    def _tls_accepting(self, deadline: float) -> bool:
+        """A bare TCP connection to the TLS port is accepted. mosquitto logs the aborted handshake (at times as
+        an OpenSSL error) a moment later: wait for that, so it falls before :meth:`log_since_ready`."""
+        logged = len(self._log_file_text())
         try:
-            with socket.create_connection((self.host, self.tls_port), timeout=2.0):
-                return True
+            with socket.create_connection((self.host, self.tls_port), timeout=2.0) as probe:
+                probe_port = probe.getsockname()[1]
         except OSError:
             return False
+        # Either "New connection from <probe> on port <tls>" … "disconnected", or, when the handshake fails
+        # while being accepted, "Client connection from <host> failed: …".
+        opened = f"New connection from {self.host}:{probe_port} on port {self.tls_port}"
+        until = min(deadline, time.monotonic() + 5.0)
+        while time.monotonic() < until:
+            log = self._log_file_text()[logged:]
+            if f"Client connection from {self.host} failed" in log or (
+                    opened in log and "disconnected" in log[log.index(opened):]):
+                break
+            time.sleep(0.01)
+        return True
+
+    def _log_file_text(self) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        return ""
+
+    def log_since_ready(self) -> str:
+        """The broker's log since its last start was ready (the readiness probes left out)."""
+        return self._log_file_text()[self._ready_log_offset:]
 
     def _terminate(self, sig: signal.Signals) -> None:
         proc = self._proc
