@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import aiosqlite
+import orjson
 import structlog
 
 from gateway.clock import clock_synchronised
@@ -115,7 +116,6 @@ _JOURNAL_SIZE_LIMIT = 4 * MB
 # Event fields, read directly: dataclasses.asdict() deep-copies and costs more than the insert itself.
 _EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
 _event_values = operator.attrgetter(*_EVENT_FIELDS)
-_JSON = json.JSONEncoder(separators=(",", ":"))
 
 FailureKind = Literal["busy", "full", "corrupt", "io", "other"]
 
@@ -308,7 +308,7 @@ class Outbox:
         self._session_seq = 0
         self._last_seq = None
         head = {"version": 1, "gateway": self.gateway_id, **self._identity, "session": session}
-        self._payload_prefix = _JSON.encode(head)[:-1] + ","
+        self._payload_prefix = orjson.dumps(head)[:-1].decode() + ","
 
     @property
     def _session_file(self) -> Path:
@@ -365,7 +365,7 @@ class Outbox:
                                 "clock_synced": synced}
         values = zip(_EVENT_FIELDS, _event_values(event), strict=True)
         body.update({name: value for name, value in values if value is not None})
-        return self._payload_prefix + _JSON.encode(body)[1:]
+        return self._payload_prefix + orjson.dumps(body)[1:].decode()
 
     async def append(self, events: Sequence[Event]) -> list[str]:
         """Commit events in one transaction (fully synced); returns their ids.
