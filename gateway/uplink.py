@@ -1,9 +1,10 @@
 """MQTT uplink: connect, announce, forward the outbox in order, and drop a row only on its own PUBACK.
 
-paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) runs its network thread; its callbacks only post to the
-asyncio loop. A fresh paho client is made for every connection, so paho's in-memory queue is never the
-store: on a disconnect every row without a PUBACK is "outcome unknown" and is sent again — with the same
-event id — from the outbox after reconnecting (jittered backoff, 1 s to 60 s).
+paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) does its network I/O on the asyncio loop through its
+external-loop callbacks: no thread of its own, so nothing is handed between threads and no lock is shared.
+A fresh paho client is made for every connection, so paho's in-memory queue is never the store: on a
+disconnect every row without a PUBACK is "outcome unknown" and is sent again — with the same event id —
+from the outbox after reconnecting (jittered backoff, 1 s to 60 s).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import random
 import sqlite3
 import ssl
-import sys
 import threading
 import time
 from collections import deque
@@ -62,133 +62,87 @@ class _InFlight:
 
 
 class _Window:
-    """The rows queued on one connection and those in flight on it, shared by the loop and paho's thread.
+    """The rows queued on one connection and those in flight on it (the loop thread only).
 
-    On each PUBACK paho's network thread takes the row out of the window and publishes the next queued row
-    at once, so the window refills without a round trip through the asyncio loop; the loop adds rows, handles
-    the outcomes (marking delivered, retrying refusals) and watches the ack timeout.
-
-    Locks: ``state`` guards the containers and is never held while calling paho. ``sending`` serialises
-    publishing so rows leave in queue order; paho's thread only *tries* it (paho calls on_publish holding its
-    own message lock, which ``publish()`` on the loop thread needs too: waiting there would deadlock) and
-    leaves the refill to the loop when it is busy. A PUBACK that beats ``publish()`` returning is parked in
-    ``early`` until the message id is registered.
+    On each PUBACK (paho's ``on_publish``, called while the loop reads the socket) the row leaves the window
+    and the next queued row is published at once; the loop adds rows, handles the outcomes in batches
+    (marking delivered, retrying refusals) and watches the ack timeout.
     """
 
     def __init__(self, client: mqtt.Client, limit: int, topic: Callable[[str], str],
-                 wire: Callable[[PendingEvent, bool], str], sends: dict[int, int],
-                 notify: Callable[[], None]) -> None:
+                 wire: Callable[[PendingEvent, bool], str], sends: dict[int, int]) -> None:
         self.client = client
         self.limit = limit
         self._topic = functools.lru_cache(maxsize=16)(topic)  # one topic per event kind
         self._wire = wire
-        self._notify = notify
         # seq → publishes of rows that went out without a successful PUBACK: those in flight when the
-        # connection ended, and refused ones (guarded by ``state``). Rows acknowledged at once never get here.
+        # connection ended, and refused ones. Rows acknowledged at once never get here.
         self.sends = sends
-        self.state = threading.Lock()
-        self.sending = threading.Lock()
         self.queue: deque[PendingEvent] = deque()
         self.inflight: dict[int, _InFlight] = {}  # mid → row, in publish order
-        self.early: dict[int, ReasonCode] = {}
-        self.outcomes: deque[tuple[_InFlight, ReasonCode, float]] = deque()
-        self.reserved = 0
+        self.outcomes: list[tuple[_InFlight, ReasonCode, float]] = []
         self.refused = False  # paho refused a publish: the connection is gone
         self.closed = False
         self.resent = 0
 
-    def fill(self, *, blocking: bool) -> None:
+    def fill(self) -> None:
         """Publish queued rows, in order, while there is room."""
-        if not self.sending.acquire(blocking=blocking):
-            return
-        parked = False
-        try:
-            while True:
-                with self.state:
-                    if (self.closed or self.refused or not self.queue
-                            or len(self.inflight) + self.reserved >= self.limit):
-                        return
-                    row = self.queue.popleft()
-                    sends = self.sends.get(row.seq, 0)
-                    self.reserved += 1
-                info = self.client.publish(self._topic(row.kind), self._wire(row, sends > 0), qos=1)
-                with self.state:
-                    self.reserved -= 1
-                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                        self.queue.appendleft(row)
-                        self.refused = True
-                        return
-                    entry = _InFlight(row, time.monotonic(), sends + 1)
-                    if sends:
-                        self.resent += 1
-                    if self.early:
-                        rc = self.early.pop(info.mid, None)
-                        self.early.clear()  # anything else parked was not an event of ours
-                        if rc is not None:
-                            self.outcomes.append((entry, rc, time.monotonic()))
-                            parked = True
-                            continue
-                    self.inflight[info.mid] = entry
-        finally:
-            self.sending.release()
-            if parked:
-                self._notify()
+        queue, inflight = self.queue, self.inflight
+        while queue and len(inflight) < self.limit and not (self.closed or self.refused):
+            row = queue.popleft()
+            sends = self.sends.get(row.seq, 0)
+            info = self.client.publish(self._topic(row.kind), self._wire(row, sends > 0), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                queue.appendleft(row)
+                self.refused = True
+                return
+            if sends:
+                self.resent += 1
+            inflight[info.mid] = _InFlight(row, time.monotonic(), sends + 1)
 
     def acknowledged(self, mid: int, rc: ReasonCode) -> bool:
-        """paho's thread: a PUBACK arrived. True when the loop should come for the outcomes now: a refusal,
-        a batch gathered, or the queue ran dry (the loop refills it); otherwise it takes them on its next turn."""
-        with self.state:
-            entry = self.inflight.pop(mid, None)
-            if entry is None:
-                if self.reserved:
-                    self.early[mid] = rc  # maybe ours: publish() has not returned its mid yet
-                return False
-            self.outcomes.append((entry, rc, time.monotonic()))
-            return rc.is_failure or len(self.outcomes) >= OUTCOME_BATCH or not self.queue
+        """A PUBACK arrived. True when the loop should come for the outcomes now: a refusal, a batch gathered,
+        or the queue ran dry (the loop refills it); otherwise it takes them on its next turn."""
+        entry = self.inflight.pop(mid, None)
+        if entry is None:  # not an event (availability, status, a command result)
+            return False
+        self.outcomes.append((entry, rc, time.monotonic()))
+        return rc.is_failure or len(self.outcomes) >= OUTCOME_BATCH or not self.queue
 
     def take_outcomes(self) -> list[tuple[_InFlight, ReasonCode, float]]:
-        with self.state:
-            out = list(self.outcomes)
-            self.outcomes.clear()
-            return out
+        out, self.outcomes = self.outcomes, []
+        return out
 
     def add(self, rows: Iterable[PendingEvent], *, front: bool = False) -> None:
-        with self.state:
-            if front:
-                self.queue.extendleft(reversed(list(rows)))
-            else:
-                self.queue.extend(rows)
+        if front:
+            self.queue.extendleft(reversed(list(rows)))
+        else:
+            self.queue.extend(rows)
 
     def sizes(self) -> tuple[int, int]:
         """(queued, in flight)."""
-        with self.state:
-            return len(self.queue), len(self.inflight) + self.reserved
+        return len(self.queue), len(self.inflight)
 
     def oldest_sent(self) -> float | None:
-        with self.state:
-            oldest = next(iter(self.inflight.values()), None)
-            return None if oldest is None else oldest.sent_at
+        oldest = next(iter(self.inflight.values()), None)
+        return None if oldest is None else oldest.sent_at
 
     def close(self) -> int:
         """No more publishing; returns how many were in flight (their outcome is unknown)."""
-        with self.state:
-            self.closed = True
-            for entry in self.inflight.values():
-                self.sends[entry.row.seq] = entry.sends
-            unknown = len(self.inflight) + self.reserved
-            self.inflight.clear()
-            self.queue.clear()
-            self.early.clear()
-            return unknown
+        self.closed = True
+        for entry in self.inflight.values():
+            self.sends[entry.row.seq] = entry.sends
+        unknown = len(self.inflight)
+        self.inflight.clear()
+        self.queue.clear()
+        return unknown
 
     def forget(self) -> None:
         """The outbox file was replaced: every seq here means nothing now."""
-        with self.state:
-            self.queue.clear()
-            self.inflight.clear()
-            self.early.clear()
-            self.outcomes.clear()
-            self.sends.clear()
+        self.queue.clear()
+        self.inflight.clear()
+        self.outcomes.clear()
+        self.sends.clear()
 
 
 def event_window(configured: int, receive_maximum: int | None) -> int:
@@ -214,6 +168,89 @@ def backoff_delays(rng: random.Random | None = None) -> Any:
     while True:
         yield min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, base * r.uniform(0.8, 1.2)))
         base = min(BACKOFF_MAX_S, base * 2)
+
+
+class _LoopIO:
+    """Runs one paho client's network I/O on the asyncio loop, through paho's external-loop callbacks.
+
+    The socket is read when it is readable, written when paho has bytes queued, and ``loop_misc`` (keepalive)
+    runs every second: PUBACK handling, refilling the window and publishing all happen on the loop thread.
+    ``connect()`` runs on a worker thread and calls back from there; those calls are moved to the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: mqtt.Client) -> None:
+        self.loop = loop
+        self.client = client
+        self._loop_thread = threading.get_ident()
+        self._sock: Any = None
+        self._fd = -1
+        self._writing = False
+        self._misc: asyncio.Task[None] | None = None
+        self._detached = False
+        client.on_socket_open = lambda c, u, sock: self._on_loop(self._opened, sock)
+        client.on_socket_close = lambda c, u, sock: self._on_loop(self._closed, sock)
+        client.on_socket_register_write = lambda c, u, sock: self._on_loop(self._want_write, sock)
+        client.on_socket_unregister_write = lambda c, u, sock: self._on_loop(self._written, sock)
+
+    def _on_loop(self, callback: Callable[[Any], None], sock: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            callback(sock)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                self.loop.call_soon_threadsafe(callback, sock)
+
+    def _opened(self, sock: Any) -> None:
+        if self._detached:  # connect() finished after the uplink gave up on it
+            sock.close()
+            return
+        self._sock, self._fd = sock, sock.fileno()
+        self.loop.add_reader(self._fd, self._readable)
+        self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive")
+
+    def _readable(self) -> None:
+        sock = self._sock
+        self.client.loop_read()
+        # TLS: decrypted bytes already taken off the socket do not make it readable again.
+        while sock is not None and self._sock is sock and getattr(sock, "pending", None) and sock.pending():
+            self.client.loop_read()
+
+    def _want_write(self, sock: Any) -> None:
+        if sock is self._sock and not self._writing:
+            self._writing = True
+            self.loop.add_writer(self._fd, self.client.loop_write)
+
+    def _written(self, sock: Any) -> None:
+        if sock is self._sock and self._writing:
+            self._writing = False
+            self.loop.remove_writer(self._fd)
+
+    def _closed(self, sock: Any) -> None:
+        if sock is self._sock:
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._sock is None:
+            return
+        if self._writing:
+            self.loop.remove_writer(self._fd)
+            self._writing = False
+        self.loop.remove_reader(self._fd)
+        self._sock, self._fd = None, -1
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+
+    async def _keepalive(self) -> None:
+        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(1.0)
+
+    def detach(self) -> None:
+        """Stop watching the socket and close it, if paho has not already (a socket opened later is closed)."""
+        self._detached = True
+        sock = self._sock
+        self._unwatch()
+        if sock is not None:
+            sock.close()
 
 
 class Uplink:
@@ -243,7 +280,7 @@ class Uplink:
         self.ack_timeout_s = ack_timeout_s
         self.rejected_retry_s = REJECTED_RETRY_S
         self.prefetch = max(1, prefetch)
-        # Forwarding state owned by the loop; what paho's thread touches lives in the connection's _Window.
+        # Forwarding state (the loop thread only); what one connection has queued and in flight is its _Window.
         self._window: _Window | None = None
         self._acked: list[tuple[int, int]] = []  # (seq, publishes) acknowledged, not yet marked in SQLite
         self._acked_since: float | None = None
@@ -256,6 +293,7 @@ class Uplink:
         self._arrived: list[PendingEvent] = []  # rows committed while a fetch was under way
         self._window_generation = -1
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._io: _LoopIO | None = None
         self._marking: asyncio.Task[None] | None = None  # acks being written to the outbox, beside publishing
         self._ack_wake_scheduled = False
         self._progress = asyncio.Event()
@@ -396,12 +434,6 @@ class Uplink:
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
                 loop.call_soon_threadsafe(settle, rc)
 
-        def on_connect_fail(c: mqtt.Client, u: Any) -> None:
-            # paho calls this while handling the OSError (TLS verification, refused, ...): keep its reason
-            failure = sys.exc_info()[1]
-            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
-                loop.call_soon_threadsafe(settle, f"connection failed: {failure}" if failure else "connection failed")
-
         def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
                 loop.call_soon_threadsafe(self._disconnected, c, rc)
@@ -410,7 +442,7 @@ class Uplink:
             window = self._window
             if window is not None and window.client is c:
                 wake = window.acknowledged(mid, rc)
-                window.fill(blocking=False)  # refill from this thread: no round trip through the loop
+                window.fill()
                 if wake:
                     self._wake_for_outcomes()
 
@@ -419,23 +451,24 @@ class Uplink:
                 loop.call_soon_threadsafe(self._message, msg)
 
         client.on_connect = on_connect
-        client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
         client.on_message = on_message
         self._lost.clear()
+        io = _LoopIO(loop, client)
+        self._io = io
+        kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
+        connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
         try:
-            if v5:
-                client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s, clean_start=True)
-            else:
-                client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive_s)
-            client.loop_start()
+            # connect() resolves, opens the socket and shakes hands (TLS): blocking work, so on a worker thread.
+            await asyncio.wait_for(asyncio.shield(loop.run_in_executor(None, connect)),
+                                   timeout=self._connect_timeout + 2.0)
             result = await asyncio.wait_for(outcome, timeout=self._connect_timeout + 2.0)
         except (TimeoutError, OSError, ValueError) as exc:
             await self._drop(client)
             raise UplinkError(f"connect: {exc or 'timed out'}") from None
-        except asyncio.CancelledError:  # stopping while a connect hangs: let paho's thread end on its own
-            threading.Thread(target=client.loop_stop, name="mqtt-connect-abandoned", daemon=True).start()
+        except asyncio.CancelledError:  # stopping while a connect hangs: the socket is closed once it opens
+            io.detach()
             raise
         if isinstance(result, str) or result.is_failure:
             await self._drop(client)
@@ -474,7 +507,10 @@ class Uplink:
                         inflight=unknown)
         with contextlib.suppress(Exception):  # already gone
             client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+            client.loop_write()  # hands DISCONNECT to the socket now; paho closes it after
+        io, self._io = self._io, None
+        if io is not None and io.client is client:
+            io.detach()
 
     def _disconnected(self, client: mqtt.Client, rc: ReasonCode) -> None:
         if client is self._client:
@@ -491,11 +527,10 @@ class Uplink:
             client.publish(self.topics.birth, json.dumps(self._birth(), separators=(",", ":")), qos=1, retain=True)
         client.subscribe(self.topics.command_filter, qos=1)
         # Rows flow: outbox (by seq, after the cursor) → window queue → publish (at most max_inflight without a
-        # PUBACK; refilled by paho's thread on each PUBACK) → PUBACK → marked delivered in batches. A row is
+        # PUBACK; refilled as each PUBACK is read) → PUBACK → marked delivered in batches. A row is
         # never taken twice on one connection.
         generation = self.outbox.generation
-        window = _Window(client, self.window_limit, self.topics.event, self._wire_payload, self._sends,
-                         self._wake_for_outcomes)
+        window = _Window(client, self.window_limit, self.topics.event, self._wire_payload, self._sends)
         self._window, self._window_generation = window, generation
         self._stale = True
         await self._pump(window, generation)
@@ -534,7 +569,7 @@ class Uplink:
                         self._cursor = max(self._cursor, rows[-1].seq)
                     if arrived:
                         self._take_appended([r for r in arrived if r.seq > self._cursor])
-                window.fill(blocking=True)
+                window.fill()
                 queued, _ = window.sizes()
                 if self._acks_due(idle=not queued and not self._stale) and (
                         self._marking is None or self._marking.done()):
@@ -551,22 +586,18 @@ class Uplink:
             await self._wait_progress(self._wait_timeout())
 
     def _wire_payload(self, row: PendingEvent, resend: bool = False) -> str:
-        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on.
-
-        Called on the loop and on paho's thread; reads only what is fixed while a connection lasts.
-        """
+        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on."""
         historical = resend or row.session != self.outbox.session or row.mono < self._connected_mono
         return row.payload[:-1] + (',"historical":true}' if historical else ',"historical":false}')
 
     def _wake_for_outcomes(self) -> None:
-        """Any thread: have the loop take the window's outcomes (one wake-up for a run of PUBACKs)."""
+        """Have the loop take the window's outcomes after this read of the socket (one call for a run of PUBACKs)."""
         if self._ack_wake_scheduled:
             return
         self._ack_wake_scheduled = True
         loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                loop.call_soon_threadsafe(self._take_acks)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon(self._take_acks)
 
     def _take_acks(self) -> None:
         """On the loop: handle the outcomes of every PUBACK since the last call."""
@@ -596,15 +627,14 @@ class Uplink:
             if row.priority > 0:
                 log.info("event forwarded", event_id=row.event_id, kind=row.kind)
         if outcomes:
-            with window.state:
-                if window.sends or refused:
-                    for entry, rc, _ in outcomes:
-                        if rc.is_failure:
-                            window.sends[entry.row.seq] = entry.sends
-                        else:
-                            window.sends.pop(entry.row.seq, None)
-                self.resent_total += window.resent
-                window.resent = 0
+            if window.sends or refused:
+                for entry, rc, _ in outcomes:
+                    if rc.is_failure:
+                        window.sends[entry.row.seq] = entry.sends
+                    else:
+                        window.sends.pop(entry.row.seq, None)
+            self.resent_total += window.resent
+            window.resent = 0
             if len(self._sends) > 100_000:  # rows evicted while unacknowledged leave entries behind
                 self._sends.clear()
             self._progress.set()

@@ -127,11 +127,11 @@ def bodies(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def forwarding(
     tmp_path: Path, broker: MosquittoBroker, *, protocol: int = 5, max_inflight: int = 8, start: bool = True,
-    **kwargs: Any,
+    keepalive_s: int = 10, **kwargs: Any,
 ) -> AsyncIterator[tuple[Outbox, Uplink]]:
     ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
     cfg = MqttConfig(host=broker.host, port=broker.port, client_id="gw-test", protocol=protocol,  # type: ignore[arg-type]
-                     max_inflight=max_inflight, keepalive_s=10)
+                     max_inflight=max_inflight, keepalive_s=keepalive_s)
     up = Uplink(cfg, ob, TOPICS, connect_timeout_s=1.0, **kwargs)
     task = asyncio.create_task(up.run())
     try:
@@ -357,6 +357,19 @@ async def test_a_broker_that_stops_acknowledging_is_left_and_the_rows_sent_again
             await asyncio.to_thread(recorder.wait_for, lambda m, i=event_id: m.json.get("event_id") == i, 60)
         await all_delivered(ob)
     assert {m.json["event_id"] for m in recorder.messages(EVENTS)} == set(ids)
+
+
+async def test_an_idle_link_is_kept_alive_by_pings_from_the_loop(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """paho's network I/O runs on the asyncio loop, so must its keepalive: without PINGREQs the broker drops an
+    idle link after 1.5 × keepalive."""
+    async with forwarding(tmp_path, broker, keepalive_s=1) as (ob, up):
+        await eventually(lambda: broker.log_since_ready().count("Received PINGREQ from gw-test") >= 3, timeout=30,
+                         message="no keepalive pings reached the broker")
+        assert up.connected and up.connections == 1
+        ids = await ob.append([ev("alarm", 1)])
+        await all_delivered(ob)
+    assert "Client gw-test has exceeded timeout" not in broker.log_since_ready()
+    assert ids
 
 
 async def test_stop_flushes_the_backlog_before_saying_offline(
