@@ -461,8 +461,7 @@ class Uplink:
         connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
         try:
             # connect() resolves, opens the socket and shakes hands (TLS): blocking work, so on a worker thread.
-            await asyncio.wait_for(asyncio.shield(loop.run_in_executor(None, connect)),
-                                   timeout=self._connect_timeout + 2.0)
+            await asyncio.wait_for(loop.run_in_executor(None, connect), timeout=self._connect_timeout + 2.0)
             result = await asyncio.wait_for(outcome, timeout=self._connect_timeout + 2.0)
         except (TimeoutError, OSError, ValueError) as exc:
             await self._drop(client)
