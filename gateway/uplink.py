@@ -176,11 +176,15 @@ class _LoopIO:
     The socket is read when it is readable, written when paho has bytes queued, and ``loop_misc`` (keepalive)
     runs every second: PUBACK handling, refilling the window and publishing all happen on the loop thread.
     ``connect()`` runs on a worker thread and calls back from there; those calls are moved to the loop.
+    An exception out of paho or one of the callbacks it calls ends the link (``on_failure``): a reader that
+    raised would otherwise be called again and again, and a half-handled PUBACK leaves the window unsure.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, client: mqtt.Client) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, client: mqtt.Client,
+                 on_failure: Callable[[str], None]) -> None:
         self.loop = loop
         self.client = client
+        self._on_failure = on_failure
         self._loop_thread = threading.get_ident()
         self._sock: Any = None
         self._fd = -1
@@ -204,10 +208,18 @@ class _LoopIO:
             sock.close()
             return
         self._sock, self._fd = sock, sock.fileno()
-        self.loop.add_reader(self._fd, self._readable)
+        self.loop.add_reader(self._fd, self._guarded, self._read)
         self._misc = self.loop.create_task(self._keepalive(), name="mqtt-keepalive")
 
-    def _readable(self) -> None:
+    def _guarded(self, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            log.error("MQTT connection handling failed; dropping the connection", error=repr(exc))
+            self.detach()
+            self._on_failure(f"connection handling failed: {exc!r}")
+
+    def _read(self) -> None:
         sock = self._sock
         self.client.loop_read()
         # TLS: decrypted bytes already taken off the socket do not make it readable again.
@@ -217,7 +229,7 @@ class _LoopIO:
     def _want_write(self, sock: Any) -> None:
         if sock is self._sock and not self._writing:
             self._writing = True
-            self.loop.add_writer(self._fd, self.client.loop_write)
+            self.loop.add_writer(self._fd, self._guarded, self.client.loop_write)
 
     def _written(self, sock: Any) -> None:
         if sock is self._sock and self._writing:
@@ -241,7 +253,8 @@ class _LoopIO:
             self._misc = None
 
     async def _keepalive(self) -> None:
-        while self.client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+        while self._sock is not None:
+            self._guarded(self.client.loop_misc)
             await asyncio.sleep(1.0)
 
     def detach(self) -> None:
@@ -455,7 +468,7 @@ class Uplink:
         client.on_publish = on_publish
         client.on_message = on_message
         self._lost.clear()
-        io = _LoopIO(loop, client)
+        io = _LoopIO(loop, client, lambda reason: self._disconnected(client, reason))
         self._io = io
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
         connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
@@ -511,10 +524,10 @@ class Uplink:
         if io is not None and io.client is client:
             io.detach()
 
-    def _disconnected(self, client: mqtt.Client, rc: ReasonCode) -> None:
+    def _disconnected(self, client: mqtt.Client, reason: object) -> None:
         if client is self._client:
             self.connected = False
-            self.last_error = f"disconnected: {rc}"
+            self.last_error = f"disconnected: {reason}"
             self._lost.set()
             self._progress.set()
 

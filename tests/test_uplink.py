@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -370,6 +371,31 @@ async def test_an_idle_link_is_kept_alive_by_pings_from_the_loop(tmp_path: Path,
         await all_delivered(ob)
     assert "Client gw-test has exceeded timeout" not in broker.log_since_ready()
     assert ids
+
+
+async def test_a_failure_while_reading_the_socket_drops_the_link_and_loses_nothing(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    """An exception out of paho or a callback it runs (here: building the next payload while a PUBACK is read)
+    ends the connection instead of leaving a half-handled window behind; the rows go out on the next one."""
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    failed: list[int] = []
+    async with forwarding(tmp_path, broker, max_inflight=4, start=False) as (ob, up):
+        wire = up._wire_payload
+
+        def failing_once_inside_a_read(row: Any, resend: bool = False) -> str:
+            if not failed and any(frame.function == "loop_read" for frame in inspect.stack(0)):
+                failed.append(row.seq)
+                raise RuntimeError("injected")
+            return wire(row, resend)
+
+        up._wire_payload = failing_once_inside_a_read  # type: ignore[method-assign]
+        ids = await ob.append([ev("telemetry", i) for i in range(20)])
+        await all_delivered(ob)
+        assert failed, "the failure was never injected"
+        assert up.connections >= 2 and "connection handling failed" in str(up.last_error), up.last_error
+    for event_id in ids:
+        await asyncio.to_thread(recorder.wait_for, lambda m, i=event_id: m.json.get("event_id") == i, 60)
 
 
 async def test_stop_flushes_the_backlog_before_saying_offline(
