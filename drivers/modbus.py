@@ -56,8 +56,9 @@ class StrictFraming(_SerialBase):
     leading or trailing garbage passes. On a bus one answer is exactly one frame: anything more means the
     line is noisy or two devices talked, and the data is not trusted (:class:`FrameError`). Counted are the
     bytes read for the answer and those already waiting behind it when it decoded; bytes left over from an
-    earlier answer are drained by pymodbus before each request and are not counted. Put this class
-    first among the bases, so it sees every byte whatever ``recv`` the others implement.
+    earlier answer are drained before each request (by pymodbus, or by the bus client) and are not
+    counted. Put this class first among the bases, so it sees every byte whatever ``recv`` the others
+    implement.
     """
 
     received = 0

@@ -61,13 +61,16 @@ def open_client(bus: BusConfig) -> Any:
 def _libc_keeping_gil() -> Any:
     """libc through :class:`ctypes.PyDLL`: its calls keep the GIL, so they cost no hand-off.
 
-    Only for calls that cannot block: ``read`` on a non-blocking descriptor and the ``FIONREAD`` ioctl.
+    Only for calls that cannot block: ``read`` and ``write`` on a non-blocking descriptor and the
+    ``FIONREAD`` ioctl.
     """
     import ctypes
 
     libc = ctypes.PyDLL(None, use_errno=True)
     libc.read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
     libc.read.restype = ctypes.c_ssize_t
+    libc.write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    libc.write.restype = ctypes.c_ssize_t
     libc.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
     libc.ioctl.restype = ctypes.c_int
     return libc
@@ -87,6 +90,10 @@ def _prompt_client_class() -> type[Any]:
     back. The read and the count of bytes waiting behind the frame (:class:`StrictFraming`) go through
     libc without releasing it, on a descriptor kept non-blocking. Measured in
     benchmarks/buzzer_latency.py (docs/performance.md).
+
+    Sending works the same way: bytes left from an earlier answer are drained and the request written
+    through libc, and ``select`` waits for the port only when its output buffer is full. pyserial's own
+    ``write`` calls ``select`` after every write, one more system call and GIL hand-off per poll.
     """
     import ctypes
     import errno
@@ -95,6 +102,7 @@ def _prompt_client_class() -> type[Any]:
 
     from pymodbus.client import ModbusSerialClient
     from pymodbus.exceptions import ConnectionException
+    from pymodbus.logging import Log
 
     libc = _libc_keeping_gil()
 
@@ -110,6 +118,35 @@ def _prompt_client_class() -> type[Any]:
                 self._buffer = ctypes.create_string_buffer(1024)
                 self._count = ctypes.c_int()
             return ok
+
+        def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
+            if not request or self.socket is None:
+                return int(super().send(request, addr))
+            try:
+                fd = self.socket.fileno()
+                if self.bytes_waiting():
+                    Log.warning("Cleanup recv buffer before send: {}", self._drain(fd), ":hex")  # type: ignore[no-untyped-call]
+                deadline = time.monotonic() + self.comm_params.timeout_connect
+                sent = 0
+                while sent < len(request):
+                    wrote = libc.write(fd, request[sent:], len(request) - sent)
+                    if wrote > 0:
+                        sent += wrote
+                    elif (code := ctypes.get_errno()) not in (errno.EAGAIN, errno.EINTR):
+                        raise OSError(code, os.strerror(code))
+                    elif (left := deadline - time.monotonic()) <= 0 or not select.select([], [fd], [], left)[1]:
+                        raise ConnectionException(f"{self}: write timed out")
+                return sent
+            except OSError:  # the adapter went away
+                self.close()  # type: ignore[no-untyped-call]
+                raise ConnectionException(str(self)) from None
+
+        def _drain(self, fd: int) -> bytes:
+            """Read and return what is waiting on the port (the descriptor is non-blocking)."""
+            drained = b""
+            while (got := libc.read(fd, self._buffer, len(self._buffer))) > 0:
+                drained += self._buffer.raw[:got]
+            return drained
 
         def recv(self, size: int | None) -> bytes:
             if size is not None or self.socket is None:

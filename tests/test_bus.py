@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import pytest
 from drivers.modbus import CommError, GasDetector, ModbusClient, ModbusDevice
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES, GasReading
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.bus import BusPoller
+from gateway.bus import BusPoller, open_client
 from gateway.config import BusConfig
 from tests.support.wait import wait_until
 
@@ -257,3 +258,22 @@ def test_stop_closes_the_port(modem: VirtualNullModem, sim: Any, panel: Recordin
         wait_until(lambda: panel.count("reading", "gas-2") >= 1, timeout=30, message="port not released")
     finally:
         again.stop()
+
+
+def test_bytes_left_on_the_line_are_drained_before_the_next_request(modem: VirtualNullModem, sim: Any) -> None:
+    """Noise that reaches the port between polls is discarded before the request, not read as the answer."""
+    client = open_client(bus_config(modem.gateway_port, timeout_s=0.5))
+    assert client.connect()
+    try:
+        detector = GasDetector("gas-2", 2, PROFILE_A)
+        assert detector.poll(client).value == pytest.approx(2.0)
+        noise = os.open(modem.device_port, os.O_WRONLY | os.O_NOCTTY)  # a second writer on the device side
+        try:
+            os.write(noise, b"\x55\xaa\x00")
+        finally:
+            os.close(noise)
+        wait_until(lambda: client.bytes_waiting() == 3, timeout=10, message="the noise did not reach the port")
+        assert detector.poll(client).value == pytest.approx(2.0)
+        assert client.bytes_waiting() == 0
+    finally:
+        client.close()
