@@ -46,6 +46,7 @@ from common import ROOT, EdgeWatch, TimedMockPin, log_to_file, percentile, site_
 from simbus import SimBuses
 
 from drivers.profiles import GasReading
+from gateway import handoff
 from gateway.alarm import Sound
 from gateway.config import parse_config
 from gateway.daemon import Gateway
@@ -342,6 +343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                      mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
                      realtime_priority=args.realtime_priority)
     cfg = parse_config(tomllib.loads(text))
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, gil_handoff=args.gil_handoff == "on"))
     # The trial bus polls its one detector back to back (20 ms apart) so 1000 trials fit in a minute.
     cfg = dataclasses.replace(cfg, buses=tuple(
         dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
@@ -433,6 +435,7 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "trials": args.trials,
         "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         "realtime_priority": args.realtime_priority,
+        "gil_handoff": handoff.stats() if handoff.installed() else "off",
         "loop_block": args.loop_block,
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],
         "stress": data["phases"]["stress"].get("stress"),
@@ -498,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.realtime_priority of the gateway (50 as deployed; 0 = normal scheduling)")
     parser.add_argument("--switch-interval-ms", type=float, default=0.0,
                         help="override sys.setswitchinterval for this run (0 = leave the gateway's setting)")
+    parser.add_argument("--gil-handoff", choices=("on", "off"), default="on",
+                        help="runtime.gil_handoff of the gateway (on as deployed)")
     parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
                         help="how the stressed loop is blocked: Python work holding the GIL, or a blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")

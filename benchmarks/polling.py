@@ -130,7 +130,8 @@ def _wall(entry: dict[str, Any]) -> float:
 def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: list[int], workdir: Path,
                 broker: MosquittoBroker) -> dict[str, Any]:
     text = site_toml(buses={BUS: (port, addresses)}, mqtt_port=broker.port, db_path=workdir / "daemon.db",
-                     realtime_priority=args.realtime_priority, bus_timeout_s=0.3)
+                     realtime_priority=args.realtime_priority, bus_timeout_s=0.3,
+                     gil_handoff=args.gil_handoff == "on")
     config = workdir / "site.toml"
     config.write_text(text, encoding="utf-8")
     log_path = workdir / "gatewayd.log"
@@ -256,6 +257,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "daemon": daemon,
         "simulator_scheduling": sim.scheduling,
         "daemon_env": args.daemon_env,
+        "gil_handoff": args.gil_handoff,
         "workdir": str(workdir),
     }
 
@@ -267,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after warm-up before measuring")
     parser.add_argument("--bare-polls", type=int, default=1280, help="polls timed in the bare and gateway loops")
     parser.add_argument("--realtime-priority", type=int, default=50, help="runtime.realtime_priority")
+    parser.add_argument("--gil-handoff", choices=("on", "off"), default="on",
+                        help="runtime.gil_handoff of gatewayd (on as deployed)")
     parser.add_argument("--daemon-cmd", default="", help="command to run instead of gatewayd (an experiment)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for gatewayd, e.g. MALLOC_ARENA_MAX=2 (repeatable)")

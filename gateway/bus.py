@@ -28,6 +28,7 @@ from drivers.modbus import (
     StrictFraming,
 )
 from drivers.profiles import GasReading, StationReading
+from gateway import handoff
 from gateway.config import BusConfig
 from gateway.failpoints import failpoint
 from gateway.panel import AlarmPanel
@@ -76,6 +77,17 @@ def _libc_keeping_gil() -> Any:
     return libc
 
 
+def bytes_waiting(fd: int) -> int:
+    """Bytes readable on a serial descriptor now, without giving the GIL away (0 on error)."""
+    import ctypes
+    import termios
+
+    count = ctypes.c_int()
+    if _libc_keeping_gil().ioctl(fd, termios.FIONREAD, ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
 @functools.cache
 def _prompt_client_class() -> type[Any]:
     """pymodbus's serial client, except that a response is taken as soon as its bytes arrive.
@@ -87,9 +99,9 @@ def _prompt_client_class() -> type[Any]:
 
     ``select`` is the only call between the answer's arrival and the buzzer that gives the GIL away: a
     thread that gives it away while another thread runs Python waits up to one switch interval to win it
-    back. The read and the count of bytes waiting behind the frame (:class:`StrictFraming`) go through
-    libc without releasing it, on a descriptor kept non-blocking. Measured in
-    benchmarks/buzzer_latency.py (docs/performance.md).
+    back, unless the main thread steps aside when the bytes arrive (:mod:`gateway.handoff`). The read and
+    the count of bytes waiting behind the frame (:class:`StrictFraming`) go through libc without releasing
+    it, on a descriptor kept non-blocking. Measured in benchmarks/buzzer_latency.py (docs/performance.md).
 
     Sending works the same way: bytes left from an earlier answer are drained and the request written
     through libc, and ``select`` waits for the port only when its output buffer is full. pyserial's own
@@ -117,7 +129,13 @@ def _prompt_client_class() -> type[Any]:
                 os.set_blocking(self.socket.fileno(), False)  # libc read below must never block
                 self._buffer = ctypes.create_string_buffer(1024)
                 self._count = ctypes.c_int()
+                handoff.watch(self.socket.fileno())  # SIGIO to the main thread when bytes arrive
             return ok
+
+        def close(self) -> None:
+            if self.socket is not None:
+                handoff.forget(self.socket.fileno())
+            super().close()  # type: ignore[no-untyped-call]
 
         def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
             if not request or self.socket is None:
@@ -155,7 +173,12 @@ def _prompt_client_class() -> type[Any]:
             try:
                 fd = self.socket.fileno()
                 while (left := deadline - time.monotonic()) > 0:
-                    if select.select([fd], [], [], left)[0]:
+                    handoff.arm(fd)
+                    try:
+                        readable = select.select([fd], [], [], left)[0]
+                    finally:
+                        handoff.disarm(fd)
+                    if readable:
                         got = libc.read(fd, self._buffer, len(self._buffer))
                         if got > 0:
                             return self._buffer.raw[:got]
@@ -361,6 +384,12 @@ class BusPoller:
         return ok
 
     def _poll(self, device: ModbusDevice) -> None:
+        try:
+            self._poll_once(device)
+        finally:
+            handoff.release()  # the answer is handled: a main thread parked for it goes on
+
+    def _poll_once(self, device: ModbusDevice) -> None:
         self.polls += 1
         key = device.device_id
         try:

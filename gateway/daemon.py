@@ -22,7 +22,7 @@ import structlog
 
 from drivers.gpio import ContactInput, make_buzzer, make_output
 from drivers.modbus import ExtinguisherStation, GasDetector, ModbusDevice
-from gateway import __version__
+from gateway import __version__, handoff
 from gateway.alarm import AlarmCore, Annunciation
 from gateway.annunciator import Annunciator, trouble_pattern
 from gateway.bridge import Bridge
@@ -102,6 +102,9 @@ class Gateway:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if cfg.runtime.gil_handoff and not handoff.install():
+            log.warning("GIL hand-off not available (the loop is not in the main thread); bus answers may "
+                        "wait one switch interval while the loop runs Python")
         self.outbox = await Outbox.open(
             cfg.storage.path, gateway_id=cfg.gateway_id,
             identity={"community": cfg.community, "building": cfg.building},
@@ -182,7 +185,7 @@ class Gateway:
             gc.freeze()
             _release_startup_heap()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
-                 devices=len(cfg.devices), buses=len(cfg.buses))
+                 devices=len(cfg.devices), buses=len(cfg.buses), gil_handoff=handoff.installed())
 
     async def _start_control(self) -> None:
         """Open the control socket for gatewayctl; without it the gateway still runs (logged)."""

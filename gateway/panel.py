@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from drivers.profiles import GasReading, StationReading
+from gateway import handoff
 from gateway.alarm import AlarmCore, Annunciation, ResetResult
 from gateway.annunciator import Annunciator
 from gateway.events import Event
@@ -117,7 +118,7 @@ class AlarmPanel:
 
     def snapshot(self) -> dict[str, Any]:
         """Devices, active conditions and the annunciation, consistent with each other."""
-        with self._lock:
+        with handoff.holding(), self._lock:
             return {
                 "devices": [self.core.device_state(d) for d in self.core.device_ids()],
                 "active": self.core.active(),
@@ -152,7 +153,7 @@ class AlarmPanel:
 
     def _run(self, step: Callable[[float], list[Event]]) -> None:
         """Run one core step, show its annunciation, then hand its events on — in that order."""
-        with self._lock:
+        with handoff.holding(), self._lock:
             now = self._clock()
             events = step(now)
             annunciation = self.core.annunciation(now)
