@@ -435,7 +435,7 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "trials": args.trials,
         "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         "realtime_priority": args.realtime_priority,
-        "gil_handoff": handoff.stats() if handoff.installed() else "off",
+        "gil_handoff": handoff.stats() if handoff.enabled() else "off",
         "loop_block": args.loop_block,
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],
         "stress": data["phases"]["stress"].get("stress"),
@@ -501,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.realtime_priority of the gateway (50 as deployed; 0 = normal scheduling)")
     parser.add_argument("--switch-interval-ms", type=float, default=0.0,
                         help="override sys.setswitchinterval for this run (0 = leave the gateway's setting)")
-    parser.add_argument("--gil-handoff", choices=("on", "off"), default="on",
-                        help="runtime.gil_handoff of the gateway (on as deployed)")
+    parser.add_argument("--gil-handoff", choices=("on", "off"), default="off",
+                        help="runtime.gil_handoff of the gateway (off by default)")
     parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
                         help="how the stressed loop is blocked: Python work holding the GIL, or a blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")

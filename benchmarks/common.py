@@ -28,7 +28,7 @@ def site_toml(
     telemetry_interval_s: float = 60.0,
     control_socket: Path | None = None,
     bus_timeout_s: float = 0.5,
-    gil_handoff: bool = True,
+    gil_handoff: bool = False,
 ) -> str:
     """A site: one household per detector (``gas-<bus>-<address>``), gas-relay contacts, a buzzer and LEDs.
 

@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after warm-up before measuring")
     parser.add_argument("--bare-polls", type=int, default=1280, help="polls timed in the bare and gateway loops")
     parser.add_argument("--realtime-priority", type=int, default=50, help="runtime.realtime_priority")
-    parser.add_argument("--gil-handoff", choices=("on", "off"), default="on",
-                        help="runtime.gil_handoff of gatewayd (on as deployed)")
+    parser.add_argument("--gil-handoff", choices=("on", "off"), default="off",
+                        help="runtime.gil_handoff of gatewayd (off by default)")
     parser.add_argument("--daemon-cmd", default="", help="command to run instead of gatewayd (an experiment)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for gatewayd, e.g. MALLOC_ARENA_MAX=2 (repeatable)")

@@ -260,7 +260,7 @@ class RuntimeConfig:
 
     realtime_priority: int = 0
     gc_freeze: bool = True
-    gil_handoff: bool = True
+    gil_handoff: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,6 +1002,6 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
     if t is None:
         return RuntimeConfig()
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", True))
+                        gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", False))
     t.done()
     return cfg

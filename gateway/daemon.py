@@ -102,7 +102,9 @@ class Gateway:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        if cfg.runtime.gil_handoff and not handoff.install():
+        if not cfg.runtime.gil_handoff:
+            handoff.disable()
+        elif not handoff.install():
             log.warning("GIL hand-off not available (the loop is not in the main thread); bus answers may "
                         "wait one switch interval while the loop runs Python")
         self.outbox = await Outbox.open(
@@ -185,7 +187,7 @@ class Gateway:
             gc.freeze()
             _release_startup_heap()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
-                 devices=len(cfg.devices), buses=len(cfg.buses), gil_handoff=handoff.installed())
+                 devices=len(cfg.devices), buses=len(cfg.buses), gil_handoff=handoff.enabled())
 
     async def _start_control(self) -> None:
         """Open the control socket for gatewayctl; without it the gateway still runs (logged)."""

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import selectors
 import signal
 import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["PARK_S", "arm", "disarm", "forget", "holding", "install", "installed", "release", "stats", "watch"]
+__all__ = ["PARK_S", "arm", "disable", "disarm", "enabled", "forget", "holding", "install", "release", "stats", "watch"]
 
 PARK_S = 0.002
 """The longest the main thread waits for a bus thread per signal."""
@@ -40,7 +41,8 @@ PARK_S = 0.002
 _F_SETOWN_EX = 15  # <linux/fcntl.h>; not exported by the fcntl module
 _F_OWNER_TID = 0
 
-_installed = False
+_installed = False  # the handler, once installed, stays for the life of the process
+_enabled = False  # whether ports opened from now on are watched
 _main_ident = 0
 _main_native_id = 0
 _in_handler = False
@@ -49,13 +51,15 @@ _armed: set[int] = set()  # ports whose bus thread is blocked waiting for bytes
 _free = threading.Event()
 _free.set()
 _bytes_waiting: Callable[[int], int] | None = None  # gateway.bus.bytes_waiting, set by install()
-_counts = {"signals": 0, "ignored": 0, "parks": 0, "park_timeouts": 0}
+_counts = {"signals": 0, "idle": 0, "ignored": 0, "parks": 0, "park_timeouts": 0}
 
 
 def install() -> bool:
-    """Install the SIGIO handler; returns whether the hand-off is on (main thread of a Linux process only)."""
-    global _installed, _main_ident, _main_native_id, _bytes_waiting
+    """Install the SIGIO handler and watch ports opened from now on; returns whether the hand-off is on
+    (main thread of a Linux process only)."""
+    global _installed, _enabled, _main_ident, _main_native_id, _bytes_waiting
     if _installed:
+        _enabled = True
         return True
     main = threading.main_thread()
     if threading.current_thread() is not main or not hasattr(signal, "SIGIO") or main.native_id is None:
@@ -65,18 +69,24 @@ def install() -> bool:
     _bytes_waiting = bytes_waiting
     signal.signal(signal.SIGIO, _on_sigio)
     _main_ident, _main_native_id = main.ident or 0, main.native_id
-    _installed = True
+    _installed = _enabled = True
     return True
 
 
-def installed() -> bool:
-    """Whether :func:`install` succeeded in this process."""
-    return _installed
+def disable() -> None:
+    """Ports opened from now on are not watched (the handler, if installed, stays)."""
+    global _enabled
+    _enabled = False
+
+
+def enabled() -> bool:
+    """Whether ports opened now are watched."""
+    return _enabled
 
 
 def watch(fd: int) -> bool:
     """Have the kernel signal the main thread when bytes arrive on ``fd``; False when the hand-off is off."""
-    if not _installed:
+    if not (_installed and _enabled):
         return False
     try:
         fcntl.fcntl(fd, _F_SETOWN_EX, struct.pack("ii", _F_OWNER_TID, _main_native_id))
@@ -126,14 +136,20 @@ class holding:
 
 
 def stats() -> dict[str, int]:
-    """Since start: signals taken, ignored (inside the handler, or while the main thread held an alarm-path
-    lock), parks, and parks that ran out of time."""
+    """Since start: signals taken, taken while the loop was idle, ignored (inside the handler, or while the
+    main thread held an alarm-path lock), parks, and parks that ran out of time."""
     return dict(_counts)
+
+
+_IDLE_WAIT = selectors.DefaultSelector.select.__code__  # the asyncio loop waiting for I/O, GIL released
 
 
 def _on_sigio(signum: int, frame: Any) -> None:
     global _in_handler
     _counts["signals"] += 1
+    if frame is not None and frame.f_code is _IDLE_WAIT:
+        _counts["idle"] += 1  # the loop was waiting, not running: the bus thread had the GIL for the asking
+        return
     if _in_handler or _main_holds or _bytes_waiting is None:
         _counts["ignored"] += 1
         return

@@ -55,7 +55,8 @@ def signalled_after(before: int) -> None:
 
 
 def test_a_port_is_signal_driven_only_once_the_handler_is_installed() -> None:
-    """SIGIO's default action ends the process: before install() no port may be made O_ASYNC."""
+    """SIGIO's default action ends the process: before install() no port may be made O_ASYNC; after
+    disable() new ports are not made O_ASYNC either."""
     script = textwrap.dedent("""
         import fcntl, os, threading
         from gateway import handoff
@@ -67,11 +68,14 @@ def test_a_port_is_signal_driven_only_once_the_handler_is_installed() -> None:
         installed = handoff.install()
         after = handoff.watch(gateway), bool(fcntl.fcntl(gateway, fcntl.F_GETFL) & os.O_ASYNC)
         os.write(device, b"x")  # the signal arrives and is handled: the process lives on
-        print(before, off_main, installed, after, flush=True)
+        handoff.disable()  # runtime.gil_handoff = false: ports opened from now on are left alone
+        device2, gateway2 = os.openpty()
+        disabled = handoff.watch(gateway2), bool(fcntl.fcntl(gateway2, fcntl.F_GETFL) & os.O_ASYNC)
+        print(before, off_main, installed, after, disabled, flush=True)
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[0] == "(False, False) [False] True (True, True)"
+    assert out.stdout.split("\n")[0] == "(False, False) [False] True (True, True) (False, False)"
 
 
 def test_bytes_for_a_waiting_bus_thread_park_the_main_thread_until_it_is_done(port: tuple[int, int]) -> None:
