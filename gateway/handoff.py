@@ -47,7 +47,7 @@ _main_ident = 0
 _main_native_id = 0
 _in_handler = False
 _main_holds = 0  # how many alarm-path locks the main thread holds now
-_armed: set[int] = set()  # ports whose bus thread is blocked waiting for bytes
+_armed: dict[int, int] = {}  # port → the thread blocked waiting for its bytes
 _free = threading.Event()
 _free.set()
 _bytes_waiting: Callable[[int], int] | None = None  # gateway.bus.bytes_waiting, set by install()
@@ -98,18 +98,18 @@ def watch(fd: int) -> bool:
 
 def forget(fd: int) -> None:
     """The port is about to close."""
-    _armed.discard(fd)
+    _armed.pop(fd, None)
 
 
 def arm(fd: int) -> None:
     """A bus thread is about to wait for bytes on ``fd``; whatever it was handling is done."""
-    _armed.add(fd)
+    _armed[fd] = threading.get_ident()
     _free.set()
 
 
 def disarm(fd: int) -> None:
     """The bus thread is back from waiting on ``fd`` (and holds the GIL)."""
-    _armed.discard(fd)
+    _armed.pop(fd, None)
 
 
 def release() -> None:
@@ -156,7 +156,8 @@ def _on_sigio(signum: int, frame: Any) -> None:
     _in_handler = True
     try:
         waiting = _bytes_waiting
-        if any(waiting(fd) > 0 for fd in tuple(_armed)):
+        # A port the main thread itself waits on (a tool polling from it) must not park it.
+        if any(ident != _main_ident and waiting(fd) > 0 for fd, ident in tuple(_armed.items())):
             _counts["parks"] += 1
             _free.clear()
             if not _free.wait(PARK_S):

@@ -41,12 +41,20 @@ def port(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, int]]:
     finally:
         handoff.forget(gateway)
         handoff.release()
+        handoff.disable()  # ports opened by later tests are left alone, as with the default config
         os.close(gateway)
         os.close(device)
 
 
 def count(name: str) -> int:
     return handoff.stats()[name]
+
+
+def arm_from_a_bus_thread(fd: int) -> None:
+    """Mark ``fd`` as waited on by another thread (the main thread never parks for its own port)."""
+    thread = threading.Thread(target=handoff.arm, args=(fd,))
+    thread.start()
+    thread.join(10)
 
 
 def signalled_after(before: int) -> None:
@@ -89,7 +97,7 @@ def test_bytes_for_a_waiting_bus_thread_park_the_main_thread_until_it_is_done(po
         handoff.release()
 
     parks, timeouts, signals = count("parks"), count("park_timeouts"), count("signals")
-    handoff.arm(gateway)  # a bus thread is blocked waiting for this port
+    arm_from_a_bus_thread(gateway)  # a bus thread is blocked waiting for this port
     helper = threading.Thread(target=bus_thread)
     helper.start()
     os.write(device, b"\x01\x03")
@@ -111,11 +119,22 @@ def test_bytes_nobody_waits_for_do_not_park(port: tuple[int, int]) -> None:
     assert count("parks") == parks
 
 
+def test_a_port_the_main_thread_itself_waits_on_does_not_park_it(port: tuple[int, int]) -> None:
+    """It would wait for itself (a tool polling a bus from the main thread)."""
+    device, gateway = port
+    parks, signals = count("parks"), count("signals")
+    handoff.arm(gateway)  # from the main thread
+    os.write(device, b"\x01")
+    signalled_after(signals)
+    handoff.disarm(gateway)
+    assert count("parks") == parks
+
+
 def test_no_park_while_the_main_thread_holds_an_alarm_path_lock(port: tuple[int, int]) -> None:
     """The bus thread would wait for that lock, and the main thread for the bus thread."""
     device, gateway = port
     parks, ignored, signals = count("parks"), count("ignored"), count("signals")
-    handoff.arm(gateway)
+    arm_from_a_bus_thread(gateway)
     with handoff.holding():
         os.write(device, b"\x01")
         signalled_after(signals)
@@ -139,7 +158,7 @@ def test_a_signal_while_parked_is_ignored_not_nested(port: tuple[int, int]) -> N
         handoff.release()
 
     parks, ignored, signals = count("parks"), count("ignored"), count("signals")
-    handoff.arm(gateway)
+    arm_from_a_bus_thread(gateway)
     helper = threading.Thread(target=bus_thread)
     helper.start()
     os.write(device, b"\x01")
@@ -212,5 +231,6 @@ def test_a_busy_main_thread_parks_for_a_real_bus_answer(tmp_path: Path) -> None:
                 stop.set()
                 poller.join(10)
                 client.close()
+                handoff.disable()
     assert count("parks") > parks, "the main thread never gave way to the bus thread"
     assert readings and all(value == pytest.approx(5.0) for value in readings)
