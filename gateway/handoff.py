@@ -17,6 +17,8 @@ Safety rules, each kept here:
 * The handler never parks while the main thread holds a lock a bus thread needs before the buzzer (the
   alarm panel's: :class:`holding`), and never inside itself (a signal arriving while it waits returns at
   once: a nested wait would take the lock of the event it is already waiting on).
+* It never parks for a port the main thread itself waits on, nor when the signal found the loop idle in
+  its selector (the bus thread then has the GIL for the asking).
 * Bus threads only set flags and an event; they never wait on the main thread.
 
 Linux only. Measured in benchmarks/buzzer_latency.py (docs/performance.md).

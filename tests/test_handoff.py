@@ -6,6 +6,7 @@ on the hand-off's own counters.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import subprocess
@@ -128,6 +129,31 @@ def test_a_port_the_main_thread_itself_waits_on_does_not_park_it(port: tuple[int
     signalled_after(signals)
     handoff.disarm(gateway)
     assert count("parks") == parks
+
+
+def test_a_signal_that_finds_the_loop_idle_does_not_park_it(port: tuple[int, int]) -> None:
+    """An idle loop waits in its selector with the GIL released: parking it would gain nothing."""
+    device, gateway = port
+    idle, parks = count("idle"), count("parks")
+
+    def bus_thread() -> None:
+        for _ in range(200):  # a signal may land while the loop runs a callback; one idle one is enough
+            if count("idle") > idle:
+                break
+            handoff.arm(gateway)
+            seen = count("signals")
+            os.write(device, b"\x01")
+            wait_until(lambda seen=seen: count("signals") > seen, timeout=10, message="no SIGIO reached the loop")
+            handoff.disarm(gateway)
+            handoff.release()  # ends a park, if the signal landed outside the selector
+            os.read(gateway, 64)
+
+    async def main() -> None:
+        await asyncio.to_thread(bus_thread)  # the loop meanwhile waits in its selector
+
+    asyncio.run(main())
+    assert count("idle") > idle
+    assert count("parks") - parks < 200
 
 
 def test_no_park_while_the_main_thread_holds_an_alarm_path_lock(port: tuple[int, int]) -> None:
