@@ -20,11 +20,11 @@ from typing import Any
 
 import structlog
 
-from drivers.gpio import ContactInput, make_buzzer, make_output
-from drivers.modbus import ExtinguisherStation, GasDetector, ModbusDevice
+from drivers.gpio import ContactInput
 from gateway import __version__, handoff
-from gateway.alarm import AlarmCore, Annunciation
-from gateway.annunciator import Annunciator, trouble_pattern
+from gateway.alarm import Annunciation
+from gateway.alarm_side import AlarmSide
+from gateway.annunciator import Annunciator
 from gateway.bridge import Bridge
 from gateway.bus import BusPoller
 from gateway.commands import CommandHandler
@@ -82,11 +82,7 @@ class Gateway:
         self.started_at = time.time()
         self.outbox: Outbox
         self.uplink: Uplink
-        self.panel: AlarmPanel
-        self.annunciator: Annunciator
-        self.buses: dict[str, BusPoller] = {}
-        self.contacts: dict[str, ContactInput] = {}
-        self._outputs: list[Any] = []
+        self.alarm_side: AlarmSide
         self._tasks: list[asyncio.Task[None]] = []
         self._followers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[Event], None]] = []
@@ -94,6 +90,26 @@ class Gateway:
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.events_seen = 0
+
+    @property
+    def panel(self) -> AlarmPanel:
+        """The alarm panel (:class:`gateway.alarm_side.AlarmSide`)."""
+        return self.alarm_side.panel
+
+    @property
+    def annunciator(self) -> Annunciator:
+        """Buzzer, LEDs and relays."""
+        return self.alarm_side.annunciator
+
+    @property
+    def buses(self) -> dict[str, BusPoller]:
+        """The bus threads by bus id."""
+        return self.alarm_side.buses
+
+    @property
+    def contacts(self) -> dict[str, ContactInput]:
+        """The GPIO contacts by device id."""
+        return self.alarm_side.contacts
 
     # ------------------------------------------------------------------------------ start / stop
 
@@ -117,49 +133,11 @@ class Gateway:
                                   on_fault=self._storage_fault)
         bridge = Bridge(loop)
         self.bridge = bridge
-        self.heartbeats.register("annunciator", 5.0)
-        buzzer = make_buzzer(cfg.outputs.buzzer.pin, active_high=cfg.outputs.buzzer.active_high)
-        leds = {name: make_output(p.pin, active_high=p.active_high) for name, p in cfg.outputs.leds.items()}
-        relays = {r.id: make_output(r.pin, active_high=r.active_high) for r in cfg.outputs.relays}
-        self._outputs = [buzzer, *leds.values(), *relays.values()]
-        from gateway.alarm import Sound
-
-        self.annunciator = Annunciator(
-            buzzer, leds=leds, relays=relays,
-            patterns={Sound.TROUBLE: trouble_pattern(cfg.alarm.trouble_chirp_interval_s)},
-            heartbeat=lambda: self.heartbeats.beat("annunciator"),
-            realtime_priority=cfg.runtime.realtime_priority,
-        )
-        self.annunciator.start()
-        core = AlarmCore(cfg.devices, cfg.alarm, cfg.linkage)
-        self.panel = AlarmPanel(core, self.annunciator, bridge.sink(self._event_arrived),
-                                on_annunciation=bridge.sink(self._annunciation_changed))
-        self.heartbeats.register("alarm-ticker", 5.0)
-        self.panel.start_ticker(heartbeat=lambda: self.heartbeats.beat("alarm-ticker"))
-        for dev in cfg.devices:
-            if dev.pin is not None:
-                self._attach_contact(dev.id, dev)
-        if self._on_pins_ready is not None:
-            self._on_pins_ready(self)
-        for device_id, contact in self.contacts.items():
-            if contact.is_active:
-                self.panel.contact(device_id, True)
-            if not contact.is_plausible:
-                self.panel.contact_fault(device_id, False)
-        for bus in cfg.buses:
-            drivers: list[ModbusDevice] = []
-            for dev in cfg.bus_devices(bus.id):
-                assert dev.address is not None
-                if dev.detector_profile is not None:
-                    drivers.append(GasDetector(dev.id, dev.address, dev.detector_profile))
-                elif dev.station_profile is not None:
-                    drivers.append(ExtinguisherStation(dev.id, dev.address, dev.station_profile))
-            name = f"bus:{bus.id}"
-            poller = BusPoller(bus, drivers, self.panel, heartbeat=self._beater(name),
-                               realtime_priority=cfg.runtime.realtime_priority)
-            self.heartbeats.register(name, poller.deadline_s)
-            self.buses[bus.id] = poller
-            poller.start()
+        on_pins_ready = None if self._on_pins_ready is None else (lambda: self._on_pins_ready(self))  # type: ignore[misc]
+        self.alarm_side = AlarmSide(cfg, on_event=bridge.sink(self._event_arrived),
+                                    on_annunciation=bridge.sink(self._annunciation_changed),
+                                    heartbeats=self.heartbeats, on_pins_ready=on_pins_ready)
+        self.alarm_side.start()
         self.mqtt_commands = CommandService(
             CommandGate(self.topics, started_at=self.started_at), self.commands,
             lambda topic, body, properties: self.uplink.publish_json(topic, body, properties=properties),
@@ -199,20 +177,6 @@ class Gateway:
             return
         self.control = control
 
-    def _beater(self, name: str) -> Callable[[], None]:
-        return lambda: self.heartbeats.beat(name)
-
-    def _attach_contact(self, device_id: str, dev: Any) -> None:
-        def changed(active: bool) -> None:
-            self.panel.contact(device_id, active)
-
-        def plausible(ok: bool) -> None:
-            self.panel.contact_fault(device_id, ok)
-
-        contact = ContactInput(dev.pin, contact=dev.contact, pull_up=dev.pull_up, bounce_ms=dev.bounce_ms,
-                               supervision_pin=dev.supervision_pin, on_change=changed, on_plausibility=plausible)
-        self.contacts[device_id] = contact
-
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush the outbox to the broker within the bound, say offline, release everything."""
         self.selfcheck.stop()
@@ -225,15 +189,9 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for poller in self.buses.values():
-            await asyncio.to_thread(poller.stop)
-        self.panel.stop()
+        await asyncio.to_thread(self.alarm_side.stop_inputs)
         await self._drain_queue()
-        self.annunciator.stop()
-        for contact in self.contacts.values():
-            contact.close()
-        for output in self._outputs:
-            output.close()
+        self.alarm_side.close()
         await self.outbox.close()
         log.info("gateway stopped", gateway=self.cfg.gateway_id)
 
