@@ -38,6 +38,9 @@ class CommError(Exception):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple[type[CommError], tuple[str, str]]:
+        return CommError, (self.reason, self.detail)
+
 
 class FrameError(ModbusIOException):
     """An answer decoded, but more bytes came than its frame holds (noise, a collision, a second frame)."""

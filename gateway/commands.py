@@ -41,6 +41,7 @@ from gateway.annunciator import PATTERNS
 from gateway.events import KIND_PRIORITY, Event
 
 if TYPE_CHECKING:
+    from gateway.alarm_link import RemoteBus
     from gateway.bus import BusPoller
     from gateway.daemon import Gateway
 
@@ -377,14 +378,16 @@ class CommandHandler:
         except KeyError:
             raise CommandRejected(f"{command}: device: unknown device {device_id!r}") from None
 
-    def _driver(self, device_id: str) -> tuple[BusPoller, ModbusDevice] | None:
+    def _driver(self, device_id: str) -> tuple[BusPoller | RemoteBus, ModbusDevice] | None:
         for poller in self.gateway.buses.values():
             for driver in poller.devices:
                 if driver.device_id == device_id:
                     return poller, driver
         return None
 
-    async def _on_bus(self, poller: BusPoller, work: Callable[[ModbusClient], Any], timeout_s: float) -> Any:
+    async def _on_bus(
+        self, poller: BusPoller | RemoteBus, work: Callable[[ModbusClient], Any], timeout_s: float
+    ) -> Any:
         future = poller.submit(work)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)

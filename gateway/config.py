@@ -261,6 +261,7 @@ class RuntimeConfig:
     realtime_priority: int = 0
     gc_freeze: bool = True
     gil_handoff: bool = False
+    alarm_process: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1002,6 +1003,7 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
     if t is None:
         return RuntimeConfig()
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", False))
+                        gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", False),
+                        alarm_process=t.flag("alarm_process", False))
     t.done()
     return cfg

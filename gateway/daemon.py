@@ -12,10 +12,11 @@ import contextlib
 import dataclasses
 import gc
 import signal
+import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -23,6 +24,17 @@ import structlog
 from drivers.gpio import ContactInput
 from gateway import __version__, handoff
 from gateway.alarm import Annunciation
+from gateway.alarm_link import PART as ALARM_PROCESS_PART
+from gateway.alarm_link import (
+    AlarmLink,
+    AlarmLinkError,
+    RemoteAlarmSide,
+    RemoteAnnunciator,
+    RemoteBus,
+    RemoteContact,
+    RemotePanel,
+    fork_alarm_process,
+)
 from gateway.alarm_side import AlarmSide
 from gateway.annunciator import Annunciator
 from gateway.bridge import Bridge
@@ -37,8 +49,8 @@ from gateway.logs import configure_logging
 from gateway.notify import Notifier, Watchdog
 from gateway.outbox import Outbox, StorageLimits
 from gateway.panel import AlarmPanel
-from gateway.realtime import raise_priority
-from gateway.selfcheck import SelfCheck
+from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
+from gateway.selfcheck import SelfCheck, on_alarm_path
 from gateway.storage_writer import EventWriter
 from gateway.topics import Topics
 from gateway.uplink import Uplink
@@ -46,23 +58,10 @@ from gateway.uplink import Uplink
 __all__ = ["Gateway", "main"]
 
 log = structlog.get_logger()
-#: How long a thread that wants the interpreter waits before the running one must hand it over (CPython's
-#: default is 5 ms). Bus threads and GPIO callbacks wake from I/O and need it back at once. At 0.25 ms a
-#: busy loop adds about 1 ms at p99 to the serial alarm path instead of 30; the price, about 7 % of
-#: throughput, is paid only while two threads want the CPU at once (docs/performance.md).
-SWITCH_INTERVAL_S = 0.00025
 STORAGE_MAINTENANCE_S = 60.0
 #: A status message after every connect and then this often (seconds).
 STATUS_INTERVAL_S = 60.0
 STATUS_CHECK_S = 0.5
-
-
-def _release_startup_heap() -> None:
-    """Hand the heap that start-up freed (imports, config parsing) back to the OS: about 1 MB of RSS (glibc)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 class Gateway:
@@ -74,15 +73,20 @@ class Gateway:
         *,
         heartbeats: Heartbeats | None = None,
         on_pins_ready: Callable[[Gateway], None] | None = None,
+        alarm_process: tuple[int | None, socket.socket] | None = None,
     ) -> None:
+        """``alarm_process``: the pid and link socket of an alarm process already running the alarm path
+        (:func:`gateway.alarm_link.fork_alarm_process`); without it the alarm path runs in this process."""
         self.cfg = cfg
+        self._alarm_process = alarm_process
+        self.failed = asyncio.Event()
         self._on_pins_ready = on_pins_ready
         self.heartbeats = heartbeats or Heartbeats()
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.community, cfg.building)
         self.started_at = time.time()
         self.outbox: Outbox
         self.uplink: Uplink
-        self.alarm_side: AlarmSide
+        self.alarm_side: AlarmSide | RemoteAlarmSide
         self._tasks: list[asyncio.Task[None]] = []
         self._followers: set[asyncio.Queue[Event]] = set()
         self._listeners: list[Callable[[Event], None]] = []
@@ -92,22 +96,22 @@ class Gateway:
         self.events_seen = 0
 
     @property
-    def panel(self) -> AlarmPanel:
-        """The alarm panel (:class:`gateway.alarm_side.AlarmSide`)."""
+    def panel(self) -> AlarmPanel | RemotePanel:
+        """The alarm panel (:class:`gateway.alarm_side.AlarmSide`), or its proxy in the alarm process."""
         return self.alarm_side.panel
 
     @property
-    def annunciator(self) -> Annunciator:
+    def annunciator(self) -> Annunciator | RemoteAnnunciator:
         """Buzzer, LEDs and relays."""
         return self.alarm_side.annunciator
 
     @property
-    def buses(self) -> dict[str, BusPoller]:
+    def buses(self) -> Mapping[str, BusPoller | RemoteBus]:
         """The bus threads by bus id."""
         return self.alarm_side.buses
 
     @property
-    def contacts(self) -> dict[str, ContactInput]:
+    def contacts(self) -> Mapping[str, ContactInput | RemoteContact]:
         """The GPIO contacts by device id."""
         return self.alarm_side.contacts
 
@@ -133,11 +137,21 @@ class Gateway:
                                   on_fault=self._storage_fault)
         bridge = Bridge(loop)
         self.bridge = bridge
-        on_pins_ready = None if self._on_pins_ready is None else (lambda: self._on_pins_ready(self))  # type: ignore[misc]
-        self.alarm_side = AlarmSide(cfg, on_event=bridge.sink(self._event_arrived),
-                                    on_annunciation=bridge.sink(self._annunciation_changed),
-                                    heartbeats=self.heartbeats, on_pins_ready=on_pins_ready)
-        self.alarm_side.start()
+        if self._alarm_process is not None:
+            pid, sock = self._alarm_process
+            link = AlarmLink(sock, heartbeats=self.heartbeats, pid=pid,
+                             on_event=bridge.sink(self._event_arrived),
+                             on_annunciation=bridge.sink(self._annunciation_changed),
+                             on_lost=bridge.sink(self._alarm_process_lost))
+            self.alarm_side = RemoteAlarmSide(cfg, link)
+            await asyncio.to_thread(self.alarm_side.start)
+        else:
+            hook = self._on_pins_ready
+            self.alarm_side = AlarmSide(cfg, on_event=bridge.sink(self._event_arrived),
+                                        on_annunciation=bridge.sink(self._annunciation_changed),
+                                        heartbeats=self.heartbeats,
+                                        on_pins_ready=None if hook is None else lambda: hook(self))
+            self.alarm_side.start()
         self.mqtt_commands = CommandService(
             CommandGate(self.topics, started_at=self.started_at), self.commands,
             lambda topic, body, properties: self.uplink.publish_json(topic, body, properties=properties),
@@ -158,12 +172,14 @@ class Gateway:
             asyncio.create_task(self._publish_status(), name="status"),
         ]
         await self._start_control()
-        self.selfcheck = SelfCheck(self.heartbeats, self.panel)
+        # With an alarm process, its own self-check watches its threads; this one the loop and the link.
+        watch = (lambda name: name in ("loop", ALARM_PROCESS_PART)) if self._alarm_process else on_alarm_path
+        self.selfcheck = SelfCheck(self.heartbeats, self.panel, watch=watch)
         self.selfcheck.start()
         if cfg.runtime.gc_freeze:
             gc.collect()
             gc.freeze()
-            _release_startup_heap()
+            release_startup_heap()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
                  devices=len(cfg.devices), buses=len(cfg.buses), gil_handoff=handoff.enabled())
 
@@ -204,6 +220,10 @@ class Gateway:
             q.put_nowait(event)
         for listener in self._listeners:
             listener(event)
+
+    def _alarm_process_lost(self, reason: str) -> None:
+        log.critical("alarm process lost; the daemon stops so that it is restarted", reason=reason)
+        self.failed.set()
 
     def _annunciation_changed(self, annunciation: Annunciation) -> None:
         log.info("annunciator", sound=annunciation.sound.name.lower(), pattern=self.annunciator.sound_pattern,
@@ -316,10 +336,15 @@ class Gateway:
 # ------------------------------------------------------------------------------------------- entry
 
 
-async def _serve(cfg: SiteConfig, *, duration: float | None) -> int:
+async def _serve(cfg: SiteConfig, *, duration: float | None,
+                 alarm_process: tuple[int | None, socket.socket] | None = None) -> int:
     notifier = Notifier()
-    gateway = Gateway(cfg)
-    await gateway.start()
+    gateway = Gateway(cfg, alarm_process=alarm_process)
+    try:
+        await gateway.start()
+    except AlarmLinkError as exc:
+        log.critical("the alarm path could not start", error=str(exc))
+        return 1
     watchdog = Watchdog(gateway.heartbeats, notifier, status_text=lambda: _summary(gateway))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -328,17 +353,16 @@ async def _serve(cfg: SiteConfig, *, duration: float | None) -> int:
     notifier.ready()
     notifier.status(_summary(gateway))
     watchdog.start()
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(gateway.failed.wait())]
     try:
-        if duration is None:
-            await stop.wait()
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), duration)
+        await asyncio.wait(waiters, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiter in waiters:
+            waiter.cancel()
         notifier.stopping()
         watchdog.stop()
         await gateway.stop()
-    return 0
+    return 1 if gateway.failed.is_set() else 0
 
 
 def _summary(gateway: Gateway) -> str:
@@ -369,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error", key=exc.path, reason=exc.reason)
         return EX_CONFIG
     raise_priority(0, "main")
-    return asyncio.run(_serve(cfg, duration=args.duration))
+    alarm_process = fork_alarm_process(cfg) if cfg.runtime.alarm_process else None
+    return asyncio.run(_serve(cfg, duration=args.duration, alarm_process=alarm_process))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import structlog
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory
 
+from drivers.gpio import ContactInput
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import SiteConfig, load_config
 from gateway.daemon import Gateway
@@ -42,7 +43,7 @@ def demo_config(workdir: Path, bus_port: str, *, source: Path = EXAMPLE) -> Site
 def _close_nc_contacts(gateway: Gateway) -> None:
     """On mock pins every contact starts open; close the normally-closed ones (all is well)."""
     for contact in gateway.contacts.values():
-        if contact.contact == "NC":
+        if contact.contact == "NC" and isinstance(contact, ContactInput):
             contact._input.pin.drive_low()
 
 

@@ -54,6 +54,11 @@ class Heartbeats:
         with self._lock:
             return {name: t - self._last[name] for name in sorted(self._deadlines)}
 
+    def deadlines(self) -> dict[str, float]:
+        """Each part's deadline in seconds."""
+        with self._lock:
+            return dict(self._deadlines)
+
     def names(self) -> list[str]:
         """Registered part names, sorted."""
         with self._lock:

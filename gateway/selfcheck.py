@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
 from gateway.health import Heartbeats
-from gateway.panel import AlarmPanel
 
 __all__ = ["SelfCheck", "on_alarm_path"]
 
@@ -25,12 +25,19 @@ NAME = "selfcheck"
 
 
 def on_alarm_path(name: str) -> bool:
-    """The parts watched by default: bus threads, the annunciator, the alarm ticker and the asyncio loop.
+    """The parts watched by default: bus threads, the annunciator, the alarm ticker, the asyncio loop and,
+    when the alarm path runs in its own process, that process (:mod:`gateway.alarm_link`).
 
     Not the uplink: a broker out of reach is an uplink state (reported in status messages), not a stuck
     thread, and the outbox keeps every event meanwhile.
     """
-    return name in ("annunciator", "alarm-ticker", "loop") or name.startswith("bus:")
+    return name in ("annunciator", "alarm-ticker", "loop", "alarm-process") or name.startswith("bus:")
+
+
+class StaleSink(Protocol):
+    """Where stale parts are reported: the alarm panel, or its proxy in the alarm process."""
+
+    def stale_thread(self, name: str, stale: bool) -> None: ...
 
 
 class SelfCheck:
@@ -39,7 +46,7 @@ class SelfCheck:
     def __init__(
         self,
         heartbeats: Heartbeats,
-        panel: AlarmPanel,
+        panel: StaleSink,
         *,
         watch: Callable[[str], bool] = on_alarm_path,
         interval_s: float = 1.0,
