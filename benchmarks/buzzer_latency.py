@@ -20,7 +20,15 @@ another connection (``BEGIN EXCLUSIVE`` held 1–6 s at random), and 1000 teleme
 Between trials the alarm is reset through the panel. Prints a table and, last, one JSON line; saves a
 histogram PNG under ``benchmarks/out/``.
 
-    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0]
+With ``--alarm-process on`` the daemon is split as ``gatewayd`` splits it (``runtime.alarm_process``): this
+process is the alarm process — an :class:`gateway.alarm_link.AlarmHost` with the bus threads, contacts,
+panel and annunciator, the trial driver and the telemetry storm (detector telemetry enters the panel here,
+as in production) — and a child forked before any thread starts runs the daemon's loop side
+(``Gateway(cfg, alarm_process=...)``: outbox, uplink, control socket) with the stress that belongs to it:
+the loop blocker, the refused uplink and the database locker. The broker's port is black-holed from here.
+The two talk over the alarm link, and the benchmark drives the child over a second socket pair (JSON lines).
+
+    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--alarm-process on]
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import random
+import signal
 import socket
 import sqlite3
 import sys
@@ -39,8 +49,9 @@ import tempfile
 import threading
 import time
 import tomllib
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 from common import ROOT, EdgeWatch, TimedMockPin, log_to_file, percentile, site_toml
 from simbus import SimBuses
@@ -48,8 +59,12 @@ from simbus import SimBuses
 from drivers.profiles import GasReading
 from gateway import handoff
 from gateway.alarm import Sound
-from gateway.config import parse_config
+from gateway.alarm_link import AlarmHost, AlarmLinkError
+from gateway.alarm_side import AlarmSide
+from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
+from gateway.panel import AlarmPanel
+from gateway.realtime import SWITCH_INTERVAL_S, release_startup_heap
 from gateway.uplink import Uplink
 from tests.support.broker import MosquittoBroker, free_port
 
@@ -61,6 +76,8 @@ STORM_ADDRESSES = list(range(2, 18))  # 16 detectors whose readings make the tel
 ALARM = GasReading(value=30.0, measure="%LEL", status=frozenset({"normal"}))
 CLEAN = GasReading(value=0.0, measure="%LEL", status=frozenset({"normal"}))
 OUT = ROOT / "benchmarks" / "out"
+#: How long the benchmark waits for an answer from the loop side (its start waits for the alarm process).
+LOOP_SIDE_TIMEOUT_S = 90.0
 
 
 # ----------------------------------------------------------------------------------------------- stress
@@ -79,15 +96,62 @@ class StressStats:
     blackhole_error: str | None = None
 
 
-class Stress:
-    """Everything that must not slow the alarm path, switched on together."""
+def _black_hole(broker: MosquittoBroker) -> socket.socket:
+    """Stop the broker; listen on its port without ever accepting, so that connects go unanswered."""
+    broker.stop()
+    hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hole.bind((broker.host, broker.port))
+    hole.listen(0)
+    return hole
 
-    def __init__(self, gateway: Gateway, broker: MosquittoBroker, db_path: Path, rate: int, block: str) -> None:
+
+def _telemetry_storm(panel: AlarmPanel, rate: int, stop: threading.Event, stats: StressStats) -> None:
+    """``rate`` detector readings per second that each make a telemetry event (values flip by 2 %LEL)."""
+    devices = [f"gas-{FIELD_BUS}-{a}" for a in STORM_ADDRESSES]
+    readings = [dataclasses.replace(CLEAN, value=v) for v in (1.0, 3.0)]
+    period = 0.01
+    per_tick = max(1, round(rate * period))
+    n = 0
+    start = next_tick = time.perf_counter()
+    while not stop.is_set():
+        for _ in range(per_tick):
+            panel.reading(devices[n % len(devices)], readings[(n // len(devices)) % 2])
+            n += 1
+        next_tick += period
+        delay = next_tick - time.perf_counter()
+        if delay > 0:
+            stop.wait(delay)
+    stats.storm_readings = n
+    stats.storm_s = time.perf_counter() - start
+
+
+def _stress_summary(st: StressStats, seconds: float) -> dict[str, Any]:
+    """The "stress" object of the JSON line; ``seconds`` is how long the stressed trials took."""
+    return {
+        "loop_blocks": st.loop_blocks, "loop_blocked_pct": round(100 * st.loop_blocked_s / seconds, 1),
+        "db_locks": st.db_locks, "db_locked_pct": round(100 * st.db_locked_s / seconds, 1),
+        "telemetry_per_s": round(st.storm_readings / st.storm_s) if st.storm_s else 0,
+        "events_stored": st.events_stored,
+        "gateway_uplink": st.blackhole_error, "refused_uplink": st.refused_attempts,
+    }
+
+
+class Stress:
+    """Everything that must not slow the alarm path, switched on together.
+
+    In the loop side's process of ``--alarm-process on``: no ``broker`` (the benchmark process black-holes
+    it) and no ``storm`` (telemetry enters the panel in the alarm process).
+    """
+
+    def __init__(self, gateway: Gateway, broker: MosquittoBroker | None, db_path: Path, rate: int, block: str,
+                 *, storm: bool = True) -> None:
         self.gateway = gateway
         self.block = block
         self.broker = broker
         self.db_path = db_path
         self.rate = rate
+        self.storm = storm
         self.stats = StressStats()
         self._stop = threading.Event()
         self._loop_stop = asyncio.Event()
@@ -101,17 +165,15 @@ class Stress:
         gw = self.gateway
         self._stored_before = gw.outbox.stored_total
         # Broker unreachable: the gateway's broker port now accepts nothing, and a second uplink is refused.
-        self.broker.stop()
-        self._blackhole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._blackhole.bind((self.broker.host, self.broker.port))
-        self._blackhole.listen(0)
+        if self.broker is not None:
+            self._blackhole = _black_hole(self.broker)
         refused_cfg = dataclasses.replace(gw.cfg.mqtt, port=free_port(), client_id="bench-refused")
         self._refused = Uplink(refused_cfg, gw.outbox, gw.topics)
         self._tasks = [asyncio.create_task(self._refused.run(), name="refused-uplink"),
                        asyncio.create_task(self._block_loop(), name="loop-blocker")]
-        self._threads = [threading.Thread(target=self._lock_db, name="db-locker", daemon=True),
-                         threading.Thread(target=self._storm, name="telemetry-storm", daemon=True)]
+        self._threads = [threading.Thread(target=self._lock_db, name="db-locker", daemon=True)]
+        if self.storm:
+            self._threads.append(threading.Thread(target=self._storm, name="telemetry-storm", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -163,24 +225,8 @@ class Stress:
             con.close()
 
     def _storm(self) -> None:
-        """``rate`` detector readings per second that each make a telemetry event (values flip by 2 %LEL)."""
-        panel = self.gateway.panel
-        devices = [f"gas-{FIELD_BUS}-{a}" for a in STORM_ADDRESSES]
-        readings = [dataclasses.replace(CLEAN, value=v) for v in (1.0, 3.0)]
-        period = 0.01
-        per_tick = max(1, round(self.rate * period))
-        n = 0
-        start = next_tick = time.perf_counter()
-        while not self._stop.is_set():
-            for _ in range(per_tick):
-                panel.reading(devices[n % len(devices)], readings[(n // len(devices)) % 2])
-                n += 1
-            next_tick += period
-            delay = next_tick - time.perf_counter()
-            if delay > 0:
-                self._stop.wait(delay)
-        self.stats.storm_readings = n
-        self.stats.storm_s = time.perf_counter() - start
+        # In one process the gateway's panel is the real one.
+        _telemetry_storm(cast(AlarmPanel, self.gateway.panel), self.rate, self._stop, self.stats)
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -189,7 +235,7 @@ class Stress:
 class Trials:
     """The three paths and the bare Modbus transaction, measured from a driver thread."""
 
-    def __init__(self, gateway: Gateway, sim: SimBuses, watch: EdgeWatch, contact_pin: Any) -> None:
+    def __init__(self, gateway: Gateway | AlarmSide, sim: SimBuses, watch: EdgeWatch, contact_pin: Any) -> None:
         self.gw = gateway
         self.sim = sim
         self.watch = watch
@@ -316,15 +362,34 @@ class GcPauses:
 # ----------------------------------------------------------------------------------------------- run
 
 
+def _quiet(snap: dict[str, Any], watch: EdgeWatch) -> bool:
+    """Every detector normal, nothing active, the buzzer low."""
+    states = {d["state"] for d in snap["devices"] if d["kind"] == "gas_detector"}
+    return states == {"normal"} and not snap["active"] and not watch.state
+
+
 async def _settle(gateway: Gateway, watch: EdgeWatch, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         snap = gateway.panel.snapshot()
-        states = {d["state"] for d in snap["devices"] if d["kind"] == "gas_detector"}
-        if gateway.uplink.connected and states == {"normal"} and not snap["active"] and not watch.state:
+        if gateway.uplink.connected and _quiet(snap, watch):
             return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"gateway did not settle: {gateway.panel.snapshot()['active']}")
+
+
+def _config(text: str, args: argparse.Namespace) -> SiteConfig:
+    """The site of ``text`` with this run's GIL hand-off, and the trial bus polled back to back."""
+    cfg = parse_config(tomllib.loads(text))
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, gil_handoff=args.gil_handoff == "on"))
+    # The trial bus polls its one detector back to back (20 ms apart) so 1000 trials fit in a minute.
+    return dataclasses.replace(cfg, buses=tuple(
+        dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
+
+
+def _phase(gc_pauses: GcPauses, t0: float, t1: float) -> dict[str, Any]:
+    return {"seconds": round(t1 - t0, 1), "gc": {
+        **gc_pauses.between(t0, t1), "tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -342,11 +407,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
                      mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
                      realtime_priority=args.realtime_priority)
-    cfg = parse_config(tomllib.loads(text))
-    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, gil_handoff=args.gil_handoff == "on"))
-    # The trial bus polls its one detector back to back (20 ms apart) so 1000 trials fit in a minute.
-    cfg = dataclasses.replace(cfg, buses=tuple(
-        dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
+    cfg = _config(text, args)
     gc_pauses = GcPauses()
     gc.callbacks.append(gc_pauses)
     gateway = Gateway(cfg)
@@ -376,18 +437,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results[f"txn_{condition}"] = await asyncio.to_thread(trials.transactions, max(200, n // 3))
             results[f"wake_{condition}"] = list(trials.wake_lag)
             t1 = time.perf_counter()
-            phase: dict[str, Any] = {"seconds": round(t1 - t0, 1), "gc": {
-                **gc_pauses.between(t0, t1), "tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}}
+            phase = _phase(gc_pauses, t0, t1)
             if stress is not None:
                 await stress.stop()
-                st = stress.stats
-                phase["stress"] = {
-                    "loop_blocks": st.loop_blocks, "loop_blocked_pct": round(100 * st.loop_blocked_s / (t1 - t0), 1),
-                    "db_locks": st.db_locks, "db_locked_pct": round(100 * st.db_locked_s / (t1 - t0), 1),
-                    "telemetry_per_s": round(st.storm_readings / st.storm_s) if st.storm_s else 0,
-                    "events_stored": st.events_stored,
-                    "gateway_uplink": st.blackhole_error, "refused_uplink": st.refused_attempts,
-                }
+                phase["stress"] = _stress_summary(stress.stats, t1 - t0)
             phases[condition] = phase
     finally:
         gc.callbacks.remove(gc_pauses)
@@ -397,6 +450,300 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         broker.stop()
         logfile.close()
     return {"samples": results, "phases": phases, "anomalies": trials.anomalies, "workdir": str(workdir),
+            "simulator_scheduling": sim.scheduling}
+
+
+# ----------------------------------------------------------------------------------------------- alarm process
+
+
+class LoopSide:
+    """The child running the daemon's loop side, driven over JSON lines: one request, one answer."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid: int | None = pid
+        self.status: int | None = None
+        sock.settimeout(LOOP_SIDE_TIMEOUT_S)
+        self._sock = sock
+        self._file = sock.makefile("rwb")
+        self._reap_lock = threading.Lock()
+
+    def send(self, op: str, **fields: Any) -> None:
+        self._file.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+        self._file.flush()
+
+    def answer(self) -> dict[str, Any]:
+        line = self._file.readline()
+        if not line:
+            raise ConnectionError("the loop side closed its control socket")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"loop side: {reply['error']}")
+        return reply
+
+    def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self.send(op, **fields)
+        return self.answer()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Have the loop side stop its gateway (which stops the alarm host's serve()) and exit; reap it."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            self.call("stop")
+        self.reap(timeout)
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Close the control socket (a loop side still running stops at that) and reap the child."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self.reap(timeout)
+
+    def reap(self, timeout: float) -> None:
+        """Wait for the child to exit; SIGKILL it after ``timeout``."""
+        with self._reap_lock:
+            if self.pid is None:
+                return
+            deadline = time.monotonic() + timeout
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            while pid == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == 0:
+                print(f"loop side (pid {self.pid}) did not exit; killing it", file=sys.stderr)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                _, status = os.waitpid(self.pid, 0)
+            self.status = os.waitstatus_to_exitcode(status)
+            self.pid = None
+            with contextlib.suppress(OSError):
+                self._file.close()
+                self._sock.close()
+
+
+def _loop_side_main(args: argparse.Namespace, link: socket.socket, control: socket.socket) -> NoReturn:
+    """The forked child: the daemon's loop side until the benchmark says stop (or either socket closes)."""
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the benchmark process stops this one
+        code = asyncio.run(_loop_side(args, link, control))
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+async def _loop_side(args: argparse.Namespace, link: socket.socket, control: socket.socket) -> int:
+    """Start a Gateway on the alarm link from the site sent by the benchmark; answer its requests."""
+    reader, writer = await asyncio.open_connection(sock=control)
+
+    async def answer(reply: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionError):  # the benchmark is gone: it reaps this process anyway
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+
+    line = await reader.readline()
+    if not line:
+        return 1
+    cfg = _config(json.loads(line)["toml"], args)
+    gateway = Gateway(cfg, alarm_process=(None, link))
+    try:
+        await gateway.start()
+    except AlarmLinkError as exc:
+        await answer({"error": f"the gateway did not start: {exc}"})
+        return 1
+    if args.switch_interval_ms:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
+    await answer({"pid": os.getpid()})
+    stress: Stress | None = None
+    lost = asyncio.create_task(gateway.failed.wait())
+    code = 1
+    try:
+        while True:
+            request = asyncio.create_task(reader.readline())
+            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not request.done():  # the alarm process is gone
+                request.cancel()
+                break
+            line = request.result()
+            if not line:  # the benchmark is gone
+                break
+            message = json.loads(line)
+            op = message["op"]
+            if op == "stop":
+                code = 0
+                break
+            try:
+                if op == "settled?":
+                    reply: dict[str, Any] = {"connected": gateway.uplink.connected}
+                elif op == "stress" and message["on"]:
+                    stress = Stress(gateway, None, Path(cfg.storage.path), args.telemetry_rate, args.loop_block,
+                                    storm=False)
+                    await stress.start()
+                    reply = {}
+                elif op == "stress" and stress is not None:
+                    await stress.stop()
+                    reply = dataclasses.asdict(stress.stats)
+                    stress = None
+                else:
+                    reply = {"error": f"unexpected request {message}"}
+            except Exception as exc:
+                reply = {"error": f"{op}: {type(exc).__name__}: {exc}"}
+            await answer(reply)
+    finally:
+        lost.cancel()
+        if stress is not None:
+            with contextlib.suppress(Exception):
+                await stress.stop()
+        with contextlib.suppress(Exception):
+            await gateway.stop(flush_timeout_s=0.5)
+    if code == 0:
+        await answer({"stopped": True})
+    writer.close()
+    return code
+
+
+def _settle_split(panel: AlarmPanel, loop_side: LoopSide, watch: EdgeWatch, timeout: float = 30.0) -> None:
+    """As :func:`_settle`, from the alarm process: the local panel, and the loop side's uplink connected."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _quiet(panel.snapshot(), watch) and loop_side.call("settled?")["connected"]:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway did not settle: {panel.snapshot()['active']}")
+
+
+def _measure_split(args: argparse.Namespace, trials: Trials, panel: AlarmPanel, loop_side: LoopSide,
+                   broker: MosquittoBroker, watch: EdgeWatch, gc_pauses: GcPauses) -> dict[str, Any]:
+    """The trial driver thread of ``--alarm-process on``: idle, then stressed; stops the loop side after."""
+    results: dict[str, Any] = {}
+    phases: dict[str, Any] = {}
+    storm_stop = threading.Event()
+    hole: socket.socket | None = None
+    try:
+        _settle_split(panel, loop_side, watch)
+        for condition in ("idle", "stress"):
+            storm: threading.Thread | None = None
+            storm_stats = StressStats()
+            if condition == "stress":  # in Stress.start's order: black hole, loop side's part, storm
+                hole = _black_hole(broker)
+                loop_side.call("stress", on=True)
+                storm = threading.Thread(target=_telemetry_storm, name="telemetry-storm", daemon=True,
+                                         args=(panel, args.telemetry_rate, storm_stop, storm_stats))
+                storm.start()
+                time.sleep(2.0)
+            t0 = time.perf_counter()
+            trials.wake_lag = []
+            n = args.trials
+            results[f"serial_{condition}"] = trials.serial(n)
+            results[f"decode_{condition}"] = trials.decode(n)
+            results[f"gpio_{condition}"] = trials.gpio(n)
+            results[f"txn_{condition}"] = trials.transactions(max(200, n // 3))
+            results[f"wake_{condition}"] = list(trials.wake_lag)
+            t1 = time.perf_counter()
+            phase = _phase(gc_pauses, t0, t1)
+            if storm is not None:
+                storm_stop.set()
+                storm.join(15)
+                st = StressStats(**loop_side.call("stress", on=False))
+                st.storm_readings, st.storm_s = storm_stats.storm_readings, storm_stats.storm_s
+                phase["stress"] = _stress_summary(st, t1 - t0)
+            phases[condition] = phase
+    finally:
+        storm_stop.set()
+        loop_side.stop()
+        if hole is not None:
+            hole.close()
+    return {"samples": results, "phases": phases}
+
+
+def run_split(args: argparse.Namespace) -> dict[str, Any]:
+    """``--alarm-process on``: this process is the alarm process; a forked child runs the loop side."""
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-buzzer-"))
+    logfile = log_to_file(workdir / "gateway.log")
+    link, link_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    if threading.active_count() != 1:
+        raise RuntimeError("the loop side must be forked before any thread starts")
+    gc.collect()
+    gc.freeze()  # as fork_alarm_process does
+    pid = os.fork()
+    if pid == 0:
+        link.close()
+        control.close()
+        _loop_side_main(args, link_child, control_child)
+    link_child.close()
+    control_child.close()
+    loop_side = LoopSide(pid, control)
+    sim: SimBuses | None = None
+    broker: MosquittoBroker | None = None
+    host: AlarmHost | None = None
+    trials: Trials | None = None
+    gc_pauses = GcPauses()
+    outcome: dict[str, Any] = {}
+    try:
+        Device.pin_factory = MockFactory(pin_class=TimedMockPin)
+        sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]})
+        ports = sim.start()
+        broker = MosquittoBroker(workdir / "broker")
+        broker.start()
+        db_path = workdir / "events.db"
+        text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]),
+                                FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
+                         mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
+                         realtime_priority=args.realtime_priority, alarm_process=True)
+        cfg = _config(text, args)
+        gc.callbacks.append(gc_pauses)
+        loop_side.send("start", toml=text)  # its Gateway opens the outbox, then waits for the host's "ready"
+        # As gateway.alarm_link.run_alarm_process does.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        host = AlarmHost(cfg, link)
+        host.start()
+        if cfg.runtime.gc_freeze:
+            gc.collect()
+            gc.freeze()
+            release_startup_heap()
+        loop_side.answer()
+        if args.switch_interval_ms:
+            sys.setswitchinterval(args.switch_interval_ms / 1000)
+        factory = Device.pin_factory
+        watch = EdgeWatch()
+        factory.pin(cfg.outputs.buzzer.pin).watch = watch
+        trials = Trials(host.side, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"))
+
+        def drive() -> None:
+            assert trials is not None and host is not None and broker is not None
+            try:
+                outcome.update(_measure_split(args, trials, host.side.panel, loop_side, broker, watch, gc_pauses))
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        driver = threading.Thread(target=drive, name="trial-driver", daemon=True)
+        driver.start()
+        host.serve()  # in the main thread, as in the alarm process; returns when the loop side's gateway stops
+        driver.join(LOOP_SIDE_TIMEOUT_S)
+        if driver.is_alive():
+            raise RuntimeError("the trial driver did not finish after the alarm link closed")
+        if "error" in outcome:
+            raise outcome["error"]
+    finally:
+        if gc_pauses in gc.callbacks:
+            gc.callbacks.remove(gc_pauses)
+        if host is not None:
+            host.close()
+        link.close()  # if the host never took it: the loop side's link then closes
+        loop_side.close()
+        if sim is not None:
+            sim.stop()
+        if broker is not None:
+            broker.stop()
+        logfile.close()
+    if loop_side.status:
+        print(f"loop side exited with status {loop_side.status}", file=sys.stderr)
+    assert trials is not None and sim is not None
+    return {**outcome, "anomalies": trials.anomalies, "workdir": str(workdir),
             "simulator_scheduling": sim.scheduling}
 
 
@@ -437,6 +784,7 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "realtime_priority": args.realtime_priority,
         "gil_handoff": handoff.stats() if handoff.enabled() else "off",
         "loop_block": args.loop_block,
+        "alarm_process": args.alarm_process,
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],
         "stress": data["phases"]["stress"].get("stress"),
         "simulator_scheduling": data["simulator_scheduling"],
@@ -506,9 +854,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
                         help="how the stressed loop is blocked: Python work holding the GIL, or a blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
+    parser.add_argument("--alarm-process", choices=("on", "off"), default="off",
+                        help="runtime.alarm_process: the alarm path in this process, the loop side in a child")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)
-    data = asyncio.run(run(args))
+    data = asyncio.run(run(args)) if args.alarm_process == "off" else run_split(args)
     line = report(data, args)
     histogram(data["samples"], args.png)
     for name, value, target, ok in targets(line):

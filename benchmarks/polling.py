@@ -12,12 +12,20 @@ a child process — :mod:`simbus`):
    timed from the simulated detector handing over the poll response that carries it to the gateway's
    PUBACK for its event (the daemon's own "event forwarded" log line), and to a subscriber's receipt.
 
-Prints one JSON line last. ``.venv/bin/python benchmarks/polling.py [--seconds 60] [--devices 64]``
+With ``--alarm-process on`` (``runtime.alarm_process``) phases 2–3 run gatewayd with its alarm path in a
+child process, and memory and CPU count the whole daemon: gatewayd and its children. Phase 1 stays in-process
+(it compares polling code). ``rss_mb`` is then summed over the processes (pages they share counted twice);
+``pss_mb`` splits each shared page between the processes mapping it; ``rss_once_mb`` counts each resident
+page of the daemon once (``/proc/<pid>/pagemap``, needs CAP_SYS_ADMIN) and compares with a single process's RSS.
+
+Prints one JSON line last. ``.venv/bin/python benchmarks/polling.py [--seconds 60] [--devices 64]
+[--alarm-process on]``
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import dataclasses
 import json
@@ -127,11 +135,73 @@ def _wall(entry: dict[str, Any]) -> float:
     return datetime.fromisoformat(entry["timestamp"]).timestamp()
 
 
+def _rss_once_mb(pids: list[int]) -> float | None:
+    """Resident pages of the processes, each physical page counted once (from ``/proc/<pid>/pagemap``);
+    None without the frame numbers (they read as 0 without CAP_SYS_ADMIN)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    frames: set[int] = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps", encoding="ascii") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+            for line in maps:
+                start, end = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                try:
+                    pagemap.seek(start // page * 8)
+                    entries = array.array("Q", pagemap.read((end - start) // page * 8))
+                except (OSError, ValueError):  # [vsyscall], or a mapping gone meanwhile
+                    continue
+                frames.update(e & (2**55 - 1) for e in entries if e >> 63)  # bit 63: present
+    frames.discard(0)
+    return round(len(frames) * page / 2**20, 1) if frames else None
+
+
+def _footprint(procs: list[psutil.Process], roles: dict[int, str], cpu0: dict[int, float],
+               elapsed: float) -> dict[str, Any]:
+    """Memory and CPU of each process of the daemon (the alarm process's role is ``alarm``), and their sums."""
+    rows = []
+    for p in procs:
+        full, cpu = p.memory_full_info(), p.cpu_times()
+        rows.append({"pid": p.pid, "role": roles.get(p.pid, "child"), "rss_mb": full.rss / 2**20,
+                     "pss_mb": getattr(full, "pss", 0) / 2**20, "uss_mb": full.uss / 2**20,
+                     "cpu_pct": 100 * (cpu.user + cpu.system - cpu0[p.pid]) / elapsed, "threads": p.num_threads()})
+    total = {key: sum(row[key] for row in rows) for key in ("rss_mb", "uss_mb", "pss_mb", "cpu_pct", "threads")}
+    rounded = [{k: round(v, 2 if k == "cpu_pct" else 1) if isinstance(v, float) else v for k, v in row.items()}
+               for row in rows]
+    return {**total, "processes": rounded}
+
+
+def _stop(proc: subprocess.Popen[bytes], ps: psutil.Process) -> list[int]:
+    """SIGTERM gatewayd (it stops its alarm process over the link); kill any child left running: their pids."""
+    try:
+        children = ps.children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    killed = []
+    for child in children:
+        try:
+            child.wait(5)
+        except psutil.TimeoutExpired:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                print(f"gatewayd left pid {child.pid} running; killing it", file=sys.stderr)
+                killed.append(child.pid)
+                child.kill()
+                child.wait(5)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
+
+
 def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: list[int], workdir: Path,
                 broker: MosquittoBroker) -> dict[str, Any]:
     text = site_toml(buses={BUS: (port, addresses)}, mqtt_port=broker.port, db_path=workdir / "daemon.db",
                      realtime_priority=args.realtime_priority, bus_timeout_s=0.3,
-                     gil_handoff=args.gil_handoff == "on")
+                     gil_handoff=args.gil_handoff == "on", alarm_process=args.alarm_process == "on")
     config = workdir / "site.toml"
     config.write_text(text, encoding="utf-8")
     log_path = workdir / "gatewayd.log"
@@ -146,9 +216,18 @@ def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: l
         proc = subprocess.Popen([*cmd, "--config", str(config)], stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=workdir)
     log = DaemonLog(log_path)
+    ps = psutil.Process(proc.pid)
+    result: dict[str, Any] = {}
+    killed: list[int] = []
     try:
-        ps = psutil.Process(proc.pid)
         log.wait(lambda e: e.get("event") == "uplink connected", 60)
+        procs, roles = [ps], {ps.pid: "daemon"}
+        if args.alarm_process == "on":
+            alarm_pid = log.wait(lambda e: e.get("event") == "alarm process started", 60)["pid"]
+            procs += ps.children(recursive=True)
+            if alarm_pid not in {p.pid for p in procs}:
+                raise RuntimeError(f"alarm process {alarm_pid} is not a child of gatewayd {ps.pid}")
+            roles[alarm_pid] = "alarm"
         seen: set[str] = set()
 
         def all_read(entry: dict[str, Any]) -> bool:
@@ -158,24 +237,26 @@ def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: l
 
         log.wait(all_read, 60)
         time.sleep(args.settle)
-        cpu0, t0 = ps.cpu_times(), time.perf_counter()
+        cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        t0 = time.perf_counter()
         rss_samples = []
         while time.perf_counter() - t0 < args.seconds:
             time.sleep(1.0)
-            rss_samples.append(ps.memory_info().rss)
+            rss_samples.append(sum(p.memory_info().rss for p in procs))
             if proc.poll() is not None:
                 raise RuntimeError("gatewayd exited")
-        cpu1, elapsed = ps.cpu_times(), time.perf_counter() - t0
-        full = ps.memory_full_info()
-        cpu_s = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+        footprint = _footprint(procs, roles, cpu0, time.perf_counter() - t0)
         idle = {
-            "rss_mb": round(full.rss / 2**20, 1),
+            "rss_mb": round(footprint["rss_mb"], 1),
             "rss_max_mb": round(max(rss_samples) / 2**20, 1),
-            "uss_mb": round(full.uss / 2**20, 1),
-            "pss_mb": round(getattr(full, "pss", 0) / 2**20, 1),
-            "cpu_pct": round(100 * cpu_s / elapsed, 2),
-            "threads": ps.num_threads(),
+            "uss_mb": round(footprint["uss_mb"], 1),
+            "pss_mb": round(footprint["pss_mb"], 1),
+            "cpu_pct": round(footprint["cpu_pct"], 2),
+            "threads": footprint["threads"],
         }
+        if args.alarm_process == "on":
+            idle["rss_once_mb"] = _rss_once_mb([p.pid for p in procs])
+            idle["processes"] = footprint["processes"]
 
         to_puback: list[float] = []
         to_subscriber: list[float] = []
@@ -198,18 +279,15 @@ def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: l
                 message = recorder.wait_for(lambda m, i=event_id: isinstance(m.json, dict)
                                             and m.json.get("event_id") == i, 30)
                 to_subscriber.append(message.arrived - frame.response)
-        after = ps.memory_info().rss
-        return {**idle, "rss_after_alarms_mb": round(after / 2**20, 1), "to_puback": to_puback,
-                "to_subscriber": to_subscriber}
+        after = sum(p.memory_info().rss for p in procs)
+        result = {**idle, "rss_after_alarms_mb": round(after / 2**20, 1), "to_puback": to_puback,
+                  "to_subscriber": to_subscriber}
     finally:
         recorder.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        killed = _stop(proc, ps)
+    if args.alarm_process == "on":
+        result["orphans_killed"] = killed
+    return result
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -238,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         broker.stop()
         logfile.close()
     puback, subscriber = daemon.pop("to_puback"), daemon.pop("to_subscriber")
-    return {
+    line: dict[str, Any] = {
         "bare_ms_per_poll": round(bare, 3),
         "gateway_ms_per_poll": round(gateway_ms, 3),
         "ratio": round(gateway_ms / bare, 3),
@@ -258,8 +336,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "simulator_scheduling": sim.scheduling,
         "daemon_env": args.daemon_env,
         "gil_handoff": args.gil_handoff,
+        "alarm_process": args.alarm_process,
         "workdir": str(workdir),
     }
+    if args.alarm_process == "on":
+        line |= {
+            "pss_mb_64_devices": daemon["pss_mb"],
+            "rss_once_mb_64_devices": daemon["rss_once_mb"],
+            "memory_figures": {
+                "rss_mb_64_devices": "RSS summed over gatewayd and its children; pages they share counted twice",
+                "pss_mb_64_devices": "PSS summed: each shared page split between all processes mapping it, "
+                                     "this benchmark's own Python processes included",
+                "rss_once_mb_64_devices": "resident pages of gatewayd and its children, each counted once "
+                                          "(pagemap); null without CAP_SYS_ADMIN",
+            },
+            "phase1": "in-process (ratio and ms per poll: the alarm path in the benchmark's process)",
+        }
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realtime-priority", type=int, default=50, help="runtime.realtime_priority")
     parser.add_argument("--gil-handoff", choices=("on", "off"), default="off",
                         help="runtime.gil_handoff of gatewayd (off by default)")
+    parser.add_argument("--alarm-process", choices=("on", "off"), default="off",
+                        help="runtime.alarm_process of gatewayd: memory and CPU then sum its processes")
     parser.add_argument("--daemon-cmd", default="", help="command to run instead of gatewayd (an experiment)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for gatewayd, e.g. MALLOC_ARENA_MAX=2 (repeatable)")
@@ -282,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         ("idle_cpu_pct_64_devices", line["idle_cpu_pct_64_devices"], "≤ 2", line["idle_cpu_pct_64_devices"] <= 2),
         ("alarm_to_puback_p99_ms", line["alarm_to_puback_p99_ms"], "≤ 20", line["alarm_to_puback_p99_ms"] <= 20),
     ]
+    for key in ("rss_once_mb_64_devices", "pss_mb_64_devices"):
+        if line.get(key) is not None:
+            checks.insert(2, (key, line[key], "≤ 40", line[key] <= 40))
     for name, value, target, ok in checks:
         print(f"{name:<26} {value:>9.3f}  target {target:<8} {'met' if ok else 'MISSED'}")
     print(f"logs: {line['workdir']}")

@@ -249,9 +249,18 @@ def fork_alarm_process(cfg: SiteConfig) -> tuple[int, socket.socket]:
         parent_end.close()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _name_process(b"gatewayd-alarm")
         code = run_alarm_process(cfg, child_end)
     finally:
         os._exit(code)
+
+
+def _name_process(name: bytes) -> None:
+    """Show the alarm process as ``name`` in ps and top (``/proc/PID/comm``)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
 def run_alarm_process(cfg: SiteConfig, sock: socket.socket) -> int:

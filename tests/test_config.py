@@ -195,6 +195,7 @@ CASES: list[tuple[str, Edit, str, str]] = [
     ("type-nan", put("devices[0].low", float("nan")), "devices[0].low", "finite"),
     ("type-flag", put("runtime.gc_freeze", "yes"), "runtime.gc_freeze", "true or false"),
     ("type-flag-handoff", put("runtime.gil_handoff", 1), "runtime.gil_handoff", "true or false"),
+    ("type-flag-alarm-process", put("runtime.alarm_process", "on"), "runtime.alarm_process", "true or false"),
     ("type-array", put("units", {"id": "u1"}), "units", "array of tables"),
     ("type-table", put("site", "b07"), "site", "must be a table"),
     ("type-choice", put("devices[2].contact", "closed"), "devices[2].contact", "must be one of"),
