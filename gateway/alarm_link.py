@@ -10,9 +10,10 @@ does when both halves share a process; operator commands, status snapshots, bus 
 
 Wire: :class:`multiprocessing.connection.Connection` (length-prefixed pickles) over a Unix socket pair. The
 host sends lists of ``(kind, …)`` items from one writer thread, so the alarm path only appends to a queue.
-Every :data:`BEAT_S` the host names its fresh parts and the daemon's heartbeats mirror them (and beat
-``alarm-process``), so a stuck bus thread in the child still stops the systemd watchdog feed, by name. When the link
-breaks, the host stops (its parent is gone) and the daemon stops with an error, for systemd to restart.
+Every :data:`BEAT_S` the host reports when each of its parts last beat and the daemon's heartbeats mirror
+them (and beat ``alarm-process``), so a stuck bus thread in the child still stops the systemd watchdog
+feed, by name. When the link breaks, the host stops (its parent is gone) and the daemon stops with an
+error, for systemd to restart.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -186,16 +188,17 @@ class AlarmHost:
                 else:
                     batch.append(more)
             if time.monotonic() >= next_beat:
-                stale = set(self.heartbeats.stale())
-                fresh = {name: deadline for name, deadline in self.heartbeats.deadlines().items()
-                         if name not in stale}
-                batch.append(("beat", fresh))
+                deadlines, ages = self.heartbeats.deadlines(), self.heartbeats.snapshot()
+                batch.append(("beat", {name: (deadlines[name], age) for name, age in ages.items()
+                                       if name in deadlines}))
                 next_beat = time.monotonic() + BEAT_S
             if batch:
                 try:
-                    self._conn.send(batch)
+                    self._conn.send([_encoded(item) for item in batch])
                 except OSError:
                     return  # the daemon is gone; serve() sees the link close
+                except Exception:  # must not end this thread: it carries every event and answer
+                    log.exception("alarm link: a batch could not be sent", items=len(batch))
             if done:
                 return
 
@@ -218,10 +221,21 @@ class AlarmHost:
         self._conn.close()
 
 
+def _encoded(item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A reply's value pickled on its own, so that one the daemon cannot take (or this side cannot give)
+    fails that request alone, never the batch with its events."""
+    if item[0] != "reply":
+        return item
+    _, request_id, ok, value = item
+    try:
+        return ("reply", request_id, ok, pickle.dumps(value))
+    except Exception as exc:
+        error = AlarmLinkError(f"the answer could not be sent: {type(exc).__name__}: {exc}")
+        return ("reply", request_id, False, pickle.dumps(error))
+
+
 def _portable(exc: BaseException) -> BaseException:
     """``exc`` if it survives pickling, else an :class:`AlarmLinkError` carrying its text."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
     except Exception:
@@ -335,7 +349,14 @@ class AlarmLink:
         request_id = next(self._ids)
         with self._pending_lock:
             self._pending[request_id] = future
-        self._send((message[0], request_id, *message[2:]))
+        try:
+            self._send((message[0], request_id, *message[2:]))
+        except Exception as exc:  # lost link, or a request that does not pickle
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc if isinstance(exc, AlarmLinkError)
+                                     else AlarmLinkError(f"the request could not be sent: {exc}"))
         return future
 
     def call(self, target: str, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -349,7 +370,10 @@ class AlarmLink:
     def cast(self, target: str, name: str, *args: Any) -> None:
         """``target.name(*args)`` in the alarm process, without waiting; a lost link is logged, not raised."""
         if self.lost is None:
-            self._send(("call", None, target, name, args, {}))
+            try:
+                self._send(("call", None, target, name, args, {}))
+            except Exception:
+                log.exception("alarm link: request not sent", target=target, name=name)
 
     def submit(self, bus_id: str, work: Callable[[ModbusClient], Any]) -> Future[Any]:
         """Run ``work(client)`` (picklable) on bus ``bus_id``'s thread in the alarm process."""
@@ -359,7 +383,7 @@ class AlarmLink:
         """Ask the alarm process to stop its inputs and outputs and exit; wait for it (best effort)."""
         self._closing = True
         if self.lost is None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(AlarmLinkError):
                 self._send(("stop",))
         self._reader.join(timeout=timeout_s)
         for name in (PART, *self._mirrored):
@@ -390,8 +414,12 @@ class AlarmLink:
         while True:
             try:
                 batch = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                self._fail("the alarm process closed the link" if isinstance(exc, EOFError) else str(exc))
+            except EOFError:
+                self._fail("the alarm process closed the link")
+                return
+            except Exception as exc:  # OSError, or a batch that does not unpickle: the protocol is broken
+                log.exception("alarm link: reading failed")
+                self._fail(f"reading the link failed: {type(exc).__name__}: {exc}")
                 return
             for item in batch:
                 try:
@@ -406,9 +434,13 @@ class AlarmLink:
         elif kind == "annunciation":
             self._on_annunciation(item[1])
         elif kind == "reply":
-            _, request_id, ok, value = item
+            _, request_id, ok, data = item
             with self._pending_lock:
                 future = self._pending.pop(request_id, None)
+            try:
+                value = pickle.loads(data)
+            except Exception as exc:
+                ok, value = False, AlarmLinkError(f"the answer could not be read: {type(exc).__name__}: {exc}")
             if future is not None and future.set_running_or_notify_cancel():
                 if ok:
                     future.set_result(value)
@@ -421,17 +453,19 @@ class AlarmLink:
         elif kind == "failed":
             self._ready.set_exception(AlarmLinkError(f"the alarm process failed to start: {item[1]}"))
 
-    def _mirror(self, fresh: dict[str, float]) -> None:
-        """The alarm process's fresh parts beat here too, under their own names (its ``selfcheck`` as
-        ``alarm-selfcheck``): a part stale there goes stale here, and the systemd watchdog sees it."""
-        self._heartbeats.beat(PART)
-        for name, deadline in fresh.items():
+    def _mirror(self, parts: dict[str, tuple[float, float]]) -> None:
+        """The alarm process's parts beat here too, at the moment they last beat there and under their own
+        names (its ``selfcheck`` as ``alarm-selfcheck``): a part goes stale here when it does there, and
+        the systemd watchdog names it."""
+        now = time.monotonic()
+        self._heartbeats.beat(PART, now)
+        for name, (deadline, age) in parts.items():
             local = MIRRORED_NAMES.get(name, name)
             if local not in self._mirrored:
                 self._mirrored.add(local)
-                self._heartbeats.register(local, deadline)
+                self._heartbeats.register(local, deadline, now=now - age)
             else:
-                self._heartbeats.beat(local)
+                self._heartbeats.beat(local, now - age)
 
     def _fail(self, reason: str) -> None:
         if self.lost is not None:
