@@ -261,7 +261,7 @@ class RuntimeConfig:
     realtime_priority: int = 0
     gc_freeze: bool = True
     gil_handoff: bool = False
-    alarm_process: bool = False
+    alarm_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -1004,6 +1004,6 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
         return RuntimeConfig()
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
                         gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", False),
-                        alarm_process=t.flag("alarm_process", False))
+                        alarm_process=t.flag("alarm_process", True))
     t.done()
     return cfg
