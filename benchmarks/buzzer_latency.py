@@ -64,7 +64,7 @@ from gateway.alarm_side import AlarmSide
 from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.panel import AlarmPanel
-from gateway.realtime import SWITCH_INTERVAL_S, release_startup_heap
+from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
 from gateway.uplink import Uplink
 from tests.support.broker import MosquittoBroker, free_port
 
@@ -233,15 +233,25 @@ class Stress:
 
 
 class Trials:
-    """The three paths and the bare Modbus transaction, measured from a driver thread."""
+    """The three paths and the bare Modbus transaction, measured from a driver thread.
 
-    def __init__(self, gateway: Gateway | AlarmSide, sim: SimBuses, watch: EdgeWatch, contact_pin: Any) -> None:
+    The driver thread stands for the threads that carry evidence in the daemon — a bus thread (decode
+    path) and lgpio's callback thread (GPIO path) — so it runs at their priority: ``realtime_priority``,
+    as the daemon raises them (the callback thread on its first edge, :mod:`gateway.alarm_side`).
+    """
+
+    def __init__(self, gateway: Gateway | AlarmSide, sim: SimBuses, watch: EdgeWatch, contact_pin: Any,
+                 priority: int = 0) -> None:
         self.gw = gateway
         self.sim = sim
         self.watch = watch
         self.contact_pin = contact_pin
+        self.priority = priority
         self.anomalies: list[str] = []
         self.wake_lag: list[float] = []
+
+    def _as_alarm_thread(self) -> None:
+        raise_priority(self.priority, "trial-driver")
 
     def _pause(self, lo: float = 0.002, hi: float = 0.02) -> None:
         """Sleep a random while (the GIL released); record how late the thread gets going again."""
@@ -272,6 +282,7 @@ class Trials:
         gateway cannot have seen them earlier; the null modem's hop is part of the wire, as it is in the
         bare transaction time this is compared with.
         """
+        self._as_alarm_thread()
         out: list[float] = []
         for _ in range(n):
             self._pause(0.0, 0.02)
@@ -292,6 +303,7 @@ class Trials:
 
     def decode(self, n: int) -> list[float]:
         """A decoded reading enters the panel → buzzer high."""
+        self._as_alarm_thread()
         panel = self.gw.panel
         out = []
         for _ in range(n):
@@ -306,6 +318,7 @@ class Trials:
 
     def gpio(self, n: int) -> list[float]:
         """``drive_low()`` closes the gas relay's contact (pull-up input) → buzzer high."""
+        self._as_alarm_thread()
         pin = self.contact_pin
         out = []
         for _ in range(n):
@@ -320,6 +333,7 @@ class Trials:
 
     def transactions(self, n: int) -> list[float]:
         """One bare read of the detector's ten registers by the bus thread's own pymodbus client."""
+        self._as_alarm_thread()
         poller = self.gw.buses[TRIAL_BUS]
 
         def read(client: Any) -> float:
@@ -417,7 +431,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     factory = Device.pin_factory
     watch = EdgeWatch()
     factory.pin(cfg.outputs.buzzer.pin).watch = watch
-    trials = Trials(gateway, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"))
+    trials = Trials(gateway, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
     results: dict[str, Any] = {}
     phases: dict[str, Any] = {}
     try:
@@ -711,7 +725,7 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
         factory = Device.pin_factory
         watch = EdgeWatch()
         factory.pin(cfg.outputs.buzzer.pin).watch = watch
-        trials = Trials(host.side, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"))
+        trials = Trials(host.side, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
 
         def drive() -> None:
             assert trials is not None and host is not None and broker is not None

@@ -8,6 +8,7 @@ asyncio loop: the panel hands copies of its events and annunciations to two call
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from gateway.config import DeviceConfig, SiteConfig
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.panel import AlarmPanel
+from gateway.realtime import raise_priority
 
 __all__ = ["AlarmSide", "bus_drivers"]
 
@@ -58,6 +60,7 @@ class AlarmSide:
         self.buses: dict[str, BusPoller] = {}
         self.contacts: dict[str, ContactInput] = {}
         self._outputs: list[Any] = []
+        self._callback_thread = threading.local()
 
     def start(self) -> None:
         """Open the pins, start the annunciator and ticker, read the contacts, start one thread per bus."""
@@ -113,13 +116,22 @@ class AlarmSide:
     def _beater(self, name: str) -> Callable[[], None]:
         return lambda: self.heartbeats.beat(name)
 
+    def _raise_callback_thread(self) -> None:
+        """The GPIO callback thread belongs to lgpio, so it raises itself to the alarm threads' priority on
+        its first edge (once per thread; the first edge pays one system call)."""
+        if not getattr(self._callback_thread, "raised", False):
+            self._callback_thread.raised = True
+            raise_priority(self.cfg.runtime.realtime_priority, "gpio-callback")
+
     def _attach_contact(self, dev: DeviceConfig) -> None:
         device_id = dev.id
 
         def changed(active: bool) -> None:
+            self._raise_callback_thread()
             self.panel.contact(device_id, active)
 
         def plausible(ok: bool) -> None:
+            self._raise_callback_thread()
             self.panel.contact_fault(device_id, ok)
 
         assert dev.pin is not None
