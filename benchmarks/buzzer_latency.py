@@ -868,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
                         help="how the stressed loop is blocked: Python work holding the GIL, or a blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
-    parser.add_argument("--alarm-process", choices=("on", "off"), default="off",
+    parser.add_argument("--alarm-process", choices=("on", "off"), default="on",
                         help="runtime.alarm_process: the alarm path in this process, the loop side in a child")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--realtime-priority", type=int, default=50, help="runtime.realtime_priority")
     parser.add_argument("--gil-handoff", choices=("on", "off"), default="off",
                         help="runtime.gil_handoff of gatewayd (off by default)")
-    parser.add_argument("--alarm-process", choices=("on", "off"), default="off",
+    parser.add_argument("--alarm-process", choices=("on", "off"), default="on",
                         help="runtime.alarm_process of gatewayd: memory and CPU then sum its processes")
     parser.add_argument("--daemon-cmd", default="", help="command to run instead of gatewayd (an experiment)")
     parser.add_argument("--daemon-env", action="append", default=[], metavar="NAME=VALUE",
