@@ -105,13 +105,17 @@ class AlarmHost:
         try:
             while True:
                 try:
-                    message = self._conn.recv()
+                    data = self._conn.recv_bytes()
                 except (EOFError, OSError):
                     log.error("alarm link closed by the daemon; the alarm process stops")
                     return
-                if message[0] == "stop":
-                    return
-                self._handle(message)
+                try:
+                    message = pickle.loads(data)
+                    if message[0] == "stop":
+                        return
+                    self._handle(message)
+                except Exception:  # a request this side cannot take must not stop the alarm path
+                    log.exception("alarm link: a request could not be handled")
         finally:
             self._shutdown()
 

@@ -732,3 +732,13 @@ def test_a_request_that_cannot_be_sent_fails_and_is_not_kept(rig: LinkRig) -> No
         rig.link.submit("bus1", lambda client: None).result(timeout=5)  # a lambda does not pickle
     assert rig.link._pending == {}
     assert rig.panel.snapshot()["devices"]
+
+
+def test_a_request_the_alarm_process_cannot_take_does_not_stop_it(rig: LinkRig) -> None:
+    with rig.link._send_lock:
+        rig.link._conn.send_bytes(b"not a pickle")  # does not unpickle over there
+    rig.link._send(("bogus",))  # unpickles, but is no request
+    assert rig.panel.snapshot()["devices"]  # served after both: the alarm process goes on
+    rig.sims[rig.spec.detectors[0].id].set_concentration(HIGH)
+    wait_until(lambda: rig.seen("alarm", "raised"), timeout=30, message="no alarm after the bad requests")
+    assert rig.lost == []
