@@ -238,7 +238,7 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
         yield f"Gateway   {gw['id']}  (last session {gw.get('session') or '—'}; from {gw['database']}, read-only)"
     else:
         yield (f"Gateway   {gw['id']}  v{gw['version']}  session {gw['session']}  up {_duration(gw['uptime_s'])}"
-               f"  pid {gw['pid']}")
+               f"  pid {gw['pid']}" + (f" (alarm {gw['alarm_pid']})" if gw.get("alarm_pid") else ""))
     up = data["uplink"]
     oldest = up.get("oldest_undelivered_age_s")
     backlog = f"backlog {up['backlog']}" + (f" (oldest {_age(oldest)})" if oldest is not None else "")

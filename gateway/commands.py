@@ -270,6 +270,7 @@ class CommandHandler:
             "gateway": {
                 "id": cfg.gateway_id, "community": cfg.community, "building": cfg.building,
                 "version": __version__, "session": gw.outbox.session, "pid": os.getpid(),
+                "alarm_pid": gw.alarm_pid,
                 "started_at": gw.started_at, "uptime_s": round(now_wall - gw.started_at, 1), "config": cfg.source,
                 "database": cfg.storage.path,
             },

@@ -115,6 +115,12 @@ class Gateway:
         """The GPIO contacts by device id."""
         return self.alarm_side.contacts
 
+    @property
+    def alarm_pid(self) -> int | None:
+        """The alarm process's pid, or None when the alarm path runs in this process."""
+        side = self.alarm_side
+        return side.link.pid if isinstance(side, RemoteAlarmSide) else None
+
     # ------------------------------------------------------------------------------ start / stop
 
     async def start(self) -> None:

@@ -262,7 +262,9 @@ def test_alarm_and_operator_commands_cross_the_link(tmp_path: Path, broker: Mosq
         assert [r["pid"] for r in gw.records("alarm path runs in its own process")] == [child]
         started = gw.records("alarm process started")[0]
         assert (started["buses"], started["contacts"]) == (1, 1)
-        assert gw.status()["gateway"]["pid"] == gw.proc.pid  # gatewayctl talks to the daemon, not the child
+        gateway_status = gw.status()["gateway"]
+        assert gateway_status["pid"] == gw.proc.pid  # gatewayctl talks to the daemon, not the child
+        assert gateway_status["alarm_pid"] == child  # and says where the alarm path runs
 
         spec = gw.spec
         leak, quiet = spec.detectors

@@ -218,6 +218,7 @@ async def test_status_reports_gateway_uplink_annunciator_and_devices(site: Site,
     assert result.ok
     d = result.data
     assert d["gateway"]["id"] == "test-community-b01" and d["gateway"]["pid"] == os.getpid()
+    assert d["gateway"]["alarm_pid"] is None  # the alarm path runs in this process
     assert d["uplink"]["connected"] is True and d["uplink"]["broker"] == f"127.0.0.1:{broker.port}"
     assert isinstance(d["uplink"]["backlog"], int)
     assert set(d["storage"]["evicted_undelivered"]) == {"telemetry", "info", "trouble", "supervisory", "alarm"}
