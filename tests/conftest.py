@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttRecorder
+from tests.support.notify import NotifyListener
 
 RecorderFactory = Callable[..., MqttRecorder]
 
@@ -64,3 +66,15 @@ def mock_pins() -> Iterator[Any]:
             factory.reset()
         finally:
             Device.pin_factory = previous
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[NotifyListener]:
+    """A NOTIFY_SOCKET like systemd's, for a daemon started with ``NOTIFY_SOCKET=<listener.path>``."""
+    path = Path("/tmp") / f"gw-notify-{os.getpid()}-{id(tmp_path)}.sock"  # AF_UNIX paths are short
+    lst = NotifyListener(path)
+    try:
+        yield lst
+    finally:
+        lst.close()
+        path.unlink(missing_ok=True)

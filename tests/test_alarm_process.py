@@ -53,9 +53,9 @@ from gateway.health import Heartbeats
 from tests.support.broker import MosquittoBroker
 from tests.support.building import simulated_detectors
 from tests.support.mqtt import RecordedMessage
+from tests.support.notify import NotifyListener
 from tests.support.site import ContactSpec, SiteSpec, build_site
 from tests.support.wait import wait_until
-from tests.test_daemon_service import NotifyListener
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -400,17 +400,6 @@ def test_daemon_killed_alarm_process_exits_by_itself(tmp_path: Path, broker: Mos
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, gw.tail()  # it stopped on its own, not by a signal
         assert gw.records(CHILD_EOF_LINE), gw.tail()
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[NotifyListener]:
-    path = Path("/tmp") / f"gw-notify-ap-{os.getpid()}-{id(tmp_path)}.sock"  # AF_UNIX paths are short
-    lst = NotifyListener(path)
-    try:
-        yield lst
-    finally:
-        lst.close()
-        path.unlink(missing_ok=True)
 
 
 @pytest.mark.slow

@@ -5,72 +5,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from drivers.simulated import SimulatedBus, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 from tests.support.wait import wait_until
-
-
-class NotifyListener:
-    """A NOTIFY_SOCKET like systemd's: collects the datagrams the daemon sends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[dict[str, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            with self._lock:
-                self.messages.append(fields)
-
-    def snapshot(self) -> list[dict[str, str]]:
-        with self._lock:
-            return list(self.messages)
-
-    def index_of(self, key: str, predicate=lambda v: True, start: int = 0) -> int | None:
-        for i, message in enumerate(self.snapshot()[start:], start):
-            if key in message and predicate(message[key]):
-                return i
-        return None
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        self._thread.join(timeout=5)
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[NotifyListener]:
-    path = Path("/tmp") / f"gw-notify-{os.getpid()}-{id(tmp_path)}.sock"  # AF_UNIX paths are short
-    lst = NotifyListener(path)
-    try:
-        yield lst
-    finally:
-        lst.close()
-        path.unlink(missing_ok=True)
 
 
 def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: MosquittoBroker, listener) -> None:
