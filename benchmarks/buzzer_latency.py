@@ -406,6 +406,29 @@ def _phase(gc_pauses: GcPauses, t0: float, t1: float) -> dict[str, Any]:
         **gc_pauses.between(t0, t1), "tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}}
 
 
+def _start_peers(workdir: Path) -> tuple[SimBuses, MosquittoBroker]:
+    """The simulated detectors (a child process) and a private broker, both running."""
+    sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]})
+    sim.start()
+    broker = MosquittoBroker(workdir / "broker")
+    try:
+        broker.start()
+    except BaseException:
+        sim.stop()
+        raise
+    return sim, broker
+
+
+def _site(sim: SimBuses, broker: MosquittoBroker, db_path: Path, args: argparse.Namespace, *,
+          alarm_process: bool) -> tuple[str, SiteConfig]:
+    """The benchmark's site (its TOML, and parsed): the trial detector, the storm's field bus, a gas relay."""
+    ports = sim.ports
+    text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
+                     mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
+                     realtime_priority=args.realtime_priority, alarm_process=alarm_process)
+    return text, _config(text, args)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from gpiozero import Device
     from gpiozero.pins.mock import MockFactory
@@ -413,15 +436,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-buzzer-"))
     logfile = log_to_file(workdir / "gateway.log")
     Device.pin_factory = MockFactory(pin_class=TimedMockPin)
-    sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]})
-    ports = sim.start()
-    broker = MosquittoBroker(workdir / "broker")
-    broker.start()
+    sim, broker = _start_peers(workdir)
     db_path = workdir / "events.db"
-    text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
-                     mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
-                     realtime_priority=args.realtime_priority)
-    cfg = _config(text, args)
+    _, cfg = _site(sim, broker, db_path, args, alarm_process=False)
     gc_pauses = GcPauses()
     gc.callbacks.append(gc_pauses)
     gateway = Gateway(cfg)
@@ -699,16 +716,9 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
     outcome: dict[str, Any] = {}
     try:
         Device.pin_factory = MockFactory(pin_class=TimedMockPin)
-        sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]})
-        ports = sim.start()
-        broker = MosquittoBroker(workdir / "broker")
-        broker.start()
+        sim, broker = _start_peers(workdir)
         db_path = workdir / "events.db"
-        text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]),
-                                FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
-                         mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
-                         realtime_priority=args.realtime_priority, alarm_process=True)
-        cfg = _config(text, args)
+        text, cfg = _site(sim, broker, db_path, args, alarm_process=True)
         gc.callbacks.append(gc_pauses)
         loop_side.send("start", toml=text)  # its Gateway opens the outbox, then waits for the host's "ready"
         # As gateway.alarm_link.run_alarm_process does.
