@@ -1,7 +1,9 @@
 """``gatewayd``: assembles the gateway and runs it.
 
 Data flows one way: drivers → alarm panel (→ annunciator, at once) → bridge → outbox (SQLite) → uplink
-(MQTT). Bus threads and GPIO callbacks never wait for the loop; the loop only gets copies of events.
+(MQTT). Bus threads and GPIO callbacks never wait for the loop; the loop only gets copies of events. With
+``runtime.alarm_process`` (the default) :func:`main` forks first and the part before the bridge runs in the
+child (:mod:`gateway.alarm_link`).
 """
 
 from __future__ import annotations
