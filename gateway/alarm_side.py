@@ -117,8 +117,8 @@ class AlarmSide:
         return lambda: self.heartbeats.beat(name)
 
     def _raise_callback_thread(self) -> None:
-        """The GPIO callback thread belongs to lgpio, so it raises itself to the alarm threads' priority on
-        its first edge (once per thread; the first edge pays one system call)."""
+        """The GPIO callback thread belongs to lgpio, so it raises itself to the alarm threads' priority once
+        it has handled its first edge (once per thread: one system call)."""
         if not getattr(self._callback_thread, "raised", False):
             self._callback_thread.raised = True
             raise_priority(self.cfg.runtime.realtime_priority, "gpio-callback")
@@ -127,12 +127,12 @@ class AlarmSide:
         device_id = dev.id
 
         def changed(active: bool) -> None:
-            self._raise_callback_thread()
             self.panel.contact(device_id, active)
+            self._raise_callback_thread()  # after the pin: nothing stands before it, not even the first time
 
         def plausible(ok: bool) -> None:
-            self._raise_callback_thread()
             self.panel.contact_fault(device_id, ok)
+            self._raise_callback_thread()
 
         assert dev.pin is not None
         self.contacts[device_id] = ContactInput(

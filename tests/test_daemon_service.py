@@ -12,7 +12,6 @@ from pathlib import Path
 from drivers.simulated import SimulatedBus, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
-from tests.support.wait import wait_until
 
 
 def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: MosquittoBroker, listener) -> None:
@@ -21,8 +20,10 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
         bus = SimulatedBus(modem.device_port)
         bus.add_gas_detector(1, "A").set_status("normal")
         with bus:
+            # The alarm path in the daemon's own process; tests/test_alarm_process.py has the same for the
+            # alarm process (the default).
             site = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
-                              socket_path=tmp_path / "control.sock")
+                              socket_path=tmp_path / "control.sock", alarm_process=False)
             config = site.write(tmp_path / "site.toml")
             env = dict(os.environ, NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="1000000",
                        GPIOZERO_PIN_FACTORY="mock", GATEWAY_FAILPOINTS=f"bus_hang=bus1@{hang}")
@@ -30,25 +31,7 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
             proc = subprocess.Popen([sys.executable, "-m", "gateway.daemon", "--config", str(config)],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                wait_until(lambda: listener.index_of("READY") is not None, timeout=60,
-                           message=lambda: f"no READY=1; got {listener.snapshot()}")
-                ready = listener.index_of("READY")
-                assert ready is not None
-                wait_until(lambda: listener.index_of("WATCHDOG", start=ready) is not None, timeout=30,
-                           message="no WATCHDOG=1 while healthy")
-                healthy_status = listener.index_of("STATUS", lambda v: "devices ok" in v)
-                assert healthy_status is not None
-
-                hang.write_text("")  # the poll thread of bus1 stops making progress
-                wait_until(lambda: listener.index_of("STATUS", lambda v: "stale" in v and "bus:bus1" in v)
-                           is not None, timeout=60, message=lambda: f"no stale STATUS; got {listener.snapshot()[-5:]}")
-                stale_at = listener.index_of("STATUS", lambda v: "stale" in v)
-                assert stale_at is not None
-                wait_until(lambda: len(listener.snapshot()) >= stale_at + 4, timeout=30)
-                after = listener.snapshot()[stale_at:]
-                assert not any("WATCHDOG" in m for m in after), after
-                assert all("bus:bus1" in m.get("STATUS", "bus:bus1") for m in after), after
-
+                listener.expect_stale_part("bus:bus1", hang)
                 proc.send_signal(signal.SIGTERM)
                 out, err = proc.communicate(timeout=60)
             finally:

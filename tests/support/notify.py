@@ -7,6 +7,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.support.wait import wait_until
+
 __all__ = ["NotifyListener"]
 
 
@@ -50,3 +52,27 @@ class NotifyListener:
         self._stop.set()
         self.sock.close()
         self._thread.join(timeout=5)
+
+    def expect_stale_part(
+        self, part: str, hang: Path, *, context: Callable[[], str] = lambda: ""
+    ) -> list[dict[str, str]]:
+        """Walk a daemon started with this socket and a ``bus_hang`` fail point on ``hang`` through the watchdog
+        contract: READY, WATCHDOG=1 and a healthy STATUS; then, once ``hang`` exists, a STATUS naming ``part``
+        as stale and no WATCHDOG=1 from then on. Returns the messages from the first stale STATUS on."""
+        wait_until(lambda: self.index_of("READY") is not None, timeout=60,
+                   message=lambda: f"no READY=1; got {self.snapshot()}; {context()}")
+        ready = self.index_of("READY")
+        assert ready is not None
+        wait_until(lambda: self.index_of("WATCHDOG", start=ready) is not None, timeout=30,
+                   message="no WATCHDOG=1 while healthy")
+        assert self.index_of("STATUS", lambda v: "devices ok" in v) is not None
+        hang.write_text("")  # the poll thread stops making progress
+        wait_until(lambda: self.index_of("STATUS", lambda v: "stale" in v and part in v) is not None, timeout=90,
+                   message=lambda: f"no stale STATUS; got {self.snapshot()[-5:]}; {context()}")
+        stale_at = self.index_of("STATUS", lambda v: "stale" in v)
+        assert stale_at is not None
+        wait_until(lambda: len(self.snapshot()) >= stale_at + 4, timeout=30)
+        after = self.snapshot()[stale_at:]
+        assert not any("WATCHDOG" in m for m in after), after
+        assert all(part in m.get("STATUS", part) for m in after), after
+        return after
