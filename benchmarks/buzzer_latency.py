@@ -59,12 +59,12 @@ from simbus import SimBuses
 from drivers.profiles import GasReading
 from gateway import handoff
 from gateway.alarm import Sound
-from gateway.alarm_link import AlarmHost, AlarmLinkError
+from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
 from gateway.alarm_side import AlarmSide
 from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.panel import AlarmPanel
-from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
+from gateway.realtime import raise_priority, release_startup_heap
 from gateway.uplink import Uplink
 from tests.support.broker import MosquittoBroker, free_port
 
@@ -722,7 +722,7 @@ def run_split(args: argparse.Namespace) -> dict[str, Any]:
         gc.callbacks.append(gc_pauses)
         loop_side.send("start", toml=text)  # its Gateway opens the outbox, then waits for the host's "ready"
         # As gateway.alarm_link.run_alarm_process does.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        prepare_alarm_process(cfg)
         host = AlarmHost(cfg, link)
         host.start()
         if cfg.runtime.gc_freeze:

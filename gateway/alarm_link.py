@@ -42,10 +42,10 @@ from gateway.alarm_side import AlarmSide, bus_drivers
 from gateway.config import BusConfig, SiteConfig
 from gateway.events import Event
 from gateway.health import Heartbeats
-from gateway.realtime import SWITCH_INTERVAL_S, release_startup_heap
+from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
 from gateway.selfcheck import SelfCheck, on_alarm_path
 
-__all__ = ["AlarmHost", "AlarmLink", "AlarmLinkError", "fork_alarm_process"]
+__all__ = ["AlarmHost", "AlarmLink", "AlarmLinkError", "fork_alarm_process", "prepare_alarm_process"]
 
 log = structlog.get_logger()
 
@@ -57,6 +57,9 @@ CALL_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 60.0
 MAX_BATCH = 512
 PART = "alarm-process"
+#: SCHED_FIFO priority of the alarm process's other threads (link writer, requests, self-check): the lowest
+#: realtime one, below every alarm thread, yet above every normal process.
+SUPPORT_PRIORITY = 1
 #: Parts of the alarm process whose name the daemon uses for one of its own.
 MIRRORED_NAMES = {"selfcheck": "alarm-selfcheck"}
 
@@ -281,9 +284,23 @@ def _name_process(name: bytes) -> None:
         ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
 
+def prepare_alarm_process(cfg: SiteConfig) -> None:
+    """Tune the calling thread, before it starts the alarm path, for the process that hosts it.
+
+    Its threads share one interpreter lock, which a bus thread must get back within the switch interval.
+    A thread of normal priority that holds it can be preempted by any other process and keep it for a
+    whole time slice, so, when the alarm threads are realtime, this thread and every thread it starts
+    (they inherit its policy) run ``SCHED_FIFO`` at :data:`SUPPORT_PRIORITY`; the alarm threads then raise
+    themselves above it.
+    """
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    if cfg.runtime.realtime_priority > SUPPORT_PRIORITY:
+        raise_priority(SUPPORT_PRIORITY, "alarm-process")
+
+
 def run_alarm_process(cfg: SiteConfig, sock: socket.socket) -> int:
     """The alarm process's main: start the alarm path, serve the link until it closes; the exit status."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    prepare_alarm_process(cfg)
     host = AlarmHost(cfg, sock)
     try:
         host.start()

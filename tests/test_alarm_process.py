@@ -37,6 +37,7 @@ from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullMod
 from gateway.alarm import Annunciation, ResetResult, Sound
 from gateway.alarm_link import (
     PART,
+    SUPPORT_PRIORITY,
     AlarmHost,
     AlarmLink,
     AlarmLinkError,
@@ -195,7 +196,7 @@ def _site_toml(spec: SiteSpec) -> str:
 
 @contextlib.contextmanager
 def alarm_daemon(directory: Path, broker: MosquittoBroker, *, env: dict[str, str] | None = None,
-                 wait_healthy: bool = True) -> Iterator[AlarmDaemon]:
+                 wait_healthy: bool = True, realtime_priority: int = 0) -> Iterator[AlarmDaemon]:
     """A running ``gatewayd`` with ``alarm_process = true`` on two simulated detectors, a door contact and a relay.
 
     At the end: SIGTERM (then SIGKILL) for a daemon still running, and SIGKILL for an alarm process this
@@ -204,7 +205,8 @@ def alarm_daemon(directory: Path, broker: MosquittoBroker, *, env: dict[str, str
     with VirtualNullModem(directory) as modem:
         spec = build_site(bus_port=modem.gateway_port, db_path=directory / "events.db", broker_port=broker.port,
                           socket_path=directory / "control.sock", households=2, alarm_process=True,
-                          contacts=[ContactSpec(DOOR_ID, "cabinet_door", DOOR_PIN)])
+                          contacts=[ContactSpec(DOOR_ID, "cabinet_door", DOOR_PIN)],
+                          realtime_priority=realtime_priority)
         config = directory / "site.toml"
         config.write_text(_site_toml(spec), encoding="utf-8")
         bus = SimulatedBus(modem.device_port)
@@ -400,6 +402,42 @@ def test_daemon_killed_alarm_process_exits_by_itself(tmp_path: Path, broker: Mos
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0, gw.tail()  # it stopped on its own, not by a signal
         assert gw.records(CHILD_EOF_LINE), gw.tail()
+
+
+def _realtime_permitted() -> bool:
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30).returncode == 0
+
+
+def _thread_scheduling(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread of ``pid``: its scheduling policy and realtime priority."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that just ended
+            tid = int(task.name)
+            found[tid] = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
+    return found
+
+
+def test_alarm_process_threads_all_run_realtime_and_the_daemon_none(tmp_path: Path, broker: MosquittoBroker,
+                                                                   subreaper: None) -> None:
+    """With realtime alarm threads, none of the alarm process's threads can be preempted by a normal process
+    while it holds the interpreter lock they need; the daemon's loop and I/O threads stay normal."""
+    if not _realtime_permitted():
+        pytest.skip("SCHED_FIFO is not permitted here")
+    priority = 20
+    with alarm_daemon(tmp_path, broker, realtime_priority=priority) as gw:
+        child = gw.alarm_pid()
+        # the bus thread and the annunciator raise themselves once running; every other thread is at the floor
+        wait_until(lambda: sum(prio == priority for _, prio in _thread_scheduling(child).values()) >= 2,
+                   timeout=60, message=lambda: f"{_thread_scheduling(child)}\n{gw.tail()}")
+        threads = _thread_scheduling(child)
+        assert len(threads) >= 4, threads  # main (requests), link writer, self-check, bus, annunciator
+        assert all(policy == os.SCHED_FIFO for policy, _ in threads.values()), threads
+        assert {prio for _, prio in threads.values()} == {SUPPORT_PRIORITY, priority}, threads
+        daemon = _thread_scheduling(gw.proc.pid)
+        assert all(policy == os.SCHED_OTHER for policy, _ in daemon.values()), daemon
+        assert not gw.records("realtime scheduling not permitted; running with normal priority"), gw.tail()
 
 
 @pytest.mark.slow

@@ -90,6 +90,7 @@ def build_site(
     telemetry_interval_s: float = 60.0,
     telemetry_batch_s: float = 0.1,
     alarm_process: bool | None = None,
+    realtime_priority: int = 0,
 ) -> SiteSpec:
     """A site with ``households`` households spread over ``units`` units, one gas detector each on one bus.
 
@@ -162,7 +163,7 @@ def build_site(
         f"socket = {_q(socket_path)}",
         "",
         "[runtime]",
-        "realtime_priority = 0",
+        f"realtime_priority = {realtime_priority}",
         "gc_freeze = false",
         *([] if alarm_process is None else [f"alarm_process = {'true' if alarm_process else 'false'}"]),
         "",
