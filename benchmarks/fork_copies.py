@@ -10,7 +10,8 @@ process was copied by that process. Needs root (page frame numbers read as 0 oth
 
 Final JSON line: MB of start-up pages copied by the daemon only, the alarm process only, both, neither; the
 MB those copies add; and, per group, the start-up objects on those pages by type (MB, ``sys.getsizeof``).
-The record of objects is itself start-up heap that neither process touches: it inflates ``neither``.
+The record of objects (not counted among them) is itself start-up heap that neither process touches: it
+inflates ``not_copied_mb``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class StartupObjects:
 
     def record(self) -> None:
         index: dict[str, int] = {}
-        seen: set[int] = set()
+        seen = {id(x) for x in (self, vars(self), self.addresses, self.sizes, self.kinds, self.type_names)}
         for obj in gc.get_objects():
             for item in (obj, *gc.get_referents(obj)):
                 if id(item) in seen:
