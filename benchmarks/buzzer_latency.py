@@ -53,7 +53,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-from common import ROOT, EdgeWatch, TimedMockPin, log_to_file, percentile, site_toml
+from common import ROOT, EdgeWatch, TimedMockPin, cpu_steal, log_to_file, machine_noise, percentile, site_toml
 from simbus import SimBuses
 
 from drivers.profiles import GasReading
@@ -882,8 +882,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.alarm_process: the alarm path in this process, the loop side in a child")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)
+    noise = machine_noise(args.realtime_priority)
+    steal0 = cpu_steal()
     data = asyncio.run(run(args)) if args.alarm_process == "off" else run_split(args)
+    steal1 = cpu_steal()
     line = report(data, args)
+    line["machine"] = {**noise, "steal_pct": round(100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]), 2)}
     histogram(data["samples"], args.png)
     for name, value, target, ok in targets(line):
         print(f"{name:<24} {value:>9.3f}  target {target:<16} {'met' if ok else 'MISSED'}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 import time
@@ -15,7 +17,8 @@ if str(ROOT) not in sys.path:
 
 from gpiozero.pins.mock import MockPin  # noqa: E402
 
-__all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "log_to_file", "percentile", "site_toml", "summary"]
+__all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "percentile", "site_toml",
+           "summary"]
 
 
 def site_toml(
@@ -136,3 +139,40 @@ def log_to_file(path: Path) -> Any:
     handle = path.open("a", encoding="utf-8", buffering=1)
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(file=handle))
     return handle
+
+
+def cpu_steal() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far, from ``/proc/stat``: time a hypervisor gave this VM's CPUs
+    to someone else."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    steal = fields[7] if len(fields) > 7 else 0
+    return steal, sum(fields[:8])
+
+
+def machine_noise(priority: int, runs: int = 3000) -> dict[str, Any]:
+    """How much the machine itself stretches a fixed ~0.1 ms of Python, at the alarm threads' priority.
+
+    Nothing of the gateway runs meanwhile, so a p99 well above the p50 is the machine (a hypervisor taking
+    the CPU, an interrupt storm), which a run's latency tails then carry too.
+    """
+    samples: list[float] = []
+
+    def probe() -> None:
+        if priority > 0:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        for _ in range(runs):
+            start = time.perf_counter()
+            total = 0
+            for i in range(1500):
+                total += i * i
+            samples.append(time.perf_counter() - start)
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=probe, name="machine-noise")
+    thread.start()
+    thread.join()
+    return {"fixed_work_p50_ms": round(percentile(samples, 50) * 1000, 3),
+            "fixed_work_p99_ms": round(percentile(samples, 99) * 1000, 3),
+            "fixed_work_max_ms": round(max(samples) * 1000, 3)}
