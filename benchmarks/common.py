@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import array
 import os
 import sys
 import threading
@@ -17,8 +17,10 @@ if str(ROOT) not in sys.path:
 
 from gpiozero.pins.mock import MockPin  # noqa: E402
 
-__all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "percentile", "site_toml",
-           "summary"]
+from gateway.realtime import raise_priority  # noqa: E402
+
+__all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "mappings", "percentile",
+           "resident_frames", "site_toml", "summary"]
 
 
 def site_toml(
@@ -159,9 +161,7 @@ def machine_noise(priority: int, runs: int = 3000) -> dict[str, Any]:
     samples: list[float] = []
 
     def probe() -> None:
-        if priority > 0:
-            with contextlib.suppress(OSError):
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        raise_priority(priority, "machine-noise")
         for _ in range(runs):
             start = time.perf_counter()
             total = 0
@@ -176,3 +176,36 @@ def machine_noise(priority: int, runs: int = 3000) -> dict[str, Any]:
     return {"fixed_work_p50_ms": round(percentile(samples, 50) * 1000, 3),
             "fixed_work_p99_ms": round(percentile(samples, 99) * 1000, 3),
             "fixed_work_max_ms": round(max(samples) * 1000, 3)}
+
+
+def mappings(pid: int, *, heap_only: bool = False) -> list[tuple[int, int]]:
+    """Address ranges mapped by ``pid`` (``/proc/PID/maps``); with ``heap_only``, ``[heap]`` and anonymous ones."""
+    found = []
+    with open(f"/proc/{pid}/maps", encoding="ascii") as maps:
+        for line in maps:
+            fields = line.split()
+            if not heap_only or len(fields) == 5 or fields[5] == "[heap]":
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                found.append((start, end))
+    return found
+
+
+def resident_frames(pid: int, ranges: list[tuple[int, int]]) -> dict[int, int]:
+    """Page address → physical frame, for the resident pages of ``ranges`` in ``pid`` (``/proc/PID/pagemap``).
+
+    Frames read as 0 without CAP_SYS_ADMIN. A range that cannot be read ([vsyscall], or one unmapped
+    meanwhile) is skipped.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    frames = {}
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for start, end in ranges:
+            try:
+                pagemap.seek(start // page * 8)
+                entries = array.array("Q", pagemap.read((end - start) // page * 8))
+            except (OSError, ValueError):
+                continue
+            for i, entry in enumerate(entries):
+                if entry >> 63:  # present
+                    frames[start + i * page] = entry & (2**55 - 1)
+    return frames

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import mappings, resident_frames
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 GROUPS = {(False, False): "neither", (True, False): "daemon", (False, True): "alarm", (True, True): "both"}
 
@@ -68,30 +70,6 @@ class StartupObjects:
         return {name: round(size / 2**20, 2) for name, size in total.most_common(8)}
 
 
-def _heap_mappings(pid: int) -> list[tuple[int, int]]:
-    found = []
-    with open(f"/proc/{pid}/maps", encoding="ascii") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) == 5 or fields[5] == "[heap]":
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                found.append((start, end))
-    return found
-
-
-def _frames(pid: int, mappings: list[tuple[int, int]]) -> dict[int, int]:
-    """Page address → physical frame, for the resident pages of ``mappings`` in ``pid``."""
-    frames = {}
-    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-        for start, end in mappings:
-            pagemap.seek(start // PAGE * 8)
-            entries = array.array("Q", pagemap.read((end - start) // PAGE * 8))
-            for i, entry in enumerate(entries):
-                if entry >> 63:  # present
-                    frames[start + i * PAGE] = entry & (2**55 - 1)
-    return frames
-
-
 def _report(objects: StartupObjects, before: dict[int, int], daemon: dict[int, int],
             alarm: dict[int, int]) -> dict[str, Any]:
     groups: dict[str, set[int]] = {name: set() for name in GROUPS.values()}
@@ -123,13 +101,13 @@ def run_daemon(argv: list[str]) -> int:
         real_freeze()
 
     def fork() -> int:
-        mappings = _heap_mappings(os.getpid())
-        before = _frames(os.getpid(), mappings)
+        heap = mappings(os.getpid(), heap_only=True)
+        before = resident_frames(os.getpid(), heap)
         pid = real_fork()
         if pid:
             def probe() -> None:
                 time.sleep(after)
-                figures = _report(objects, before, _frames(os.getpid(), mappings), _frames(pid, mappings))
+                figures = _report(objects, before, resident_frames(os.getpid(), heap), resident_frames(pid, heap))
                 out.write_text(json.dumps(figures), encoding="utf-8")
 
             threading.Thread(target=probe, name="fork-copies", daemon=True).start()

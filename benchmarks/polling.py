@@ -25,7 +25,6 @@ Prints one JSON line last. ``.venv/bin/python benchmarks/polling.py [--seconds 6
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
 import dataclasses
 import json
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import log_to_file, percentile, site_toml
+from common import log_to_file, mappings, percentile, resident_frames, site_toml
 from simbus import SimBuses
 
 from gateway.config import parse_config
@@ -136,22 +135,13 @@ def _wall(entry: dict[str, Any]) -> float:
 
 
 def _rss_once_mb(pids: list[int]) -> float | None:
-    """Resident pages of the processes, each physical page counted once (from ``/proc/<pid>/pagemap``);
-    None without the frame numbers (they read as 0 without CAP_SYS_ADMIN)."""
-    page = os.sysconf("SC_PAGE_SIZE")
+    """Resident pages of the processes, each physical page counted once; None without the frame numbers
+    (they read as 0 without CAP_SYS_ADMIN)."""
     frames: set[int] = set()
     for pid in pids:
-        with open(f"/proc/{pid}/maps", encoding="ascii") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-            for line in maps:
-                start, end = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
-                try:
-                    pagemap.seek(start // page * 8)
-                    entries = array.array("Q", pagemap.read((end - start) // page * 8))
-                except (OSError, ValueError):  # [vsyscall], or a mapping gone meanwhile
-                    continue
-                frames.update(e & (2**55 - 1) for e in entries if e >> 63)  # bit 63: present
+        frames.update(resident_frames(pid, mappings(pid)).values())
     frames.discard(0)
-    return round(len(frames) * page / 2**20, 1) if frames else None
+    return round(len(frames) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1) if frames else None
 
 
 def _footprint(procs: list[psutil.Process], roles: dict[int, str], cpu0: dict[int, float],
