@@ -58,14 +58,14 @@ from simbus import SimBuses
 
 from drivers.profiles import GasReading
 from gateway import handoff
-from gateway.alarm import Sound
 from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
-from gateway.alarm_side import AlarmSide
 from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
-from gateway.panel import AlarmPanel
+from gateway.panel.alarm_panel import AlarmPanel
+from gateway.panel.core import Sound
+from gateway.panel.side import AlarmSide
 from gateway.realtime import raise_priority, release_startup_heap
-from gateway.uplink import Uplink
+from gateway.uplink.mqtt import Uplink
 from tests.support.broker import MosquittoBroker, free_port
 
 TRIAL_BUS, FIELD_BUS = "trial", "field"
@@ -237,7 +237,7 @@ class Trials:
 
     The driver thread stands for the threads that carry evidence in the daemon — a bus thread (decode
     path) and lgpio's callback thread (GPIO path) — so it runs at their priority: ``realtime_priority``,
-    as the daemon raises them (the callback thread on its first edge, :mod:`gateway.alarm_side`).
+    as the daemon raises them (the callback thread on its first edge, :mod:`gateway.panel.side`).
     """
 
     def __init__(self, gateway: Gateway | AlarmSide, sim: SimBuses, watch: EdgeWatch, contact_pin: Any,

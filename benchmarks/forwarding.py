@@ -43,9 +43,9 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from gateway.config import MqttConfig  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.logs import configure_logging  # noqa: E402
-from gateway.outbox import Outbox  # noqa: E402
-from gateway.topics import Topics  # noqa: E402
-from gateway.uplink import CONTROL_INFLIGHT, Uplink  # noqa: E402
+from gateway.uplink.mqtt import CONTROL_INFLIGHT, Uplink  # noqa: E402
+from gateway.uplink.outbox import Outbox  # noqa: E402
+from gateway.uplink.topics import Topics  # noqa: E402
 from tests.support.broker import MosquittoBroker  # noqa: E402
 
 TOPICS = Topics("safety", "bench", "b01")

@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         from pymodbus.client import ModbusSerialClient
 
-        from gateway.bus import _prompt_client_class
+        from gateway.panel.buses import _prompt_client_class
 
         cycles = max(1, args.bare_polls // len(addresses))
         bare = _bare_ms_per_poll(port, addresses, cycles, ModbusSerialClient)

@@ -1,7 +1,7 @@
 """Modbus RTU devices polled through pymodbus's synchronous serial client.
 
 A :class:`ModbusDevice` only turns one poll into a decoded reading; the bus thread that owns the port
-(:mod:`gateway.bus`) calls :meth:`ModbusDevice.poll` for each device in turn. :class:`StrictSerialClient`
+(:mod:`gateway.panel.buses`) calls :meth:`ModbusDevice.poll` for each device in turn. :class:`StrictSerialClient`
 (:class:`StrictFraming`) is pymodbus's RTU client refusing answers with extra bytes around the frame.
 """
 

@@ -1,7 +1,7 @@
 """The alarm path in a process of its own, joined to the daemon by one socket.
 
 With ``runtime.alarm_process`` on, ``gatewayd`` forks before its asyncio loop starts. The child runs an
-:class:`AlarmHost`: the :class:`~gateway.alarm_side.AlarmSide` (bus threads, GPIO contacts, alarm panel,
+:class:`AlarmHost`: the :class:`~gateway.panel.side.AlarmSide` (bus threads, GPIO contacts, alarm panel,
 annunciator), its own self-check, and nothing else — so it shares no interpreter lock with the loop, the
 outbox or the uplink, and a busy loop cannot delay a buzzer. The parent's :class:`AlarmLink` receives
 copies of events and annunciations and hands them to the loop through the bridge, exactly as the panel
@@ -37,13 +37,13 @@ from typing import Any
 import structlog
 
 from drivers.modbus import ModbusClient, ModbusDevice
-from gateway.alarm import Annunciation, ResetResult
-from gateway.alarm_side import AlarmSide, bus_drivers
 from gateway.config import BusConfig, SiteConfig
 from gateway.events import Event
 from gateway.health import Heartbeats
+from gateway.panel.core import Annunciation, ResetResult
+from gateway.panel.selfcheck import SelfCheck, on_alarm_path
+from gateway.panel.side import AlarmSide, bus_drivers
 from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
-from gateway.selfcheck import SelfCheck, on_alarm_path
 
 __all__ = ["AlarmHost", "AlarmLink", "AlarmLinkError", "fork_alarm_process", "prepare_alarm_process"]
 

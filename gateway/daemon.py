@@ -25,7 +25,6 @@ import structlog
 
 from drivers.gpio import ContactInput
 from gateway import __version__, handoff
-from gateway.alarm import Annunciation
 from gateway.alarm_link import PART as ALARM_PROCESS_PART
 from gateway.alarm_link import (
     AlarmLink,
@@ -37,25 +36,33 @@ from gateway.alarm_link import (
     RemotePanel,
     fork_alarm_process,
 )
-from gateway.alarm_side import AlarmSide
-from gateway.annunciator import Annunciator
-from gateway.bridge import Bridge
-from gateway.bus import BusPoller
-from gateway.commands import CommandHandler
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
-from gateway.contract import BusCounters, CommandGate, CommandService, StatusReporter, UplinkFigures, birth_message
-from gateway.control import ControlServer, ControlServerError
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.logs import configure_logging
 from gateway.notify import Notifier, Watchdog
-from gateway.outbox import Outbox, StorageLimits
-from gateway.panel import AlarmPanel
+from gateway.ops.commands import CommandHandler
+from gateway.ops.control import ControlServer, ControlServerError
+from gateway.panel.alarm_panel import AlarmPanel
+from gateway.panel.annunciator import Annunciator
+from gateway.panel.buses import BusPoller
+from gateway.panel.core import Annunciation
+from gateway.panel.selfcheck import SelfCheck, on_alarm_path
+from gateway.panel.side import AlarmSide
 from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap
-from gateway.selfcheck import SelfCheck, on_alarm_path
-from gateway.storage_writer import EventWriter
-from gateway.topics import Topics
-from gateway.uplink import Uplink
+from gateway.uplink.bridge import Bridge
+from gateway.uplink.contract import (
+    BusCounters,
+    CommandGate,
+    CommandService,
+    StatusReporter,
+    UplinkFigures,
+    birth_message,
+)
+from gateway.uplink.mqtt import Uplink
+from gateway.uplink.outbox import Outbox, StorageLimits
+from gateway.uplink.topics import Topics
+from gateway.uplink.writer import EventWriter
 
 __all__ = ["Gateway", "main"]
 
@@ -99,7 +106,7 @@ class Gateway:
 
     @property
     def panel(self) -> AlarmPanel | RemotePanel:
-        """The alarm panel (:class:`gateway.alarm_side.AlarmSide`), or its proxy in the alarm process."""
+        """The alarm panel (:class:`gateway.panel.side.AlarmSide`), or its proxy in the alarm process."""
         return self.alarm_side.panel
 
     @property
@@ -266,7 +273,7 @@ class Gateway:
         await self.writer.flush()
 
     async def _writer(self) -> None:
-        """Commit events (gateway.storage_writer): alarms at once, telemetry batched, held in memory on trouble."""
+        """Commit events (gateway.uplink.writer): alarms at once, telemetry batched, held in memory on trouble."""
         await self.writer.run()
 
     async def _maintain_storage(self) -> None:

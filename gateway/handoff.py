@@ -66,7 +66,7 @@ def install() -> bool:
     main = threading.main_thread()
     if threading.current_thread() is not main or not hasattr(signal, "SIGIO") or main.native_id is None:
         return False
-    from gateway.bus import bytes_waiting
+    from gateway.panel.buses import bytes_waiting
 
     _bytes_waiting = bytes_waiting
     signal.signal(signal.SIGIO, _on_sigio)

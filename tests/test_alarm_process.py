@@ -34,7 +34,6 @@ import pytest
 from drivers.modbus import CommError, GasDetector, ModbusClient
 from drivers.profiles import GasReading
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.alarm import Annunciation, ResetResult, Sound
 from gateway.alarm_link import (
     PART,
     SUPPORT_PRIORITY,
@@ -46,11 +45,12 @@ from gateway.alarm_link import (
     RemoteContact,
     RemotePanel,
 )
-from gateway.alarm_side import bus_drivers
-from gateway.annunciator import PATTERNS
 from gateway.config import SiteConfig, load_config
 from gateway.events import Event
 from gateway.health import Heartbeats
+from gateway.panel.annunciator import PATTERNS
+from gateway.panel.core import Annunciation, ResetResult, Sound
+from gateway.panel.side import bus_drivers
 from tests.support.broker import MosquittoBroker
 from tests.support.building import simulated_detectors
 from tests.support.mqtt import RecordedMessage
@@ -62,7 +62,7 @@ pytestmark = pytest.mark.timeout(240)
 
 EXIT_OK, EXIT_ERROR, EXIT_REJECTED = 0, 1, 4
 GATEWAYD = [sys.executable, "-m", "gateway.daemon"]
-GATEWAYCTL = [sys.executable, "-m", "gateway.cli"]
+GATEWAYCTL = [sys.executable, "-m", "gateway.ops.cli"]
 DOOR_ID, DOOR_PIN = "u1-cabinet-door", 13
 RELAY_ID, RELAY_PIN = "u1-gas-valve", 12
 HIGH = 30.0  # %LEL, above the default high threshold (25 %LEL)

@@ -18,12 +18,12 @@ from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
 from drivers.profiles import GasReading
-from gateway.alarm import AlarmCore, Annunciation, Sound
-from gateway.annunciator import CHIRP_S, LED_PATTERNS, PATTERNS, Annunciator, Pattern, trouble_pattern
-from gateway.bridge import Bridge
 from gateway.config import DEFAULT_THRESHOLDS, DeviceConfig
 from gateway.events import Event
-from gateway.panel import AlarmPanel
+from gateway.panel.alarm_panel import AlarmPanel
+from gateway.panel.annunciator import CHIRP_S, LED_PATTERNS, PATTERNS, Annunciator, Pattern, trouble_pattern
+from gateway.panel.core import AlarmCore, Annunciation, Sound
+from gateway.uplink.bridge import Bridge
 from tests.support.wait import wait_until
 
 Timeline = list[tuple[float, bool]]

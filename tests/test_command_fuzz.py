@@ -1,6 +1,6 @@
 """Hostile remote commands: huge, deeply nested, wrong types, invalid UTF-8 — each rejected, nothing crashes.
 
-The bulk (over 10 000 payloads) drives :class:`gateway.contract.CommandGate` directly. A few hundred more go
+The bulk (over 10 000 payloads) drives :class:`gateway.uplink.contract.CommandGate` directly. A few hundred more go
 through a real mosquitto into a running gateway while a gas alarm sounds its buzzer: every one gets a
 "rejected" result, the buzzer keeps its pattern, and a second alarm raised during the flood is annunciated
 and forwarded.
@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
-from gateway.contract import (
+from gateway.uplink.contract import (
     COMMANDS,
     ID_PATTERN,
     MAX_COMMAND_BYTES,
@@ -36,7 +36,7 @@ from gateway.contract import (
     command_message,
     validator,
 )
-from gateway.topics import Topics
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.commands import COMMANDS, SECRET_MASK, CommandHandler, CommandRejected
 from gateway.config import load_config
 from gateway.daemon import Gateway
+from gateway.ops.commands import COMMANDS, SECRET_MASK, CommandHandler, CommandRejected
 from tests.support.broker import MosquittoBroker
 from tests.support.site import ContactSpec, SiteSpec, build_site
 

@@ -579,7 +579,7 @@ def bad_config(tmp_path: Path) -> Path:
 
 def test_daemon_and_cli_refuse_bad_config_with_the_same_message(bad_config: Path) -> None:
     daemon = _run([*_program("gatewayd", "gateway.daemon"), "--config", str(bad_config)])
-    cli = _run([*_program("gatewayctl", "gateway.cli"), "config", "check", str(bad_config)])
+    cli = _run([*_program("gatewayctl", "gateway.ops.cli"), "config", "check", str(bad_config)])
     assert daemon.returncode == EX_CONFIG == 78, daemon.stderr
     assert cli.returncode == 1, cli.stderr
     message = _config_error(daemon.stderr)
@@ -588,7 +588,7 @@ def test_daemon_and_cli_refuse_bad_config_with_the_same_message(bad_config: Path
 
 
 def test_cli_accepts_good_config(tmp_path: Path) -> None:
-    ok = _run([*_program("gatewayctl", "gateway.cli"), "config", "check", str(EXAMPLE)])
+    ok = _run([*_program("gatewayctl", "gateway.ops.cli"), "config", "check", str(EXAMPLE)])
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout and "12 households" in ok.stdout
 

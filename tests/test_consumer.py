@@ -19,7 +19,7 @@ import pytest
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
-from gateway.topics import Topics
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

@@ -26,7 +26,7 @@ from jsonschema import Draft202012Validator
 from drivers.simulated import SimulatedBus, VirtualNullModem
 from gateway import daemon as daemon_module
 from gateway.config import load_config
-from gateway.contract import (
+from gateway.uplink.contract import (
     MAX_VALIDITY_S,
     SCHEMA_NAMES,
     CommandGate,
@@ -40,7 +40,7 @@ from gateway.contract import (
     schema_name,
     validator,
 )
-from gateway.topics import Topics
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder, RecordedMessage

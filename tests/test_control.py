@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.config import ControlConfig
-from gateway.control import MAX_LINE, ControlServer, ControlServerError
+from gateway.ops.control import MAX_LINE, ControlServer, ControlServerError
 from tests.support.broker import MosquittoBroker
 from tests.test_commands import Site, running_site, stored_at_least, wait_for
 

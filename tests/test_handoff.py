@@ -197,9 +197,9 @@ def test_a_signal_while_parked_is_ignored_not_nested(port: tuple[int, int]) -> N
 
 def test_the_panel_marks_its_lock_for_the_hand_off() -> None:
     """The alarm panel's lock is an alarm-path lock: taken on the main thread, it blocks parking."""
-    from gateway.alarm import AlarmCore
-    from gateway.annunciator import Annunciator
-    from gateway.panel import AlarmPanel
+    from gateway.panel.alarm_panel import AlarmPanel
+    from gateway.panel.annunciator import Annunciator
+    from gateway.panel.core import AlarmCore
 
     inside: list[int] = []
 
@@ -224,8 +224,8 @@ def test_a_busy_main_thread_parks_for_a_real_bus_answer(tmp_path: Path) -> None:
     from drivers.modbus import GasDetector
     from drivers.profiles import PROFILE_A
     from drivers.simulated import SimulatedBus, VirtualNullModem
-    from gateway.bus import open_client
     from gateway.config import BusConfig
+    from gateway.panel.buses import open_client
 
     assert handoff.install()
     with VirtualNullModem(tmp_path / "line") as modem:

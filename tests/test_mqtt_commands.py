@@ -23,9 +23,9 @@ from paho.mqtt.properties import Properties
 
 from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.contract import command_message, validator
 from gateway.daemon import Gateway
-from gateway.topics import Topics
+from gateway.uplink.contract import command_message, validator
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder, RecordedMessage

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.events import Event
-from gateway.outbox import DAY_S, MB, Outbox, StorageLimits, failure_kind
+from gateway.uplink.outbox import DAY_S, MB, Outbox, StorageLimits, failure_kind
 
 NOW = 1_800_000_000.0  # seconds since the epoch (January 2027)
 

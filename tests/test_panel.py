@@ -12,11 +12,11 @@ from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
 from drivers.profiles import GasReading
-from gateway.alarm import AlarmCore, Annunciation, Sound
-from gateway.annunciator import Annunciator
 from gateway.config import DEFAULT_THRESHOLDS, AlarmSettings, DeviceConfig, LinkageRule
 from gateway.events import Event
-from gateway.panel import AlarmPanel
+from gateway.panel.alarm_panel import AlarmPanel
+from gateway.panel.annunciator import Annunciator
+from gateway.panel.core import AlarmCore, Annunciation, Sound
 from tests.support.wait import wait_until
 
 

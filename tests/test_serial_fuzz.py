@@ -19,8 +19,8 @@ import pytest
 from drivers.modbus import CommError, GasDetector
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.bus import open_client
 from gateway.config import BusConfig, load_config
+from gateway.panel.buses import open_client
 from tests.support.broker import MosquittoBroker
 from tests.support.building import CountingHeartbeats, TimedMockPin, eventually, read_events, running_gateway
 from tests.support.fuzz import CATEGORIES, FuzzingDevice

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gateway.events import Event
-from gateway.outbox import Outbox
-from gateway.storage_writer import EventWriter
+from gateway.uplink.outbox import Outbox
+from gateway.uplink.writer import EventWriter
 from tests.support.building import eventually
 from tests.support.storage import fill_to_the_brim
 

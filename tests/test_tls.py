@@ -32,9 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
-from gateway.contract import command_message, validator
 from gateway.daemon import Gateway
-from gateway.topics import Topics
+from gateway.uplink.contract import command_message, validator
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder
@@ -352,8 +352,8 @@ async def test_host_name_is_checked_unless_insecure_which_warns_loudly(
 
 
 async def test_plain_mqtt_to_a_remote_broker_warns(tmp_path: Path, modem: VirtualNullModem) -> None:
-    from gateway.outbox import Outbox
-    from gateway.uplink import Uplink
+    from gateway.uplink.mqtt import Uplink
+    from gateway.uplink.outbox import Outbox
 
     _spec, path = site(tmp_path, modem, 1883, tls=None, host="broker.example")
     cfg = load_config(path)

@@ -25,9 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.events import Event
-from gateway.outbox import Outbox
-from gateway.topics import Topics
-from gateway.uplink import Uplink, event_window
+from gateway.uplink.mqtt import Uplink, event_window
+from gateway.uplink.outbox import Outbox
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually
 from tests.support.mqtt import RecordedMessage

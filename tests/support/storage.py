@@ -7,7 +7,7 @@ import sqlite3
 import time
 
 from gateway.events import Event
-from gateway.outbox import Outbox
+from gateway.uplink.outbox import Outbox
 
 
 async def fill_to_the_brim(outbox: Outbox, *, leave_nothing_evictable: bool = False) -> None:

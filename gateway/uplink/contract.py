@@ -1,7 +1,7 @@
 """The MQTT contract with the central server: message builders, schemas and the remote-command door.
 
 Every message the gateway publishes (availability, birth, status, event, command result) and every command it
-accepts has a JSON Schema (Draft 2020-12) in ``gateway/schemas/``; docs/mqtt.md explains them.
+accepts has a JSON Schema (Draft 2020-12) in ``gateway/uplink/schemas/``; docs/mqtt.md explains them.
 
 Commands arrive on ``<base>/command/<name>``. :class:`CommandGate` decides, without I/O, whether one may run:
 size, UTF-8, JSON, schema, target building, validity window (``issued_at``/``expires_at``) and replay (a seen
@@ -35,7 +35,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.topics import Topics
+from gateway.uplink.topics import Topics
 
 __all__ = [
     "COMMANDS",
@@ -428,7 +428,7 @@ def peek_id(payload: bytes) -> str | None:
 
 
 class Handler(Protocol):
-    """The command handler shared by MQTT and the CLI (``gateway.commands.CommandHandler``).
+    """The command handler shared by MQTT and the CLI (``gateway.ops.commands.CommandHandler``).
 
     ``handle`` returns (or resolves to) an object with ``ok``, ``reason`` and ``data``.
     """

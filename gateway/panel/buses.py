@@ -31,7 +31,7 @@ from drivers.profiles import GasReading, StationReading
 from gateway import handoff
 from gateway.config import BusConfig
 from gateway.failpoints import failpoint
-from gateway.panel import AlarmPanel
+from gateway.panel.alarm_panel import AlarmPanel
 from gateway.realtime import raise_priority
 
 __all__ = ["BusPoller", "open_client"]

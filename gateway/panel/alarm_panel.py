@@ -2,7 +2,7 @@
 
 Bus threads, GPIO callbacks, the ticker and operator commands all call the panel. It serialises them with
 a lock that guards only in-memory state (never held across disk or network I/O), reads the clock under
-that lock (so the core sees time in order), shows the resulting :class:`~gateway.alarm.Annunciation` on
+that lock (so the core sees time in order), shows the resulting :class:`~gateway.panel.core.Annunciation` on
 the annunciator *before* anything else, then hands copies of the events to the sink (the bridge to the
 asyncio loop) in the order the core produced them. The sink must not block.
 """
@@ -20,9 +20,9 @@ import structlog
 
 from drivers.profiles import GasReading, StationReading
 from gateway import handoff
-from gateway.alarm import AlarmCore, Annunciation, ResetResult
-from gateway.annunciator import Annunciator
 from gateway.events import Event
+from gateway.panel.annunciator import Annunciator
+from gateway.panel.core import AlarmCore, Annunciation, ResetResult
 
 __all__ = ["AlarmPanel"]
 
@@ -83,7 +83,7 @@ class AlarmPanel:
         self._run(lambda now: self.core.port_state(bus_id, lost, now, detail))
 
     def stale_thread(self, name: str, stale: bool) -> None:
-        """A watched part of the gateway stopped beating, or beats again (:mod:`gateway.selfcheck`)."""
+        """A watched part of the gateway stopped beating, or beats again (:mod:`gateway.panel.selfcheck`)."""
         self._run(lambda now: self.core.stale_thread(name, stale, now))
 
     def gateway_fault(self, code: str, present: bool, detail: str | None = None) -> None:

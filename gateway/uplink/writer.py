@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from gateway.events import Event, Priority
-from gateway.outbox import Outbox, failure_kind
+from gateway.uplink.outbox import Outbox, failure_kind
 
 __all__ = ["EventWriter"]
 

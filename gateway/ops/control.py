@@ -24,8 +24,8 @@ from typing import Any
 
 import structlog
 
-from gateway.commands import CommandHandler, CommandRejected, CommandResult
 from gateway.config import ControlConfig
+from gateway.ops.commands import CommandHandler, CommandRejected, CommandResult
 
 __all__ = ["MAX_LINE", "ControlServer", "ControlServerError"]
 
@@ -42,7 +42,7 @@ class ControlServerError(Exception):
 
 
 class ControlServer:
-    """Serves :class:`~gateway.commands.CommandHandler` on a Unix socket."""
+    """Serves :class:`~gateway.ops.commands.CommandHandler` on a Unix socket."""
 
     def __init__(self, cfg: ControlConfig, handler: CommandHandler) -> None:
         self.cfg = cfg

@@ -36,14 +36,14 @@ import structlog
 from drivers.modbus import CommError, ExtinguisherStation, GasDetector, ModbusClient, ModbusDevice, read_block
 from drivers.profiles import GasReading, StationReading
 from gateway import __version__
-from gateway.alarm import Sound
-from gateway.annunciator import PATTERNS
 from gateway.events import KIND_PRIORITY, Event
+from gateway.panel.annunciator import PATTERNS
+from gateway.panel.core import Sound
 
 if TYPE_CHECKING:
     from gateway.alarm_link import RemoteBus
-    from gateway.bus import BusPoller
     from gateway.daemon import Gateway
+    from gateway.panel.buses import BusPoller
 
 __all__ = ["COMMANDS", "COMMAND_ARGS", "CommandHandler", "CommandRejected", "CommandResult", "Progress"]
 

@@ -30,9 +30,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig
-from gateway.contract import availability_message
-from gateway.outbox import Outbox, PendingEvent
-from gateway.topics import Topics
+from gateway.uplink.contract import availability_message
+from gateway.uplink.outbox import Outbox, PendingEvent
+from gateway.uplink.topics import Topics
 
 __all__ = [
     "Uplink",

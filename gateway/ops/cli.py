@@ -335,7 +335,7 @@ async def _offline_query(database: str, query: dict[str, Any]) -> dict[str, Any]
     """History and a summary from the database file, opened read-only (the daemon is down)."""
     import aiosqlite
 
-    from gateway.outbox import query_history
+    from gateway.uplink.outbox import query_history
 
     if not Path(database).exists():
         raise CliError(f"the daemon is not running and there is no database at {database}", EXIT_UNAVAILABLE)
