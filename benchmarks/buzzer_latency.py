@@ -57,7 +57,6 @@ from common import ROOT, EdgeWatch, TimedMockPin, cpu_steal, log_to_file, machin
 from simbus import SimBuses
 
 from drivers.profiles import GasReading
-from gateway import handoff
 from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
 from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
@@ -395,7 +394,6 @@ async def _settle(gateway: Gateway, watch: EdgeWatch, timeout: float = 30.0) -> 
 def _config(text: str, args: argparse.Namespace) -> SiteConfig:
     """The site of ``text`` with this run's GIL hand-off, and the trial bus polled back to back."""
     cfg = parse_config(tomllib.loads(text))
-    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, gil_handoff=args.gil_handoff == "on"))
     # The trial bus polls its one detector back to back (20 ms apart) so 1000 trials fit in a minute.
     return dataclasses.replace(cfg, buses=tuple(
         dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
@@ -806,7 +804,6 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "trials": args.trials,
         "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         "realtime_priority": args.realtime_priority,
-        "gil_handoff": handoff.stats() if handoff.enabled() else "off",
         "loop_block": args.loop_block,
         "alarm_process": args.alarm_process,
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],

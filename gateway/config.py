@@ -260,8 +260,6 @@ class RuntimeConfig:
 
     realtime_priority: int = 0
     gc_freeze: bool = True
-    gil_handoff: bool = False
-    alarm_process: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -998,12 +996,23 @@ def _parse_control(root: _Table, base: Path) -> ControlConfig:
     return cfg
 
 
+#: Keys that once existed, and what replaced them: a site file that still sets one is told so.
+REMOVED_RUNTIME_KEYS = {
+    "alarm_process": "removed: the alarm panel always runs in a process of its own (docs/architecture.md); "
+                     "delete this key",
+    "gil_handoff": "removed: the panel process has no event loop to hand the interpreter lock over from "
+                   "(docs/architecture.md); delete this key",
+}
+
+
 def _parse_runtime(root: _Table) -> RuntimeConfig:
     t = root.table("runtime")
     if t is None:
         return RuntimeConfig()
+    for key, reason in REMOVED_RUNTIME_KEYS.items():
+        if t.has(key):
+            raise ConfigError(t.key(key), reason)
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True), gil_handoff=t.flag("gil_handoff", False),
-                        alarm_process=t.flag("alarm_process", True))
+                        gc_freeze=t.flag("gc_freeze", True))
     t.done()
     return cfg

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from drivers.gpio import ContactInput
-from gateway import __version__, handoff
+from gateway import __version__
 from gateway.alarm_link import PART as ALARM_PROCESS_PART
 from gateway.alarm_link import (
     AlarmLink,
@@ -137,11 +137,6 @@ class Gateway:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        if not cfg.runtime.gil_handoff:
-            handoff.disable()
-        elif not handoff.install():
-            log.warning("GIL hand-off not available (the loop is not in the main thread); bus answers may "
-                        "wait one switch interval while the loop runs Python")
         self.outbox = await Outbox.open(
             cfg.storage.path, gateway_id=cfg.gateway_id,
             identity={"community": cfg.community, "building": cfg.building},
@@ -196,7 +191,7 @@ class Gateway:
             gc.freeze()
             release_startup_heap()
         log.info("gateway started", gateway=cfg.gateway_id, session=self.outbox.session, version=__version__,
-                 devices=len(cfg.devices), buses=len(cfg.buses), gil_handoff=handoff.enabled())
+                 devices=len(cfg.devices), buses=len(cfg.buses))
 
     async def _start_control(self) -> None:
         """Open the control socket for gatewayctl; without it the gateway still runs (logged)."""
@@ -408,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error", key=exc.path, reason=exc.reason)
         return EX_CONFIG
     raise_priority(0, "main")
-    alarm_process = fork_alarm_process(cfg) if cfg.runtime.alarm_process else None
+    alarm_process = fork_alarm_process(cfg)
     return asyncio.run(_serve(cfg, duration=args.duration, alarm_process=alarm_process))
 
 

@@ -204,7 +204,7 @@ def alarm_daemon(directory: Path, broker: MosquittoBroker, *, env: dict[str, str
     """
     with VirtualNullModem(directory) as modem:
         spec = build_site(bus_port=modem.gateway_port, db_path=directory / "events.db", broker_port=broker.port,
-                          socket_path=directory / "control.sock", households=2, alarm_process=True,
+                          socket_path=directory / "control.sock", households=2,
                           contacts=[ContactSpec(DOOR_ID, "cabinet_door", DOOR_PIN)],
                           realtime_priority=realtime_priority)
         config = directory / "site.toml"
@@ -523,8 +523,7 @@ def rig(tmp_path: Path, mock_pins: Any) -> Iterator[LinkRig]:
     _gate.clear()
     with VirtualNullModem(tmp_path / "dev") as modem:
         spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=1,
-                          socket_path=tmp_path / "control.sock", households=2, contacts=[RELAY_CONTACT],
-                          alarm_process=True)
+                          socket_path=tmp_path / "control.sock", households=2, contacts=[RELAY_CONTACT])
         cfg = load_config(spec.write(tmp_path / "site.toml"))
         with simulated_detectors(modem.device_port, spec.detectors) as (bus, sims):
             daemon_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -20,10 +20,8 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
         bus = SimulatedBus(modem.device_port)
         bus.add_gas_detector(1, "A").set_status("normal")
         with bus:
-            # The alarm path in the daemon's own process; tests/test_alarm_process.py has the same for the
-            # alarm process (the default).
             site = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
-                              socket_path=tmp_path / "control.sock", alarm_process=False)
+                              socket_path=tmp_path / "control.sock")
             config = site.write(tmp_path / "site.toml")
             env = dict(os.environ, NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="1000000",
                        GPIOZERO_PIN_FACTORY="mock", GATEWAY_FAILPOINTS=f"bus_hang=bus1@{hang}")

@@ -19,7 +19,6 @@ from typing import Any
 import structlog
 
 from drivers.profiles import GasReading, StationReading
-from gateway import handoff
 from gateway.events import Event
 from gateway.panel.annunciator import Annunciator
 from gateway.panel.core import AlarmCore, Annunciation, ResetResult
@@ -118,7 +117,7 @@ class AlarmPanel:
 
     def snapshot(self) -> dict[str, Any]:
         """Devices, active conditions and the annunciation, consistent with each other."""
-        with handoff.holding(), self._lock:
+        with self._lock:
             return {
                 "devices": [self.core.device_state(d) for d in self.core.device_ids()],
                 "active": self.core.active(),
@@ -153,7 +152,7 @@ class AlarmPanel:
 
     def _run(self, step: Callable[[float], list[Event]]) -> None:
         """Run one core step, show its annunciation, then hand its events on — in that order."""
-        with handoff.holding(), self._lock:
+        with self._lock:
             now = self._clock()
             events = step(now)
             annunciation = self.core.annunciation(now)

@@ -28,7 +28,6 @@ from drivers.modbus import (
     StrictFraming,
 )
 from drivers.profiles import GasReading, StationReading
-from gateway import handoff
 from gateway.config import BusConfig
 from gateway.failpoints import failpoint
 from gateway.panel.alarm_panel import AlarmPanel
@@ -99,7 +98,7 @@ def _prompt_client_class() -> type[Any]:
 
     ``select`` is the only call between the answer's arrival and the buzzer that gives the GIL away: a
     thread that gives it away while another thread runs Python waits up to one switch interval to win it
-    back, unless the main thread steps aside when the bytes arrive (:mod:`gateway.handoff`). The read and
+    back. The read and
     the count of bytes waiting behind the frame (:class:`StrictFraming`) go through libc without releasing
     it, on a descriptor kept non-blocking. Measured in benchmarks/buzzer_latency.py (docs/performance.md).
 
@@ -129,13 +128,7 @@ def _prompt_client_class() -> type[Any]:
                 os.set_blocking(self.socket.fileno(), False)  # libc read below must never block
                 self._buffer = ctypes.create_string_buffer(1024)
                 self._count = ctypes.c_int()
-                handoff.watch(self.socket.fileno())  # SIGIO to the main thread when bytes arrive
             return ok
-
-        def close(self) -> None:
-            if self.socket is not None:
-                handoff.forget(self.socket.fileno())
-            super().close()  # type: ignore[no-untyped-call]
 
         def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
             if not request or self.socket is None:
@@ -173,11 +166,7 @@ def _prompt_client_class() -> type[Any]:
             try:
                 fd = self.socket.fileno()
                 while (left := deadline - time.monotonic()) > 0:
-                    handoff.arm(fd)
-                    try:
-                        readable = select.select([fd], [], [], left)[0]
-                    finally:
-                        handoff.disarm(fd)
+                    readable = select.select([fd], [], [], left)[0]
                     if readable:
                         got = libc.read(fd, self._buffer, len(self._buffer))
                         if got > 0:
@@ -384,12 +373,6 @@ class BusPoller:
         return ok
 
     def _poll(self, device: ModbusDevice) -> None:
-        try:
-            self._poll_once(device)
-        finally:
-            handoff.release()  # the answer is handled: a main thread parked for it goes on
-
-    def _poll_once(self, device: ModbusDevice) -> None:
         self.polls += 1
         key = device.device_id
         try:

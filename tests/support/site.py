@@ -89,15 +89,13 @@ def build_site(
     offline_after_failures: int = 3,
     telemetry_interval_s: float = 60.0,
     telemetry_batch_s: float = 0.1,
-    alarm_process: bool | None = None,
     realtime_priority: int = 0,
 ) -> SiteSpec:
     """A site with ``households`` households spread over ``units`` units, one gas detector each on one bus.
 
     Detector ``i`` (0-based) is ``gas-<household>`` at bus address ``first_address + i``. GPIO contacts
     in ``contacts`` are added as devices; the buzzer is on ``buzzer_pin``. Runtime tuning is set for a test
-    process: no ``gc.freeze()`` and no real-time scheduling; ``runtime.alarm_process`` only when given (it
-    matters only to ``gatewayd``: a :class:`~gateway.daemon.Gateway` made in a test runs in-process).
+    process: no ``gc.freeze()`` and no real-time scheduling.
     """
     if households < 1 or units < 1:
         raise ValueError("need at least one household and one unit")
@@ -165,7 +163,6 @@ def build_site(
         "[runtime]",
         f"realtime_priority = {realtime_priority}",
         "gc_freeze = false",
-        *([] if alarm_process is None else [f"alarm_process = {'true' if alarm_process else 'false'}"]),
         "",
     ]
     return SiteSpec(
