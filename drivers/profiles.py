@@ -15,6 +15,7 @@ from typing import Any
 __all__ = [
     "BUILTIN_DETECTOR_PROFILES",
     "BUILTIN_STATION_PROFILES",
+    "DEFAULT_FULL_READ_EVERY",
     "DETECTOR_STATUSES",
     "GASES",
     "MAX_DECIMALS",
@@ -50,6 +51,9 @@ MEASURES = ("%LEL", "ppm", "%VOL")
 GASES = ("CH4", "LPG", "H2", "CO")
 #: Most decimals a concentration register may carry.
 MAX_DECIMALS = 6
+#: Polls between two whole reads of a detector's block (:attr:`DetectorProfile.full_read_every`): at 9600
+#: baud and 64 detectors a cycle lasts about 3 s, so a changed unit or decimals code is seen within 3 min.
+DEFAULT_FULL_READ_EVERY = 60
 #: Decoded values are rounded to this many decimals, so 140 × 0.01 is 1.4 and not 1.4000000000000001.
 _PRECISION = 9
 
@@ -130,6 +134,35 @@ class DetectorProfile:
     #: Default alarm thresholds of devices using this profile (``low``, ``high``, ``hysteresis``), in the
     #: device's unit; a device's own keys override them, the unit's defaults fill the rest.
     thresholds: Mapping[str, float] = field(default_factory=dict)
+    #: The whole block is read at start, after a failed poll and every this many polls; the polls between
+    #: read only :attr:`fast_window` and take the other registers from the last whole read (1: always whole).
+    full_read_every: int = DEFAULT_FULL_READ_EVERY
+
+    @property
+    def fast_window(self) -> tuple[int, int]:
+        """``(start, count)``: the smallest span holding every register the alarm decision reads at each poll.
+
+        These are the value, status, flag and warm-up registers. Codes that only describe the device — the
+        unit and decimals codes, set-points, full scale, gas type — change only when someone reconfigures
+        it, and outside this span they come from the last whole read.
+        """
+        needed = [self.value_register, *(register for register, _bit, _name in self.flags)]
+        if self.status is not None:
+            needed.append(self.status.register)
+        if self.warmup is not None:
+            needed.append(self.warmup.register)
+        first, last = min(needed), max(needed)
+        return first, last - first + 1
+
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(function, count)`` of the reads of a usual poll (the fast window): what the bus floor counts."""
+        return ((self.function, self.fast_window[1]),)
+
+    @property
+    def full_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(function, count)`` of the reads of a poll that reads the whole block."""
+        return ((self.function, self.count),)
 
     def decode(self, registers: Sequence[int]) -> GasReading:
         """Registers (as read from ``start``) → reading. Raises ValueError on a register outside the block."""
@@ -257,6 +290,13 @@ class StationProfile:
             lo, hi = spans.get(point.function, (point.address, point.address))
             spans[point.function] = (min(lo, point.address), max(hi, point.address))
         return {fc: (lo, hi - lo + 1) for fc, (lo, hi) in spans.items()}
+
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(function, count)`` of each read of a poll: one per function code."""
+        return tuple((fc, count) for fc, (_start, count) in sorted(self.spans().items()))
+
+    full_reads = cycle_reads
 
     def decode(self, tables: Mapping[int, Sequence[int | bool]]) -> StationReading:
         """Per-function-code values (as read from each span start) → reading."""
@@ -434,7 +474,8 @@ def _bitfield(
 
 def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfile:
     """A custom detector register map from config. Raises :class:`ProfileError`."""
-    _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas", "thresholds"})
+    _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas", "thresholds",
+                 "full_read_every"})
     function = _int(data, "function", lo=3, hi=4, default=3)
     start = _int(data, "start")
     count = _int(data, "count", lo=1, hi=125)
@@ -505,6 +546,7 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
                     thresholds[key] = _num(limits, key)
                     if thresholds[key] < 0:
                         raise ProfileError(key, f"must be ≥ 0, got {thresholds[key]:g}")
+    full_read_every = _int(data, "full_read_every", lo=1, hi=3600, default=DEFAULT_FULL_READ_EVERY)
     block = range(start, start + count)
     referenced = [("value.register", value_register)]
     if isinstance(decimals, BitField):
@@ -522,7 +564,7 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
     return DetectorProfile(
         name=name, function=function, start=start, count=count, value_register=value_register,
         decimals=decimals, scale=scale, signed=signed, measure=measure, status=status, flags=tuple(flags),
-        warmup=warmup, default_gas=gas_name, thresholds=thresholds,
+        warmup=warmup, default_gas=gas_name, thresholds=thresholds, full_read_every=full_read_every,
     )
 
 

@@ -4,7 +4,10 @@ The device side is pymodbus's own RTU server; this module only models cabling an
 
 * :class:`VirtualNullModem` joins two pseudo-terminals like ``socat pty,raw,echo=0 pty,raw,echo=0`` and can
   cut the cable or unplug the gateway's USB adapter.
-* :class:`SimulatedBus` runs a ``ModbusSerialServer`` serving several slaves on the device end.
+* :class:`SimulatedBus` runs a ``ModbusSerialServer`` serving several slaves on the device end. Given a
+  :class:`WireSpec` it puts a line with wire time between the cable and the server (:class:`WireLine`):
+  bytes take their time at the baud rate, frames are separated by the protocol's silence, the line is
+  half duplex and each slave has its own turnaround.
 * :class:`SimulatedGasDetector` (profiles A and B of the domain notes) and :class:`SimulatedIOStation`
   (extinguisher cabinet I/O module) are the slaves; tests change their state while the bus runs.
 """
@@ -16,12 +19,15 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import math
 import os
 import queue
+import random
 import select
 import threading
 import time
 import tty
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +39,8 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat
+
 __all__ = [
     "GAS_CODES",
     "PROFILE_A_STATUS_CODES",
@@ -42,6 +50,8 @@ __all__ = [
     "SimulatedGasDetector",
     "SimulatedIOStation",
     "VirtualNullModem",
+    "WireLine",
+    "WireSpec",
 ]
 
 _log = logging.getLogger(__name__)
@@ -303,6 +313,210 @@ class VirtualNullModem:
                 hook(data, time.perf_counter())
             except Exception:
                 _log.exception("on_device_write hook failed")
+
+
+# --------------------------------------------------------------------------------------------------
+# A line with wire time
+# --------------------------------------------------------------------------------------------------
+
+#: Shortest and longest turnaround a simulated slave may have (seconds).
+TURNAROUND_RANGE_S: Final = (0.001, 0.100)
+_IDLE_WAIT_S: Final = 0.5
+
+
+def _check_turnaround(seconds: float) -> float:
+    lo, hi = TURNAROUND_RANGE_S
+    if not lo <= seconds <= hi:
+        raise ValueError(f"turnaround must be {lo * 1000:g}–{hi * 1000:g} ms, got {seconds * 1000:g} ms")
+    return float(seconds)
+
+
+@dataclass(frozen=True)
+class WireSpec:
+    """The RS-485 line in front of a :class:`SimulatedBus`.
+
+    ``turnaround_s`` is every slave's default pause between the end of a request (after the silence that
+    ends it) and the start of its answer; :meth:`SimulatedBus.set_turnaround` sets one slave's own.
+    ``noise`` is the fraction of frames (requests and answers) that get one corrupted byte; ``seed``
+    makes the noise repeatable.
+    """
+
+    baud: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+    turnaround_s: float = DEFAULT_TURNAROUND_S
+    noise: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_turnaround(self.turnaround_s)
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise is a fraction of frames, 0–1, got {self.noise}")
+        self.line  # noqa: B018 -- validates the format
+
+    @property
+    def line(self) -> LineFormat:
+        """Baud rate and character format."""
+        return LineFormat(baud=self.baud, bytesize=self.bytesize, parity=self.parity, stopbits=self.stopbits)
+
+
+class _Request:
+    """A request frame on its way to the device: delivered whole once its last character has arrived."""
+
+    __slots__ = ("data", "end", "slave")
+
+    def __init__(self, data: bytearray, end: float) -> None:
+        self.data = data
+        self.end = end
+        self.slave = data[0]
+
+
+class WireLine:
+    """The wire between the cable's device end and the device's own pty, in wire time.
+
+    One thread relays both ways. A request from the gateway starts on the line once the line has been
+    quiet for the inter-frame silence, occupies it for its characters' time, and is handed to the device
+    when its last character has arrived. The device's answer starts no sooner than the silence plus the
+    addressed slave's turnaround after that, and its bytes reach the gateway one character time apart —
+    each when its last bit has arrived, as a UART would hand them over. Request and answer share one
+    line (half duplex). Bytes that follow a frame still on the line continue it without a gap.
+    """
+
+    def __init__(
+        self,
+        outer_fd: int,
+        inner_fd: int,
+        spec: WireSpec,
+        *,
+        turnaround: Callable[[int], float],
+        name: str = "wire",
+    ) -> None:
+        self._outer = outer_fd
+        self._inner = inner_fd
+        self._spec = spec
+        line = spec.line
+        self._char_s = line.char_s
+        self._silence_s = line.silence_s
+        self._turnaround = turnaround
+        self._rng = random.Random(spec.seed)
+        self._name = name
+        self._line_end = -math.inf  # when the last frame on the line ends
+        self._answer_from = -math.inf  # earliest start of the answer to the last request
+        self._to_device: deque[_Request] = deque()
+        self._to_gateway: deque[tuple[float, int]] = deque()  # (due, byte)
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread: threading.Thread | None = None
+        #: Frames that got a corrupted byte (requests and answers).
+        self.corrupted = 0
+
+    def start(self) -> None:
+        """Start relaying."""
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop relaying (bytes still on the line are dropped) and close the wake pipe. The fds stay open."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"\0")
+        if self._thread is not None:
+            self._thread.join(_COMMAND_TIMEOUT_S)
+            self._thread = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        fds = [self._outer, self._inner, self._wake_r]
+        while not self._stopping:
+            now = time.monotonic()
+            due = min(
+                self._to_device[0].end if self._to_device else math.inf,
+                self._to_gateway[0][0] if self._to_gateway else math.inf,
+            )
+            wait = _IDLE_WAIT_S if due == math.inf else max(0.0, due - now)
+            readable = select.select(fds, [], [], wait)[0] if wait > 0 else []
+            now = time.monotonic()
+            if self._outer in readable:
+                self._from_gateway(now)
+            if self._inner in readable:
+                self._from_device(now)
+            if self._wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, _CHUNK)
+            self._deliver(time.monotonic())
+
+    def _read(self, fd: int) -> bytes:
+        try:
+            return os.read(fd, _CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError as exc:  # the cable's end closed under us: nothing more comes
+            if exc.errno != errno.EIO:
+                _log.warning("wire read failed: %s", exc)
+            time.sleep(0.01)
+            return b""
+
+    def _noisy(self, chunk: bytearray) -> None:
+        """Corrupt one byte of a new frame, for the configured fraction of frames."""
+        if self._spec.noise and self._rng.random() < self._spec.noise:
+            chunk[self._rng.randrange(len(chunk))] ^= self._rng.randrange(1, 256)
+            self.corrupted += 1
+
+    def _from_gateway(self, now: float) -> None:
+        chunk = bytearray(self._read(self._outer))
+        if not chunk:
+            return
+        if self._to_device:  # the request is still on the line: these bytes follow it
+            request = self._to_device[-1]
+            request.data += chunk
+            request.end += len(chunk) * self._char_s
+        else:
+            start = max(now, self._line_end + self._silence_s)
+            request = _Request(chunk, start + len(chunk) * self._char_s)
+            self._noisy(request.data)
+            self._to_device.append(request)
+        self._line_end = max(self._line_end, request.end)
+
+    def _from_device(self, now: float) -> None:
+        chunk = bytearray(self._read(self._inner))
+        if not chunk:
+            return
+        if self._to_gateway:  # the answer is still on the line: these bytes follow it
+            at = self._to_gateway[-1][0]
+        else:
+            at = max(now, self._answer_from, self._line_end + self._silence_s)
+            self._noisy(chunk)
+        for byte in chunk:
+            at += self._char_s
+            self._to_gateway.append((at, byte))
+        self._line_end = max(self._line_end, at)
+
+    def _deliver(self, now: float) -> None:
+        while self._to_device and self._to_device[0].end <= now:
+            request = self._to_device.popleft()
+            self._answer_from = request.end + self._silence_s + self._turnaround(request.slave)
+            self._write(self._inner, bytes(request.data))
+        if self._to_gateway and self._to_gateway[0][0] <= now:
+            out = bytearray()
+            while self._to_gateway and self._to_gateway[0][0] <= now:
+                out.append(self._to_gateway.popleft()[1])
+            self._write(self._outer, bytes(out))
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:  # nobody reads that end and its buffer is full: the bytes are lost
+                return
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    _log.warning("wire write failed: %s", exc)
+                return
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,6 +860,10 @@ class SimulatedBus:
 
     Addresses with no slave (and slaves switched off with :meth:`responding`) stay silent, as on a
     real bus, so the master times out.
+
+    Without ``wire`` bytes move at memory speed, as on any pseudo-terminal. With a :class:`WireSpec`
+    the server listens on a pty of its own and a :class:`WireLine` relays between ``port`` and it in wire
+    time; the line format then comes from the spec.
     """
 
     def __init__(
@@ -657,8 +875,13 @@ class SimulatedBus:
         stopbits: int = 1,
         bytesize: int = 8,
         on_response: Callable[[int, bytes, float], None] | None = None,
+        on_request: Callable[[int, bytes, float], None] | None = None,
+        wire: WireSpec | None = None,
     ) -> None:
         self.port = port
+        self.wire = wire
+        if wire is not None:
+            baudrate, parity, stopbits, bytesize = wire.baud, wire.parity, wire.stopbits, wire.bytesize
         self.baudrate = baudrate
         self.parity = parity
         self.stopbits = stopbits
@@ -666,9 +889,14 @@ class SimulatedBus:
         #: Called in the server thread with (slave, frame, ``time.perf_counter()``) as each response
         #: frame is handed to the serial port.
         self.on_response = on_response
+        #: Called in the server thread with (slave, frame, ``time.perf_counter()``) as each request frame
+        #: reaches the server (with a wire: once its last character has arrived).
+        self.on_request = on_request
         self._lock = threading.Lock()
         self._slaves: dict[int, SimulatedSlave] = {}
         self._answering: set[int] = set()
+        self._turnarounds: dict[int, float] = {}
+        self._wire_line: WireLine | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -716,6 +944,24 @@ class SimulatedBus:
         station = SimulatedIOStation(slave)
         self._add(station)
         return station
+
+    def set_turnaround(self, slave: int, seconds: float) -> None:
+        """Give ``slave`` its own turnaround (1–100 ms) on a bus with a wire; any time, also while running."""
+        _check_turnaround(seconds)
+        with self._lock:
+            self._turnarounds[slave] = float(seconds)
+
+    def turnaround(self, slave: int) -> float:
+        """The turnaround of ``slave`` (its own, else the wire's default; 0 without a wire)."""
+        if self.wire is None:
+            return 0.0
+        with self._lock:
+            return self._turnarounds.get(slave, self.wire.turnaround_s)
+
+    @property
+    def corrupted_frames(self) -> int:
+        """Frames the wire's noise has corrupted so far (0 without a wire)."""
+        return self._wire_line.corrupted if self._wire_line is not None else 0
 
     def _add(self, sim: SimulatedSlave) -> None:
         if self._thread is not None:
@@ -793,10 +1039,29 @@ class SimulatedBus:
         devices = [sim._sim_device() for sim in self._slaves.values()]
         # Address 0 catches every other address; its (illegal address) answers are never sent.
         devices.append(SimDevice(id=0, simdata=[SimData(0, datatype=DataType.INVALID)]))
+        with contextlib.ExitStack() as wire:
+            port = self.port if self.wire is None else self._open_wire(wire, self.wire)
+            await self._serve_on(devices, port, self._stop_event)
+
+    def _open_wire(self, stack: contextlib.ExitStack, spec: WireSpec) -> str:
+        """Put a :class:`WireLine` between :attr:`port` and a new pty; return the pty the server opens."""
+        outer = os.open(self.port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        stack.callback(os.close, outer)
+        with contextlib.suppress(OSError):  # a pty or serial port; anything else is used as it is
+            tty.setraw(outer)
+        inner = _PtyEnd.open()
+        stack.callback(inner.close)
+        line = WireLine(outer, inner.master, spec, turnaround=self.turnaround, name=f"wire {self.port}")
+        line.start()
+        stack.callback(line.stop)
+        self._wire_line = line
+        return inner.slave_path
+
+    async def _serve_on(self, devices: list[SimDevice], port: str, stop: asyncio.Event) -> None:
         server = ModbusSerialServer(
             devices,
             framer=FramerType.RTU,
-            port=self.port,
+            port=port,
             baudrate=self.baudrate,
             parity=self.parity,
             stopbits=self.stopbits,
@@ -806,12 +1071,20 @@ class SimulatedBus:
         await server.serve_forever(background=True)
         self._started.set()
         try:
-            await self._stop_event.wait()
+            await stop.wait()
         finally:
             await server.shutdown()  # type: ignore[no-untyped-call]
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending or not data:
+        if not data:
+            return data
+        if not sending:
+            request_hook = self.on_request
+            if request_hook is not None:
+                try:
+                    request_hook(data[0], data, time.perf_counter())
+                except Exception:
+                    _log.exception("on_request hook failed")
             return data
         slave = data[0]
         with self._lock:

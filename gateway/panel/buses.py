@@ -28,12 +28,13 @@ from drivers.modbus import (
     StrictFraming,
 )
 from drivers.profiles import GasReading, StationReading
+from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, answer_bytes, bus_floor_s
 from gateway.config import BusConfig
 from gateway.failpoints import failpoint
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.realtime import raise_priority
 
-__all__ = ["BusPoller", "open_client"]
+__all__ = ["BusPoller", "line_format", "open_client", "poll_reads"]
 
 log = structlog.get_logger()
 
@@ -105,6 +106,11 @@ def _prompt_client_class() -> type[Any]:
     Sending works the same way: bytes left from an earlier answer are drained and the request written
     through libc, and ``select`` waits for the port only when its output buffer is full. pyserial's own
     ``write`` calls ``select`` after every write, one more system call and GIL hand-off per poll.
+
+    On a real line an answer arrives a character or two at a time. Its length follows from the request
+    and each character's time from the baud rate, so once its first bytes are in, the thread sleeps until
+    the rest can have arrived instead of waking for every chunk (:meth:`PromptSerialClient.recv`). A
+    request waits for the inter-frame silence after the last answer, and no longer (:mod:`drivers.wire`).
     """
     import ctypes
     import errno
@@ -120,6 +126,13 @@ def _prompt_client_class() -> type[Any]:
     class PromptSerialClient(ModbusSerialClient):
         _buffer: ctypes.Array[ctypes.c_char]  # set when the port opens, used only by the bus thread
         _count: ctypes.c_int
+        _char_s = 0.0  # one character's time on the wire
+        _silence_s = 0.0  # the inter-frame silence
+        _quiet_at = 0.0  # monotonic time from which the line has been silent long enough to send
+        _answer_len: int | None = None  # bytes of the normal answer to the request in flight
+        _answer_head = b""  # its first two bytes as received (address, function or exception flag)
+        _answer_got = 0  # its bytes received so far
+        _answer_base = 0.0  # monotonic time its first bytes came, less their wire time: when it began
 
         def connect(self) -> bool:
             fresh = self.socket is None
@@ -128,11 +141,19 @@ def _prompt_client_class() -> type[Any]:
                 os.set_blocking(self.socket.fileno(), False)  # libc read below must never block
                 self._buffer = ctypes.create_string_buffer(1024)
                 self._count = ctypes.c_int()
+                params = self.comm_params
+                line = LineFormat(baud=int(params.baudrate or 9600), bytesize=int(params.bytesize or 8),
+                                  parity=str(params.parity or "N"), stopbits=int(params.stopbits or 1))
+                self._char_s, self._silence_s = line.char_s, line.silence_s
             return ok
 
         def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
             if not request or self.socket is None:
                 return int(super().send(request, addr))
+            if (quiet := self._quiet_at - time.monotonic()) > 0:
+                time.sleep(quiet)  # the silence that ends the previous frame (a few ms at most)
+            self._answer_len, self._answer_head, self._answer_got = answer_bytes(request), b"", 0
+            self._quiet_at = time.monotonic() + len(request) * self._char_s + self._silence_s
             try:
                 fd = self.socket.fileno()
                 if self.bytes_waiting():
@@ -159,9 +180,24 @@ def _prompt_client_class() -> type[Any]:
                 drained += self._buffer.raw[:got]
             return drained
 
+        def _answer_complete_at(self) -> float:
+            """When the answer in flight can be complete at the earliest, once its first bytes came (0 when
+            not known). Timed from its first bytes, which ``select`` caught as they came; until the
+            function byte is in, the answer may be a 5-byte exception, so only that much is counted."""
+            expected, got = self._answer_len, self._answer_got
+            if expected is None or got == 0:
+                return 0.0
+            if got < 2:
+                expected = min(expected, 5)
+            elif self._answer_head[1] & 0x80:
+                expected = 5
+            return self._answer_base + expected * self._char_s
+
         def recv(self, size: int | None) -> bytes:
             if size is not None or self.socket is None:
                 return super().recv(size)
+            if (rest := self._answer_complete_at() - time.monotonic()) > 0:
+                time.sleep(rest)  # the frame cannot be complete sooner; select below takes it at once
             deadline = time.monotonic() + self.comm_params.timeout_connect
             try:
                 fd = self.socket.fileno()
@@ -170,7 +206,15 @@ def _prompt_client_class() -> type[Any]:
                     if readable:
                         got = libc.read(fd, self._buffer, len(self._buffer))
                         if got > 0:
-                            return self._buffer.raw[:got]
+                            data = self._buffer.raw[:got]
+                            now = time.monotonic()
+                            self._quiet_at = now + self._silence_s
+                            if self._answer_got == 0:
+                                self._answer_base = now - got * self._char_s
+                            if len(self._answer_head) < 2:
+                                self._answer_head += data[: 2 - len(self._answer_head)]
+                            self._answer_got += got
+                            return data
                         if got == 0:
                             raise OSError("the port hung up")
                         if (code := ctypes.get_errno()) not in (errno.EAGAIN, errno.EINTR):
@@ -197,8 +241,26 @@ def _prompt_client_class() -> type[Any]:
     return BusSerialClient
 
 
+def line_format(bus: BusConfig) -> LineFormat:
+    """The bus's baud rate and character format."""
+    return LineFormat(baud=bus.baudrate, bytesize=bus.bytesize, parity=bus.parity, stopbits=bus.stopbits)
+
+
+def poll_reads(devices: list[ModbusDevice]) -> list[tuple[int, int]]:
+    """``(function, count)`` of every read of one usual cycle over ``devices``."""
+    reads: list[tuple[int, int]] = []
+    for device in devices:
+        if isinstance(device, GasDetector | ExtinguisherStation):
+            reads += device.profile.cycle_reads
+    return reads
+
+
 class BusPoller:
-    """Polls the devices of one bus forever, in its own thread."""
+    """Polls the devices of one bus forever, in its own thread.
+
+    While a cycle takes longer than ``poll_interval_s`` the next starts at once: between two polls the
+    line is idle only for the protocol's silence.
+    """
 
     def __init__(
         self,
@@ -226,7 +288,16 @@ class BusPoller:
         self.polls = 0
         self.errors = 0
         self.last_cycle_s = 0.0
+        #: Duration of the last cycle that polled every device (None before the first): next to
+        #: :attr:`floor_s` it says how close polling runs to the wire's limit.
+        self.cycle_s: float | None = None
         self._failing: set[str] = set()
+
+    @property
+    def floor_s(self) -> float:
+        """The wire's floor for one cycle of this bus's usual polls (:func:`drivers.wire.bus_floor_s`),
+        with the default device turnaround."""
+        return bus_floor_s(line_format(self.bus), poll_reads(self.devices), turnaround_s=DEFAULT_TURNAROUND_S)
 
     @property
     def deadline_s(self) -> float:
@@ -298,11 +369,13 @@ class BusPoller:
         if self._paused.is_set():
             self._serve_requests()
             return
+        started = time.monotonic()
         for device in self.devices:
             if self._stop.is_set():
-                break
+                return
             self._poll(device)
             self._serve_requests()
+        self.cycle_s = time.monotonic() - started
 
     def _tell(self, key: str, call: Callable[..., None], *args: Any) -> None:
         """Report to the alarm panel; a bug behind it is logged and never stops the bus thread."""
