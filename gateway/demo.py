@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -16,7 +15,7 @@ from gpiozero.pins.mock import MockFactory
 from drivers.gpio import ContactInput
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import SiteConfig, load_config
-from gateway.daemon import Gateway
+from gateway.panel.process import PanelProcess
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -27,22 +26,36 @@ LEAK_HOUSEHOLD = "u1-201"
 
 def demo_config(workdir: Path, bus_port: str, *, source: Path = EXAMPLE) -> SiteConfig:
     """The example site, with its bus on ``bus_port`` and its files in ``workdir``."""
-    cfg = load_config(source)
-    buses = tuple(dataclasses.replace(b, port=bus_port, timeout_s=0.3) for b in cfg.buses)
-    return dataclasses.replace(
-        cfg,
-        buses=buses,
-        storage=dataclasses.replace(cfg.storage, path=str(workdir / "events.db")),
-        control=dataclasses.replace(cfg.control, socket=str(workdir / "control.sock"), group=None),
-        mqtt=dataclasses.replace(
-            cfg.mqtt, host="127.0.0.1", port=1883, client_id=f"{cfg.gateway_id}-demo-{os.getpid()}"
-        ),
-    )
+    return load_config(write_demo_site(workdir, bus_port, source=source))
 
 
-def _close_nc_contacts(gateway: Gateway) -> None:
+def write_demo_site(workdir: Path, bus_port: str, *, source: Path = EXAMPLE) -> Path:
+    """Write the example site with its bus on ``bus_port``, its files in ``workdir`` and a local broker."""
+    text = source.read_text()
+    replacements = {
+        r'^port = "[^"]*"': f"port = {_toml(bus_port)}",
+        r'^host = "[^"]*"': 'host = "127.0.0.1"',
+        r'^path = "[^"]*"': f"path = {_toml(str(workdir / 'events.db'))}",
+        r'^socket = "[^"]*"': f"socket = {_toml(str(workdir / 'control.sock'))}",
+    }
+    for pattern, value in replacements.items():
+        text, count = re.subn(pattern, value, text, count=1, flags=re.MULTILINE)
+        if count != 1:
+            raise ValueError(f"the example site has no line matching {pattern!r}")
+    text = re.sub(r"^group = .*$", "", text, flags=re.MULTILINE)
+    text = re.sub(r"^timeout_s = .*$", "timeout_s = 0.3", text, count=1, flags=re.MULTILINE)
+    path = workdir / "building.toml"
+    path.write_text(text)
+    return path
+
+
+def _toml(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _close_nc_contacts(panel: PanelProcess) -> None:
     """On mock pins every contact starts open; close the normally-closed ones (all is well)."""
-    for contact in gateway.contacts.values():
+    for contact in panel.contacts.values():
         if contact.contact == "NC" and isinstance(contact, ContactInput):
             contact._input.pin.drive_low()
 
@@ -72,8 +85,11 @@ async def _demo(duration: float, workdir: Path) -> int:
                 det.set_status("normal")
                 detectors[dev.household or dev.id] = det
         with bus:
-            gateway = Gateway(cfg, on_pins_ready=_close_nc_contacts)
-            await gateway.start()
+            config_path = workdir / "building.toml"
+            panel = PanelProcess(cfg, str(config_path))
+            panel.side._on_pins_ready = lambda: _close_nc_contacts(panel)
+            panel.open()
+            await panel.start_services()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.call_later(duration, stop.set)
@@ -82,10 +98,8 @@ async def _demo(duration: float, workdir: Path) -> int:
                 await stop.wait()
             finally:
                 leak.cancel()
-                waiting, _ = await gateway.outbox.backlog()
-                log.info("demo finished", stored=gateway.outbox.stored_total,
-                         forwarded=gateway.uplink.delivered_total, buffered=waiting)
-                await gateway.stop(flush_timeout_s=2.0)
+                log.info("demo finished", held_by_panel=len(panel.handover.hold))
+                await panel.stop(flush_timeout_s=2.0)
     return 0
 
 

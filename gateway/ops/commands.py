@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -41,11 +41,13 @@ from gateway.panel.annunciator import PATTERNS
 from gateway.panel.core import Sound
 
 if TYPE_CHECKING:
-    from gateway.alarm_link import RemoteBus
-    from gateway.daemon import Gateway
+    from gateway.config import SiteConfig
     from gateway.panel.buses import BusPoller
 
-__all__ = ["COMMANDS", "COMMAND_ARGS", "CommandHandler", "CommandRejected", "CommandResult", "Progress"]
+__all__ = [
+    "COMMANDS", "COMMAND_ARGS", "CommandHandler", "CommandRejected", "CommandResult", "CommandTarget", "Progress",
+    "StorageAway",
+]
 
 log = structlog.get_logger()
 
@@ -177,12 +179,38 @@ class _EventQuery:
         return {"since": self.since, "device": self.device, "household": self.household, "kind": self.kind}
 
 
+class StorageAway(Exception):
+    """The storage/uplink process is not there to answer (the panel's commands still work)."""
+
+
+class CommandTarget(Protocol):
+    """What the command handler works on: the panel process (:class:`gateway.panel.process.PanelProcess`)."""
+
+    cfg: SiteConfig
+    started_at: float
+
+    @property
+    def panel(self) -> Any: ...
+    @property
+    def annunciator(self) -> Any: ...
+    @property
+    def buses(self) -> Mapping[str, Any]: ...
+    @property
+    def contacts(self) -> Mapping[str, Any]: ...
+    def record(self, event: Event) -> None: ...
+    async def storage(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]: ...
+    async def recent_events(self, **query: Any) -> list[dict[str, Any]]: ...
+    def follow_stored(self, **query: Any) -> AsyncGenerator[list[dict[str, Any]], None]: ...
+    def hold_figures(self) -> dict[str, Any]: ...
+    def uplink_process(self) -> dict[str, Any]: ...
+
+
 class CommandHandler:
-    """Validates and carries out operator commands against a running :class:`~gateway.daemon.Gateway`."""
+    """Validates and carries out operator commands against the running panel (:class:`CommandTarget`)."""
 
     COMMANDS: frozenset[str] = COMMANDS
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: CommandTarget) -> None:
         self.gateway = gateway
         self._scanning: set[str] = set()
 
@@ -263,31 +291,34 @@ class CommandHandler:
                 "faults": d["faults"], "supervisory": d["supervisory"], "latched": d["latched"],
                 "condition_present": d["condition_present"], "comm_errors": d["comm_errors"],
             })
-        backlog, oldest = await gw.outbox.backlog()
+        try:
+            stored: dict[str, Any] | None = await gw.storage("storage")
+        except StorageAway as exc:
+            stored, away = None, str(exc)
         ann = snap["annunciation"]
-        uplink = gw.uplink
+        if stored is not None:
+            oldest = stored["oldest_undelivered"]
+            uplink: dict[str, Any] = {
+                "process": "up", **stored["uplink"], "backlog": stored["backlog"], "oldest_undelivered": oldest,
+                "oldest_undelivered_age_s": None if oldest is None else round(now_wall - oldest, 1),
+            }
+        else:
+            uplink = {"process": "down", "connected": False, "reason": away}
         return {
             "gateway": {
                 "id": cfg.gateway_id, "community": cfg.community, "building": cfg.building,
-                "version": __version__, "session": gw.outbox.session, "pid": os.getpid(),
-                "alarm_pid": gw.alarm_pid,
+                "version": __version__, "session": None if stored is None else stored["session"],
+                "pid": os.getpid(), "uplink_process": gw.uplink_process(),
                 "started_at": gw.started_at, "uptime_s": round(now_wall - gw.started_at, 1), "config": cfg.source,
                 "database": cfg.storage.path,
             },
-            "uplink": {
-                "connected": uplink.connected, "broker": uplink.broker,
-                "rtt_ms": None if uplink.rtt_ms is None else round(uplink.rtt_ms, 1),
-                "backlog": backlog, "oldest_undelivered": oldest,
-                "oldest_undelivered_age_s": None if oldest is None else round(now_wall - oldest, 1),
-                "inflight": uplink.inflight, "delivered_total": uplink.delivered_total,
-                "last_error": uplink.last_error,
-            },
+            "uplink": uplink,
             "annunciator": {
                 "sound": ann.sound.name.lower(), "pattern": gw.annunciator.sound_pattern,
                 "buzzer_on": gw.annunciator.buzzer_on, "leds": sorted(ann.leds),
                 "relays": {r.id: gw.annunciator.relay_states.get(r.id, False) for r in cfg.outputs.relays},
             },
-            "storage": await gw.storage_status(),
+            "storage": {**(stored["storage"] if stored is not None else {}), **gw.hold_figures()},
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
                  "polls": p.polls, "errors": p.errors}
@@ -298,10 +329,13 @@ class CommandHandler:
         }
 
     async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        gw = self.gateway
-        if not gw.uplink.publish_json(gw.topics.birth, gw.birth(), retain=True):
-            return CommandResult.failed("rebirth: the uplink is not connected")
-        return CommandResult(True, data={"topic": gw.topics.birth})
+        try:
+            answer = await self.gateway.storage("rebirth")
+        except StorageAway as exc:
+            return CommandResult.failed(f"rebirth: {exc}")
+        except RuntimeError as exc:
+            return CommandResult.failed(f"rebirth: {exc}")
+        return CommandResult(True, data={"topic": answer["topic"]})
 
     async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})
@@ -338,7 +372,10 @@ class CommandHandler:
 
     async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         query = self._event_query(a)
-        rows = await self.gateway.outbox.recent(limit=query.limit, **query.filters())
+        try:
+            rows = await self.gateway.recent_events(limit=query.limit, **query.filters())
+        except StorageAway as exc:
+            return CommandResult.failed(str(exc))
         return CommandResult(True, data={"events": rows})
 
     async def follow(self, args: Mapping[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
@@ -349,26 +386,20 @@ class CommandHandler:
         a = _Args("events", args)
         query = self._event_query(a)
         gw = self.gateway
-        stored = gw.watch_stored()
         try:
-            rows = await gw.outbox.recent(limit=query.limit, **query.filters())
+            rows = await gw.recent_events(limit=query.limit, **query.filters())
             after = rows[-1]["stored_seq"] if rows else await self._last_seq()
-            for row in rows:
+        except StorageAway as exc:
+            raise CommandRejected(str(exc)) from None
+        for row in rows:
+            yield row
+        # recent() keeps the newest rows of a query: ask for more than one poll can store
+        async for batch in gw.follow_stored(limit=EVENTS_MAX, after_seq=after, **query.filters()):
+            for row in batch:
                 yield row
-            while True:
-                await stored.wait()
-                stored.clear()
-                # recent() keeps the newest rows of a query: ask for more than one wake-up can store
-                rows = await gw.outbox.recent(limit=EVENTS_MAX, after_seq=after, **query.filters())
-                for row in rows:
-                    yield row
-                if rows:
-                    after = rows[-1]["stored_seq"]
-        finally:
-            gw.unwatch_stored(stored)
 
     async def _last_seq(self) -> int:
-        rows = await self.gateway.outbox.recent(limit=1)
+        rows = await self.gateway.recent_events(limit=1)
         return int(rows[-1]["stored_seq"]) if rows else 0
 
     # ------------------------------------------------------------------------------ bus work
@@ -379,7 +410,7 @@ class CommandHandler:
         except KeyError:
             raise CommandRejected(f"{command}: device: unknown device {device_id!r}") from None
 
-    def _driver(self, device_id: str) -> tuple[BusPoller | RemoteBus, ModbusDevice] | None:
+    def _driver(self, device_id: str) -> tuple[BusPoller, ModbusDevice] | None:
         for poller in self.gateway.buses.values():
             for driver in poller.devices:
                 if driver.device_id == device_id:
@@ -387,7 +418,7 @@ class CommandHandler:
         return None
 
     async def _on_bus(
-        self, poller: BusPoller | RemoteBus, work: Callable[[ModbusClient], Any], timeout_s: float
+        self, poller: BusPoller, work: Callable[[ModbusClient], Any], timeout_s: float
     ) -> Any:
         future = poller.submit(work)
         try:
@@ -512,10 +543,12 @@ class CommandHandler:
         annunciator = self.gateway.annunciator
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            if annunciator.current.sound >= Sound.TEST:
-                return annunciator.current.sound
+            sound: Sound = annunciator.current.sound
+            if sound >= Sound.TEST:
+                return sound
             await asyncio.sleep(min(BUZZER_TEST_CHECK_S, remaining))
-        return annunciator.current.sound if annunciator.current.sound >= Sound.TEST else None
+        last: Sound = annunciator.current.sound
+        return last if last >= Sound.TEST else None
 
     async def _cmd_relay_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         output = a.text("output", required=True)

@@ -27,6 +27,9 @@ __all__ = ["AlarmPanel"]
 
 log = structlog.get_logger()
 
+#: Event kinds that change what :class:`gateway.panel.state.StateSaver` keeps.
+SAVED_KINDS = frozenset({"alarm", "reset", "silence", "test", "relay"})
+
 
 class AlarmPanel:
     """Thread-safe front of :class:`AlarmCore` that drives the :class:`Annunciator`."""
@@ -38,10 +41,14 @@ class AlarmPanel:
         sink: Callable[[Event], None],
         *,
         on_annunciation: Callable[[Annunciation], None] | None = None,
+        on_saved_change: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``on_saved_change`` is called (after the pins moved) when latches, silence, walk tests or relays
+        may have changed; it must only set a flag (:class:`gateway.panel.state.StateSaver`)."""
         self.core = core
+        self._on_saved_change = on_saved_change
         self.annunciator = annunciator
         self._sink = sink
         self._on_annunciation = on_annunciation
@@ -115,6 +122,21 @@ class AlarmPanel:
         """Start a walk test; raises KeyError for an unknown device."""
         self._run(lambda now: self.core.test(device_id, now, source))
 
+    def restore(self, events: list[Event]) -> None:
+        """Show and hand on what :meth:`AlarmCore.restore` gave back (at start, before the first poll)."""
+        self._run(lambda _now: events)
+
+    def record(self, event: Event) -> None:
+        """Hand on an event made outside the core (an operator action), in order with the core's."""
+        with self._lock:
+            self._pending.append((None, [event], self._wall()))
+        self._hand_on()
+
+    def saved_state(self) -> dict[str, Any]:
+        """What must survive a restart (:meth:`AlarmCore.saved_state`), taken under the panel's lock."""
+        with self._lock:
+            return self.core.saved_state(self._clock())
+
     def snapshot(self) -> dict[str, Any]:
         """Devices, active conditions and the annunciation, consistent with each other."""
         with self._lock:
@@ -162,6 +184,8 @@ class AlarmPanel:
                 self._shown = annunciation
             if changed or events:
                 self._pending.append((annunciation if changed else None, events, self._wall()))
+        if self._on_saved_change is not None and any(e.kind in SAVED_KINDS for e in events):
+            self._on_saved_change()
         self._hand_on()
 
     def _hand_on(self) -> None:

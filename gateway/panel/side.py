@@ -9,6 +9,7 @@ asyncio loop: the panel hands copies of its events and annunciations to two call
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,8 +50,15 @@ class AlarmSide:
         on_annunciation: Callable[[Annunciation], None],
         heartbeats: Heartbeats,
         on_pins_ready: Callable[[], None] | None = None,
+        saved: dict[str, Any] | None = None,
+        on_saved_change: Callable[[], None] | None = None,
     ) -> None:
+        """``saved``: the panel state of the last run (:mod:`gateway.panel.state`), restored before the first
+        poll; ``on_saved_change`` is told when it changes (it must only set a flag)."""
         self.cfg = cfg
+        self._saved = saved
+        self._on_saved_change = on_saved_change
+        self.restore_problem: str | None = None
         self.heartbeats = heartbeats
         self._on_event = on_event
         self._on_annunciation = on_annunciation
@@ -78,7 +86,17 @@ class AlarmSide:
         )
         self.annunciator.start()
         core = AlarmCore(cfg.devices, cfg.alarm, cfg.linkage)
-        self.panel = AlarmPanel(core, self.annunciator, self._on_event, on_annunciation=self._on_annunciation)
+        restored: list[Event] = []
+        if self._saved is not None:
+            try:
+                restored = core.restore(self._saved, time.monotonic())
+            except (KeyError, ValueError, TypeError) as exc:
+                self.restore_problem = f"saved state does not fit this site: {type(exc).__name__}: {exc}"
+                core = AlarmCore(cfg.devices, cfg.alarm, cfg.linkage)
+        self.panel = AlarmPanel(core, self.annunciator, self._on_event, on_annunciation=self._on_annunciation,
+                                on_saved_change=self._on_saved_change)
+        if restored:
+            self.panel.restore(restored)  # latches and their relays are back before any input is read
         self.heartbeats.register("alarm-ticker", 5.0)
         self.panel.start_ticker(heartbeat=self._beater("alarm-ticker"))
         for dev in cfg.devices:

@@ -1,10 +1,12 @@
 """The outbox: every event committed to SQLite before it is forwarded, kept until its PUBACK.
 
 One aiosqlite connection owned by the asyncio loop. WAL journal with ``synchronous=FULL``: a commit that
-returned is on the disk, for every priority class. Each event gets an id unique across restarts —
-``<gateway>:<session>:<seq>`` — where the session counter is kept in the database (and in a small
-``<db>.session`` file beside it, so a database that had to be replaced never repeats an id) and bumped at
-every start.
+returned is on the disk, for every priority class. Each event gets an id that never repeats —
+``<gateway>:<install>:<session>:<seq>``. ``install`` is a random identity made when the database is created
+(kept in its ``meta`` table, copied to ``<db>.install-id`` beside it); a new database — a reinstall, a new
+SD card, a demo run — is a new installation, so its session counter may start at 1 again without an id
+ever coming back. The session counter is kept in the database (and in ``<db>.session``) and bumped at every
+start. docs/storage.md gives the rules.
 
 Bounds: a size cap and a free-disk watermark. When either is hit, rows are evicted in a fixed ladder —
 delivered history first, then undelivered rows from the lowest priority class up, oldest first — and every
@@ -25,6 +27,7 @@ import json
 import math
 import operator
 import os
+import secrets
 import shutil
 import sqlite3
 import time
@@ -47,11 +50,14 @@ __all__ = [
     "PendingEvent",
     "StorageLimits",
     "failure_kind",
+    "new_install_id",
     "query_history",
 ]
 
 log = structlog.get_logger()
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: ``version`` of the event messages this outbox stores (schemas/event.json); 1 had no ``install``.
+EVENT_VERSION = 2
 MB = 1024 * 1024
 DAY_S = 86_400.0
 
@@ -78,6 +84,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_pending ON events (delivered, seq);
 CREATE INDEX IF NOT EXISTS events_device ON events (device, seq);
+CREATE INDEX IF NOT EXISTS events_session ON events (session, session_seq);
 DROP INDEX IF EXISTS events_class;
 DROP INDEX IF EXISTS events_wall;
 """
@@ -171,6 +178,7 @@ class PendingEvent(NamedTuple):
     payload: str
     attempts: int
     mono: float
+    wall: float
 
 
 def disk_free_bytes(path: str) -> int:
@@ -197,6 +205,8 @@ class Outbox:
         self.gateway_id = gateway_id
         self.limits = limits
         self.session = 0
+        self.install = ""
+        """This installation's random identity (see :func:`new_install_id`); part of every event id."""
         self.generation = 0
         """Bumped when the file is replaced (corruption); readers holding seq cursors must start over."""
         self._identity = identity
@@ -282,7 +292,7 @@ class Outbox:
             raise
         return db
 
-    async def _start_session(self, *, check: bool, floor: int = 0) -> None:
+    async def _start_session(self, *, check: bool, floor: int = 0, install: str | None = None) -> None:
         self._db = await self._connect()
         db = self._db
         await db.executescript(_SCHEMA)
@@ -293,26 +303,35 @@ class Outbox:
                 raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
         await db.execute("BEGIN IMMEDIATE")
         try:
-            cur = await db.execute("SELECT value FROM meta WHERE key = 'session'")
-            row = await cur.fetchone()
-            session = max(int(row[0]) if row else 0, _read_session_file(self._session_file), floor) + 1
+            cur = await db.execute("SELECT key, value FROM meta WHERE key IN ('session', 'install')")
+            meta = {str(k): str(v) for k, v in await cur.fetchall()}
+            session = max(int(meta.get("session", 0)), _read_session_file(self._session_file), floor) + 1
+            # The database's identity wins; one without (new, or from before identities) starts a new one.
+            install = meta.get("install") or install or new_install_id()
             await db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                  [("session", str(session)), ("schema", str(SCHEMA_VERSION)),
-                                  ("gateway_id", self.gateway_id)])
+                                  ("gateway_id", self.gateway_id), ("install", install)])
             await db.execute("COMMIT")
         except BaseException:
             await _rollback(db)
             raise
         _write_session_file(self._session_file, session)
+        _reconcile_install_file(self._install_file, install)
         self.session = session
+        self.install = install
         self._session_seq = 0
         self._last_seq = None
-        head = {"version": 1, "gateway": self.gateway_id, **self._identity, "session": session}
+        head = {"version": EVENT_VERSION, "gateway": self.gateway_id, **self._identity, "install": install,
+                "session": session}
         self._payload_prefix = orjson.dumps(head)[:-1].decode() + ","
 
     @property
     def _session_file(self) -> Path:
         return Path(f"{self.path}.session")
+
+    @property
+    def _install_file(self) -> Path:
+        return Path(f"{self.path}.install-id")
 
     # ------------------------------------------------------------------------------ corruption
 
@@ -338,7 +357,9 @@ class Outbox:
         moved = _move_aside(self.path)
         self.recovered_from = moved
         self.generation += 1
-        await self._start_session(check=False, floor=max(old_session, salvage.session))
+        # The same installation goes on (its session counter too): the salvaged rows keep their ids.
+        await self._start_session(check=False, floor=max(old_session, salvage.session),
+                                  install=salvage.install or self.install or None)
         db = self.connection
         await db.execute("BEGIN IMMEDIATE")
         try:
@@ -360,25 +381,34 @@ class Outbox:
     # ------------------------------------------------------------------------------ events
 
     def _payload(self, event: Event, event_id: str, session_seq: int, synced: bool) -> str:
-        """The event's JSON (schemas/event.json without ``historical``, which the uplink adds when sending)."""
+        """The event's JSON (schemas/event.json without ``historical``, ``sent`` and ``age_s``, which the uplink
+        adds when it sends it)."""
         body: dict[str, Any] = {"event_id": event_id, "seq": session_seq, "time": _iso(event.wall),
                                 "clock_synced": synced}
         values = zip(_EVENT_FIELDS, _event_values(event), strict=True)
         body.update({name: value for name, value in values if value is not None})
         return self._payload_prefix + orjson.dumps(body)[1:].decode()
 
-    async def append(self, events: Sequence[Event]) -> list[str]:
+    async def append(self, events: Sequence[Event], *, handover: str | None = None) -> list[str]:
         """Commit events in one transaction (fully synced); returns their ids.
 
+        ``handover``: the panel's mark of the last of these events, kept in the same transaction, so that a
+        storage process started again knows what it already committed (:meth:`handover_mark`).
         Raises :class:`sqlite3.Error` when the database refuses (busy, full, corrupt): nothing was stored then
         and the same ids are used by the next call.
         """
         if not events:
             return []
         async with self._lock:
-            return await self._append(events)
+            return await self._append(events, handover)
 
-    async def _append(self, events: Sequence[Event]) -> list[str]:
+    async def handover_mark(self) -> str | None:
+        """The panel's hand-over mark of the last committed event it sent, or None."""
+        async with self._lock:
+            rows = await self.connection.execute_fetchall("SELECT value FROM meta WHERE key = 'handover'")
+        return next((str(row[0]) for row in rows), None)
+
+    async def _append(self, events: Sequence[Event], handover: str | None = None) -> list[str]:
         db = self.connection
         synced = clock_synchronised()
         rows = []
@@ -387,7 +417,7 @@ class Outbox:
         seq = self._last_seq if self._last_seq is not None else await self._read_last_seq()
         size = 0
         session = self.session
-        prefix = f"{self.gateway_id}:{session}:"
+        prefix = f"{self.gateway_id}:{self.install}:{session}:"
         for event in events:
             seq += 1
             session_seq += 1
@@ -399,13 +429,15 @@ class Outbox:
                          event.device, event.unit, event.household, event.wall or time.time(), event.mono,
                          int(synced), payload))
         try:
-            if len(rows) <= _ROWS_PER_INSERT:  # one statement, so one transaction: one trip to SQLite's thread
+            if len(rows) <= _ROWS_PER_INSERT and handover is None:  # one statement, so one transaction
                 await db.execute(_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
             else:
                 await db.execute("BEGIN IMMEDIATE")
                 for i in range(0, len(rows), _ROWS_PER_INSERT):
                     chunk = rows[i:i + _ROWS_PER_INSERT]
                     await db.execute(_insert_sql(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                if handover is not None:
+                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
                 await db.execute("COMMIT")
         except BaseException:
             self._last_seq = None  # read it again: another writer may have taken these seqs
@@ -417,7 +449,7 @@ class Outbox:
         self.commits += 1
         self.appended.set()
         if self._append_listeners:
-            stored = [PendingEvent(r[0], r[1], session, r[4], r[6], r[13], 0, r[11]) for r in rows]
+            stored = [PendingEvent(r[0], r[1], session, r[4], r[6], r[13], 0, r[11], r[10]) for r in rows]
             for listener in self._append_listeners:
                 listener(stored)
         # Rows cost about twice their payload once the indexes are counted.
@@ -441,7 +473,7 @@ class Outbox:
         """Undelivered events after ``seq``, oldest first."""
         async with self._lock:
             rows = await self.connection.execute_fetchall(
-                "SELECT seq, event_id, session, kind, priority, payload, attempts, mono FROM events"
+                "SELECT seq, event_id, session, kind, priority, payload, attempts, mono, wall FROM events"
                 " WHERE delivered = 0 AND seq > ? ORDER BY seq LIMIT ?",
                 (after, limit),
             )
@@ -467,6 +499,13 @@ class Outbox:
                 await _rollback(db)
                 raise
 
+    async def urgent_waiting(self) -> bool:
+        """Whether an alarm, supervisory signal or fault waits undelivered (the uplink then retries fast)."""
+        async with self._lock:
+            rows = await self.connection.execute_fetchall(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE delivered = 0 AND priority >= ?)", (int(Priority.TROUBLE),))
+        return bool(next(iter(rows))[0])
+
     async def backlog(self) -> tuple[int, float | None]:
         """(undelivered count, wall time of the oldest undelivered event)."""
         async with self._lock:
@@ -484,11 +523,17 @@ class Outbox:
         household: str | None = None,
         kind: str | None = None,
         after_seq: int = 0,
+        install: str | None = None,
+        session: int | None = None,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
     ) -> list[dict[str, Any]]:
-        """History, newest last, with delivery state."""
+        """History with delivery state: the newest ``limit`` matches, or with ``session`` the first ``limit`` of
+        that session's ``from_seq``..``to_seq``; oldest first either way."""
         async with self._lock:
             return await query_history(self.connection, limit=limit, since=since, device=device, household=household,
-                                       kind=kind, after_seq=after_seq)
+                                       kind=kind, after_seq=after_seq, install=install, session=session,
+                                       from_seq=from_seq, to_seq=to_seq)
 
     # ------------------------------------------------------------------------------ bounds
 
@@ -716,10 +761,27 @@ async def query_history(
     household: str | None = None,
     kind: str | None = None,
     after_seq: int = 0,
+    install: str | None = None,
+    session: int | None = None,
+    from_seq: int | None = None,
+    to_seq: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Filtered history rows (shared by the daemon and the read-only CLI)."""
+    """Filtered history rows (shared by the daemon and the read-only CLI).
+
+    Without ``session``: the newest ``limit`` matches. With it: a range of that session by ``seq`` (a consumer
+    filling a gap), the first ``limit`` from ``from_seq`` on, so a long gap is fetched page by page. ``install``
+    names the installation the range belongs to: another one's history is not in this file, so nothing matches.
+    """
+    if install is not None:
+        rows = await db.execute_fetchall("SELECT value FROM meta WHERE key = 'install'")
+        if install not in {str(r[0]) for r in rows}:
+            return []
     where = ["seq > ?"]
     args: list[Any] = [after_seq]
+    ranged = session is not None
+    if ranged:
+        where.append("session = ? AND session_seq BETWEEN ? AND ?")
+        args += [session, max(1, from_seq or 1), to_seq if to_seq is not None else 2**62]
     for column, value in (("device", device), ("household", household), ("kind", kind)):
         if value is not None:
             where.append(f"{column} = ?")
@@ -729,12 +791,12 @@ async def query_history(
         args.append(since)
     cur = await db.execute(
         f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
-        " ORDER BY seq DESC LIMIT ?",
+        f" ORDER BY {'session_seq' if ranged else 'seq DESC'} LIMIT ?",
         (*args, limit),
     )
-    rows = await cur.fetchall()
+    rows = list(await cur.fetchall())
     out = []
-    for seq, payload, delivered, delivered_at in reversed(list(rows)):
+    for seq, payload, delivered, delivered_at in (rows if ranged else reversed(rows)):
         item = json.loads(payload)
         item["stored_seq"] = seq
         item["delivered"] = bool(delivered)
@@ -804,15 +866,39 @@ def _read_session_file(path: Path) -> int:
 
 def _write_session_file(path: Path, session: int) -> None:
     """Remember the session beside the database (atomically), so a replaced file never repeats an id."""
+    _write_small_file(path, f"{session}\n")
+
+
+def new_install_id() -> str:
+    """A random installation identity: 16 hex digits (64 bits), so two installations never share one."""
+    return secrets.token_hex(8)
+
+
+def _reconcile_install_file(path: Path, install: str) -> None:
+    """The file beside the database follows the database's identity (which wins when the two disagree)."""
+    try:
+        found = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        found = ""
+    if found == install:
+        return
+    if found:
+        log.warning("installation identity file disagrees with the database; the database's identity is kept",
+                    path=str(path), file=found, database=install)
+    _write_small_file(path, f"{install}\n")
+
+
+def _write_small_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically and durably; a failure is logged (the database copy counts)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="ascii") as fh:
-            fh.write(f"{session}\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:  # the database copy still counts
-        log.warning("cannot write the session file", path=str(path), error=str(exc))
+    except OSError as exc:
+        log.warning("cannot write a file beside the database", path=str(path), error=str(exc))
 
 
 def _move_aside(path: str) -> str:
@@ -834,6 +920,7 @@ class _Salvage:
     session: int
     rows: list[tuple[Any, ...]]
     counters: dict[str, int]
+    install: str | None = None
 
 
 def _salvage(path: str) -> _Salvage:
@@ -850,6 +937,8 @@ def _salvage(path: str) -> _Salvage:
             for key, value in db.execute("SELECT key, value FROM meta"):
                 if key == "session":
                     out.session = int(value)
+                elif key == "install":
+                    out.install = str(value)
                 elif str(key).startswith(("evicted.", "dropped.", "retired.")):
                     out.counters[str(key)] = int(value)
         with contextlib.suppress(sqlite3.Error):

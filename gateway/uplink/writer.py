@@ -51,12 +51,15 @@ class EventWriter:
         memory_limit: int = 10_000,
         on_stored: Callable[[Sequence[Event], Sequence[str]], None] | None = None,
         on_fault: Callable[[str, bool, str | None], None] | None = None,
+        mark: Callable[[Sequence[Event]], str | None] | None = None,
     ) -> None:
+        """``mark(batch)``: the hand-over mark committed with ``batch`` (see :meth:`Outbox.append`)."""
         self.outbox = outbox
         self.batch_s = batch_s
         self.memory_limit = max(1, memory_limit)
         self._on_stored = on_stored
         self._on_fault = on_fault
+        self._mark = mark
         self._held: deque[Event] = deque()
         self._committing = 0  # events at the front of _held inside the current transaction: never shed
         self._first_held_at: float | None = None
@@ -169,7 +172,7 @@ class EventWriter:
             generation = self.outbox.generation
             self._committing = size
             try:
-                ids = await self.outbox.append(chunk)
+                ids = await self.outbox.append(chunk, handover=None if self._mark is None else self._mark(chunk))
             except Exception as exc:  # sqlite3.Error mostly; ValueError from a closed connection
                 self._committing = 0
                 if len(self._held) > self.memory_limit:

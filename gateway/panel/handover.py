@@ -1,0 +1,434 @@
+"""The panel's side of the link to the storage/uplink process: it holds events until they are stored, and
+keeps that process running.
+
+* :class:`Hold` keeps every event the panel made, in order, under a hand-over number, until the storage side
+  says it is committed to SQLite. It is bounded: over the bound it drops the oldest events of the lowest
+  class present (telemetry first, alarms last) and counts them.
+* :class:`Handover` is the one thread that owns the hold and writes to the link. The alarm path only puts
+  events on its queue (never waits); acknowledgements, connections and requests arrive on the same queue.
+  When a storage process connects it says the last number it committed, and everything after it is sent
+  again, so none is lost and none is stored twice.
+* :class:`UplinkSupervisor` starts ``python -m gateway.uplink.process`` with one end of a socket pair, reads
+  its messages on a thread of its own, and starts it again when it exits, stops beating or breaks the
+  protocol. The panel never stops because of it (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import os
+import queue
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from gateway import link
+from gateway.events import Event, Priority
+
+__all__ = ["Handover", "Hold", "UplinkSupervisor"]
+
+log = structlog.get_logger()
+
+#: Events the panel holds for the storage process at most (about 1 kB each).
+HOLD_LIMIT = 20_000
+#: The storage process is restarted when it has not beaten for this long (seconds).
+UPLINK_DEADLINE_S = 15.0
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 30.0
+#: A storage process that ran this long starts again from the shortest back-off after it ends.
+STABLE_S = 60.0
+REQUEST_TIMEOUT_S = 10.0
+
+
+class Hold:
+    """Events not yet committed by the storage side, by hand-over number; bounded, alarms dropped last."""
+
+    def __init__(self, limit: int = HOLD_LIMIT) -> None:
+        self.limit = max(10, limit)
+        self._events: collections.OrderedDict[int, Event] = collections.OrderedDict()
+        self.dropped: Counter[str] = Counter()
+        self._unreported: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def add(self, n: int, event: Event) -> None:
+        """Keep ``event`` under number ``n`` (numbers rise); over the bound, shed the lowest class."""
+        self._events[n] = event
+        if len(self._events) > self.limit:
+            self._shed()
+
+    def _shed(self) -> None:
+        lowest = min(e.priority for e in self._events.values())
+        quota = max(len(self._events) - self.limit, self.limit // 10)
+        victims = [n for n, e in self._events.items() if e.priority == lowest][:quota]
+        for n in victims:
+            del self._events[n]
+        name = Priority(lowest).name.lower()
+        self.dropped[name] += len(victims)
+        self._unreported[name] += len(victims)
+        log.error("storage process away and the hold is full: events dropped", dropped=len(victims),
+                  event_class=name, held=len(self._events), limit=self.limit)
+
+    def acknowledge(self, upto: int) -> int:
+        """Forget every event numbered ``upto`` or lower (committed); how many were forgotten."""
+        done = 0
+        while self._events:
+            n = next(iter(self._events))
+            if n > upto:
+                break
+            del self._events[n]
+            done += 1
+        return done
+
+    def after(self, n: int) -> list[tuple[int, Event]]:
+        """Held events numbered above ``n``, in order."""
+        return [(k, e) for k, e in self._events.items() if k > n]
+
+    def take_unreported_drops(self) -> dict[str, int]:
+        """Drops not yet handed to storage (to be counted there); forgets them."""
+        drops, self._unreported = dict(self._unreported), Counter()
+        return drops
+
+    def return_drops(self, drops: dict[str, int]) -> None:
+        """Drops that could not be handed over after all."""
+        self._unreported.update(drops)
+
+
+@dataclass(frozen=True, slots=True)
+class _Attach:
+    sock: socket.socket
+    committed: int
+
+
+_DETACH = object()
+_STOP = object()
+
+
+class Handover:
+    """The thread that owns the :class:`Hold` and writes the link; see the module docstring."""
+
+    def __init__(self, hold: Hold | None = None) -> None:
+        self.hold = hold or Hold()
+        self.boot = secrets.token_hex(6)
+        """This panel run's name in hand-over marks: numbers restart with every panel start."""
+        self._numbers = itertools.count(1)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._sock: socket.socket | None = None
+        self._sent_upto = 0
+        self._thread = threading.Thread(target=self._run, name="handover", daemon=True)
+        self._idle = threading.Event()
+        self.committed_upto = 0
+        self.handed_over = 0
+
+    # ------------------------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def put(self, event: Event) -> None:
+        """Hand an event on (from the alarm path: never blocks)."""
+        self._queue.put((next(self._numbers), event))
+
+    def attach(self, sock: socket.socket, committed: str | None) -> None:
+        """A storage process connected; ``committed`` is its last committed mark (``boot:n``) or None."""
+        boot, _, n = (committed or "").partition(":")
+        self._queue.put(_Attach(sock, int(n) if boot == self.boot and n.isdigit() else 0))
+
+    def detach(self) -> None:
+        """The storage process is gone: keep holding."""
+        self._queue.put(_DETACH)
+
+    def acknowledge(self, boot: str, upto: int) -> None:
+        """The storage process committed everything up to ``upto`` of run ``boot``."""
+        if boot == self.boot:
+            self._queue.put(("ack", upto))
+
+    def send(self, frame: bytes) -> None:
+        """Write a frame (a request or a reply) after what is queued; dropped when nothing is attached."""
+        self._queue.put(("frame", frame))
+
+    def wait_stored(self, timeout_s: float) -> bool:
+        """Wait until every event handed on so far is committed (for a planned stop)."""
+        target = self._mark()
+        deadline = time.monotonic() + timeout_s
+        while self.committed_upto < target and time.monotonic() < deadline:
+            if not self.hold and self._queue.empty():
+                return True
+            time.sleep(0.02)
+        return self.committed_upto >= target or not self.hold
+
+    def _mark(self) -> int:
+        marker = threading.Event()
+        self._queue.put(("mark", marker))
+        marker.wait(5.0)
+        return self.handed_over
+
+    def stop(self) -> None:
+        """End the writer thread."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            try:
+                self._handle(item)
+            except Exception:  # this thread carries every event: a bug must not end it
+                log.exception("handover: an item could not be handled")
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, tuple) and isinstance(item[0], int):
+            n, event = item
+            self.handed_over = n
+            self.hold.add(n, event)
+            self._send_event(n, event)
+        elif isinstance(item, _Attach):
+            self._sock = item.sock
+            self.committed_upto = max(self.committed_upto, item.committed)
+            self.hold.acknowledge(item.committed)
+            backlog = self.hold.after(item.committed)
+            if backlog:
+                log.info("handing held events to the storage process", events=len(backlog))
+            for n, event in backlog:
+                self._send_event(n, event)
+        elif item is _DETACH:
+            self._sock = None
+        elif item[0] == "ack":
+            self.committed_upto = max(self.committed_upto, item[1])
+            self.hold.acknowledge(item[1])
+        elif item[0] == "frame":
+            self._write(item[1])
+        elif item[0] == "mark":
+            item[1].set()
+
+    def _send_event(self, n: int, event: Event) -> None:
+        if self._sock is not None:
+            self._write(link.encode("event", n=n, boot=self.boot, event=link.event_to_wire(event)))
+
+    def _write(self, frame: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.sendall(frame)
+        except OSError as exc:
+            log.warning("link to the storage process broken while writing", error=str(exc))
+            self._sock = None
+
+
+class UplinkSupervisor:
+    """Runs the storage/uplink process, restarts it, and serves its messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        config_path: str,
+        handover: Handover,
+        *,
+        on_request: Callable[[str, dict[str, Any], Callable[[dict[str, Any], bool], None]], None],
+        on_fault: Callable[[str, bool, str | None], None],
+        on_state: Callable[[bool, str], None] | None = None,
+        command: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.handover = handover
+        self._on_request = on_request
+        self._on_fault = on_fault
+        self._on_state = on_state
+        self._command = list(command) if command else [sys.executable, "-m", "gateway.uplink.process"]
+        self._env = env
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uplink-supervisor", daemon=True)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._last_beat = 0.0
+        self.up = False
+        self.starts = 0
+        self.last_exit: str | None = None
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        """Start the storage process and keep it running."""
+        self._thread.start()
+
+    def request(self, name: str, args: dict[str, Any] | None = None) -> Future[dict[str, Any]]:
+        """Ask the storage process (``events``, ``storage``, ``rebirth``); the future fails when it is away."""
+        future: Future[dict[str, Any]] = Future()
+        if not self.up:
+            future.set_exception(ConnectionError("the storage/uplink process is down"))
+            return future
+        request_id = next(self._ids)
+        with self._pending_lock:
+            self._pending[request_id] = future
+        self.handover.send(link.encode("request", id=request_id, name=name, args=args or {}))
+        return future
+
+    def stop(self, flush_timeout_s: float = 5.0, timeout_s: float = 20.0) -> None:
+        """Ask the storage process to flush and exit; wait for it, kill it after ``timeout_s``."""
+        self._stop.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self.handover.send(link.encode("stop", flush_timeout_s=flush_timeout_s))
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.error("storage process did not stop; killing it", pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        self._thread.join(timeout=timeout_s)
+
+    # ------------------------------------------------------------------------------ supervisor thread
+
+    def _run(self) -> None:
+        delay = RESTART_MIN_S
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._run_once()
+            except Exception:
+                log.exception("storage process could not be run")
+            self._set_up(False, self.last_exit or "ended")
+            if self._stop.is_set():
+                return
+            if time.monotonic() - started >= STABLE_S:
+                delay = RESTART_MIN_S
+            log.error("storage/uplink process ended; the panel goes on and starts it again",
+                      reason=self.last_exit, restart_in_s=delay)
+            self._stop.wait(delay)
+            delay = min(RESTART_MAX_S, delay * 2)
+
+    def _run_once(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = subprocess.Popen(
+                [*self._command, "--config", self.config_path, "--link-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=self._env, start_new_session=False,
+            )
+        finally:
+            theirs.close()
+        self._proc = proc
+        self.pid = proc.pid
+        self.starts += 1
+        self._last_beat = time.monotonic()
+        reader = threading.Thread(target=self._read, args=(ours, proc), name="uplink-reader", daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            if self._stop.is_set():
+                break
+            if self.up and time.monotonic() - self._last_beat > UPLINK_DEADLINE_S:
+                self.last_exit = f"no beat for {UPLINK_DEADLINE_S:.0f} s"
+                log.error("storage process hangs; killing it", pid=proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+        if self._stop.is_set():
+            reader.join(timeout=20)
+            return
+        code = proc.wait()
+        if code != 0 and not (self.last_exit or "").startswith("no beat"):
+            self.last_exit = f"exit status {code}"
+        with contextlib.suppress(OSError):
+            ours.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=5)
+
+    def _read(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+        try:
+            while True:
+                try:
+                    frame = link.read_frame(sock)
+                except (OSError, ConnectionError) as exc:
+                    self.last_exit = f"link: {exc}"
+                    return
+                except link.BadMessage as exc:
+                    self.last_exit = f"protocol: {exc}"
+                    log.error("storage process broke the link protocol; restarting it", reason=str(exc))
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    return
+                if frame is None:
+                    return
+                try:
+                    message = link.decode(frame)
+                except link.BadMessage as exc:
+                    log.error("message from the storage process rejected", reason=str(exc))
+                    continue
+                try:
+                    self._dispatch(sock, message)
+                except Exception:
+                    log.exception("message from the storage process not handled", type=message.get("type"))
+        finally:
+            self.handover.detach()
+            self._fail_pending("the storage/uplink process went away")
+            self._set_up(False, self.last_exit or "link closed")
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _dispatch(self, sock: socket.socket, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        self._last_beat = time.monotonic()
+        if kind == "hello":
+            self.last_exit = None
+            self.handover.attach(sock, message["handover"])
+            drops = self.handover.hold.take_unreported_drops()
+            if drops:
+                self.handover.send(link.encode("request", id=0, name="count_dropped", args={"dropped": drops}))
+            self._set_up(True, "connected")
+        elif kind == "stored":
+            self.handover.acknowledge(message["boot"], message["upto"])
+        elif kind == "fault":
+            self._on_fault(message["code"], message["present"], message["detail"])
+        elif kind == "reply":
+            with self._pending_lock:
+                future = self._pending.pop(message["id"], None)
+            if future is not None and future.set_running_or_notify_cancel():
+                if message["ok"]:
+                    future.set_result(message["data"])
+                else:
+                    future.set_exception(RuntimeError(str(message["data"].get("error", "failed"))))
+        elif kind == "request":
+            request_id = message["id"]
+
+            def answer(data: dict[str, Any], ok: bool) -> None:
+                self.handover.send(link.encode("reply", id=request_id, ok=ok, data=data))
+
+            self._on_request(message["name"], message["args"], answer)
+
+    def _fail_pending(self, reason: str) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ConnectionError(reason))
+
+    def _set_up(self, up: bool, reason: str) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if self._on_state is not None:
+            try:
+                self._on_state(up, reason)
+            except Exception:
+                log.exception("storage state listener failed")

@@ -1,0 +1,377 @@
+"""The panel process: ``gatewayd`` itself, the building's alarm panel, standing alone.
+
+It owns the pins, the buses, the alarm core, the annunciator and relays, the saved panel state, the control
+socket and the command handler, and it feeds systemd's watchdog. Storage and MQTT run in a child process
+(:mod:`gateway.uplink.process`) that this one starts and restarts (:class:`~gateway.panel.handover.UplinkSupervisor`);
+while it is away the panel holds its events (:class:`~gateway.panel.handover.Hold`) and keeps polling,
+sounding, latching and driving relays. docs/architecture.md draws the whole.
+
+Start-up either works or ends within seconds with one line naming the cause and a sysexits code
+(:class:`PanelStartError`); a planned stop stops the inputs first, waits until every event read is stored,
+then stops the storage process and releases the pins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncGenerator, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import structlog
+
+from gateway import __version__, link
+from gateway.config import SiteConfig
+from gateway.events import Event
+from gateway.health import Heartbeats
+from gateway.notify import Notifier, Watchdog
+from gateway.ops.commands import CommandHandler, StorageAway
+from gateway.ops.control import ControlServer, ControlServerError
+from gateway.panel.core import Annunciation
+from gateway.panel.handover import Handover, UplinkSupervisor
+from gateway.panel.selfcheck import SelfCheck, on_alarm_path
+from gateway.panel.side import AlarmSide
+from gateway.panel.state import StateSaver, load_state, state_path
+from gateway.realtime import SWITCH_INTERVAL_S
+
+__all__ = ["EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "PanelProcess", "PanelStartError", "start_error"]
+
+log = structlog.get_logger()
+
+# sysexits(3): documented in docs/deploy.md.
+EX_UNAVAILABLE = 69  # GPIO backend missing, a pin in use, a serial port that exists but cannot be opened
+EX_SOFTWARE = 70  # any other reason the panel cannot start
+EX_OSERR = 71
+EX_NOPERM = 77
+#: How long a planned stop waits for the storage process to commit what the panel read.
+STOP_STORE_TIMEOUT_S = 10.0
+STORAGE_REQUEST_TIMEOUT_S = 10.0
+
+
+class PanelStartError(Exception):
+    """The panel cannot start: ``line`` names the cause, ``code`` is the exit status."""
+
+    def __init__(self, line: str, code: int = EX_SOFTWARE) -> None:
+        super().__init__(line)
+        self.line = line
+        self.code = code
+
+
+class PanelProcess:
+    """One building's alarm panel and the supervisor of its storage process."""
+
+    def __init__(self, cfg: SiteConfig, config_path: str, *, uplink_env: dict[str, str] | None = None,
+                 heartbeats: Heartbeats | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.started_at = time.time()
+        self.heartbeats = heartbeats or Heartbeats()
+        self.handover = Handover()
+        identity = {"community": cfg.community, "building": cfg.building, "gateway": cfg.gateway_id}
+        self.state_file = state_path(cfg.storage.path)
+        loaded = load_state(self.state_file, identity)
+        self._state_problem = loaded.problem
+        saved = loaded.state or {}
+        unstored = saved.get("unstored_at_stop")
+        if isinstance(unstored, dict):
+            self.handover.hold.return_drops({str(k): int(v) for k, v in unstored.items() if isinstance(v, int)})
+        self.saver = StateSaver(self.state_file, identity, self._saved_state)
+        self.side = AlarmSide(cfg, on_event=self.handover.put, on_annunciation=self._annunciation_changed,
+                              heartbeats=self.heartbeats, saved=loaded.state,
+                              on_saved_change=self.saver.changed)
+        self.supervisor = UplinkSupervisor(config_path, self.handover, on_request=self._uplink_request,
+                                           on_fault=self._storage_fault, on_state=self._uplink_state,
+                                           env=uplink_env)
+        self.commands = CommandHandler(self)
+        self.control: ControlServer | None = None
+        self.selfcheck: SelfCheck | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unstored_at_stop: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------ what commands use
+
+    @property
+    def panel(self) -> Any:
+        """The alarm panel (:class:`gateway.panel.alarm_panel.AlarmPanel`)."""
+        return self.side.panel
+
+    @property
+    def annunciator(self) -> Any:
+        """Buzzer, LEDs and relays."""
+        return self.side.annunciator
+
+    @property
+    def buses(self) -> Mapping[str, Any]:
+        """The bus threads by bus id."""
+        return self.side.buses
+
+    @property
+    def contacts(self) -> Mapping[str, Any]:
+        """The GPIO contacts by device id."""
+        return self.side.contacts
+
+    @property
+    def uplink_pid(self) -> int | None:
+        """The storage process's pid while it runs."""
+        return self.supervisor.pid if self.supervisor.up else None
+
+    def record(self, event: Event) -> None:
+        """Store an event made by an operator action, in order with the panel's own."""
+        self.side.panel.record(event)
+
+    async def storage(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Ask the storage process; :class:`StorageAway` when it is down or does not answer in time."""
+        future = self.supervisor.request(name, args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), STORAGE_REQUEST_TIMEOUT_S)
+        except (ConnectionError, TimeoutError) as exc:
+            raise StorageAway(f"the storage/uplink process is down: {exc}" if str(exc) else
+                              "the storage/uplink process did not answer") from None
+
+    async def recent_events(self, **query: Any) -> list[dict[str, Any]]:
+        """Stored history from the storage process (``events`` command)."""
+        rows: list[dict[str, Any]] = (await self.storage("events", query))["rows"]
+        return rows
+
+    async def follow_stored(self, **query: Any) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """Newly stored rows after ``after_seq``, as they come (polls the storage process)."""
+        after = int(query.pop("after_seq", 0))
+        while True:
+            try:
+                rows = await self.recent_events(after_seq=after, **query)
+            except StorageAway:
+                rows = []
+            if rows:
+                after = int(rows[-1]["stored_seq"])
+                yield rows
+            else:
+                await asyncio.sleep(0.2)
+
+    def hold_figures(self) -> dict[str, Any]:
+        """The panel's hold of events for the storage process."""
+        return {"held_by_panel": len(self.handover.hold), "hold_limit": self.handover.hold.limit,
+                "dropped_by_panel": dict(self.handover.hold.dropped)}
+
+    def uplink_process(self) -> dict[str, Any]:
+        """Whether the storage/uplink process runs, and since how many starts."""
+        sup = self.supervisor
+        return {"state": "up" if sup.up else "down", "pid": self.uplink_pid, "starts": sup.starts,
+                "last_exit": sup.last_exit}
+
+    # ------------------------------------------------------------------------------ start
+
+    def open(self) -> None:
+        """Pins, outputs, saved state and buses; :class:`PanelStartError` when the panel cannot run."""
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._check_ports()
+        try:
+            self.side.start()
+        except PanelStartError:
+            raise
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.side.stop_inputs()
+            with contextlib.suppress(Exception):
+                self.side.close()
+            raise start_error(exc) from exc
+        self.handover.start()
+        self.saver.start()
+        if self._state_problem is not None:
+            self.record(Event("fault", "detected", time.monotonic(), code="panel_state",
+                              detail=f"saved panel state set aside ({self._state_problem}); started fresh"))
+        if self.side.restore_problem is not None:
+            self.record(Event("fault", "detected", time.monotonic(), code="panel_state",
+                              detail=f"{self.side.restore_problem}; started fresh"))
+        if self._state_problem is not None or self.side.restore_problem is not None:
+            self.saver.changed()
+        log.info("panel started", gateway=self.cfg.gateway_id, version=__version__, devices=len(self.cfg.devices),
+                 buses=len(self.cfg.buses), restored=self.side.panel.saved_state())
+
+    def _check_ports(self) -> None:
+        """A serial port that exists but cannot be opened stops the start; an absent one is ``port_lost``."""
+        import serial
+
+        for bus in self.cfg.buses:
+            if not os.path.exists(bus.port):
+                continue
+            try:
+                serial.Serial(bus.port, baudrate=bus.baudrate, timeout=0).close()
+            except (serial.SerialException, OSError) as exc:
+                code = EX_NOPERM if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM) else EX_UNAVAILABLE
+                raise PanelStartError(f"serial: cannot open {bus.port} (bus {bus.id}): {_reason(exc)}",
+                                      code) from exc
+
+    async def serve(self, *, duration: float | None = None) -> int:
+        """Run until SIGTERM/SIGINT (or ``duration``); a planned stop; the exit status."""
+        notifier = Notifier()
+        self._loop = asyncio.get_running_loop()
+        await self.start_services()
+        watchdog = Watchdog(self.heartbeats, notifier, status_text=self.summary)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, stop.set)
+        notifier.ready()
+        notifier.status(self.summary())
+        watchdog.start()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), duration)
+        finally:
+            notifier.stopping()
+            watchdog.stop()
+            await self.stop()
+        return 0
+
+    async def start_services(self) -> None:
+        """The storage process, the control socket, the self-check, the loop's heartbeat."""
+        self._loop = asyncio.get_running_loop()
+        self.supervisor.start()
+        control = ControlServer(self.cfg.control, self.commands)
+        try:
+            await control.start()
+        except ControlServerError as exc:
+            log.error("control socket unavailable; gatewayctl cannot reach this panel", error=str(exc))
+        else:
+            self.control = control
+        self.heartbeats.register("loop", 10.0)
+        self._beating = asyncio.create_task(self._loop_heartbeat(), name="loop-heartbeat")
+        self.selfcheck = SelfCheck(self.heartbeats, self.side.panel, watch=on_alarm_path)
+        self.selfcheck.start()
+
+    async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
+        """Planned stop: inputs first, every event read stored, then storage and outputs."""
+        if self.selfcheck is not None:
+            self.selfcheck.stop()
+        if self.control is not None:
+            await self.control.stop()
+        await asyncio.to_thread(self.side.stop_inputs)
+        stored = self.supervisor.up and await asyncio.to_thread(self.handover.wait_stored, STOP_STORE_TIMEOUT_S)
+        if not stored and len(self.handover.hold):
+            counts: dict[str, int] = {}
+            for _, event in self.handover.hold.after(0):
+                name = event.priority.name.lower()
+                counts[name] = counts.get(name, 0) + 1
+            self._unstored_at_stop = counts
+            log.error("events not stored at stop; counted as dropped", **counts)
+        await asyncio.to_thread(self.supervisor.stop, flush_timeout_s)
+        self._beating.cancel()
+        self.saver.stop()
+        self.saver.save_now()
+        self.handover.stop()
+        self.side.close()
+        log.info("panel stopped", gateway=self.cfg.gateway_id)
+
+    async def _loop_heartbeat(self) -> None:
+        while True:
+            self.heartbeats.beat("loop")
+            await asyncio.sleep(1.0)
+
+    # ------------------------------------------------------------------------------ callbacks
+
+    def _saved_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.side.panel.saved_state()
+        held = dict(self._unstored_at_stop)
+        for name, count in self.handover.hold.take_unreported_drops().items():
+            held[name] = held.get(name, 0) + count
+        if held:
+            state["unstored_at_stop"] = held
+        return state
+
+    def _annunciation_changed(self, annunciation: Annunciation) -> None:
+        """From the alarm path: log on the loop, never here."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._log_annunciation, annunciation)
+
+    def _log_annunciation(self, annunciation: Annunciation) -> None:
+        log.info("annunciator", sound=annunciation.sound.name.lower(), pattern=self.annunciator.sound_pattern,
+                 buzzer="on" if annunciation.sound else "off", leds=sorted(annunciation.leds),
+                 relays=sorted(annunciation.relays))
+
+    def _storage_fault(self, code: str, present: bool, detail: str | None) -> None:
+        self.side.panel.gateway_fault(code, present, detail)
+
+    def _uplink_state(self, up: bool, reason: str) -> None:
+        if up:
+            log.info("storage/uplink process connected", pid=self.supervisor.pid, held=len(self.handover.hold))
+        else:
+            log.warning("storage/uplink process away; the panel holds its events", reason=reason)
+
+    def _uplink_request(self, name: str, args: dict[str, Any], answer: Any) -> None:
+        """A request from the storage process (on its reader thread): run it on the loop, answer after."""
+        loop = self._loop
+        if loop is None:
+            answer({"error": "the panel is starting"}, False)
+            return
+
+        async def run() -> dict[str, Any]:
+            if name == "panel":
+                return self.panel_view()
+            if name == "command":
+                result = await self.commands.handle(str(args.get("command")), args.get("args") or {},
+                                                    source=str(args.get("source", "mqtt")))
+                return {"ok": result.ok, "reason": result.reason, "data": _plain(result.data)}
+            raise ValueError(f"unknown request {name!r}")
+
+        def done(future: Future[dict[str, Any]]) -> None:
+            exc = future.exception()
+            if exc is None:
+                answer(future.result(), True)
+            else:
+                answer({"error": f"{type(exc).__name__}: {exc}"}, False)
+
+        asyncio.run_coroutine_threadsafe(run(), loop).add_done_callback(done)
+
+    def panel_view(self) -> dict[str, Any]:
+        """The panel's state for the storage process's birth and status messages."""
+        return {
+            "snapshot": link.snapshot_to_wire(self.panel.snapshot()),
+            "buses": [{"id": bus_id, "polls": p.polls, "errors": p.errors, "port_lost": p.port_lost}
+                      for bus_id, p in self.buses.items()],
+            "hold": self.hold_figures(),
+        }
+
+    def summary(self) -> str:
+        """A one-line state for systemd's STATUS=."""
+        snap = self.panel.snapshot()
+        faults = sum(1 for d in snap["devices"] if d["faults"])
+        return (f"{len(snap['devices']) - faults} devices ok, {faults} fault, "
+                f"storage {'up' if self.supervisor.up else 'down'}, held {len(self.handover.hold)}")
+
+
+def _plain(value: Any) -> Any:
+    """Command data as JSON values (tuples to lists, enums by name)."""
+    import orjson
+
+    return orjson.loads(orjson.dumps(value, default=str))
+
+
+def _reason(exc: BaseException) -> str:
+    err = getattr(exc, "strerror", None)
+    text = err if err else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def start_error(exc: BaseException) -> PanelStartError:
+    """The one line and exit status for a panel that could not start because of ``exc``."""
+    name = type(exc).__name__
+    module = type(exc).__module__ or ""
+    if getattr(exc, "line", None):  # drivers.gpio's own clear errors carry their line
+        return PanelStartError(str(exc.line), EX_UNAVAILABLE)  # type: ignore[attr-defined]
+    if module.startswith("gpiozero"):
+        if "InUse" in name:
+            return PanelStartError(f"gpio: pin already in use: {_reason(exc)}", EX_UNAVAILABLE)
+        return PanelStartError(f"gpio: {name}: {_reason(exc)}", EX_UNAVAILABLE)
+    if isinstance(exc, PermissionError):
+        return PanelStartError(f"start: permission denied: {_reason(exc)} ({getattr(exc, 'filename', '')})",
+                               EX_NOPERM)
+    if isinstance(exc, OSError):
+        return PanelStartError(f"start: {_reason(exc)} ({getattr(exc, 'filename', '') or name})", EX_OSERR)
+    return PanelStartError(f"start: {name}: {_reason(exc)}", EX_SOFTWARE)
