@@ -23,7 +23,7 @@ Rules (docs/alarms.md gives each with its default and source):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -415,6 +415,52 @@ class AlarmCore:
             events.append(self._event(st, "test", "started", now, source=source,
                                       detail=f"until reset or {self.settings.walk_test_s:g} s"))
         self._test_sound_until = now + TEST_SOUND_S
+        return self._finish(events, now)
+
+    # ------------------------------------------------------------------------------------ saved state
+
+    def saved_state(self, now: float) -> dict[str, Any]:
+        """What must survive a restart: latched alarms (with silence), walk tests, the relays they drive."""
+        latches = []
+        for (subject, what), c in self._conditions.items():
+            st = self._devices.get(subject)
+            if what != "alarm" or st is None:
+                continue
+            latches.append({"device": subject, "level": st.latched.name.lower(), "silenced": c.silenced,
+                            "cleared": st.cleared, "age_s": round(max(0.0, now - c.since), 3)})
+        tests = [{"device": d, "remaining_s": round(st.test_until - now, 3)}
+                 for d, st in self._devices.items() if st.test_until is not None and st.test_until > now]
+        return {"latches": latches, "walk_tests": tests, "relays": sorted(self._relays)}
+
+    def restore(self, saved: Mapping[str, Any], now: float) -> list[Event]:
+        """Take back latches and walk tests from :meth:`saved_state` (before the first poll).
+
+        Each restored latch is an event (``alarm``/``restored``); its relays follow at once. A device the
+        site no longer has, or a level it does not know, raises KeyError/ValueError: the caller sets the
+        saved state aside.
+        """
+        events: list[Event] = []
+        for item in saved.get("latches", ()):
+            st = self._devices[str(item["device"])]
+            level = Level[str(item["level"]).upper()]
+            if level == Level.NONE:
+                raise ValueError(f"latch of {st.cfg.id} has no level")
+            cleared = bool(item.get("cleared", False))
+            st.latched = level
+            st.cleared = cleared
+            st.announced = Level.NONE if cleared else level
+            st.last_known = Level.NONE if cleared else level
+            since = now - float(item.get("age_s", 0.0))
+            self._conditions[(st.cfg.id, "alarm")] = _Condition(
+                "alarm", Sound.FIRE if st.fire else Sound.GAS, st.cfg.unit, st.cfg.household, since,
+                level=level, silenced=bool(item.get("silenced", False)))
+            events.append(self._event(st, "alarm", "restored", now, level=self._level_name(st, level),
+                                      detail="latched before the restart; stays latched until reset"
+                                      + ("; silenced" if item.get("silenced") else "")))
+        for item in saved.get("walk_tests", ()):
+            st = self._devices[str(item["device"])]
+            st.test_until = now + max(0.0, min(float(item["remaining_s"]), self.settings.walk_test_s))
+            events.append(self._event(st, "test", "restored", now, detail="walk test resumed after a restart"))
         return self._finish(events, now)
 
     # ------------------------------------------------------------------------------------ rules
