@@ -337,8 +337,9 @@ class WireSpec:
 
     ``turnaround_s`` is every slave's default pause between the end of a request (after the silence that
     ends it) and the start of its answer; :meth:`SimulatedBus.set_turnaround` sets one slave's own.
-    ``noise`` is the fraction of frames (requests and answers) that get one corrupted byte; ``seed``
-    makes the noise repeatable.
+    ``noise`` is the fraction of answer frames that get one corrupted byte; ``seed`` makes the noise
+    repeatable. Requests are left whole: a real device drops a garbled request at the silence that ends
+    it, but pymodbus's server keeps such bytes and would spoil the next request with them.
     """
 
     baud: int = 9600
@@ -408,7 +409,7 @@ class WireLine:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
-        #: Frames that got a corrupted byte (requests and answers).
+        #: Answer frames that got a corrupted byte.
         self.corrupted = 0
 
     def start(self) -> None:
@@ -460,7 +461,7 @@ class WireLine:
             return b""
 
     def _noisy(self, chunk: bytearray) -> None:
-        """Corrupt one byte of a new frame, for the configured fraction of frames."""
+        """Corrupt one byte of a new answer, for the configured fraction of answers."""
         if self._spec.noise and self._rng.random() < self._spec.noise:
             chunk[self._rng.randrange(len(chunk))] ^= self._rng.randrange(1, 256)
             self.corrupted += 1
@@ -476,7 +477,6 @@ class WireLine:
         else:
             start = max(now, self._line_end + self._silence_s)
             request = _Request(chunk, start + len(chunk) * self._char_s)
-            self._noisy(request.data)
             self._to_device.append(request)
         self._line_end = max(self._line_end, request.end)
 
