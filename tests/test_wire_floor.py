@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
 import pytest
 
 from drivers.profiles import PROFILE_A, PROFILE_B, STATION_IO_4DI
@@ -14,6 +21,11 @@ from drivers.wire import (
     read_answer_bytes,
     transaction_s,
 )
+from gateway.config import bus_floor_s as config_bus_floor_s
+from gateway.config import bus_floor_warnings, load_config
+from gateway.panel.core import Annunciation
+from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema
+from tests.support.site import build_site
 
 MS = 1e-3
 
@@ -94,3 +106,60 @@ def test_a_line_format_is_checked() -> None:
         LineFormat(parity="X")
     with pytest.raises(ValueError, match="baud"):
         LineFormat(baud=0)
+
+
+# -- the floor in the config check, the status message and the CLI -------------------------------------------
+
+
+def _site(tmp_path: Path, households: int, poll_interval_s: float) -> Path:
+    spec = build_site(bus_port="/dev/ttyUSB0", db_path=tmp_path / "gw.db", broker_port=1883,
+                      socket_path=tmp_path / "control.sock", households=households, poll_interval_s=poll_interval_s)
+    return spec.write(tmp_path / f"site-{households}-{poll_interval_s}.toml")
+
+
+def test_a_poll_interval_below_the_floor_is_a_warning_that_states_the_real_cycle(tmp_path: Path) -> None:
+    cfg = load_config(_site(tmp_path, 64, 1.0))
+    floor = bus_floor_s(LineFormat(baud=9600), list(PROFILE_A.cycle_reads) * 64)
+    assert config_bus_floor_s(cfg.buses[0], cfg.devices) == pytest.approx(floor)
+    assert bus_floor_warnings(cfg) == [f"buses[0].poll_interval_s: 64 detectors at 9600 baud need ≥ {floor:.1f} s "
+                                       "per cycle; poll_interval_s = 1.0 cannot be met"]
+    assert bus_floor_warnings(load_config(_site(tmp_path, 64, 3.0))) == []
+    assert bus_floor_warnings(load_config(_site(tmp_path, 8, 1.0))) == []
+
+
+def test_config_check_warns_without_failing(tmp_path: Path) -> None:
+    slow = _site(tmp_path, 64, 1.0)
+    text = _ctl("config", "check", str(slow))
+    assert text.returncode == 0, text.stderr
+    assert "ok" in text.stdout
+    assert "warning: buses[0].poll_interval_s: 64 detectors at 9600 baud need ≥ 2.6 s per cycle; " \
+           "poll_interval_s = 1.0 cannot be met" in text.stderr
+    as_json = _ctl("config", "check", str(slow), "--json")
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout)["warnings"] == bus_floor_warnings(load_config(slow))
+    quiet = _ctl("config", "check", str(_site(tmp_path, 8, 1.0)))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+
+
+def _ctl(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).with_name("gatewayctl")
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.ops.cli"]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=60, check=False,
+                          env={**os.environ, "NO_COLOR": ""})
+
+
+def test_the_status_message_carries_each_bus_floor_and_cycle() -> None:
+    reporter = StatusReporter(gateway="g", community="c", building="b", software="1")
+    message = reporter.build(
+        session=1, uplink=UplinkFigures(rtt_ms=None, connections=0, delivered=0, rejected=0, inflight=0),
+        backlog=(0, None), snapshot={"devices": [], "annunciation": Annunciation()},
+        buses=[BusCounters("rs485-1", 640, 0, False, floor_s=2.6401, cycle_s=2.7123),
+               BusCounters("rs485-2", 0, 0, True)],
+    )
+    rows = {row["bus"]: row for row in message["links"]["buses"]}
+    assert (rows["rs485-1"]["floor_ms"], rows["rs485-1"]["cycle_ms"]) == (2640.1, 2712.3)
+    assert (rows["rs485-2"]["floor_ms"], rows["rs485-2"]["cycle_ms"]) == (None, None)
+    bus_row = schema("status")["properties"]["links"]["properties"]["buses"]["items"]
+    jsonschema.Draft202012Validator(bus_row).validate(rows["rs485-1"])
+    jsonschema.Draft202012Validator(bus_row).validate(rows["rs485-2"])
+    assert {"floor_ms", "cycle_ms"} <= set(bus_row["required"])
