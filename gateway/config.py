@@ -7,11 +7,12 @@ and the reason; :class:`ConfigError` carries both. ``gatewayd`` exits 78 (EX_CON
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import stat
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from drivers.profiles import (
     parse_station_profile,
 )
 from drivers.profiles import toml_type_name as _typename
+from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat
+from drivers.wire import bus_floor_s as wire_floor_s
 
 __all__ = [
     "CONTACT_KINDS",
@@ -47,6 +50,9 @@ __all__ = [
     "SiteConfig",
     "StorageConfig",
     "UnitConfig",
+    "bus_floor_s",
+    "bus_floor_warnings",
+    "is_loopback",
     "load_config",
     "parse_config",
 ]
@@ -202,6 +208,8 @@ class AlarmSettings:
 
     offline_after_failures: int = 3
     offline_ceiling_s: float = 100.0
+    #: Good polls in a row before an offline fault clears: a flaky device must not flap its fault.
+    offline_clear_polls: int = 3
     door_open_s: float = 120.0
     trouble_chirp_interval_s: float = 45.0
     telemetry_interval_s: float = 60.0
@@ -228,6 +236,8 @@ class MqttConfig:
     credentials_file: str | None = None
     username: str | None = None
     password: str | None = None
+    allow_plaintext: bool = False
+    """Plain MQTT to a broker that is not on this host: refused at load unless the site sets this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +621,35 @@ def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig,
             )
 
 
+def bus_floor_s(bus: BusConfig, devices: Iterable[DeviceConfig]) -> float:
+    """The wire's floor for one cycle of ``bus`` (:func:`drivers.wire.bus_floor_s`): the usual reads of its
+    devices (a detector's fast window, a station's spans), with the default 10 ms device turnaround."""
+    reads: list[tuple[int, int]] = []
+    for device in devices:
+        if device.bus != bus.id:
+            continue
+        profile = device.detector_profile or device.station_profile
+        if profile is not None:
+            reads += profile.cycle_reads
+    line = LineFormat(baud=bus.baudrate, bytesize=bus.bytesize, parity=bus.parity, stopbits=bus.stopbits)
+    return wire_floor_s(line, reads, turnaround_s=DEFAULT_TURNAROUND_S)
+
+
+def bus_floor_warnings(cfg: SiteConfig) -> list[str]:
+    """One line per bus whose ``poll_interval_s`` is below its wire floor, stating the cycle it will really
+    have. Not an error: such a bus polls back to back, at the floor."""
+    warnings = []
+    for i, bus in enumerate(cfg.buses):
+        devices = [d for d in cfg.devices if d.bus == bus.id]
+        floor = bus_floor_s(bus, devices)
+        if bus.poll_interval_s < floor:
+            kinds = "detectors" if all(d.kind == "gas_detector" for d in devices) else "devices"
+            warnings.append(f"buses[{i}].poll_interval_s: {len(devices)} {kinds} at {bus.baudrate} baud need "
+                            f"≥ {floor:.{1 if floor >= 1 else 2}f} s per cycle; poll_interval_s = "
+                            f"{bus.poll_interval_s!r} cannot be met")
+    return warnings
+
+
 def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
     detectors = dict(BUILTIN_DETECTOR_PROFILES)
     stations = dict(BUILTIN_STATION_PROFILES)
@@ -645,6 +684,7 @@ def _parse_alarm(root: _Table) -> AlarmSettings:
     settings = AlarmSettings(
         offline_after_failures=t.integer("offline_after_failures", d.offline_after_failures, lo=1, hi=10),
         offline_ceiling_s=t.num("offline_ceiling_s", d.offline_ceiling_s, lo=1.0, hi=100.0),
+        offline_clear_polls=t.integer("offline_clear_polls", d.offline_clear_polls, lo=1, hi=100),
         door_open_s=t.num("door_open_s", d.door_open_s, lo=0.0, hi=3600.0),
         trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
         telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
@@ -918,8 +958,14 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
     username = password = None
     if credentials is not None:
         username, password = read_credentials(credentials, t.key("credentials_file"))
+    host = t.text("host", d.host) or d.host
+    allow_plaintext = t.flag("allow_plaintext", False)
+    if tls is None and not allow_plaintext and not is_loopback(host):
+        raise ConfigError(t.key("allow_plaintext"),
+                          f"plain MQTT to {host!r} (not this host) would send events, commands and credentials in "
+                          "clear: add an [mqtt.tls] table, or set mqtt.allow_plaintext = true to accept that")
     cfg = MqttConfig(
-        host=t.text("host", d.host) or d.host,
+        host=host,
         port=t.integer("port", 8883 if tls is not None else d.port, lo=1, hi=65535),
         client_id=t.text("client_id") or default_client_id,
         topic_prefix=prefix,
@@ -934,9 +980,21 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         credentials_file=credentials,
         username=username,
         password=password,
+        allow_plaintext=allow_plaintext,
     )
     t.done()
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine without a lookup: ``localhost`` or a loopback address."""
+    name = host.strip().lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_credentials(path: str, key: str) -> tuple[str, str]:

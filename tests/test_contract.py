@@ -8,6 +8,7 @@ every message is checked against its JSON Schema.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ from tests.support.site import SiteSpec, build_site
 
 GATEWAYD = str(Path(sys.executable).with_name("gatewayd"))
 TOPICS = Topics("safety", "c1", "b1")
+INSTALL = "0123456789abcdef"
 
 
 # ------------------------------------------------------------------------------------------- schemas
@@ -58,14 +60,18 @@ def test_every_schema_is_draft_2020_12_with_a_version(name: str) -> None:
     s = schema(name)
     assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     Draft202012Validator.check_schema(s)
-    assert s["properties"]["version"] == {"const": 1}
+    expected = {"command": {"const": 1}, "event": {"enum": [1, 2]}}.get(name, {"const": 2})
+    assert s["properties"]["version"] == expected
     assert "version" in s["required"]
+    if name != "command":  # every message the gateway publishes names its installation
+        assert "install" in s["properties"]
 
 
 def test_availability_builder_and_schema() -> None:
-    online = availability_message(gateway="g", community="c1", building="b1", state="online", session=3)
+    online = availability_message(gateway="g", community="c1", building="b1", state="online", session=3,
+                                  install=INSTALL)
     will = availability_message(gateway="g", community="c1", building="b1", state="offline", session=3,
-                                reason="connection lost")
+                                reason="connection lost", install=INSTALL)
     assert validator("availability").is_valid(online)
     assert validator("availability").is_valid(will)
     assert not validator("availability").is_valid({**will, "reason": None})
@@ -74,7 +80,8 @@ def test_availability_builder_and_schema() -> None:
 
 
 def test_command_result_builder_and_schema() -> None:
-    common: dict[str, Any] = {"gateway": "g", "community": "c1", "building": "b1", "session": 1, "command": "reset"}
+    common: dict[str, Any] = {"gateway": "g", "community": "c1", "building": "b1", "session": 1, "command": "reset",
+                              "install": INSTALL}
     ok = command_result(command_id="a1", code="ok", data={"reset": ["d"]}, **common)
     refused = command_result(command_id="a1", code="refused", reason="still present", **common)
     failed = command_result(command_id="a1", code="failed", reason="uplink down", **common)
@@ -98,7 +105,8 @@ def test_command_result_data_is_plain_json() -> None:
 def test_iso_time_matches_the_event_time_format() -> None:
     assert iso_time(0.25) == "1970-01-01T00:00:00.250Z"
     assert validator("availability").is_valid(availability_message(
-        gateway="g", community="c", building="b", state="online", session=1, wall=1_700_000_000.999))
+        gateway="g", community="c", building="b", state="online", session=1, wall=1_700_000_000.999,
+        install=INSTALL))
 
 
 # ------------------------------------------------------------------------------------------- topics
@@ -266,7 +274,8 @@ class Daemon:
         env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
         self._out = open(log, "ab")  # noqa: SIM115 - closed in wait()
         self.proc = subprocess.Popen([GATEWAYD, "--config", str(config)], env=env, stdout=self._out,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=config.parent)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=config.parent,
+                                     start_new_session=True)
 
     def wait(self, timeout: float = 30.0) -> int:
         try:
@@ -275,8 +284,9 @@ class Daemon:
             self._out.close()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL to every process of the daemon at once, as a power cut would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.wait()
 
 
@@ -360,11 +370,13 @@ def test_every_message_of_a_scenario_follows_its_schema(
         assert (e["community"], e["building"]) == ("c1", "b1")
         if e.get("device") == detector_spec.id:
             assert (e["unit"], e["household"]) == (detector_spec.unit, detector_spec.household)
-    # sequence numbers within each session have no gaps and ids are <gateway>:<session>:<seq>
+    # sequence numbers within each session have no gaps and ids are <gateway>:<install>:<session>:<seq>
     for s in {e["session"] for e in events}:
         seqs = sorted({e["seq"] for e in events if e["session"] == s})
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
-    assert all(e["event_id"] == f"{e['gateway']}:{e['session']}:{e['seq']}" for e in events)
+    assert all(e["event_id"] == f"{e['gateway']}:{e['install']}:{e['session']}:{e['seq']}" for e in events)
+    installs = {m.json["install"] for m in messages if isinstance(m.json, dict) and "install" in m.json}
+    assert len(installs) == 1, "a restart keeps the installation; every message names it"
     # after the Will nothing from session 1; the planned stop is the last word of session 2
     availability = [m.json for m in messages if m.topic == topics.availability]
     assert [(a["state"], a["session"]) for a in availability] == [

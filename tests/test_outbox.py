@@ -44,18 +44,107 @@ async def seqs_where(ob: Outbox, where: str, args: tuple[Any, ...] = ()) -> list
 async def test_ids_unique_across_restarts_and_a_replaced_file(tmp_path: Path) -> None:
     ob = await open_outbox(tmp_path)
     first = await ob.append([ev(), ev()])
+    install = ob.install
     await ob.close()
     ob = await open_outbox(tmp_path)
     second = await ob.append([ev()])
-    assert ob.session == 2
+    assert ob.session == 2 and ob.install == install, "a restart keeps the installation"
     await ob.close()
-    assert first == ["gw-test:1:1", "gw-test:1:2"] and second == ["gw-test:2:1"]
-    # The database is lost but the session file beside it is not: ids still never repeat.
+    assert re.fullmatch(r"[0-9a-f]{16}", install)
+    assert first == [f"gw-test:{install}:1:1", f"gw-test:{install}:1:2"] and second == [f"gw-test:{install}:2:1"]
+    # The database is lost but the files beside it are not: a new installation, and the session goes on.
     for suffix in ("", "-wal", "-shm"):
         Path(f"{tmp_path / 'events.db'}{suffix}").unlink(missing_ok=True)
     ob = await open_outbox(tmp_path)
-    assert ob.session == 3
+    assert ob.session == 3 and ob.install != install
     await ob.close()
+
+
+async def test_two_fresh_databases_of_one_site_never_share_an_event_id(tmp_path: Path) -> None:
+    """A reinstall (--purge), a new SD card, a demo run: each starts at session 1, seq 1 again."""
+    ids: list[set[str]] = []
+    for name in ("first", "second"):
+        ob = await Outbox.open(str(tmp_path / name / "events.db"), gateway_id="sunshine-garden-b07")
+        try:
+            assert ob.session == 1
+            ids.append(set(await ob.append([ev() for _ in range(20)])))
+        finally:
+            await ob.close()
+    assert len(ids[0]) == len(ids[1]) == 20
+    assert not ids[0] & ids[1]
+
+
+async def test_the_identity_is_kept_in_the_database_and_beside_it_and_the_database_wins(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    side = Path(f"{db}.install-id")
+    ob = await open_outbox(tmp_path)
+    install = ob.install
+    await ob.close()
+    assert side.read_text(encoding="ascii").strip() == install
+    assert sqlite3.connect(db).execute("SELECT value FROM meta WHERE key = 'install'").fetchone() == (install,)
+    side.write_text("0123456789abcdef\n", encoding="ascii")  # e.g. restored from another card's backup
+    ob = await open_outbox(tmp_path)
+    try:
+        assert ob.install == install
+        assert (await ob.append([ev()]))[0].startswith(f"gw-test:{install}:")
+    finally:
+        await ob.close()
+    assert side.read_text(encoding="ascii").strip() == install, "the file follows the database"
+    # A fresh database beside an old identity file (a cloned card image): a new identity, never the old one.
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    ob = await open_outbox(tmp_path)
+    try:
+        assert ob.install != install
+    finally:
+        await ob.close()
+    assert side.read_text(encoding="ascii").strip() == ob.install
+
+
+async def test_a_database_from_before_identities_gets_one_and_keeps_its_old_rows(tmp_path: Path) -> None:
+    db = tmp_path / "events.db"
+    ob = await open_outbox(tmp_path)
+    await ob.append([ev()])
+    await ob.close()
+    con = sqlite3.connect(db)
+    con.execute("DELETE FROM meta WHERE key = 'install'")
+    con.commit()
+    con.close()
+    Path(f"{db}.install-id").unlink()
+    ob = await open_outbox(tmp_path)
+    try:
+        assert re.fullmatch(r"[0-9a-f]{16}", ob.install) and ob.session == 2
+        rows = await ob.recent(limit=10)
+        assert len(rows) == 1
+    finally:
+        await ob.close()
+
+
+async def test_a_replaced_corrupt_file_stays_the_same_installation(tmp_path: Path) -> None:
+    ob = await open_outbox(tmp_path)
+    try:
+        install = ob.install
+        await ob.append([ev("alarm")])
+        assert await ob.recover(sqlite3.DatabaseError("database disk image is malformed"))
+        assert ob.install == install and ob.session == 2
+    finally:
+        await ob.close()
+
+
+async def test_a_range_of_one_session_by_seq_oldest_first_page_by_page(tmp_path: Path) -> None:
+    ob = await open_outbox(tmp_path)
+    try:
+        await ob.append([ev(device=f"d{i}") for i in range(30)])
+        page = await ob.recent(session=1, from_seq=5, to_seq=25, limit=8)
+        assert [r["seq"] for r in page] == list(range(5, 13))
+        page = await ob.recent(session=1, from_seq=13, to_seq=25, limit=100)
+        assert [r["seq"] for r in page] == list(range(13, 26))
+        assert await ob.recent(session=1, install=ob.install, from_seq=1, to_seq=1) != []
+        assert await ob.recent(session=1, install="0123456789abcdef", from_seq=1, to_seq=30) == [], \
+            "another installation's session 1 is not this one's"
+        assert await ob.recent(session=2, from_seq=1, to_seq=30) == []
+    finally:
+        await ob.close()
 
 
 async def test_every_commit_is_fully_synced_in_wal_mode(tmp_path: Path) -> None:
@@ -96,7 +185,7 @@ async def test_seqs_never_reused_and_listeners_get_the_stored_rows(tmp_path: Pat
     try:
         first = await append_seqs(ob, [ev(device=f"d{i}") for i in range(3)])
         assert first == [1, 2, 3]
-        assert [(r.seq, r.event_id) for r in heard[-1]] == [(1, "gw-test:1:1"), (2, "gw-test:1:2"), (3, "gw-test:1:3")]
+        assert [(r.seq, r.event_id) for r in heard[-1]] == [(n, f"gw-test:{ob.install}:1:{n}") for n in (1, 2, 3)]
         big = await append_seqs(ob, [ev(device=f"b{i}") for i in range(5000)])  # more than one INSERT holds
         assert big == list(range(4, 5004)) and [r.seq for r in heard[-1]] == big
         stored = {r[0]: r[1] for r in await ob.connection.execute_fetchall("SELECT seq, payload FROM events")}
@@ -299,7 +388,7 @@ async def test_a_garbage_file_is_moved_aside_and_a_fault_stored(tmp_path: Path) 
     faults = _fault_rows(db)
     assert len(faults) == 1
     assert faults[0]["code"] == "storage_corrupt" and faults[0]["action"] == "detected"
-    assert faults[0]["event_id"] == "gw-test:8:1"
+    assert faults[0]["event_id"] == f"gw-test:{ob.install}:8:1"
 
 
 def _corrupt_index(db: Path, index: str) -> None:

@@ -32,11 +32,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
-from gateway.daemon import Gateway
+from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
-from tests.support.building import eventually, running_gateway, simulated_detectors
+from tests.support.building import eventually, running_gateway, simulated_detectors, uplink_records
 from tests.support.mqtt import MqttRecorder
 from tests.support.site import SiteSpec, build_site
 
@@ -196,14 +196,14 @@ def client_tls(pki: Pki, **overrides: Any) -> dict[str, Any]:
             **overrides}
 
 
-async def refused(cfg: SiteConfig, broker: MosquittoBroker, mock_pins: Any) -> tuple[Gateway, str]:
+async def refused(cfg: SiteConfig, broker: MosquittoBroker, mock_pins: Any) -> tuple[PanelProcess, str]:
     """Run a gateway that must not get through: returns it (stopped) and the broker's log of the attempts."""
     before = broker.log_text()
     async with running_gateway(cfg) as gateway:
-        await eventually(lambda: gateway.uplink.last_error is not None and len(broker.log_text()) > len(before),
-                         timeout=30)
+        await eventually(lambda: gateway.supervisor.beat.get("last_error") is not None
+                         and len(broker.log_text()) > len(before), timeout=30)
         await asyncio.sleep(1.5)  # at least one more attempt after the first backoff
-        assert not gateway.uplink.connected and gateway.uplink.connections == 0
+        assert not gateway.uplink_connected and gateway.supervisor.beat.get("connections") == 0
     return gateway, broker.log_text()[len(before):]
 
 
@@ -219,8 +219,9 @@ async def test_tls_client_certificate_password_and_documented_acl(
     try:
         creds = credentials(tmp_path, GATEWAY_USER, GATEWAY_PASSWORD)
         spec, path = site(tmp_path, modem, broker.tls_port, tls=client_tls(pki), credentials=creds)
+        path.write_text(path.read_text().replace("[mqtt]\n", f"[mqtt]\nprotocol = {protocol}\n", 1))
         cfg = load_config(path)
-        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol=protocol))
+        assert cfg.mqtt.protocol == protocol
         assert (cfg.mqtt.tls, cfg.mqtt.username, cfg.mqtt.port) == (True, GATEWAY_USER, broker.tls_port)
         topics = Topics(spec.topic_prefix, spec.community, spec.building)
         server = MqttRecorder(broker.host, broker.port, "safety/#", username=SERVER_USER, password=SERVER_PASSWORD,
@@ -235,7 +236,7 @@ async def test_tls_client_certificate_password_and_documented_acl(
                 await asyncio.to_thread(server.publish, topics.command("silence"), silence)
                 result = await asyncio.to_thread(server.wait_for, lambda m: m.matches(f"{topics.reply}/#"), 30.0)
                 assert (result.json["id"], result.json["status"]) == (silence["id"], "accepted")
-                assert gateway.uplink.connected
+                assert gateway.uplink_connected
         assert validator("availability").is_valid(server.messages(topics.availability)[-1].json)
         assert server.messages(topics.availability)[-1].json["reason"] == "planned stop"
         assert "OpenSSL Error" not in broker.log_since_ready()
@@ -283,7 +284,7 @@ async def test_a_broker_certificate_from_another_ca_is_rejected(
         recorder = MqttRecorder(broker.host, broker.port, "safety/#")
         _spec, path = site(tmp_path, modem, broker.tls_port, tls=client_tls(pki, ca_file=str(pki.other_ca.cert)))
         gateway, log = await refused(load_config(path), broker, mock_pins)
-        assert "CERTIFICATE_VERIFY_FAILED" in str(gateway.uplink.last_error)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(gateway.supervisor.beat.get("last_error"))
         assert "OpenSSL Error" in log, log
         recorder.close()
         assert recorder.messages() == []  # nothing reached the broker
@@ -303,7 +304,8 @@ async def test_tls_without_ca_file_verifies_against_the_system_cas(
         cfg = load_config(path)
         assert cfg.mqtt.tls and cfg.mqtt.tls_ca_file is None
         gateway, _log = await refused(cfg, broker, mock_pins)
-        assert "CERTIFICATE_VERIFY_FAILED" in str(gateway.uplink.last_error)  # TLS was tried, not plain MQTT
+        # TLS was tried, not plain MQTT
+        assert "CERTIFICATE_VERIFY_FAILED" in str(gateway.supervisor.beat.get("last_error"))
         recorder.close()
         assert recorder.messages() == []
     finally:
@@ -332,18 +334,20 @@ async def test_host_name_is_checked_unless_insecure_which_warns_loudly(
     try:
         recorder = MqttRecorder(broker.host, broker.port, "safety/#")
         spec, path = site(tmp_path / "strict", modem, broker.tls_port, tls=client_tls(pki))
-        with structlog.testing.capture_logs() as strict_logs:
-            gateway, _log = await refused(load_config(path), broker, mock_pins)
-        assert "mismatch" in str(gateway.uplink.last_error), gateway.uplink.last_error
-        assert not [e for e in strict_logs if "INSECURE" in e["event"]]
+        strict = load_config(path)
+        gateway, _log = await refused(strict, broker, mock_pins)
+        last_error = gateway.supervisor.beat.get("last_error")
+        assert "mismatch" in str(last_error), last_error
+        assert not [e for e in uplink_records(strict) if "INSECURE" in e["event"]]
         assert recorder.messages() == []
 
         _spec, path = site(tmp_path / "insecure", modem, broker.tls_port, tls=client_tls(pki, insecure=True))
         topics = Topics(spec.topic_prefix, spec.community, spec.building)
-        with structlog.testing.capture_logs() as logs:
-            async with running_gateway(load_config(path)):
-                await eventually(lambda: recorder.messages(topics.birth), timeout=30)
-        warnings = [e for e in logs if e["log_level"] == "warning" and "INSECURE MQTT TLS" in e["event"]]
+        insecure = load_config(path)
+        async with running_gateway(insecure):
+            await eventually(lambda: recorder.messages(topics.birth), timeout=30)
+        logs = uplink_records(insecure)
+        warnings = [e for e in logs if e["level"] == "warning" and "INSECURE MQTT TLS" in e["event"]]
         assert len(warnings) == 1, logs
         assert "NOT verified" in warnings[0]["event"]
         recorder.close()
@@ -351,11 +355,19 @@ async def test_host_name_is_checked_unless_insecure_which_warns_loudly(
         broker.stop()
 
 
-async def test_plain_mqtt_to_a_remote_broker_warns(tmp_path: Path, modem: VirtualNullModem) -> None:
+async def test_plain_mqtt_to_a_remote_broker_is_refused_unless_allowed_and_then_warns(
+    tmp_path: Path, modem: VirtualNullModem
+) -> None:
+    from gateway.config import ConfigError
     from gateway.uplink.mqtt import Uplink
     from gateway.uplink.outbox import Outbox
 
     _spec, path = site(tmp_path, modem, 1883, tls=None, host="broker.example")
+    with pytest.raises(ConfigError) as refusal:
+        load_config(path)
+    assert refusal.value.path == "mqtt.allow_plaintext", refusal.value
+    path.write_text(path.read_text(encoding="utf-8").replace("[mqtt]\n", "[mqtt]\nallow_plaintext = true\n", 1),
+                    encoding="utf-8")
     cfg = load_config(path)
     outbox = await Outbox.open(str(tmp_path / "events.db"), gateway_id="c1-b1")
     try:

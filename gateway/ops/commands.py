@@ -58,7 +58,7 @@ COMMAND_ARGS: dict[str, frozenset[str]] = {
     "test": frozenset({"device", "all"}),
     "status": frozenset(),
     "rebirth": frozenset(),
-    "events": frozenset({"limit", "since", "device", "household", "kind"}),
+    "events": frozenset({"limit", "since", "device", "household", "kind", "install", "session", "from_seq", "to_seq"}),
     "read": frozenset({"device", "raw"}),
     "scan": frozenset({"bus", "from", "to", "pause_polling"}),
     "buzzer_test": frozenset({"seconds_per_pattern"}),
@@ -174,9 +174,17 @@ class _EventQuery:
     device: str | None
     household: str | None
     kind: str | None
+    install: str | None = None
+    session: int | None = None
+    from_seq: int | None = None
+    to_seq: int | None = None
 
     def filters(self) -> dict[str, Any]:
-        return {"since": self.since, "device": self.device, "household": self.household, "kind": self.kind}
+        out: dict[str, Any] = {"since": self.since, "device": self.device, "household": self.household,
+                               "kind": self.kind}
+        if self.session is not None:  # a range of one session by seq (a consumer filling a gap)
+            out.update(install=self.install, session=self.session, from_seq=self.from_seq, to_seq=self.to_seq)
+        return out
 
 
 class StorageAway(Exception):
@@ -321,7 +329,7 @@ class CommandHandler:
             "storage": {**(stored["storage"] if stored is not None else {}), **gw.hold_figures()},
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
-                 "polls": p.polls, "errors": p.errors}
+                 "polls": p.polls, "errors": p.errors, **_cycle_figures(p)}
                 for p in gw.buses.values()
             ],
             "active": [{**c, "since": wall(c["since"])} for c in snap["active"]],  # type: ignore[arg-type]
@@ -368,7 +376,16 @@ class CommandHandler:
         kind = a.text("kind")
         if kind is not None and kind not in KIND_PRIORITY:
             raise CommandRejected(f"{a.command}: kind: unknown kind {kind!r} (one of {', '.join(KIND_PRIORITY)})")
-        return _EventQuery(limit, since, device, household, kind)
+        install = a.text("install")
+        if install is not None and not (len(install) == 16 and all(c in "0123456789abcdef" for c in install)):
+            raise CommandRejected(f"{a.command}: install: must be 16 lower-case hex digits")
+        session, from_seq, to_seq = (None if a.raw(k) is None else a.integer(k, 0, lo=1, hi=2**53)
+                                     for k in ("session", "from_seq", "to_seq"))
+        if session is None and (install, from_seq, to_seq) != (None, None, None):
+            raise CommandRejected(f"{a.command}: install, from_seq and to_seq need a session")
+        if from_seq is not None and to_seq is not None and to_seq < from_seq:
+            raise CommandRejected(f"{a.command}: to_seq ({to_seq}) is before from_seq ({from_seq})")
+        return _EventQuery(limit, since, device, household, kind, install, session, from_seq, to_seq)
 
     async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         query = self._event_query(a)
@@ -591,6 +608,13 @@ def _typename(value: Any) -> str:
     if isinstance(value, Mapping):
         return "an object"
     return type(value).__name__
+
+
+def _cycle_figures(poller: Any) -> dict[str, Any]:
+    """A bus thread's wire floor and last full cycle, in seconds, where the bus object offers them."""
+    floor, cycle = getattr(poller, "floor_s", None), getattr(poller, "cycle_s", None)
+    return {"floor_s": None if floor is None else round(floor, 4),
+            "cycle_s": None if cycle is None else round(cycle, 4)}
 
 
 def _reading(reading: GasReading | StationReading) -> dict[str, Any]:

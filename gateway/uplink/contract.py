@@ -39,6 +39,7 @@ from gateway.uplink.topics import Topics
 
 __all__ = [
     "COMMANDS",
+    "COMMAND_VERSION",
     "MAX_COMMAND_BYTES",
     "MAX_VALIDITY_S",
     "MESSAGE_VERSION",
@@ -61,7 +62,11 @@ __all__ = [
 
 log = structlog.get_logger()
 
-MESSAGE_VERSION = 1
+#: ``version`` of every message the gateway publishes. 2 added ``install`` (the installation's identity) to
+#: every message and to event ids, and ``sent``/``age_s`` to events (docs/mqtt.md, "Versions").
+MESSAGE_VERSION = 2
+#: ``version`` of the commands the gateway accepts (unchanged).
+COMMAND_VERSION = 1
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 SCHEMA_NAMES = ("availability", "birth", "status", "event", "command", "command_result")
 COMMANDS = ("silence", "reset", "test", "status", "rebirth", "events")
@@ -120,13 +125,13 @@ def iso_time(wall: float) -> str:
 
 def availability_message(
     *, gateway: str, community: str, building: str, state: str, session: int, reason: str | None = None,
-    wall: float | None = None,
+    wall: float | None = None, install: str | None = None,
 ) -> dict[str, Any]:
     """online / offline (``reason``: "connection lost" for the Will, "planned stop" before a planned stop)."""
     body: dict[str, Any] = {
         "version": MESSAGE_VERSION, "type": "availability", "gateway": gateway, "community": community,
-        "building": building, "state": state, "session": session, "time": iso_time(time.time() if wall is None
-                                                                                   else wall),
+        "building": building, **_install(install), "state": state, "session": session,
+        "time": iso_time(time.time() if wall is None else wall),
     }
     if reason is not None:
         body["reason"] = reason
@@ -135,22 +140,29 @@ def availability_message(
 
 #: Fields of a device in the birth message, taken from the alarm core's snapshot (its monotonic times stay home).
 DEVICE_FIELDS = ("device", "kind", "unit", "household", "state", "latched", "condition_present", "silenced",
-                 "value", "measure", "faults", "supervisory", "comm_errors", "failures")
+                 "value", "quality", "measure", "faults", "supervisory", "comm_errors", "failures")
 
 
 def device_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """A device as published in the birth message (exactly :data:`DEVICE_FIELDS`)."""
-    return {k: state.get(k) for k in DEVICE_FIELDS}
+    """A device as published in the birth message (exactly :data:`DEVICE_FIELDS`); the value of a reading of
+    ``bad`` quality is withheld, as in telemetry."""
+    out = {k: state.get(k) for k in DEVICE_FIELDS}
+    if out["quality"] == "bad":
+        out["value"] = None
+    return out
 
 
 def birth_message(
     *, gateway: str, community: str, building: str, session: int, software: str, config: Mapping[str, Any],
-    snapshot: Mapping[str, Any], wall: float | None = None,
+    snapshot: Mapping[str, Any], wall: float | None = None, install: str | None = None,
 ) -> dict[str, Any]:
-    """Full current state: every device (``snapshot`` from ``AlarmPanel.snapshot()``) and a config summary."""
+    """Full current state: every device (``snapshot`` from ``AlarmPanel.snapshot()``) and a config summary.
+
+    ``install`` may be left out here: the uplink adds its outbox's identity to every message it publishes.
+    """
     return {
         "version": MESSAGE_VERSION, "type": "birth", "gateway": gateway, "community": community,
-        "building": building, "session": session, "software": software,
+        "building": building, **_install(install), "session": session, "software": software,
         "time": iso_time(time.time() if wall is None else wall),
         "config": dict(config),
         "devices": [device_state(d) for d in snapshot["devices"]],
@@ -160,12 +172,19 @@ def birth_message(
 
 @dataclass(frozen=True, slots=True)
 class BusCounters:
-    """A bus thread's poll counters at one moment."""
+    """A bus thread's poll counters at one moment, with its wire floor and last full cycle (seconds; None
+    where not known)."""
 
     bus: str
     polls: int
     errors: int
     port_lost: bool
+    floor_s: float | None = None
+    cycle_s: float | None = None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +232,8 @@ class StatusReporter:
             polls, errors = max(0, b.polls - before.polls), max(0, b.errors - before.errors)
             bus_rows.append({"bus": b.bus, "port_lost": b.port_lost, "polls": b.polls, "errors": b.errors,
                              "window_polls": polls, "window_errors": errors,
-                             "success_ratio": round((polls - min(errors, polls)) / polls, 4) if polls else None})
+                             "success_ratio": round((polls - min(errors, polls)) / polls, 4) if polls else None,
+                             "floor_ms": _ms(b.floor_s), "cycle_ms": _ms(b.cycle_s)})
             self._previous[b.bus] = b
         window = now - self._window_start
         self._window_start = now
@@ -245,12 +265,14 @@ class StatusReporter:
 def command_result(
     *, gateway: str, community: str, building: str, session: int, command_id: str | None, command: str | None,
     code: str, reason: str | None = None, data: Mapping[str, Any] | None = None, wall: float | None = None,
+    install: str | None = None,
 ) -> dict[str, Any]:
     """The answer to one command: ``code`` "ok" = accepted, "failed" = accepted but not carried out,
     anything else says why it was rejected."""
     return {
         "version": MESSAGE_VERSION, "type": "command_result", "gateway": gateway, "community": community,
-        "building": building, "session": session, "time": iso_time(time.time() if wall is None else wall),
+        "building": building, **_install(install), "session": session,
+        "time": iso_time(time.time() if wall is None else wall),
         "id": command_id, "command": command,
         "status": "accepted" if code == "ok" else "failed" if code == "failed" else "rejected",
         "code": code, "reason": None if reason is None else _clip(reason), "data": _jsonable(data),
@@ -264,7 +286,7 @@ def command_message(
     """A command as the central server sends it (schemas/command.json)."""
     issued = time.time() if issued_at is None else issued_at
     body: dict[str, Any] = {
-        "version": MESSAGE_VERSION, "id": command_id or uuid.uuid4().hex, "command": command,
+        "version": COMMAND_VERSION, "id": command_id or uuid.uuid4().hex, "command": command,
         "issued_at": iso_time(issued), "expires_at": iso_time(issued + ttl_s),
         "target": {"community": community, "building": building},
     }
@@ -515,6 +537,10 @@ class CommandService:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _install(install: str | None) -> dict[str, str]:
+    return {} if install is None else {"install": install}
 
 
 def _clip(text: str, limit: int = MAX_REASON) -> str:

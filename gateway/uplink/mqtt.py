@@ -4,7 +4,8 @@ paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) does its network I/O on the asyn
 external-loop callbacks: no thread of its own, so nothing is handed between threads and no lock is shared.
 A fresh paho client is made for every connection, so paho's in-memory queue is never the store: on a
 disconnect every row without a PUBACK is "outcome unknown" and is sent again — with the same event id —
-from the outbox after reconnecting (jittered backoff, 1 s to 60 s).
+from the outbox after reconnecting (jittered backoff, 1 s to 60 s; at most 5 s between attempts while an alarm,
+supervisory signal or fault waits, so it reaches a returning broker well within the 10 s GB/T 45839 allows).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -29,12 +30,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.config import MqttConfig
-from gateway.uplink.contract import availability_message
+from gateway.config import MqttConfig, is_loopback
+from gateway.events import Priority
+from gateway.uplink.contract import availability_message, iso_time
 from gateway.uplink.outbox import Outbox, PendingEvent
 from gateway.uplink.topics import Topics
 
 __all__ = [
+    "URGENT_RETRY_MAX_S",
+    "RetryDelay",
     "Uplink",
     "UplinkError",
     "event_window",
@@ -43,6 +47,10 @@ __all__ = [
 log = structlog.get_logger()
 BACKOFF_MIN_S = 1.0
 BACKOFF_MAX_S = 60.0
+#: Longest wait between connection attempts while an alarm, supervisory signal or fault waits in the outbox.
+URGENT_RETRY_MAX_S = 5.0
+#: Events of at least this class make a reconnect urgent.
+URGENT_PRIORITY = Priority.TROUBLE
 STABLE_CONNECTION_S = 30.0
 REJECTED_RETRY_S = 5.0
 ACK_TIMEOUT_S = 30.0
@@ -159,6 +167,16 @@ def event_window(configured: int, receive_maximum: int | None) -> int:
 
 class UplinkError(Exception):
     """A connection attempt failed."""
+
+
+class RetryDelay(NamedTuple):
+    """A wait before the next connection attempt, as the uplink chose it (``Uplink.retry_delays``)."""
+
+    chosen_at: float
+    """Monotonic time the wait began."""
+    delay_s: float
+    urgent: bool
+    """An alarm, supervisory signal or fault was waiting: the wait was capped at :data:`URGENT_RETRY_MAX_S`."""
 
 
 def backoff_delays(rng: random.Random | None = None) -> Any:
@@ -312,8 +330,9 @@ class Uplink:
         self._progress = asyncio.Event()
         self._lost = asyncio.Event()
         self._stop_requested = asyncio.Event()
+        self._sleep_wake = asyncio.Event()  # stop, or an urgent event stored during a backoff
+        self._urgent_stored = False
         self._stopping = False
-        self._connected_mono = 0.0
         outbox.on_append(self._appended)
         self.resent_total = 0
         self.outcome_unknown_total = 0
@@ -325,6 +344,9 @@ class Uplink:
         self.rejected_total = 0
         self.connections = 0
         self.last_error: str | None = None
+        self.retry_delays: deque[RetryDelay] = deque(maxlen=256)
+        """The waits between connection attempts, newest last (a wait cut short by an urgent event is listed
+        again with its shorter length)."""
         _warn_transport(mqtt_cfg)
 
     @property
@@ -352,10 +374,10 @@ class Uplink:
                 waiting: int | str = "unknown"
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     waiting, _ = await self.outbox.backlog()
-                delay = next(delays)
+                delay, urgent = await self._retry_delay(next(delays))
                 log.warning("uplink down; events buffered", broker=self.broker, error=str(exc),
-                            waiting=waiting, retry_in_s=round(delay, 1))
-                await self._sleep(delay)
+                            waiting=waiting, retry_in_s=round(delay, 1), urgent=urgent)
+                await self._sleep(delay, urgent=urgent)
                 continue
             connected_at = time.monotonic()
             try:
@@ -370,7 +392,8 @@ class Uplink:
             if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
                 delays = backoff_delays()
             if not self._stopping:
-                await self._sleep(next(delays))
+                delay, urgent = await self._retry_delay(next(delays))
+                await self._sleep(delay, urgent=urgent)
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush what can be flushed in time, publish a clean offline, disconnect."""
@@ -390,6 +413,7 @@ class Uplink:
                 await asyncio.wait_for(self._progress.wait(), timeout=max(0.01, min(0.1, deadline - time.monotonic())))
         self._stopping = True
         self._stop_requested.set()
+        self._sleep_wake.set()
         client = self._client
         if client is not None and self.connected:
             info = client.publish(self.topics.availability, self._availability("offline", "planned stop"),
@@ -493,7 +517,6 @@ class Uplink:
         self._client = client
         self.connected = True
         self.connections += 1
-        self._connected_mono = time.monotonic()
         log.info("uplink connected", broker=self.broker, session=self.outbox.session)
         return client
 
@@ -536,7 +559,8 @@ class Uplink:
     async def _forward(self, client: mqtt.Client) -> None:
         client.publish(self.topics.availability, self._availability("online"), qos=1, retain=True)
         if self._birth is not None:
-            client.publish(self.topics.birth, json.dumps(self._birth(), separators=(",", ":")), qos=1, retain=True)
+            birth = self._stamped(self._birth())
+            client.publish(self.topics.birth, json.dumps(birth, separators=(",", ":")), qos=1, retain=True)
         client.subscribe(self.topics.command_filter, qos=1)
         # Rows flow: outbox (by seq, after the cursor) → window queue → publish (at most max_inflight without a
         # PUBACK; refilled as each PUBACK is read) → PUBACK → marked delivered in batches. A row is
@@ -598,9 +622,22 @@ class Uplink:
             await self._wait_progress(self._wait_timeout())
 
     def _wire_payload(self, row: PendingEvent, resend: bool = False) -> str:
-        """The stored JSON plus ``historical``: true unless the event goes out live on the link it was made on."""
-        historical = resend or row.session != self.outbox.session or row.mono < self._connected_mono
-        return row.payload[:-1] + (',"historical":true}' if historical else ',"historical":false}')
+        """The stored JSON plus ``historical``, ``sent`` and ``age_s``.
+
+        ``historical`` is true only for a copy sent again or an event of an earlier session: an alarm raised in
+        this session before the link came up is sent for the first time, and is live — ``age_s`` says how long
+        it waited. Within a session the age comes from the monotonic clock (a wall clock set by NTP meanwhile
+        does not change it); across sessions (a reboot may lie between) from the wall clock.
+        """
+        now = time.time()
+        if row.session == self.outbox.session:
+            historical = resend
+            age = time.monotonic() - row.mono
+        else:
+            historical = True
+            age = now - row.wall
+        return (f'{row.payload[:-1]},"historical":{"true" if historical else "false"},"sent":"{iso_time(now)}",'
+                f'"age_s":{max(0.0, round(age, 3))}}}')
 
     def _wake_for_outcomes(self) -> None:
         """Have the loop take the window's outcomes after this read of the socket (one call for a run of PUBACKs)."""
@@ -707,8 +744,12 @@ class Uplink:
         """New rows committed: when caught up, take them straight into the window (no re-read); else re-read.
 
         Rows committed while a fetch is under way may or may not be in its result: they wait beside it and
-        those after what it returned are taken when it is done.
+        those after what it returned are taken when it is done. An urgent row stored while the uplink backs
+        off shortens the wait (:meth:`_sleep`).
         """
+        if not self.connected and any(r.priority >= URGENT_PRIORITY for r in rows):
+            self._urgent_stored = True
+            self._sleep_wake.set()
         if self._fetching:
             self._arrived.extend(rows)
         else:
@@ -770,27 +811,56 @@ class Uplink:
         client = self._client
         if client is None or not self.connected:
             return False
-        info = client.publish(topic, json.dumps(body, separators=(",", ":")), qos=1, retain=retain,
+        info = client.publish(topic, json.dumps(self._stamped(body), separators=(",", ":")), qos=1, retain=retain,
                               properties=properties)
         return bool(info.rc == mqtt.MQTT_ERR_SUCCESS)
+
+    def _stamped(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A message that names a session also names the installation that session belongs to."""
+        if "session" in body and "install" not in body and self.outbox.install:
+            body = {**body, "install": self.outbox.install}
+        return body
 
     def _availability(self, state: str, reason: str | None = None) -> str:
         body = availability_message(gateway=self.outbox.gateway_id, community=self.topics.community,
                                     building=self.topics.building, state=state, session=self.outbox.session,
-                                    reason=reason)
+                                    reason=reason, install=self.outbox.install or None)
         return json.dumps(body, separators=(",", ":"))
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _retry_delay(self, backoff: float) -> tuple[float, bool]:
+        """The wait before the next attempt: today's backoff, capped while something urgent waits."""
+        self._urgent_stored = False
+        try:
+            urgent = await self.outbox.urgent_waiting()
+        except (sqlite3.Error, ValueError):  # nothing can be read, so nothing could be sent either
+            urgent = False
+        delay = min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff
+        self.retry_delays.append(RetryDelay(time.monotonic(), delay, urgent))
+        return delay, urgent
+
+    async def _sleep(self, seconds: float, *, urgent: bool = False) -> None:
         """Back off for ``seconds``, feeding the heartbeat (the uplink is alive, only the broker is not) and waking
-        at once on :meth:`stop`."""
-        end = time.monotonic() + seconds
+        at once on :meth:`stop`. An urgent event stored meanwhile cuts the wait to :data:`URGENT_RETRY_MAX_S`
+        from its start."""
+        start = time.monotonic()
+        end = start + seconds
         while not self._stopping:
             self._beat()
+            if self._urgent_stored and not urgent:
+                urgent = True
+                if end > start + URGENT_RETRY_MAX_S:
+                    end = start + URGENT_RETRY_MAX_S
+                    self.retry_delays.append(RetryDelay(start, URGENT_RETRY_MAX_S, True))
+                    log.info("urgent event waiting; next connection attempt sooner",
+                             retry_in_s=round(max(0.0, end - time.monotonic()), 1))
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return
+            self._sleep_wake.clear()
+            if self._stopping or (self._urgent_stored and not urgent):
+                continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_requested.wait(), min(remaining, 5.0))
+                await asyncio.wait_for(self._sleep_wake.wait(), min(remaining, 5.0))
 
 
 def _warn_transport(cfg: MqttConfig) -> None:
@@ -799,9 +869,9 @@ def _warn_transport(cfg: MqttConfig) -> None:
     if tls and cfg.tls_insecure:
         log.warning("INSECURE MQTT TLS: mqtt.tls.insecure is set, the broker's host name is NOT verified; "
                     "anyone with a certificate from the same CA can pose as the broker", broker=cfg.host)
-    elif not tls and cfg.host not in ("localhost", "127.0.0.1", "::1"):
-        log.warning("MQTT WITHOUT TLS: events, commands and credentials travel in clear; configure [mqtt.tls]",
-                    broker=cfg.host)
+    elif not tls and not is_loopback(cfg.host):  # allowed only by mqtt.allow_plaintext (gateway/config.py)
+        log.warning("MQTT WITHOUT TLS: events, commands and credentials travel in clear "
+                    "(mqtt.allow_plaintext = true); configure [mqtt.tls]", broker=cfg.host)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
