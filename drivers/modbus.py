@@ -13,11 +13,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.pdu import ModbusPDU
+from pymodbus.framer import FramerRTU
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsResponse
+from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
 from drivers.profiles import DetectorProfile, GasReading, StationProfile, StationReading
 
 __all__ = [
+    "EXCEPTION_NAMES",
+    "FRAME_ERROR_KINDS",
+    "GATEWAY_EXCEPTIONS",
     "CommError",
     "ExtinguisherStation",
     "FrameError",
@@ -26,24 +32,101 @@ __all__ = [
     "ModbusDevice",
     "StrictFraming",
     "StrictSerialClient",
+    "exception_kind",
+    "frame_error_kind",
     "read_block",
 ]
 
 
-class CommError(Exception):
-    """A poll got no valid answer. ``reason`` is timeout, exception_response, bad_response or port."""
+#: Names of the Modbus exception codes (Modbus Application Protocol Specification V1.1b3, §7).
+EXCEPTION_NAMES: dict[int, str] = {
+    0x01: "illegal_function",
+    0x02: "illegal_data_address",
+    0x03: "illegal_data_value",
+    0x04: "server_device_failure",
+    0x05: "acknowledge",
+    0x06: "server_device_busy",
+    0x08: "memory_parity_error",
+    0x0A: "gateway_path_unavailable",
+    0x0B: "gateway_target_failed_to_respond",
+}
+#: Exception codes a Modbus gateway sends in place of a device behind it: they say nothing answered.
+GATEWAY_EXCEPTIONS = frozenset({0x0A, 0x0B})
+#: What a failed poll looked like on the line, apart from exception answers (``exception:<name>``):
+#: nothing came (``timeout``); a frame with a wrong CRC, from another address, cut short, with more
+#: bytes than the answer holds, answering another function, or not the answer asked for; the port failed.
+FRAME_ERROR_KINDS = (
+    "timeout", "crc_error", "wrong_address", "truncated_frame", "overlong_frame", "wrong_function",
+    "bad_response", "port",
+)
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+
+def exception_kind(code: int) -> str:
+    """The error kind of an exception answer: ``exception:illegal_data_address``, ``exception:code_9``."""
+    return f"exception:{EXCEPTION_NAMES.get(code, f'code_{code}')}"
+
+
+class CommError(Exception):
+    """A poll got no valid answer.
+
+    ``reason`` says what to do about it: timeout (nothing usable came for this device), exception_response,
+    bad_response or port. ``kind`` says what the line showed, for a technician's counters
+    (:data:`FRAME_ERROR_KINDS` or ``exception:<name>``); it defaults to the reason.
+    """
+
+    def __init__(self, reason: str, detail: str = "", kind: str | None = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        self.kind = kind or reason
 
-    def __reduce__(self) -> tuple[type[CommError], tuple[str, str]]:
-        return CommError, (self.reason, self.detail)
+    def __reduce__(self) -> tuple[type[CommError], tuple[str, str, str]]:
+        return CommError, (self.reason, self.detail, self.kind)
 
 
 class FrameError(ModbusIOException):
-    """An answer decoded, but more bytes came than its frame holds (noise, a collision, a second frame)."""
+    """No answer could be taken, and ``kind`` says what came instead (:data:`FRAME_ERROR_KINDS`)."""
+
+    def __init__(self, string: str, *, kind: str, function_code: int | None = None, dev_id: int = 0) -> None:
+        super().__init__(string, function_code, dev_id=dev_id)
+        self.kind = kind
+
+
+def _answer_size(request: ModbusPDU) -> int | None:
+    """Bytes of the normal RTU answer to a read request (functions 1–4), from pymodbus's own encoding."""
+    count = int(request.count)
+    answer: ModbusPDU
+    if request.function_code in (1, 2):
+        answer = ReadCoilsResponse(bits=[False] * count)
+    elif request.function_code in (3, 4):
+        answer = ReadHoldingRegistersResponse(registers=[0] * count)
+    else:
+        return None
+    return 2 + len(answer.encode()) + 2  # address, function code, data, CRC
+
+
+def frame_error_kind(data: bytes, request: ModbusPDU) -> str:
+    """What the bytes received for ``request`` were, when pymodbus took no answer from them.
+
+    pymodbus's RTU framer drops a frame with a wrong CRC or from another address and waits on, so every
+    such answer ends as a timeout; the bytes tell them apart. One frame of the right length whose CRC
+    (pymodbus's check) fails is a CRC error; a valid frame from another address a wrong address; fewer
+    bytes than the answer holds a truncated frame, more an over-long one.
+    """
+    if not data:
+        return "timeout"
+    if len(data) >= 4 and FramerRTU.check_CRC(data[:-2], int.from_bytes(data[-2:], "big")):
+        return "wrong_address" if data[0] != request.dev_id else "bad_response"
+    size = _answer_size(request)
+    if len(data) == ExceptionResponse.rtu_frame_size and data[1] == request.function_code | 0x80:
+        size = ExceptionResponse.rtu_frame_size
+    if size is None:
+        return "bad_response"
+    if len(data) > size:
+        return "overlong_frame"
+    if len(data) < size:
+        return "truncated_frame"
+    return "crc_error"
 
 
 if TYPE_CHECKING:
@@ -66,23 +149,35 @@ class StrictFraming(_SerialBase):
 
     received = 0
     """Bytes read since the last request was sent."""
+    _answer = b""  # the first of those bytes, kept to tell why no answer could be taken
+    _KEEP = 1024
 
     def send(self, request: bytes, addr: tuple[Any, ...] | None = None) -> int:
         self.received = 0
+        self._answer = b""
         return int(super().send(request, addr))
 
     def recv(self, size: int | None) -> bytes:
         data = bytes(super().recv(size))
         self.received += len(data)
+        if len(self._answer) < self._KEEP:
+            self._answer += data[: self._KEEP - len(self._answer)]
         return data
 
     def execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
-        response = super().execute(no_response_expected, request)
+        try:
+            response = super().execute(no_response_expected, request)
+        except FrameError:
+            raise
+        except ModbusIOException as exc:  # no answer pymodbus could take: say what came instead
+            kind = "overlong_frame" if self.received > self._KEEP else frame_error_kind(self._answer, request)
+            raise FrameError(exc.string, kind=kind, function_code=request.function_code,
+                             dev_id=request.dev_id) from None
         if response is not None and not no_response_expected:
             expected = 2 + len(response.encode()) + 2  # address, function code, data, CRC
             received = self.received + self._trailing()
             if received != expected:
-                raise FrameError(f"{received} bytes received for a {expected}-byte frame",
+                raise FrameError(f"{received} bytes received for a {expected}-byte frame", kind="overlong_frame",
                                  function_code=request.function_code, dev_id=request.dev_id)
         return response
 
@@ -112,7 +207,8 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
 
     Reasons: ``timeout`` (no valid frame for this device in time: silence, garbage, wrong CRC or
     address), ``bad_response`` (a frame that is not the answer asked for), ``exception_response``,
-    ``port`` (the serial port failed).
+    ``port`` (the serial port failed). The error's ``kind`` tells the first two apart further
+    (:func:`frame_error_kind`) and names an exception (``exception:illegal_data_address``).
     """
     readers = {
         1: client.read_coils,
@@ -123,7 +219,9 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
     try:
         response = readers[function](address, count=count, device_id=device_id)
     except FrameError as exc:
-        raise CommError("bad_response", str(exc)) from None
+        reason = "timeout" if exc.kind in ("timeout", "crc_error", "wrong_address", "truncated_frame") else (
+            "bad_response")
+        raise CommError(reason, str(exc), exc.kind) from None
     except ConnectionException as exc:
         raise CommError("port", str(exc)) from None
     except ModbusException as exc:
@@ -133,10 +231,11 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
     if response is None or response.isError():
         code = getattr(response, "exception_code", None)
         if code:
-            raise CommError("exception_response", f"exception code {code}")
+            raise CommError("exception_response", f"exception code {code}", exception_kind(int(code)))
         raise CommError("timeout", str(response))
     if response.function_code != function:  # pymodbus returns whatever function the device answered
-        raise CommError("bad_response", f"function {response.function_code} answered a function {function} read")
+        raise CommError("bad_response", f"function {response.function_code} answered a function {function} read",
+                        "wrong_function")
     if function in (1, 2):
         bits = list(response.bits)[:count]
         if len(bits) < count:
@@ -144,7 +243,8 @@ def read_block(client: ModbusClient, function: int, address: int, count: int, de
         return [int(b) for b in bits]
     registers: Sequence[int] = response.registers
     if len(registers) != count:
-        raise CommError("bad_response", f"{len(registers)} registers for {count}")
+        raise CommError("bad_response", f"{len(registers)} registers for {count}",
+                        "overlong_frame" if len(registers) > count else "bad_response")
     return list(registers)
 
 

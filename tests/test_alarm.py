@@ -211,7 +211,9 @@ def test_warmup_readings_neither_alarm_nor_fault(core: AlarmCore, status: tuple[
 def test_a_warming_up_detector_has_answered_so_offline_clears(core: AlarmCore) -> None:
     for i in range(3):
         core.poll_failed("g1", "timeout", T0 + i)
-    assert one(core.reading("g1", reading(0.0, "warmup"), T0 + 3), "fault", "cleared").code == "offline"
+    for i in range(2):
+        assert not only(core.reading("g1", reading(0.0, "warmup"), T0 + 3 + i), "fault")
+    assert one(core.reading("g1", reading(0.0, "warmup"), T0 + 5), "fault", "cleared").code == "offline"
 
 
 def test_a_detector_restarting_into_warmup_keeps_its_latch_and_allows_a_reset(core: AlarmCore) -> None:
@@ -320,7 +322,8 @@ def test_an_offline_device_in_alarm_can_be_reset_and_alarms_again_if_still_in_ga
     assert core.reset("g1", T0 + 5, "cli")[1].reset == ("g1",)
     events = core.reading("g1", reading(30.0), T0 + 6)
     assert one(events, "alarm", "raised").level == "high"
-    assert one(events, "fault", "cleared").code == "offline"
+    core.reading("g1", reading(30.0), T0 + 7)
+    assert one(core.reading("g1", reading(30.0), T0 + 8), "fault", "cleared").code == "offline"
 
 
 def test_a_flaky_link_does_not_repeat_a_latched_alarm(core: AlarmCore) -> None:
@@ -403,11 +406,43 @@ def test_the_ceiling_also_counts_on_a_failed_poll(core: AlarmCore) -> None:
     assert one(core.poll_failed("g1", "timeout", T0 + 100), "fault", "raised").code == "offline"
 
 
-def test_offline_clears_when_the_device_answers(core: AlarmCore) -> None:
+def test_offline_clears_after_three_good_polls_in_a_row(core: AlarmCore) -> None:
     for i in range(3):
         core.poll_failed("st1", "timeout", T0 + i)
-    assert one(core.station("st1", StationReading(presence=True), T0 + 3), "fault", "cleared").code == "offline"
+    for i in range(2):
+        assert core.station("st1", StationReading(presence=True), T0 + 3 + i) == []
+        assert core.device_state("st1")["state"] == "fault"
+    assert one(core.station("st1", StationReading(presence=True), T0 + 5), "fault", "cleared").code == "offline"
     assert sound(core) is Sound.QUIET
+
+
+def test_a_flaky_device_keeps_its_offline_fault_instead_of_flapping(core: AlarmCore) -> None:
+    """A device that answers every other poll raises offline once and never clears it."""
+    events: list[Event] = []
+    for i in range(3):
+        events += core.poll_failed("g1", "timeout", T0 + i)
+    for i in range(3, 60, 2):
+        events += core.reading("g1", reading(0.0), T0 + i)
+        events += core.poll_failed("g1", "crc_error", T0 + i + 1)
+        events += core.reading("g1", reading(0.0), T0 + i + 1.5)
+        events += core.poll_failed("g1", "timeout", T0 + i + 1.8)
+    assert [(e.action, e.code) for e in only(events, "fault")] == [("raised", "offline")]
+    assert "offline" in core.device_state("g1")["faults"]  # type: ignore[operator]
+
+
+def test_the_offline_hold_off_is_configurable() -> None:
+    core = make_core(offline_clear_polls=1)
+    for i in range(3):
+        core.poll_failed("g1", "timeout", T0 + i)
+    assert one(core.reading("g1", reading(0.0), T0 + 3), "fault", "cleared").code == "offline"
+
+
+def test_failed_polls_are_counted_by_kind(core: AlarmCore) -> None:
+    for i, kind in enumerate(["timeout", "crc_error", "timeout", "exception:illegal_data_address"]):
+        core.poll_failed("g1", kind, T0 + i)
+    state = core.device_state("g1")
+    assert state["comm_errors"] == 4
+    assert state["errors_by_kind"] == {"crc_error": 1, "exception:illegal_data_address": 1, "timeout": 2}
 
 
 def test_an_answer_restarts_the_failure_count(core: AlarmCore) -> None:
@@ -667,6 +702,8 @@ class AlarmModel(RuleBasedStateMachine):
         # Inputs, to check the rules against.
         self.failures = dict.fromkeys(MODBUS, 0)
         self.first_failure: dict[str, float | None] = dict.fromkeys(MODBUS, None)
+        self.held = dict.fromkeys(MODBUS, False)  # offline was due and has not had its good polls since
+        self.good = dict.fromkeys(MODBUS, 0)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -736,6 +773,22 @@ class AlarmModel(RuleBasedStateMachine):
     def answered(self, device: str) -> None:
         self.failures[device] = 0
         self.first_failure[device] = None
+        if self.held[device]:
+            self.good[device] += 1
+            if self.good[device] >= SETTINGS.offline_clear_polls:
+                self.held[device] = False
+                self.good[device] = 0
+
+    def offline_due(self, device: str) -> bool:
+        first = self.first_failure[device]
+        return self.failures[device] >= SETTINGS.offline_after_failures or (
+            first is not None and self.now - first >= SETTINGS.offline_ceiling_s)
+
+    def hold(self) -> None:
+        for device in MODBUS:
+            if self.offline_due(device):
+                self.held[device] = True
+                self.good[device] = 0
 
     # ------------------------------------------------------------------ rules
 
@@ -748,7 +801,6 @@ class AlarmModel(RuleBasedStateMachine):
         was_testing = device in self.in_test
         events = self.step(self.core.reading(device, reading(value, *status, measure=measure), self.now))
         self.answered(device)
-        assert "offline" not in self.core.device_state(device)["faults"]  # type: ignore[operator]
         if "warmup" in status:
             assert not [e for e in events if e.kind in ("alarm", "test", "supervisory")], "warm-up never alarms"
             assert not only(events, "fault", "raised"), "warm-up is not a fault"
@@ -770,8 +822,10 @@ class AlarmModel(RuleBasedStateMachine):
     def fail(self, device: str) -> None:
         self.step(self.core.poll_failed(device, "timeout", self.now))
         self.failures[device] += 1
+        self.good[device] = 0
         if self.first_failure[device] is None:
             self.first_failure[device] = self.now
+        self.hold()
 
     @rule(presence=st.booleans(), pressure_ok=st.booleans(), door_open=st.booleans(), obstructed=st.booleans())
     def station_answers(self, presence: bool, pressure_ok: bool, door_open: bool, obstructed: bool) -> None:
@@ -828,6 +882,7 @@ class AlarmModel(RuleBasedStateMachine):
     def time_passes(self, dt: float) -> None:
         self.now += dt
         self.step(self.core.tick(self.now))
+        self.hold()
 
     # ------------------------------------------------------------------ invariants
 
@@ -874,13 +929,13 @@ class AlarmModel(RuleBasedStateMachine):
         assert self.relays == expected, "every relay change is an event"
 
     @invariant()
-    def a_device_failing_is_offline_within_the_bound(self) -> None:
+    def a_device_failing_is_offline_within_the_bound_until_enough_good_polls(self) -> None:
         for device in MODBUS:
-            first = self.first_failure[device]
-            due = self.failures[device] >= SETTINGS.offline_after_failures or (
-                first is not None and self.now - first >= SETTINGS.offline_ceiling_s)
             offline = (device, "offline") in self.faults
-            assert offline == due, f"{device}: {self.failures[device]} failures since {first}, now {self.now}"
+            expected = self.offline_due(device) or self.held[device]
+            assert offline == expected, (f"{device}: {self.failures[device]} failures since "
+                                         f"{self.first_failure[device]}, {self.good[device]} good polls, "
+                                         f"now {self.now}")
 
     @invariant()
     def latched_alarms_match_the_event_log(self) -> None:

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -287,6 +288,8 @@ class BusPoller:
         self.port_lost = False
         self.polls = 0
         self.errors = 0
+        #: Failed polls by what the line showed (:data:`drivers.modbus.FRAME_ERROR_KINDS`, ``exception:<name>``).
+        self.errors_by_kind: Counter[str] = Counter()
         self.last_cycle_s = 0.0
         #: Duration of the last cycle that polled every device (None before the first): next to
         #: :attr:`floor_s` it says how close polling runs to the wire's limit.
@@ -452,14 +455,16 @@ class BusPoller:
             reading = device.poll(self._client)
         except CommError as exc:
             self.errors += 1
-            self._tell(key, self._panel.poll_failed, key, exc.reason)
+            self.errors_by_kind[exc.kind] += 1
+            self._tell(key, self._panel.poll_failed, key, exc.kind)
             if exc.reason in ("port", "timeout") and not self._port_present():
                 self._client.close()
             return
-        except Exception as exc:  # a driver bug must never stop the bus thread
+        except Exception:  # a driver bug must never stop the bus thread
             self.errors += 1
+            self.errors_by_kind["driver_error"] += 1
             self._log_once(f"driver:{key}", "poll raised", device=key)
-            self._tell(key, self._panel.poll_failed, key, f"error: {exc!r}")
+            self._tell(key, self._panel.poll_failed, key, "driver_error")
             return
         self._failing.discard(f"driver:{key}")
         if isinstance(device, GasDetector) and isinstance(reading, GasReading):

@@ -14,7 +14,9 @@ Rules (docs/alarms.md gives each with its default and source):
   and recorded; a condition that cleared and came back is raised again;
 - silence mutes only the signals active now: any alarm raised (or escalated) later sounds again;
 - faults (offline after N failed polls or a time ceiling, reported faults, port lost, implausible
-  contact) clear by themselves when the cause goes away;
+  contact) clear by themselves when the cause goes away; offline only after ``offline_clear_polls`` good
+  polls in a row, so a flaky link does not raise and clear it at every other poll;
+- every failed poll is counted by its kind (timeout, CRC error, exception name, ...) per device;
 - supervisory signals (extinguisher removed, pressure, cabinet door open too long, access obstructed);
 - sounder priority FIRE > GAS > SUPERVISORY > TEST > TROUBLE;
 - relays follow latched alarms (and supervisory/fault signals) within each linkage rule's scope;
@@ -136,6 +138,8 @@ class _DeviceState:
 
     @property
     def fire(self) -> bool:
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # comm_errors by what the line showed
+    good_polls: int = 0  # answers in a row while offline (the fault clears after offline_clear_polls)
         return self.cfg.kind == "fire_contact"
 
 
@@ -201,6 +205,7 @@ class AlarmCore:
     def active(self) -> list[dict[str, object]]:
         """Every active condition (alarms latched, supervisory, trouble)."""
         return [
+            "errors_by_kind": dict(sorted(st.errors_by_kind.items())),
             {"subject": subject, "what": what, "category": c.category, "since": c.since,
              "silenced": c.silenced, "level": c.level.name.lower() if c.level else None}
             for (subject, what), c in self._conditions.items()
@@ -301,7 +306,8 @@ class AlarmCore:
         return self._finish(events, now)
 
     def poll_failed(self, device_id: str, reason: str, now: float) -> list[Event]:
-        """A poll got no valid answer (timeout, garbled frame, exception response, port gone)."""
+        """A poll got no valid answer; ``reason`` is its kind (``timeout``, ``crc_error``,
+        ``exception:illegal_data_address``, ``port``, ...: :data:`drivers.modbus.FRAME_ERROR_KINDS`)."""
         st = self._devices[device_id]
         events: list[Event] = []
         st.failures += 1
@@ -319,6 +325,8 @@ class AlarmCore:
         """A serial port disappeared (``lost``) or opened again."""
         events: list[Event] = []
         key = (f"bus:{bus_id}", "fault:port_lost")
+        st.errors_by_kind[reason] = st.errors_by_kind.get(reason, 0) + 1
+        st.good_polls = 0
         if lost and key not in self._conditions:
             self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
             events.append(Event("fault", "raised", now, code="port_lost", detail=detail or bus_id))
@@ -480,7 +488,11 @@ class AlarmCore:
         st.first_failure = None
         st.last_seen = now
         if "offline" in st.faults:
-            self._set_faults(st, st.faults - {"offline"}, ("offline",), now, events)
+            # Hold-off: one answer from a flaky device does not clear its fault; a run of them does.
+            st.good_polls += 1
+            if st.good_polls >= self.settings.offline_clear_polls:
+                st.good_polls = 0
+                self._set_faults(st, st.faults - {"offline"}, ("offline",), now, events)
         return events
 
     def _go_offline(self, st: _DeviceState, now: float, events: list[Event], detail: str) -> None:
@@ -497,6 +509,7 @@ class AlarmCore:
         if value >= high or (st.level == Level.HIGH and value > high - hyst):
             return Level.HIGH
         if value >= low or (st.level >= Level.LOW and value > low - hyst):
+        st.good_polls = 0
             return Level.LOW
         return Level.NONE
 
