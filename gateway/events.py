@@ -54,6 +54,8 @@ class Event:
     source: str | None = None
     detail: str | None = None
     wall: float = 0.0
+    quality: str | None = None
+    """Telemetry: ``good``, ``uncertain`` or ``bad`` (``code`` says why when not good)."""
 
     @property
     def priority(self) -> Priority:

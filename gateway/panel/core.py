@@ -26,7 +26,7 @@ Rules (docs/alarms.md gives each with its default and source):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
 
@@ -49,6 +49,10 @@ __all__ = [
 DEVICE_FAULTS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault")
 #: Statuses whose concentration reading cannot be trusted.
 UNTRUSTED = frozenset({"sensor_fault", "data_error"})
+#: Statuses that make a published reading ``bad`` (its value is withheld) or ``uncertain`` (over range: the
+#: true value is higher; calibration due), most telling first. docs/mqtt.md, "Reading quality".
+BAD_READING = ("unit_mismatch", "sensor_fault", "data_error", "comms_fault")
+UNCERTAIN_READING = ("over_range", "needs_calibration")
 #: Detector statuses that are a level-2 (high) alarm whatever the concentration reads.
 HIGH_FLAGS = frozenset({"high_alarm", "over_range"})
 #: Detector statuses that are a level-1 (low) alarm; STEL/TWA are the exposure alarms of toxic-gas detectors.
@@ -132,14 +136,15 @@ class _DeviceState:
     test_until: float | None = None
     telemetry_at: float | None = None
     telemetry_value: float | None = None
+    quality: tuple[str, str | None] | None = None  # the last published reading's quality and why
     comm_errors: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)  # comm_errors by what the line showed
+    good_polls: int = 0  # answers in a row while offline (the fault clears after offline_clear_polls)
     faults: set[str] = field(default_factory=set)
     supervisory: set[str] = field(default_factory=set)  # supervisory conditions present now
 
     @property
     def fire(self) -> bool:
-    errors_by_kind: dict[str, int] = field(default_factory=dict)  # comm_errors by what the line showed
-    good_polls: int = 0  # answers in a row while offline (the fault clears after offline_clear_polls)
         return self.cfg.kind == "fire_contact"
 
 
@@ -193,19 +198,20 @@ class AlarmCore:
             "condition_present": st.level > Level.NONE,
             "silenced": alarm.silenced if alarm is not None else None,
             "value": st.last_value,
+            "quality": st.quality[0] if st.quality else None,
             "measure": st.cfg.measure,
             "last_seen": st.last_seen,
             "faults": sorted(st.faults),
             "supervisory": sorted(st.supervisory),
             "test": st.test_until is not None,
             "comm_errors": st.comm_errors,
+            "errors_by_kind": dict(sorted(st.errors_by_kind.items())),
             "failures": st.failures,
         }
 
     def active(self) -> list[dict[str, object]]:
         """Every active condition (alarms latched, supervisory, trouble)."""
         return [
-            "errors_by_kind": dict(sorted(st.errors_by_kind.items())),
             {"subject": subject, "what": what, "category": c.category, "since": c.since,
              "silenced": c.silenced, "level": c.level.name.lower() if c.level else None}
             for (subject, what), c in self._conditions.items()
@@ -253,8 +259,15 @@ class AlarmCore:
             flagged = Level.LOW
         trusted = not mismatch and not reading.status & UNTRUSTED
         measured = self._concentration_level(st, reading.value) if trusted else Level.NONE
+        first = len(events)
         self._alarm_level(st, max(flagged, measured), reading.value, now, events, known=trusted)
-        self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events)
+        if flagged > measured:  # the detector's own status flag set the level, not a concentration: say so
+            flag = min(reading.status & (HIGH_FLAGS if flagged == Level.HIGH else LOW_FLAGS))
+            events[first:] = [replace(e, value=None, code=flag) if e.kind in ("alarm", "test") else e
+                              for e in events[first:]]
+        status = reading.status | ({"unit_mismatch"} if mismatch else set())
+        quality = _quality(status)
+        self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events, quality)
         return self._finish(events, now)
 
     def station(self, device_id: str, reading: StationReading, now: float) -> list[Event]:
@@ -312,6 +325,8 @@ class AlarmCore:
         events: list[Event] = []
         st.failures += 1
         st.comm_errors += 1
+        st.errors_by_kind[reason] = st.errors_by_kind.get(reason, 0) + 1
+        st.good_polls = 0
         if st.first_failure is None:
             st.first_failure = now
         if "offline" not in st.faults and (
@@ -325,8 +340,6 @@ class AlarmCore:
         """A serial port disappeared (``lost``) or opened again."""
         events: list[Event] = []
         key = (f"bus:{bus_id}", "fault:port_lost")
-        st.errors_by_kind[reason] = st.errors_by_kind.get(reason, 0) + 1
-        st.good_polls = 0
         if lost and key not in self._conditions:
             self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
             events.append(Event("fault", "raised", now, code="port_lost", detail=detail or bus_id))
@@ -496,6 +509,7 @@ class AlarmCore:
         return events
 
     def _go_offline(self, st: _DeviceState, now: float, events: list[Event], detail: str) -> None:
+        st.good_polls = 0
         self._set_faults(st, st.faults | {"offline"}, ("offline",), now, events, detail=detail)
         if st.cfg.is_modbus:
             # Nothing is known about the gas any more: the latch stays, but a reset is no longer refused.
@@ -509,7 +523,6 @@ class AlarmCore:
         if value >= high or (st.level == Level.HIGH and value > high - hyst):
             return Level.HIGH
         if value >= low or (st.level >= Level.LOW and value > low - hyst):
-        st.good_polls = 0
             return Level.LOW
         return Level.NONE
 
@@ -606,13 +619,20 @@ class AlarmCore:
                     events.append(self._event(st, "supervisory", "cleared", now, code=code, value=value))
 
     def _telemetry(self, st: _DeviceState, value: float, measure: str | None, now: float,
-                   events: list[Event]) -> None:
+                   events: list[Event], quality: tuple[str, str | None] = ("good", None)) -> None:
+        """A reading, published on change (deadband), on a change of quality, or every telemetry interval.
+
+        A ``bad`` reading goes out without its value (``code`` says why): it is not a concentration."""
         s = self.settings
-        if (st.telemetry_at is None or now - st.telemetry_at >= s.telemetry_interval_s
-                or st.telemetry_value is None or abs(value - st.telemetry_value) >= s.telemetry_deadband):
+        bad = quality[0] == "bad"
+        if (st.telemetry_at is None or now - st.telemetry_at >= s.telemetry_interval_s or quality != st.quality
+                or (not bad and (st.telemetry_value is None
+                                 or abs(value - st.telemetry_value) >= s.telemetry_deadband))):
             st.telemetry_at = now
-            st.telemetry_value = value
-            events.append(self._event(st, "telemetry", "reading", now, value=value, measure=measure))
+            st.telemetry_value = None if bad else value
+            st.quality = quality
+            events.append(self._event(st, "telemetry", "reading", now, value=None if bad else value,
+                                      measure=measure, quality=quality[0], code=quality[1]))
 
     def _finish(self, events: list[Event], now: float) -> list[Event]:
         relays = self._linked_relays()
@@ -654,6 +674,17 @@ class AlarmCore:
 
 
 _LED = {"alarm": "alarm", "supervisory": "supervisory", "trouble": "fault"}
+
+
+def _quality(status: frozenset[str] | set[str]) -> tuple[str, str | None]:
+    """A reading's quality and the status that makes it so: good, uncertain or bad."""
+    for code in BAD_READING:
+        if code in status:
+            return "bad", code
+    for code in UNCERTAIN_READING:
+        if code in status:
+            return "uncertain", code
+    return "good", None
 
 
 def _matches(signal: str, c: _Condition) -> bool:
