@@ -8,8 +8,8 @@ pickles and no generic calls: the receiver decides what a named message does.
 Panel → uplink: ``event`` (a hand-over number and the event), ``request`` (``events``, ``storage``,
 ``rebirth``), ``reply`` (to the uplink's requests), ``stop``.
 Uplink → panel: ``hello`` (the last hand-over number it committed), ``stored`` (hand-over numbers committed
-to SQLite: only these leave the panel's hold), ``fault`` (a storage fault raised or cleared), ``beat``,
-``request`` (``command``, ``panel``), ``reply``.
+to SQLite: only these leave the panel's hold), ``fault`` (a storage fault raised or cleared), ``beat`` (the
+session, the broker connection, events stored), ``request`` (``command``, ``panel``), ``reply``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "event": {"n": (int,), "boot": (str,), "event": (dict,)},
     "stored": {"boot": (str,), "upto": (int,), "dropped": (dict,)},
     "fault": {"code": (str,), "present": (bool,), "detail": _OPT_TEXT},
-    "beat": {},
+    "beat": {"session": (int,), "connected": (bool,), "connections": (int,), "last_error": _OPT_TEXT,
+             "stored": (int,), "held": (int,)},
     "request": {"id": (int,), "name": (str,), "args": (dict,)},
     "reply": {"id": (int,), "ok": (bool,), "data": (dict,)},
     "stop": {"flush_timeout_s": _NUMBER},

@@ -15,9 +15,10 @@ import pytest
 
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.daemon import Gateway
 from gateway.ops.commands import COMMANDS, SECRET_MASK, CommandHandler, CommandRejected
+from gateway.panel.process import PanelProcess
 from tests.support.broker import MosquittoBroker
+from tests.support.building import running_gateway
 from tests.support.site import ContactSpec, SiteSpec, build_site
 
 RELAY_ID = "u1-gas-valve"
@@ -58,7 +59,7 @@ def populate_bus(bus: SimulatedBus, spec: SiteSpec) -> list[SimulatedGasDetector
 
 @dataclass
 class Site:
-    gateway: Gateway
+    gateway: PanelProcess
     bus: SimulatedBus
     detectors: list[SimulatedGasDetector]
     spec: SiteSpec
@@ -81,15 +82,11 @@ async def running_site(directory: Path, broker: MosquittoBroker) -> AsyncIterato
         bus = SimulatedBus(modem.device_port)
         detectors = populate_bus(bus, spec)
         with bus:
-            gateway = Gateway(load_config(path))
-            await gateway.start()
-            try:
+            async with running_gateway(load_config(path)) as gateway:
                 site = Site(gateway, bus, detectors, spec, path)
                 await wait_for(lambda: all(d["state"] == "normal" for d in site.gateway.panel.snapshot()["devices"]),
                                "every device answered")
                 yield site
-            finally:
-                await gateway.stop(flush_timeout_s=0.5)
 
 
 async def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
@@ -213,12 +210,13 @@ async def test_silence_reset_and_test_record_their_source(site: Site) -> None:
 
 
 async def test_status_reports_gateway_uplink_annunciator_and_devices(site: Site, broker: MosquittoBroker) -> None:
-    await wait_for(lambda: site.gateway.uplink.connected, "uplink connected")
+    await wait_for(lambda: site.gateway.uplink_connected, "uplink connected")
     result = await site.handler.handle("status", {}, source="test")
     assert result.ok
     d = result.data
     assert d["gateway"]["id"] == "test-community-b01" and d["gateway"]["pid"] == os.getpid()
-    assert d["gateway"]["alarm_pid"] is None  # the alarm path runs in this process
+    uplink_process = d["gateway"]["uplink_process"]  # the storage/uplink half runs in a child of the panel
+    assert uplink_process["state"] == "up" and uplink_process["pid"] not in (None, os.getpid())
     assert d["uplink"]["connected"] is True and d["uplink"]["broker"] == f"127.0.0.1:{broker.port}"
     assert isinstance(d["uplink"]["backlog"], int)
     assert set(d["storage"]["evicted_undelivered"]) == {"telemetry", "info", "trouble", "supervisory", "alarm"}
@@ -352,11 +350,12 @@ async def test_events_filters_and_follow_sees_a_new_alarm(site: Site) -> None:
 
 
 async def test_rebirth_publishes_the_birth_again(site: Site, mqtt_recorder_factory: Any) -> None:
-    await wait_for(lambda: site.gateway.uplink.connected, "uplink connected")
-    recorder = mqtt_recorder_factory(topics=site.gateway.topics.birth)
+    await wait_for(lambda: site.gateway.uplink_connected, "uplink connected")
+    birth = f"{site.spec.topic_base}/birth"
+    recorder = mqtt_recorder_factory(topics=birth)
     recorder.wait_for(timeout=20)  # the retained birth
     recorder.clear()
     result = await site.handler.handle("rebirth", {}, source="mqtt:cmd-9")
-    assert result.ok and result.data["topic"] == site.gateway.topics.birth
+    assert result.ok and result.data["topic"] == birth
     message = await asyncio.to_thread(recorder.wait_for, None, 20)
     assert message.json["gateway"] == "test-community-b01"

@@ -19,13 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import EX_CONFIG, SiteConfig, load_config
-from gateway.daemon import Gateway
+from gateway.panel.process import PanelProcess
 from tests.support.broker import MosquittoBroker, free_port
-from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
+from tests.support.building import (
+    TimedMockPin,
+    eventually,
+    read_events,
+    running_gateway,
+    simulated_detectors,
+    uplink_records,
+)
 from tests.support.mqtt import RecordedMessage
 from tests.support.site import SiteSpec, build_site
 
@@ -46,7 +52,7 @@ def make_site(tmp_path: Path, modem: VirtualNullModem, broker_port: int, **kwarg
     return spec, load_config(spec.write(tmp_path / "site.toml"))
 
 
-def device_state(gateway: Gateway, device_id: str) -> str:
+def device_state(gateway: PanelProcess, device_id: str) -> str:
     return next(str(d["state"]) for d in gateway.panel.snapshot()["devices"] if d["device"] == device_id)
 
 
@@ -63,7 +69,7 @@ def stored_alarms(db: Path, device_id: str) -> list[dict[str, Any]]:
     return read_events(db, "kind = 'alarm' AND action = 'raised' AND device = ?", [device_id])
 
 
-async def wait_normal(gateway: Gateway, device_id: str) -> None:
+async def wait_normal(gateway: PanelProcess, device_id: str) -> None:
     await eventually(lambda: device_state(gateway, device_id) == "normal", timeout=30,
                      message=lambda: f"{device_id} never read normal: {device_state(gateway, device_id)}")
 
@@ -114,20 +120,19 @@ async def test_broker_down_at_first_buzzer_at_once_event_kept_then_delivered(
     (leak,) = spec.detectors
     db = tmp_path / "events.db"
     try:
-        with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims), \
-                structlog.testing.capture_logs() as logs:
+        with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
             async with running_gateway(cfg) as gateway:
                 await wait_normal(gateway, leak.id)
                 sims[leak.id].set_concentration(HIGH)
                 await eventually(lambda: buzzer.first_high() is not None, message="buzzer never went high")
                 rows = await eventually(lambda: stored_alarms(db, leak.id), message="alarm not stored")
                 assert rows[0]["delivered"] == 0
-                assert not gateway.uplink.connected
+                assert not gateway.uplink_connected
 
                 # Start the broker just after a failed attempt, while the uplink sleeps ≥ 1.6 s, so the
                 # recorder is subscribed before the gateway can reconnect.
                 def failures() -> list[dict[str, Any]]:
-                    return [e for e in list(logs) if e.get("event") == "uplink down; events buffered"]
+                    return [e for e in uplink_records(cfg) if e.get("event") == "uplink down; events buffered"]
 
                 seen = len(failures())
                 await eventually(lambda: any(e["retry_in_s"] >= 1.6 for e in failures()[seen:]), timeout=30,

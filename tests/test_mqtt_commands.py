@@ -8,7 +8,6 @@ properties) to ``<base>/reply``, where the command id correlates it.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +22,7 @@ from paho.mqtt.properties import Properties
 
 from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.daemon import Gateway
+from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
@@ -89,7 +88,7 @@ def protocol(request: pytest.FixtureRequest) -> int:
 
 @dataclass
 class Rig:
-    gateway: Gateway
+    gateway: PanelProcess
     server: Server
     spec: SiteSpec
     sims: dict[str, SimulatedGasDetector]
@@ -99,16 +98,15 @@ class Rig:
 async def rig(tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
               protocol: int) -> AsyncIterator[Rig]:
     spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
-                      socket_path=tmp_path / "control.sock", households=2)
+                      socket_path=tmp_path / "control.sock", households=2, mqtt_protocol=protocol)
     cfg = load_config(spec.write(tmp_path / "site.toml"))
-    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol=protocol))
     topics = Topics(spec.topic_prefix, spec.community, spec.building)
     recorder = MqttRecorder(broker.host, broker.port, [f"{topics.reply}/#", topics.birth, f"{topics.base}/event/#"],
                             protocol=mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311)
     try:
         with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
             async with running_gateway(cfg) as gateway:
-                await eventually(lambda: gateway.uplink.connected and recorder.messages(topics.birth), timeout=30)
+                await eventually(lambda: gateway.uplink_connected and recorder.messages(topics.birth), timeout=30)
                 yield Rig(gateway, Server(recorder, topics, protocol == 5), spec, sims)
     finally:
         recorder.close()
@@ -126,7 +124,7 @@ async def wait_for(server: Server, predicate: Callable[[RecordedMessage], bool])
     return await asyncio.to_thread(server.recorder.wait_for, predicate, 30.0)
 
 
-def state_of(gateway: Gateway, device: str) -> dict[str, Any]:
+def state_of(gateway: PanelProcess, device: str) -> dict[str, Any]:
     return next(d for d in gateway.panel.snapshot()["devices"] if d["device"] == device)
 
 
@@ -170,7 +168,7 @@ async def test_accepted_commands(rig: Rig) -> None:
 
     result = await ask(rig, server.command("status"))
     assert result["status"] == "accepted"
-    assert result["data"]["gateway"]["session"] == gw.outbox.session
+    assert result["data"]["gateway"]["session"] == gw.supervisor.beat["session"]
 
     births_index = server.recorder.messages(server.topics.birth)[-1].index
     result = await ask(rig, server.command("rebirth"))

@@ -25,12 +25,12 @@ from drivers.gpio import make_buzzer
 from drivers.profiles import GasReading
 from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.daemon import Gateway
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import Annunciator
 from gateway.panel.core import AlarmCore, Sound
+from gateway.panel.process import PanelProcess
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
@@ -64,18 +64,18 @@ def site(tmp_path: Path, modem: VirtualNullModem, broker_port: int, households: 
     return spec, load_config(spec.write(tmp_path / "site.toml"))
 
 
-def state_of(gateway: Gateway, device_id: str) -> dict[str, Any]:
+def state_of(gateway: PanelProcess, device_id: str) -> dict[str, Any]:
     return next(d for d in gateway.panel.snapshot()["devices"] if d["device"] == device_id)
 
 
-def reset_when_clear(gateway: Gateway, device_id: str, buzzer: TimedMockPin) -> None:
+def reset_when_clear(gateway: PanelProcess, device_id: str, buzzer: TimedMockPin) -> None:
     """Reset the latched alarm once its condition has gone; the buzzer goes quiet."""
     wait_until(lambda: device_id in gateway.panel.reset(device_id, "test").reset, timeout=30,
                message=f"{device_id} could not be reset")
     wait_until(lambda: not buzzer.state, timeout=10, message="the buzzer stayed on after the reset")
 
 
-def sound_both_paths(gateway: Gateway, detector: SimulatedGasDetector, detector_id: str, buzzer: TimedMockPin,
+def sound_both_paths(gateway: PanelProcess, detector: SimulatedGasDetector, detector_id: str, buzzer: TimedMockPin,
                      relay_pin: Any) -> None:
     """A high gas reading on the bus, then a closed gas-relay contact: each switches the buzzer on.
 
@@ -97,7 +97,7 @@ def sound_both_paths(gateway: Gateway, detector: SimulatedGasDetector, detector_
     reset_when_clear(gateway, RELAY.id, buzzer)
 
 
-async def ready(gateway: Gateway, device_id: str) -> None:
+async def ready(gateway: PanelProcess, device_id: str) -> None:
     await eventually(lambda: state_of(gateway, device_id)["state"] == "normal", timeout=30,
                      message=lambda: f"{device_id} never read normal: {state_of(gateway, device_id)}")
 
@@ -125,10 +125,10 @@ async def test_buzzer_sounds_while_the_loop_is_blocked(
             before = last_loop_beat()
             # Called without awaiting anything: the loop stays blocked until both paths have sounded.
             sound_both_paths(gateway, sims[leak.id], leak.id, buzzer, mock_pins.pin(f"GPIO{RELAY.pin}"))
+            # Storage is the other process: the alarms are stored while this loop is still blocked.
+            wait_until(lambda: len(alarm_rows(tmp_path / "events.db")) == 2, timeout=30,
+                       message="the alarms were not stored while the panel's loop was blocked")
             assert last_loop_beat() == before, "the loop ran meanwhile"
-            assert alarm_rows(tmp_path / "events.db") == []
-            await eventually(lambda: len(alarm_rows(tmp_path / "events.db")) == 2,
-                             message="the alarms were not stored once the loop ran again")
 
 
 async def test_buzzer_sounds_while_sqlite_is_locked_by_another_connection(
@@ -141,13 +141,13 @@ async def test_buzzer_sounds_while_sqlite_is_locked_by_another_connection(
     with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
         async with running_gateway(cfg) as gateway:
             await ready(gateway, leak.id)
-            stored_before = gateway.outbox.stored_total
+            stored_before = gateway.supervisor.beat.get("stored")
             locker = sqlite3.connect(db, timeout=30, isolation_level=None)
             try:
                 locker.execute("BEGIN EXCLUSIVE")
                 await asyncio.to_thread(sound_both_paths, gateway, sims[leak.id], leak.id, buzzer,
                                         mock_pins.pin(f"GPIO{RELAY.pin}"))
-                assert gateway.outbox.stored_total == stored_before, "the database was not locked after all"
+                assert gateway.supervisor.beat.get("stored") == stored_before, "the database was not locked after all"
                 locker.execute("COMMIT")
             finally:
                 with contextlib.suppress(sqlite3.Error):
@@ -168,7 +168,7 @@ async def test_buzzer_sounds_while_the_broker_is_black_holed(
             await ready(gateway, leak.id)
             await asyncio.to_thread(sound_both_paths, gateway, sims[leak.id], leak.id, buzzer,
                                     mock_pins.pin(f"GPIO{RELAY.pin}"))
-            assert not gateway.uplink.connected
+            assert not gateway.uplink_connected
             rows = await eventually(lambda: alarm_rows(db) if len(alarm_rows(db)) == 2 else None,
                                     message="the alarms were not stored")
             assert [r["delivered"] for r in rows] == [0, 0]
@@ -177,7 +177,7 @@ async def test_buzzer_sounds_while_the_broker_is_black_holed(
 class TelemetryStream:
     """Readings that each make a telemetry event (values flip by 2 %LEL), ``rate`` per second, in a thread."""
 
-    def __init__(self, gateway: Gateway, device_ids: list[str], rate: int = 1000) -> None:
+    def __init__(self, gateway: PanelProcess, device_ids: list[str], rate: int = 1000) -> None:
         self._panel = gateway.panel
         self._devices = device_ids
         self._rate = rate
@@ -216,9 +216,9 @@ async def test_buzzer_sounds_with_1000_telemetry_events_a_second_flowing(
     with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
         async with running_gateway(cfg) as gateway:
             await ready(gateway, leak.id)
-            seen_before = gateway.events_seen
+            seen_before = gateway.handover.handed_over
             with TelemetryStream(gateway, [d.id for d in others]) as stream:
-                await eventually(lambda: gateway.events_seen - seen_before >= 500,
+                await eventually(lambda: gateway.handover.handed_over - seen_before >= 500,
                                  message="the telemetry stream did not reach the loop")
                 await asyncio.to_thread(sound_both_paths, gateway, sims[leak.id], leak.id, buzzer,
                                         mock_pins.pin(f"GPIO{RELAY.pin}"))

@@ -17,7 +17,7 @@ import pytest
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import SiteConfig, load_config
-from gateway.daemon import Gateway
+from gateway.panel.process import PanelProcess
 from tests.support.broker import MosquittoBroker
 from tests.support.building import (
     CountingHeartbeats,
@@ -49,15 +49,15 @@ def make_site(tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker,
     return spec, load_config(spec.write(tmp_path / "site.toml")), db
 
 
-def states(gateway: Gateway) -> dict[str, dict[str, Any]]:
+def states(gateway: PanelProcess) -> dict[str, dict[str, Any]]:
     return {str(d["device"]): d for d in gateway.panel.snapshot()["devices"]}
 
 
-def sound(gateway: Gateway) -> str:
+def sound(gateway: PanelProcess) -> str:
     return str(gateway.panel.snapshot()["annunciation"].sound.name.lower())
 
 
-async def all_normal(gateway: Gateway, device_ids: list[str]) -> None:
+async def all_normal(gateway: PanelProcess, device_ids: list[str]) -> None:
     await eventually(lambda: all(states(gateway)[d]["state"] == "normal" for d in device_ids), timeout=60,
                      message=lambda: f"not all normal: { {d: states(gateway)[d]['state'] for d in device_ids} }")
 

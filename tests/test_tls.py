@@ -236,7 +236,7 @@ async def test_tls_client_certificate_password_and_documented_acl(
                 await asyncio.to_thread(server.publish, topics.command("silence"), silence)
                 result = await asyncio.to_thread(server.wait_for, lambda m: m.matches(f"{topics.reply}/#"), 30.0)
                 assert (result.json["id"], result.json["status"]) == (silence["id"], "accepted")
-                assert gateway.uplink_connected
+                await eventually(lambda: gateway.uplink_connected, timeout=10)
         assert validator("availability").is_valid(server.messages(topics.availability)[-1].json)
         assert server.messages(topics.availability)[-1].json["reason"] == "planned stop"
         assert "OpenSSL Error" not in broker.log_since_ready()

@@ -51,6 +51,8 @@ RESTART_MAX_S = 30.0
 #: A storage process that ran this long starts again from the shortest back-off after it ends.
 STABLE_S = 60.0
 REQUEST_TIMEOUT_S = 10.0
+#: A storage process that has not said hello after this long is killed and started again.
+START_TIMEOUT_S = 60.0
 
 
 class Hold:
@@ -248,7 +250,9 @@ class UplinkSupervisor:
         on_state: Callable[[bool, str], None] | None = None,
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
+        log_path: str | None = None,
     ) -> None:
+        """``log_path``: a file for the storage process's log (default: this process's stdout, journald)."""
         self.config_path = config_path
         self.handover = handover
         self._on_request = on_request
@@ -256,6 +260,7 @@ class UplinkSupervisor:
         self._on_state = on_state
         self._command = list(command) if command else [sys.executable, "-m", "gateway.uplink.process"]
         self._env = env
+        self._log_path = log_path
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="uplink-supervisor", daemon=True)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -264,6 +269,8 @@ class UplinkSupervisor:
         self._ids = itertools.count(1)
         self._last_beat = 0.0
         self.up = False
+        self.beat: dict[str, Any] = {}
+        """The storage process's last beat: ``session``, ``connected`` (to the broker), ``stored``."""
         self.starts = 0
         self.last_exit: str | None = None
         self.pid: int | None = None
@@ -320,13 +327,16 @@ class UplinkSupervisor:
 
     def _run_once(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out = open(self._log_path, "ab") if self._log_path else None  # noqa: SIM115 - closed below
         try:
             proc = subprocess.Popen(
                 [*self._command, "--config", self.config_path, "--link-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=self._env, start_new_session=False,
+                pass_fds=(theirs.fileno(),), env=self._env, stdout=out,
             )
         finally:
             theirs.close()
+            if out is not None:
+                out.close()
         self._proc = proc
         self.pid = proc.pid
         self.starts += 1
@@ -336,8 +346,9 @@ class UplinkSupervisor:
         while proc.poll() is None:
             if self._stop.is_set():
                 break
-            if self.up and time.monotonic() - self._last_beat > UPLINK_DEADLINE_S:
-                self.last_exit = f"no beat for {UPLINK_DEADLINE_S:.0f} s"
+            silent = time.monotonic() - self._last_beat
+            if silent > (UPLINK_DEADLINE_S if self.up else START_TIMEOUT_S):
+                self.last_exit = f"no beat for {silent:.0f} s"
                 log.error("storage process hangs; killing it", pid=proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
@@ -391,11 +402,14 @@ class UplinkSupervisor:
         self._last_beat = time.monotonic()
         if kind == "hello":
             self.last_exit = None
+            self.beat = {}
             self.handover.attach(sock, message["handover"])
             drops = self.handover.hold.take_unreported_drops()
             if drops:
                 self.handover.send(link.encode("request", id=0, name="count_dropped", args={"dropped": drops}))
             self._set_up(True, "connected")
+        elif kind == "beat":
+            self.beat = message
         elif kind == "stored":
             self.handover.acknowledge(message["boot"], message["upto"])
         elif kind == "fault":

@@ -67,7 +67,8 @@ class PanelProcess:
     """One building's alarm panel and the supervisor of its storage process."""
 
     def __init__(self, cfg: SiteConfig, config_path: str, *, uplink_env: dict[str, str] | None = None,
-                 heartbeats: Heartbeats | None = None) -> None:
+                 uplink_log: str | None = None, heartbeats: Heartbeats | None = None) -> None:
+        """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours)."""
         self.cfg = cfg
         self.config_path = config_path
         self.started_at = time.time()
@@ -87,7 +88,7 @@ class PanelProcess:
                               on_saved_change=self.saver.changed)
         self.supervisor = UplinkSupervisor(config_path, self.handover, on_request=self._uplink_request,
                                            on_fault=self._storage_fault, on_state=self._uplink_state,
-                                           env=uplink_env)
+                                           env=uplink_env, log_path=uplink_log)
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.selfcheck: SelfCheck | None = None
@@ -120,6 +121,11 @@ class PanelProcess:
     def uplink_pid(self) -> int | None:
         """The storage process's pid while it runs."""
         return self.supervisor.pid if self.supervisor.up else None
+
+    @property
+    def uplink_connected(self) -> bool:
+        """Whether the storage process is up and connected to the broker (as of its last beat)."""
+        return self.supervisor.up and bool(self.supervisor.beat.get("connected"))
 
     def record(self, event: Event) -> None:
         """Store an event made by an operator action, in order with the panel's own."""
@@ -343,7 +349,8 @@ class PanelProcess:
         snap = self.panel.snapshot()
         faults = sum(1 for d in snap["devices"] if d["faults"])
         return (f"{len(snap['devices']) - faults} devices ok, {faults} fault, "
-                f"storage {'up' if self.supervisor.up else 'down'}, held {len(self.handover.hold)}")
+                f"storage {'up' if self.supervisor.up else 'down'}, "
+                f"uplink {'up' if self.uplink_connected else 'down'}, held {len(self.handover.hold)}")
 
 
 def _plain(value: Any) -> Any:

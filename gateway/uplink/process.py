@@ -46,7 +46,7 @@ __all__ = ["StorageProcess", "main"]
 
 log = structlog.get_logger()
 
-BEAT_S = 1.0
+BEAT_S = 0.5
 STORAGE_MAINTENANCE_S = 60.0
 #: A status message after every connect and then this often (seconds).
 STATUS_INTERVAL_S = 60.0
@@ -289,7 +289,10 @@ class StorageProcess:
 
     async def _beat(self) -> None:
         while True:
-            self._send("beat")
+            up = self.uplink
+            self._send("beat", session=self.outbox.session, connected=up.connected, connections=up.connections,
+                       last_error=None if up.last_error is None else str(up.last_error),
+                       stored=self.outbox.stored_total, held=self.writer.held)
             await asyncio.sleep(BEAT_S)
 
     # ------------------------------------------------------------------------------ panel state, birth, status

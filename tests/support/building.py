@@ -1,7 +1,7 @@
 """Running the real daemon components in-process against a simulated building.
 
 * :func:`simulated_detectors` puts one pymodbus-served gas detector per :class:`DetectorSpec` on a bus.
-* :func:`running_gateway` starts a :class:`gateway.daemon.Gateway` on the current asyncio loop.
+* :func:`running_gateway` runs the panel in this process and its storage/uplink process as a real child.
 * :class:`TimedMockPin` is a gpiozero ``MockPin`` that also keeps the monotonic time of every change,
   for ordering checks against other clocks (``MockPin.states`` keeps only deltas).
 * :func:`read_events` reads the outbox with plain ``sqlite3``, independently of the daemon.
@@ -18,17 +18,21 @@ import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gpiozero.pins.mock import MockPin
 
 from drivers.simulated import SimulatedBus, SimulatedGasDetector
-from gateway.config import SiteConfig
-from gateway.daemon import Gateway
+from gateway.config import SiteConfig, load_config
 from gateway.health import Heartbeats
+from gateway.panel.process import PanelProcess
 from tests.support.site import DetectorSpec
 
-__all__ = ["CountingHeartbeats", "TimedMockPin", "eventually", "read_events", "running_gateway", "simulated_detectors"]
+__all__ = [
+    "CountingHeartbeats", "TimedMockPin", "eventually", "read_events", "running_gateway", "simulated_detectors",
+    "uplink_records",
+]
 
 T = TypeVar("T")
 
@@ -90,14 +94,50 @@ def simulated_detectors(
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(cfg: SiteConfig, **kwargs: Any) -> AsyncIterator[Gateway]:
-    """Start a gateway on the running loop and stop it (flushing briefly) afterwards."""
-    gateway = Gateway(cfg, **kwargs)
-    await gateway.start()
+async def running_gateway(
+    cfg: SiteConfig,
+    *,
+    heartbeats: Heartbeats | None = None,
+    on_pins_ready: Callable[[PanelProcess], None] | None = None,
+    wait_storage: bool = True,
+) -> AsyncIterator[PanelProcess]:
+    """The real layout: this process is the panel (MockFactory pins, on the running loop); its storage/uplink
+    process is a real child started from ``cfg.source``. Stops with a planned stop afterwards.
+
+    The child reads the site file, so a test that changes the storage or MQTT settings must write them there.
+    """
+    on_file = load_config(cfg.source)
+    for part in ("community", "building", "gateway_id", "mqtt", "storage"):
+        if getattr(on_file, part) != getattr(cfg, part):
+            raise AssertionError(f"cfg.{part} differs from {cfg.source}: the storage process would not see it")
+    panel = PanelProcess(cfg, cfg.source, heartbeats=heartbeats, uplink_log=str(uplink_log_path(cfg)))
+    if on_pins_ready is not None:
+        panel.side._on_pins_ready = lambda: on_pins_ready(panel)
+    panel.open()
     try:
-        yield gateway
+        await panel.start_services()
+        if wait_storage:
+            await eventually(lambda: panel.supervisor.up, timeout=60, message="storage process connected")
+        yield panel
     finally:
-        await gateway.stop(flush_timeout_s=2.0)
+        await panel.stop(flush_timeout_s=2.0)
+
+
+def uplink_log_path(cfg: SiteConfig) -> Path:
+    """Where :func:`running_gateway` puts the storage process's log (JSON lines)."""
+    return Path(cfg.storage.path).with_name("uplink.log")
+
+
+def uplink_records(cfg: SiteConfig) -> list[dict[str, Any]]:
+    """The storage process's log records so far (what ``capture_logs`` gives for this process)."""
+    path = uplink_log_path(cfg)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
 
 
 def read_events(db_path: str | os.PathLike[str], where: str = "1", params: Sequence[Any] = ()) -> list[dict[str, Any]]:

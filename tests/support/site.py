@@ -90,6 +90,7 @@ def build_site(
     telemetry_interval_s: float = 60.0,
     telemetry_batch_s: float = 0.1,
     realtime_priority: int = 0,
+    mqtt_protocol: int | None = None,
 ) -> SiteSpec:
     """A site with ``households`` households spread over ``units`` units, one gas detector each on one bus.
 
@@ -152,6 +153,7 @@ def build_site(
         f"host = {_q(broker_host)}",
         f"port = {broker_port}",
         f"topic_prefix = {_q(topic_prefix)}",
+        *([] if mqtt_protocol is None else [f"protocol = {mqtt_protocol}"]),
         "",
         "[storage]",
         f"path = {_q(db_path)}",
