@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TextIO
 
 from gateway import __version__
-from gateway.config import DEFAULT_SOCKET, ConfigError, StorageConfig, load_config
+from gateway.config import DEFAULT_SOCKET, ConfigError, StorageConfig, bus_floor_warnings, load_config
 from gateway.events import KIND_PRIORITY
 
 __all__ = ["ControlClient", "DaemonUnavailable", "main"]
@@ -211,6 +211,14 @@ def _duration(seconds: float) -> str:
     return f"{d}d {h:02d}h {m:02d}m" if d else (f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s")
 
 
+def _cycle(bus: dict[str, Any]) -> str:
+    """", cycle 2.71 s (floor 2.64 s)" when the bus reports them: the measured cycle beside the wire's floor."""
+    cycle, floor = bus.get("cycle_s"), bus.get("floor_s")
+    if floor is None:
+        return ""
+    return f", cycle {'—' if cycle is None else f'{cycle:.2f} s'} (floor {floor:.2f} s)"
+
+
 def _value(value: Any, measure: Any) -> str:
     if value is None:
         return "—"
@@ -268,7 +276,7 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
     for bus in data.get("buses", []):
         state = "PORT LOST" if bus["port_lost"] else ("paused" if bus["paused"] else "polling")
         yield (f"Bus       {bus['id']} {bus['port']}: {style(state, 'red' if bus['port_lost'] else None)}, "
-               f"{bus['polls']} polls, {bus['errors']} errors")
+               f"{bus['polls']} polls, {bus['errors']} errors{_cycle(bus)}")
     yield ""
     rows, colours = [], []
     for d in data["devices"]:
@@ -609,11 +617,14 @@ class Cli:
             return EXIT_ERROR
         summary = {"file": path, "gateway": cfg.gateway_id, "units": len(cfg.units),
                    "households": len(cfg.households), "devices": len(cfg.devices), "buses": len(cfg.buses)}
+        warnings = bus_floor_warnings(cfg)  # the site still loads: such a bus polls back to back
         if self.json:
-            self.emit({"ok": True, "reason": None, "data": summary})
+            self.emit({"ok": True, "reason": None, "data": summary, "warnings": warnings})
         else:
             self.print(f"{path}: ok — {cfg.gateway_id}: {len(cfg.units)} units, {len(cfg.households)} households, "
                        f"{len(cfg.devices)} devices, {len(cfg.buses)} buses")
+            for warning in warnings:
+                print(f"gatewayctl: warning: {warning}", file=self.err)
         return EXIT_OK
 
 
