@@ -4,6 +4,7 @@ below the wire's floor."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import threading
@@ -173,8 +174,6 @@ def test_a_detector_reads_its_fast_window_between_whole_reads(tmp_path: Path) ->
 
 
 def test_the_whole_block_is_read_again_every_n_polls(tmp_path: Path) -> None:
-    import dataclasses
-
     requests = Requests()
     every_4 = dataclasses.replace(PROFILE_A, full_read_every=4)
     with wire_bus(tmp_path, WireSpec(baud=38400, turnaround_s=0.001), {8: "A"}, requests) as (_bus, client):
