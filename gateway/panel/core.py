@@ -26,7 +26,7 @@ Rules (docs/alarms.md gives each with its default and source):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any
 
@@ -49,6 +49,10 @@ __all__ = [
 DEVICE_FAULTS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault")
 #: Statuses whose concentration reading cannot be trusted.
 UNTRUSTED = frozenset({"sensor_fault", "data_error"})
+#: Statuses that make a published reading ``bad`` (its value is withheld) or ``uncertain`` (over range: the
+#: true value is higher; calibration due), most telling first. docs/mqtt.md, "Reading quality".
+BAD_READING = ("unit_mismatch", "sensor_fault", "data_error", "comms_fault")
+UNCERTAIN_READING = ("over_range", "needs_calibration")
 #: Detector statuses that are a level-2 (high) alarm whatever the concentration reads.
 HIGH_FLAGS = frozenset({"high_alarm", "over_range"})
 #: Detector statuses that are a level-1 (low) alarm; STEL/TWA are the exposure alarms of toxic-gas detectors.
@@ -132,6 +136,7 @@ class _DeviceState:
     test_until: float | None = None
     telemetry_at: float | None = None
     telemetry_value: float | None = None
+    quality: tuple[str, str | None] | None = None  # the last published reading's quality and why
     comm_errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)  # comm_errors by what the line showed
     good_polls: int = 0  # answers in a row while offline (the fault clears after offline_clear_polls)
@@ -193,6 +198,7 @@ class AlarmCore:
             "condition_present": st.level > Level.NONE,
             "silenced": alarm.silenced if alarm is not None else None,
             "value": st.last_value,
+            "quality": st.quality[0] if st.quality else None,
             "measure": st.cfg.measure,
             "last_seen": st.last_seen,
             "faults": sorted(st.faults),
@@ -253,8 +259,15 @@ class AlarmCore:
             flagged = Level.LOW
         trusted = not mismatch and not reading.status & UNTRUSTED
         measured = self._concentration_level(st, reading.value) if trusted else Level.NONE
+        first = len(events)
         self._alarm_level(st, max(flagged, measured), reading.value, now, events, known=trusted)
-        self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events)
+        if flagged > measured:  # the detector's own status flag set the level, not a concentration: say so
+            flag = min(reading.status & (HIGH_FLAGS if flagged == Level.HIGH else LOW_FLAGS))
+            events[first:] = [replace(e, value=None, code=flag) if e.kind in ("alarm", "test") else e
+                              for e in events[first:]]
+        status = reading.status | ({"unit_mismatch"} if mismatch else set())
+        quality = _quality(status)
+        self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events, quality)
         return self._finish(events, now)
 
     def station(self, device_id: str, reading: StationReading, now: float) -> list[Event]:
@@ -606,13 +619,20 @@ class AlarmCore:
                     events.append(self._event(st, "supervisory", "cleared", now, code=code, value=value))
 
     def _telemetry(self, st: _DeviceState, value: float, measure: str | None, now: float,
-                   events: list[Event]) -> None:
+                   events: list[Event], quality: tuple[str, str | None] = ("good", None)) -> None:
+        """A reading, published on change (deadband), on a change of quality, or every telemetry interval.
+
+        A ``bad`` reading goes out without its value (``code`` says why): it is not a concentration."""
         s = self.settings
-        if (st.telemetry_at is None or now - st.telemetry_at >= s.telemetry_interval_s
-                or st.telemetry_value is None or abs(value - st.telemetry_value) >= s.telemetry_deadband):
+        bad = quality[0] == "bad"
+        if (st.telemetry_at is None or now - st.telemetry_at >= s.telemetry_interval_s or quality != st.quality
+                or (not bad and (st.telemetry_value is None
+                                 or abs(value - st.telemetry_value) >= s.telemetry_deadband))):
             st.telemetry_at = now
-            st.telemetry_value = value
-            events.append(self._event(st, "telemetry", "reading", now, value=value, measure=measure))
+            st.telemetry_value = None if bad else value
+            st.quality = quality
+            events.append(self._event(st, "telemetry", "reading", now, value=None if bad else value,
+                                      measure=measure, quality=quality[0], code=quality[1]))
 
     def _finish(self, events: list[Event], now: float) -> list[Event]:
         relays = self._linked_relays()
@@ -654,6 +674,17 @@ class AlarmCore:
 
 
 _LED = {"alarm": "alarm", "supervisory": "supervisory", "trouble": "fault"}
+
+
+def _quality(status: frozenset[str] | set[str]) -> tuple[str, str | None]:
+    """A reading's quality and the status that makes it so: good, uncertain or bad."""
+    for code in BAD_READING:
+        if code in status:
+            return "bad", code
+    for code in UNCERTAIN_READING:
+        if code in status:
+            return "uncertain", code
+    return "good", None
 
 
 def _matches(signal: str, c: _Condition) -> bool:
