@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.events import Event
-from gateway.uplink.mqtt import Uplink, event_window
+from gateway.uplink.mqtt import URGENT_RETRY_MAX_S, Uplink, event_window
 from gateway.uplink.outbox import Outbox
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
@@ -326,7 +326,9 @@ async def test_a_disconnect_means_outcome_unknown_and_the_same_ids_go_again(tmp_
         recorder.close()
         broker.stop()
     assert [b["event_id"] for b in got] == ids
-    assert all(b["historical"] for b in got), "every one was sent again on a later connection"
+    # The 8 in flight when the broker died may have reached it: sent again, historical. The 12 queued behind them
+    # were never sent before: this session's events, live, however long they waited (age_s says how long).
+    assert [b["historical"] for b in got] == [True] * 8 + [False] * 12
 
 
 async def test_a_broker_that_never_answers_connect_is_retried(
@@ -469,3 +471,75 @@ async def test_a_broker_that_drops_every_connection_at_once_gets_no_reconnect_st
         finally:
             rival.loop_stop()
             rival.disconnect()
+
+
+# ------------------------------------------------------------------------------------------- age and return
+
+
+async def test_an_alarm_raised_before_the_first_connection_is_live_and_says_how_old_it_is(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    """``historical`` is for copies sent again and earlier sessions only: a server that mutes historical events
+    must still hear the alarm raised at boot while the link was not up yet. ``age_s`` says how long it waited."""
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    with stopped(broker):  # the link does not come up: CONNECT is never answered
+        async with forwarding(tmp_path, broker, start=False) as (ob, up):
+            [alarm_id] = await ob.append([ev("alarm", 1)])
+            appended = time.monotonic()
+            await eventually(lambda: up.last_error is not None and "connect" in up.last_error, timeout=30,
+                             message="no connection attempt failed")
+            waited = time.monotonic() - appended  # the alarm waited at least this long for a link
+            os.kill(broker.pid or 0, signal.SIGCONT)
+            [alarm] = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 1, 60))
+            await all_delivered(ob)
+            assert up.connections == 1
+    assert alarm["event_id"] == alarm_id and alarm["session"] == ob.session
+    assert alarm["historical"] is False, "raised in this session and sent for the first time: live"
+    assert alarm["age_s"] >= waited
+    assert alarm["sent"] >= alarm["time"]
+
+
+async def test_an_alarm_reaches_a_returning_broker_without_waiting_out_the_long_backoff(tmp_path: Path) -> None:
+    """The broker goes away long enough for the backoff to grow past 5 s; an alarm raised then cuts the wait to
+    at most 5 s and every wait while it is undelivered stays within 5 s; it is delivered once the broker is back.
+    The delays are the ones the uplink chose (``retry_delays``), not times measured by the test."""
+    broker = PersistentBroker(tmp_path / "broker")
+    broker.start()
+    recorder = SessionRecorder(broker)
+    try:
+        broker.save()  # the recorder's session survives the restart: it gets what is published after it
+        async with forwarding(tmp_path, broker) as (ob, up):
+            broker.stop()
+            await eventually(lambda: not up.connected, timeout=30)
+            # wait until the uplink has chosen a wait longer than 5 s (today's 1, 2, 4, 8 s … backoff)
+            await eventually(lambda: any(d.delay_s > URGENT_RETRY_MAX_S for d in up.retry_delays), timeout=60,
+                             message="the backoff never grew past 5 s")
+            assert not any(d.urgent for d in up.retry_delays), "nothing urgent waited yet"
+            long_wait = up.retry_delays[-1]
+            assert long_wait.delay_s > URGENT_RETRY_MAX_S
+            [alarm_id] = await ob.append([ev("alarm", 1)])
+            await eventually(lambda: any(d.urgent for d in up.retry_delays), timeout=30,
+                             message="the alarm did not shorten the wait")
+            broker.start()
+            got = await asyncio.to_thread(recorder.wait_ids, {alarm_id}, 60)
+            await all_delivered(ob)
+            after = [d for d in up.retry_delays if d.chosen_at >= long_wait.chosen_at][1:]
+    finally:
+        recorder.close()
+        broker.stop()
+    assert after and all(d.urgent for d in after), after
+    assert all(d.delay_s <= URGENT_RETRY_MAX_S for d in after), after
+    assert after[0].chosen_at == long_wait.chosen_at, "the wait under way was cut short, not waited out"
+    assert [b["event_id"] for b in got if b["event_id"] == alarm_id] == [alarm_id]
+
+
+async def test_without_anything_urgent_the_backoff_is_todays(tmp_path: Path, broker: MosquittoBroker) -> None:
+    async with forwarding(tmp_path, broker) as (ob, up):
+        broker.stop()
+        await ob.append([ev("telemetry", i) for i in range(5)])
+        await eventually(lambda: any(d.delay_s > URGENT_RETRY_MAX_S for d in up.retry_delays), timeout=60,
+                         message="the backoff never grew past 5 s")
+        delays = list(up.retry_delays)
+    assert not any(d.urgent for d in delays), "telemetry alone is not urgent"
+    for i, d in enumerate(delays):  # 1 s doubling, each ×0.8–1.2, within [1, 60]
+        assert max(1.0, 0.8 * 2**i) <= d.delay_s <= min(60.0, 1.2 * 2**i), (i, delays)

@@ -374,10 +374,10 @@ class Uplink:
                 waiting: int | str = "unknown"
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     waiting, _ = await self.outbox.backlog()
-                delay, urgent = await self._retry_delay(next(delays))
+                wait = await self._retry_delay(next(delays))
                 log.warning("uplink down; events buffered", broker=self.broker, error=str(exc),
-                            waiting=waiting, retry_in_s=round(delay, 1), urgent=urgent)
-                await self._sleep(delay, urgent=urgent)
+                            waiting=waiting, retry_in_s=round(wait.delay_s, 1), urgent=wait.urgent)
+                await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)
                 continue
             connected_at = time.monotonic()
             try:
@@ -392,8 +392,8 @@ class Uplink:
             if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
                 delays = backoff_delays()
             if not self._stopping:
-                delay, urgent = await self._retry_delay(next(delays))
-                await self._sleep(delay, urgent=urgent)
+                wait = await self._retry_delay(next(delays))
+                await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:
         """Planned stop: flush what can be flushed in time, publish a clean offline, disconnect."""
@@ -827,22 +827,22 @@ class Uplink:
                                     reason=reason, install=self.outbox.install or None)
         return json.dumps(body, separators=(",", ":"))
 
-    async def _retry_delay(self, backoff: float) -> tuple[float, bool]:
+    async def _retry_delay(self, backoff: float) -> RetryDelay:
         """The wait before the next attempt: today's backoff, capped while something urgent waits."""
         self._urgent_stored = False
         try:
             urgent = await self.outbox.urgent_waiting()
         except (sqlite3.Error, ValueError):  # nothing can be read, so nothing could be sent either
             urgent = False
-        delay = min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff
-        self.retry_delays.append(RetryDelay(time.monotonic(), delay, urgent))
-        return delay, urgent
+        wait = RetryDelay(time.monotonic(), min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff, urgent)
+        self.retry_delays.append(wait)
+        return wait
 
-    async def _sleep(self, seconds: float, *, urgent: bool = False) -> None:
+    async def _sleep(self, seconds: float, *, urgent: bool = False, start: float | None = None) -> None:
         """Back off for ``seconds``, feeding the heartbeat (the uplink is alive, only the broker is not) and waking
         at once on :meth:`stop`. An urgent event stored meanwhile cuts the wait to :data:`URGENT_RETRY_MAX_S`
-        from its start."""
-        start = time.monotonic()
+        from its ``start`` (default: now)."""
+        start = time.monotonic() if start is None else start
         end = start + seconds
         while not self._stopping:
             self._beat()
