@@ -4,10 +4,16 @@ wrong-function, late and over-long frames, while a healthy detector shares the b
 The gateway end is the real thing (its RTU client, the detector driver, the bus thread, the alarm panel).
 The device end is :class:`tests.support.fuzz.FuzzingDevice` on a virtual null modem; requests for the
 healthy address are relayed to pymodbus's own server (a :class:`SimulatedBus`) on a second null modem.
+
+Most bad answers end in the bus timeout, so the time of a run is frames × timeout. A pty answers within a
+millisecond: the fuzzed buses that carry no healthy device use a timeout of a few milliseconds (a late
+bad answer only spoils the next fuzzed device's poll, which fails anyway), the healthy device's bus keeps
+one that fits the relay, and several fuzzed buses run at once, each with its own bus thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -16,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from drivers.modbus import CommError, GasDetector
+from drivers.modbus import FRAME_ERROR_KINDS, CommError, GasDetector
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import BusConfig, load_config
@@ -30,6 +36,20 @@ PROFILE_A = BUILTIN_DETECTOR_PROFILES["A"]
 HEALTHY = 1  # the healthy detector's address; fuzzed devices follow it in the poll order
 HIGH = 30.0
 ALARM_BOUND_S = 30.0  # a detector's alarm reaches the collector within 30 s (GB/T 45839 §5.4.1)
+#: Error kinds each category may show as: one poll of a fuzzed device fails as one of these.
+RANDOM_KINDS = {"truncated_frame", "overlong_frame", "crc_error", "wrong_address", "bad_response"}
+EXPECTED_KINDS: dict[str, set[str]] = {
+    "random": RANDOM_KINDS,
+    "truncated": {"truncated_frame"},
+    "wrong_crc": {"crc_error"},
+    "wrong_address": {"wrong_address"},
+    "wrong_function": {"wrong_function"},
+    # its own poll sees silence; the next one sees its answer (from another address) before its own
+    "late": {"timeout", "wrong_address"} | RANDOM_KINDS,
+    "over_long": {"overlong_frame"},
+}
+#: Timeout of a fuzzed bus without a healthy device: a pty's answer comes within a millisecond.
+FUZZED_BUS_TIMEOUT_S = 0.008
 
 
 @dataclasses.dataclass
@@ -54,8 +74,8 @@ def bench(tmp_path: Path) -> Iterator[FuzzBench]:
             yield FuzzBench(line.gateway_port, line.device_port, relay.gateway_port, healthy)
 
 
-def bus_config(port: str, *, timeout_s: float, poll_interval_s: float = 0.0) -> BusConfig:
-    return BusConfig(id="bus1", port=port, baudrate=9600, parity="N", stopbits=1, bytesize=8,
+def bus_config(port: str, *, timeout_s: float, poll_interval_s: float = 0.0, bus_id: str = "bus1") -> BusConfig:
+    return BusConfig(id=bus_id, port=port, baudrate=9600, parity="N", stopbits=1, bytesize=8,
                      timeout_s=timeout_s, poll_interval_s=poll_interval_s)
 
 
@@ -88,6 +108,7 @@ def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
     healthy = GasDetector("healthy", HEALTHY, PROFILE_A)
     victims = [GasDetector(f"fuzzed-{a}", a, PROFILE_A) for a in fuzzed]
     reasons: dict[str, int] = {}
+    kinds: dict[str, int] = {}
     rounds = 20
     with FuzzingDevice(bench.device_port, fuzzed=fuzzed, relay_port=bench.relay_port, relayed=[HEALTHY],
                        seed=CATEGORIES.index(category), categories=[category], late_allowed=fuzzed[:-1]) as device:
@@ -99,6 +120,7 @@ def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
                     with pytest.raises(CommError) as excinfo:
                         victim.poll(client)
                     reasons[excinfo.value.reason] = reasons.get(excinfo.value.reason, 0) + 1
+                    kinds[excinfo.value.kind] = kinds.get(excinfo.value.kind, 0) + 1
         finally:
             client.close()
         assert device.alive and not device.errors
@@ -110,6 +132,8 @@ def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
     assert set(reasons) <= {"timeout", "bad_response"}
     if category == "wrong_function":
         assert reasons == {"bad_response": rounds * len(fuzzed)}
+    assert sum(kinds.values()) == polls
+    assert set(kinds) <= EXPECTED_KINDS[category], kinds
 
 
 # ------------------------------------------------------------------------------------------- daemon level
@@ -117,36 +141,59 @@ def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(
 
 async def _fuzz_through_the_gateway(
     tmp_path: Path, bench: FuzzBench, broker: MosquittoBroker, mock_pins: Any, *, frames: int,
-    fuzzed_count: int = 4, timeout_s: float = 0.03,
+    fuzzed_count: int = 4, timeout_s: float = 0.03, extra_buses: int = 3,
 ) -> dict[str, Any]:
-    """Run the gateway on the fuzzed bus until ``frames`` bad answers went out; check the invariants."""
+    """Run the gateway on ``1 + extra_buses`` fuzzed buses until ``frames`` bad answers went out in all.
+
+    Bus 1 carries the healthy detector and ``fuzzed_count`` fuzzed ones; each extra bus carries
+    ``fuzzed_count`` fuzzed ones on a null modem and a fuzzing device of its own.
+    """
     buzzer = mock_pins.pin("GPIO18", pin_class=TimedMockPin)
     db = tmp_path / "events.db"
     spec = build_site(bus_port=bench.gateway_port, db_path=db, broker_port=broker.port,
                       socket_path=tmp_path / "control.sock", households=1 + fuzzed_count)
     cfg = load_config(spec.write(tmp_path / "site.toml"))
-    # Faster than the config allows (≥ 0.05 s timeout, ≥ 0.1 s interval), to reach many frames quickly.
-    cfg = dataclasses.replace(cfg, buses=tuple(bus_config(b.port, timeout_s=timeout_s) for b in cfg.buses))
     healthy_id = spec.detectors[0].id
     assert spec.detectors[0].address == HEALTHY
-    fuzzed = {d.address: d.id for d in spec.detectors[1:]}
     order = [d.address for d in spec.detectors[1:]]
-    heartbeats = CountingHeartbeats()
+    template = cfg.device(spec.detectors[1].id)
 
-    def device(device_id: str) -> dict[str, Any]:
-        return next(d for d in gateway.panel.snapshot()["devices"] if d["device"] == device_id)
+    with contextlib.ExitStack() as stack:
+        # Faster than the config allows (≥ 0.05 s timeout, ≥ 0.1 s interval), to reach many frames quickly.
+        buses = [bus_config(bench.gateway_port, timeout_s=timeout_s)]
+        devices = list(cfg.devices)
+        fuzzed: dict[str, dict[int, str]] = {"bus1": {d.address: d.id for d in spec.detectors[1:]}}
+        fuzzers = {"bus1": stack.enter_context(FuzzingDevice(
+            bench.device_port, fuzzed=order, relay_port=bench.relay_port, relayed=[HEALTHY], seed=frames,
+            late_allowed=order[:-1]))}
+        for n in range(2, 2 + extra_buses):
+            bus_id = f"bus{n}"
+            line = stack.enter_context(VirtualNullModem(tmp_path / bus_id))
+            buses.append(bus_config(line.gateway_port, timeout_s=FUZZED_BUS_TIMEOUT_S, bus_id=bus_id))
+            fuzzed[bus_id] = {a: f"fuzz-{bus_id}-{a}" for a in order}
+            devices += [dataclasses.replace(template, id=device_id, name=device_id, bus=bus_id, address=a)
+                        for a, device_id in fuzzed[bus_id].items()]
+            # Every address may answer late: the last one's late answer spoils the first one's next poll.
+            fuzzers[bus_id] = stack.enter_context(FuzzingDevice(line.device_port, fuzzed=order,
+                                                                seed=frames + n))
+        cfg = dataclasses.replace(cfg, buses=tuple(buses), devices=tuple(devices))
+        heartbeats = CountingHeartbeats()
 
-    with FuzzingDevice(bench.device_port, fuzzed=order, relay_port=bench.relay_port, relayed=[HEALTHY],
-                       seed=frames, late_allowed=order[:-1]) as fuzzer:
+        def device(device_id: str) -> dict[str, Any]:
+            return next(d for d in gateway.panel.snapshot()["devices"] if d["device"] == device_id)
+
+        def total() -> int:
+            return sum(f.total for f in fuzzers.values())
+
+        all_fuzzed = [d for ids in fuzzed.values() for d in ids.values()]
         async with running_gateway(cfg, heartbeats=heartbeats) as gateway:
-            poller = gateway.buses["bus1"]
             n = cfg.alarm.offline_after_failures
-            await eventually(lambda: all("offline" in device(d)["faults"] for d in fuzzed.values()), timeout=60,
+            await eventually(lambda: all("offline" in device(d)["faults"] for d in all_fuzzed), timeout=60,
                              message="fuzzed devices not in fault")
-            assert all(device(d)["comm_errors"] >= n for d in fuzzed.values())
+            assert all(device(d)["comm_errors"] >= n for d in all_fuzzed)
 
-            await eventually(lambda: fuzzer.total >= frames // 2, timeout=frames, interval=0.2,
-                             message=lambda: f"only {fuzzer.total} bad frames sent")
+            await eventually(lambda: total() >= frames // 2, timeout=frames, interval=0.2,
+                             message=lambda: f"only {total()} bad frames sent")
             leak_at = time.monotonic()
             bench.healthy.set_concentration(HIGH)
             await eventually(lambda: device(healthy_id)["state"] == "high_alarm", timeout=ALARM_BOUND_S,
@@ -154,35 +201,58 @@ async def _fuzz_through_the_gateway(
             alarm_after_s = time.monotonic() - leak_at
             assert buzzer.first_high(after=leak_at) is not None
 
-            await eventually(lambda: fuzzer.total >= frames, timeout=frames, interval=0.2,
-                             message=lambda: f"only {fuzzer.total} bad frames sent")
-            # Quiesce: pause, then two cycle ends: the cycle in progress, and one with no polls.
-            poller.pause(True)
-            beats = heartbeats.count("bus:bus1")
-            await eventually(lambda: heartbeats.count("bus:bus1") >= beats + 2, timeout=30)
+            await eventually(lambda: total() >= frames, timeout=frames, interval=0.2,
+                             message=lambda: f"only {total()} bad frames sent")
+            # Quiesce: pause, then two cycle ends on each bus: the cycle in progress, and one with no polls.
+            beats = {}
+            for bus_id, poller in gateway.buses.items():
+                poller.pause(True)
+                beats[bus_id] = heartbeats.count(f"bus:{bus_id}")
+            for bus_id in gateway.buses:
+                await eventually(lambda b=bus_id: heartbeats.count(f"bus:{b}") >= beats[b] + 2, timeout=30)
 
-            assert poller.thread.is_alive()
-            assert fuzzer.alive and not fuzzer.errors
             assert gateway.heartbeats.stale() == []
-            for address, device_id in fuzzed.items():
-                state = device(device_id)
-                assert state["comm_errors"] == fuzzer.answered(address), device_id
-                assert "offline" in state["faults"]
-                assert state["value"] is None  # no garbage was ever taken for a reading
+
+            def unanswered() -> list[str]:  # the fuzzing thread may still be writing the last bad answers
+                return [d for bus_id, ids in fuzzed.items() for a, d in ids.items()
+                        if device(d)["comm_errors"] != fuzzers[bus_id].answered(a)]
+
+            await eventually(lambda: not unanswered(), timeout=10,
+                             message=lambda: f"failed polls and bad answers differ for {unanswered()}")
+            kinds: dict[str, int] = {}
+            for bus_id, poller in gateway.buses.items():
+                fuzzer = fuzzers[bus_id]
+                assert poller.thread.is_alive()
+                assert fuzzer.alive and not fuzzer.errors
+                on_bus = list(fuzzed[bus_id].values()) + ([healthy_id] if bus_id == "bus1" else [])
+                for address, device_id in fuzzed[bus_id].items():
+                    state = device(device_id)
+                    assert state["comm_errors"] == fuzzer.answered(address), device_id
+                    assert sum(state["errors_by_kind"].values()) == state["comm_errors"], device_id
+                    assert "offline" in state["faults"]
+                    assert state["value"] is None  # no garbage was ever taken for a reading
+                    for kind, count in state["errors_by_kind"].items():
+                        kinds[kind] = kinds.get(kind, 0) + count
+                assert poller.errors == sum(device(d)["comm_errors"] for d in on_bus)
+                assert sum(poller.errors_by_kind.values()) == poller.errors
+            assert set(kinds) <= set(FRAME_ERROR_KINDS) - {"port"}, kinds
             healthy = device(healthy_id)
             assert "offline" not in healthy["faults"]
-            total_errors = sum(device(d)["comm_errors"] for d in [healthy_id, *fuzzed.values()])
-            assert poller.errors == total_errors
+            total_errors = sum(p.errors for p in gateway.buses.values())
             assert total_errors >= frames
 
             await eventually(lambda: read_events(db, "kind = 'alarm' AND device = ?", [healthy_id]),
                              message="healthy alarm not stored")
             offline = read_events(db, "kind = 'fault' AND json_extract(payload, '$.code') = 'offline'")
             raised = sorted(r["device"] for r in offline if r["action"] == "raised")
-            assert raised == sorted(fuzzed.values())  # each fuzzed device faulted once, never flapped
+            assert raised == sorted(all_fuzzed)  # each fuzzed device faulted once, never flapped
             assert [r for r in offline if r["action"] == "cleared"] == []
             assert read_events(db, "kind IN ('alarm', 'telemetry') AND device != ?", [healthy_id]) == []
-            return {"frames": fuzzer.total, "by_category": dict(fuzzer.sent), "errors": total_errors,
+            by_category: dict[str, int] = {}
+            for fuzzer in fuzzers.values():
+                for category, count in fuzzer.sent.items():
+                    by_category[category] = by_category.get(category, 0) + count
+            return {"frames": total(), "by_category": by_category, "by_kind": kinds, "errors": total_errors,
                     "healthy_errors": healthy["comm_errors"], "alarm_after_s": alarm_after_s}
 
 

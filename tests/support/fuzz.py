@@ -11,6 +11,9 @@ addresses, answers every request with exactly one bad answer of a random categor
 ``late``            a valid answer sent after the gateway gave up: held back until its next request
 ``over_long``       more registers than asked, junk before or after a valid frame, or a 300–600 byte blob
 
+Two more categories are only drawn when asked for (:data:`EXCEPTIONS`): a Modbus gateway's exception
+answers ``path_unavailable`` (0x0A) and ``target_no_answer`` (0x0B), built with pymodbus's ExceptionResponse.
+
 Valid frames are built with pymodbus's framer and PDU classes (no hand-written CRC). Requests for the
 ``relayed`` addresses are forwarded to another port (a :class:`~drivers.simulated.SimulatedBus` on a second
 null modem) and its answers copied back, so a healthy device shares the bus with the fuzzed ones.
@@ -22,20 +25,22 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
 import serial
 from pymodbus.framer import FramerRTU
-from pymodbus.pdu import DecodePDU, ModbusPDU
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
-__all__ = ["CATEGORIES", "FuzzingDevice", "bad_answer"]
+__all__ = ["CATEGORIES", "EXCEPTIONS", "FuzzingDevice", "bad_answer"]
 
 CATEGORIES: tuple[str, ...] = (
     "random", "truncated", "wrong_crc", "wrong_address", "wrong_function", "late", "over_long",
 )
+#: Exception answers a Modbus gateway gives for a device behind it: category → exception code.
+EXCEPTIONS: dict[str, int] = {"path_unavailable": 0x0A, "target_no_answer": 0x0B}
 
 _CLIENT_FRAMER = FramerRTU(DecodePDU(is_server=False))
 
@@ -88,6 +93,9 @@ def bad_answer(rng: random.Random, category: str, request: ModbusPDU) -> bytes:
         return valid_answer(rng, request, function=4 if request.function_code == 3 else 3)
     if category == "late":
         return valid_answer(rng, request)
+    if category in EXCEPTIONS:
+        answer = ExceptionResponse(request.function_code, EXCEPTIONS[category], device_id=request.dev_id)
+        return bytes(_CLIENT_FRAMER.buildFrame(answer))
     if category == "over_long":
         flavour = rng.randrange(4)
         if flavour == 0:  # a valid frame carrying more registers than asked
@@ -126,7 +134,8 @@ class FuzzingDevice:
     ``late_allowed`` names the fuzzed addresses that may answer late: those whose successor in the poll
     order is another fuzzed address, so a late answer never spoils the healthy device's transaction.
     By default every fuzzed address may; one that may not, with ``late`` as its only category, gets
-    ``random`` answers.
+    ``random`` answers. ``plan`` gives some fuzzed addresses categories of their own (instead of
+    ``categories``), so a test knows what each one sent.
     """
 
     def __init__(
@@ -140,18 +149,22 @@ class FuzzingDevice:
         categories: Sequence[str] = CATEGORIES,
         late_allowed: Iterable[int] | None = None,
         relay_timeout: float = 1.0,
+        plan: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         self.port = port
         self.fuzzed = frozenset(fuzzed)
         self.relayed = frozenset(relayed)
         self.relay_port = relay_port
         self.categories = tuple(categories)
+        self.plan = {address: tuple(cats) for address, cats in (plan or {}).items()}
         self.late_allowed = self.fuzzed if late_allowed is None else frozenset(late_allowed)
         self.relay_timeout = relay_timeout
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._sent: Counter[str] = Counter()
         self._answered: Counter[int] = Counter()
+        self._by_address: Counter[tuple[int, str]] = Counter()
+        self._requested: Counter[int] = Counter()
         self.relayed_answers = 0
         self.relay_misses = 0
         self.late_dropped = 0
@@ -180,6 +193,16 @@ class FuzzingDevice:
         """Bad answers given for ``address``."""
         with self._lock:
             return self._answered[address]
+
+    def sent_to(self, address: int) -> Counter[str]:
+        """Bad answers given for ``address``, by category."""
+        with self._lock:
+            return Counter({cat: n for (a, cat), n in self._by_address.items() if a == address})
+
+    def requested(self, address: int) -> int:
+        """Requests seen for ``address`` (answered, relayed or not)."""
+        with self._lock:
+            return self._requested[address]
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -223,9 +246,10 @@ class FuzzingDevice:
         buffer = b""
         try:
             while not self._stop.is_set():
-                data = port.read(512)
+                data = port.read(1)  # returns with the first byte: the answer must not wait for a read timeout
                 if not data:
                     continue
+                data += port.read(port.in_waiting)
                 buffer += data
                 while buffer:
                     used, request = _next_request(framer, buffer)
@@ -244,6 +268,8 @@ class FuzzingDevice:
     def _answer(self, port: serial.Serial, relay: serial.Serial | None, request: ModbusPDU, *,
                 caught_up: bool) -> None:
         self.requests += 1
+        with self._lock:
+            self._requested[request.dev_id] += 1
         if self._late is not None:  # the gateway has sent its next request: it gave up on the last one
             if caught_up:  # else a later request of the same address may be waiting: the answer would fit it
                 port.write(self._late)
@@ -252,12 +278,14 @@ class FuzzingDevice:
             self._late = None
         address = request.dev_id
         if address in self.fuzzed:
-            choices = [c for c in self.categories if c != "late" or address in self.late_allowed]
+            own = self.plan.get(address, self.categories)
+            choices = [c for c in own if c != "late" or address in self.late_allowed]
             category = self._rng.choice(choices or ["random"])
             frame = bad_answer(self._rng, category, request)
             with self._lock:
                 self._sent[category] += 1
                 self._answered[address] += 1
+                self._by_address[address, category] += 1
             if category == "late":
                 self._late = frame
             else:
@@ -272,7 +300,7 @@ class FuzzingDevice:
         received = b""
         deadline = time.monotonic() + self.relay_timeout
         while time.monotonic() < deadline:
-            received += relay.read(256)
+            received += relay.read(max(1, relay.in_waiting))  # returns with the first byte, or after 5 ms
             if received:
                 try:
                     _used, answer = framer.handleFrame(received, request.dev_id, 0)
