@@ -1,4 +1,9 @@
-"""GPIO through gpiozero: dry-contact inputs and on/off outputs (buzzer, LEDs, relays).
+"""GPIO through gpiozero: the pin factory, dry-contact inputs and on/off outputs (buzzer, LEDs, relays).
+
+On a Pi the pins are driven through lgpio (``/dev/gpiochip*``), the backend gpiozero 2 uses on Raspberry Pi
+OS Bookworm and the only one that works on a Pi 5; ``mock`` is gpiozero's ``MockFactory`` for the demo and
+tests. A backend that cannot open its chip raises :class:`GpioUnavailable` with one line to show, so the
+daemon stops at once instead of starting without a sounder.
 
 gpiozero holds pin callbacks weakly, so every object here keeps strong references to its callbacks.
 With gpiozero's ``MockFactory`` the callbacks run synchronously on the thread that drives the pin.
@@ -6,12 +11,130 @@ With gpiozero's ``MockFactory`` the callbacks run synchronously on the thread th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from gpiozero import Buzzer, DigitalInputDevice, DigitalOutputDevice
+from gpiozero import Buzzer, Device, DigitalInputDevice, DigitalOutputDevice
 
-__all__ = ["ContactInput", "make_buzzer", "make_output"]
+__all__ = [
+    "PIN_FACTORIES",
+    "PIN_FACTORY_ENV",
+    "ContactInput",
+    "GpioUnavailable",
+    "PinFactoryChoice",
+    "choose_pin_factory",
+    "lgpio_chip",
+    "make_buzzer",
+    "make_output",
+    "make_pin_factory",
+    "use_pin_factory",
+]
+
+#: Backends ``[runtime] pin_factory`` may name. gpiozero's ``native`` is left out on purpose: it maps
+#: /dev/gpiomem, which a Pi 5 does not have and the unit's device policy does not allow.
+PIN_FACTORIES = ("lgpio", "mock")
+#: gpiozero's own override; it wins over the site config (docs/config.md), so tests and the demo can force
+#: ``mock`` on a daemon they start. The systemd unit does not set it.
+PIN_FACTORY_ENV = "GPIOZERO_PIN_FACTORY"
+
+
+class GpioUnavailable(RuntimeError):
+    """The GPIO backend cannot be used; ``line`` says why in one line, e.g.
+    ``gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory``."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class PinFactoryChoice(NamedTuple):
+    """The backend in use and where the choice came from: ``installed``, ``GPIOZERO_PIN_FACTORY`` or ``config``."""
+
+    name: str
+    source: str
+
+
+def choose_pin_factory(configured: str = "lgpio", environ: Any = None) -> PinFactoryChoice:
+    """Which backend to use: ``GPIOZERO_PIN_FACTORY`` when set, else the site's ``[runtime] pin_factory``."""
+    env = os.environ if environ is None else environ
+    forced = (env.get(PIN_FACTORY_ENV) or "").strip().lower()
+    if forced:
+        if forced not in PIN_FACTORIES:
+            raise GpioUnavailable(f"gpio: {PIN_FACTORY_ENV}={forced} is not one of {', '.join(PIN_FACTORIES)}")
+        return PinFactoryChoice(forced, PIN_FACTORY_ENV)
+    if configured not in PIN_FACTORIES:
+        raise GpioUnavailable(f"gpio: pin factory {configured!r} is not one of {', '.join(PIN_FACTORIES)}")
+    return PinFactoryChoice(configured, "config")
+
+
+def lgpio_chip() -> int:
+    """The gpiochip lgpio opens for the 40-pin header: 4 on a Pi 5 with an RP1 numbered gpiochip4, else 0.
+
+    The same rule as gpiozero's ``LGPIOFactory``, without its board lookup, so that a machine with no Pi
+    revision still gets the message about the chip rather than one about the board.
+    """
+    if not os.path.exists("/dev/gpiochip4"):
+        return 0
+    from gpiozero.pins.local import get_pi_revision
+
+    try:
+        revision = int(get_pi_revision())
+    except Exception:  # not a Pi: the header chip is 0
+        return 0
+    return 4 if (revision & 0xFF0) >> 4 == 0x17 else 0
+
+
+def _open_failure(path: str) -> str:
+    """Why ``path`` cannot be opened, as the kernel says it (lgpio itself only says "can not open")."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    os.close(fd)
+    return "lgpio could not use it"
+
+
+def make_pin_factory(name: str) -> Any:
+    """A new gpiozero pin factory for ``name`` (one of :data:`PIN_FACTORIES`); :class:`GpioUnavailable` if the
+    backend cannot be loaded or cannot open its chip."""
+    if name == "mock":
+        from gpiozero.pins.mock import MockFactory
+
+        return MockFactory()
+    if name != "lgpio":
+        raise GpioUnavailable(f"gpio: pin factory {name!r} is not one of {', '.join(PIN_FACTORIES)}")
+    try:
+        import lgpio
+        from gpiozero.pins.lgpio import LGPIOFactory
+    except ImportError as exc:
+        raise GpioUnavailable(f"gpio: the lgpio module does not load ({exc}); reinstall: pip install lgpio") from exc
+    chip = lgpio_chip()
+    path = f"/dev/gpiochip{chip}"
+    try:
+        return LGPIOFactory(chip=chip)
+    except lgpio.error as exc:
+        raise GpioUnavailable(f"gpio: cannot open {path} (lgpio): {_open_failure(path)}") from exc
+    except OSError as exc:
+        raise GpioUnavailable(f"gpio: cannot open {path} (lgpio): {exc.strerror or exc}") from exc
+
+
+def use_pin_factory(configured: str = "lgpio") -> PinFactoryChoice:
+    """Install the pin factory every device here uses, unless one is installed already (a test's or the demo's
+    ``MockFactory``). Precedence: an installed factory, then ``GPIOZERO_PIN_FACTORY``, then ``configured``."""
+    if Device.pin_factory is not None:
+        installed = "mock" if type(Device.pin_factory).__name__ == "MockFactory" else type(Device.pin_factory).__name__
+        return PinFactoryChoice(installed, "installed")
+    choice = choose_pin_factory(configured)
+    Device.pin_factory = make_pin_factory(choice.name)
+    return choice
+
+
+def _ensure_pin_factory() -> None:
+    """gpiozero's own fallback would try every backend and end on ``native`` (no Pi 5, not in the unit's
+    device policy); instead a device made before :func:`use_pin_factory` gets the configured default."""
+    if Device.pin_factory is None:
+        use_pin_factory()
 
 
 class ContactInput:
@@ -34,6 +157,7 @@ class ContactInput:
         on_change: Callable[[bool], None],
         on_plausibility: Callable[[bool], None] | None = None,
     ) -> None:
+        _ensure_pin_factory()
         self.contact = contact
         bounce = bounce_ms / 1000 if bounce_ms else None
         self._input = DigitalInputDevice(pin, pull_up=pull_up, bounce_time=bounce)
@@ -82,9 +206,11 @@ class ContactInput:
 
 def make_output(pin: str, *, active_high: bool = True) -> DigitalOutputDevice:
     """An on/off output, initially off."""
+    _ensure_pin_factory()
     return DigitalOutputDevice(pin, active_high=active_high, initial_value=False)
 
 
 def make_buzzer(pin: str, *, active_high: bool = True) -> Buzzer:
     """The sounder, initially off."""
+    _ensure_pin_factory()
     return Buzzer(pin, active_high=active_high, initial_value=False)

@@ -228,6 +228,7 @@ class MqttConfig:
     protocol: Literal[5, 311] = 5
     keepalive_s: int = 30
     max_inflight: int = 32
+    status_interval_s: float = 60.0
     tls: bool = False  # an [mqtt.tls] table is present: TLS with the broker's certificate verified
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
@@ -270,6 +271,8 @@ class RuntimeConfig:
 
     realtime_priority: int = 0
     gc_freeze: bool = True
+    #: gpiozero backend: "lgpio" on a Pi (/dev/gpiochip*), "mock" off one (drivers/gpio.py, docs/config.md).
+    pin_factory: str = "lgpio"
 
 
 @dataclass(frozen=True, slots=True)
@@ -972,6 +975,7 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         protocol=t.choice("protocol", (5, 311), 5),
         keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=3600),
         max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=1000),
+        status_interval_s=t.num("status_interval_s", d.status_interval_s, lo=0.1, hi=86_400),
         tls=tls is not None,
         tls_ca_file=ca,
         tls_cert_file=cert,
@@ -1054,6 +1058,11 @@ def _parse_control(root: _Table, base: Path) -> ControlConfig:
     return cfg
 
 
+#: Values of ``[runtime] pin_factory``; the same list as drivers.gpio.PIN_FACTORIES (gpiozero's ``native`` is
+#: left out: it needs /dev/gpiomem, which a Pi 5 lacks and the unit's device policy does not allow).
+PIN_FACTORIES = ("lgpio", "mock")
+
+
 #: Keys that once existed, and what replaced them: a site file that still sets one is told so.
 REMOVED_RUNTIME_KEYS = {
     "alarm_process": "removed: the alarm panel always runs in a process of its own (docs/architecture.md); "
@@ -1071,6 +1080,7 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
         if t.has(key):
             raise ConfigError(t.key(key), reason)
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True))
+                        gc_freeze=t.flag("gc_freeze", True),
+                        pin_factory=t.choice("pin_factory", PIN_FACTORIES, "lgpio"))
     t.done()
     return cfg

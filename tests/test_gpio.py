@@ -1,15 +1,36 @@
-"""GPIO drivers on gpiozero's MockFactory: dry contacts (NO/NC, supervision pair) and outputs."""
+"""GPIO drivers on gpiozero's MockFactory: dry contacts (NO/NC, supervision pair) and outputs; the pin factory
+(lgpio on a Pi, which fails here with one line since this machine has no gpiochip; mock; the env override)."""
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
+import tomllib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from gpiozero import Device
 
-from drivers.gpio import ContactInput, make_buzzer, make_output
+from drivers.gpio import (
+    PIN_FACTORIES,
+    PIN_FACTORY_ENV,
+    ContactInput,
+    GpioUnavailable,
+    choose_pin_factory,
+    lgpio_chip,
+    make_buzzer,
+    make_output,
+    make_pin_factory,
+    use_pin_factory,
+)
+from gateway.config import PIN_FACTORIES as CONFIG_PIN_FACTORIES
+from gateway.config import ConfigError, parse_config
+from tests.support.site import build_site
 
 
 class Recorder:
@@ -191,3 +212,113 @@ def test_output_starts_off(mock_pins: Any, active_high: bool, off_level: int) ->
         assert pin.state == 1 - off_level
     finally:
         relay.close()
+
+
+# -- the pin factory: lgpio on a Pi, mock off one ---------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+no_gpiochip = pytest.mark.skipif(Path("/dev/gpiochip0").exists(), reason="this machine has a real /dev/gpiochip0")
+
+
+def test_config_and_driver_name_the_same_backends() -> None:
+    assert CONFIG_PIN_FACTORIES == PIN_FACTORIES == ("lgpio", "mock")
+
+
+def test_lgpio_module_is_installed() -> None:
+    """The project depends on lgpio, so the venv gpiozero runs in has it."""
+    import lgpio
+
+    assert callable(lgpio.gpiochip_open)
+
+
+def test_environment_wins_over_the_config() -> None:
+    assert choose_pin_factory("lgpio", {PIN_FACTORY_ENV: "mock"}) == ("mock", PIN_FACTORY_ENV)
+    assert choose_pin_factory("mock", {}) == ("mock", "config")
+    assert choose_pin_factory("lgpio", {PIN_FACTORY_ENV: ""}) == ("lgpio", "config")
+
+
+@pytest.mark.parametrize("value", ["native", "rpigpio", "bogus"])
+def test_environment_naming_another_backend_is_refused(value: str) -> None:
+    with pytest.raises(GpioUnavailable) as err:
+        choose_pin_factory("lgpio", {PIN_FACTORY_ENV: value})
+    assert err.value.line == f"gpio: {PIN_FACTORY_ENV}={value} is not one of lgpio, mock"
+
+
+def test_an_installed_factory_is_kept(mock_pins: Any) -> None:
+    assert use_pin_factory("lgpio") == ("mock", "installed")
+    assert Device.pin_factory is mock_pins
+
+
+def test_lgpio_chip_is_0_without_a_pi5_chip() -> None:
+    if Path("/dev/gpiochip4").exists():
+        pytest.skip("this machine has /dev/gpiochip4")
+    assert lgpio_chip() == 0
+
+
+@no_gpiochip
+def test_lgpio_without_a_chip_is_one_clear_line() -> None:
+    with pytest.raises(GpioUnavailable) as err:
+        make_pin_factory("lgpio")
+    assert err.value.line == "gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory"
+    assert str(err.value) == err.value.line
+    assert "\n" not in err.value.line
+
+
+def _fresh_process(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != PIN_FACTORY_ENV}
+    environ.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                          cwd=ROOT, env=environ)
+
+
+MAKE_BUZZER = """
+from drivers.gpio import GpioUnavailable, make_buzzer
+try:
+    buzzer = make_buzzer("GPIO18")
+except GpioUnavailable as exc:
+    print(exc.line)
+    raise SystemExit(69)
+print(type(buzzer.pin_factory).__name__)
+"""
+
+
+@no_gpiochip
+def test_a_device_made_with_no_factory_installed_uses_lgpio() -> None:
+    """A fresh interpreter, no environment override: the first device opens lgpio and says why it cannot."""
+    result = _fresh_process(MAKE_BUZZER)
+    assert result.returncode == 69, result.stderr
+    assert result.stdout.splitlines() == ["gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory"]
+
+
+def test_the_environment_gives_a_fresh_process_mock_pins() -> None:
+    result = _fresh_process(MAKE_BUZZER, **{PIN_FACTORY_ENV: "mock"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "MockFactory"
+
+
+def test_configured_mock_is_used_without_the_environment() -> None:
+    code = ("from drivers.gpio import use_pin_factory, make_output\n"
+            "print(use_pin_factory('mock')); print(type(make_output('GPIO12').pin_factory).__name__)")
+    result = _fresh_process(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["PinFactoryChoice(name='mock', source='config')", "MockFactory"]
+
+
+def _runtime(extra: dict[str, Any]) -> Any:
+    site = tomllib.loads(build_site(bus_port="/dev/null", db_path="/tmp/x.db", broker_port=1883,
+                                    socket_path="/tmp/x.sock").toml)
+    site["runtime"].update(extra)
+    return parse_config(site)
+
+
+def test_config_pin_factory_defaults_to_lgpio() -> None:
+    assert _runtime({}).runtime.pin_factory == "lgpio"
+    assert _runtime({"pin_factory": "mock"}).runtime.pin_factory == "mock"
+
+
+@pytest.mark.parametrize("value", ["native", "LGPIO", 1])
+def test_config_pin_factory_is_validated(value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        _runtime({"pin_factory": value})
+    assert err.value.path == "runtime.pin_factory"
+    assert "'lgpio', 'mock'" in err.value.reason
