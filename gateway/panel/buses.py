@@ -183,14 +183,13 @@ def _prompt_client_class() -> type[Any]:
 
         def _answer_complete_at(self) -> float:
             """When the answer in flight can be complete at the earliest, once its first bytes came (0 when
-            not known). Timed from its first bytes, which ``select`` caught as they came; until the
-            function byte is in, the answer may be a 5-byte exception, so only that much is counted."""
+            not known). Timed from its first bytes, which ``select`` caught as they came. An exception
+            answer (5 bytes) is known by its second byte; when only the first has come, the normal answer
+            is waited for — a failed poll may be taken a few characters late, a reading never is."""
             expected, got = self._answer_len, self._answer_got
             if expected is None or got == 0:
                 return 0.0
-            if got < 2:
-                expected = min(expected, 5)
-            elif self._answer_head[1] & 0x80:
+            if got >= 2 and self._answer_head[1] & 0x80:
                 expected = 5
             return self._answer_base + expected * self._char_s
 
