@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -90,6 +91,11 @@ class RequestLog:
     def polled_at_least(self, slaves: list[int], n: int) -> bool:
         with self._lock:
             return all(len(self.times[s]) >= n for s in slaves)
+
+    def first_after(self, slave: int, t: float) -> float | None:
+        """When ``slave`` next received a request after ``t``."""
+        with self._lock:
+            return next((at for at in self.times[slave] if at > t), None)
 
     def cycle_s(self, since: float, until: float) -> float:
         """Median gap between consecutive requests to one detector, within [since, until]."""
@@ -208,11 +214,13 @@ def run_case(case: Case, broker: MosquittoBroker, workdir: Path, *, quiet_s: flo
 
             rng = random.Random(20)
             changes: list[tuple[str, str, float]] = []  # (device, action, wall of the change)
+            polled_after: list[tuple[int, float]] = []  # (address, monotonic time of the change)
             for level, action in ((LOW, "raised"), (HIGH, "escalated"))[:levels]:
                 for address in rng.sample(addresses, len(addresses)):
                     time.sleep(rng.uniform(0, 2 * spacing_s))
                     detectors[address].set_concentration(level)
                     changes.append((device_of[address], action, time.time()))
+                    polled_after.append((address, time.monotonic()))
             time.sleep(2 * cycle + 1.0)
             events = {}
             deadline = time.monotonic() + 30
@@ -221,7 +229,11 @@ def run_case(case: Case, broker: MosquittoBroker, workdir: Path, *, quiet_s: flo
                 if all((device, action) in events for device, action, _ in changes):
                     break
                 time.sleep(0.5)
+            # The first request that could carry the change: how long the change waited for its poll.
+            waits_ms = [((requests.first_after(a, t) or math.nan) - t) * 1000 for a, t in polled_after]
         missing = [(d, a) for d, a, _ in changes if (d, a) not in events]
+        after_poll_ms = [(events[(d, a)] - at) * 1000 - wait for (d, a, at), wait in zip(changes, waits_ms, strict=True)
+                         if (d, a) in events]
         latencies_ms = [(events[(d, a)] - at) * 1000 for d, a, at in changes if (d, a) in events]
         first_change = min(at for _, _, at in changes)
         buzzer_log = [t for t in _annunciator_log(log_path) if t >= first_change]
@@ -239,6 +251,11 @@ def run_case(case: Case, broker: MosquittoBroker, workdir: Path, *, quiet_s: flo
         "change_to_buzzer_p99_ms": round(percentile(latencies_ms, 99), 1),
         "change_to_buzzer_max_ms": round(max(latencies_ms), 1) if latencies_ms else None,
         "cpu_pct": round(cpu_pct, 2),
+        "change_to_poll_p99_ms": round(percentile(waits_ms, 99), 1),
+        "change_to_poll_max_ms": round(max(waits_ms), 1),
+        "poll_to_buzzer_p50_ms": round(percentile(after_poll_ms, 50), 1),
+        "poll_to_buzzer_p99_ms": round(percentile(after_poll_ms, 99), 1),
+        "poll_to_buzzer_max_ms": round(max(after_poll_ms), 1),
         "alarms": len(latencies_ms),
         "alarms_missing": len(missing),
         "first_alarm_log_lag_ms": round((buzzer_log[0] - first_event) * 1000, 2) if buzzer_log else None,
@@ -255,8 +272,8 @@ def _daemon_bus_view(config: Path) -> dict[str, Any] | None:
     try:
         out = subprocess.run([*cmd, "--config", str(config), "status", "--json"], capture_output=True, text=True,
                              timeout=20, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        buses = json.loads(out.stdout).get("buses", [])
-    except (ValueError, subprocess.TimeoutExpired, AttributeError):
+        buses = json.loads(out.stdout)["data"].get("buses", [])
+    except (ValueError, KeyError, TypeError, subprocess.TimeoutExpired, AttributeError):
         return None
     return buses[0] if buses else None
 
