@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """A small reference consumer of the building safety gateways of one community (docs/mqtt.md).
 
-It subscribes to every building of a community, deduplicates events by ``event_id``, notices gaps in ``seq``
-(per gateway session) and then asks that gateway for a ``rebirth``, and prints who must be told about each
-alarm, supervisory signal and fault — from a mapping file of its own (the gateways never hold people's
-contact details):
+It subscribes to every building of a community, deduplicates events by ``event_id``, tracks ``seq`` per
+gateway session (``gateway``, ``install``, ``session``) and, on a gap, asks that gateway for the missing range
+with the ``events`` command (page by page) and merges the answer — so events a broker acknowledged and then
+lost are still told — and asks for a ``rebirth``. It prints who must be told about each alarm, supervisory
+signal and fault — from a mapping file of its own (the gateways never hold people's contact details):
 
 * an event in a household → that household's relatives and the head of its unit;
 * an event in a unit without a household (an extinguisher cabinet) → the unit head;
@@ -15,8 +16,9 @@ Only paho-mqtt (2.x) and the standard library are needed::
     python examples/consumer.py --host broker.example --port 8883 --cafile ca.pem \\
         --community sunshine-garden --contacts examples/consumer-contacts.toml
 
-``--json`` prints one JSON object per line (``notify``, ``duplicate``, ``gap``, ``rebirth_requested``,
-``command_result``, ``availability``, ``birth``) instead of text.
+``--json`` prints one JSON object per line (``notify``, ``duplicate``, ``gap``, ``range_requested``,
+``recovered``, ``unrecoverable``, ``rebirth_requested``, ``command_result``, ``availability``, ``birth``, and with
+``--all-events`` ``event`` for every event taken) instead of text.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -41,6 +43,8 @@ from paho.mqtt.properties import Properties
 
 SEEN_IDS_KEPT = 100_000
 REBIRTH_EVERY_S = 30.0
+#: Events asked for in one ``events`` command (the gateway's limit over MQTT).
+RANGE_PAGE = 200
 COMMAND_TTL_S = 60.0
 NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
 
@@ -111,11 +115,30 @@ def describe(event: dict[str, Any]) -> str:
     return f"{what} {event['action']} in {place}{device}" + (f" ({detail})" if detail else "")
 
 
+class Session(NamedTuple):
+    """One run of one gateway: ``seq`` counts 1, 2, 3 … within it. ``install`` is None for version 1 events."""
+
+    gateway: str
+    install: str | None
+    session: int
+
+
+@dataclass(frozen=True)
+class RangeRequest:
+    """An ``events`` command asking for ``first``..``last`` of a session."""
+
+    key: Session
+    first: int
+    last: int
+    community: str
+    building: str
+
+
 class Consumer:
     """The message handling, independent of the network (paho calls :meth:`on_message`)."""
 
     def __init__(self, client: mqtt.Client, *, prefix: str, community: str, contacts: Contacts,
-                 client_id: str, v5: bool, as_json: bool, out: Any = sys.stdout) -> None:
+                 client_id: str, v5: bool, as_json: bool, out: Any = sys.stdout, all_events: bool = False) -> None:
         self.client = client
         self.prefix = prefix
         self.community = community
@@ -123,11 +146,14 @@ class Consumer:
         self.client_id = client_id
         self.v5 = v5
         self.as_json = as_json
+        self.all_events = all_events
         self.out = out
         self.seen: OrderedDict[str, None] = OrderedDict()
-        self.last_seq: dict[tuple[str, int], int] = {}
-        self.rebirth_asked: dict[tuple[str, int], float] = {}
+        self.last_seq: dict[Session, int] = {}
+        self.missing: dict[Session, set[int]] = {}  # seqs of a session not seen yet, below its newest
+        self.rebirth_asked: dict[Session, float] = {}
         self.pending: dict[str, str] = {}  # command id → building
+        self.ranges: dict[str, RangeRequest] = {}  # events command id → what it asked for
 
     @property
     def subscriptions(self) -> list[str]:
@@ -160,57 +186,114 @@ class Consumer:
                       f"{body.get('session')}, {len(body.get('devices', []))} devices",
                       building=body.get("building"), session=body.get("session"))
         elif body.get("type") == "command_result":
+            request = self.ranges.pop(str(body.get("id")), None)
+            if request is not None:
+                self.merge_range(request, body)
             self.emit("command_result", f"{body.get('building')}: command {body.get('command')} {body.get('id')}: "
                       f"{body.get('status')} ({body.get('code')}){': ' + body['reason'] if body.get('reason') else ''}",
                       id=body.get("id"), command=body.get("command"), status=body.get("status"),
                       code=body.get("code"))
 
-    def event(self, e: dict[str, Any]) -> None:
+    def event(self, e: dict[str, Any], *, recovered: bool = False) -> bool:
+        """Take one event (live, or from a range the gateway sent back); False for a duplicate."""
         event_id = e.get("event_id")
         if not isinstance(event_id, str):
-            return
+            return False
         if event_id in self.seen:
-            self.emit("duplicate", f"duplicate {event_id} ignored", event_id=event_id)
-            return
+            if not recovered:
+                self.emit("duplicate", f"duplicate {event_id} ignored", event_id=event_id)
+            return False
         self.seen[event_id] = None
         if len(self.seen) > SEEN_IDS_KEPT:
             self.seen.popitem(last=False)
-        key = (str(e.get("gateway")), int(e.get("session", 0)))
+        key = Session(str(e.get("gateway")), e.get("install"), int(e.get("session", 0)))
         seq = int(e.get("seq", 0))
+        missing = self.missing.setdefault(key, set())
+        missing.discard(seq)
         last = self.last_seq.get(key)
         if last is not None and seq > last + 1:
-            self.emit("gap", f"{key[0]} session {key[1]}: events {last + 1}..{seq - 1} missing",
-                      gateway=key[0], session=key[1], missing=[last + 1, seq - 1])
+            missing.update(range(last + 1, seq))
+            self.emit("gap", f"{key.gateway} session {key.session}: events {last + 1}..{seq - 1} missing",
+                      gateway=key.gateway, install=key.install, session=key.session, missing=[last + 1, seq - 1])
+            self.ask_range(e, key, last + 1, seq - 1)
             self.ask_rebirth(e, key)
         if last is None or seq > last:
             self.last_seq[key] = seq
+        if recovered:
+            self.emit("recovered", f"{event_id} recovered from the gateway's history", event_id=event_id)
+        if self.all_events:
+            self.emit("event", f"{event_id} {e.get('kind')} {e.get('action')}", event_id=event_id,
+                      kind=e.get("kind"), seq=seq, session=key.session, install=key.install, recovered=recovered)
         if (e.get("kind"), e.get("action")) in NOTIFY:
             people = self.contacts.whom(e)
             text = describe(e)
+            if recovered or e.get("historical"):
+                text += f" (detected {e.get('time')}, {e.get('age_s', '?')} s before it was sent)"
             names = ", ".join(f"{p.name} ({p.role}, {p.phone})" for p in people) or "nobody on file: check the mapping"
             self.emit("notify", f"TELL {names}: {text}", event_id=event_id, kind=e["kind"], text_only=text,
                       whom=[{"name": p.name, "phone": p.phone, "role": p.role} for p in people])
+        return True
 
-    def ask_rebirth(self, e: dict[str, Any], key: tuple[str, int]) -> None:
+    def ask_range(self, e: dict[str, Any], key: Session, first: int, last: int) -> None:
+        """Ask the gateway for events ``first``..``last`` of a session (one page; the answer asks for the next)."""
+        community, building = e["community"], e["building"]
+        args: dict[str, Any] = {"session": key.session, "from_seq": first, "to_seq": last, "limit": RANGE_PAGE}
+        if key.install is not None:
+            args["install"] = key.install
+        command = self.command("events", community, building, args)
+        self.ranges[command["id"]] = RangeRequest(key, first, last, community, building)
+        self.emit("range_requested", f"asked {community}/{building} for events {first}..{last} of session "
+                  f"{key.session}", id=command["id"], session=key.session, range=[first, last])
+
+    def merge_range(self, request: RangeRequest, result: dict[str, Any]) -> None:
+        """Take the events a range request brought back; ask for the next page, or say what cannot be had."""
+        key = request.key
+        if result.get("status") != "accepted":
+            self.emit("unrecoverable", f"{key.gateway} session {key.session}: events {request.first}..{request.last}"
+                      f" not available: {result.get('reason')}", session=key.session,
+                      range=[request.first, request.last], reason=result.get("reason"))
+            return
+        rows = [r for r in (result.get("data") or {}).get("events", []) if isinstance(r, dict)]
+        for row in rows:
+            self.event(row, recovered=True)
+        got = [int(r.get("seq", 0)) for r in rows]
+        if len(rows) >= RANGE_PAGE and got and max(got) < request.last:
+            self.ask_range({"community": request.community, "building": request.building}, key, max(got) + 1,
+                           request.last)
+            return
+        gone = sorted(s for s in self.missing.get(key, set()) if request.first <= s <= request.last)
+        if gone:  # no longer in the gateway's history (evicted), or another installation's
+            self.missing[key].difference_update(gone)
+            self.emit("unrecoverable", f"{key.gateway} session {key.session}: {len(gone)} events no longer on the "
+                      "gateway", session=key.session, seqs=gone)
+
+    def command(self, name: str, community: str, building: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Publish command ``name`` to one building; returns it (its id matches the result)."""
+        base = f"{self.prefix}/{community}/{building}"
+        issued = time.time()
+        command: dict[str, Any] = {
+            "version": 1, "id": uuid.uuid4().hex, "command": name,
+            "issued_at": _iso(issued), "expires_at": _iso(issued + COMMAND_TTL_S),
+            "target": {"community": community, "building": building},
+        }
+        if args is not None:
+            command["args"] = args
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = f"{base}/reply/{self.client_id}"
+            props.CorrelationData = command["id"].encode()
+        self.pending[command["id"]] = building
+        self.client.publish(f"{base}/command/{name}", json.dumps(command), qos=1, properties=props)
+        return command
+
+    def ask_rebirth(self, e: dict[str, Any], key: Session) -> None:
         now = time.monotonic()
         if now - self.rebirth_asked.get(key, -REBIRTH_EVERY_S) < REBIRTH_EVERY_S:
             return
         self.rebirth_asked[key] = now
         community, building = e["community"], e["building"]
-        base = f"{self.prefix}/{community}/{building}"
-        issued = time.time()
-        command = {
-            "version": 1, "id": uuid.uuid4().hex, "command": "rebirth",
-            "issued_at": _iso(issued), "expires_at": _iso(issued + COMMAND_TTL_S),
-            "target": {"community": community, "building": building},
-        }
-        props = None
-        if self.v5:
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = f"{base}/reply/{self.client_id}"
-            props.CorrelationData = command["id"].encode()
-        self.pending[command["id"]] = building
-        self.client.publish(f"{base}/command/rebirth", json.dumps(command), qos=1, properties=props)
+        command = self.command("rebirth", community, building)
         self.emit("rebirth_requested", f"asked {community}/{building} for its full state (rebirth)",
                   id=command["id"], building=building)
 
@@ -237,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cert")
     p.add_argument("--key")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--all-events", action="store_true", help="also print every event taken (not only notices)")
     args = p.parse_args(argv)
 
     contacts = Contacts.load(args.contacts)
@@ -249,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cafile or args.cert:
         client.tls_set(ca_certs=args.cafile, certfile=args.cert, keyfile=args.key, cert_reqs=ssl.CERT_REQUIRED)
     consumer = Consumer(client, prefix=args.prefix, community=args.community, contacts=contacts,
-                        client_id=args.client_id, v5=v5, as_json=args.json)
+                        client_id=args.client_id, v5=v5, as_json=args.json, all_events=args.all_events)
 
     def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:

@@ -135,11 +135,14 @@ relatives = [{{ name = "Relative A", phone = "201" }}, {{ name = "Relative B", p
                 # a gap: an event five numbers ahead of the newest one of this session
                 newest = max((m.json for m in recorder.messages(f"{topics.base}/event/#")), key=lambda e: e["seq"])
                 seq = newest["seq"] + 5
-                ahead = {**newest, "seq": seq, "event_id": f"{newest['gateway']}:{newest['session']}:{seq}"}
+                ahead = {**newest, "seq": seq,
+                         "event_id": f"{newest['gateway']}:{newest['install']}:{newest['session']}:{seq}"}
                 births = len(recorder.messages(topics.birth))
                 await asyncio.to_thread(recorder.publish, f"{topics.base}/event/{ahead['kind']}", ahead)
                 gap = (await eventually(lambda: consumer.seen("gap"), timeout=30))[0]
                 assert gap["missing"] == [newest["seq"] + 1, seq - 1]
+                asked_range = (await eventually(lambda: consumer.seen("range_requested"), timeout=30))[0]
+                assert asked_range["range"] == [newest["seq"] + 1, seq - 1]
                 asked = (await eventually(lambda: consumer.seen("rebirth_requested"), timeout=30))[0]
                 result = await eventually(lambda: consumer.seen("command_result", id=asked["id"]), timeout=30)
                 assert result[0]["status"] == "accepted"

@@ -1,0 +1,150 @@
+"""A broker that acknowledged events and then died: the reference consumer notices the gap and heals it.
+
+mosquitto answers PUBACK before it has the message on disk (docs/mqtt.md, "What an acknowledgement means").
+Here a burst is acknowledged to the gateway while the consumer cannot take it, the broker is killed with
+SIGKILL and started again on the same port; the consumer (examples/consumer.py as a subprocess) sees the next
+event's ``seq`` jump, asks the gateway for the missing range with the ``events`` command — answered by the
+real command handler from the real outbox — and ends with every event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import MqttConfig
+from gateway.events import Event
+from gateway.ops.commands import CommandHandler, StorageAway
+from gateway.uplink.contract import CommandGate, CommandService
+from gateway.uplink.mqtt import Uplink
+from gateway.uplink.outbox import Outbox
+from gateway.uplink.topics import Topics
+from tests.support.broker import MosquittoBroker
+from tests.support.building import eventually
+
+CONSUMER = Path(__file__).resolve().parent.parent / "examples" / "consumer.py"
+TOPICS = Topics("safety", "c1", "b1")
+
+pytestmark = pytest.mark.timeout(240)
+
+
+class History:
+    """What the command handler needs for ``events``: the stored history (as the storage process serves it)."""
+
+    cfg: Any = None
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    async def recent_events(self, **query: Any) -> list[dict[str, Any]]:
+        return await self.outbox.recent(**query)
+
+    async def storage(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        raise StorageAway(f"{name}: not served here (no panel)")  # the consumer also asks for a rebirth
+
+
+class Consumer:
+    """examples/consumer.py --json --all-events, its lines collected by a reader thread."""
+
+    def __init__(self, broker: MosquittoBroker, contacts: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CONSUMER), "--json", "--all-events", "--protocol", "311", "--host", broker.host,
+             "--port", str(broker.port), "--community", "c1", "--contacts", str(contacts), "--client-id",
+             "consumer-heal"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    def seen(self, action: str) -> list[dict[str, Any]]:
+        return [x for x in list(self.lines) if x["action"] == action]
+
+    def stop(self) -> str:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            return self.proc.communicate(timeout=10)[1]
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.communicate()[1]
+
+
+def readings(n: int, start: int) -> list[Event]:
+    return [Event("telemetry", "reading", time.monotonic(), device="gas-1", unit="u1", household="u1-101",
+                  value=float(start + i), measure="%LEL", quality="good", wall=time.time()) for i in range(n)]
+
+
+async def test_events_acknowledged_then_lost_by_a_killed_broker_reach_the_consumer_exactly_once(
+    tmp_path: Path,
+) -> None:
+    broker = MosquittoBroker(tmp_path / "broker").start()  # no persistence: a kill loses what it held in memory
+    contacts = tmp_path / "contacts.toml"
+    contacts.write_text('[buildings."c1/b1"]\nhead = { name = "Head", phone = "100" }\n', encoding="utf-8")
+    ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="c1-b1",
+                           identity={"community": "c1", "building": "b1"})
+    cfg = MqttConfig(host=broker.host, port=broker.port, client_id="c1-b1", max_inflight=32)
+    service: CommandService | None = None
+
+    async def on_command(msg: Any) -> None:
+        assert service is not None
+        await service.on_message(msg)
+
+    up = Uplink(cfg, ob, TOPICS, on_command=on_command, connect_timeout_s=1.0)
+    service = CommandService(CommandGate(TOPICS, started_at=time.time()), CommandHandler(History(ob)),  # type: ignore[arg-type]
+                             lambda topic, body, props: up.publish_json(topic, body, properties=props),
+                             gateway="c1-b1", session=lambda: ob.session)
+    task = asyncio.create_task(up.run())
+    consumer = Consumer(broker, contacts)
+    error = ""
+    try:
+        await eventually(lambda: up.connected, timeout=30)
+        await eventually(lambda: consumer.seen("ready") or consumer.proc.poll() is not None, timeout=30)
+        assert consumer.proc.poll() is None
+        ids = await ob.append(readings(10, 0))
+        await eventually(lambda: len(consumer.seen("event")) == 10, timeout=30)
+
+        os.kill(consumer.proc.pid, signal.SIGSTOP)  # it takes nothing more: the broker queues for it
+        ids += await ob.append(readings(300, 10))
+        await eventually(lambda: up.delivered_total == 310, timeout=60, message="the burst was not acknowledged")
+        broker.kill()  # acknowledged to the gateway, never saved by the broker
+        broker.start()
+        os.kill(consumer.proc.pid, signal.SIGCONT)
+        await eventually(lambda: len(consumer.seen("ready")) >= 2, timeout=60, message="the consumer did not return")
+        await eventually(lambda: up.connected, timeout=60)
+
+        ids += await ob.append(readings(5, 310))  # the next events show the consumer the gap
+        await eventually(lambda: {e["event_id"] for e in consumer.seen("event")} >= set(ids), timeout=90,
+                         message="the consumer did not get every event")
+    finally:
+        error = consumer.stop()
+        await up.stop(flush_timeout_s=0.5)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await ob.close()
+        broker.stop()
+    taken = Counter(e["event_id"] for e in consumer.seen("event"))
+    assert set(taken) == set(ids) and set(taken.values()) == {1}, "every event exactly once"
+    recovered = consumer.seen("recovered")
+    assert recovered, "the broker lost nothing: the test did not test healing"
+    assert consumer.seen("gap") and consumer.seen("range_requested")
+    assert not consumer.seen("unrecoverable"), consumer.seen("unrecoverable")
+    print(f"{len(recovered)} of {len(ids)} events were lost by the broker and recovered from the gateway; "
+          f"{len(consumer.seen('range_requested'))} range requests")
+    assert consumer.proc.returncode is not None, error
