@@ -211,6 +211,29 @@ def _duration(seconds: float) -> str:
     return f"{d}d {h:02d}h {m:02d}m" if d else (f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s")
 
 
+#: How a technician reads each error kind (drivers.modbus.FRAME_ERROR_KINDS); exceptions go by their name.
+ERROR_KIND_LABELS = {
+    "timeout": "timeout", "crc_error": "CRC error", "wrong_address": "wrong address",
+    "truncated_frame": "truncated frame", "overlong_frame": "over-long frame", "wrong_function": "wrong function",
+    "bad_response": "bad answer", "port": "port lost", "driver_error": "driver error",
+}
+
+
+def error_kind_label(kind: str) -> str:
+    """``crc_error`` → "CRC error"; ``exception:illegal_data_address`` → "illegal data address"."""
+    if kind.startswith("exception:"):
+        return kind.removeprefix("exception:").replace("_", " ")
+    return ERROR_KIND_LABELS.get(kind, kind.replace("_", " "))
+
+
+def _kinds(by_kind: dict[str, int] | None, before: str = "", after: str = "") -> str:
+    """Failed polls by kind, most first: "timeout 5, CRC error 2" ("" when there are none)."""
+    if not by_kind:
+        return ""
+    ranked = sorted(by_kind.items(), key=lambda item: (-item[1], item[0]))
+    return before + ", ".join(f"{error_kind_label(kind)} {count}" for kind, count in ranked) + after
+
+
 def _cycle(bus: dict[str, Any]) -> str:
     """", cycle 2.71 s (floor 2.64 s)" when the bus reports them: the measured cycle beside the wire's floor."""
     cycle, floor = bus.get("cycle_s"), bus.get("floor_s")
@@ -276,7 +299,8 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
     for bus in data.get("buses", []):
         state = "PORT LOST" if bus["port_lost"] else ("paused" if bus["paused"] else "polling")
         yield (f"Bus       {bus['id']} {bus['port']}: {style(state, 'red' if bus['port_lost'] else None)}, "
-               f"{bus['polls']} polls, {bus['errors']} errors{_cycle(bus)}")
+               f"{bus['polls']} polls, {bus['errors']} errors{_kinds(bus.get('errors_by_kind'), ' (', ')')}"
+               f"{_cycle(bus)}")
     yield ""
     rows, colours = [], []
     for d in data["devices"]:
@@ -284,12 +308,13 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
         problems = [*d.get("faults", []), *d.get("supervisory", [])]
         if d.get("latched") and d["state"] not in ("low_alarm", "high_alarm", "fire"):
             problems.append(f"latched {d['latched']}")
+        link = _kinds(d.get("errors_by_kind")) or "—"
         rows.append([where, d["device"], d["kind"], d["state"], _value(d["value"], d.get("measure")),
-                     _age(d.get("last_seen_age_s")), ", ".join(problems) or "—"])
+                     _age(d.get("last_seen_age_s")), ", ".join(problems) or "—", link])
         colours.append([None, None, None, _state_colour(d["state"]), None, None,
-                        "yellow" if problems else None])
-    yield from _table(["HOUSEHOLD / UNIT", "DEVICE", "KIND", "STATE", "LAST VALUE", "LAST SEEN", "FAULT"],
-                      rows, style, colours)
+                        "yellow" if problems else None, "yellow" if link != "—" else None])
+    yield from _table(["HOUSEHOLD / UNIT", "DEVICE", "KIND", "STATE", "LAST VALUE", "LAST SEEN", "FAULT",
+                       "FAILED POLLS"], rows, style, colours)
 
 
 EVENT_COLOURS = {"alarm": "red", "fault": "yellow", "supervisory": "magenta", "test": "cyan",

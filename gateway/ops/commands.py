@@ -298,6 +298,7 @@ class CommandHandler:
                 "last_seen_age_s": None if seen is None else round(now_mono - seen, 1),
                 "faults": d["faults"], "supervisory": d["supervisory"], "latched": d["latched"],
                 "condition_present": d["condition_present"], "comm_errors": d["comm_errors"],
+                "errors_by_kind": d.get("errors_by_kind", {}),
             })
         try:
             stored: dict[str, Any] | None = await gw.storage("storage")
@@ -329,7 +330,8 @@ class CommandHandler:
             "storage": {**(stored["storage"] if stored is not None else {}), **gw.hold_figures()},
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
-                 "polls": p.polls, "errors": p.errors, **_cycle_figures(p)}
+                 "polls": p.polls, "errors": p.errors,
+                 "errors_by_kind": dict(sorted(getattr(p, "errors_by_kind", {}).items())), **_cycle_figures(p)}
                 for p in gw.buses.values()
             ],
             "active": [{**c, "since": wall(c["since"])} for c in snap["active"]],  # type: ignore[arg-type]

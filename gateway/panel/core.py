@@ -191,6 +191,7 @@ class AlarmCore:
         return {
             "device": device_id,
             "kind": st.cfg.kind,
+            "bus": st.cfg.bus,
             "unit": st.cfg.unit,
             "household": st.cfg.household,
             "state": state,

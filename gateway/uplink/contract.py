@@ -221,11 +221,17 @@ class StatusReporter:
         waiting, oldest = backlog
         by_state = dict.fromkeys(STATES, 0)
         link_devices = []
+        bus_kinds: dict[str, dict[str, int]] = {}
         for d in snapshot["devices"]:
             by_state[str(d["state"])] = by_state.get(str(d["state"]), 0) + 1
+            kinds = {str(k): int(v) for k, v in (d.get("errors_by_kind") or {}).items()}
             if d.get("comm_errors") or d.get("failures"):
                 link_devices.append({"device": d["device"], "comm_errors": int(d["comm_errors"]),
-                                     "failures": int(d["failures"])})
+                                     "failures": int(d["failures"]), "errors_by_kind": kinds})
+            if d.get("bus"):
+                on_bus = bus_kinds.setdefault(str(d["bus"]), {})
+                for kind, count in kinds.items():
+                    on_bus[kind] = on_bus.get(kind, 0) + count
         bus_rows = []
         for b in buses:
             before = self._previous.get(b.bus, BusCounters(b.bus, 0, 0, False))
@@ -233,7 +239,8 @@ class StatusReporter:
             bus_rows.append({"bus": b.bus, "port_lost": b.port_lost, "polls": b.polls, "errors": b.errors,
                              "window_polls": polls, "window_errors": errors,
                              "success_ratio": round((polls - min(errors, polls)) / polls, 4) if polls else None,
-                             "floor_ms": _ms(b.floor_s), "cycle_ms": _ms(b.cycle_s)})
+                             "floor_ms": _ms(b.floor_s), "cycle_ms": _ms(b.cycle_s),
+                             "errors_by_kind": dict(sorted(bus_kinds.get(b.bus, {}).items()))})
             self._previous[b.bus] = b
         window = now - self._window_start
         self._window_start = now
