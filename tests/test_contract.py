@@ -431,3 +431,72 @@ async def test_status_at_start_then_periodically_with_link_quality(
     assert status["backlog"]["events"] >= 0
     assert status["storage"]["fault"] is None and status["storage"]["evicted_undelivered"]["alarm"] == 0
     assert status["storage"]["history"] >= 1  # delivered events kept for inspection
+
+
+# ------------------------------------------------------------------------------------------- operator actions
+
+
+GATEWAYCTL = str(Path(sys.executable).with_name("gatewayctl"))
+
+
+@pytest.mark.timeout(180)
+def test_operator_tests_follow_the_schema(
+    tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    """A buzzer test (gatewayctl) and a walk test (an MQTT command): every message they cause follows its schema.
+
+    A buzzer test exercises the gateway's own sounder: its events name no device or unit (there is none), and
+    event.json allows exactly that for ``test`` events with ``code: buzzer``."""
+    spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                      socket_path=tmp_path / "control.sock", households=1, community="c1", building="b1")
+    config = tmp_path / "site.toml"
+    config.write_text(spec.toml, encoding="utf-8")
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder: MqttRecorder = mqtt_recorder_factory(topics=f"{topics.base}/#")
+    log = tmp_path / "gatewayd.log"
+    detector_spec = spec.detectors[0]
+
+    def wait_topic(suffix: str, timeout: float = 30.0, **fields: Any) -> RecordedMessage:
+        def match(m: RecordedMessage) -> bool:
+            body = m.json
+            return (m.topic == f"{topics.base}/{suffix}" and isinstance(body, dict)
+                    and all(body.get(k) == v for k, v in fields.items()))
+        try:
+            return recorder.wait_for(match, timeout=timeout)
+        except AssertionError:
+            print(log.read_text(errors="replace")[-4000:])
+            raise
+
+    bus = SimulatedBus(modem.device_port)
+    detector = bus.add_gas_detector(detector_spec.address, "A", unit="%LEL", decimals=1)
+    detector.set_status("normal")
+    started = time.monotonic()
+    with bus:
+        daemon = Daemon(config, log)
+        try:
+            wait_topic("availability", state="online")
+            wait_topic("status")
+            played = subprocess.run([GATEWAYCTL, "--config", str(config), "buzzer-test", "--seconds", "0.1", "--json"],
+                                    capture_output=True, text=True, timeout=60)
+            assert played.returncode == 0, (played.stdout, played.stderr)
+            wait_topic("event/test", action="started", code="buzzer")
+            wait_topic("event/test", action="ended", code="buzzer")
+
+            walk = command_message("test", community="c1", building="b1", args={"device": detector_spec.id})
+            recorder.publish(topics.command("test"), walk)
+            assert wait_topic("reply", id=walk["id"]).json["status"] == "accepted"
+            wait_topic("event/test", action="started", device=detector_spec.id)
+            detector.set_concentration(35.0)
+            wait_topic("event/test", action="detected", device=detector_spec.id)
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+        finally:
+            daemon.kill()
+        wait_topic("availability", state="offline")
+    messages = recorder.messages()
+    counts = validate_all(topics, messages)
+    tests = [m.json for m in messages if m.topic == topics.event("test")]
+    buzzer = [t for t in tests if t.get("code") == "buzzer"]
+    assert [t["action"] for t in buzzer] == ["started", "ended"]
+    assert all("device" not in t and "unit" not in t for t in buzzer), "the sounder belongs to no unit"
+    print(f"operator-test contract: {len(messages)} messages ({counts}) valid in {time.monotonic() - started:.1f} s")
