@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install, upgrade or remove the building safety gateway on a Raspberry Pi (Raspberry Pi OS Bookworm).
 # Idempotent: re-running it upgrades the code and restarts the service; the site config is never
-# overwritten. See docs/deploy.md.
+# overwritten. It never starts an unedited site: the service is started only once the site config passes
+# `gatewayctl config check` and is no longer the shipped example. See docs/deploy.md.
 set -euo pipefail
 
 readonly DEFAULT_PREFIX=/opt/gateway
@@ -13,6 +14,10 @@ readonly UDEV_DEST=/etc/udev/rules.d/99-gateway-rs485.rules
 readonly CONFIG_DIR=/etc/gateway
 readonly CONFIG=$CONFIG_DIR/building.toml
 readonly DATA_DIR=/var/lib/gateway
+readonly EXAMPLE=examples/building.toml
+# gatewayd and gatewayctl are linked here so that `sudo gatewayctl doctor` works as docs/cli.md says.
+readonly BIN_DIR=/usr/local/bin
+readonly COMMANDS=(gatewayd gatewayctl)
 
 PREFIX=$DEFAULT_PREFIX
 PYTHON=python3
@@ -25,8 +30,10 @@ usage() {
 Usage: sudo $0 [OPTIONS]
 
 Install gatewayd as a systemd service: system user 'gateway', a virtualenv under PREFIX, the unit,
-tmpfiles and udev rule, an example config at $CONFIG (only if none exists); then enable and
-(re)start the service. Run again to upgrade.
+tmpfiles and udev rule, an example config at $CONFIG (only if none exists), gatewayd and
+gatewayctl linked into $BIN_DIR; then enable the service. It is (re)started only when the site
+config passes 'gatewayctl config check' and is not the shipped example unchanged; otherwise the
+next steps are printed. Run again to upgrade.
 
 Options:
   --prefix DIR   where the virtualenv and docs go (default $DEFAULT_PREFIX)
@@ -61,6 +68,11 @@ run() {
 # Something deliberately left alone, said once so the operator knows.
 keep() {
     printf 'keep: %s\n' "$*"
+}
+
+# What the operator does next, once the installer is done.
+next_step() {
+    printf 'next: %s\n' "$*"
 }
 
 parse_args() {
@@ -119,7 +131,7 @@ install_all() {
     # Check every source file before changing anything, so a broken checkout stops here, not halfway.
     local f
     for f in systemd/gateway.sysusers systemd/gateway.tmpfiles systemd/gatewayd.service \
-        systemd/99-gateway-rs485.rules docs/deploy.md examples/building.toml pyproject.toml; do
+        systemd/99-gateway-rs485.rules docs/deploy.md "$EXAMPLE" pyproject.toml; do
         if [[ ! -f $f ]]; then
             ((DRY_RUN)) || die "$f missing from $REPO"
             echo "install.sh: warning: $f missing from $REPO" >&2
@@ -140,11 +152,19 @@ install_all() {
     # A local directory is always rebuilt and reinstalled, so this also upgrades.
     run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
     run install -D -m 0644 docs/deploy.md "$PREFIX/docs/deploy.md"
+    local cmd
+    for cmd in "${COMMANDS[@]}"; do
+        if [[ $(readlink -- "$BIN_DIR/$cmd" 2>/dev/null) == "$PREFIX/venv/bin/$cmd" ]]; then
+            keep "$BIN_DIR/$cmd (links to $PREFIX/venv/bin/$cmd)"
+        else
+            run ln -sfn -- "$PREFIX/venv/bin/$cmd" "$BIN_DIR/$cmd"
+        fi
+    done
 
     if [[ -e $CONFIG ]]; then
         keep "$CONFIG (exists; never overwritten)"
     else
-        run install -m 0640 -o root -g gateway examples/building.toml "$CONFIG"
+        run install -m 0640 -o root -g gateway "$EXAMPLE" "$CONFIG"
     fi
 
     run install -m 0644 systemd/gatewayd.service "$UNIT_DEST"
@@ -157,12 +177,37 @@ install_all() {
     run udevadm control --reload
     run udevadm trigger --subsystem-match=tty --action=add
     run systemctl enable "$UNIT"
-    if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
-        run systemctl restart "$UNIT"
-    else
-        run systemctl start "$UNIT"
+    start_if_ready
+}
+
+# Start (or restart, after an upgrade) the service, but only for a site that has been made this building's:
+# the shipped example signals supervisory at once (its NC contacts are not wired) and publishes as the
+# example building.
+start_if_ready() {
+    local why=""
+    if [[ ! -e $CONFIG ]] || cmp -s -- "$EXAMPLE" "$CONFIG"; then
+        why="$CONFIG is the shipped example, unchanged"
+    elif ((DRY_RUN)); then
+        run "$PREFIX/venv/bin/gatewayctl" config check "$CONFIG"
+    elif ! "$PREFIX/venv/bin/gatewayctl" config check "$CONFIG"; then
+        why="$CONFIG does not pass 'gatewayctl config check' (the error is above)"
     fi
-    ((DRY_RUN)) || echo "installed; check it with: systemctl status $UNIT && journalctl -u ${UNIT%.service} -o cat"
+    if [[ -z $why ]]; then
+        if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
+            run systemctl restart "$UNIT"
+        else
+            run systemctl start "$UNIT"
+        fi
+        ((DRY_RUN)) || next_step "check it: gatewayctl doctor && journalctl -u ${UNIT%.service} -o cat"
+        return
+    fi
+    keep "$UNIT not started: $why"
+    if systemctl is-active --quiet "$UNIT" 2>/dev/null; then
+        keep "$UNIT still runs the previous code until it is restarted"
+    fi
+    next_step "edit $CONFIG for this building (docs/config.md, docs/deploy.md)"
+    next_step "run: gatewayctl doctor"
+    next_step "then: systemctl start $UNIT (or run this installer again)"
 }
 
 uninstall_all() {
@@ -176,6 +221,13 @@ uninstall_all() {
     run rm -f -- "$TMPFILES_DEST"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
+    local cmd
+    for cmd in "${COMMANDS[@]}"; do
+        # only our own links: a gatewayctl someone else put there stays
+        if [[ $(readlink -- "$BIN_DIR/$cmd" 2>/dev/null) == "$PREFIX/venv/bin/$cmd" ]]; then
+            run rm -f -- "$BIN_DIR/$cmd"
+        fi
+    done
     local dir
     for dir in "$PREFIX/docs" "$PREFIX"; do
         if [[ -d $dir ]]; then

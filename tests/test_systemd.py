@@ -34,6 +34,8 @@ SYSTEM_PATHS = [
     Path("/etc/gateway"),
     Path("/var/lib/gateway"),
     Path("/opt/gateway"),
+    Path("/usr/local/bin/gatewayd"),
+    Path("/usr/local/bin/gatewayctl"),
 ]
 
 analyze = shutil.which("systemd-analyze")
@@ -377,7 +379,7 @@ def install_sh(*args: str) -> subprocess.CompletedProcess[str]:
 
 def actions(output: str) -> list[str]:
     lines = output.splitlines()
-    assert all(line.startswith(("would: ", "keep: ")) for line in lines), lines
+    assert all(line.startswith(("would: ", "keep: ", "next: ")) for line in lines), lines
     return [line.removeprefix("would: ") for line in lines if line.startswith("would: ")]
 
 
@@ -398,7 +400,9 @@ def test_dry_run_install_changes_nothing(untouched: Path) -> None:
     assert "systemctl daemon-reload" in done
     assert "udevadm control --reload" in done
     assert "systemctl enable gatewayd.service" in done
-    assert done[-1] in {"systemctl start gatewayd.service", "systemctl restart gatewayd.service"}
+    # gatewayd and gatewayctl on PATH
+    assert f"ln -sfn -- {untouched}/venv/bin/gatewayctl /usr/local/bin/gatewayctl" in done
+    assert f"ln -sfn -- {untouched}/venv/bin/gatewayd /usr/local/bin/gatewayd" in done
     # order: the user exists before anything is given to it; the unit is enabled only once installed
     assert done.index("systemd-sysusers /etc/sysusers.d/gateway.conf") < done.index(venv[0])
     assert (
@@ -408,6 +412,13 @@ def test_dry_run_install_changes_nothing(untouched: Path) -> None:
     )
     if not Path("/etc/gateway/building.toml").exists():
         assert "install -m 0640 -o root -g gateway examples/building.toml /etc/gateway/building.toml" in done
+        # the shipped example is never started: enabled, and the next steps told
+        assert done[-1] == "systemctl enable gatewayd.service"
+        lines = result.stdout.splitlines()
+        assert ("keep: gatewayd.service not started: /etc/gateway/building.toml is the shipped example, unchanged"
+                in lines)
+        assert "next: run: gatewayctl doctor" in lines
+        assert any(line.startswith("next: edit /etc/gateway/building.toml") for line in lines)
 
 
 def test_dry_run_default_prefix_keeps_unit_as_is(untouched: Path) -> None:
@@ -491,7 +502,7 @@ def test_refuses_to_install_without_root(untouched: Path) -> None:
 REAL_INSTALL = r"""
 set -euo pipefail
 work=$1
-for d in etc opt var; do
+for d in etc opt var usr/local; do
     mkdir -p "$work/ovl/$d/upper" "$work/ovl/$d/work"
     mount -t overlay overlay \
         -o "lowerdir=/$d,upperdir=$work/ovl/$d/upper,workdir=$work/ovl/$d/work" "/$d"
@@ -515,12 +526,20 @@ state() {
     fi
     fact "$1.group" "$(getent group gateway | cut -d: -f1 || true)"
     fact "$1.edit" "$(grep -c '^# site edit' /etc/gateway/building.toml 2>/dev/null || echo absent)"
+    fact "$1.links" "$(readlink /usr/local/bin/gatewayd /usr/local/bin/gatewayctl | tr '\n' ' ' || true)"
+    fact "$1.onpath" "$(PATH=/usr/local/bin:/usr/bin:/bin gatewayctl --version 2>&1 || echo absent)"
 }
 bash scripts/install.sh >"$work/install1.log" 2>&1 || { fact install1 failed; exit 1; }
 state first
+cp "$work/calls.log" "$work/calls-first.txt"
 echo '# site edit' >>/etc/gateway/building.toml
 bash scripts/install.sh >"$work/install2.log" 2>&1 || { fact install2 failed; exit 1; }
 state second
+cp "$work/calls.log" "$work/calls-second.txt"
+echo 'broken = [' >>/etc/gateway/building.toml
+bash scripts/install.sh >"$work/install3.log" 2>&1 || { fact install3 failed; exit 1; }
+cp "$work/calls.log" "$work/calls-third.txt"
+sed -i '$d' /etc/gateway/building.toml
 touch /var/lib/gateway/events.db
 bash scripts/install.sh --uninstall >"$work/uninstall.log" 2>&1 || { fact uninstall failed; exit 1; }
 state uninstalled
@@ -551,8 +570,9 @@ def test_real_install_upgrade_uninstall_purge(tmp_path: Path) -> None:
     systemctl and udevadm are stubs that record their calls (there is no systemd as PID 1 here); everything
     else (sysusers, tmpfiles, venv, pip, file modes) is real. The host's directories stay untouched.
     """
-    if _submounts_under("/etc", "/opt", "/var"):
-        pytest.skip(f"mounts under /etc, /opt or /var would be hidden: {_submounts_under('/etc', '/opt', '/var')}")
+    if _submounts_under("/etc", "/opt", "/var", "/usr/local"):
+        hidden = _submounts_under("/etc", "/opt", "/var", "/usr/local")
+        pytest.skip(f"mounts under /etc, /opt, /var or /usr/local would be hidden: {hidden}")
     probe = run(["unshare", "-m", "--propagation", "private", "true"])
     if probe.returncode != 0:
         pytest.skip(f"cannot create a mount namespace: {probe.stderr.strip()}")
@@ -589,6 +609,18 @@ def test_real_install_upgrade_uninstall_purge(tmp_path: Path) -> None:
     assert facts["first.unit_same"] == "yes"
     assert facts["first.rules"] == "yes"
     assert facts["first.venv"].startswith("gatewayd ")
+    assert facts["first.links"].split() == ["/opt/gateway/venv/bin/gatewayd", "/opt/gateway/venv/bin/gatewayctl"]
+    assert facts["first.onpath"].startswith("gatewayctl ")
+    # the unedited example is enabled but never started; an edited, valid site is; a broken one is not
+    first_calls = (tmp_path / "calls-first.txt").read_text().splitlines()
+    assert "systemctl enable gatewayd.service" in first_calls
+    assert not any(c.startswith(("systemctl start", "systemctl restart")) for c in first_calls), first_calls
+    assert "next: run: gatewayctl doctor" in logs["install1.log"]
+    second_calls = (tmp_path / "calls-second.txt").read_text().splitlines()[len(first_calls):]
+    assert "systemctl start gatewayd.service" in second_calls, second_calls
+    third_calls = (tmp_path / "calls-third.txt").read_text().splitlines()[len(first_calls) + len(second_calls):]
+    assert not any(c.startswith(("systemctl start", "systemctl restart")) for c in third_calls), third_calls
+    assert "does not pass 'gatewayctl config check'" in logs["install3.log"]
     # upgrade: runs again, keeps the site's edit to the config
     assert facts["second.edit"] == "1"
     assert "keep: /etc/gateway/building.toml" in logs["install2.log"]
@@ -597,6 +629,7 @@ def test_real_install_upgrade_uninstall_purge(tmp_path: Path) -> None:
     assert facts["uninstalled.unit_same"] == "no"
     assert facts["uninstalled.rules"] == "no"
     assert facts["uninstalled.venv"] == "absent"
+    assert facts["uninstalled.links"] == ""
     assert facts["uninstalled.data"] == "750 gateway gateway"
     assert facts["uninstalled.edit"] == "1"
     assert facts["uninstalled.user"].startswith("gateway:")
