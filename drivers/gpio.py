@@ -11,7 +11,11 @@ With gpiozero's ``MockFactory`` the callbacks run synchronously on the thread th
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -25,6 +29,7 @@ __all__ = [
     "PinFactoryChoice",
     "choose_pin_factory",
     "lgpio_chip",
+    "load_lgpio",
     "make_buzzer",
     "make_output",
     "make_pin_factory",
@@ -95,6 +100,28 @@ def _open_failure(path: str) -> str:
     return "lgpio could not use it"
 
 
+def load_lgpio() -> Any:
+    """The lgpio module, loaded without its side effects on the caller.
+
+    Loading lgpio changes the process's working directory to ``$LG_WD`` (default: the current one) and opens a
+    notification FIFO (``.lgd-nfy0``) there. The unit sets ``LG_WD=/run/gateway``; anywhere else a private
+    directory, removed at exit, keeps the FIFO out of the caller's directory. The working directory is put back
+    once the FIFO is open (lgpio names it relative to the directory only while loading).
+    """
+    if "lgpio" in sys.modules:
+        return sys.modules["lgpio"]
+    if not os.environ.get("LG_WD"):
+        workdir = tempfile.mkdtemp(prefix="gateway-lgpio-")
+        atexit.register(shutil.rmtree, workdir, True)
+        os.environ["LG_WD"] = workdir
+    cwd = os.getcwd()
+    try:
+        import lgpio
+    finally:
+        os.chdir(cwd)
+    return lgpio
+
+
 def make_pin_factory(name: str) -> Any:
     """A new gpiozero pin factory for ``name`` (one of :data:`PIN_FACTORIES`); :class:`GpioUnavailable` if the
     backend cannot be loaded or cannot open its chip."""
@@ -105,7 +132,7 @@ def make_pin_factory(name: str) -> Any:
     if name != "lgpio":
         raise GpioUnavailable(f"gpio: pin factory {name!r} is not one of {', '.join(PIN_FACTORIES)}")
     try:
-        import lgpio
+        lgpio = load_lgpio()
         from gpiozero.pins.lgpio import LGPIOFactory
     except ImportError as exc:
         raise GpioUnavailable(f"gpio: the lgpio module does not load ({exc}); reinstall: pip install lgpio") from exc

@@ -55,6 +55,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_config",
+    "real_port",
 ]
 
 EX_CONFIG = 78
@@ -577,14 +578,17 @@ def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig
 def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
     buses: list[BusConfig] = []
     seen: dict[str, str] = {}
-    ports: dict[str, str] = {}
+    ports: dict[str, tuple[str, str]] = {}  # real path → (first bus's key path, its port as written)
     for t in root.tables("buses"):
         bid = t.ident("id")
         _unique(t.key("id"), seen, bid)
         port = t.req_str("port")
-        if port in ports:
-            raise ConfigError(t.key("port"), f"port {port!r} is already used by {ports[port]}")
-        ports[port] = t.path
+        real = real_port(port)
+        if real in ports:
+            first, written = ports[real]
+            both = "" if port == written == real else f" ({port!r} and {written!r} are both {real})"
+            raise ConfigError(t.key("port"), f"port {port!r} is already used by {first}{both}: one bus per port")
+        ports[real] = (t.path, port)
         buses.append(
             BusConfig(
                 id=bid,
@@ -602,6 +606,12 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
         )
         t.done()
     return tuple(buses)
+
+
+def real_port(port: str) -> str:
+    """The device a port name reaches: symlinks followed (``/dev/serial0``, udev ``by-id`` and rule names) and
+    ``.``/``..`` removed. A Pi names one port several ways; two buses on one device would fight for it."""
+    return os.path.realpath(port)
 
 
 def _rtu_bytesize(t: _Table) -> int:
@@ -885,7 +895,7 @@ def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses
         used[key] = path
 
     for i, bus in enumerate(buses):
-        if bus.port in _UART_PORTS:
+        if bus.port in _UART_PORTS or real_port(bus.port) in _UART_PORTS:
             claim("GPIO14", f"buses[{i}].port (UART TXD)")
             claim("GPIO15", f"buses[{i}].port (UART RXD)")
     claim(outputs.buzzer.pin, "outputs.buzzer")

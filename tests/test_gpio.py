@@ -23,6 +23,7 @@ from drivers.gpio import (
     GpioUnavailable,
     choose_pin_factory,
     lgpio_chip,
+    load_lgpio,
     make_buzzer,
     make_output,
     make_pin_factory,
@@ -225,10 +226,11 @@ def test_config_and_driver_name_the_same_backends() -> None:
 
 
 def test_lgpio_module_is_installed() -> None:
-    """The project depends on lgpio, so the venv gpiozero runs in has it."""
-    import lgpio
-
+    """The project depends on lgpio, so the venv gpiozero runs in has it; loading it leaves no FIFO here."""
+    lgpio = load_lgpio()
     assert callable(lgpio.gpiochip_open)
+    assert not list(Path.cwd().glob(".lgd-nfy*"))
+    assert not list(ROOT.glob(".lgd-nfy*"))
 
 
 def test_environment_wins_over_the_config() -> None:
@@ -265,7 +267,7 @@ def test_lgpio_without_a_chip_is_one_clear_line() -> None:
 
 
 def _fresh_process(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != PIN_FACTORY_ENV}
+    environ = {k: v for k, v in os.environ.items() if k not in (PIN_FACTORY_ENV, "LG_WD")}
     environ.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
                           cwd=ROOT, env=environ)
@@ -288,6 +290,7 @@ def test_a_device_made_with_no_factory_installed_uses_lgpio() -> None:
     result = _fresh_process(MAKE_BUZZER)
     assert result.returncode == 69, result.stderr
     assert result.stdout.splitlines() == ["gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory"]
+    assert not list(ROOT.glob(".lgd-nfy*"))  # lgpio's FIFO went to a private directory, not the cwd
 
 
 def test_the_environment_gives_a_fresh_process_mock_pins() -> None:
