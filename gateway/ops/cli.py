@@ -618,9 +618,13 @@ class Cli:
             found = d["responders"]
             yield f"{d['bus']}: {len(found)} responding address(es) in {d['from']}–{d['to']}"
             if found:
-                yield from _table(["ADDRESS", "PROFILE", "CANDIDATES", "CONFIGURED AS"], [
-                    [str(h["address"]), h["profile"], ", ".join(h["candidates"]) or "—", h["configured_as"] or "—"]
+                yield from _table(["ADDRESS", "PROFILE", "CONFIDENCE", "CANDIDATES", "CONFIGURED AS"], [
+                    [str(h["address"]), h["profile"], h.get("confidence", "—"), ", ".join(h["candidates"]) or "—",
+                     h["configured_as"] or "—"]
                     for h in found], self.style)
+            for h in d.get("gateway_answers", []):
+                said = error_kind_label(f"exception:{h['exception']}")
+                yield f"address {h['address']}: a Modbus gateway answered {said} — no device answered behind it"
 
         return self.finish(response, render)
 

@@ -33,7 +33,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from drivers.modbus import CommError, ExtinguisherStation, GasDetector, ModbusClient, ModbusDevice, read_block
+from drivers.modbus import (
+    EXCEPTION_NAMES,
+    GATEWAY_EXCEPTIONS,
+    CommError,
+    ExtinguisherStation,
+    GasDetector,
+    ModbusClient,
+    ModbusDevice,
+    exception_kind,
+    read_block,
+)
 from drivers.profiles import GasReading, StationReading
 from gateway import __version__
 from gateway.events import KIND_PRIORITY, Event
@@ -504,6 +514,7 @@ class CommandHandler:
         self._scanning.add(bus_id)
         probe_s = min(poller.bus.timeout_s, SCAN_PROBE_TIMEOUT_S)
         found: list[dict[str, Any]] = []
+        gateway_answers: list[dict[str, Any]] = []  # a Modbus gateway said nothing answers behind it
         total = last - first + 1
         try:
             for n, address in enumerate(range(first, last + 1), start=1):
@@ -514,8 +525,10 @@ class CommandHandler:
                     return CommandResult.failed(f"scan: bus {bus_id} did not serve the scan", found=found)
                 except CommError as exc:
                     return CommandResult.failed(f"scan: {bus_id}: {exc}", found=found)
-                if hit is not None:
+                if hit is not None and hit["responding"]:
                     found.append(hit)
+                elif hit is not None:
+                    gateway_answers.append(hit)
                 if progress is not None:
                     progress({"done": n, "total": total, "address": address, "found": len(found),
                               "hit": hit})
@@ -529,6 +542,7 @@ class CommandHandler:
         for hit in found:
             hit["configured_as"] = configured.get(hit["address"])
         return CommandResult(True, data={"bus": bus_id, "from": first, "to": last, "responders": found,
+                                         "gateway_answers": gateway_answers,
                                          "paused_polling": paused_here})
 
     # ------------------------------------------------------------------------------ outputs
@@ -649,24 +663,31 @@ def _probe(client: ModbusClient, address: int, timeout_s: float) -> dict[str, An
             params.timeout_connect = saved
 
 
-def _answers(client: ModbusClient, function: int, start: int, count: int, address: int) -> list[int] | bool:
-    """Registers/bits read; True when the device answered with an exception; False when it stayed silent."""
+def _answers(client: ModbusClient, function: int, start: int, count: int, address: int) -> list[int] | str:
+    """Registers/bits read, else what came instead: ``exception`` (the device refused the read: it is there),
+    ``silent`` (nothing usable), or ``gateway:<name>`` (a Modbus gateway's 0x0A/0x0B: nothing is there)."""
     try:
         return read_block(client, function, start, count, address)
     except CommError as exc:
-        if exc.reason == "exception_response":
-            return True
         if exc.reason == "port":
             raise
-        return False
+        if exc.reason == "exception_response":
+            code = next((c for c in GATEWAY_EXCEPTIONS if exc.kind == exception_kind(c)), None)
+            return f"gateway:{EXCEPTION_NAMES[code]}" if code is not None else "exception"
+        return "silent"
 
 
 def _classify(client: ModbusClient, address: int) -> dict[str, Any] | None:
+    """What answers at ``address``: None for silence; ``responding: False`` for a gateway's exception (0x0A
+    "gateway path unavailable", 0x0B "gateway target device failed to respond": the device behind it did
+    not answer); else the profile guess, with how sure it is (``confidence``) and why."""
     first = _answers(client, 3, 0, 10, address)
-    if first is False:
+    if first == "silent":
         first = _answers(client, 3, 0, 1, address)  # a device with fewer registers
-    if first is False:
+    if first == "silent":
         return None
+    if isinstance(first, str) and first.startswith("gateway:"):
+        return {"address": address, "responding": False, "exception": first.removeprefix("gateway:")}
     guesses: list[str] = []
     detail: dict[str, Any] = {}
     if isinstance(first, list) and len(first) == 10 and _plausible_profile_a(first):
@@ -680,7 +701,22 @@ def _classify(client: ModbusClient, address: int) -> dict[str, Any] | None:
     if isinstance(bits, list) and not guesses:
         guesses.append("io-station")
         detail["discrete_inputs_0_3"] = bits
-    return {"address": address, "profile": guesses[0] if guesses else "unknown", "candidates": guesses, **detail}
+    confidence, why = _confidence(guesses)
+    return {"address": address, "responding": True, "profile": guesses[0] if guesses else "unknown",
+            "candidates": guesses, "confidence": confidence, "why": why, **detail}
+
+
+def _confidence(guesses: list[str]) -> tuple[str, str]:
+    """How sure a profile guess is: ``high`` when one register map fits and no other, ``medium`` when
+    several fit (the first is shown), ``low`` when only generic reads worked."""
+    maps = [g for g in guesses if g in ("A", "B")]
+    if len(maps) == 1:
+        return "high", f"only profile {maps[0]}'s registers read as that profile lays them out"
+    if maps:
+        return "medium", f"the registers of {' and '.join(maps)} all read; check the device's manual"
+    if guesses:
+        return "low", "discrete inputs 0–3 read; no detector register map fits"
+    return "low", "it answers, but no known register map fits"
 
 
 def _plausible_profile_a(regs: list[int]) -> bool:
