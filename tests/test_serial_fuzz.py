@@ -214,7 +214,10 @@ async def _fuzz_through_the_gateway(
             assert gateway.heartbeats.stale() == []
 
             def unanswered() -> list[str]:  # the fuzzing thread may still be writing the last bad answers
-                return [d for bus_id, ids in fuzzed.items() for a, d in ids.items()
+                return [f"{d}: {device(d)['comm_errors']} failed polls {device(d)['errors_by_kind']}, "
+                        f"{fuzzers[bus_id].answered(a)} bad answers {dict(fuzzers[bus_id].sent_to(a))} to "
+                        f"{fuzzers[bus_id].requested(a)} requests"
+                        for bus_id, ids in fuzzed.items() for a, d in ids.items()
                         if device(d)["comm_errors"] != fuzzers[bus_id].answered(a)]
 
             await eventually(lambda: not unanswered(), timeout=10,
