@@ -13,7 +13,7 @@ import os
 import stat
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -155,6 +155,10 @@ class DeviceConfig:
     bounce_ms: int = 50
     supervision_pin: str | None = None
     door_open_s: float | None = None  # cabinet door / station: overrides [alarm] door_open_s
+    #: A channel of a multi-channel controller: the controller's ``[[devices]]`` id and the channel number
+    #: (the device's id is ``<controller>.ch<channel>``, its profile that channel's registers).
+    controller: str | None = None
+    channel: int | None = None
 
     @property
     def is_modbus(self) -> bool:
@@ -624,7 +628,7 @@ def _rtu_bytesize(t: _Table) -> int:
 def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...]) -> None:
     """Even with every device silent, one cycle of each bus must fit the 30 s alarm budget."""
     for i, bus in enumerate(buses):
-        polled = sum(1 for d in devices if d.bus == bus.id)
+        polled = len({d.address for d in devices if d.bus == bus.id})  # a controller's channels: one read
         worst = polled * bus.timeout_s
         if worst > MAX_POLL_CYCLE_S:
             raise ConfigError(
@@ -757,8 +761,12 @@ def _parse_devices(
             if kind == "gas_detector":
                 if profile_name not in detector_profiles:
                     raise ConfigError(t.key("profile"), f"unknown gas detector profile {profile_name!r}")
-                devices.append(_gas_detector(t, did, name, unit, household, bus, address,
-                                             detector_profiles[profile_name]))
+                profile = detector_profiles[profile_name]
+                if t.has("channels") or profile.channels > 1:
+                    devices += _channels(t, did, name, (unit, household), bus, address, profile,
+                                         household_unit, unit_ids, seen)
+                else:
+                    devices.append(_gas_detector(t, did, name, unit, household, bus, address, profile))
             else:
                 if profile_name not in station_profiles:
                     raise ConfigError(t.key("profile"), f"unknown extinguisher station profile {profile_name!r}")
@@ -790,6 +798,54 @@ def _parse_devices(
             )
         t.done()
     return tuple(devices)
+
+
+#: Keys a multi-channel controller's entry may set for all of its channels (a channel's own key wins).
+_CHANNEL_SHARED = ("gas", "measure", "low", "high", "hysteresis")
+
+
+def _channels(
+    t: _Table, did: str, name: str, place: tuple[str, str | None], bus: str, address: int,
+    profile: DetectorProfile, household_unit: dict[str, str], unit_ids: set[str], seen: dict[str, str],
+) -> list[DeviceConfig]:
+    """The channels of a multi-channel controller (``[[devices.channels]]``), each a detector of its own:
+    id ``<id>.ch<n>``, its own household (or unit), thresholds and alarm state, the controller's address."""
+    if profile.channels < 2:
+        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has one channel; a multi-channel "
+                                             "profile sets channels and stride ([profiles.<name>])")
+    tables = t.tables("channels")
+    if not tables:
+        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has {profile.channels} channels: "
+                                             "bind each one in use with a [[devices.channels]] table")
+    shared = {k: t.raw(k) for k in _CHANNEL_SHARED if t.has(k)}
+    used: dict[int, str] = {}
+    out: list[DeviceConfig] = []
+    for i, raw in enumerate(tables):
+        c = _Table({**shared, **raw.data}, raw.path)
+        number = c.integer("channel", i + 1, lo=1, hi=profile.channels)
+        if number in used:
+            raise ConfigError(c.key("channel"), f"channel {number} is already bound at {used[number]}")
+        used[number] = c.path
+        cid = f"{did}.ch{number}"
+        _unique(c.key("channel"), seen, cid)
+        unit, household = place
+        own_household, own_unit = c.text("household"), c.text("unit")
+        if own_household is not None:
+            if own_household not in household_unit:
+                raise ConfigError(c.key("household"), f"unknown household {own_household!r}")
+            if own_unit is not None and own_unit != household_unit[own_household]:
+                raise ConfigError(c.key("unit"), f"household {own_household!r} is in unit "
+                                                 f"{household_unit[own_household]!r}, not {own_unit!r}")
+            unit, household = household_unit[own_household], own_household
+        elif own_unit is not None:
+            if own_unit not in unit_ids:
+                raise ConfigError(c.key("unit"), f"unknown unit {own_unit!r}")
+            unit, household = own_unit, None
+        channel_name = c.text("name") or f"{name} channel {number}"
+        device = _gas_detector(c, cid, channel_name, unit, household, bus, address, profile.for_channel(number))
+        out.append(replace(device, controller=did, channel=number))
+        c.done()
+    return out
 
 
 def _door_open_s(t: _Table, kind: str) -> float | None:

@@ -1,8 +1,9 @@
 """Fault injection for supervision tests: make a part hang on purpose, from the environment only.
 
 ``GATEWAY_FAILPOINTS="bus_hang=bus1@/run/x/hang"`` makes the poll thread of bus ``bus1`` stop making
-progress while the file ``/run/x/hang`` exists (without ``@path``: at once). Unset in production: each
-check is one lookup in an empty dict.
+progress while the file ``/run/x/hang`` exists (without ``@path``: at once); ``storage_full=outbox@PATH``
+makes every commit of the outbox fail as a full disk does. Unset in production: each check is one lookup
+in an empty dict.
 """
 
 from __future__ import annotations

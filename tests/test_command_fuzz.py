@@ -269,7 +269,7 @@ async def test_hostile_commands_over_mqtt_while_an_alarm_sounds(
     try:
         with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
             async with running_gateway(cfg) as gateway:
-                await eventually(lambda: gateway.uplink.connected, timeout=30)
+                await eventually(lambda: gateway.uplink_connected, timeout=30)
                 sims[first.id].set_concentration(35.0)
                 await eventually(lambda: state(first.id) == "high_alarm", timeout=30)
                 await eventually(lambda: buzzer.first_high() is not None, timeout=10)

@@ -9,7 +9,6 @@ every message is checked against its JSON Schema.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from drivers.simulated import SimulatedBus, VirtualNullModem
-from gateway import daemon as daemon_module
 from gateway.config import load_config
 from gateway.uplink.contract import (
     MAX_VALIDITY_S,
@@ -389,13 +387,14 @@ def test_every_message_of_a_scenario_follows_its_schema(
 @pytest.mark.timeout(120)
 async def test_status_at_start_then_periodically_with_link_quality(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
-    mqtt_recorder_factory: Any, monkeypatch: pytest.MonkeyPatch,
+    mqtt_recorder_factory: Any,
 ) -> None:
-    monkeypatch.setattr(daemon_module, "STATUS_INTERVAL_S", 0.5)
     spec: SiteSpec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db",
-                                broker_port=broker.port, socket_path=tmp_path / "control.sock", households=2)
-    cfg = load_config(spec.write(tmp_path / "site.toml"))
-    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, protocol=311))
+                                broker_port=broker.port, socket_path=tmp_path / "control.sock", households=2,
+                                mqtt_protocol=311)
+    path = spec.write(tmp_path / "site.toml")
+    path.write_text(path.read_text().replace("[mqtt]\n", "[mqtt]\nstatus_interval_s = 0.5\n", 1))
+    cfg = load_config(path)
     topics = Topics(spec.topic_prefix, spec.community, spec.building)
     recorder: MqttRecorder = mqtt_recorder_factory(topics=[topics.status, topics.availability])
     silent = spec.detectors[1]
@@ -407,8 +406,7 @@ async def test_status_at_start_then_periodically_with_link_quality(
         async with running_gateway(cfg) as gateway:
             await eventually(lambda: len(statuses()) >= 1, timeout=30)
             first = statuses()[0]
-            assert first["session"] == gateway.outbox.session
-            await eventually(lambda: gateway.uplink.rtt_ms is not None, timeout=30)
+            assert first["session"] == gateway.supervisor.beat["session"]
             bus.responding(silent.address, False)
 
             def degraded() -> dict[str, Any] | None:

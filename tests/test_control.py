@@ -200,9 +200,10 @@ async def test_a_follower_that_hangs_up_is_forgotten(site: Site) -> None:
     await conn.send(b'{"id": 1, "command": "events", "args": {"follow": true, "limit": 1}}\n')
     first = await conn.receive()
     assert "stream" in first
-    assert len(site.gateway._stored_watchers) == 1
+    control = site.gateway.control
+    assert control is not None and control.connections == 1
     await conn.close()
-    await wait_for(lambda: not site.gateway._stored_watchers, "follower gone")
+    await wait_for(lambda: not control.connections, "follower gone")
 
 
 async def test_a_client_hanging_up_cancels_its_scan_and_polling_resumes(site: Site) -> None:

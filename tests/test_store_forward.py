@@ -8,8 +8,8 @@ gateway end of the pty with gpiozero's mock pins. Shown here:
   under the same id (slow);
 * kill -9 at 50 random moments under load: every committed event is delivered in the end and the file
   passes ``PRAGMA integrity_check`` after every kill (slow);
-* a full disk (SQLite ``max_page_count``) in a running gateway: the alarm still sounds, the gateway stays
-  up, a ``storage_full`` fault is raised, and everything is stored and forwarded once space returns.
+* a full disk (the ``storage_full`` fail point of the storage process) in a running gateway: the alarm
+  still sounds, the gateway stays up, a ``storage_full`` fault is raised, and everything is stored and forwarded once space returns.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ import pytest
 from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
 from tests.support.broker import MosquittoBroker, free_port
-from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors
+from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
-from tests.support.storage import fill_to_the_brim
 from tests.support.wait import wait_until
 from tests.test_uplink import PersistentBroker, SessionRecorder
 
@@ -145,17 +144,30 @@ def session_of(db: Path) -> int:
     return int(rows[0][0]) if rows else 0
 
 
+def _storage_full(gateway: Any) -> dict[str, Any] | None:
+    """The storage figures once the storage process reports a full disk, else None."""
+    figures = gateway.supervisor.beat
+    if not figures:
+        return None
+    future = gateway.supervisor.request("storage")
+    try:
+        storage: dict[str, Any] = future.result(timeout=10)["storage"]
+    except Exception:
+        return None
+    return storage if storage.get("storage_fault") == "storage_full" else None
+
+
 def check_deliveries(stored: list[tuple[str, str]], received: list[dict[str, Any]]) -> dict[str, int]:
     """Every stored id received; duplicates only under the same id with the same content; per-device order."""
     by_id: dict[str, dict[str, Any]] = {}
     duplicates = 0
     for body in received:
-        same = {k: v for k, v in body.items() if k != "historical"}
+        same = {k: v for k, v in body.items() if k not in ("historical", "sent", "age_s")}  # per copy sent
         first = by_id.setdefault(body["event_id"], same)
         if first is not same:
             duplicates += 1
             assert first == same, f"two different events under one id: {first} vs {same}"
-        assert body["event_id"] == f"{body['gateway']}:{body['session']}:{body['seq']}"
+        assert body["event_id"] == f"{body['gateway']}:{body['install']}:{body['session']}:{body['seq']}"
     missing = [event_id for event_id, _ in stored if event_id not in by_id]
     assert not missing, f"{len(missing)} stored events never delivered, e.g. {missing[:5]}"
     last: dict[str, tuple[int, int]] = {}
@@ -218,7 +230,9 @@ def test_broker_outage_of_60_s_at_50_events_per_s(tmp_path: Path) -> None:
     session_seqs = [s for (s,) in query(db, "SELECT session_seq FROM events WHERE session = 1 ORDER BY seq")]
     assert session_seqs == list(range(1, len(session_seqs) + 1)), "a gap: an event was lost before storage"
     alarms = [b for b in received if b["kind"] == "alarm" and b.get("device") == alarmed]
-    assert alarms and alarms[0]["historical"] is True, "the alarm raised during the outage arrives, flagged"
+    # raised in this session during the outage, sent for the first time when the broker is back: live, with its age
+    assert alarms and alarms[0]["historical"] is False, "the alarm raised during the outage arrives, live"
+    assert alarms[0]["age_s"] > 0
     print(f"\nbroker outage {up_at - down_at:.0f} s: stored {stored_down} events while down ({rate:.1f}/s); "
           f"stored {counts['stored']}, received {counts['received']} ({counts['unique']} unique, "
           f"{counts['duplicates']} duplicates with the same id, {counts['historical']} historical)")
@@ -290,32 +304,36 @@ def broker_later(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
-    tmp_path: Path, mock_pins: Any, mqtt_recorder_factory: Any
+    tmp_path: Path, mock_pins: Any, mqtt_recorder_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    full = tmp_path / "disk-full"
+    # The storage process reads its fail points at start: every commit fails as on a full disk while ``full``
+    # exists (a capped SQLite file would cap only the connection that set it, which is in the other process).
+    monkeypatch.setenv("GATEWAY_FAILPOINTS", f"storage_full=outbox@{full}")
     with broker_later(tmp_path) as broker, VirtualNullModem(tmp_path / "dev") as modem:
         spec = site(tmp_path, modem, broker.port, households=1)
         detector = spec.detectors[0]
         buzzer = mock_pins.pin(f"GPIO{spec.buzzer_pin}", pin_class=TimedMockPin)
         cfg = load_config(tmp_path / "site.toml")
+        db = tmp_path / "events.db"
         with simulated_detectors(modem.device_port, spec.detectors) as (_, sims):
             async with running_gateway(cfg) as gateway:
-                await eventually(lambda: gateway.outbox.stored_total > 0, timeout=30)
-                await fill_to_the_brim(gateway.outbox, leave_nothing_evictable=True)
+                await eventually(lambda: gateway.supervisor.beat.get("stored", 0) > 0, timeout=30)
+                full.touch()
+                storage_pid = gateway.uplink_pid
                 sims[detector.id].set_concentration(30.0)
                 await eventually(lambda: buzzer.first_high() is not None, timeout=20, message="the buzzer is silent")
-                await eventually(lambda: gateway.writer.fault == "storage_full", timeout=20)
-                held = [e.kind for e in gateway.writer._held]
-                assert "alarm" in held, held
-                assert all(not t.done() for t in gateway._tasks), "a gateway task died"
-                status = await gateway.storage_status()
+                status = await eventually(lambda: _storage_full(gateway), timeout=30)
                 assert status["storage_fault"] == "storage_full" and status["held_in_memory"] >= 2
+                assert not read_events(db, "kind = 'alarm'"), "the alarm was stored on a full disk"
                 assert "fault" in gateway.panel.snapshot()["annunciation"].leds  # shown locally, not only stored
+                assert gateway.uplink_pid == storage_pid, "the storage process died"
 
-                await gateway.outbox.connection.execute("PRAGMA max_page_count = 1073741823")  # space returns
-                await eventually(lambda: gateway.writer.fault is None and gateway.writer.held == 0, timeout=30)
+                full.unlink()  # space returns
+                await eventually(lambda: read_events(db, "kind = 'alarm'"), timeout=30)
                 broker.start()
                 recorder = await asyncio.to_thread(mqtt_recorder_factory, broker, f"{spec.topic_base}/event/#")
-                await eventually(lambda: gateway.uplink.connected, timeout=60)
+                await eventually(lambda: gateway.uplink_connected, timeout=60)
 
                 def arrived(kind: str, action: str, code: str | None = None) -> Any:
                     return recorder.wait_for(lambda m: m.json.get("kind") == kind and m.json.get("action") == action
@@ -326,4 +344,5 @@ async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
                 cleared = await asyncio.to_thread(arrived, "fault", "cleared", "storage_full")
     assert alarm.json["device"] == detector.id
     assert alarm.json["seq"] < raised.json["seq"] < cleared.json["seq"]
-    assert json.loads(raised.payload)["historical"] is True
+    # raised in this session and sent for the first time: live, however late (docs/mqtt.md)
+    assert json.loads(raised.payload)["historical"] is False

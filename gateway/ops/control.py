@@ -51,6 +51,11 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
+    @property
+    def connections(self) -> int:
+        """Clients connected now (a follower counts until it hangs up)."""
+        return len(self._connections)
+
     async def start(self) -> None:
         """Bind the socket (mode 0660, group from config). A live socket of another daemon is an error."""
         path = Path(self.path)

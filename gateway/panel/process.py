@@ -136,9 +136,10 @@ class PanelProcess:
         future = self.supervisor.request(name, args)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), STORAGE_REQUEST_TIMEOUT_S)
-        except (ConnectionError, TimeoutError) as exc:
-            raise StorageAway(f"the storage/uplink process is down: {exc}" if str(exc) else
-                              "the storage/uplink process did not answer") from None
+        except ConnectionError as exc:
+            raise StorageAway(str(exc) or "the storage/uplink process is down") from None
+        except TimeoutError:
+            raise StorageAway("the storage/uplink process did not answer") from None
 
     async def recent_events(self, **query: Any) -> list[dict[str, Any]]:
         """Stored history from the storage process (``events`` command)."""

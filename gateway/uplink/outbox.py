@@ -42,6 +42,7 @@ import structlog
 
 from gateway.clock import clock_synchronised
 from gateway.events import Event, Priority
+from gateway.failpoints import failpoint
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -429,6 +430,8 @@ class Outbox:
                          event.device, event.unit, event.household, event.wall or time.time(), event.mono,
                          int(synced), payload))
         try:
+            if failpoint("storage_full", "outbox"):
+                raise sqlite3.OperationalError("database or disk is full (fail point storage_full)")
             if len(rows) <= _ROWS_PER_INSERT and handover is None:  # one statement, so one transaction
                 await db.execute(_insert_sql(len(rows)), list(itertools.chain.from_iterable(rows)))
             else:

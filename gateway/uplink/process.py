@@ -48,8 +48,6 @@ log = structlog.get_logger()
 
 BEAT_S = 0.5
 STORAGE_MAINTENANCE_S = 60.0
-#: A status message after every connect and then this often (seconds).
-STATUS_INTERVAL_S = 60.0
 STATUS_CHECK_S = 0.5
 #: How often the panel's state is fetched for birth and status messages.
 PANEL_VIEW_S = 1.0
@@ -336,7 +334,7 @@ class StorageProcess:
             if fresh and self._panel_view is not None and up.publish_json(self.topics.status,
                                                                           await self.status_message()):
                 published_for = up.connections
-                due = time.monotonic() + STATUS_INTERVAL_S
+                due = time.monotonic() + self.cfg.mqtt.status_interval_s
             await asyncio.sleep(STATUS_CHECK_S)
 
 
