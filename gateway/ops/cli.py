@@ -635,6 +635,21 @@ class Cli:
 
         return self.simple("config_show", {}, render)
 
+    def doctor(self) -> int:
+        """One line per check (gateway/ops/doctor.py); exit 1 when any check failed."""
+        from gateway.ops.doctor import run_doctor
+
+        checks = run_doctor(self.args.config, connect=ControlClient, unit=self.args.unit)
+        failed = any(c.status == "FAIL" for c in checks)
+        if self.json:
+            self.emit({"ok": not failed, "reason": None, "data": {"checks": [c.as_dict() for c in checks]}})
+        else:
+            colours = {"ok": "green", "warn": "yellow", "FAIL": "red"}
+            for check in checks:
+                line = check.line()
+                self.print(self.style(line[:4], colours[check.status]) + line[4:])
+        return EXIT_ERROR if failed else EXIT_OK
+
     def config_check(self) -> int:
         path = self.args.file
         try:
@@ -768,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file")
     check.add_argument("file", metavar="FILE")
     config_sub.add_parser("show", parents=[json_flag], help="the daemon's effective config, secrets masked")
+    doctor = sub.add_parser("doctor", parents=[json_flag], help="check the site, pins, ports, broker, clock, "
+                            "storage and service; works with the daemon stopped (exit 1 if a check failed)")
+    doctor.add_argument("--unit", default="gatewayd.service", help="systemd unit to check (default gatewayd.service)")
     return parser
 
 
@@ -789,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             return cli.config_check() if args.action == "check" else cli.config_show()
+        if args.command == "doctor":
+            return cli.doctor()
         return handlers[args.command]()
     except CliError as exc:
         if cli.json:

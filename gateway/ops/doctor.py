@@ -1,0 +1,497 @@
+"""``gatewayctl doctor``: a pre-flight and field check of one site, one line per check.
+
+Each check is ``ok``, ``warn`` or ``FAIL``, and anything not ok carries the fix. It works with the daemon
+stopped (a new site before its first start) and beside a running daemon: then the serial ports and pins belong
+to the daemon, so the doctor asks it over the control socket (the ``status`` and ``read`` commands) instead of
+opening them. Exit status: 0 when nothing failed (warnings allowed), 1 when a check failed (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import grp
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gateway.config import BusConfig, ConfigError, SiteConfig, load_config
+
+__all__ = [
+    "Check",
+    "Daemon",
+    "check_broker",
+    "check_clock",
+    "check_config",
+    "check_gpio",
+    "check_group",
+    "check_serial",
+    "check_service",
+    "check_storage",
+    "run_doctor",
+]
+
+Status = Literal["ok", "warn", "FAIL"]
+NET_TIMEOUT_S = 5.0
+UNIT = "gatewayd.service"
+_TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: ``fix`` says what to do when ``status`` is not ok."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+    def line(self) -> str:
+        text = f"{self.status:<4}  {self.name:<14} {self.detail}"
+        return text + (f" — fix: {self.fix}" if self.fix and self.status != "ok" else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def ok(name: str, detail: str) -> Check:
+    return Check(name, "ok", detail)
+
+
+def warn(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "warn", detail, fix)
+
+
+def fail(name: str, detail: str, fix: str) -> Check:
+    return Check(name, "FAIL", detail, fix)
+
+
+def _reason(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())
+
+
+# ------------------------------------------------------------------------------------------- daemon
+
+
+class Daemon:
+    """The running daemon, reached over its control socket with ``connect`` (gatewayctl's ``ControlClient``).
+
+    Nothing answering, or no ``connect`` at all, means the daemon is not running.
+    """
+
+    def __init__(self, socket_path: str, connect: Callable[[str], Any] | None = None) -> None:
+        self.path = socket_path
+        self.client: Any = None
+        self.error: str | None = None
+        if connect is None:
+            return
+        try:
+            self.client = connect(socket_path)
+        except Exception as exc:  # gatewayctl's DaemonUnavailable/CliError: not reachable
+            self.error = str(exc)
+
+    @property
+    def running(self) -> bool:
+        return self.client is not None
+
+    def request(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reply: dict[str, Any] = self.client.request(command, args, timeout=30.0)
+        except Exception as exc:  # a lost connection is an answer too
+            return {"ok": False, "reason": str(exc)}
+        return reply
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def check_config(path: str) -> tuple[Check, SiteConfig | None]:
+    """The site file loads and validates (the same rules as ``gatewayctl config check``)."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return fail("config", str(exc), f"edit {path} at {exc.path}, then: gatewayctl config check {path}"), None
+    return ok("config", f"{path}: {cfg.gateway_id}, {len(cfg.devices)} devices, {len(cfg.buses)} buses"), cfg
+
+
+def _configured_pins(cfg: SiteConfig) -> list[tuple[str, str]]:
+    pins = [(cfg.outputs.buzzer.pin, "buzzer")]
+    pins += [(led.pin, f"LED {colour}") for colour, led in cfg.outputs.leds.items()]
+    pins += [(relay.pin, f"relay {relay.id}") for relay in cfg.outputs.relays]
+    for dev in cfg.devices:
+        if dev.pin is not None:
+            pins.append((dev.pin, dev.id))
+        if dev.supervision_pin is not None:
+            pins.append((dev.supervision_pin, f"{dev.id} (supervision)"))
+    return pins
+
+
+def check_gpio(cfg: SiteConfig, daemon: Daemon) -> Check:
+    """The backend loads and opens its chip; no configured pin is held by something else."""
+    from drivers.gpio import GpioUnavailable, choose_pin_factory, make_pin_factory
+
+    pins = _configured_pins(cfg)
+    if daemon.running:
+        return ok("gpio", f"{len(pins)} pins held by the running daemon")
+    try:
+        choice = choose_pin_factory(cfg.runtime.pin_factory)
+        factory = make_pin_factory(choice.name)
+    except GpioUnavailable as exc:
+        return fail("gpio", exc.line, "on a Pi: is the user in group gpio, is it a Pi at all? off a Pi: "
+                    "[runtime] pin_factory = \"mock\" (docs/config.md)")
+    source = "" if choice.source == "config" else f" (from {choice.source})"
+    try:
+        if choice.name != "lgpio":
+            return ok("gpio", f"{choice.name}{source}: {len(pins)} pins, nothing to hold them")
+        from drivers.gpio import load_lgpio
+
+        lgpio = load_lgpio()
+        busy = []
+        for pin, what in pins:
+            _, _, flags, _, user = lgpio.gpio_get_line_info(factory._handle, int(pin.removeprefix("GPIO")))
+            if flags & 1:  # "in use by the kernel": claimed by a driver or another process
+                busy.append(f"{pin} ({what}) used by {user or 'another program'}")
+        if busy:
+            return fail("gpio", "pins in use: " + "; ".join(busy),
+                        "stop what holds them (gpioinfo shows it) or remove their dtoverlay from config.txt")
+        return ok("gpio", f"lgpio{source} on /dev/gpiochip{factory._chip}: {len(pins)} pins free")
+    finally:
+        factory.close()
+
+
+def _answering(cfg: SiteConfig, bus: BusConfig) -> tuple[list[str], list[str]]:
+    """Devices of ``bus`` that answer one read now, and why the others did not (port opened here)."""
+    from drivers.modbus import CommError
+    from gateway.panel.buses import open_client
+    from gateway.panel.side import bus_drivers
+
+    client = open_client(bus)
+    if not client.connect():
+        raise OSError(f"cannot open {bus.port}")
+    answered, silent = [], []
+    try:
+        for driver in bus_drivers(cfg, bus.id):
+            try:
+                driver.poll(client)
+            except CommError as exc:
+                silent.append(f"{driver.device_id}@{driver.address}: {exc.reason}")
+                continue
+            answered.append(f"{driver.device_id}@{driver.address}")
+            break  # one answer proves the line; the rest are the daemon's job
+    finally:
+        client.close()
+    return answered, silent
+
+
+def check_serial(cfg: SiteConfig, bus: BusConfig, daemon: Daemon) -> Check:
+    """The port exists, opens, and at least one configured address on it answers."""
+    name = f"serial {bus.id}"
+    devices = cfg.bus_devices(bus.id)
+    if daemon.running:
+        return _serial_through_daemon(name, bus, [d.id for d in devices], daemon)
+    real = os.path.realpath(bus.port)
+    where = bus.port if real == bus.port else f"{bus.port} → {real}"
+    if not os.path.exists(bus.port):
+        return fail(name, f"{where}: no such device", "plug in the RS-485 adapter or enable the UART "
+                    "(docs/deploy.md); ls -l /dev/serial/by-id/ names the adapters present")
+    import serial
+
+    try:
+        serial.Serial(bus.port, baudrate=bus.baudrate, timeout=0, exclusive=True).close()
+    except (serial.SerialException, OSError) as exc:
+        return fail(name, f"{where}: cannot open: {_reason(exc)}",
+                    "add the user to group dialout; stop whatever holds the port (fuser -v " + real + ")")
+    if not devices:
+        return warn(name, f"{where}: opens, but no device is configured on it", f"add devices with bus = {bus.id!r}")
+    try:
+        answered, silent = _answering(cfg, bus)
+    except OSError as exc:
+        return fail(name, f"{where}: {_reason(exc)}", "check the adapter")
+    settings = f"{bus.baudrate} {bus.bytesize}{bus.parity}{bus.stopbits}"
+    if answered:
+        return ok(name, f"{where} at {settings}: {answered[0]} answers")
+    return fail(name, f"{where} at {settings}: no configured address answers ({'; '.join(silent[:3])})",
+                "check A/B wiring, termination, the baud rate and parity, and each device's address "
+                f"(gatewayctl scan {bus.id} with the daemon running)")
+
+
+def _serial_through_daemon(name: str, bus: BusConfig, device_ids: list[str], daemon: Daemon) -> Check:
+    status = daemon.request("status", {})
+    for entry in status.get("data", {}).get("buses", []):
+        if entry.get("id") == bus.id and entry.get("port_lost"):
+            return fail(name, f"{bus.port}: the daemon has lost the port", "check the adapter and its cable; "
+                        "journalctl -u gatewayd says when it went")
+    reasons = []
+    for device in device_ids:
+        reply = daemon.request("read", {"device": device, "raw": False})
+        if reply.get("ok"):
+            return ok(name, f"{bus.port} (asked the running daemon): {device} answers")
+        reasons.append(f"{device}: {reply.get('reason')}")
+    if not device_ids:
+        return warn(name, f"{bus.port}: no device is configured on it", f"add devices with bus = {bus.id!r}")
+    return fail(name, f"{bus.port} (asked the running daemon): no configured address answers "
+                f"({'; '.join(reasons[:3])})", f"check the wiring; gatewayctl scan {bus.id} lists who answers")
+
+
+def _tls_context(cfg: SiteConfig) -> ssl.SSLContext:
+    m = cfg.mqtt
+    context = ssl.create_default_context(cafile=m.tls_ca_file)
+    if m.tls_cert_file:
+        context.load_cert_chain(m.tls_cert_file, m.tls_key_file)
+    if m.tls_insecure:
+        context.check_hostname = False
+    return context
+
+
+def check_broker(cfg: SiteConfig) -> Iterator[Check]:
+    """TCP, the TLS handshake with verification, the credentials, and a QoS 1 publish to the own ``status``."""
+    m = cfg.mqtt
+    where = f"{m.host}:{m.port}"
+    try:
+        sock = socket.create_connection((m.host, m.port), timeout=NET_TIMEOUT_S)
+    except OSError as exc:
+        yield fail("broker tcp", f"cannot connect to {where}: {_reason(exc)}",
+                   "check mqtt.host and mqtt.port, the network and the firewall (nc -vz " + f"{m.host} {m.port})")
+        return
+    yield ok("broker tcp", f"{where} accepts connections")
+    with sock:
+        if m.tls:
+            try:
+                with _tls_context(cfg).wrap_socket(sock, server_hostname=m.host) as tls:
+                    version = tls.version()
+            except (ssl.SSLError, OSError) as exc:
+                yield fail("broker tls", f"handshake with {where} failed: {_reason(exc)}",
+                           "mqtt.tls.ca_file must hold the CA that signed the broker's certificate, whose name "
+                           "must match mqtt.host; the clock must be right")
+                return
+            yield ok("broker tls", f"{version}, certificate verified" + (" (hostname NOT checked)"
+                                                                         if m.tls_insecure else ""))
+        else:
+            yield warn("broker tls", "plain MQTT, not encrypted", "add [mqtt.tls] (docs/mqtt.md)")
+    yield from _mqtt_session(cfg)
+
+
+def _mqtt_session(cfg: SiteConfig) -> Iterator[Check]:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gateway.uplink.topics import Topics
+
+    m = cfg.mqtt
+    # Never the daemon's own client id: the broker would disconnect the running daemon to let the doctor in.
+    client_id = f"{m.client_id or cfg.gateway_id}-doctor"
+    protocol = mqtt.MQTTv5 if m.protocol == 5 else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+    if m.username is not None:
+        client.username_pw_set(m.username, m.password)
+    if m.tls:
+        client.tls_set_context(_tls_context(cfg))
+    connected, published = threading.Event(), threading.Event()
+    result: dict[str, Any] = {}
+
+    def on_connect(_c: Any, _u: Any, _f: Any, reason_code: Any, _p: Any) -> None:
+        result["connack"] = reason_code
+        connected.set()
+
+    def on_publish(_c: Any, _u: Any, mid: int, reason_code: Any, _p: Any) -> None:
+        result["puback"] = reason_code
+        published.set()
+
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    who = f"as {m.username!r}" if m.username else "without credentials"
+    try:
+        client.connect(m.host, m.port, keepalive=30)
+    except (OSError, ssl.SSLError) as exc:
+        yield fail("broker login", f"MQTT connect failed: {_reason(exc)}", "see the lines above")
+        return
+    client.loop_start()
+    try:
+        if not connected.wait(NET_TIMEOUT_S * 2):
+            yield fail("broker login", "no CONNACK within 10 s", "is it an MQTT broker on that port?")
+            return
+        code = result["connack"]
+        if code.is_failure:
+            yield fail("broker login", f"refused {who}: {code}",
+                       "mqtt.credentials_file must hold this building's user and password (docs/mqtt.md)")
+            return
+        yield ok("broker login", f"accepted {who} (client id {client_id})")
+        topic = Topics(m.topic_prefix, cfg.community, cfg.building).status
+        payload = json.dumps({"doctor": True, "gateway": cfg.gateway_id, "wall": time.time()})
+        info = client.publish(topic, payload, qos=1, retain=False)
+        if not published.wait(NET_TIMEOUT_S * 2):
+            yield fail("broker acl", f"no PUBACK for a QoS 1 publish to {topic} within 10 s",
+                       "the broker's ACL must let this user write its own subtree (docs/mqtt.md)")
+            return
+        code = result["puback"]
+        if code.is_failure:
+            yield fail("broker acl", f"publish to {topic} refused: {code}",
+                       "the broker's ACL must let this user write its own subtree (docs/mqtt.md)")
+        elif m.protocol != 5:
+            yield warn("broker acl", f"publish to {topic} acknowledged (mid {info.mid}), but MQTT 3.1.1 "
+                       "acknowledges even what the ACL drops", "use mqtt.protocol = 5 to see refusals")
+        else:
+            yield ok("broker acl", f"publish to {topic} acknowledged: {code}")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _adjtimex_state() -> int | None:
+    """The kernel's clock state from a read-only adjtimex(2) (``modes`` = 0); None if it is not allowed."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    buf = ctypes.create_string_buffer(512)
+    state = libc.adjtimex(buf)
+    return None if state < 0 else int(state)
+
+
+def check_clock(read_state: Callable[[], int | None] = _adjtimex_state) -> Check:
+    """The kernel's own view (adjtimex), whichever NTP client disciplines it (timesyncd, chrony, ntpd)."""
+    state = read_state()
+    if state is None:
+        flag = os.path.exists("/run/systemd/timesync/synchronized")
+        if flag:
+            return ok("clock", "synchronised (systemd-timesyncd's flag; adjtimex not allowed here)")
+        return warn("clock", "unknown: adjtimex not allowed and no systemd-timesyncd flag",
+                    "timedatectl status shows whether NTP has synchronised")
+    if state == _TIME_ERROR:
+        return fail("clock", "not synchronised (the kernel reports TIME_ERROR): event times may be wrong",
+                    "let NTP reach a server: timedatectl set-ntp true; timedatectl timesync-status")
+    return ok("clock", "synchronised (adjtimex)")
+
+
+def check_storage(cfg: SiteConfig) -> Iterator[Check]:
+    """Free space where the database lives, and SQLite's ``integrity_check`` on a read-only open."""
+    s = cfg.storage
+    db = Path(s.path)
+    directory = next((p for p in (db.parent, *db.parent.parents) if p.exists()), Path("/"))
+    free_mb = shutil.disk_usage(directory).free / 1e6
+    need_mb = s.min_free_mb + s.max_mb
+    if free_mb < s.min_free_mb:
+        yield fail("disk", f"{free_mb:.0f} MB free at {directory}, below storage.min_free_mb = {s.min_free_mb:g}",
+                   "free space on the SD card (journalctl --vacuum-size=50M, apt clean)")
+    elif free_mb < need_mb:
+        yield warn("disk", f"{free_mb:.0f} MB free at {directory}: less than min_free_mb + max_mb = {need_mb:g}",
+                   "free space or lower storage.max_mb")
+    else:
+        yield ok("disk", f"{free_mb:.0f} MB free at {directory}")
+    if not db.exists():
+        yield warn("database", f"{db} does not exist yet", "it is made at the first start (systemctl start gatewayd)")
+        return
+    try:
+        conn = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        yield fail("database", f"{db}: {exc}", "stop the daemon, move the file aside and start again "
+                   "(docs/storage.md); keep the file for the event history")
+        return
+    if rows != ["ok"]:
+        yield fail("database", f"{db}: integrity_check: {'; '.join(rows[:3])}",
+                   "stop the daemon, move the file aside and start again (docs/storage.md)")
+        return
+    yield ok("database", f"{db}: integrity_check ok")
+
+
+def check_service(unit: str = UNIT) -> Check:
+    """systemd's view: the unit is active and its watchdog armed."""
+    name = "service"
+    if shutil.which("systemctl") is None:
+        return warn(name, "no systemctl here: the service is not checked", "install with scripts/install.sh on the Pi")
+    props = ("LoadState", "ActiveState", "SubState", "WatchdogUSec", "NRestarts", "MainPID")
+    try:
+        out = subprocess.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)],
+                             capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return warn(name, f"systemctl show failed: {_reason(exc)}", "run on the installed Pi")
+    values = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    if out.returncode != 0 or "ActiveState" not in values:
+        return warn(name, f"systemd does not answer: {' '.join(out.stderr.split()) or out.returncode}",
+                    "run on the installed Pi (systemd as init)")
+    if values.get("LoadState") != "loaded":
+        return fail(name, f"{unit} is {values.get('LoadState')}", "install it: sudo scripts/install.sh")
+    state = f"{values['ActiveState']} ({values.get('SubState')})"
+    if values["ActiveState"] != "active":
+        return warn(name, f"{unit} is {state}", f"once the checks above are ok: sudo systemctl start {unit}")
+    watchdog = values.get("WatchdogUSec", "0")
+    if watchdog in ("0", "infinity", ""):
+        return fail(name, f"{unit} is {state} but its watchdog is not armed (WatchdogUSec={watchdog})",
+                    "reinstall the unit from systemd/gatewayd.service (WatchdogSec=20s)")
+    return ok(name, f"{unit} is {state}, watchdog {watchdog}, restarts {values.get('NRestarts', '?')}")
+
+
+def check_group(cfg: SiteConfig) -> Check:
+    """The caller may use the control socket: root, or a member of the group that owns it."""
+    path = Path(cfg.control.socket)
+    target = path if path.exists() else path.parent
+    if not target.exists():
+        group_name = cfg.control.group or "gateway"
+        try:
+            gid = grp.getgrnam(group_name).gr_gid
+        except KeyError:
+            return warn("socket group", f"{path} is not there and group {group_name} does not exist",
+                        "install with scripts/install.sh (it creates group gateway)")
+    else:
+        gid = target.stat().st_gid
+        try:
+            group_name = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group_name = str(gid)
+    if os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return ok("socket group", f"{'root' if os.geteuid() == 0 else 'member of ' + group_name}: may use {path}")
+    return fail("socket group", f"not in group {group_name}, which owns {target}",
+                f"sudo usermod -aG {group_name} $USER, then log in again")
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None, unit: str = UNIT) -> list[Check]:
+    """Every check for the site at ``config_path``, in the order a technician fixes them; ``connect`` opens the
+    control socket (gatewayctl passes its ``ControlClient``)."""
+    first, cfg = check_config(config_path)
+    checks = [first]
+    if cfg is None:
+        return checks
+    daemon = Daemon(cfg.control.socket, connect)
+    try:
+        steps: list[Callable[[], Iterator[Check] | Check]] = [
+            lambda: check_gpio(cfg, daemon),
+            *[(lambda bus=bus: check_serial(cfg, bus, daemon)) for bus in cfg.buses],
+            lambda: check_broker(cfg),
+            check_clock,
+            lambda: check_storage(cfg),
+            lambda: check_service(unit),
+            lambda: check_group(cfg),
+        ]
+        for step in steps:
+            try:
+                produced = step()
+            except Exception as exc:  # a check that breaks is a failed check, never a traceback
+                checks.append(fail("doctor", f"a check crashed: {type(exc).__name__}: {_reason(exc)}",
+                                   "report this with the output of gatewayctl doctor --json"))
+                continue
+            checks.extend([produced] if isinstance(produced, Check) else list(produced))
+    finally:
+        daemon.close()
+    return checks
