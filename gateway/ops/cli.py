@@ -268,13 +268,21 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
         yield style(f"DAEMON DOWN: {daemon_down}", "red")
         yield f"Gateway   {gw['id']}  (last session {gw.get('session') or '—'}; from {gw['database']}, read-only)"
     else:
-        yield (f"Gateway   {gw['id']}  v{gw['version']}  session {gw['session']}  up {_duration(gw['uptime_s'])}"
-               f"  pid {gw['pid']}" + (f" (alarm {gw['alarm_pid']})" if gw.get("alarm_pid") else ""))
+        storage_pid = (gw.get("uplink_process") or {}).get("pid")
+        yield (f"Gateway   {gw['id']}  v{gw['version']}  session {gw['session'] or '—'}"
+               f"  up {_duration(gw['uptime_s'])}  pid {gw['pid']}"
+               + (f" (storage {storage_pid})" if storage_pid else ""))
     up = data["uplink"]
     oldest = up.get("oldest_undelivered_age_s")
-    backlog = f"backlog {up['backlog']}" + (f" (oldest {_age(oldest)})" if oldest is not None else "")
+    backlog = f"backlog {up.get('backlog', '?')}" + (f" (oldest {_age(oldest)})" if oldest is not None else "")
     if daemon_down:
         yield f"Uplink    unknown (daemon down)  {backlog}"
+    elif up.get("process") == "down":
+        process = gw.get("uplink_process") or {}
+        held = data["storage"].get("held_by_panel", 0)
+        why = process.get("last_exit") or up.get("reason") or "starting"
+        yield (style("STORAGE/UPLINK PROCESS DOWN", "red")
+               + f"  the panel holds {held} events; it is started again automatically ({why})")
     else:
         link = style("connected", "green") if up["connected"] else style("DISCONNECTED", "red")
         rtt = f"{up['rtt_ms']:g} ms" if up["rtt_ms"] is not None else "—"

@@ -63,6 +63,7 @@ class Hold:
         self._events: collections.OrderedDict[int, Event] = collections.OrderedDict()
         self.dropped: Counter[str] = Counter()
         self._unreported: Counter[str] = Counter()
+        self._drops_lock = threading.Lock()  # counters only: read by the saver and the link reader
 
     def __len__(self) -> int:
         return len(self._events)
@@ -80,8 +81,9 @@ class Hold:
         for n in victims:
             del self._events[n]
         name = Priority(lowest).name.lower()
-        self.dropped[name] += len(victims)
-        self._unreported[name] += len(victims)
+        with self._drops_lock:
+            self.dropped[name] += len(victims)
+            self._unreported[name] += len(victims)
         log.error("storage process away and the hold is full: events dropped", dropped=len(victims),
                   event_class=name, held=len(self._events), limit=self.limit)
 
@@ -100,14 +102,22 @@ class Hold:
         """Held events numbered above ``n``, in order."""
         return [(k, e) for k, e in self._events.items() if k > n]
 
+    @property
+    def unreported_drops(self) -> dict[str, int]:
+        """Drops not yet handed to storage (kept in the saved state until they are)."""
+        with self._drops_lock:
+            return dict(self._unreported)
+
     def take_unreported_drops(self) -> dict[str, int]:
         """Drops not yet handed to storage (to be counted there); forgets them."""
-        drops, self._unreported = dict(self._unreported), Counter()
+        with self._drops_lock:
+            drops, self._unreported = dict(self._unreported), Counter()
         return drops
 
     def return_drops(self, drops: dict[str, int]) -> None:
-        """Drops that could not be handed over after all."""
-        self._unreported.update(drops)
+        """Drops that could not be handed over after all (or that a previous run saved)."""
+        with self._drops_lock:
+            self._unreported.update(drops)
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +261,7 @@ class UplinkSupervisor:
         command: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         log_path: str | None = None,
+        deadline_s: float = UPLINK_DEADLINE_S,
     ) -> None:
         """``log_path``: a file for the storage process's log (default: this process's stdout, journald)."""
         self.config_path = config_path
@@ -261,6 +272,7 @@ class UplinkSupervisor:
         self._command = list(command) if command else [sys.executable, "-m", "gateway.uplink.process"]
         self._env = env
         self._log_path = log_path
+        self.deadline_s = deadline_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="uplink-supervisor", daemon=True)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -347,7 +359,7 @@ class UplinkSupervisor:
             if self._stop.is_set():
                 break
             silent = time.monotonic() - self._last_beat
-            if silent > (UPLINK_DEADLINE_S if self.up else START_TIMEOUT_S):
+            if silent > (self.deadline_s if self.up else START_TIMEOUT_S):
                 self.last_exit = f"no beat for {silent:.0f} s"
                 log.error("storage process hangs; killing it", pid=proc.pid)
                 with contextlib.suppress(ProcessLookupError):

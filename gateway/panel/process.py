@@ -272,7 +272,9 @@ class PanelProcess:
         self.saver.save_now()
         self.handover.stop()
         self.side.close()
-        log.info("panel stopped", gateway=self.cfg.gateway_id)
+        log.info("panel stopped", gateway=self.cfg.gateway_id, events_read=self.handover.handed_over,
+                 stored_upto=self.handover.committed_upto, boot=self.handover.boot,
+                 unstored=self._unstored_at_stop)
 
     async def _loop_heartbeat(self) -> None:
         while True:
@@ -284,7 +286,7 @@ class PanelProcess:
     def _saved_state(self) -> dict[str, Any]:
         state: dict[str, Any] = self.side.panel.saved_state()
         held = dict(self._unstored_at_stop)
-        for name, count in self.handover.hold.take_unreported_drops().items():
+        for name, count in self.handover.hold.unreported_drops.items():
             held[name] = held.get(name, 0) + count
         if held:
             state["unstored_at_stop"] = held
