@@ -21,12 +21,14 @@ from typing import Any
 import structlog
 
 from drivers.modbus import (
+    ChannelGroup,
     CommError,
     ExtinguisherStation,
     GasDetector,
     ModbusClient,
     ModbusDevice,
     StrictFraming,
+    group_channels,
 )
 from drivers.profiles import GasReading, StationReading
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, answer_bytes, bus_floor_s
@@ -181,45 +183,50 @@ def _prompt_client_class() -> type[Any]:
                 drained += self._buffer.raw[:got]
             return drained
 
-        def _answer_complete_at(self) -> float:
-            """When the answer in flight can be complete at the earliest, once its first bytes came (0 when
-            not known). Timed from its first bytes, which ``select`` caught as they came. An exception
-            answer (5 bytes) is known by its second byte; when only the first has come, the normal answer
-            is waited for — a failed poll may be taken a few characters late, a reading never is."""
-            expected, got = self._answer_len, self._answer_got
-            if expected is None or got == 0:
-                return 0.0
-            if got >= 2 and self._answer_head[1] & 0x80:
-                expected = 5
-            return self._answer_base + expected * self._char_s
+        def _answer_expected(self) -> int | None:
+            """Bytes of the answer in flight (None when not known). An exception answer (5 bytes) is known by
+            its second byte; until that has come, the normal answer is expected — a failed poll may be taken
+            a few characters late, a reading never is."""
+            if self._answer_len is not None and self._answer_got >= 2 and self._answer_head[1] & 0x80:
+                return 5
+            return self._answer_len
 
         def recv(self, size: int | None) -> bytes:
+            """What the port holds as soon as it holds anything — or, once an answer of known length has begun,
+            its whole frame as soon as its last character can have come (timed from its first bytes, which
+            ``select`` caught as they came), so the thread wakes about twice per answer, not per chunk."""
             if size is not None or self.socket is None:
                 return super().recv(size)
-            if (rest := self._answer_complete_at() - time.monotonic()) > 0:
-                time.sleep(rest)  # the frame cannot be complete sooner; select below takes it at once
             deadline = time.monotonic() + self.comm_params.timeout_connect
+            data = b""
             try:
                 fd = self.socket.fileno()
                 while (left := deadline - time.monotonic()) > 0:
-                    readable = select.select([fd], [], [], left)[0]
-                    if readable:
-                        got = libc.read(fd, self._buffer, len(self._buffer))
-                        if got > 0:
-                            data = self._buffer.raw[:got]
-                            now = time.monotonic()
-                            self._quiet_at = now + self._silence_s
-                            if self._answer_got == 0:
-                                self._answer_base = now - got * self._char_s
-                            if len(self._answer_head) < 2:
-                                self._answer_head += data[: 2 - len(self._answer_head)]
-                            self._answer_got += got
-                            return data
-                        if got == 0:
-                            raise OSError("the port hung up")
+                    if not select.select([fd], [], [], left)[0]:
+                        continue
+                    got = libc.read(fd, self._buffer, len(self._buffer))
+                    if got == 0:
+                        raise OSError("the port hung up")
+                    if got < 0:
                         if (code := ctypes.get_errno()) not in (errno.EAGAIN, errno.EINTR):
                             raise OSError(code, os.strerror(code))
-                return b""
+                        continue
+                    chunk = self._buffer.raw[:got]
+                    now = time.monotonic()
+                    self._quiet_at = now + self._silence_s
+                    if self._answer_got == 0:
+                        self._answer_base = now - got * self._char_s  # when its first character began
+                    if len(self._answer_head) < 2:
+                        self._answer_head += chunk[: 2 - len(self._answer_head)]
+                    self._answer_got += got
+                    data += chunk
+                    expected = self._answer_expected()
+                    if expected is None or self._answer_got >= expected:
+                        return data
+                    complete_at = self._answer_base + expected * self._char_s
+                    if (rest := min(complete_at, deadline) - now) > 0:
+                        time.sleep(rest)  # the frame cannot be complete sooner; select then takes it at once
+                return data
             except OSError:  # the adapter went away
                 self.close()  # type: ignore[no-untyped-call]
                 raise ConnectionException(str(self)) from None
@@ -274,6 +281,8 @@ class BusPoller:
     ) -> None:
         self.bus = bus
         self.devices = devices
+        #: What a cycle polls: the devices, a multi-channel controller's channels as one group.
+        self.polled = group_channels(devices)
         self._panel = panel
         self._heartbeat = heartbeat
         self._client_factory = client_factory
@@ -372,7 +381,7 @@ class BusPoller:
             self._serve_requests()
             return
         started = time.monotonic()
-        for device in self.devices:
+        for device in self.polled:
             if self._stop.is_set():
                 return
             self._poll(device)
@@ -448,6 +457,9 @@ class BusPoller:
         return ok
 
     def _poll(self, device: ModbusDevice) -> None:
+        if isinstance(device, ChannelGroup):
+            self._poll_channels(device)
+            return
         self.polls += 1
         key = device.device_id
         try:
@@ -470,6 +482,31 @@ class BusPoller:
             self._tell(key, self._panel.reading, key, reading)
         elif isinstance(device, ExtinguisherStation) and isinstance(reading, StationReading):
             self._tell(key, self._panel.station, key, reading)
+
+    def _poll_channels(self, group: ChannelGroup) -> None:
+        """One poll of a controller: each channel's reading, or its read's failure, to the panel as its own
+        device. A failed read counts once on the bus, and once for each channel it carried."""
+        self.polls += 1
+        try:
+            results = group.poll(self._client)
+        except Exception:  # a driver bug must never stop the bus thread
+            results = {}
+            self._log_once(f"driver:{group.device_id}", "poll raised", device=group.device_id)
+        failed = {id(r): r for r in results.values() if isinstance(r, CommError)}
+        if failed or not results:
+            self.errors += 1
+        for exc in failed.values():
+            self.errors_by_kind[exc.kind] += 1
+        if not results:
+            self.errors_by_kind["driver_error"] += 1
+        for key in group.device_ids:
+            result = results.get(key)
+            if isinstance(result, GasReading):
+                self._tell(key, self._panel.reading, key, result)
+            else:
+                self._tell(key, self._panel.poll_failed, key, "driver_error" if result is None else result.kind)
+        if any(e.reason in ("port", "timeout") for e in failed.values()) and not self._port_present():
+            self._client.close()
 
     def _port_present(self) -> bool:
         return not self.bus.port.startswith("/") or os.path.exists(self.bus.port)
