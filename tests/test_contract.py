@@ -441,7 +441,8 @@ GATEWAYCTL = str(Path(sys.executable).with_name("gatewayctl"))
 def test_operator_tests_follow_the_schema(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mqtt_recorder_factory: Any
 ) -> None:
-    """A buzzer test (gatewayctl) and a walk test (an MQTT command): every message they cause follows its schema.
+    """A buzzer test (gatewayctl), a walk test and a range of events (MQTT commands): every message follows its
+    schema.
 
     A buzzer test exercises the gateway's own sounder: its events name no device or unit (there is none), and
     event.json allows exactly that for ``test`` events with ``code: buzzer``."""
@@ -485,7 +486,20 @@ def test_operator_tests_follow_the_schema(
             assert wait_topic("reply", id=walk["id"]).json["status"] == "accepted"
             wait_topic("event/test", action="started", device=detector_spec.id)
             detector.set_concentration(35.0)
-            wait_topic("event/test", action="detected", device=detector_spec.id)
+            detected = wait_topic("event/test", action="detected", device=detector_spec.id).json
+
+            # a range of this session by seq, as a consumer filling a gap asks for it
+            ask = command_message("events", community="c1", building="b1", args={
+                "install": detected["install"], "session": detected["session"], "from_seq": 1, "to_seq": 3})
+            recorder.publish(topics.command("events"), ask)
+            answer = wait_topic("reply", id=ask["id"]).json
+            assert answer["status"] == "accepted", answer
+            assert [e["seq"] for e in answer["data"]["events"]] == [1, 2, 3]
+            assert {e["session"] for e in answer["data"]["events"]} == {detected["session"]}
+            other = command_message("events", community="c1", building="b1", args={
+                "install": "0123456789abcdef", "session": detected["session"], "from_seq": 1, "to_seq": 3})
+            recorder.publish(topics.command("events"), other)
+            assert wait_topic("reply", id=other["id"]).json["data"]["events"] == [], "another installation's"
             daemon.proc.send_signal(signal.SIGTERM)
             assert daemon.wait(timeout=60) == 0
         finally:
