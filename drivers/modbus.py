@@ -18,12 +18,13 @@ from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import ReadCoilsResponse
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse
 
-from drivers.profiles import DetectorProfile, GasReading, StationProfile, StationReading
+from drivers.profiles import MAX_READ_REGISTERS, DetectorProfile, GasReading, StationProfile, StationReading
 
 __all__ = [
     "EXCEPTION_NAMES",
     "FRAME_ERROR_KINDS",
     "GATEWAY_EXCEPTIONS",
+    "ChannelGroup",
     "CommError",
     "ExtinguisherStation",
     "FrameError",
@@ -34,6 +35,7 @@ __all__ = [
     "StrictSerialClient",
     "exception_kind",
     "frame_error_kind",
+    "group_channels",
     "read_block",
 ]
 
@@ -322,3 +324,76 @@ class ExtinguisherStation(ModbusDevice):
             for fc, (start, count) in sorted(self.profile.spans().items())
         }
         return self.profile.decode(tables)
+
+
+class ChannelGroup(ModbusDevice):
+    """The channels of a multi-channel controller behind one address, read in as few transactions as fit.
+
+    Each channel is a :class:`GasDetector` of its own (its own device id, profile and alarm state: see
+    :meth:`DetectorProfile.for_channel`); the bus thread polls the group instead of them. One read covers
+    as many channels as its 125 registers hold, so a 4-channel unit costs one transaction a cycle, not four.
+    :meth:`poll` gives each channel its reading, or the error of the read that should have carried it.
+    """
+
+    def __init__(self, channels: Sequence[GasDetector]) -> None:
+        first = channels[0]
+        super().__init__(first.device_id, first.address)
+        self.channels = tuple(channels)
+        self.reads: list[tuple[int, int, tuple[GasDetector, ...]]] = []  # (start, count, channels read)
+        ordered = sorted(self.channels, key=lambda d: d.profile.start)
+        batch: list[GasDetector] = []
+        for detector in ordered:
+            trial = [*batch, detector]
+            start = trial[0].profile.start
+            end = max(d.profile.start + d.profile.count for d in trial)
+            if batch and end - start > MAX_READ_REGISTERS:
+                self._add_read(batch)
+                trial = [detector]
+            batch = trial
+        self._add_read(batch)
+
+    def _add_read(self, batch: list[GasDetector]) -> None:
+        start = batch[0].profile.start
+        end = max(d.profile.start + d.profile.count for d in batch)
+        self.reads.append((start, end - start, tuple(batch)))
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        """The alarm core's device id of each channel."""
+        return tuple(d.device_id for d in self.channels)
+
+    def poll(self, client: ModbusClient) -> dict[str, GasReading | CommError]:  # type: ignore[override]
+        results: dict[str, GasReading | CommError] = {}
+        function = self.channels[0].profile.function
+        for start, count, batch in self.reads:
+            try:
+                block = read_block(client, function, start, count, self.address)
+            except CommError as exc:
+                results.update(dict.fromkeys((d.device_id for d in batch), exc))
+                continue
+            for detector in batch:
+                p = detector.profile
+                offset = p.start - start
+                try:
+                    results[detector.device_id] = p.decode(block[offset : offset + p.count])
+                except (ValueError, KeyError) as exc:
+                    results[detector.device_id] = CommError("bad_response", str(exc))
+        return results
+
+
+def group_channels(devices: Sequence[ModbusDevice]) -> list[ModbusDevice]:
+    """What a bus polls: each device, except that the channels of one controller (gas detectors at one
+    address with a multi-channel profile) become one :class:`ChannelGroup`, polled where the first was."""
+    grouped: list[ModbusDevice] = []
+    groups: dict[tuple[int, int], list[GasDetector]] = {}
+    for device in devices:
+        if isinstance(device, GasDetector) and device.profile.channels > 1:
+            key = (device.address, device.profile.function)
+            if key not in groups:
+                groups[key] = []
+                grouped.append(device)  # a placeholder, replaced below
+            groups[key].append(device)
+        else:
+            grouped.append(device)
+    return [ChannelGroup(groups[d.address, d.profile.function])
+            if isinstance(d, GasDetector) and d.profile.channels > 1 else d for d in grouped]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -18,7 +18,9 @@ __all__ = [
     "DEFAULT_FULL_READ_EVERY",
     "DETECTOR_STATUSES",
     "GASES",
+    "MAX_CHANNELS",
     "MAX_DECIMALS",
+    "MAX_READ_REGISTERS",
     "MEASURES",
     "PROFILE_A",
     "PROFILE_B",
@@ -137,6 +139,30 @@ class DetectorProfile:
     #: The whole block is read at start, after a failed poll and every this many polls; the polls between
     #: read only :attr:`fast_window` and take the other registers from the last whole read (1: always whole).
     full_read_every: int = DEFAULT_FULL_READ_EVERY
+    #: A multi-channel controller serves ``channels`` detectors behind one address, channel n's registers
+    #: at ``(n - 1) * stride`` above channel 1's (the registers above are channel 1's). A device reads one
+    #: channel (:meth:`for_channel`); the bus thread reads a controller's channels in one transaction.
+    channels: int = 1
+    stride: int = 0
+    channel: int = 1
+
+    def for_channel(self, channel: int) -> DetectorProfile:
+        """The profile of channel ``channel`` (1-based): every register moved up by its offset."""
+        if not 1 <= channel <= self.channels:
+            raise ValueError(f"profile {self.name!r} has channels 1–{self.channels}, not {channel}")
+        shift = (channel - self.channel) * self.stride
+
+        def moved(f: BitField | None) -> BitField | None:
+            return None if f is None else replace(f, register=f.register + shift)
+
+        decimals = self.decimals if isinstance(self.decimals, int) else moved(self.decimals)
+        measure = moved(self.measure) if isinstance(self.measure, BitField) else self.measure
+        warmup = None if self.warmup is None else replace(self.warmup, register=self.warmup.register + shift)
+        assert decimals is not None
+        return replace(self, start=self.start + shift, value_register=self.value_register + shift,
+                       decimals=decimals, measure=measure, status=moved(self.status),
+                       flags=tuple((r + shift, bit, name) for r, bit, name in self.flags), warmup=warmup,
+                       gas=moved(self.gas), channel=channel)
 
     @property
     def fast_window(self) -> tuple[int, int]:
@@ -156,12 +182,21 @@ class DetectorProfile:
 
     @property
     def cycle_reads(self) -> tuple[tuple[int, int], ...]:
-        """``(function, count)`` of the reads of a usual poll (the fast window): what the bus floor counts."""
+        """``(function, count)`` of the reads of a usual poll (the fast window): what the bus floor counts.
+
+        A multi-channel controller's channels are read together: channel 1 counts the reads of every
+        channel, the others none."""
+        if self.channels > 1:
+            return self.full_reads
         return ((self.function, self.fast_window[1]),)
 
     @property
     def full_reads(self) -> tuple[tuple[int, int], ...]:
         """``(function, count)`` of the reads of a poll that reads the whole block."""
+        if self.channels > 1:
+            if self.channel != 1:
+                return ()
+            return tuple((self.function, count) for count in _channel_read_counts(self))
         return ((self.function, self.count),)
 
     def decode(self, registers: Sequence[int]) -> GasReading:
@@ -213,6 +248,22 @@ class DetectorProfile:
         decimals = self.decimals.codes.get(code) if self.decimals.codes else code
         return decimals if isinstance(decimals, int) and 0 <= decimals <= MAX_DECIMALS else None
 
+
+def _channel_read_counts(profile: DetectorProfile) -> list[int]:
+    """Registers of each read that covers a controller's channels: as many whole channels per read as the
+    125 registers of one read allow."""
+    per_read = max(1, (MAX_READ_REGISTERS - profile.count) // max(profile.stride, 1) + 1)
+    counts = []
+    for first in range(0, profile.channels, per_read):
+        n = min(per_read, profile.channels - first)
+        counts.append((n - 1) * profile.stride + profile.count)
+    return counts
+
+
+#: The most registers one read (function 3 or 4) returns.
+MAX_READ_REGISTERS = 125
+#: The most channels a multi-channel controller's profile may declare.
+MAX_CHANNELS = 64
 
 #: Profile A — common detector module, function 03, holding registers 0–9.
 PROFILE_A = DetectorProfile(
@@ -475,7 +526,7 @@ def _bitfield(
 def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfile:
     """A custom detector register map from config. Raises :class:`ProfileError`."""
     _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas", "thresholds",
-                 "full_read_every"})
+                 "full_read_every", "channels", "stride"})
     function = _int(data, "function", lo=3, hi=4, default=3)
     start = _int(data, "start")
     count = _int(data, "count", lo=1, hi=125)
@@ -561,10 +612,20 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
     for key, register in referenced:
         if register not in block:
             raise ProfileError(key, f"register {register} is outside the block read ({start}–{start + count - 1})")
+    channels = _int(data, "channels", lo=1, hi=MAX_CHANNELS, default=1)
+    stride = 0
+    if channels > 1:
+        stride = _int(data, "stride", lo=1, hi=0xFFFF)
+        last = start + (channels - 1) * stride + count - 1
+        if last > 0xFFFF:
+            raise ProfileError("stride", f"channel {channels}'s registers run past register 65535 (to {last})")
+    elif "stride" in data:
+        raise ProfileError("stride", "is only for a profile with channels > 1")
     return DetectorProfile(
         name=name, function=function, start=start, count=count, value_register=value_register,
         decimals=decimals, scale=scale, signed=signed, measure=measure, status=status, flags=tuple(flags),
         warmup=warmup, default_gas=gas_name, thresholds=thresholds, full_read_every=full_read_every,
+        channels=channels, stride=stride,
     )
 
 

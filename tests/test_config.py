@@ -612,7 +612,8 @@ def test_every_config_field_is_documented() -> None:
     from gateway import config as c
 
     text = DOCS.read_text(encoding="utf-8")
-    not_keys = {"detector_profile", "station_profile", "tls", "username", "password"}  # derived or in other files
+    not_keys = {"detector_profile", "station_profile", "tls", "username", "password",  # derived or in other files
+                "controller"}
     renamed = {"tls_ca_file": "ca_file", "tls_cert_file": "cert_file", "tls_key_file": "key_file",
                "tls_insecure": "insecure"}
     classes = (c.BusConfig, c.DeviceConfig, c.RelayConfig, c.AlarmSettings, c.MqttConfig, c.StorageConfig,
@@ -625,7 +626,7 @@ def test_every_config_field_is_documented() -> None:
 def test_profile_examples_in_the_docs_validate(tmp_path: Path) -> None:
     blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
     profiles = [tomllib.loads(block)["profiles"] for block in blocks if "[profiles." in block]
-    assert len(profiles) == 2
+    assert len(profiles) == 3
     doc = base()
     doc["profiles"] = {name: body for p in profiles for name, body in p.items()}
     cfg = parse_config(doc, base_dir=tmp_path)
