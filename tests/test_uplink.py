@@ -543,3 +543,23 @@ async def test_without_anything_urgent_the_backoff_is_todays(tmp_path: Path, bro
     assert not any(d.urgent for d in delays), "telemetry alone is not urgent"
     for i, d in enumerate(delays):  # 1 s doubling, each ×0.8–1.2, within [1, 60]
         assert max(1.0, 0.8 * 2**i) <= d.delay_s <= min(60.0, 1.2 * 2**i), (i, delays)
+
+
+async def test_an_event_of_an_earlier_session_of_this_boot_is_aged_by_the_monotonic_clock(
+    tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    """The storage process restarted (a new session) without a reboot: its earlier events are historical, and
+    their age still comes from the monotonic clock — not from a wall clock that NTP may have moved meanwhile."""
+    recorder = mqtt_recorder_factory(broker, EVENTS)
+    ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
+    detected = time.monotonic() - 100.0  # a hundred seconds ago, by the clock that does not jump
+    wrong_wall = time.time() - 86_400.0  # the wall clock read a day behind then (no RTC, before NTP)
+    [event_id] = await ob.append([Event("alarm", "raised", detected, device="gas-1", unit="u1", level="high",
+                                        wall=wrong_wall)])
+    await ob.close()
+    async with forwarding(tmp_path, broker) as (ob, _):
+        assert ob.session == 2 and ob.sessions_this_boot >= {1, 2}
+        [alarm] = bodies(await asyncio.to_thread(recorder.wait_for_count, None, 1, 30))
+        await all_delivered(ob)
+    assert alarm["event_id"] == event_id and alarm["historical"] is True, "from an earlier session"
+    assert 100.0 <= alarm["age_s"] < 86_400.0, alarm["age_s"]

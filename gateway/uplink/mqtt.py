@@ -626,16 +626,12 @@ class Uplink:
 
         ``historical`` is true only for a copy sent again or an event of an earlier session: an alarm raised in
         this session before the link came up is sent for the first time, and is live — ``age_s`` says how long
-        it waited. Within a session the age comes from the monotonic clock (a wall clock set by NTP meanwhile
-        does not change it); across sessions (a reboot may lie between) from the wall clock.
+        it waited. The age comes from the monotonic clock for events of this boot (a wall clock set by NTP
+        meanwhile does not change it), from the wall clock for events from before a reboot.
         """
         now = time.time()
-        if row.session == self.outbox.session:
-            historical = resend
-            age = time.monotonic() - row.mono
-        else:
-            historical = True
-            age = now - row.wall
+        historical = resend or row.session != self.outbox.session
+        age = time.monotonic() - row.mono if row.session in self.outbox.sessions_this_boot else now - row.wall
         return (f'{row.payload[:-1]},"historical":{"true" if historical else "false"},"sent":"{iso_time(now)}",'
                 f'"age_s":{max(0.0, round(age, 3))}}}')
 

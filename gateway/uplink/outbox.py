@@ -116,6 +116,7 @@ _LADDER: tuple[tuple[int, Priority], ...] = (
 # The free-disk watermark (and a full disk) may evict no undelivered row of these classes: another
 # program filling the card is no reason to forget an alarm. Only the configured cap may, as a last resort.
 _DISK_PROTECTED = Priority.TROUBLE
+_BOOT_SESSIONS_KEPT = 500
 _EVICT_CHUNK_MIN = 64
 _EVICT_CHUNK_MAX = 5_000
 _EVICT_TARGET = 0.9  # after hitting a bound, evict down to 90 % of it
@@ -208,6 +209,8 @@ class Outbox:
         self.session = 0
         self.install = ""
         """This installation's random identity (see :func:`new_install_id`); part of every event id."""
+        self.sessions_this_boot: frozenset[int] = frozenset()
+        """Sessions started since the machine booted: their events' monotonic times compare with today's."""
         self.generation = 0
         """Bumped when the file is replaced (corruption); readers holding seq cursors must start over."""
         self._identity = identity
@@ -309,9 +312,16 @@ class Outbox:
             session = max(int(meta.get("session", 0)), _read_session_file(self._session_file), floor) + 1
             # The database's identity wins; one without (new, or from before identities) starts a new one.
             install = meta.get("install") or install or new_install_id()
+            boot = _boot_id()
             await db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                  [("session", str(session)), ("schema", str(SCHEMA_VERSION)),
-                                  ("gateway_id", self.gateway_id), ("install", install)])
+                                  ("gateway_id", self.gateway_id), ("install", install),
+                                  (f"boot.{session}", boot)])
+            # Which sessions ran in this boot (the storage process may have been restarted): the last few hundred.
+            await db.execute("DELETE FROM meta WHERE key LIKE 'boot.%' AND CAST(substr(key, 6) AS INTEGER) < ?",
+                             (session - _BOOT_SESSIONS_KEPT,))
+            cur = await db.execute("SELECT key FROM meta WHERE key LIKE 'boot.%' AND value = ?", (boot,))
+            this_boot = frozenset(int(str(k)[5:]) for (k,) in await cur.fetchall()) if boot else frozenset({session})
             await db.execute("COMMIT")
         except BaseException:
             await _rollback(db)
@@ -320,6 +330,7 @@ class Outbox:
         _reconcile_install_file(self._install_file, install)
         self.session = session
         self.install = install
+        self.sessions_this_boot = this_boot
         self._session_seq = 0
         self._last_seq = None
         head = {"version": EVENT_VERSION, "gateway": self.gateway_id, **self._identity, "install": install,
@@ -870,6 +881,14 @@ def _read_session_file(path: Path) -> int:
 def _write_session_file(path: Path, session: int) -> None:
     """Remember the session beside the database (atomically), so a replaced file never repeats an id."""
     _write_small_file(path, f"{session}\n")
+
+
+def _boot_id() -> str:
+    """The kernel's id of this boot ("" where there is none): monotonic times compare only within one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
 
 
 def new_install_id() -> str:
