@@ -538,7 +538,7 @@ class CommandHandler:
                 poller.pause(False)
                 self.gateway.record(Event("system", "resumed", time.monotonic(), code="polling_resumed",
                                           source=source, detail=f"polling of {bus_id} resumed after the scan"))
-        configured = {d.address: d.id for d in self.gateway.cfg.bus_devices(bus_id)}
+        configured = {d.address: d.controller or d.id for d in self.gateway.cfg.bus_devices(bus_id)}
         for hit in found:
             hit["configured_as"] = configured.get(hit["address"])
         return CommandResult(True, data={"bus": bus_id, "from": first, "to": last, "responders": found,
