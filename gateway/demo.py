@@ -1,11 +1,23 @@
-"""``gatewayd --demo``: the example building on a simulated bus and mock pins, playing a gas leak."""
+"""``gatewayd --demo`` (or ``python -m gateway.demo``): the example building on a simulated bus and mock pins,
+playing a gas leak.
+
+A technician's sandbox: the site file goes into the demo's working directory beside its database and control
+socket, and the exact ``gatewayctl --config ...`` line to talk to it is printed; ``--keep`` keeps that directory
+afterwards; Ctrl-C ends it like a planned stop (exit 0, no traceback).
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import re
+import shlex
+import signal
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
@@ -17,7 +29,7 @@ from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullMod
 from gateway.config import SiteConfig, load_config
 from gateway.panel.process import PanelProcess
 
-__all__ = ["demo_config", "run_demo"]
+__all__ = ["demo_config", "gatewayctl_line", "main", "run_demo"]
 
 log = structlog.get_logger()
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "building.toml"
@@ -44,9 +56,19 @@ def write_demo_site(workdir: Path, bus_port: str, *, source: Path = EXAMPLE) -> 
             raise ValueError(f"the example site has no line matching {pattern!r}")
     text = re.sub(r"^group = .*$", "", text, flags=re.MULTILINE)
     text = re.sub(r"^timeout_s = .*$", "timeout_s = 0.3", text, count=1, flags=re.MULTILINE)
+    # mock pins for whatever else reads this file (gatewayd --config, gatewayctl doctor): no GPIO here
+    if re.search(r"^\[runtime\]$", text, flags=re.MULTILINE):
+        text = re.sub(r"^\[runtime\]$", '[runtime]\npin_factory = "mock"', text, count=1, flags=re.MULTILINE)
+    else:
+        text += '\n[runtime]\npin_factory = "mock"\n'
     path = workdir / "building.toml"
     path.write_text(text)
     return path
+
+
+def gatewayctl_line(config: Path) -> str:
+    """The command a technician types to talk to the demo."""
+    return f"gatewayctl --config {shlex.quote(str(config))} status"
 
 
 def _toml(value: str) -> str:
@@ -93,6 +115,9 @@ async def _demo(duration: float, workdir: Path) -> int:
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.call_later(duration, stop.set)
+            for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C is a planned stop, not a traceback
+                loop.add_signal_handler(sig, stop.set)
+            _announce(config_path)
             leak = asyncio.create_task(_play_leak(detectors[LEAK_HOUSEHOLD], duration))
             try:
                 await stop.wait()
@@ -103,10 +128,59 @@ async def _demo(duration: float, workdir: Path) -> int:
     return 0
 
 
-def run_demo(*, duration: float = 30.0) -> int:
-    """Run the simulated building for ``duration`` seconds; returns the exit status."""
-    Device.pin_factory = MockFactory()
+def _announce(config_path: Path) -> None:
+    """Say how to reach the demo: a log event always, and a plain line for a person at a terminal."""
+    line = gatewayctl_line(config_path)
+    log.info("demo: talk to it with gatewayctl", gatewayctl=line)
+    if sys.stdout.isatty():
+        print(f"\n  In another terminal:  {line}\n", flush=True)
+
+
+@contextlib.contextmanager
+def _workdir(directory: Path | None, keep: bool) -> Iterator[Path]:
+    """The demo's directory: ``directory`` (made if missing) or a new temporary one; removed afterwards unless
+    ``keep`` or it was given."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory.resolve()
+        return
+    if keep:
+        path = Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+        yield path
+        log.info("demo: directory kept", directory=str(path), config=str(path / "building.toml"),
+                 database=str(path / "events.db"))
+        return
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp:
-        code = asyncio.run(_demo(duration, Path(tmp)))
+        yield Path(tmp)
+
+
+def run_demo(*, duration: float = 30.0, keep: bool = False, directory: Path | None = None) -> int:
+    """Run the simulated building for ``duration`` seconds (or until Ctrl-C); returns the exit status, 0 for
+    either way of ending it."""
+    Device.pin_factory = MockFactory()
+    try:
+        with _workdir(directory, keep) as workdir:
+            code = asyncio.run(_demo(duration, workdir))
+    except KeyboardInterrupt:  # before the loop's own handler was installed, or after it was removed
+        log.info("demo stopped")
+        code = 0
     threading.Event().wait(0)  # let daemon threads notice shutdown
     return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gateway.demo [--duration S] [--keep] [--dir DIR]`` (what scripts/demo runs)."""
+    from gateway.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="gateway.demo", description="the example building, simulated")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60; Ctrl-C stops)")
+    parser.add_argument("--keep", action="store_true", help="keep the directory, its config and database")
+    parser.add_argument("--dir", type=Path, default=None, help="work in this directory (kept) instead of a new one")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    configure_logging(level=args.log_level)
+    return run_demo(duration=args.duration, keep=args.keep, directory=args.dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

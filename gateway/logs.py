@@ -1,23 +1,56 @@
-"""structlog configuration, done once in the entry points."""
+"""structlog configuration, done once in the entry points: JSON lines off a terminal, a narrative on one."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging"]
+__all__ = ["NarrativeRenderer", "configure_logging"]
+
+
+#: Fields a person at a terminal does not need on every line (they stay in the JSON lines journald keeps).
+_QUIET_KEYS = frozenset({"timestamp", "level", "event_id", "process", "boot", "gateway", "session", "logger"})
+_LEVEL_MARKS = {"warning": ("WARN ", "33"), "error": ("ERROR", "1;31"), "critical": ("ERROR", "1;31")}
+
+
+class NarrativeRenderer:
+    """One short line per log event for a person at a terminal: the time, what happened, and the fields that say
+    where and how much (``12:00:07  alarm raised  device=gas-u1-201 value=26.0 %LEL``). Warnings and errors are
+    marked; identifiers and process bookkeeping are left to the JSON form."""
+
+    def __init__(self, *, colors: bool) -> None:
+        self.colors = colors
+
+    def _paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.colors else text
+
+    def __call__(self, _logger: Any, _name: str, event_dict: dict[str, Any]) -> str:
+        when = str(event_dict.get("timestamp", ""))[11:19]
+        level = str(event_dict.get("level", "info"))
+        event = str(event_dict.pop("event", ""))
+        exc = event_dict.pop("exception", None)
+        fields = {k: v for k, v in event_dict.items() if k not in _QUIET_KEYS and v is not None}
+        if "value" in fields and "measure" in fields:
+            fields["value"] = f"{fields.pop('value')} {fields.pop('measure')}"
+        mark, code = _LEVEL_MARKS.get(level, ("", ""))
+        head = f"{when}  " + (self._paint(mark, code) + " " if mark else "") + (
+            self._paint(event, "1") if mark else event)
+        tail = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{head}  {tail}" if tail else head
+        return f"{line}\n{exc}" if exc else line
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
-    """JSON lines to stdout when not on a TTY (journald keeps them), a console renderer on a TTY."""
+    """JSON lines to stdout when not on a TTY (journald keeps them), a short narrative on a TTY."""
     use_json = not sys.stdout.isatty() if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        else NarrativeRenderer(colors=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     )
     structlog.configure(
         processors=[
