@@ -219,3 +219,32 @@ async def test_counters_by_kind_match_what_a_misbehaving_device_sent(
             await eventually(lambda: sorted(r["device"] for r in offline()) == misbehaving, timeout=30,
                              message=lambda: f"offline faults stored: {offline()}")
             assert {r["action"] for r in offline()} == {"raised"}  # raised once each, never flapping
+
+
+def test_the_status_message_counts_failed_polls_by_kind_per_device_and_bus() -> None:
+    import jsonschema
+
+    from gateway.panel.core import Annunciation
+    from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema
+
+    devices = [
+        {"device": "gas-1", "bus": "rs485-1", "state": "fault", "comm_errors": 5, "failures": 3,
+         "errors_by_kind": {"crc_error": 2, "timeout": 3}},
+        {"device": "gas-2", "bus": "rs485-1", "state": "normal", "comm_errors": 1, "failures": 0,
+         "errors_by_kind": {"exception:illegal_data_address": 1}},
+        {"device": "gas-3", "bus": "rs485-2", "state": "normal", "comm_errors": 0, "failures": 0,
+         "errors_by_kind": {}},
+    ]
+    message = StatusReporter(gateway="g", community="c", building="b", software="1").build(
+        session=1, uplink=UplinkFigures(rtt_ms=None, connections=0, delivered=0, rejected=0, inflight=0),
+        backlog=(0, None), snapshot={"devices": devices, "annunciation": Annunciation()},
+        buses=[BusCounters("rs485-1", 100, 6, False), BusCounters("rs485-2", 50, 0, False)])
+    rows = {row["bus"]: row for row in message["links"]["buses"]}
+    assert rows["rs485-1"]["errors_by_kind"] == {"crc_error": 2, "exception:illegal_data_address": 1, "timeout": 3}
+    assert rows["rs485-2"]["errors_by_kind"] == {}
+    assert {d["device"]: d["errors_by_kind"] for d in message["links"]["devices"]} == {
+        "gas-1": {"crc_error": 2, "timeout": 3}, "gas-2": {"exception:illegal_data_address": 1}}
+    links = schema("status")["properties"]["links"]
+    jsonschema.Draft202012Validator(links).validate(message["links"])
+    bad = {**message["links"], "devices": [{**message["links"]["devices"][0], "errors_by_kind": {"exception 2": 1}}]}
+    assert not jsonschema.Draft202012Validator(links).is_valid(bad)  # kinds are names, not codes
