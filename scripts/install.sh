@@ -70,6 +70,19 @@ keep() {
     printf 'keep: %s\n' "$*"
 }
 
+# udev reads the rules again (and with "trigger" applies them to the serial ports present). A system without
+# udev (a container) has no device events to apply them to: the rules are installed and that is said.
+reload_udev() {
+    if ((!DRY_RUN)) && ! command -v udevadm >/dev/null; then
+        keep "udev rules (no udevadm here: not reloaded)"
+        return
+    fi
+    run udevadm control --reload
+    if [[ ${1:-} == trigger ]]; then
+        run udevadm trigger --subsystem-match=tty --action=add
+    fi
+}
+
 # What the operator does next, once the installer is done.
 next_step() {
     printf 'next: %s\n' "$*"
@@ -174,8 +187,7 @@ install_all() {
     run install -D -m 0644 systemd/99-gateway-rs485.rules "$UDEV_DEST"
 
     run systemctl daemon-reload
-    run udevadm control --reload
-    run udevadm trigger --subsystem-match=tty --action=add
+    reload_udev trigger
     run systemctl enable "$UNIT"
     start_if_ready
 }
@@ -217,7 +229,7 @@ uninstall_all() {
     run rm -f -- "$UNIT_DEST"
     run systemctl daemon-reload
     run rm -f -- "$UDEV_DEST"
-    run udevadm control --reload
+    reload_udev
     run rm -f -- "$TMPFILES_DEST"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
