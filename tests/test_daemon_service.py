@@ -42,4 +42,5 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert records, "no log output"
     assert all("level" in r and "event" in r and "timestamp" in r for r in records)
-    assert any(r["event"] == "gateway started" for r in records)
+    assert any(r["event"] == "panel started" for r in records)
+    assert any(r["event"] == "storage process started" and r["process"] == "uplink" for r in records)

@@ -355,13 +355,14 @@ class UplinkSupervisor:
         self._last_beat = time.monotonic()
         reader = threading.Thread(target=self._read, args=(ours, proc), name="uplink-reader", daemon=True)
         reader.start()
+        killed_for: str | None = None
         while proc.poll() is None:
             if self._stop.is_set():
                 break
             silent = time.monotonic() - self._last_beat
             if silent > (self.deadline_s if self.up else START_TIMEOUT_S):
-                self.last_exit = f"no beat for {silent:.0f} s"
-                log.error("storage process hangs; killing it", pid=proc.pid)
+                killed_for = f"no beat for {silent:.0f} s"
+                log.error("storage process hangs; killing it", pid=proc.pid, silent_s=round(silent, 1))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 break
@@ -371,11 +372,13 @@ class UplinkSupervisor:
             reader.join(timeout=20)
             return
         code = proc.wait()
-        if code != 0 and not (self.last_exit or "").startswith("no beat"):
-            self.last_exit = f"exit status {code}"
         with contextlib.suppress(OSError):
             ours.shutdown(socket.SHUT_RDWR)
         reader.join(timeout=5)
+        if killed_for is not None:
+            self.last_exit = killed_for
+        elif code != 0:
+            self.last_exit = f"exit status {code}"
 
     def _read(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
         try:

@@ -38,9 +38,11 @@ from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide
 from gateway.panel.state import StateSaver, load_state, state_path
-from gateway.realtime import SWITCH_INTERVAL_S
+from gateway.realtime import SWITCH_INTERVAL_S, raise_priority
 
-__all__ = ["EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "PanelProcess", "PanelStartError", "start_error"]
+__all__ = [
+    "EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "SUPPORT_PRIORITY", "PanelProcess", "PanelStartError", "start_error",
+]
 
 log = structlog.get_logger()
 
@@ -52,6 +54,10 @@ EX_NOPERM = 77
 #: How long a planned stop waits for the storage process to commit what the panel read.
 STOP_STORE_TIMEOUT_S = 10.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
+#: SCHED_FIFO priority of the panel's other threads (loop, hand-over, supervisor, saver, self-check) when the
+#: alarm threads are realtime: the lowest realtime one, below every alarm thread yet above every normal
+#: process, so none of them can be preempted while it holds the interpreter lock a bus thread needs.
+SUPPORT_PRIORITY = 1
 
 
 class PanelStartError(Exception):
@@ -176,6 +182,8 @@ class PanelProcess:
     def open(self) -> None:
         """Pins, outputs, saved state and buses; :class:`PanelStartError` when the panel cannot run."""
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+        if self.cfg.runtime.realtime_priority > SUPPORT_PRIORITY:
+            raise_priority(SUPPORT_PRIORITY, "panel")  # every thread started from here on inherits it
         self._check_ports()
         try:
             self.side.start()

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):  # a realtime panel's child: storage runs at normal priority
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     configure_logging(level=args.log_level)
     structlog.contextvars.bind_contextvars(process="uplink")
     try:
