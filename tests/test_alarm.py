@@ -703,6 +703,7 @@ class AlarmModel(RuleBasedStateMachine):
         self.failures = dict.fromkeys(MODBUS, 0)
         self.first_failure: dict[str, float | None] = dict.fromkeys(MODBUS, None)
         self.held = dict.fromkeys(MODBUS, False)  # offline was due and has not had its good polls since
+        self.kinds: dict[tuple[str, str], int] = {}  # failed polls by device and kind
         self.good = dict.fromkeys(MODBUS, 0)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -818,9 +819,11 @@ class AlarmModel(RuleBasedStateMachine):
         for fault in status & {"sensor_fault", "data_error", "needs_calibration", "comms_fault"}:
             assert (device, fault) in self.faults
 
-    @rule(device=st.sampled_from(MODBUS))
-    def fail(self, device: str) -> None:
-        self.step(self.core.poll_failed(device, "timeout", self.now))
+    @rule(device=st.sampled_from(MODBUS),
+          kind=st.sampled_from(["timeout", "crc_error", "wrong_address", "exception:illegal_data_address"]))
+    def fail(self, device: str, kind: str) -> None:
+        self.step(self.core.poll_failed(device, kind, self.now))
+        self.kinds[device, kind] = self.kinds.get((device, kind), 0) + 1
         self.failures[device] += 1
         self.good[device] = 0
         if self.first_failure[device] is None:
@@ -936,6 +939,14 @@ class AlarmModel(RuleBasedStateMachine):
             assert offline == expected, (f"{device}: {self.failures[device]} failures since "
                                          f"{self.first_failure[device]}, {self.good[device]} good polls, "
                                          f"now {self.now}")
+
+    @invariant()
+    def failed_polls_are_counted_by_kind(self) -> None:
+        for device in MODBUS:
+            state = self.core.device_state(device)
+            mine = {k: n for (d, k), n in self.kinds.items() if d == device}
+            assert state["errors_by_kind"] == mine
+            assert state["comm_errors"] == sum(mine.values())
 
     @invariant()
     def latched_alarms_match_the_event_log(self) -> None:
