@@ -533,6 +533,41 @@ async def test_an_alarm_reaches_a_returning_broker_without_waiting_out_the_long_
     assert [b["event_id"] for b in got if b["event_id"] == alarm_id] == [alarm_id]
 
 
+async def test_an_alarm_raised_as_the_broker_goes_keeps_every_retry_within_5_s(tmp_path: Path) -> None:
+    """Stop the broker, raise an alarm, let the uplink retry past the point where today's backoff exceeds 5 s,
+    start the broker again on the same port: the alarm is delivered, and every wait the uplink chose while it
+    waited was at most 5 s although the backoff alone would have chosen more."""
+    broker = PersistentBroker(tmp_path / "broker")
+    broker.start()
+    recorder = SessionRecorder(broker)
+    try:
+        broker.save()
+        async with forwarding(tmp_path, broker) as (ob, up):
+            broker.stop()
+            await eventually(lambda: not up.connected, timeout=30)
+            [alarm_id] = await ob.append([ev("alarm", 1)])
+            raised = time.monotonic()
+            await eventually(lambda: any(d.backoff_s > URGENT_RETRY_MAX_S for d in up.retry_delays), timeout=90,
+                             message="the uplink never got past the point where the backoff exceeds 5 s")
+            port = broker.port
+            broker.start()
+            assert broker.port == port
+            got = await asyncio.to_thread(recorder.wait_ids, {alarm_id}, 60)
+            await all_delivered(ob)
+            delays = list(up.retry_delays)
+    finally:
+        recorder.close()
+        broker.stop()
+    assert [b["event_id"] for b in got if b["event_id"] == alarm_id] == [alarm_id]
+    before = [d for d in delays if d.chosen_at < raised]
+    after = [d for d in delays if d.chosen_at >= raised]
+    assert after and all(d.urgent and d.delay_s <= URGENT_RETRY_MAX_S for d in after), delays
+    assert any(d.backoff_s > URGENT_RETRY_MAX_S for d in after), delays
+    # the wait under way when the alarm came was short already, or was cut to 5 s from its start
+    assert before[-1].delay_s <= URGENT_RETRY_MAX_S or any(
+        d.chosen_at == before[-1].chosen_at and d.urgent for d in delays), delays
+
+
 async def test_without_anything_urgent_the_backoff_is_todays(tmp_path: Path, broker: MosquittoBroker) -> None:
     async with forwarding(tmp_path, broker) as (ob, up):
         broker.stop()

@@ -177,6 +177,8 @@ class RetryDelay(NamedTuple):
     delay_s: float
     urgent: bool
     """An alarm, supervisory signal or fault was waiting: the wait was capped at :data:`URGENT_RETRY_MAX_S`."""
+    backoff_s: float
+    """The wait the backoff alone would have chosen."""
 
 
 def backoff_delays(rng: random.Random | None = None) -> Any:
@@ -830,7 +832,7 @@ class Uplink:
             urgent = await self.outbox.urgent_waiting()
         except (sqlite3.Error, ValueError):  # nothing can be read, so nothing could be sent either
             urgent = False
-        wait = RetryDelay(time.monotonic(), min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff, urgent)
+        wait = RetryDelay(time.monotonic(), min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff, urgent, backoff)
         self.retry_delays.append(wait)
         return wait
 
@@ -846,7 +848,7 @@ class Uplink:
                 urgent = True
                 if end > start + URGENT_RETRY_MAX_S:
                     end = start + URGENT_RETRY_MAX_S
-                    self.retry_delays.append(RetryDelay(start, URGENT_RETRY_MAX_S, True))
+                    self.retry_delays.append(RetryDelay(start, URGENT_RETRY_MAX_S, True, seconds))
                     log.info("urgent event waiting; next connection attempt sooner",
                              retry_in_s=round(max(0.0, end - time.monotonic()), 1))
             remaining = end - time.monotonic()
