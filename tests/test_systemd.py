@@ -197,11 +197,16 @@ def test_unit_contract() -> None:
     assert "PYTHONUNBUFFERED=1" in s["Environment"]
 
 
-def test_stop_timeout_covers_the_outbox_flush() -> None:
-    timeout = unit_settings()["TimeoutStopSec"][-1]
-    match = re.fullmatch(r"(\d+)s?", timeout)
+def test_stop_timeout_covers_the_planned_stop_and_sigterm_reaches_the_panel_alone() -> None:
+    from gateway.panel.process import STOP_STORAGE_TIMEOUT_S, STOP_STORE_TIMEOUT_S
+
+    settings = unit_settings()
+    match = re.fullmatch(r"(\d+)s?", settings["TimeoutStopSec"][-1])
     assert match
-    assert 5 < int(match.group(1)) <= 30
+    # inputs stopped (a poll cycle), every event read stored, then the storage process's flush and exit
+    assert STOP_STORE_TIMEOUT_S + STOP_STORAGE_TIMEOUT_S + 2 < int(match.group(1)) <= 30
+    # SIGTERM to the panel only: the storage process must keep storing until the panel says stop
+    assert settings["KillMode"] == ["mixed"]
 
 
 # -- the daemon inside the unit's system-call filter -----------------------------------------------------

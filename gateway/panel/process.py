@@ -52,7 +52,9 @@ EX_SOFTWARE = 70  # any other reason the panel cannot start
 EX_OSERR = 71
 EX_NOPERM = 77
 #: How long a planned stop waits for the storage process to commit what the panel read.
-STOP_STORE_TIMEOUT_S = 10.0
+STOP_STORE_TIMEOUT_S = 8.0
+#: How long the storage process may take to flush to the broker and exit before it is killed.
+STOP_STORAGE_TIMEOUT_S = 12.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
 #: SCHED_FIFO priority of the panel's other threads (loop, hand-over, supervisor, saver, self-check) when the
 #: alarm threads are realtime: the lowest realtime one, below every alarm thread yet above every normal
@@ -274,7 +276,7 @@ class PanelProcess:
                 counts[name] = counts.get(name, 0) + 1
             self._unstored_at_stop = counts
             log.error("events not stored at stop; counted as dropped", **counts)
-        await asyncio.to_thread(self.supervisor.stop, flush_timeout_s)
+        await asyncio.to_thread(self.supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
         self._beating.cancel()
         self.saver.stop()
         self.saver.save_now()
