@@ -512,3 +512,54 @@ def test_operator_tests_follow_the_schema(
     assert [t["action"] for t in buzzer] == ["started", "ended"]
     assert all("device" not in t and "unit" not in t for t in buzzer), "the sounder belongs to no unit"
     print(f"operator-test contract: {len(messages)} messages ({counts}) valid in {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.timeout(180)
+def test_a_reinstall_is_a_new_installation_whose_ids_never_repeat_the_old_ones(
+    tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mqtt_recorder_factory: Any
+) -> None:
+    """gatewayd, then the same site with its database purged (as ``install --purge`` or a new SD card leave it):
+    session 1 again, a new ``install``, no event id in common, every message valid."""
+    db = tmp_path / "events.db"
+    spec = build_site(bus_port=modem.gateway_port, db_path=db, broker_port=broker.port,
+                      socket_path=tmp_path / "control.sock", households=1, community="c1", building="b1")
+    config = tmp_path / "site.toml"
+    config.write_text(spec.toml, encoding="utf-8")
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder: MqttRecorder = mqtt_recorder_factory(topics=f"{topics.base}/#")
+    log = tmp_path / "gatewayd.log"
+    detector_spec = spec.detectors[0]
+    bus = SimulatedBus(modem.device_port)
+    detector = bus.add_gas_detector(detector_spec.address, "A", unit="%LEL", decimals=1)
+    detector.set_status("normal")
+
+    def events_of(install: str) -> list[dict[str, Any]]:
+        return [m.json for m in recorder.messages(f"{topics.base}/event/#") if m.json.get("install") == install]
+
+    installs = []
+    with bus:
+        for run in range(2):
+            if run:
+                for path in tmp_path.glob("events.db*"):
+                    path.unlink()
+            daemon = Daemon(config, log)
+            try:
+                seen = tuple(installs)
+                online = recorder.wait_for(lambda m, seen=seen: m.topic == topics.availability
+                                           and m.json.get("state") == "online"
+                                           and m.json.get("install") not in seen, timeout=30)
+                installs.append(online.json["install"])
+                assert online.json["session"] == 1
+                detector.set_concentration(35.0 if run else 12.0)
+                topic = topics.event("alarm" if run else "telemetry")
+                recorder.wait_for(lambda m, i=installs[-1], t=topic: m.topic == t
+                                  and m.json.get("install") == i, timeout=30)
+                daemon.proc.send_signal(signal.SIGTERM)
+                assert daemon.wait(timeout=60) == 0
+            finally:
+                daemon.kill()
+    first, second = (events_of(i) for i in installs)
+    assert installs[0] != installs[1]
+    assert first and second and {e["session"] for e in first} == {e["session"] for e in second} == {1}
+    assert not {e["event_id"] for e in first} & {e["event_id"] for e in second}
+    validate_all(topics, recorder.messages())
