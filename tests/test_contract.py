@@ -9,6 +9,7 @@ every message is checked against its JSON Schema.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -536,7 +537,12 @@ def test_a_reinstall_is_a_new_installation_whose_ids_never_repeat_the_old_ones(
     def events_of(install: str) -> list[dict[str, Any]]:
         return [m.json for m in recorder.messages(f"{topics.base}/event/#") if m.json.get("install") == install]
 
-    installs = []
+    installs: list[str] = []
+
+    def online_anew(m: RecordedMessage, seen: tuple[str, ...]) -> bool:
+        return (m.topic == topics.availability and m.json.get("state") == "online"
+                and m.json.get("install") not in seen)
+
     with bus:
         for run in range(2):
             if run:
@@ -545,15 +551,13 @@ def test_a_reinstall_is_a_new_installation_whose_ids_never_repeat_the_old_ones(
             daemon = Daemon(config, log)
             try:
                 seen = tuple(installs)
-                online = recorder.wait_for(lambda m, seen=seen: m.topic == topics.availability
-                                           and m.json.get("state") == "online"
-                                           and m.json.get("install") not in seen, timeout=30)
+                online = recorder.wait_for(functools.partial(online_anew, seen=seen), timeout=30)
                 installs.append(online.json["install"])
                 assert online.json["session"] == 1
                 detector.set_concentration(35.0 if run else 12.0)
-                topic = topics.event("alarm" if run else "telemetry")
-                recorder.wait_for(lambda m, i=installs[-1], t=topic: m.topic == t
-                                  and m.json.get("install") == i, timeout=30)
+                topic, install = topics.event("alarm" if run else "telemetry"), installs[-1]
+                recorder.wait_for(lambda m: m.topic == topic and m.json.get("install") == install,  # noqa: B023
+                                  timeout=30)
                 daemon.proc.send_signal(signal.SIGTERM)
                 assert daemon.wait(timeout=60) == 0
             finally:
