@@ -291,6 +291,11 @@ class UplinkSupervisor:
         """Start the storage process and keep it running."""
         self._thread.start()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called (the storage process is leaving on purpose)."""
+        return self._stop.is_set()
+
     def request(self, name: str, args: dict[str, Any] | None = None) -> Future[dict[str, Any]]:
         """Ask the storage process (``events``, ``storage``, ``rebirth``); the future fails when it is away."""
         future: Future[dict[str, Any]] = Future()

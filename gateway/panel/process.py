@@ -320,7 +320,7 @@ class PanelProcess:
     def _uplink_state(self, up: bool, reason: str) -> None:
         if up:
             log.info("storage/uplink process connected", pid=self.supervisor.pid, held=len(self.handover.hold))
-        else:
+        elif not self.supervisor.stopping:
             log.warning("storage/uplink process away; the panel holds its events", reason=reason)
 
     def _uplink_request(self, name: str, args: dict[str, Any], answer: Any) -> None:
