@@ -83,6 +83,17 @@ reload_udev() {
     fi
 }
 
+# Directories that `install -D` made for our files, once empty; never one that a package owns (on a Pi,
+# /etc/udev/rules.d belongs to udev and stays).
+remove_empty_dirs() {
+    local dir
+    for dir in "$@"; do
+        if [[ -d $dir ]] && [[ -z $(ls -A -- "$dir") ]] && ! dpkg -S "$dir" >/dev/null 2>&1; then
+            run rmdir -- "$dir"
+        fi
+    done
+}
+
 # What the operator does next, once the installer is done.
 next_step() {
     printf 'next: %s\n' "$*"
@@ -231,6 +242,7 @@ uninstall_all() {
     run rm -f -- "$UDEV_DEST"
     reload_udev
     run rm -f -- "$TMPFILES_DEST"
+    remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
     local cmd
@@ -251,6 +263,7 @@ uninstall_all() {
         run rm -rf -- "$DATA_DIR"
         run rm -rf -- "$CONFIG_DIR"
         run rm -f -- "$SYSUSERS_DEST"
+        remove_empty_dirs "$(dirname -- "$SYSUSERS_DEST")"
         if getent passwd gateway >/dev/null; then
             run userdel gateway
         fi
