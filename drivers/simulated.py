@@ -50,6 +50,7 @@ __all__ = [
     "SimulatedGasDetector",
     "SimulatedIOStation",
     "VirtualNullModem",
+    "WireFrame",
     "WireLine",
     "WireSpec",
 ]
@@ -362,15 +363,29 @@ class WireSpec:
         return LineFormat(baud=self.baud, bytesize=self.bytesize, parity=self.parity, stopbits=self.stopbits)
 
 
+@dataclass
+class WireFrame:
+    """One frame as it occupies the line: who sent it, to or from which slave, and when (monotonic)."""
+
+    sender: Literal["gateway", "device"]
+    slave: int
+    start: float
+    end: float
+
+
 class _Request:
     """A request frame on its way to the device: delivered whole once its last character has arrived."""
 
-    __slots__ = ("data", "end", "slave")
+    __slots__ = ("data", "frame", "slave")
 
-    def __init__(self, data: bytearray, end: float) -> None:
+    def __init__(self, data: bytearray, frame: WireFrame) -> None:
         self.data = data
-        self.end = end
+        self.frame = frame
         self.slave = data[0]
+
+    @property
+    def end(self) -> float:
+        return self.frame.end
 
 
 class WireLine:
@@ -406,6 +421,9 @@ class WireLine:
         self._answer_from = -math.inf  # earliest start of the answer to the last request
         self._to_device: deque[_Request] = deque()
         self._to_gateway: deque[tuple[float, int]] = deque()  # (due, byte)
+        self._answer: WireFrame | None = None
+        #: The last frames on the line, as scheduled (for tests of the line's own timing).
+        self.frames: deque[WireFrame] = deque(maxlen=256)
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         self._thread: threading.Thread | None = None
@@ -473,25 +491,29 @@ class WireLine:
         if self._to_device:  # the request is still on the line: these bytes follow it
             request = self._to_device[-1]
             request.data += chunk
-            request.end += len(chunk) * self._char_s
+            request.frame.end += len(chunk) * self._char_s
         else:
             start = max(now, self._line_end + self._silence_s)
-            request = _Request(chunk, start + len(chunk) * self._char_s)
+            request = _Request(chunk, WireFrame("gateway", chunk[0], start, start + len(chunk) * self._char_s))
             self._to_device.append(request)
+            self.frames.append(request.frame)
         self._line_end = max(self._line_end, request.end)
 
     def _from_device(self, now: float) -> None:
         chunk = bytearray(self._read(self._inner))
         if not chunk:
             return
-        if self._to_gateway:  # the answer is still on the line: these bytes follow it
+        if self._to_gateway and self._answer is not None:  # the answer is still on the line: these follow it
             at = self._to_gateway[-1][0]
         else:
             at = max(now, self._answer_from, self._line_end + self._silence_s)
+            self._answer = WireFrame("device", chunk[0], at, at)
+            self.frames.append(self._answer)
             self._noisy(chunk)
         for byte in chunk:
             at += self._char_s
             self._to_gateway.append((at, byte))
+        self._answer.end = at
         self._line_end = max(self._line_end, at)
 
     def _deliver(self, now: float) -> None:
@@ -957,6 +979,10 @@ class SimulatedBus:
             return 0.0
         with self._lock:
             return self._turnarounds.get(slave, self.wire.turnaround_s)
+
+    def wire_frames(self) -> list[WireFrame]:
+        """The last frames on the wire as it scheduled them (empty without a wire)."""
+        return list(self._wire_line.frames) if self._wire_line is not None else []
 
     @property
     def corrupted_frames(self) -> int:

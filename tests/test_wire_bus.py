@@ -106,18 +106,30 @@ def test_each_device_has_its_own_turnaround(tmp_path: Path) -> None:
 
 
 def test_request_and_answer_share_one_line_with_a_silence_between_frames(tmp_path: Path) -> None:
-    """Back-to-back polls: each request reaches the device no sooner than the previous answer took plus
-    two silences, the turnaround and the request's own characters (half duplex)."""
+    """Back-to-back polls of two devices: on the line every frame starts at least a silence after the one
+    before ended (half duplex), an answer also waits its device's turnaround, and each frame lasts its
+    characters' time."""
     requests = Requests()
     spec = WireSpec(baud=9600, turnaround_s=0.005)
     line = spec.line
-    with wire_bus(tmp_path, spec, {1: "A"}, requests) as (_bus, client):
-        for _ in range(6):
+    with wire_bus(tmp_path, spec, {1: "A", 2: "A"}, requests) as (bus, client):
+        bus.set_turnaround(2, 0.020)
+        for _ in range(4):
             read_block(client, 3, 0, 10, 1)
+            read_block(client, 3, 0, 10, 2)
+        frames = bus.wire_frames()
+    assert [(f.sender, f.slave) for f in frames] == [("gateway", 1), ("device", 1), ("gateway", 2), ("device", 2)] * 4
+    for before, after in itertools.pairwise(frames):
+        assert after.start >= before.end + line.silence_s - 1e-9
+        if after.sender == "device":
+            assert after.start >= before.end + line.silence_s + bus.turnaround(after.slave) - 1e-9
+    for frame in frames:
+        assert frame.end - frame.start == pytest.approx(line.frame_s(8 if frame.sender == "gateway" else 25))
+    # What the devices saw: requests one poll apart at least (less a little delivery jitter of this machine).
     times = [at for _s, _f, at in requests.frames]
-    assert len(times) == 6
-    cycle = bus_floor_s(line, [(3, 10)], turnaround_s=0.005)  # request + silence + turnaround + answer + silence
-    assert all(b - a >= cycle * 0.99 for a, b in itertools.pairwise(times))
+    assert len(times) == 8
+    polls = [bus_floor_s(line, [(3, 10)], turnaround_s=t) for t in (0.005, 0.020)]
+    assert all(b - a >= polls[i % 2] - 0.002 for i, (a, b) in enumerate(itertools.pairwise(times)))
 
 
 def test_line_noise_corrupts_the_given_fraction_of_frames(tmp_path: Path) -> None:
