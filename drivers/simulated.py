@@ -373,6 +373,16 @@ class WireFrame:
     end: float
 
 
+def _tight_timer_slack() -> None:
+    """Let this thread's timed waits end within a microsecond instead of Linux's default 50 µs: characters
+    at 38400 baud are 286 µs apart. Best effort (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_timerslack = 29
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_timerslack, 1000, 0, 0, 0)
+
+
 class _Request:
     """A request frame on its way to the device: delivered whole once its last character has arrived."""
 
@@ -448,6 +458,7 @@ class WireLine:
                 os.close(fd)
 
     def _run(self) -> None:
+        _tight_timer_slack()
         fds = [self._outer, self._inner, self._wake_r]
         while not self._stopping:
             now = time.monotonic()
