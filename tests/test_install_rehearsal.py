@@ -1,0 +1,366 @@
+"""The install rehearsed under a real systemd: scripts/install.sh in a booted Debian Bookworm.
+
+A Bookworm root made by debootstrap (minbase, with systemd, dbus and python3-venv) is cached outside the
+checkout, in /var/cache/gateway-rehearsal (``GATEWAY_REHEARSAL_CACHE``), and reused; each run writes into an
+overlay of it, so the cached root stays as debootstrap left it. systemd boots as PID 1 in private PID, mount,
+UTS and IPC namespaces (``unshare``, then ``pivot_root``) and the test reaches it with ``nsenter``. The real
+installer runs inside against a copy of the committed checkout, with the project's wheels built outside and
+passed by ``PIP_FIND_LINKS``. Everything is judged by systemd's own view (``systemctl show``, ``journalctl``,
+``systemd-analyze``), never by the daemon's internals.
+
+What stands in for the hardware, and why:
+
+- **GPIO chip**: there is no /dev/gpiochip* on a build machine, so a drop-in sets
+  ``GPIOZERO_PIN_FACTORY=mock`` (gpiozero's MockFactory; the site also says ``pin_factory = "mock"``). With
+  lgpio the daemon would stop at once with ``gpio: cannot open /dev/gpiochip0`` (tests/test_gpio.py).
+- **RS-485 adapter**: a pseudo-terminal pair with pymodbus's own server behind it (drivers/simulated.py,
+  run as a transient unit inside the booted system). A pty is not a ``ttyUSB``/``ttyAMA`` node, so the same
+  drop-in adds ``DeviceAllow=char-pts rw`` to the unit's closed device policy; nothing else of the unit changes.
+- **A hung bus**: the daemon's own fault injection (``GATEWAY_FAILPOINTS=bus_hang=bus1@/run/rehearsal/hang``),
+  armed by creating that file, as tests/test_daemon_service.py does without systemd.
+
+Slow (a cold run builds the root, about a minute here; see the report printed at the end) and root only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import free_port
+from tests.support.site import build_site
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("GATEWAY_REHEARSAL_CACHE", "/var/cache/gateway-rehearsal"))
+ROOTFS = CACHE / "bookworm"
+DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3,python3-venv",
+               "bookworm"]
+MAX_EXPOSURE = 2.0
+
+BOOT = r"""
+set -euo pipefail
+lower=$1 upper=$2 work=$3 root=$4
+mount --make-rprivate /
+mount -t overlay overlay -o "lowerdir=$lower,upperdir=$upper,workdir=$work" "$root"
+mount --bind "$root" "$root"
+mount --rbind /dev "$root/dev"
+mount -t proc proc "$root/proc"
+mount --rbind /sys "$root/sys"
+cd "$root"
+mkdir -p .oldroot
+pivot_root . .oldroot
+umount -l /.oldroot
+rmdir /.oldroot
+exec /usr/bin/env -i container=gateway-rehearsal /lib/systemd/systemd --system
+"""
+
+SIMULATED_BUS = """
+import os, signal
+from drivers.simulated import SimulatedBus, VirtualNullModem
+
+os.makedirs("/run/rehearsal", exist_ok=True)
+with VirtualNullModem("/run/rehearsal") as modem:
+    os.chmod(os.path.realpath(modem.gateway_port), 0o666)  # the daemon runs as user gateway
+    bus = SimulatedBus(modem.device_port)
+    bus.add_gas_detector(1, "A", unit="%LEL", decimals=1).set_status("normal")
+    with bus:
+        open("/run/rehearsal/ready", "w").close()
+        signal.pause()
+"""
+
+DROP_IN = """[Service]
+# Stand-ins for the hardware in the install rehearsal (tests/test_install_rehearsal.py).
+Environment=GPIOZERO_PIN_FACTORY=mock
+Environment=GATEWAY_FAILPOINTS=bus_hang=bus1@/run/rehearsal/hang
+DeviceAllow=char-pts rw
+"""
+
+# Paths a booted system changes by itself; anything else new after --uninstall --purge is left behind.
+SYSTEM_CHURN = ("/var/log/", "/var/lib/systemd/", "/var/lib/dbus/", "/var/cache/", "/var/tmp/", "/tmp/", "/root/",
+                "/etc/machine-id", "/etc/.pwd.lock", "/etc/mtab", "/var/lib/private/", "/run/", "/dev/", "/proc/",
+                "/sys/")
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (debootstrap, namespaces, mounts)"
+    missing = [tool for tool in ("unshare", "nsenter", "mount", "git") if shutil.which(tool) is None]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
+def ensure_debootstrap() -> None:
+    if shutil.which("debootstrap") is None:
+        subprocess.run(["apt-get", "install", "-y", "debootstrap"], capture_output=True, timeout=600, check=False)
+    if shutil.which("debootstrap") is None:
+        pytest.skip("debootstrap is not installed and apt-get could not install it")
+
+
+def cached_root() -> tuple[Path, bool]:
+    """The Bookworm root, made once (under a lock, so parallel runs wait for one debootstrap); ``cold`` tells
+    whether this call made it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (ROOTFS / "usr/bin/python3").exists() and (CACHE / "bookworm.done").exists():
+            return ROOTFS, False
+        ensure_debootstrap()
+        partial = CACHE / f"bookworm.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(ROOTFS, ignore_errors=True)
+        result = subprocess.run([*DEBOOTSTRAP, str(partial)], capture_output=True, text=True, timeout=1500,
+                                check=False)
+        if result.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            pytest.fail(f"debootstrap failed: {result.stderr[-2000:]}")
+        partial.rename(ROOTFS)
+        (CACHE / "bookworm.done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        return ROOTFS, True
+
+
+class Booted:
+    """systemd as PID 1 of a private PID namespace, on an overlay of ``lower``."""
+
+    def __init__(self, lower: Path, work: Path) -> None:
+        self.lower = lower
+        self.upper, self.workdir, self.mountpoint = work / "upper", work / "work", work / "root"
+        for d in (self.upper, self.workdir, self.mountpoint):
+            d.mkdir(parents=True)
+        self.unshare: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def boot(self, timeout: float = 120.0) -> None:
+        self.unshare = subprocess.Popen(
+            ["unshare", "--fork", "--pid", "--mount", "--uts", "--ipc", "bash", "-c", BOOT, "boot",
+             str(self.lower), str(self.upper), str(self.workdir), str(self.mountpoint)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        children = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
+        state = wait_until(lambda: self._systemd_pid(children), timeout, "systemd never started")
+        self.pid = state
+        wait_until(lambda: self.run("systemctl", "is-system-running", check=False).stdout.strip()
+                   in ("running", "degraded"), timeout, "the system never finished booting")
+
+    def _systemd_pid(self, children: Path) -> int:
+        assert self.unshare is not None
+        if self.unshare.poll() is not None:
+            stderr = self.unshare.stderr.read().decode() if self.unshare.stderr else ""
+            raise AssertionError(f"the boot failed: {stderr}")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int(children.read_text().split()[0])
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                return pid
+        return 0
+
+    def run(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 600.0,
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-u", "-i", "-r", "-w", "--", *args],
+                                capture_output=True, text=True, input=input, timeout=timeout, check=False)
+        if check:
+            assert result.returncode == 0, (args, result.stdout[-3000:], result.stderr[-3000:])
+        return result
+
+    def write(self, path: str, text: str, mode: str = "0644", owner: str = "root:root") -> None:
+        self.run("sh", "-c", f'mkdir -p "$(dirname "$1")" && cat > "$1" && chmod {mode} "$1" && chown {owner} "$1"',
+                 "write", path, input=text)
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def shutdown(self) -> None:
+        if self.unshare is None:
+            return
+        children = Path(f"/proc/{self.unshare.pid}/task/{self.unshare.pid}/children")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self.pid = self.pid or int(children.read_text().split()[0])
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)  # PID 1 of the namespace: every process in it goes with it
+        else:
+            self.unshare.kill()
+        self.unshare.wait(60)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, message: str) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def checkout_copy(into: Path) -> None:
+    """The committed checkout (what CI tests), as ``git archive HEAD`` gives it."""
+    into.mkdir(parents=True)
+    archive = into.parent / "checkout.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), "HEAD"], check=True,
+                   timeout=120)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="tar")
+    archive.unlink()
+
+
+def files_of(booted: Booted) -> set[str]:
+    out = booted.run("find", "/", "-xdev", "-path", "/proc", "-prune", "-o", "-print", timeout=300).stdout
+    return set(out.splitlines())
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_install_rehearsal(tmp_path: Path) -> None:
+    timings: dict[str, float] = {}
+    started = time.monotonic()
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.monotonic() - started - sum(timings.values()), 1)
+
+    lower, cold = cached_root()
+    lap("debootstrap (cold)" if cold else "cached root")
+
+    # the checkout and its wheels, into the overlay's upper layer before it is mounted
+    booted = Booted(lower, tmp_path)
+    checkout_copy(booted.upper / "root/gateway")
+    wheels = booted.upper / "root/wheels"
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+                             "-w", str(wheels), str(booted.upper / "root/gateway"), "setuptools>=68", "wheel"],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(p.name.startswith("lgpio-") for p in wheels.iterdir())
+    shutil.rmtree(booted.upper / "root/gateway/build", ignore_errors=True)
+    (booted.upper / "root/simbus.py").write_text(SIMULATED_BUS)
+    lap("checkout and wheels")
+
+    try:
+        booted.boot()
+        lap("boot")
+        before = files_of(booted)
+        pip_env = ["env", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=/root/wheels"]
+
+        # 1. the installer: enabled, not started on the shipped example, commands on PATH
+        first = booted.run(*pip_env, "bash", "/root/gateway/scripts/install.sh")
+        lap("install")
+        assert "keep: gatewayd.service not started: /etc/gateway/building.toml is the shipped example, unchanged" \
+            in first.stdout, first.stdout[-3000:]
+        assert "next: run: gatewayctl doctor" in first.stdout
+        assert booted.run("systemctl", "is-enabled", "gatewayd").stdout.strip() == "enabled"
+        assert booted.show("gatewayd", "ActiveState")["ActiveState"] == "inactive"
+        assert booted.run("gatewayctl", "--version").stdout.startswith("gatewayctl ")
+        booted.run("/opt/gateway/venv/bin/python", "-c", "from drivers.gpio import load_lgpio; load_lgpio()")
+
+        # 2. the hardware's stand-ins and an edited site; the installer run again starts it
+        booted.write("/etc/systemd/system/gatewayd.service.d/rehearsal.conf", DROP_IN)
+        booted.run("systemd-run", "--unit=rehearsal-bus", "--working-directory=/root/gateway",
+                   "/opt/gateway/venv/bin/python", "/root/simbus.py")
+        wait_until(lambda: booted.run("test", "-e", "/run/rehearsal/ready", check=False).returncode == 0, 60,
+                   "the simulated bus never came up")
+        site = build_site(bus_port="/run/rehearsal/ttyGW0", db_path="/var/lib/gateway/events.db",
+                          broker_port=free_port(), socket_path="/run/gateway/control.sock", building="b42")
+        booted.write("/etc/gateway/building.toml", site.toml.replace("gc_freeze = false",
+                                                                     'gc_freeze = false\npin_factory = "mock"'),
+                     mode="0640", owner="root:gateway")
+        second = booted.run(*pip_env, "bash", "/root/gateway/scripts/install.sh")
+        assert "+ systemctl start gatewayd.service" in second.stdout, second.stdout[-3000:]
+
+        # 3. it starts and sends READY: Type=notify is "active (running)" only after READY=1
+        wait_until(lambda: booted.show("gatewayd", "SubState")["SubState"] == "running", 120,
+                   "gatewayd never reported READY")
+        state = booted.show("gatewayd", "ActiveState", "SubState", "StatusText", "WatchdogUSec", "NRestarts")
+        assert state["ActiveState"] == "active"
+        assert state["WatchdogUSec"] == "20s"
+        assert state["StatusText"], "no STATUS= from the daemon"
+        lap("start to READY")
+
+        # 4. the sandbox as systemd scores it on the booted system
+        report = booted.run("systemd-analyze", "security", "--no-pager", "gatewayd.service").stdout
+        match = re.search(r"Overall exposure level for gatewayd\.service: (\d+(?:\.\d+)?)", report)
+        assert match, report[-2000:]
+        exposure = float(match.group(1))
+        assert exposure <= MAX_EXPOSURE, report
+
+        # 5. journald keeps the daemon's structured lines, tagged with the unit
+        def started_entries() -> list[dict[str, object]]:
+            out = booted.run("journalctl", "-u", "gatewayd", "-o", "json", "--no-pager").stdout
+            found = []
+            for line in out.splitlines():
+                entry = json.loads(line)
+                message = entry.get("MESSAGE")
+                if isinstance(message, str) and message.startswith("{"):
+                    fields = json.loads(message)
+                    if fields.get("event") == "panel started":
+                        found.append({**entry, "fields": fields})
+            return found
+
+        entry = wait_until(started_entries, 60, "no 'panel started' line in the journal")[0]  # type: ignore[index]
+        assert entry["_SYSTEMD_UNIT"] == "gatewayd.service"
+        assert entry["fields"]["level"] == "info"  # type: ignore[index]
+        assert entry["fields"]["gateway"] == "test-community-b42"  # type: ignore[index]
+
+        # 6. gatewayctl doctor beside the running daemon: systemd's view of the service, both ways
+        doctor = json.loads(booted.run("gatewayctl", "doctor", "--json", check=False).stdout)
+        checks = {c["name"]: c for c in doctor["data"]["checks"]}
+        assert checks["service"]["status"] == "ok", checks["service"]
+        assert "watchdog 20s" in checks["service"]["detail"]
+        assert checks["serial bus1"]["status"] == "ok", checks["serial bus1"]
+        assert "asked the running daemon" in checks["serial bus1"]["detail"]
+        assert checks["socket group"]["status"] == "ok"
+        missing = json.loads(booted.run("gatewayctl", "doctor", "--json", "--unit", "nosuch.service",
+                                        check=False).stdout)
+        assert {c["name"]: c["status"] for c in missing["data"]["checks"]}["service"] == "FAIL"
+        lap("checks while running")
+
+        # 7. a hung bus thread: the watchdog kills the daemon and systemd starts it again
+        restarts = int(state["NRestarts"])
+        booted.run("touch", "/run/rehearsal/hang")
+        wait_until(lambda: int(booted.show("gatewayd", "NRestarts")["NRestarts"]) > restarts, 180,
+                   "the watchdog never restarted the hung daemon")
+        booted.run("rm", "-f", "/run/rehearsal/hang")
+        journal = booted.run("journalctl", "-u", "gatewayd", "--no-pager", "-o", "cat").stdout
+        assert "Watchdog timeout" in journal, journal[-3000:]
+        wait_until(lambda: booted.show("gatewayd", "SubState")["SubState"] == "running", 120,
+                   "gatewayd did not come back after the watchdog")
+        lap("watchdog restart")
+
+        # 8. a planned stop ends within TimeoutStopSec: systemd says success, not timeout
+        booted.run("systemctl", "stop", "gatewayd", timeout=120)
+        after_stop = booted.show("gatewayd", "ActiveState", "Result")
+        assert after_stop == {"ActiveState": "inactive", "Result": "success"}, after_stop
+        lap("stop")
+
+        # 9. --uninstall --purge leaves nothing of the gateway behind
+        booted.run("systemctl", "stop", "rehearsal-bus")
+        booted.run("rm", "-rf", "/etc/systemd/system/gatewayd.service.d")
+        purge = booted.run("bash", "/root/gateway/scripts/install.sh", "--uninstall", "--purge")
+        assert booted.show("gatewayd", "LoadState")["LoadState"] == "not-found", purge.stdout
+        assert booted.run("getent", "passwd", "gateway", check=False).returncode != 0
+        assert booted.run("getent", "group", "gateway", check=False).returncode != 0
+        left = sorted(p for p in files_of(booted) - before if not p.startswith(SYSTEM_CHURN))
+        assert not [p for p in left if "gateway" in p or p.startswith(("/opt", "/usr/local", "/etc"))], left
+        lap("uninstall --purge")
+    finally:
+        booted.shutdown()
+
+    print(f"\ninstall rehearsal ({'cold' if cold else 'cached root'}): {round(time.monotonic() - started, 1)} s; "
+          f"exposure {exposure}; " + ", ".join(f"{k} {v} s" for k, v in timings.items()))
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mounts() -> Iterator[None]:
+    """The overlay lives in the namespace that dies with its systemd: nothing stays mounted on the host."""
+    yield
+    assert "gateway-rehearsal" not in Path("/proc/self/mountinfo").read_text()
