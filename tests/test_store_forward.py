@@ -9,7 +9,8 @@ gateway end of the pty with gpiozero's mock pins. Shown here:
 * kill -9 at 50 random moments under load: every committed event is delivered in the end and the file
   passes ``PRAGMA integrity_check`` after every kill (slow);
 * a full disk (the ``storage_full`` fail point of the storage process) in a running gateway: the alarm
-  still sounds, the gateway stays up, a ``storage_full`` fault is raised, and everything is stored and forwarded once space returns.
+  still sounds, the gateway stays up, a ``storage_full`` fault is raised, and everything is stored and
+  forwarded once space returns.
 """
 
 from __future__ import annotations
