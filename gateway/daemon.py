@@ -14,7 +14,7 @@ import sys
 import structlog
 
 from gateway import __version__
-from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
+from gateway.config import EX_CONFIG, ConfigError, SiteConfig, bus_floor_warnings, load_config
 from gateway.logs import configure_logging
 from gateway.panel.process import PanelProcess, PanelStartError
 from gateway.realtime import raise_priority
@@ -26,6 +26,8 @@ log = structlog.get_logger()
 
 def run_panel(cfg: SiteConfig, config_path: str, *, duration: float | None = None) -> int:
     """Open the panel and serve until stopped; the exit status (a sysexits code when it cannot start)."""
+    for warning in bus_floor_warnings(cfg):
+        log.warning("poll interval cannot be met on the wire", detail=warning)
     panel = PanelProcess(cfg, config_path)
     try:
         panel.open()
