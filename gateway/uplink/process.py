@@ -309,7 +309,9 @@ class StorageProcess:
             gateway=cfg.gateway_id, community=cfg.community, building=cfg.building, session=self.outbox.session,
             software=__version__, snapshot=link.snapshot_from_wire(view.get("snapshot")),
             config={"units": [u.id for u in cfg.units], "households": len(cfg.households),
-                    "devices": len(cfg.devices), "buses": [b.id for b in cfg.buses]},
+                    "devices": len(cfg.devices), "buses": [b.id for b in cfg.buses],
+                    "bus_timing": [{"bus": b["id"], "floor_ms": _ms(b.get("floor_s")),
+                                    "cycle_ms": _ms(b.get("cycle_s"))} for b in view.get("buses", [])]},
         )
 
     async def status_message(self) -> dict[str, Any]:
@@ -337,6 +339,10 @@ class StorageProcess:
                 published_for = up.connections
                 due = time.monotonic() + self.cfg.mqtt.status_interval_s
             await asyncio.sleep(STATUS_CHECK_S)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
