@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 
 from drivers.profiles import PROFILE_A, PROFILE_B, STATION_IO_4DI
+from drivers.simulated import VirtualNullModem
 from drivers.wire import (
     DEFAULT_TURNAROUND_S,
     READ_REQUEST_BYTES,
@@ -24,7 +26,9 @@ from drivers.wire import (
 from gateway.config import bus_floor_s as config_bus_floor_s
 from gateway.config import bus_floor_warnings, load_config
 from gateway.panel.core import Annunciation
-from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema
+from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema, validator
+from tests.support.broker import MosquittoBroker
+from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.site import build_site
 
 MS = 1e-3
@@ -163,3 +167,35 @@ def test_the_status_message_carries_each_bus_floor_and_cycle() -> None:
     jsonschema.Draft202012Validator(bus_row).validate(rows["rs485-1"])
     jsonschema.Draft202012Validator(bus_row).validate(rows["rs485-2"])
     assert {"floor_ms", "cycle_ms"} <= set(bus_row["required"])
+
+
+async def test_birth_and_status_carry_each_bus_floor_and_measured_cycle(
+    tmp_path: Path, broker: MosquittoBroker, mock_pins: Any, mqtt_recorder_factory: Any
+) -> None:
+    """From the panel's bus thread, through the storage process, to the retained birth and the status message."""
+    with VirtualNullModem(tmp_path / "dev") as modem:
+        spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                          socket_path=tmp_path / "control.sock", households=2)
+        cfg = load_config(spec.write(tmp_path / "site.toml"))
+        floor_ms = round(config_bus_floor_s(cfg.buses[0], cfg.bus_devices("bus1")) * 1000, 1)
+        recorder = mqtt_recorder_factory(broker, [f"{spec.topic_base}/birth", f"{spec.topic_base}/status"])
+        with simulated_detectors(modem.device_port, spec.detectors):
+            async with running_gateway(cfg) as panel:
+                await eventually(lambda: panel.buses["bus1"].cycle_s is not None, timeout=30)
+                result = await panel.commands.handle("rebirth", {}, source="test")
+                assert result.ok, result.reason
+
+                def timed_birth() -> dict[str, Any] | None:
+                    for message in recorder.messages(f"{spec.topic_base}/birth"):
+                        timing = message.json["config"].get("bus_timing") or []
+                        if timing and timing[0]["cycle_ms"] is not None:
+                            return dict(message.json)
+                    return None
+
+                birth = await eventually(timed_birth, timeout=30)
+                await eventually(lambda: recorder.messages(f"{spec.topic_base}/status"), timeout=30)
+    validator("birth").validate(birth)
+    (timing,) = birth["config"]["bus_timing"]
+    assert timing["bus"] == "bus1" and timing["floor_ms"] == floor_ms and timing["cycle_ms"] > 0
+    (status, *_) = [m.json for m in recorder.messages(f"{spec.topic_base}/status")]
+    validator("status").validate(status)
