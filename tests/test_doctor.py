@@ -410,11 +410,13 @@ def test_doctor_socket_group_fails_for_an_outsider() -> None:
 # -- beside a running daemon: ask it, never open its port --------------------------------------------------
 
 
+@pytest.mark.parametrize("address", [1, 7], ids=["answers", "silent"])
 def test_doctor_asks_a_running_daemon_for_the_bus(tmp_path: Path, modem: VirtualNullModem,
-                                                  broker: MosquittoBroker) -> None:
+                                                  broker: MosquittoBroker, address: int) -> None:
+    """The simulated detector sits at ``address``; the site polls address 1."""
     cfg = plain_site(tmp_path, modem.gateway_port, broker_port=broker.port)
     env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
-    with simulated_detectors(modem.device_port, [DetectorSpec("gas-u1-h001", "u1-h001", "u1", 1)]):
+    with simulated_detectors(modem.device_port, [DetectorSpec("gas-u1-h001", "u1-h001", "u1", address)]):
         daemon = subprocess.Popen([GATEWAYD, "--config", cfg.source], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         try:
@@ -428,6 +430,12 @@ def test_doctor_asks_a_running_daemon_for_the_bus(tmp_path: Path, modem: Virtual
             daemon.terminate()
             daemon.wait(30)
     checks = {c["name"]: c for c in json.loads(result.stdout)["data"]["checks"]}
-    assert checks["serial bus1"]["status"] == "ok", checks["serial bus1"]
-    assert checks["serial bus1"]["detail"] == f"{modem.gateway_port} (asked the running daemon): gas-u1-h001 answers"
     assert checks["gpio"]["detail"] == "1 pins held by the running daemon"
+    serial = checks["serial bus1"]
+    if address == 1:
+        assert serial["status"] == "ok", serial
+        assert serial["detail"] == f"{modem.gateway_port} (asked the running daemon): gas-u1-h001 answers"
+    else:
+        assert serial["status"] == "FAIL", serial
+        assert serial["detail"].startswith(f"{modem.gateway_port} (asked the running daemon): no configured address")
+        assert "gatewayctl scan bus1" in serial["fix"]
