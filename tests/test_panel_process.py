@@ -370,6 +370,23 @@ def test_no_gpio_backend_exits_at_once_with_one_line(tmp_path: Path, broker: Mos
     assert not _records_text(stdout, "storage process started"), "a storage process was started"
 
 
+@pytest.mark.skipif(os.path.exists("/dev/gpiochip0"), reason="this machine has a GPIO chip")
+def test_the_configured_lgpio_backend_without_a_chip_exits_with_one_line(tmp_path: Path,
+                                                                        broker: MosquittoBroker) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GPIOZERO_PIN_FACTORY"}
+    with VirtualNullModem(tmp_path / "dev") as modem:
+        _spec, path = _site(tmp_path, modem.gateway_port, broker.port)
+        path.write_text(path.read_text().replace("[runtime]\n", '[runtime]\npin_factory = "lgpio"\n', 1))
+        assert load_config(path).runtime.pin_factory == "lgpio"
+        started = time.monotonic()
+        proc = subprocess.run([*GATEWAYD, "--config", str(path)], capture_output=True, text=True, timeout=60,
+                              env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 69, (proc.returncode, proc.stderr)
+    assert proc.stderr == "gatewayd: gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory\n"
+    print(f"exited after {elapsed:.2f} s")
+
+
 def test_a_serial_port_that_exists_but_cannot_be_opened_stops_the_start(tmp_path: Path,
                                                                        broker: MosquittoBroker) -> None:
     not_a_tty = tmp_path / "ttyUSB9"

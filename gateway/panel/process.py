@@ -26,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from drivers.gpio import use_pin_factory
 from gateway import __version__, link
 from gateway.config import SiteConfig
 from gateway.events import Event
@@ -188,6 +189,8 @@ class PanelProcess:
             raise_priority(SUPPORT_PRIORITY, "panel")  # every thread started from here on inherits it
         self._check_ports()
         try:
+            choice = use_pin_factory(self.cfg.runtime.pin_factory)
+            log.info("gpio backend", pin_factory=choice.name, chosen_by=choice.source)
             self.side.start()
         except PanelStartError:
             raise
