@@ -271,7 +271,8 @@ class PanelProcess:
         if self.control is not None:
             await self.control.stop()
         await asyncio.to_thread(self.side.stop_inputs)
-        stored = self.supervisor.up and await asyncio.to_thread(self.handover.wait_stored, STOP_STORE_TIMEOUT_S)
+        # Also when the storage process is away: it may be back within the bound (it is restarted meanwhile).
+        stored = await asyncio.to_thread(self.handover.wait_stored, STOP_STORE_TIMEOUT_S)
         if not stored and len(self.handover.hold):
             counts: dict[str, int] = {}
             for _, event in self.handover.hold.after(0):
