@@ -153,8 +153,9 @@ class Handover:
         self._thread.start()
 
     def put(self, event: Event) -> None:
-        """Hand an event on (from the alarm path: never blocks)."""
-        self._queue.put((next(self._numbers), event))
+        """Hand an event on (from the alarm path: never blocks). Its number is given on the writer thread, in
+        queue order, so that numbers rise in the order the events are sent and committed."""
+        self._queue.put(event)
 
     def attach(self, sock: socket.socket, committed: str | None) -> None:
         """A storage process connected; ``committed`` is its last committed mark (``boot:n``) or None."""
@@ -208,8 +209,9 @@ class Handover:
                 log.exception("handover: an item could not be handled")
 
     def _handle(self, item: Any) -> None:
-        if isinstance(item, tuple) and isinstance(item[0], int):
-            n, event = item
+        if isinstance(item, Event):
+            n = next(self._numbers)
+            event = item
             self.handed_over = n
             self.hold.add(n, event)
             self._send_event(n, event)
