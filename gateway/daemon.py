@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import structlog
 
@@ -39,12 +40,28 @@ def run_panel(cfg: SiteConfig, config_path: str, *, duration: float | None = Non
     return asyncio.run(panel.serve(duration=duration))
 
 
+def _refuse_unedited(config: str, example: str | None) -> None:
+    """A :class:`ConfigError` when ``config`` is still the shipped ``example`` unchanged: its contacts are not
+    wired and it would publish as the example building."""
+    if example is None:
+        return
+    try:
+        unedited = Path(config).read_bytes() == Path(example).read_bytes()
+    except OSError:
+        return  # a missing site file is load_config's to report; a missing example refuses nothing
+    if unedited:
+        raise ConfigError("site", f"{config} is still the shipped example, unchanged: edit it for this building "
+                                  "(docs/deploy.md), check it with `gatewayctl doctor`, then start the service")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gatewayd``."""
     parser = argparse.ArgumentParser(prog="gatewayd", description="Building safety gateway daemon")
     parser.add_argument("--config", default="/etc/gateway/building.toml", help="site config (TOML)")
     parser.add_argument("--demo", action="store_true", help="run a simulated building and play a gas leak")
     parser.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    parser.add_argument("--unedited-example", metavar="PATH",
+                        help="refuse to start while the site file is still this shipped example, byte for byte")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
     args = parser.parse_args(argv)
@@ -54,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(duration=args.duration or 30.0)
     try:
+        _refuse_unedited(args.config, args.unedited_example)
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"gatewayd: config error: {exc}", file=sys.stderr)

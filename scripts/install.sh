@@ -176,6 +176,8 @@ install_all() {
     # A local directory is always rebuilt and reinstalled, so this also upgrades.
     run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
     run install -D -m 0644 docs/deploy.md "$PREFIX/docs/deploy.md"
+    # gatewayd refuses a site that is still this file unchanged (the unit passes it), at every start, boot included.
+    run install -D -m 0644 "$EXAMPLE" "$PREFIX/share/building.example.toml"
     local cmd
     for cmd in "${COMMANDS[@]}"; do
         if [[ $(readlink -- "$BIN_DIR/$cmd" 2>/dev/null) == "$PREFIX/venv/bin/$cmd" ]]; then
@@ -245,6 +247,7 @@ uninstall_all() {
     remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
+    run rm -f -- "$PREFIX/share/building.example.toml"
     local cmd
     for cmd in "${COMMANDS[@]}"; do
         # only our own links: a gatewayctl someone else put there stays
@@ -253,7 +256,7 @@ uninstall_all() {
         fi
     done
     local dir
-    for dir in "$PREFIX/docs" "$PREFIX"; do
+    for dir in "$PREFIX/docs" "$PREFIX/share" "$PREFIX"; do
         if [[ -d $dir ]]; then
             run rmdir --ignore-fail-on-non-empty -- "$dir"
         fi

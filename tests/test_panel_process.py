@@ -387,6 +387,28 @@ def test_the_configured_lgpio_backend_without_a_chip_exits_with_one_line(tmp_pat
     print(f"exited after {elapsed:.2f} s")
 
 
+def test_the_shipped_example_unchanged_is_refused_at_every_start(tmp_path: Path) -> None:
+    """The unit passes the installed copy of the example: a boot on an unedited site exits 78, one line."""
+    example = ROOT / "examples" / "building.toml"
+    site = tmp_path / "building.toml"
+    site.write_bytes(example.read_bytes())
+    args = [*GATEWAYD, "--config", str(site), "--unedited-example", str(example)]
+    env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 78, proc.stderr
+    assert proc.stderr.startswith(f"gatewayd: config error: site: {site} is still the shipped example, unchanged")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    # one edited byte is enough to pass this check (the config itself is then checked as always)
+    edited_text = (example.read_text().replace('building = "b07"', 'building = "b08"')
+                   .replace("/var/lib/gateway/events.db", str(tmp_path / "events.db"))
+                   .replace("/run/gateway/control.sock", str(tmp_path / "control.sock")))
+    assert str(tmp_path / "events.db") in edited_text and str(tmp_path / "control.sock") in edited_text
+    site.write_text(edited_text)
+    edited = subprocess.run([*args, "--duration", "1"], capture_output=True, text=True, timeout=60, env=env,
+                            cwd=ROOT)
+    assert "shipped example" not in edited.stderr
+
+
 def test_a_serial_port_that_exists_but_cannot_be_opened_stops_the_start(tmp_path: Path,
                                                                        broker: MosquittoBroker) -> None:
     not_a_tty = tmp_path / "ttyUSB9"

@@ -163,7 +163,8 @@ def test_unit_contract() -> None:
     one = {key: values[-1] for key, values in s.items()}
     assert one["Type"] == "notify"
     assert one["NotifyAccess"] == "main"
-    assert one["ExecStart"] == "/opt/gateway/venv/bin/gatewayd --config /etc/gateway/building.toml"
+    assert one["ExecStart"] == ("/opt/gateway/venv/bin/gatewayd --config /etc/gateway/building.toml"
+                                " --unedited-example /opt/gateway/share/building.example.toml")
     assert one["WatchdogSec"] == "20s"
     assert one["Restart"] == "always"
     assert one["RestartSec"] == "1"
