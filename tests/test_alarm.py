@@ -613,7 +613,7 @@ def test_gas_relay_contact_is_a_high_alarm(core: AlarmCore) -> None:
 
 
 def test_walk_test_records_detection_as_a_test_never_an_alarm(core: AlarmCore) -> None:
-    started = one(core.test("g1", T0, "cli"), "test", "started")
+    started = one(core.test("g1", T0, "cli")[0], "test", "started")
     assert (started.device, started.source) == ("g1", "cli")
     assert sound(core, T0) is Sound.TEST
     assert sound(core, T0 + TEST_SOUND_S) is Sound.QUIET
@@ -671,6 +671,61 @@ def test_walk_test_of_a_supervisory_contact(core: AlarmCore) -> None:
     assert not only(events, "supervisory") and not only(events, "relay")
     core.contact("pres", False, T0 + 2)
     assert not only(core.tick(T0 + SETTINGS.walk_test_s), "supervisory")
+
+
+def test_walk_test_skips_devices_in_alarm_supervisory_or_fault_and_says_why(core: AlarmCore) -> None:
+    core.reading("g1", reading(30.0), T0)  # a latched, present gas alarm
+    core.contact("pres", True, T0)  # an extinguisher taken away
+    for i in range(SETTINGS.offline_after_failures):
+        core.poll_failed("g2", "timeout", T0 + i)
+    core.reading("g3", reading(30.0), T0)
+    core.reading("g3", reading(0.0), T0 + 1)  # cleared, still latched
+    events, result = core.test(None, T0 + 5, "cli")
+    skipped = dict(result.skipped)
+    assert set(skipped) == {"g1", "g2", "g3", "pres"}
+    assert skipped["g1"] == "high alarm latched (condition present)"
+    assert skipped["g3"] == "high alarm latched (condition cleared, reset it first)"
+    assert skipped["g2"] == "fault: offline"
+    assert skipped["pres"] == "supervisory signal: removed"
+    assert set(result.started) == {d.id for d in DEVICES} - set(skipped)
+    assert {e.device for e in only(events, "test", "started")} == set(result.started)
+    for device, state in (("g1", "high_alarm"), ("g2", "fault"), ("g3", "high_alarm"), ("pres", "supervisory")):
+        assert core.device_state(device)["state"] == state, "the signal stays visible"
+    # the alarm still counts for real: a reset is refused while the gas is there
+    assert core.reset("g1", T0 + 6, "cli")[1].still_active == ("g1",)
+
+
+def test_walk_test_of_one_signalling_device_starts_nothing(core: AlarmCore) -> None:
+    core.contact("f1", True, T0)
+    events, result = core.test("f1", T0 + 1, "cli")
+    assert events == [] and result.started == ()
+    assert result.skipped == (("f1", "fire alarm latched (condition present)"),)
+    assert sound(core, T0 + 1) is Sound.FIRE
+
+
+def test_reset_reports_the_walk_tests_it_ended(core: AlarmCore) -> None:
+    core.test("g1", T0, "cli")
+    core.test("g2", T0, "cli")
+    events, result = core.reset(None, T0 + 1, "cli")
+    assert set(result.tests_ended) == {"g1", "g2"}
+    assert result.reset == () and result.still_active == ()
+    assert {e.device for e in only(events, "test", "ended")} == {"g1", "g2"}
+    assert core.reset(None, T0 + 2, "cli")[1].tests_ended == ()
+
+
+def test_polling_paused_is_a_trouble_signal_until_resumed(core: AlarmCore) -> None:
+    paused = one(core.polling_paused("b1", True, T0, "cli:uid=0", "scan"), "system", "paused")
+    assert (paused.code, paused.source, paused.detail) == ("polling_paused", "cli:uid=0", "scan")
+    assert sound(core) is Sound.TROUBLE and core.annunciation(T0).leds == {"fault"}
+    assert core.paused_buses() == ["b1"]
+    assert "flt" in core.annunciation(T0).relays  # a fault-linked output follows it like any trouble
+    assert core.polling_paused("b1", True, T0 + 1) == []  # once
+    core.reading("g1", reading(30.0), T0 + 2)
+    assert sound(core, T0 + 2) is Sound.GAS  # an alarm still wins
+    resumed = one(core.polling_paused("b1", False, T0 + 3, "cli:uid=0"), "system", "resumed")
+    assert resumed.code == "polling_resumed"
+    assert core.paused_buses() == [] and "fault" not in core.annunciation(T0 + 3).leds
+    assert core.polling_paused("b1", False, T0 + 4) == []
 
 
 # ------------------------------------------------------------------------------------------- properties
@@ -879,7 +934,15 @@ class AlarmModel(RuleBasedStateMachine):
 
     @rule(device=st.one_of(st.none(), st.sampled_from(GAS + CONTACTS)))
     def walk_test(self, device: str | None) -> None:
-        self.step(self.core.test(device, self.now, "cli"))
+        events, result = self.core.test(device, self.now, "cli")
+        self.step(events)
+        targets = {device} if device else set(self.cfg)
+        assert set(result.started) | {d for d, _ in result.skipped} == targets
+        for d in targets:
+            signalling = d in self.alarms or any(s == d for s, _ in self.supervisory) or any(
+                s == d for s, _ in self.faults)
+            assert (d in dict(result.skipped)) == signalling, "a walk test skips exactly the signalling devices"
+        assert {e.device for e in only(events, "test", "started")} == set(result.started)
 
     @rule(dt=st.one_of(st.sampled_from([0.5, 1.0, 29.0, 30.0, 99.0, 100.0]), st.floats(0.0, 400.0)))
     def time_passes(self, dt: float) -> None:

@@ -21,7 +21,7 @@ import structlog
 from drivers.profiles import GasReading, StationReading
 from gateway.events import Event
 from gateway.panel.annunciator import Annunciator
-from gateway.panel.core import AlarmCore, Annunciation, ResetResult
+from gateway.panel.core import AlarmCore, Annunciation, ResetResult, WalkTestResult
 
 __all__ = ["AlarmPanel"]
 
@@ -118,9 +118,22 @@ class AlarmPanel:
         self._run(run)
         return result[0]
 
-    def test(self, device_id: str | None, source: str) -> None:
-        """Start a walk test; raises KeyError for an unknown device."""
-        self._run(lambda now: self.core.test(device_id, now, source))
+    def test(self, device_id: str | None, source: str) -> WalkTestResult:
+        """Start a walk test (devices in alarm, supervisory or fault are skipped); raises KeyError for an
+        unknown device."""
+        result: list[WalkTestResult] = []
+
+        def run(now: float) -> list[Event]:
+            events, outcome = self.core.test(device_id, now, source)
+            result.append(outcome)
+            return events
+
+        self._run(run)
+        return result[0]
+
+    def polling_paused(self, bus_id: str, paused: bool, source: str | None = None, detail: str | None = None) -> None:
+        """Polling of a bus paused or resumed: a trouble signal while paused (:meth:`AlarmCore.polling_paused`)."""
+        self._run(lambda now: self.core.polling_paused(bus_id, paused, now, source, detail))
 
     def restore(self, events: list[Event]) -> None:
         """Show and hand on what :meth:`AlarmCore.restore` gave back (at start, before the first poll)."""

@@ -20,7 +20,9 @@ Rules (docs/alarms.md gives each with its default and source):
 - supervisory signals (extinguisher removed, pressure, cabinet door open too long, access obstructed);
 - sounder priority FIRE > GAS > SUPERVISORY > TEST > TROUBLE;
 - relays follow latched alarms (and supervisory/fault signals) within each linkage rule's scope;
-- walk test: a device in test mode reports its detections as ``test``/``detected``, never as alarms.
+- walk test: a device in test mode reports its detections as ``test``/``detected``, never as alarms; a
+  device in alarm, supervisory or fault is never put in test mode (it would hide the signal);
+- polling paused (an address scan) is a trouble signal while it lasts.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "Level",
     "ResetResult",
     "Sound",
+    "WalkTestResult",
 ]
 
 #: Statuses a detector reports that are faults (trouble), not alarms.
@@ -99,10 +102,20 @@ class Annunciation:
 
 @dataclass(frozen=True, slots=True)
 class ResetResult:
-    """Devices whose latch was cleared, and those still in alarm (condition present, reset refused)."""
+    """What a reset did: latches cleared (``reset``), alarms still present (``still_active``: the condition
+    is there, the latch stays) and walk tests ended (``tests_ended``)."""
 
     reset: tuple[str, ...]
     still_active: tuple[str, ...]
+    tests_ended: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class WalkTestResult:
+    """Devices whose walk test started, and those skipped, each with why (a signal a test would hide)."""
+
+    started: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -373,6 +386,28 @@ class AlarmCore:
             events.append(Event("fault", "cleared", now, code=code, detail=detail))
         return self._finish(events, now)
 
+    def polling_paused(self, bus_id: str, paused: bool, now: float, source: str | None = None,
+                       detail: str | None = None) -> list[Event]:
+        """Polling of a bus paused (an address scan) or resumed. While paused nothing is read from its
+        detectors: a trouble signal (trouble sound, fault LED) and a ``system``/``paused`` event; resuming
+        clears it with ``system``/``resumed``."""
+        events: list[Event] = []
+        key = (f"bus:{bus_id}", "trouble:polling_paused")
+        if paused and key not in self._conditions:
+            self._conditions[key] = _Condition("trouble", Sound.TROUBLE, None, None, now)
+            events.append(Event("system", "paused", now, code="polling_paused", source=source,
+                                detail=detail or f"polling of {bus_id} paused"))
+        elif not paused and key in self._conditions:
+            del self._conditions[key]
+            events.append(Event("system", "resumed", now, code="polling_resumed", source=source,
+                                detail=detail or f"polling of {bus_id} resumed"))
+        return self._finish(events, now)
+
+    def paused_buses(self) -> list[str]:
+        """Buses whose polling is paused now."""
+        return sorted(subject.removeprefix("bus:") for subject, what in self._conditions
+                      if what == "trouble:polling_paused")
+
     def tick(self, now: float) -> list[Event]:
         """Time passing: fault ceilings, cabinet doors left open, walk tests ending, the test sound ending."""
         events: list[Event] = []
@@ -405,9 +440,11 @@ class AlarmCore:
         events: list[Event] = []
         done: list[str] = []
         still: list[str] = []
+        ended: list[str] = []
         for st in targets:
             if st.test_until is not None:
                 self._end_test(st, now, events, source=source)
+                ended.append(st.cfg.id)
             key = (st.cfg.id, "alarm")
             if key not in self._conditions:
                 continue
@@ -424,20 +461,44 @@ class AlarmCore:
             st.cleared = False
             events.append(self._event(st, "reset", "reset", now, level=latched, source=source))
             done.append(st.cfg.id)
-        return self._finish(events, now), ResetResult(tuple(done), tuple(still))
+        return self._finish(events, now), ResetResult(tuple(done), tuple(still), tuple(ended))
 
-    def test(self, device_id: str | None, now: float, source: str) -> list[Event]:
+    def test(self, device_id: str | None, now: float, source: str) -> tuple[list[Event], WalkTestResult]:
         """Walk test: a short test sound; detections by the device(s) for ``walk_test_s`` are recorded as tests.
 
-        Raises KeyError for an unknown device.
+        A device in alarm (latched), with a supervisory signal or in fault is skipped, and the result says
+        why: in test mode its state would read ``test`` and hide the signal. Raises KeyError for an unknown
+        device.
         """
         events = []
+        started: list[str] = []
+        skipped: list[tuple[str, str]] = []
         for st in self._targets(device_id):
+            why = self._busy(st)
+            if why is not None:
+                skipped.append((st.cfg.id, why))
+                continue
             st.test_until = now + self.settings.walk_test_s
+            started.append(st.cfg.id)
             events.append(self._event(st, "test", "started", now, source=source,
                                       detail=f"until reset or {self.settings.walk_test_s:g} s"))
-        self._test_sound_until = now + TEST_SOUND_S
-        return self._finish(events, now)
+        if started:
+            self._test_sound_until = now + TEST_SOUND_S
+        return self._finish(events, now), WalkTestResult(tuple(started), tuple(skipped))
+
+    def _busy(self, st: _DeviceState) -> str | None:
+        """Why a walk test must leave this device alone (an alarm, supervisory signal or fault), or None."""
+        alarm = self._conditions.get((st.cfg.id, "alarm"))
+        if alarm is not None:
+            what = "fire alarm" if st.fire else f"{st.latched.name.lower()} alarm"
+            present = "condition present" if st.level > Level.NONE else "condition cleared, reset it first"
+            return f"{what} latched ({present})"
+        signals = sorted(c for c in st.supervisory if (st.cfg.id, f"supervisory:{c}") in self._conditions)
+        if signals:
+            return f"supervisory signal: {', '.join(signals)}"
+        if st.faults:
+            return f"fault: {', '.join(sorted(st.faults))}"
+        return None
 
     # ------------------------------------------------------------------------------------ saved state
 
