@@ -23,7 +23,6 @@ from gateway.events import Event
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import CHIRP_S, LED_PATTERNS, PATTERNS, Annunciator, Pattern, trouble_pattern
 from gateway.panel.core import AlarmCore, Annunciation, Sound
-from gateway.uplink.bridge import Bridge
 from tests.support.wait import wait_until
 
 Timeline = list[tuple[float, bool]]
@@ -303,7 +302,8 @@ def test_a_pattern_keeps_its_timing_while_the_loop_is_blocked(mock_pins: MockFac
         loop.run_until_complete(block())
         loop.run_until_complete(asyncio.sleep(0))  # run the callbacks queued meanwhile
 
-    panel = AlarmPanel(AlarmCore([detector]), annunciator, Bridge(loop).sink(received.append))
+    panel = AlarmPanel(AlarmCore([detector]), annunciator,
+                       lambda event: loop.call_soon_threadsafe(received.append, event))  # to a blocked loop
     loop_thread = threading.Thread(target=run_loop, name="blocked-loop")
     loop_thread.start()
     try:

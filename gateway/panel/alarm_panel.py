@@ -3,8 +3,8 @@
 Bus threads, GPIO callbacks, the ticker and operator commands all call the panel. It serialises them with
 a lock that guards only in-memory state (never held across disk or network I/O), reads the clock under
 that lock (so the core sees time in order), shows the resulting :class:`~gateway.panel.core.Annunciation` on
-the annunciator *before* anything else, then hands copies of the events to the sink (the bridge to the
-asyncio loop) in the order the core produced them. The sink must not block.
+the annunciator *before* anything else, then hands copies of the events to the sink (the hand-over's queue,
+:mod:`gateway.panel.handover`) in the order the core produced them. The sink must not block.
 """
 
 from __future__ import annotations
@@ -202,8 +202,7 @@ class AlarmPanel:
         self._hand_on()
 
     def _hand_on(self) -> None:
-        """Deliver pending results in order. Never waits: handing on is a system call (the bridge wakes the
-        loop), so a thread that finds another one delivering leaves its results to it and returns — a
+        """Deliver pending results in order. Never waits: handing on is a queue put, so a thread that finds another one delivering leaves its results to it and returns — a
         lock held across I/O must not stand between an alarm and the buzzer. Whoever releases the lock
         looks again, so nothing is left behind."""
         while self._pending:

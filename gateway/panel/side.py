@@ -1,9 +1,8 @@
 """The real-time half of the gateway: outputs, annunciator, alarm panel and ticker, GPIO contacts, bus threads.
 
-Everything from a reading or a contact edge to the buzzer pin lives here, and nothing here waits for the
-asyncio loop: the panel hands copies of its events and annunciations to two callbacks that must not block
-(the bridge to the loop when both halves share a process, the alarm link's sender when they do not, see
-:mod:`gateway.alarm_link`).
+Everything from a reading or a contact edge to the buzzer pin lives here, and nothing here waits for an
+event loop: the panel hands copies of its events and annunciations to two callbacks that must not block (the
+hand-over's queue, :mod:`gateway.panel.handover`, and a log call scheduled on the panel's loop).
 """
 
 from __future__ import annotations
