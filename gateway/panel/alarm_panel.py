@@ -202,9 +202,9 @@ class AlarmPanel:
         self._hand_on()
 
     def _hand_on(self) -> None:
-        """Deliver pending results in order. Never waits: handing on is a queue put, so a thread that finds another one delivering leaves its results to it and returns — a
-        lock held across I/O must not stand between an alarm and the buzzer. Whoever releases the lock
-        looks again, so nothing is left behind."""
+        """Deliver pending results in order. Never waits: a thread that finds another one delivering leaves
+        its results to it and returns — no lock may stand between an alarm and the buzzer for longer than
+        in-memory work. Whoever releases the lock looks again, so nothing is left behind."""
         while self._pending:
             if not self._handoff.acquire(blocking=False):
                 return
