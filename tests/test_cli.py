@@ -282,10 +282,10 @@ def test_silence_reset_and_walk_test(site: DaemonSite) -> None:
     wait_until(lambda: not site.device_state(device)["condition_present"], timeout=30)
     assert site.device_state(device)["latched"] == "high"
     reset = site.ctl_json("reset", device)
-    assert reset["data"] == {"reset": [device], "still_active": []}
+    assert reset["data"] == {"reset": [device], "still_active": [], "tests_ended": []}
     assert site.device_state(device)["state"] == "normal"
     walk = site.ctl_json("test", device)
-    assert walk["data"]["devices"] == [device]
+    assert walk["data"] == {"started": [device], "skipped": []}
     assert site.device_state(device)["state"] == "test"
     everything = site.ctl("test", "--all")
     assert everything.returncode == EXIT_OK and "walk test started for 3 device(s)" in everything.stdout

@@ -15,7 +15,7 @@ import pytest
 
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.ops.commands import COMMANDS, SECRET_MASK, CommandHandler, CommandRejected
+from gateway.ops.commands import COMMANDS, SCAN_PAUSE_MAX_S, SECRET_MASK, CommandHandler, CommandRejected
 from gateway.panel.process import PanelProcess
 from tests.support.broker import MosquittoBroker
 from tests.support.building import running_gateway
@@ -198,15 +198,105 @@ async def test_silence_reset_and_test_record_their_source(site: Site) -> None:
     det.set_concentration(0.0)
     await wait_for(lambda: not site.gateway.panel.snapshot()["devices"][0]["condition_present"], "gas gone")
     done = await h.handle("reset", {"device": device}, source="cli:uid=1000")
-    assert done.ok and done.data == {"reset": [device], "still_active": []}
+    assert done.ok and done.data == {"reset": [device], "still_active": [], "tests_ended": []}
     walk = await h.handle("test", {"all": True}, source="mqtt:cmd-2")
-    assert walk.ok and walk.data["devices"] == [d.id for d in site.gateway.cfg.devices]
+    assert walk.ok and walk.data == {"started": [d.id for d in site.gateway.cfg.devices], "skipped": []}
     rows = await wait_for(lambda: stored(site, kind="test"), "test events stored")
     assert {r["source"] for r in rows if r["action"] == "started"} == {"mqtt:cmd-2"}
     silenced = await wait_for(lambda: stored(site, kind="silence"), "silence stored")
     assert silenced[-1]["source"] == "mqtt:cmd-1"
     resets = await wait_for(lambda: stored(site, kind="reset"), "reset stored")
     assert resets[-1]["source"] == "cli:uid=1000" and resets[-1]["device"] == device
+
+
+def device_state(site: Site, device: str) -> str:
+    return next(str(d["state"]) for d in site.gateway.panel.snapshot()["devices"] if d["device"] == device)
+
+
+async def test_a_walk_test_skips_a_device_in_a_latched_present_gas_alarm_and_says_why(site: Site) -> None:
+    h = site.handler
+    alarmed, other = site.device_ids[0], site.device_ids[1]
+    site.detectors[0].set_concentration(30.0)
+    await wait_for(lambda: device_state(site, alarmed) == "high_alarm", "gas alarm latched")
+    walk = await h.handle("test", {"all": True}, source="cli:uid=0")
+    assert walk.ok, walk.reason
+    assert walk.data["skipped"] == [{"device": alarmed, "reason": "high alarm latched (condition present)"}]
+    assert alarmed not in walk.data["started"] and other in walk.data["started"]
+    assert device_state(site, alarmed) == "high_alarm" and device_state(site, other) == "test"
+    status = await h.handle("status", {}, source="test")
+    row = next(d for d in status.data["devices"] if d["device"] == alarmed)
+    assert (row["state"], row["faults"]) == ("high_alarm", [])  # never shown as a test, nor as a fault
+    one = await h.handle("test", {"device": alarmed}, source="cli:uid=0")
+    assert not one.ok and one.reason == (f"test: {alarmed}: not started: high alarm latched (condition present); "
+                                         "a walk test would hide it")
+    assert one.data["started"] == [] and not one.data.get("failed")
+    started = [r for r in await stored(site, kind="test") if r["action"] == "started"]
+    assert alarmed not in {r["device"] for r in started}
+
+
+async def test_reset_reports_the_walk_tests_it_ended_not_nothing(site: Site) -> None:
+    h = site.handler
+    device = site.device_ids[0]
+    assert (await h.handle("test", {"device": device}, source="test")).ok
+    ended = await h.handle("reset", {"all": True}, source="test")
+    assert ended.ok and ended.data == {"reset": [], "still_active": [], "tests_ended": [device]}
+    assert device_state(site, device) == "normal"
+
+
+async def test_a_scan_pauses_polling_in_bounded_windows_with_a_trouble_signal(site: Site) -> None:
+    """A scan longer than the pause window: polling pauses window by window, every device is polled between
+    two windows, and while paused the panel sounds trouble and lights its fault LED; status says so."""
+    h = site.handler
+    poller = site.gateway.buses["bus1"]
+    panel = site.gateway.panel
+    h.pause_window_s = 0.4  # each silent address takes at least one probe timeout (0.25 s)
+    seen: list[tuple[bool, int, Any, list[str]]] = []
+    statuses: list[dict[str, Any]] = []
+    real = panel.polling_paused
+
+    def watch(bus_id: str, paused: bool, source: str | None = None, detail: str | None = None) -> None:
+        real(bus_id, paused, source, detail)
+        snap = panel.snapshot()
+        seen.append((paused, poller.polls, snap["annunciation"], [c["what"] for c in snap["active"]]))
+
+    panel.polling_paused = watch  # type: ignore[method-assign]
+    try:
+        scan = asyncio.create_task(h.handle("scan", {"bus": "bus1", "from": 7, "to": 14, "pause_polling": True},
+                                            source="cli:uid=0"))
+        await wait_for(lambda: poller.paused, "polling paused")
+        statuses.append((await h.handle("status", {}, source="test")).data)
+        result = await asyncio.wait_for(scan, 60)
+    finally:
+        panel.polling_paused = real  # type: ignore[method-assign]
+    assert result.ok, result.reason
+    windows = result.data["pause_windows"]
+    assert windows >= 2, result.data
+    assert [p for p, *_ in seen] == [True, False] * windows
+    for paused, _polls, annunciation, active in seen:
+        if paused:
+            assert annunciation.sound.name == "TROUBLE" and "fault" in annunciation.leds
+            assert "trouble:polling_paused" in active
+        else:
+            assert "trouble:polling_paused" not in active
+    for (_, resumed_at, *_), (_, paused_at, *_) in zip(seen[1::2], seen[2::2], strict=False):
+        assert paused_at - resumed_at >= len(poller.polled), "every device polled between two windows"
+    bus = statuses[0]["buses"][0]
+    assert bus["paused"] and bus["scanning"]
+    assert statuses[0]["annunciator"]["sound"] == "trouble" and "fault" in statuses[0]["annunciator"]["leds"]
+    assert not poller.paused and panel.snapshot()["annunciation"].sound.name == "QUIET"
+
+    async def recorded() -> list[dict[str, Any]]:
+        rows = [r for r in await stored(site, kind="system") if r["code"] in ("polling_paused", "polling_resumed")]
+        return rows if len(rows) == 2 * windows else []
+
+    rows = await wait_for(recorded, "every pause and resume recorded")
+    assert [r["action"] for r in rows] == ["paused", "resumed"] * windows
+    assert {r["source"] for r in rows} == {"cli:uid=0"}
+
+
+def test_a_scan_never_pauses_longer_than_thirty_seconds() -> None:
+    assert SCAN_PAUSE_MAX_S == 30.0
+    assert CommandHandler(object(), pause_window_s=120).pause_window_s == 30.0  # type: ignore[arg-type]
 
 
 async def test_status_reports_gateway_uplink_annunciator_and_devices(site: Site, broker: MosquittoBroker) -> None:

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn, TextIO
@@ -261,6 +261,31 @@ def _table(headers: list[str], rows: list[list[str]], style: Style, colours: lis
         yield "  ".join(cells).rstrip()
 
 
+def render_reset(d: Mapping[str, Any], style: Callable[[str, str], str]) -> Iterator[str]:
+    """What a reset did: latches cleared, walk tests ended, alarms still present."""
+    reset, ended = d.get("reset", []), d.get("tests_ended", [])
+    if reset:
+        yield f"reset: latch cleared for {', '.join(reset)}"
+    if ended:
+        yield f"walk test ended for {', '.join(ended)}"
+    if d.get("still_active"):
+        yield style(f"still in alarm (condition present, latch kept): {', '.join(d['still_active'])}", "red")
+    if not reset and not ended and not d.get("still_active"):
+        yield "reset: nothing was latched and no walk test was running"
+
+
+def render_walk_test(d: Mapping[str, Any], style: Callable[[str, str], str]) -> Iterator[str]:
+    """Which devices a walk test started on, and which it skipped and why."""
+    started = d.get("started", [])
+    if started:
+        yield (f"walk test started for {len(started)} device(s): {', '.join(started)}; "
+               "detections are recorded as tests, not alarms")
+    else:
+        yield "walk test started for no device"
+    for item in d.get("skipped", []):
+        yield style(f"skipped {item['device']}: {item['reason']}", "yellow")
+
+
 def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None = None) -> Iterator[str]:
     """Human-readable status."""
     gw = data["gateway"]
@@ -305,8 +330,13 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
                f"  evicted undelivered {evicted}, delivered {sum(storage.get('evicted_delivered', {}).values())}"
                f"  dropped in memory {dropped}")
     for bus in data.get("buses", []):
-        state = "PORT LOST" if bus["port_lost"] else ("paused" if bus["paused"] else "polling")
-        yield (f"Bus       {bus['id']} {bus['port']}: {style(state, 'red' if bus['port_lost'] else None)}, "
+        if bus["port_lost"]:
+            state = style("PORT LOST", "red")
+        elif bus["paused"]:
+            state = style("POLLING PAUSED (no alarms read; trouble signal)", "yellow")
+        else:
+            state = "polling" + (" (address scan between pause windows)" if bus.get("scanning") else "")
+        yield (f"Bus       {bus['id']} {bus['port']}: {state}, "
                f"{bus['polls']} polls, {bus['errors']} errors{_kinds(bus.get('errors_by_kind'), ' (', ')')}"
                f"{_cycle(bus)}")
     yield ""
@@ -554,17 +584,10 @@ class Cli:
         return {"all": True} if self.args.all else {"device": self.args.device}
 
     def reset(self) -> int:
-        def render(d: dict[str, Any]) -> Iterator[str]:
-            yield f"reset: {', '.join(d['reset']) or 'nothing was latched'}"
-            if d["still_active"]:
-                yield self.style(f"still in alarm (condition present): {', '.join(d['still_active'])}", "red")
-
-        return self.simple("reset", self._target(), render)
+        return self.simple("reset", self._target(), lambda d: render_reset(d, self.style))
 
     def test(self) -> int:
-        return self.simple("test", self._target(), lambda d: iter([
-            f"walk test started for {len(d['devices'])} device(s): {', '.join(d['devices'])}; "
-            "detections are recorded as tests, not alarms"]))
+        return self.simple("test", self._target(), lambda d: render_walk_test(d, self.style))
 
     def buzzer_test(self) -> int:
         seconds = self.args.seconds

@@ -11,10 +11,13 @@ Commands (arguments in parentheses; all optional unless marked *):
 
 * ``silence`` () — mute the sounder for what is active now.
 * ``reset`` (``device`` | ``all``: true) and ``test`` (``device`` | ``all``: true) — exactly one of the two.
+  ``reset`` answers the latches cleared, the alarms still present and the walk tests ended; ``test`` the
+  devices whose walk test started and those skipped (in alarm, supervisory or fault), each with why.
 * ``status`` () and ``rebirth`` () — current state; publish the retained birth message again.
 * ``events`` (``limit``, ``since``, ``device``, ``household``, ``kind``) — stored history, newest last.
 * ``read`` (``device``\\*, ``raw``) — a fresh reading now, through the bus thread that owns the port.
-* ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses.
+* ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses; polling pauses
+  at most :data:`SCAN_PAUSE_MAX_S` at a time (a trouble signal meanwhile), every device polled in between.
 * ``buzzer_test`` (``seconds_per_pattern``) and ``relay_test`` (``output``\\*, ``seconds``).
 * ``config_show`` () — the effective configuration, secrets masked.
 """
@@ -85,6 +88,8 @@ BUZZER_TEST_MAX_S = 5.0
 #: How often a buzzer test looks for a real signal that must take the sounder back.
 BUZZER_TEST_CHECK_S = 0.05
 RELAY_TEST_MAX_S = 60.0
+#: Longest stretch a scan pauses a bus's polling; between two, every device on the bus is polled.
+SCAN_PAUSE_MAX_S = 30.0
 #: Per-address reply timeout during a scan (never longer than the bus's own timeout).
 SCAN_PROBE_TIMEOUT_S = 0.25
 SECRET_MASK = "********"
@@ -228,8 +233,10 @@ class CommandHandler:
 
     COMMANDS: frozenset[str] = COMMANDS
 
-    def __init__(self, gateway: CommandTarget) -> None:
+    def __init__(self, gateway: CommandTarget, *, pause_window_s: float = SCAN_PAUSE_MAX_S) -> None:
+        """``pause_window_s``: the longest stretch a scan pauses polling (:data:`SCAN_PAUSE_MAX_S`)."""
         self.gateway = gateway
+        self.pause_window_s = min(pause_window_s, SCAN_PAUSE_MAX_S)
         self._scanning: set[str] = set()
 
     async def handle(
@@ -272,7 +279,8 @@ class CommandHandler:
     async def _cmd_reset(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         device = self._target(a)
         outcome = self.gateway.panel.reset(device, source)
-        data = {"reset": list(outcome.reset), "still_active": list(outcome.still_active)}
+        data = {"reset": list(outcome.reset), "still_active": list(outcome.still_active),
+                "tests_ended": list(outcome.tests_ended)}
         if device is not None and device in outcome.still_active:
             return CommandResult(False, f"reset: {device}: the alarm condition is still present; "
                                  "it can be reset once it has cleared", data)
@@ -280,9 +288,13 @@ class CommandHandler:
 
     async def _cmd_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
         device = self._target(a)
-        self.gateway.panel.test(device, source)
-        devices = [device] if device is not None else [d.id for d in self.gateway.cfg.devices]
-        return CommandResult(True, data={"devices": devices})
+        outcome = self.gateway.panel.test(device, source)
+        data = {"started": list(outcome.started),
+                "skipped": [{"device": d, "reason": why} for d, why in outcome.skipped]}
+        if device is not None and outcome.skipped:
+            return CommandResult(False, f"test: {device}: not started: {outcome.skipped[0][1]}; a walk test "
+                                 "would hide it", data)
+        return CommandResult(True, data=data)
 
     # ------------------------------------------------------------------------------ state
 
@@ -340,6 +352,7 @@ class CommandHandler:
             "storage": {**(stored["storage"] if stored is not None else {}), **gw.hold_figures()},
             "buses": [
                 {"id": p.bus.id, "port": p.bus.port, "port_lost": p.port_lost, "paused": p.paused,
+                 "scanning": p.bus.id in self._scanning,
                  "polls": p.polls, "errors": p.errors,
                  "errors_by_kind": dict(sorted(getattr(p, "errors_by_kind", {}).items())), **_cycle_figures(p)}
                 for p in gw.buses.values()
@@ -501,23 +514,29 @@ class CommandHandler:
             raise CommandRejected(f"scan: from ({first}) must not be above to ({last})")
         if bus_id in self._scanning:
             raise CommandRejected(f"scan: a scan of {bus_id} is already running")
-        paused_here = False
-        if not poller.paused:
-            if not pause:
-                raise CommandRejected(f"scan: bus {bus_id} is polling its detectors; pause it with pause_polling "
-                                      "(gatewayctl scan --pause-polling) for the scan; no alarms are read from "
-                                      "this bus meanwhile")
-            poller.pause(True)
-            paused_here = True
-            self.gateway.record(Event("system", "paused", time.monotonic(), code="polling_paused", source=source,
-                                      detail=f"polling of {bus_id} paused for an address scan"))
+        pausing = not poller.paused  # else someone else holds polling paused: scan without touching it
+        if pausing and not pause:
+            raise CommandRejected(f"scan: bus {bus_id} is polling its detectors; pause it with pause_polling "
+                                  "(gatewayctl scan --pause-polling) for the scan; polling pauses at most "
+                                  f"{self.pause_window_s:g} s at a time and every device is polled in between")
         self._scanning.add(bus_id)
         probe_s = min(poller.bus.timeout_s, SCAN_PROBE_TIMEOUT_S)
         found: list[dict[str, Any]] = []
         gateway_answers: list[dict[str, Any]] = []  # a Modbus gateway said nothing answers behind it
         total = last - first + 1
+        windows = 0
+        window_end = float("-inf")
         try:
             for n, address in enumerate(range(first, last + 1), start=1):
+                if pausing and time.monotonic() >= window_end:
+                    if windows:  # a window is over: every device is polled before the next one
+                        self._set_paused(poller, False, source, f"polling of {bus_id} resumed between scan "
+                                         f"windows (address {address - 1} of {first}–{last} done)")
+                        await self._polled_once(poller)
+                    windows += 1
+                    self._set_paused(poller, True, source, f"polling of {bus_id} paused for an address scan "
+                                     f"(window {windows}, at most {self.pause_window_s:g} s)")
+                    window_end = time.monotonic() + self.pause_window_s
                 try:
                     hit = await self._on_bus(poller, functools.partial(_probe, address=address, timeout_s=probe_s),
                                              poller.deadline_s)
@@ -534,16 +553,26 @@ class CommandHandler:
                               "hit": hit})
         finally:
             self._scanning.discard(bus_id)
-            if paused_here:
-                poller.pause(False)
-                self.gateway.record(Event("system", "resumed", time.monotonic(), code="polling_resumed",
-                                          source=source, detail=f"polling of {bus_id} resumed after the scan"))
+            if pausing and windows:
+                self._set_paused(poller, False, source, f"polling of {bus_id} resumed after the scan")
         configured = {d.address: d.controller or d.id for d in self.gateway.cfg.bus_devices(bus_id)}
         for hit in found:
             hit["configured_as"] = configured.get(hit["address"])
         return CommandResult(True, data={"bus": bus_id, "from": first, "to": last, "responders": found,
                                          "gateway_answers": gateway_answers,
-                                         "paused_polling": paused_here})
+                                         "paused_polling": pausing, "pause_windows": windows})
+
+    def _set_paused(self, poller: BusPoller, paused: bool, source: str, detail: str) -> None:
+        """Pause or resume a bus's polling; the panel shows a trouble signal while it is paused."""
+        poller.pause(paused)
+        self.gateway.panel.polling_paused(poller.bus.id, paused, source, detail)
+
+    async def _polled_once(self, poller: BusPoller) -> None:
+        """Wait until the bus thread has polled each of its devices once more (at most its deadline)."""
+        target = poller.polls + len(poller.polled)
+        deadline = time.monotonic() + poller.deadline_s
+        while poller.polls < target and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------------------ outputs
 

@@ -357,7 +357,8 @@ class PanelProcess:
         return {
             "snapshot": link.snapshot_to_wire(self.panel.snapshot()),
             "buses": [{"id": bus_id, "polls": p.polls, "errors": p.errors, "port_lost": p.port_lost,
-                       "floor_s": p.floor_s, "cycle_s": p.cycle_s, "errors_by_kind": dict(p.errors_by_kind)}
+                       "paused": p.paused, "floor_s": p.floor_s, "cycle_s": p.cycle_s,
+                       "errors_by_kind": dict(p.errors_by_kind)}
                       for bus_id, p in self.buses.items()],
             "hold": self.hold_figures(),
         }

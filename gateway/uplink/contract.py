@@ -173,7 +173,7 @@ def birth_message(
 @dataclass(frozen=True, slots=True)
 class BusCounters:
     """A bus thread's poll counters at one moment, with its wire floor and last full cycle (seconds; None
-    where not known)."""
+    where not known), and whether its polling is paused (an address scan)."""
 
     bus: str
     polls: int
@@ -181,6 +181,7 @@ class BusCounters:
     port_lost: bool
     floor_s: float | None = None
     cycle_s: float | None = None
+    paused: bool = False
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -236,7 +237,8 @@ class StatusReporter:
         for b in buses:
             before = self._previous.get(b.bus, BusCounters(b.bus, 0, 0, False))
             polls, errors = max(0, b.polls - before.polls), max(0, b.errors - before.errors)
-            bus_rows.append({"bus": b.bus, "port_lost": b.port_lost, "polls": b.polls, "errors": b.errors,
+            bus_rows.append({"bus": b.bus, "port_lost": b.port_lost, "paused": b.paused, "polls": b.polls,
+                             "errors": b.errors,
                              "window_polls": polls, "window_errors": errors,
                              "success_ratio": round((polls - min(errors, polls)) / polls, 4) if polls else None,
                              "floor_ms": _ms(b.floor_s), "cycle_ms": _ms(b.cycle_s),

@@ -323,8 +323,8 @@ class StorageProcess:
             snapshot=link.snapshot_from_wire(view.get("snapshot")),
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),
-            buses=[BusCounters(b["id"], b["polls"], b["errors"], b["port_lost"], b.get("floor_s"), b.get("cycle_s"))
-                   for b in view.get("buses", [])],
+            buses=[BusCounters(b["id"], b["polls"], b["errors"], b["port_lost"], b.get("floor_s"), b.get("cycle_s"),
+                               bool(b.get("paused", False))) for b in view.get("buses", [])],
             storage={**await self.outbox.stats(), **self.writer.stats(), **view.get("hold", {})},
         )
 
