@@ -264,10 +264,13 @@ DEFAULT_SOCKET = "/run/gateway/control.sock"
 
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
-    """Local control socket for ``gatewayctl``."""
+    """Local control socket for ``gatewayctl``: ``group`` may connect and read (status, events, read,
+    config_show); ``operator_group`` may also act (silence, reset, test, buzzer_test, relay_test, scan,
+    rebirth). Root and the daemon's own user are always operators (docs/cli.md, "Permissions")."""
 
     socket: str = DEFAULT_SOCKET
     group: str | None = None
+    operator_group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1119,7 +1122,7 @@ def _parse_control(root: _Table, base: Path) -> ControlConfig:
     if t is None:
         return ControlConfig()
     cfg = ControlConfig(socket=_resolve(base, t.text("socket", DEFAULT_SOCKET)) or DEFAULT_SOCKET,
-                        group=t.text("group"))
+                        group=t.text("group"), operator_group=t.text("operator_group"))
     t.done()
     return cfg
 

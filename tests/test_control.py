@@ -7,16 +7,21 @@ import dataclasses
 import grp
 import json
 import os
+import secrets
+import shutil
 import socket
 import stat
-from collections.abc import AsyncIterator
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.config import ControlConfig
-from gateway.ops.control import MAX_LINE, ControlServer, ControlServerError
+from gateway.ops.cli import EXIT_OK, EXIT_REJECTED
+from gateway.ops.control import MAX_LINE, READ_COMMANDS, ControlServer, ControlServerError
 from tests.support.broker import MosquittoBroker
 from tests.test_commands import Site, running_site, stored_at_least, wait_for
 
@@ -230,3 +235,107 @@ async def test_a_request_sent_during_a_follow_ends_it_and_is_answered(site: Site
         answer = await conn.receive()
     assert answer["id"] == 2 and answer["ok"] is True
     await conn.close()
+
+
+# ------------------------------------------------------------------------------------------- roles
+
+#: A uid with no passwd entry: gatewayctl runs as it (the test runs as root).
+OTHER_UID = 61_234
+REPO = Path(__file__).resolve().parents[1]
+#: gatewayctl for another user: the venv's interpreter may live where only root can read it (a home
+#: directory), so gatewayctl's own ``main`` runs in the system Python 3.11 from the source tree (it needs only
+#: the standard library).
+SYSTEM_PYTHON = "/usr/bin/python3"
+GATEWAYCTL_AS_OTHER = [SYSTEM_PYTHON, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                       "from gateway.ops.cli import main; sys.argv[0] = 'gatewayctl'; sys.exit(main())"]
+
+
+@pytest.fixture
+def role_groups() -> Iterator[tuple[grp.struct_group, grp.struct_group]]:
+    """A throwaway read-only group and operator group (removed afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating groups and running gatewayctl as another user needs root")
+    if not os.access(SYSTEM_PYTHON, os.X_OK) or subprocess.run([SYSTEM_PYTHON, "-c", "import tomllib"],
+                                                               capture_output=True).returncode != 0:
+        pytest.skip(f"no {SYSTEM_PYTHON} (3.11 or later) to run gatewayctl as another user")
+    suffix = secrets.token_hex(4)
+    names = (f"gwread-{suffix}", f"gwoper-{suffix}")
+    for name in names:
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+    try:
+        yield grp.getgrnam(names[0]), grp.getgrnam(names[1])
+    finally:
+        for name in names:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.mark.timeout(120)
+async def test_read_only_members_read_operators_act_root_always(
+    site: Site, role_groups: tuple[grp.struct_group, grp.struct_group]
+) -> None:
+    readers, operators = role_groups
+    shared = Path(tempfile.mkdtemp(prefix="gw-roles-"))  # pytest's tmp_path is root's alone
+    shared.chmod(0o755)
+    sock = shared / "control.sock"
+    config = shared / "site.toml"
+    config.write_text(f'[control]\nsocket = "{sock}"\ngroup = "{readers.gr_name}"\n'
+                      f'operator_group = "{operators.gr_name}"\n')
+    config.chmod(0o644)
+    server = ControlServer(ControlConfig(socket=str(sock), group=readers.gr_name,
+                                         operator_group=operators.gr_name), site.handler)
+    await server.start()
+
+    async def ctl(*args: str, gid: int, groups: list[int]) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, [*GATEWAYCTL_AS_OTHER, "--config", str(config), *args],
+                                       user=OTHER_UID, group=gid, extra_groups=groups, capture_output=True,
+                                       text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+
+    try:
+        assert os.stat(sock).st_gid == readers.gr_gid
+        async def as_reader(*args: str) -> subprocess.CompletedProcess[str]:
+            return await ctl(*args, gid=OTHER_UID, groups=[readers.gr_gid])
+
+        status = await as_reader("status", "--json")
+        assert status.returncode == EXIT_OK, status.stderr
+        assert (await as_reader("events", "--limit", "3")).returncode == EXIT_OK
+        assert (await as_reader("read", site.device_ids[0])).returncode == EXIT_OK
+        for command in (["silence"], ["reset", "--all"], ["test", site.device_ids[0]], ["relay-test", "u1-gas-valve"],
+                        ["scan", "bus1", "--pause-polling"], ["buzzer-test"]):
+            refused = await as_reader(*command)
+            assert refused.returncode == EXIT_REJECTED, (command, refused.stdout, refused.stderr)
+            assert f"join group {operators.gr_name}" in refused.stderr, refused.stderr
+            assert f"uid {OTHER_UID} has only read access" in refused.stderr
+        assert not site.gateway.buses["bus1"].paused and site.gateway.annunciator.relay_states.get(
+            "u1-gas-valve") is not True
+
+        # an operator: in the operator group (and the socket's group, to reach the socket at all)
+        silenced = await ctl("silence", gid=OTHER_UID, groups=[readers.gr_gid, operators.gr_gid])
+        assert silenced.returncode == EXIT_OK, silenced.stderr
+        # the operator group as the primary group counts too
+        walk = await ctl("test", site.device_ids[0], gid=operators.gr_gid, groups=[readers.gr_gid])
+        assert walk.returncode == EXIT_OK, walk.stderr
+        # outside the socket's group: the kernel refuses the connection, gatewayctl names the group
+        outsider = await ctl("status", gid=OTHER_UID, groups=[])
+        assert outsider.returncode != EXIT_OK and f"add yourself to group {readers.gr_name}" in outsider.stderr
+        rows = await wait_for(lambda: stored_at_least(site, 1, kind="silence"), "silence stored")
+        assert rows[-1]["source"] == f"cli:uid={OTHER_UID}"
+    finally:
+        await server.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+async def test_root_is_an_operator_and_a_refusal_without_an_operator_group_says_who_may_act(site: Site) -> None:
+    server = ControlServer(ControlConfig(socket="unused", group="gateway"), site.handler)
+    assert server.is_operator(None) is False
+    from gateway.ops.control import Peer
+
+    root = Peer(pid=1, uid=0, gid=0, groups=frozenset())
+    stranger = Peer(pid=1, uid=OTHER_UID, gid=OTHER_UID, groups=frozenset({12345}))
+    assert server.is_operator(root) and not server.is_operator(stranger)
+    assert all(server.refusal(stranger, c) is None for c in READ_COMMANDS)
+    assert server.refusal(stranger, "no_such_command") is None  # the handler answers "unknown command"
+    refused = server.refusal(stranger, "relay_test")
+    assert refused is not None and not refused.ok
+    assert "only root and the daemon's user may act" in (refused.reason or "")
+    operators = set(site.handler.COMMANDS) - READ_COMMANDS
+    assert operators == {"silence", "reset", "test", "buzzer_test", "relay_test", "scan", "rebirth"}

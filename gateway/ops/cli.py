@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import errno
+import grp
 import json
 import os
 import re
@@ -93,6 +94,14 @@ def site_paths(config_path: str) -> Paths:
 # ------------------------------------------------------------------------------------------- client
 
 
+def _group_of(path: str) -> str:
+    """The group that owns the socket (the group that gives access to it); ``gateway`` when it cannot be seen."""
+    try:
+        return grp.getgrgid(os.stat(path).st_gid).gr_name
+    except (OSError, KeyError):
+        return "gateway"
+
+
 class ControlClient:
     """One connection to the control socket; JSON lines as described in docs/cli.md."""
 
@@ -106,8 +115,9 @@ class ControlClient:
             raise DaemonUnavailable(f"the daemon is not running (nothing listens on {path})") from None
         except PermissionError:
             self._sock.close()
-            raise CliError(f"permission denied on {path}: add yourself to group gateway "
-                           "(sudo usermod -aG gateway $USER, then log in again)") from None
+            group = _group_of(path)
+            raise CliError(f"permission denied on {path}: add yourself to group {group} "
+                           f"(sudo usermod -aG {group} $USER, then log in again)") from None
         except OSError as exc:
             self._sock.close()
             if exc.errno in (errno.ENOTSOCK, errno.ENOTDIR):

@@ -6,19 +6,26 @@ first send any number of ``{"id": 1, "stream": {...}}`` lines (an event; scan pr
 response. A malformed line gets ``{"id": null, "ok": false, "reason": "..."}`` and the connection stays
 usable; a line over :data:`MAX_LINE` bytes closes the connection after that answer. The caller's uid,
 taken from the kernel (``SO_PEERCRED``), is recorded as the command's source: ``cli:uid=1000``.
-The protocol is documented in docs/cli.md.
+
+Two roles, from the caller's credentials as the kernel gives them (uid, gid, supplementary groups): members
+of ``[control] group`` may connect and read (:data:`READ_COMMANDS`); members of ``[control]
+operator_group``, root and the daemon's own user may also act (every other command). A refusal names the
+group to join. The protocol and the roles are documented in docs/cli.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import grp
 import json
 import os
 import shutil
 import socket
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +34,7 @@ import structlog
 from gateway.config import ControlConfig
 from gateway.ops.commands import CommandHandler, CommandRejected, CommandResult
 
-__all__ = ["MAX_LINE", "ControlServer", "ControlServerError"]
+__all__ = ["MAX_LINE", "READ_COMMANDS", "ControlServer", "ControlServerError", "Peer"]
 
 log = structlog.get_logger()
 
@@ -35,6 +42,25 @@ log = structlog.get_logger()
 MAX_LINE = 64 * 1024
 SOCKET_MODE = 0o660
 _REQUEST_KEYS = frozenset({"id", "command", "args"})
+#: Commands of the read-only role; every other command needs the operator role.
+READ_COMMANDS = frozenset({"status", "events", "read", "config_show"})
+#: Linux ``SO_PEERGROUPS`` (socket(7)): the peer's supplementary groups as they were at connect().
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is at the other end of a connection, as the kernel says: uid, gid, supplementary groups."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    @property
+    def source(self) -> str:
+        """How commands of this caller are recorded."""
+        return f"cli:uid={self.uid}"
 
 
 class ControlServerError(Exception):
@@ -50,6 +76,7 @@ class ControlServer:
         self.handler = handler
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._operator_gid: int | None = None
 
     @property
     def connections(self) -> int:
@@ -74,7 +101,38 @@ class ControlServer:
                 shutil.chown(path, group=self.cfg.group)
             except (LookupError, OSError) as exc:
                 log.error("control socket group not set", socket=str(path), group=self.cfg.group, error=str(exc))
-        log.info("control socket listening", socket=str(path), group=self.cfg.group)
+        self._operator_gid = None
+        if self.cfg.operator_group:
+            try:
+                self._operator_gid = grp.getgrnam(self.cfg.operator_group).gr_gid
+            except KeyError:
+                log.error("control operator group does not exist: only root and the daemon's user may act",
+                          group=self.cfg.operator_group)
+        log.info("control socket listening", socket=str(path), group=self.cfg.group,
+                 operator_group=self.cfg.operator_group)
+
+    def is_operator(self, peer: Peer | None) -> bool:
+        """Root, the daemon's own user and members of ``[control] operator_group`` may act."""
+        if peer is None:
+            return False
+        if peer.uid in (0, os.geteuid()):
+            return True
+        gid = self._operator_gid
+        return gid is not None and (peer.gid == gid or gid in peer.groups)
+
+    def refusal(self, peer: Peer | None, command: str) -> CommandResult | None:
+        """Why ``peer`` may not run ``command`` (None: it may). Unknown commands are the handler's to answer."""
+        if command in READ_COMMANDS or command not in self.handler.COMMANDS or self.is_operator(peer):
+            return None
+        who = f"uid {peer.uid}" if peer is not None else "a caller whose credentials are unknown"
+        group = self.cfg.operator_group
+        if group:
+            how = (f"join group {group} ([control] operator_group): sudo usermod -aG {group} <user>, "
+                   "then log in again")
+        else:
+            how = "no [control] operator_group is set, so only root and the daemon's user may act"
+        return CommandResult(False, f"{command}: permission denied: it needs the operator role and {who} has "
+                             f"only read access; {how}", {"needs": "operator", "operator_group": group})
 
     async def _remove_stale(self, path: Path) -> None:
         try:
@@ -113,7 +171,8 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        conn = _Connection(reader, writer, f"cli:uid={_peer_uid(writer)}")
+        peer = _peer(writer)
+        conn = _Connection(reader, writer, peer.source if peer is not None else "cli:uid=unknown", peer)
         try:
             while True:
                 try:
@@ -140,6 +199,11 @@ class ControlServer:
             rid, command, args = parse_request(line)
         except CommandRejected as exc:
             await conn.send(_response(_salvage_id(line), CommandResult(False, str(exc))))
+            return
+        refusal = self.refusal(conn.peer, command)
+        if refusal is not None:
+            log.warning("command refused: operator role needed", command=command, source=conn.source)
+            await conn.send(_response(rid, refusal))
             return
         if command == "events" and "follow" in args:
             follow = args["follow"]
@@ -215,10 +279,12 @@ class ControlServer:
 class _Connection:
     """One client: its streams, its source, and a byte read ahead while watching for a hang-up."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, source: str,
+                 peer: Peer | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.source = source
+        self.peer = peer
         self._ahead = b""
 
     async def read_line(self) -> bytes | None:
@@ -298,11 +364,32 @@ async def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
     await writer.drain()
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int | str:
+def _peer(writer: asyncio.StreamWriter) -> Peer | None:
+    """The peer's credentials (``SO_PEERCRED``) and supplementary groups, or None when unknown."""
     sock = writer.get_extra_info("socket")
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except (AttributeError, OSError):
-        return "unknown"
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+        return None
+    pid, uid, gid = struct.unpack("3i", creds)
+    return Peer(pid=pid, uid=uid, gid=gid, groups=_peer_groups(sock, pid))
+
+
+def _peer_groups(sock: Any, pid: int) -> frozenset[int]:
+    """Supplementary groups at connect() (``SO_PEERGROUPS``), else the ``Groups:`` line of /proc/<pid>/status."""
+    for size in (1024, 256 * 1024):
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            break
+        return frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
