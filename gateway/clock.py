@@ -7,13 +7,17 @@ import ctypes.util
 import os
 import time
 
-__all__ = ["clock_synchronised"]
+__all__ = ["ASSUME_ENV", "clock_synchronised", "command_clock_synchronised"]
 
 _TIME_ERROR = 5  # adjtimex(2): clock not synchronised
 #: Written by systemd-timesyncd once it has synchronised (readable inside the service sandbox, where
 #: adjtimex is refused by ProtectClock=yes).
 TIMESYNC_FLAG = "/run/systemd/timesync/synchronized"
 _cache: tuple[float, bool] | None = None
+#: Test environments only: "1" makes :func:`command_clock_synchronised` take the clock as synchronised (a CI
+#: machine or container usually is not, and its MQTT command tests must run), "0" as not. Never set it on a
+#: gateway: remote commands would then be judged by a clock that may be wrong.
+ASSUME_ENV = "GATEWAY_TEST_ASSUME_CLOCK_SYNCHRONISED"
 
 
 def _adjtimex_state() -> int | None:
@@ -36,3 +40,12 @@ def clock_synchronised(max_age_s: float = 10.0) -> bool:
     synced = os.path.exists(TIMESYNC_FLAG) if state is None else state != _TIME_ERROR
     _cache = (now, synced)
     return synced
+
+
+def command_clock_synchronised() -> bool:
+    """Whether an MQTT command's validity window may be judged by this clock (docs/mqtt.md, "Commands and
+    the clock"): :func:`clock_synchronised`, unless a test environment sets :data:`ASSUME_ENV`."""
+    assumed = os.environ.get(ASSUME_ENV)
+    if assumed in ("0", "1"):
+        return assumed == "1"
+    return clock_synchronised()

@@ -9,11 +9,17 @@ from typing import Any
 
 import pytest
 
+from gateway.clock import ASSUME_ENV
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttRecorder
 from tests.support.notify import NotifyListener
 
 RecorderFactory = Callable[..., MqttRecorder]
+
+# Test machines' clocks are seldom NTP-synchronised (adjtimex: TIME_ERROR), and a gateway refuses MQTT commands
+# on such a clock. The gateways these tests start (here and as child processes, which inherit it) judge
+# commands as if it were synchronised; tests of the unsynchronised case set it to "0".
+os.environ.setdefault(ASSUME_ENV, "1")
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from gateway.uplink.contract import (
     CommandGate,
     Rejected,
     SeenIds,
+    SeenStore,
     availability_message,
     command_message,
     command_result,
@@ -224,6 +225,81 @@ def test_gate_accepts_offsets_and_rejects_a_trailing_newline_in_the_id() -> None
     with pytest.raises(Rejected) as exc:
         gate(now).admit(TOPICS.command("status"), json.dumps(body).encode())
     assert exc.value.code == "invalid"
+
+
+def test_gate_refuses_every_command_while_the_clock_is_not_synchronised() -> None:
+    now = time.time()
+    synced = {"now": False}
+    g = CommandGate(TOPICS, started_at=now - 100, clock=lambda: now, synchronised=lambda: synced["now"])
+    body = payload("reset", args={"all": True}, command_id="cmd-clock", issued_at=now)
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("reset"), body)
+    assert exc.value.code == "clock_unsynchronised" and "not synchronised" in exc.value.reason
+    assert len(g.seen) == 0, "a refused command is not remembered"
+    # an expired command is refused for the clock too: its expiry cannot be judged either way
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("silence"), payload(issued_at=now - 200, ttl_s=60))
+    assert exc.value.code == "clock_unsynchronised"
+    synced["now"] = True
+    assert g.admit(TOPICS.command("reset"), body).id == "cmd-clock"
+    assert validator("command_result").is_valid(command_result(
+        gateway="g", community="c1", building="b1", session=1, command_id="x", command="reset",
+        code="clock_unsynchronised", reason="the gateway's clock is not synchronised", install=INSTALL))
+
+
+def test_the_default_clock_check_follows_the_kernel_unless_a_test_environment_says(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import clock
+
+    monkeypatch.setenv(clock.ASSUME_ENV, "0")
+    g = CommandGate(TOPICS, started_at=time.time() - 100)
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("status"), payload("status"))
+    assert exc.value.code == "clock_unsynchronised"
+    monkeypatch.delenv(clock.ASSUME_ENV)
+    monkeypatch.setattr(clock, "clock_synchronised", lambda: False)
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("status"), payload("status"))
+    assert exc.value.code == "clock_unsynchronised"
+    monkeypatch.setattr(clock, "clock_synchronised", lambda: True)
+    assert g.admit(TOPICS.command("status"), payload("status")).name == "status"
+
+
+def test_seen_ids_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "events.db.commands"
+    now = 50_000.0
+    first = gate(now, started_at=now - 100, seen=SeenIds(store=SeenStore(path)))
+    body = payload("reset", args={"all": True}, command_id="cmd-once", issued_at=now, ttl_s=120)
+    first.admit(TOPICS.command("reset"), body)
+    first.admit(TOPICS.command("silence"), payload(command_id="short", issued_at=now, ttl_s=5))
+    first.seen.store.close()  # type: ignore[union-attr]
+    # a restart 10 s later: the same command again is a replay, not a new command (nor merely "stale")
+    later = now + 10
+    second = gate(later, started_at=later - 1, seen=SeenIds(store=SeenStore(path)))
+    assert "cmd-once" in second.seen
+    with pytest.raises(Rejected) as exc:
+        second.admit(TOPICS.command("reset"), body)
+    assert exc.value.code == "replayed"
+    # a new command after the restart is remembered too; expired ids leave the file
+    second.admit(TOPICS.command("silence"), payload(command_id="after", issued_at=later, ttl_s=60))
+    assert set(dict(second.seen.store.load(10))) == {"cmd-once", "after"}  # type: ignore[union-attr]
+    # without the file (memory only) a restart forgets: the replay is refused only as stale
+    forgetful = gate(later, started_at=later - 1, seen=SeenIds())
+    with pytest.raises(Rejected) as exc:
+        forgetful.admit(TOPICS.command("reset"), body)
+    assert exc.value.code == "stale"
+
+
+def test_a_command_id_that_cannot_be_recorded_is_not_run(tmp_path: Path) -> None:
+    store = SeenStore(tmp_path / "events.db.commands")
+    now = 50_000.0
+    g = gate(now, seen=SeenIds(store=store))
+    store.close()  # the disk went away
+    with pytest.raises(Rejected) as exc:
+        g.admit(TOPICS.command("silence"), payload(command_id="lost", issued_at=now))
+    assert exc.value.code == "error" and "not run" in exc.value.reason
+    assert "lost" not in g.seen
 
 
 # ------------------------------------------------------------------------------------------- scenario

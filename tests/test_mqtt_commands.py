@@ -161,9 +161,9 @@ async def test_accepted_commands(rig: Rig) -> None:
     assert (result["status"], result["code"]) == ("accepted", "ok")
 
     result = await ask(rig, server.command("test", args={"device": other.id}))
-    assert (result["status"], result["data"]["devices"]) == ("accepted", [other.id])
+    assert (result["status"], result["data"]["started"]) == ("accepted", [other.id])
     result = await ask(rig, server.command("test", args={"all": True}))
-    assert result["status"] == "accepted" and set(result["data"]["devices"]) == {leak.id, other.id}
+    assert result["status"] == "accepted" and set(result["data"]["started"]) == {leak.id, other.id}
     await eventually(lambda: state_of(gw, other.id)["state"] == "test", timeout=10)
 
     result = await ask(rig, server.command("status"))

@@ -9,10 +9,13 @@ id). :class:`CommandService` runs admitted commands through the one command hand
 publishes exactly one result per command — on the MQTT 5 response topic with its correlation data when one
 was given (and lies in the gateway's reply subtree), otherwise on ``<base>/reply``.
 
-Replay window across restarts: seen ids are kept in memory until their command expires (at most
-:data:`MAX_VALIDITY_S` after issue). A restart forgets them, so a command issued before this process started
-is refused as ``stale`` (allowing :data:`STALE_GRACE_S` for times given in whole seconds): a replay can never
-outlive the process that saw the original by more than that.
+Replays across restarts: the id of every admitted command is kept until its command expires (at most
+:data:`MAX_VALIDITY_S` after issue) in memory and, before the command runs, on disk (:class:`SeenStore`, a
+small SQLite file beside the outbox), so a restart does not forget it and a replay is answered ``replayed``.
+An unseen command issued before this process started is still refused as ``stale`` (allowing
+:data:`STALE_GRACE_S` for times given in whole seconds). Both are judged by the wall clock, so while the clock
+is not synchronised (a Pi has no real-time clock until NTP answers; its start time may be hours off) every
+command is refused as ``clock_unsynchronised``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import inspect
 import json
 import math
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +39,7 @@ import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.clock import command_clock_synchronised
 from gateway.uplink.topics import Topics
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "CommandService",
     "Rejected",
     "SeenIds",
+    "SeenStore",
     "StatusReporter",
     "availability_message",
     "birth_message",
@@ -344,13 +350,55 @@ class Command:
     expires_at: float
 
 
-class SeenIds:
-    """Ids of unexpired admitted commands, each forgotten once its command has expired."""
+class SeenStore:
+    """Ids of admitted commands on disk until they expire: a SQLite file (WAL, synchronous=FULL) beside the
+    outbox, written before the command runs, so a replay is recognised after a restart or a power cut."""
 
-    def __init__(self, capacity: int = SEEN_CAPACITY) -> None:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires_at REAL NOT NULL)")
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    def load(self, limit: int) -> list[tuple[str, float]]:
+        """The ids kept, latest expiry first, at most ``limit``."""
+        rows = self._db.execute("SELECT id, expires_at FROM seen ORDER BY expires_at DESC LIMIT ?", (limit,))
+        return [(str(cid), float(expires)) for cid, expires in rows]
+
+    def add(self, command_id: str, expires_at: float, now: float) -> None:
+        """Keep ``command_id`` until ``expires_at`` (committed when this returns); forget the expired ones."""
+        with self._db:  # one transaction
+            self._db.execute("DELETE FROM seen WHERE expires_at <= ?", (now,))
+            self._db.execute("INSERT OR REPLACE INTO seen (id, expires_at) VALUES (?, ?)", (command_id, expires_at))
+
+    def close(self) -> None:
+        """Close the file."""
+        self._db.close()
+
+
+class SeenIds:
+    """Ids of unexpired admitted commands, each forgotten once its command has expired; with a
+    :class:`SeenStore`, also kept on disk and taken back at start (``persistent``)."""
+
+    def __init__(self, capacity: int = SEEN_CAPACITY, store: SeenStore | None = None) -> None:
         self.capacity = capacity
+        self.store = store
         self._expiry: dict[str, float] = {}
         self._heap: list[tuple[float, str]] = []
+        if store is not None:
+            for cid, expires in store.load(capacity):
+                self._expiry[cid] = expires
+                heapq.heappush(self._heap, (expires, cid))
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the ids survive a restart."""
+        return self.store is not None
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -364,26 +412,45 @@ class SeenIds:
             _, cid = heapq.heappop(self._heap)
             self._expiry.pop(cid, None)
 
-    def add(self, command_id: str, expires_at: float, now: float) -> None:
-        """Remember an id until ``expires_at``; :class:`Rejected` (busy) when full, (replayed) when known."""
+    def check(self, command_id: str, now: float) -> None:
+        """:class:`Rejected` (replayed) when ``command_id`` is known and unexpired."""
         self.purge(now)
         if command_id in self._expiry:
             raise Rejected("replayed", f"command id {command_id!r} was already received")
+
+    def add(self, command_id: str, expires_at: float, now: float) -> None:
+        """Remember an id until ``expires_at``; :class:`Rejected` (busy) when full, (replayed) when known,
+        (error) when it cannot be kept on disk — then the command must not run."""
+        self.check(command_id, now)
         if len(self._expiry) >= self.capacity:
             raise Rejected("busy", f"{len(self._expiry)} unexpired commands remembered; retry later")
+        if self.store is not None:
+            try:
+                self.store.add(command_id, expires_at, now)
+            except sqlite3.Error as exc:
+                log.error("command id not recorded", id=command_id, error=str(exc))
+                raise Rejected("error", f"the command id could not be recorded ({exc}); "
+                                        "it was not run, send it again later") from None
         self._expiry[command_id] = expires_at
         heapq.heappush(self._heap, (expires_at, command_id))
 
 
 class CommandGate:
-    """Decides whether a command message may run. Pure apart from the clock; never raises but Rejected."""
+    """Decides whether a command message may run. Pure apart from the clocks and the seen ids; never raises
+    but Rejected.
+
+    ``clock`` gives wall time; ``synchronised`` says whether that clock may be trusted (default
+    :func:`gateway.clock.command_clock_synchronised`): while it may not, every command is refused.
+    """
 
     def __init__(self, topics: Topics, *, started_at: float, clock: Callable[[], float] = time.time,
-                 seen: SeenIds | None = None) -> None:
+                 seen: SeenIds | None = None,
+                 synchronised: Callable[[], bool] = command_clock_synchronised) -> None:
         self.topics = topics
         self.started_at = started_at
         self._clock = clock
-        self.seen = seen or SeenIds()
+        self._synchronised = synchronised
+        self.seen = seen if seen is not None else SeenIds()  # an empty SeenIds is falsy
 
     def admit(self, topic: str, payload: bytes) -> Command:
         """The command carried by ``payload`` on ``topic``, or :class:`Rejected` saying why not."""
@@ -418,11 +485,16 @@ class CommandGate:
             raise Rejected("invalid", "expires_at must be after issued_at")
         if expires - issued > MAX_VALIDITY_S:
             raise Rejected("invalid", f"valid for {expires - issued:.0f} s; at most {MAX_VALIDITY_S:.0f} s")
+        if not self._synchronised():
+            raise Rejected("clock_unsynchronised", "the gateway's clock is not synchronised (no NTP yet), so "
+                                                   "the command's expiry cannot be judged; send it again once "
+                                                   "the clock is synchronised")
         now = self._clock()
         if now >= expires:
             raise Rejected("expired", f"expired {now - expires:.1f} s ago")
         if issued > now + MAX_CLOCK_SKEW_S:
             raise Rejected("not_yet_valid", f"issued_at is {issued - now:.0f} s ahead of the gateway's clock")
+        self.seen.check(body["id"], now)  # a replay is named as such, even one from before a restart
         if issued < self.started_at - STALE_GRACE_S:
             raise Rejected("stale", "issued before the gateway started; send a new command")
         self.seen.add(body["id"], expires, now)

@@ -33,6 +33,8 @@ from gateway.uplink.contract import (
     BusCounters,
     CommandGate,
     CommandService,
+    SeenIds,
+    SeenStore,
     StatusReporter,
     UplinkFigures,
     birth_message,
@@ -98,7 +100,7 @@ class StorageProcess:
                                   memory_limit=cfg.storage.memory_events, on_stored=self._stored,
                                   on_fault=self._storage_fault, mark=self._mark_of)
         reader, self._writer_stream = await asyncio.open_unix_connection(sock=self._sock, limit=link.MAX_FRAME)
-        gate = CommandGate(self.topics, started_at=self.started_at)
+        gate = CommandGate(self.topics, started_at=self.started_at, seen=_seen_ids(cfg.storage.path))
         self.mqtt_commands = CommandService(
             gate, self, lambda topic, body, properties: self.uplink.publish_json(topic, body, properties=properties),
             gateway=cfg.gateway_id, session=lambda: self.outbox.session,
@@ -343,6 +345,17 @@ class StorageProcess:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
+
+
+def _seen_ids(database: str) -> SeenIds:
+    """Seen command ids kept beside the outbox (``<database>.commands``); in memory only (and forgotten at a
+    restart) if that file cannot be opened."""
+    path = f"{database}.commands"
+    try:
+        return SeenIds(store=SeenStore(path))
+    except sqlite3.Error as exc:
+        log.error("seen command ids kept in memory only", path=path, error=str(exc))
+        return SeenIds()
 
 
 def main(argv: list[str] | None = None) -> int:
