@@ -181,7 +181,8 @@ async def test_birth_and_status_carry_each_bus_floor_and_measured_cycle(
         recorder = mqtt_recorder_factory(broker, [f"{spec.topic_base}/birth", f"{spec.topic_base}/status"])
         with simulated_detectors(modem.device_port, spec.detectors):
             async with running_gateway(cfg) as panel:
-                await eventually(lambda: panel.buses["bus1"].cycle_s is not None, timeout=30)
+                await eventually(lambda: panel.buses["bus1"].cycle_s is not None and panel.uplink_connected,
+                                 timeout=30)
                 result = await panel.commands.handle("rebirth", {}, source="test")
                 assert result.ok, result.reason
 
