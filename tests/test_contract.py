@@ -8,6 +8,7 @@ every message is checked against its JSON Schema.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -643,3 +644,188 @@ def test_a_reinstall_is_a_new_installation_whose_ids_never_repeat_the_old_ones(
     assert first and second and {e["session"] for e in first} == {e["session"] for e in second} == {1}
     assert not {e["event_id"] for e in first} & {e["event_id"] for e in second}
     validate_all(topics, recorder.messages())
+
+
+# ------------------------------------------------------------------------------------------- every action, every fault
+
+RELAY = "u1-gas-valve"
+ACTIONS_TOML = f"""
+[[devices]]
+id = "u1-station"
+kind = "extinguisher_station"
+unit = "u1"
+bus = "bus1"
+address = {STATION_ADDRESS}
+profile = "io-4di"
+
+[[devices]]
+id = "u1-cabinet-door"
+kind = "cabinet_door"
+unit = "u1"
+pin = 23
+supervision_pin = 24
+contact = "NC"
+"""
+#: Every fault kind the gateway raises (docs/alarms.md), and how this test causes it.
+FAULT_KINDS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault", "unit_mismatch", "offline",
+               "contact_unplausible", "port_lost", "stale_thread", "storage_full")
+
+
+@pytest.mark.timeout(300)
+async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
+    tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
+    mqtt_recorder_factory: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The panel in this process (its pins MockFactory's), its storage/uplink process a real child, a recording
+    subscriber on the gateway's whole subtree. Operator actions by ``gatewayctl`` (buzzer test, relay test,
+    walk test, reset, scan) and by MQTT (walk test, reset, silence, status, rebirth, events; scan, relay and
+    buzzer tests, which are not remote commands, are refused), a walk test that skips the devices in alarm or
+    fault, and every fault kind raised and cleared: every message recorded follows its schema."""
+    from gateway import failpoints
+
+    full, hang = tmp_path / "disk-full", tmp_path / "bus-hang"
+    monkeypatch.setenv("GATEWAY_FAILPOINTS", f"storage_full=outbox@{full}")  # read by the storage process
+    monkeypatch.setitem(failpoints._POINTS, ("bus_hang", "bus1"), str(hang))  # this process: the bus thread
+    spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                      socket_path=tmp_path / "control.sock", households=3)
+    relay = f'\n[[outputs.relays]]\nid = "{RELAY}"\npin = 12\nname = "Unit 1 gas valve"\n'
+    toml = spec.toml.replace("\n[alarm]", relay + "\n[alarm]", 1)
+    toml = toml.replace("[mqtt]\n", "[mqtt]\nstatus_interval_s = 0.5\n", 1)
+    config = tmp_path / "site.toml"
+    config.write_text(toml + ACTIONS_TOML, encoding="utf-8")
+    cfg = load_config(config)
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder: MqttRecorder = mqtt_recorder_factory(topics=f"{topics.base}/#")
+    det1, det2, det3 = spec.detectors
+
+    async def seen(suffix: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        def match(m: RecordedMessage) -> bool:
+            body = m.json
+            return (m.topic == f"{topics.base}/{suffix}" and isinstance(body, dict)
+                    and all(body.get(k) == v for k, v in fields.items()))
+        message = await asyncio.to_thread(recorder.wait_for, match, timeout)
+        return dict(message.json)
+
+    async def ctl(*args: str) -> dict[str, Any]:
+        done = await asyncio.to_thread(subprocess.run, [GATEWAYCTL, "--config", str(config), "--json", *args],
+                                       capture_output=True, text=True, timeout=120)
+        answer: dict[str, Any] = json.loads(done.stdout)
+        return answer
+
+    async def mqtt_command(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = command_message(name, community=spec.community, building=spec.building, args=args)
+        recorder.publish(topics.command(name), body)
+        return await seen("reply", id=body["id"])
+
+    def reading_of(device: str) -> Any:
+        return next(d["value"] for d in gateway.panel.snapshot()["devices"] if d["device"] == device)
+
+    bus = SimulatedBus(modem.device_port)
+    sims = {d.id: bus.add_gas_detector(d.address, "A", unit="ppm" if d is det3 else "%LEL", decimals=1)
+            for d in spec.detectors}
+    for sim in sims.values():
+        sim.set_status("normal")
+    station = bus.add_io_station(STATION_ADDRESS)
+    for address, value in ((0, True), (1, True), (2, True), (3, False)):
+        station.set_discrete_input(address, value)
+    started = time.monotonic()
+    with bus:
+        async with running_gateway(cfg) as gateway:
+            await seen("availability", state="online")
+            await seen("birth")
+            await seen("status")
+            # a supervised door contact with both sides open is a wiring fault; closing its main side clears it
+            await seen("event/fault", action="raised", device="u1-cabinet-door", code="contact_unplausible")
+            mock_pins.pin("GPIO23").drive_low()
+            await seen("event/fault", action="cleared", device="u1-cabinet-door", code="contact_unplausible")
+            await seen("event/fault", action="raised", device=det3.id, code="unit_mismatch")  # ppm, not %LEL
+
+            # --- operator actions by gatewayctl
+            assert (await ctl("buzzer-test", "--seconds", "0.1"))["ok"]
+            await seen("event/test", action="ended", code="buzzer")
+            assert (await ctl("relay-test", RELAY, "--seconds", "0.2"))["ok"]
+            await seen("event/relay", action="off", code=RELAY)
+            walk = await ctl("test", det1.id)
+            assert walk["data"] == {"started": [det1.id], "skipped": []}, walk
+            sims[det1.id].set_concentration(35.0)
+            await seen("event/test", action="detected", device=det1.id)
+            sims[det1.id].set_concentration(0.0)
+            # gas still there when the test ends would count for real
+            await eventually(lambda: reading_of(det1.id) == 0.0, message="the gas did not go")
+            reset = await ctl("reset", "--all")
+            assert reset["data"]["tests_ended"] == [det1.id] and reset["data"]["reset"] == [], reset
+            scan = await ctl("scan", "bus1", "--from", "10", "--to", "20", "--pause-polling")
+            assert scan["ok"] and scan["data"]["pause_windows"] == 1, scan
+            await seen("event/system", action="resumed", code="polling_resumed")
+
+            # --- operator actions by MQTT
+            assert (await mqtt_command("test", {"device": det2.id}))["data"]["started"] == [det2.id]
+            assert (await mqtt_command("reset", {"all": True}))["data"]["tests_ended"] == [det2.id]
+            for name in ("silence", "status", "rebirth", "events"):
+                assert (await mqtt_command(name))["status"] == "accepted", name
+            for name, args in (("scan", {"bus": "bus1", "pause_polling": True}), ("relay_test", {"output": RELAY}),
+                               ("buzzer_test", {})):
+                assert (await mqtt_command(name, args))["code"] == "unknown_command", name
+
+            # --- a walk test never hides an alarm or a fault
+            sims[det2.id].set_concentration(35.0)
+            await seen("event/alarm", action="raised", device=det2.id)
+            skipped = {s["device"] for s in (await mqtt_command("test", {"all": True}))["data"]["skipped"]}
+            assert skipped == {det2.id, det3.id}, skipped
+            assert {s["device"] for s in (await ctl("test", "--all"))["data"]["skipped"]} == {det2.id, det3.id}
+            refused = await mqtt_command("test", {"device": det2.id})
+            assert (refused["status"], refused["code"]) == ("rejected", "refused") and "would hide" in refused["reason"]
+            assert (await mqtt_command("reset", {"all": True}))["data"]["still_active"] == [det2.id]
+            sims[det2.id].set_concentration(0.0)
+            await seen("event/alarm", action="cleared", device=det2.id)
+            assert (await mqtt_command("reset", {"device": det2.id}))["data"]["reset"] == [det2.id]
+
+            # --- every fault kind, raised and cleared
+            for status in ("sensor_fault", "data_error", "needs_calibration", "comms_fault"):
+                sims[det1.id].set_status(status)
+                await seen("event/fault", action="raised", device=det1.id, code=status)
+                sims[det1.id].set_status("normal")
+                await seen("event/fault", action="cleared", device=det1.id, code=status)
+            bus.responding(det1.address, False)
+            await seen("event/fault", action="raised", device=det1.id, code="offline")
+            bus.responding(det1.address, True)
+            await seen("event/fault", action="cleared", device=det1.id, code="offline")
+            station.set_discrete_input(0, False)
+            await seen("event/supervisory", action="raised", device="u1-station", code="removed")
+            station.set_discrete_input(0, True)
+            await seen("event/supervisory", action="cleared", device="u1-station", code="removed")
+            modem.unplug()
+            await seen("event/fault", action="raised", code="port_lost")
+            modem.replug()
+            await seen("event/fault", action="cleared", code="port_lost")
+            hang.touch()
+            await seen("event/fault", action="raised", code="stale_thread", timeout=60)
+            hang.unlink()
+            await seen("event/fault", action="cleared", code="stale_thread", timeout=60)
+            full.touch()
+            sims[det1.id].set_concentration(5.0)  # a reading to store on the full disk
+            await eventually(lambda: any(c["what"] == "fault:storage_full" for c in gateway.panel.snapshot()["active"]),
+                             timeout=60, message="storage_full never shown by the panel")
+            full.unlink()
+            await seen("event/fault", action="cleared", code="storage_full", timeout=60)
+            await seen("event/fault", action="raised", code="storage_full")
+    await asyncio.to_thread(recorder.wait_for, lambda m: m.topic == topics.availability
+                            and m.json.get("state") == "offline", 30)
+    took = time.monotonic() - started
+    not_remote = {topics.command(name) for name in ("scan", "relay_test", "buzzer_test")}  # sent to be refused
+    messages = [m for m in recorder.messages() if m.topic not in not_remote]
+    counts = validate_all(topics, messages)
+    assert set(counts) == set(SCHEMA_NAMES), counts
+    events = [m.json for m in messages if schema_name(topics, m.topic) == "event"]
+    faults = {(e["code"], e["action"]) for e in events if e["kind"] == "fault"}
+    assert {(code, "raised") for code in FAULT_KINDS} <= faults, sorted(faults)
+    assert {(code, "cleared") for code in FAULT_KINDS if code != "unit_mismatch"} <= faults, sorted(faults)
+    paused = [b for m in messages if m.topic == topics.status for b in m.json["links"]["buses"] if b.get("paused")]
+    assert paused, "no status message said polling was paused"
+    kinds = {(e["kind"], e["action"]) for e in events}
+    assert {("test", "started"), ("test", "detected"), ("test", "ended"), ("relay", "on"), ("relay", "off"),
+            ("system", "paused"), ("system", "resumed"), ("reset", "reset"), ("reset", "refused"),
+            ("silence", "silenced"), ("supervisory", "raised"), ("alarm", "raised")} <= kinds, sorted(kinds)
+    results = [m.json for m in messages if schema_name(topics, m.topic) == "command_result"]
+    print(f"actions-and-faults contract: {len(messages)} messages ({counts}), {len(results)} command results, "
+          f"all valid, in {took:.1f} s")
