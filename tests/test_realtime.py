@@ -141,13 +141,14 @@ async def test_buzzer_sounds_while_sqlite_is_locked_by_another_connection(
     with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
         async with running_gateway(cfg) as gateway:
             await ready(gateway, leak.id)
-            stored_before = gateway.supervisor.beat.get("stored")
+            await eventually(lambda: "stored" in gateway.supervisor.beat, timeout=30)  # the storage process beat
+            stored_before = gateway.supervisor.beat["stored"]
             locker = sqlite3.connect(db, timeout=30, isolation_level=None)
             try:
                 locker.execute("BEGIN EXCLUSIVE")
                 await asyncio.to_thread(sound_both_paths, gateway, sims[leak.id], leak.id, buzzer,
                                         mock_pins.pin(f"GPIO{RELAY.pin}"))
-                assert gateway.supervisor.beat.get("stored") == stored_before, "the database was not locked after all"
+                assert gateway.supervisor.beat["stored"] == stored_before, "the database was not locked after all"
                 locker.execute("COMMIT")
             finally:
                 with contextlib.suppress(sqlite3.Error):
