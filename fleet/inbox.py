@@ -1,0 +1,476 @@
+"""Central inbox: every event of a community, exactly once, into PostgreSQL; alarms routed to the people to tell.
+
+A reference for server developers, for the NATS JetStream cluster in ``fleet/``. NATS has no MQTT shared
+subscriptions, but it keeps every QoS 1 message an MQTT client publishes in the ``$MQTT_msgs`` stream
+(subject ``$MQTT.msgs.<topic with / as .>``), replicated across the cluster, before it sends the PUBACK. The
+inbox reads that stream through one durable pull consumer that all its instances share: each fetch hands a
+batch to one instance, and what an instance took and did not acknowledge (it was killed) is handed to another
+after ``ack_wait``. An instance acknowledges a batch only after the transaction that stored it has committed;
+the table is keyed by ``event_id`` (``INSERT … ON CONFLICT DO NOTHING``), so a batch delivered twice is stored
+once, and so are the alarm routings written in the same transaction.
+
+A ``seq`` gap (an event acknowledged and then lost, or one published before the consumer existed) is healed
+as ``examples/consumer.py`` does it, with the ``events`` command to that gateway, page by page — but tracked in
+the table, not in memory, since the instances each see only part of a gateway's events. One instance at a
+time heals (a PostgreSQL advisory lock; another takes it when that instance's connection is gone). A missing
+seq is asked for only once an event above it has been in the table for ``gap_grace_s``: events of one gateway
+may be in flight on another instance meanwhile.
+
+Who is told about an alarm, supervisory signal or fault follows the consumer-contacts mapping
+(``examples/consumer-contacts.toml``; ``fleet/contacts.example.toml``): a household's relatives and its unit's
+head, a unit's head for a unit without a household, the building head for a fault or anything without a unit.
+Each routing is a row of ``notifications``; the gateways never hold people's names.
+
+    python -m fleet.inbox --nats nats://127.0.0.1:4222,nats://127.0.0.1:4223 --user central \\
+        --password-file central.pw --community sunshine-garden --dsn "host=/run/postgresql dbname=safety" \\
+        --contacts contacts.toml --name inbox-1
+
+It prints one JSON line per notable step (``consuming``, ``healer``, ``gap_requested``, ``recovered``,
+``stored`` every few seconds) on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from gateway.uplink.contract import command_message
+
+__all__ = ["Contacts", "Inbox", "InboxSettings", "Person", "main", "write_contacts"]
+
+MQTT_STREAM = "$MQTT_msgs"
+MQTT_SUBJECT_PREFIX = "$MQTT.msgs."
+DURABLE = "fleet-inbox"
+#: Events asked for in one ``events`` command (the gateway's limit over MQTT).
+RANGE_PAGE = 200
+NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
+#: Advisory lock key of the healer role (any constant the deployment does not use otherwise).
+HEALER_LOCK = 0x5AFE_1D0B
+SCHEMA_LOCK = 0x5AFE_1D0A
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id     text PRIMARY KEY,
+    gateway      text NOT NULL,
+    install      text NOT NULL DEFAULT '',
+    session      integer NOT NULL,
+    seq          integer NOT NULL,
+    community    text NOT NULL,
+    building     text NOT NULL,
+    kind         text NOT NULL,
+    action       text,
+    unit         text,
+    household    text,
+    device       text,
+    detected_at  timestamptz,
+    committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    inbox        text NOT NULL,
+    recovered    boolean NOT NULL DEFAULT false,
+    body         jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_session ON events (gateway, install, session, seq);
+CREATE TABLE IF NOT EXISTS notifications (
+    event_id  text NOT NULL REFERENCES events (event_id),
+    role      text NOT NULL,
+    name      text NOT NULL,
+    phone     text NOT NULL,
+    noted_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (event_id, role, name)
+);
+"""
+
+INSERT_EVENTS = """
+INSERT INTO events (event_id, gateway, install, session, seq, community, building, kind, action, unit, household,
+                    device, detected_at, inbox, recovered, body)
+SELECT e, g, i, s, q, c, b, k, a, u, h, d, t, n, r, j::jsonb
+  FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], %s::int[], %s::text[], %s::text[], %s::text[],
+              %s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bool[], %s::text[])
+       AS x(e, g, i, s, q, c, b, k, a, u, h, d, t, n, r, j)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+INSERT_NOTIFICATIONS = """
+INSERT INTO notifications (event_id, role, name, phone)
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
+ON CONFLICT DO NOTHING
+"""
+
+#: Missing seqs below an event that has been stored for at least the grace period (%s seconds).
+FIND_GAPS = """
+WITH tops AS (
+    SELECT gateway, install, session, min(community) AS community, min(building) AS building,
+           max(seq) AS top, count(*) AS n
+      FROM events
+     WHERE committed_at < clock_timestamp() - make_interval(secs => %s)
+     GROUP BY gateway, install, session)
+SELECT t.gateway, t.install, t.session, t.community, t.building, g.s
+  FROM tops t CROSS JOIN LATERAL generate_series(1, t.top) AS g(s)
+ WHERE t.top > t.n
+   AND NOT EXISTS (SELECT 1 FROM events e
+                    WHERE e.gateway = t.gateway AND e.install = t.install AND e.session = t.session AND e.seq = g.s)
+ ORDER BY 1, 2, 3, 6
+ LIMIT 20000
+"""
+
+
+# ------------------------------------------------------------------------------------------- contacts
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    name: str
+    phone: str
+    role: str
+
+
+@dataclass
+class Contacts:
+    """Who to tell, keyed by "<community>/<building>[/<unit or household>]" (examples/consumer-contacts.toml)."""
+
+    building_heads: dict[str, list[Person]] = field(default_factory=dict)
+    unit_heads: dict[str, list[Person]] = field(default_factory=dict)
+    relatives: dict[str, list[Person]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Contacts:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+
+        def people(section: str, key: str, role: str, many: bool) -> dict[str, list[Person]]:
+            out: dict[str, list[Person]] = {}
+            for place, entry in data.get(section, {}).items():
+                raw = entry.get(key, [] if many else None)
+                items = raw if many else [raw] if raw else []
+                out[place] = [Person(p["name"], p["phone"], role) for p in items]
+            return out
+
+        return cls(building_heads=people("buildings", "head", "building head", many=False),
+                   unit_heads=people("units", "head", "unit head", many=False),
+                   relatives=people("households", "relatives", "relative", many=True))
+
+    def whom(self, event: Mapping[str, Any]) -> list[Person]:
+        """The people to tell about ``event`` (the rule of examples/consumer.py)."""
+        building = f"{event['community']}/{event['building']}"
+        unit, household = event.get("unit"), event.get("household")
+        if event["kind"] == "fault" or unit is None:
+            return self.building_heads.get(building, [])
+        unit_head = self.unit_heads.get(f"{building}/{unit}", [])
+        if household is None:
+            return unit_head
+        return self.relatives.get(f"{building}/{household}", []) + unit_head
+
+
+def write_contacts(path: str | Path, community: str, buildings: Iterable[str], units: Sequence[str],
+                   households: Sequence[str]) -> None:
+    """A made-up contacts file for simulated buildings (one head each, one relative per household)."""
+    lines = ["# Made-up people for simulated buildings (format of examples/consumer-contacts.toml)."]
+    for n, building in enumerate(buildings):
+        key = f"{community}/{building}"
+        lines += [f'[buildings."{key}"]', f'head = {{ name = "Head of {building}", phone = "+0 {n:06d} 00" }}']
+        for unit in units:
+            lines += [f'[units."{key}/{unit}"]', f'head = {{ name = "Head of {building} {unit}", '
+                                                  f'phone = "+0 {n:06d} {unit}" }}']
+        for household in households:
+            person = f'{{ name = "Relative of {building} {household}", phone = "+0 {n:06d} {household}" }}'
+            lines += [f'[households."{key}/{household}"]', f"relatives = [{person}]"]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------- inbox
+
+
+@dataclass(frozen=True, slots=True)
+class InboxSettings:
+    """One instance's settings (see ``python -m fleet.inbox --help``)."""
+
+    nats_servers: tuple[str, ...]
+    dsn: str
+    community: str
+    name: str
+    prefix: str = "safety"
+    user: str | None = None
+    password: str | None = None
+    contacts: Contacts = field(default_factory=Contacts)
+    batch: int = 256
+    ack_wait_s: float = 5.0
+    gap_grace_s: float = 3.0
+    heal_every_s: float = 1.0
+    ask_again_s: float = 10.0
+
+
+def _iso(text: Any) -> dt.datetime | None:
+    if not isinstance(text, str):
+        return None
+    with contextlib.suppress(ValueError):
+        return dt.datetime.fromisoformat(text)
+    return None
+
+
+def _emit(kind: str, **fields: Any) -> None:
+    print(json.dumps({"event": kind, "time": time.time(), **fields}), flush=True)
+
+
+class Inbox:
+    """One inbox instance: the shared durable consumer → PostgreSQL; the healer role when it holds the lock."""
+
+    def __init__(self, settings: InboxSettings) -> None:
+        self.s = settings
+        self.stored = 0
+        self.duplicates = 0
+        self.recovered = 0
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._db_lock = asyncio.Lock()
+        self._asked: dict[str, tuple[str, int, int, int]] = {}  # command id → (gateway, session, first, last)
+        self._asked_at: dict[tuple[str, str, int, int], float] = {}  # (gateway, install, session, first) → when
+        self._stop = asyncio.Event()
+        self.nc: Any = None
+
+    @property
+    def subject_filter(self) -> str:
+        return f"{MQTT_SUBJECT_PREFIX}{self.s.prefix}.{self.s.community}.*.event.>"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume, store and heal until :meth:`stop`."""
+        self._db = await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=False)
+        await self._schema()
+        self.nc = await nats.connect(servers=list(self.s.nats_servers), user=self.s.user, password=self.s.password,
+                                     name=self.s.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                     allow_reconnect=True)
+        await self.nc.subscribe(f"{self.s.prefix}.{self.s.community}.*.reply", cb=self._reply)
+        tasks = [asyncio.create_task(self._consume(), name="consume"),
+                 asyncio.create_task(self._heal(), name="heal"),
+                 asyncio.create_task(self._report(), name="report")]
+        await self._stop.wait()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+        await self._db.close()
+
+    async def _schema(self) -> None:
+        assert self._db is not None
+        async with self._db.transaction():
+            await self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            await self._db.execute(SCHEMA)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------ consuming
+
+    async def _subscribe(self) -> Any:
+        js = self.nc.jetstream()
+        config = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                                ack_wait=self.s.ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
+                                filter_subject=self.subject_filter)
+        while not self._stop.is_set():
+            try:
+                return await js.pull_subscribe(self.subject_filter, durable=DURABLE, stream=MQTT_STREAM, config=config)
+            except Exception as exc:  # the stream appears with the first MQTT client; a node may be away
+                _emit("waiting_for_stream", error=repr(exc))
+                await asyncio.sleep(1.0)
+        return None
+
+    async def _consume(self) -> None:
+        sub = await self._subscribe()
+        if sub is None:
+            return
+        _emit("consuming", name=self.s.name, filter=self.subject_filter)
+        while not self._stop.is_set():
+            try:
+                msgs = await sub.fetch(self.s.batch, timeout=1.0)
+            except (TimeoutError, NatsTimeout):
+                continue
+            except Exception as exc:  # a node went away under the fetch: the client reconnects elsewhere
+                _emit("fetch_failed", error=repr(exc))
+                await asyncio.sleep(0.2)
+                continue
+            events = []
+            for m in msgs:
+                with contextlib.suppress(ValueError, UnicodeDecodeError):
+                    body = json.loads(m.data)
+                    if isinstance(body, dict) and isinstance(body.get("event_id"), str):
+                        events.append(body)
+            try:
+                await self.store(events, recovered=False)
+            except psycopg.Error as exc:  # not acknowledged: delivered again after ack_wait
+                _emit("store_failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            for m in msgs:
+                with contextlib.suppress(Exception):  # an ack lost is a redelivery, stored once all the same
+                    await m.ack()
+
+    async def store(self, events: Sequence[Mapping[str, Any]], *, recovered: bool) -> int:
+        """Store events (once each) and their alarm routings in one transaction; returns how many were new."""
+        unique = {e["event_id"]: e for e in events if isinstance(e.get("event_id"), str)}
+        if not unique:
+            return 0
+        rows = list(unique.values())
+        columns: list[list[Any]] = [[] for _ in range(16)]
+        for e in rows:
+            for col, value in zip(columns, (
+                    e["event_id"], str(e.get("gateway", "")), str(e.get("install") or ""), int(e.get("session", 0)),
+                    int(e.get("seq", 0)), str(e.get("community", "")), str(e.get("building", "")),
+                    str(e.get("kind", "")), e.get("action"), e.get("unit"), e.get("household"), e.get("device"),
+                    _iso(e.get("time")), self.s.name, recovered,
+                    json.dumps({k: v for k, v in e.items() if k not in ("stored_seq", "delivered", "delivered_at")})),
+                    strict=True):
+                col.append(value)
+        assert self._db is not None
+        async with self._db_lock, self._db.transaction():
+            cur = await self._db.execute(INSERT_EVENTS, columns)
+            new = {r[0] for r in await cur.fetchall()}
+            notes: list[list[str]] = [[], [], [], []]
+            for e in rows:
+                if e["event_id"] in new and (e.get("kind"), e.get("action")) in NOTIFY:
+                    people = self.s.contacts.whom(e) or [Person("nobody on file: check the mapping", "", "unrouted")]
+                    for p in people:
+                        for col, value in zip(notes, (e["event_id"], p.role, p.name, p.phone), strict=True):
+                            col.append(value)
+            if notes[0]:
+                await self._db.execute(INSERT_NOTIFICATIONS, notes)
+        self.stored += len(new)
+        self.duplicates += len(rows) - len(new)
+        if recovered:
+            self.recovered += len(new)
+        return len(new)
+
+    # ------------------------------------------------------------------------------ healing
+
+    async def _heal(self) -> None:
+        """Hold the healer lock when free; while held, ask gateways for the seqs the table misses."""
+        conn = await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=True)
+        leader = False
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not leader:
+                        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (HEALER_LOCK,))
+                        row = await cur.fetchone()
+                        leader = bool(row and row[0])
+                        if leader:
+                            _emit("healer", name=self.s.name)
+                    if leader:
+                        await self._ask_for_gaps(conn)
+                except psycopg.Error as exc:
+                    _emit("heal_failed", error=repr(exc))
+                await asyncio.sleep(self.s.heal_every_s)
+        finally:
+            await conn.close()
+
+    async def _ask_for_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = await conn.execute(FIND_GAPS, (self.s.gap_grace_s,))
+        missing = await cur.fetchall()
+        now = time.monotonic()
+        for (gateway, install, session, community, building), first, last in _ranges(missing):
+            key = (gateway, install, session, first)
+            if now - self._asked_at.get(key, -1e9) < self.s.ask_again_s:
+                continue
+            self._asked_at[key] = now
+            args: dict[str, Any] = {"session": session, "from_seq": first, "to_seq": last, "limit": RANGE_PAGE}
+            if install:
+                args["install"] = install
+            body = command_message("events", community=community, building=building, args=args)
+            self._asked[body["id"]] = (gateway, session, first, last)
+            await self.nc.publish(f"{self.s.prefix}.{community}.{building}.command.events", json.dumps(body).encode())
+            _emit("gap_requested", gateway=gateway, session=session, range=[first, last], id=body["id"])
+
+    async def _reply(self, msg: Any) -> None:
+        """A command result: the events a range request brought back are stored (and routed) like live ones."""
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            body = json.loads(msg.data)
+            if not isinstance(body, dict) or body.get("command") != "events":
+                return
+            asked = self._asked.pop(str(body.get("id")), None)
+            if asked is None:
+                return
+            rows = [r for r in (body.get("data") or {}).get("events", []) if isinstance(r, dict)]
+            try:
+                new = await self.store(rows, recovered=True)
+            except psycopg.Error as exc:
+                _emit("store_failed", error=repr(exc))
+                return
+            _emit("recovered", gateway=asked[0], session=asked[1], range=[asked[2], asked[3]], rows=len(rows),
+                  new=new, status=body.get("status"), reason=body.get("reason"))
+
+    async def _report(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(5.0)
+            _emit("stored", name=self.s.name, stored=self.stored, duplicates=self.duplicates,
+                  recovered=self.recovered)
+
+
+def _ranges(missing: Iterable[Sequence[Any]]) -> list[tuple[tuple[str, str, int, str, str], int, int]]:
+    """Consecutive missing seqs of one session as (key, first, last), at most :data:`RANGE_PAGE` long."""
+    out: list[tuple[tuple[str, str, int, str, str], int, int]] = []
+    for gateway, install, session, community, building, seq in missing:
+        key = (gateway, install, int(session), community, building)
+        if out and out[-1][0] == key and out[-1][2] == seq - 1 and seq - out[-1][1] < RANGE_PAGE:
+            out[-1] = (key, out[-1][1], seq)
+        else:
+            out.append((key, seq, seq))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fleet.inbox", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nats", required=True, help="NATS URLs of the cluster's nodes, comma-separated")
+    p.add_argument("--user")
+    p.add_argument("--password-file", help="a file holding the password (first line)")
+    p.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    p.add_argument("--community", required=True)
+    p.add_argument("--prefix", default="safety")
+    p.add_argument("--contacts", help="who to tell (format of examples/consumer-contacts.toml)")
+    p.add_argument("--name", default="inbox", help="this instance's name (kept with each row it stores)")
+    p.add_argument("--ack-wait", type=float, default=5.0, help="seconds before another instance gets a batch")
+    p.add_argument("--gap-grace", type=float, default=3.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    password = None
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").splitlines()[0]
+    settings = InboxSettings(
+        nats_servers=tuple(s.strip() for s in args.nats.split(",") if s.strip()), dsn=args.dsn,
+        community=args.community, name=args.name, prefix=args.prefix, user=args.user, password=password,
+        contacts=Contacts.load(args.contacts) if args.contacts else Contacts(), ack_wait_s=args.ack_wait,
+        gap_grace_s=args.gap_grace)
+    inbox = Inbox(settings)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, inbox.stop)
+        await inbox.run()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
