@@ -55,6 +55,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_config",
+    "parse_endpoint",
     "real_port",
 ]
 
@@ -244,6 +245,16 @@ class MqttConfig:
     password: str | None = None
     allow_plaintext: bool = False
     """Plain MQTT to a broker that is not on this host: refused at load unless the site sets this."""
+    hosts: tuple[str, ...] = ()
+    """Nodes of one broker cluster, ``"host:port"`` each, tried in turn (docs/config.md, ``[mqtt]``). When set,
+    it is the list of nodes and ``host``/``port`` are its first; empty: the one node ``host:port``."""
+
+    @property
+    def endpoints(self) -> tuple[tuple[str, int], ...]:
+        """``(host, port)`` of every node, in the order they are tried first."""
+        if not self.hosts:
+            return ((self.host, self.port),)
+        return tuple(parse_endpoint(h, self.port) for h in self.hosts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1030,15 +1041,24 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
     username = password = None
     if credentials is not None:
         username, password = read_credentials(credentials, t.key("credentials_file"))
-    host = t.text("host", d.host) or d.host
+    default_port = 8883 if tls is not None else d.port
+    hosts = _parse_hosts(t, default_port)
+    if hosts:
+        host, port = parse_endpoint(hosts[0], default_port)
+    else:
+        host = t.text("host", d.host) or d.host
+        port = t.integer("port", default_port, lo=1, hi=65535)
     allow_plaintext = t.flag("allow_plaintext", False)
-    if tls is None and not allow_plaintext and not is_loopback(host):
-        raise ConfigError(t.key("allow_plaintext"),
-                          f"plain MQTT to {host!r} (not this host) would send events, commands and credentials in "
-                          "clear: add an [mqtt.tls] table, or set mqtt.allow_plaintext = true to accept that")
+    for name in hosts or (host,):
+        node, _ = parse_endpoint(name, default_port)
+        if tls is None and not allow_plaintext and not is_loopback(node):
+            raise ConfigError(t.key("allow_plaintext"),
+                              f"plain MQTT to {node!r} (not this host) would send events, commands and credentials "
+                              "in clear: add an [mqtt.tls] table, or set mqtt.allow_plaintext = true to accept that")
     cfg = MqttConfig(
         host=host,
-        port=t.integer("port", 8883 if tls is not None else d.port, lo=1, hi=65535),
+        port=port,
+        hosts=hosts,
         client_id=t.text("client_id") or default_client_id,
         topic_prefix=prefix,
         protocol=t.choice("protocol", (5, 311), 5),
@@ -1057,6 +1077,56 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
     )
     t.done()
     return cfg
+
+
+def _parse_hosts(t: _Table, default_port: int) -> tuple[str, ...]:
+    """``mqtt.hosts``: the nodes of one cluster; it replaces ``host`` and ``port``, which must then be absent."""
+    if not t.has("hosts"):
+        return ()
+    for other in ("host", "port"):
+        if t.has(other):
+            raise ConfigError(t.key(other), "give either mqtt.hosts (the nodes of one cluster) or mqtt.host and "
+                                            "mqtt.port (one node), not both; list every node in mqtt.hosts")
+    value = t.raw("hosts")
+    if not isinstance(value, list):
+        raise ConfigError(t.key("hosts"), f'must be an array of "host:port" strings, got {_typename(value)}')
+    if not value:
+        raise ConfigError(t.key("hosts"), 'must list at least one "host:port"')
+    seen: dict[tuple[str, int], int] = {}
+    for i, item in enumerate(value):
+        key = f"{t.key('hosts')}[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f'must be a "host:port" string, got {_typename(item)}')
+        try:
+            endpoint = parse_endpoint(item, default_port)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+        if endpoint in seen:
+            raise ConfigError(key, f"{item!r} is the same node as mqtt.hosts[{seen[endpoint]}]")
+        seen[endpoint] = i
+    return tuple(value)
+
+
+def parse_endpoint(text: str, default_port: int = 1883) -> tuple[str, int]:
+    """``"host:port"``, ``"host"``, ``"[::1]:port"`` → ``(host, port)``; ValueError says what is wrong."""
+    value = text.strip()
+    host, port_text = value, ""
+    if value.startswith("["):  # [IPv6]:port
+        end = value.find("]")
+        if end < 0 or (value[end + 1:] and not value[end + 1:].startswith(":")):
+            raise ValueError(f'{text!r}: write an IPv6 address as "[addr]:port"')
+        host, port_text = value[1:end], value[end + 2:]
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    elif value.count(":") > 1:
+        raise ValueError(f'{text!r}: write an IPv6 address as "[addr]:port"')
+    if not host or any(c.isspace() or c in "/#?@" for c in host):
+        raise ValueError(f'{text!r}: expected "host:port"')
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be 1..65535")
+    return host, int(port_text)
 
 
 def is_loopback(host: str) -> bool:

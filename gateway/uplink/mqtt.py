@@ -6,6 +6,9 @@ A fresh paho client is made for every connection, so paho's in-memory queue is n
 disconnect every row without a PUBACK is "outcome unknown" and is sent again — with the same event id —
 from the outbox after reconnecting (jittered backoff, 1 s to 60 s; at most 5 s between attempts while an alarm,
 supervisory signal or fault waits, so it reaches a returning broker well within the 10 s GB/T 45839 allows).
+With several nodes of one cluster (``mqtt.hosts``), each failed attempt and each lost connection moves on to the
+next node: a node that went away costs one of those waits, and the Will, availability and birth go to whichever
+node the gateway is connected to.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from gateway.uplink.topics import Topics
 
 __all__ = [
     "URGENT_RETRY_MAX_S",
+    "NodeAttempt",
     "RetryDelay",
     "Uplink",
     "UplinkError",
@@ -179,6 +183,21 @@ class RetryDelay(NamedTuple):
     """An alarm, supervisory signal or fault was waiting: the wait was capped at :data:`URGENT_RETRY_MAX_S`."""
     backoff_s: float
     """The wait the backoff alone would have chosen."""
+    node: str = ""
+    """``host:port`` of the node the attempt after this wait goes to."""
+
+
+class NodeAttempt(NamedTuple):
+    """One connection attempt and the node it went to, as the uplink chose it (``Uplink.attempts``)."""
+
+    started_at: float
+    """Monotonic time the attempt began."""
+    node: str
+    """``host:port``."""
+    node_index: int
+    """Its place in ``mqtt.hosts`` (0 for the one node of ``host``/``port``)."""
+    connected: bool
+    error: str | None
 
 
 def backoff_delays(rng: random.Random | None = None) -> Any:
@@ -349,12 +368,23 @@ class Uplink:
         self.retry_delays: deque[RetryDelay] = deque(maxlen=256)
         """The waits between connection attempts, newest last (a wait cut short by an urgent event is listed
         again with its shorter length)."""
+        self.nodes: tuple[tuple[str, int], ...] = mqtt_cfg.endpoints
+        """The broker's nodes, ``mqtt.hosts`` in order (one node: ``mqtt.host``/``mqtt.port``)."""
+        self.node_index = 0
+        """The node connected to, or the one the next attempt goes to."""
+        self.attempts: deque[NodeAttempt] = deque(maxlen=256)
+        """Every connection attempt and its node, newest last."""
         _warn_transport(mqtt_cfg)
 
     @property
     def broker(self) -> str:
-        """host:port of the broker."""
-        return f"{self.cfg.host}:{self.cfg.port}"
+        """host:port of the node connected to (or tried next)."""
+        host, port = self.nodes[self.node_index]
+        return _node_name(host, port)
+
+    def _next_node(self) -> None:
+        """Move on to the next node of the cluster (no-op with one node)."""
+        self.node_index = (self.node_index + 1) % len(self.nodes)
 
     @property
     def inflight(self) -> int:
@@ -373,12 +403,14 @@ class Uplink:
                 client = await self._connect()
             except UplinkError as exc:
                 self.last_error = str(exc)
+                failed = self.broker
+                self._next_node()
                 waiting: int | str = "unknown"
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     waiting, _ = await self.outbox.backlog()
                 wait = await self._retry_delay(next(delays))
-                log.warning("uplink down; events buffered", broker=self.broker, error=str(exc),
-                            waiting=waiting, retry_in_s=round(wait.delay_s, 1), urgent=wait.urgent)
+                log.warning("uplink down; events buffered", broker=failed, error=str(exc), waiting=waiting,
+                            retry_in_s=round(wait.delay_s, 1), urgent=wait.urgent, next_broker=self.broker)
                 await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)
                 continue
             connected_at = time.monotonic()
@@ -389,6 +421,8 @@ class Uplink:
                 log.error("uplink forwarding failed; reconnecting", error=repr(exc))
             finally:
                 await self._drop(client)
+                if not self._stopping:
+                    self._next_node()  # the node may be gone; every node of the cluster serves the same
             # The backoff starts over only after a connection that held; one the broker drops at once (a
             # client id taken over, an ACL) must not turn into a reconnect storm. Never straight back in.
             if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
@@ -497,20 +531,26 @@ class Uplink:
         io = _LoopIO(loop, client, lambda reason: self._disconnected(client, reason))
         self._io = io
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
-        connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, self.cfg.keepalive_s, **kwargs)
+        host, port = self.nodes[self.node_index]
+        attempt = NodeAttempt(time.monotonic(), _node_name(host, port), self.node_index, False, None)
+        connect = functools.partial(client.connect, host, port, self.cfg.keepalive_s, **kwargs)
         try:
             # connect() resolves, opens the socket and shakes hands (TLS): blocking work, so on a worker thread.
             await asyncio.wait_for(loop.run_in_executor(None, connect), timeout=self._connect_timeout + 2.0)
             result = await asyncio.wait_for(outcome, timeout=self._connect_timeout + 2.0)
         except (TimeoutError, OSError, ValueError) as exc:
             await self._drop(client)
-            raise UplinkError(f"connect: {exc or 'timed out'}") from None
+            error = f"connect: {exc or 'timed out'}"
+            self.attempts.append(attempt._replace(error=error))
+            raise UplinkError(error) from None
         except asyncio.CancelledError:  # stopping while a connect hangs: the socket is closed once it opens
             io.detach()
             raise
         if isinstance(result, str) or result.is_failure:
             await self._drop(client)
+            self.attempts.append(attempt._replace(error=f"connect refused: {result}"))
             raise UplinkError(f"connect refused: {result}")
+        self.attempts.append(attempt._replace(connected=True))
         receive_maximum = connack.get("receive_maximum")
         self.window_limit = event_window(self.cfg.max_inflight, receive_maximum)
         if self.window_limit < self.cfg.max_inflight:
@@ -832,7 +872,8 @@ class Uplink:
             urgent = await self.outbox.urgent_waiting()
         except (sqlite3.Error, ValueError):  # nothing can be read, so nothing could be sent either
             urgent = False
-        wait = RetryDelay(time.monotonic(), min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff, urgent, backoff)
+        wait = RetryDelay(time.monotonic(), min(backoff, URGENT_RETRY_MAX_S) if urgent else backoff, urgent, backoff,
+                          self.broker)
         self.retry_delays.append(wait)
         return wait
 
@@ -848,7 +889,7 @@ class Uplink:
                 urgent = True
                 if end > start + URGENT_RETRY_MAX_S:
                     end = start + URGENT_RETRY_MAX_S
-                    self.retry_delays.append(RetryDelay(start, URGENT_RETRY_MAX_S, True, seconds))
+                    self.retry_delays.append(RetryDelay(start, URGENT_RETRY_MAX_S, True, seconds, self.broker))
                     log.info("urgent event waiting; next connection attempt sooner",
                              retry_in_s=round(max(0.0, end - time.monotonic()), 1))
             remaining = end - time.monotonic()
@@ -861,15 +902,21 @@ class Uplink:
                 await asyncio.wait_for(self._sleep_wake.wait(), min(remaining, 5.0))
 
 
+def _node_name(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _warn_transport(cfg: MqttConfig) -> None:
     """Loud warnings, at every start, for a link to the broker that is not fully protected."""
     tls = cfg.tls or bool(cfg.tls_ca_file or cfg.tls_cert_file)
     if tls and cfg.tls_insecure:
         log.warning("INSECURE MQTT TLS: mqtt.tls.insecure is set, the broker's host name is NOT verified; "
                     "anyone with a certificate from the same CA can pose as the broker", broker=cfg.host)
-    elif not tls and not is_loopback(cfg.host):  # allowed only by mqtt.allow_plaintext (gateway/config.py)
-        log.warning("MQTT WITHOUT TLS: events, commands and credentials travel in clear "
-                    "(mqtt.allow_plaintext = true); configure [mqtt.tls]", broker=cfg.host)
+    elif not tls:  # allowed only by mqtt.allow_plaintext (gateway/config.py)
+        for host, _ in cfg.endpoints:
+            if not is_loopback(host):
+                log.warning("MQTT WITHOUT TLS: events, commands and credentials travel in clear "
+                            "(mqtt.allow_plaintext = true); configure [mqtt.tls]", broker=host)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:
