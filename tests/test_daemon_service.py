@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from drivers.simulated import SimulatedBus, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 
 
+@pytest.mark.slow  # waits out a watchdog period
 def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: MosquittoBroker, listener) -> None:
     hang = tmp_path / "hang-bus1"
     with VirtualNullModem(tmp_path) as modem:

@@ -203,6 +203,7 @@ def _json_lines(text: str) -> list[dict[str, Any]]:
     return entries
 
 
+@pytest.mark.slow  # a 20 s run of the demo
 def test_demo_shows_the_alarm_flow_and_exits_0(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)

@@ -267,6 +267,7 @@ SYSCALL_LINE = re.compile(r"^\d+\s+(?:<\.\.\. )?([a-z_0-9]+)\(")
 SOCKET_FAMILY = re.compile(r"\bsocket(?:pair)?\((AF_[A-Z0-9]+)")
 
 
+@pytest.mark.slow  # a demo run under strace
 @pytest.mark.skipif(
     analyze is None or shutil.which("strace") is None or shutil.which("setpriv") is None or os.geteuid() != 0,
     reason="needs systemd-analyze, strace, setpriv and root (to run the daemon as nobody)",
