@@ -254,7 +254,7 @@ class MqttConfig:
         """``(host, port)`` of every node, in the order they are tried first."""
         if not self.hosts:
             return ((self.host, self.port),)
-        return tuple(parse_endpoint(h, self.port) for h in self.hosts)
+        return tuple(parse_endpoint(h, 8883 if self.tls else 1883) for h in self.hosts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import json
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -23,7 +25,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gateway.config import MqttConfig
+from gateway.config import ConfigError, MqttConfig, parse_config
 from gateway.events import Event
 from gateway.uplink.mqtt import URGENT_RETRY_MAX_S, Uplink, event_window
 from gateway.uplink.outbox import Outbox
@@ -128,11 +130,11 @@ def bodies(messages: list[RecordedMessage]) -> list[dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def forwarding(
     tmp_path: Path, broker: MosquittoBroker, *, protocol: int = 5, max_inflight: int = 8, start: bool = True,
-    keepalive_s: int = 10, **kwargs: Any,
+    keepalive_s: int = 10, hosts: tuple[str, ...] = (), **kwargs: Any,
 ) -> AsyncIterator[tuple[Outbox, Uplink]]:
     ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
     cfg = MqttConfig(host=broker.host, port=broker.port, client_id="gw-test", protocol=protocol,  # type: ignore[arg-type]
-                     max_inflight=max_inflight, keepalive_s=keepalive_s)
+                     max_inflight=max_inflight, keepalive_s=keepalive_s, hosts=hosts)
     up = Uplink(cfg, ob, TOPICS, connect_timeout_s=1.0, **kwargs)
     task = asyncio.create_task(up.run())
     try:
@@ -598,3 +600,152 @@ async def test_an_event_of_an_earlier_session_of_this_boot_is_aged_by_the_monoto
         await all_delivered(ob)
     assert alarm["event_id"] == event_id and alarm["historical"] is True, "from an earlier session"
     assert 100.0 <= alarm["age_s"] < 86_400.0, alarm["age_s"]
+
+
+# ------------------------------------------------------------------- several nodes of one cluster (mqtt.hosts)
+
+
+def node(broker: MosquittoBroker) -> str:
+    return f"{broker.host}:{broker.port}"
+
+
+@pytest.fixture
+def two_brokers(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, MosquittoBroker]]:
+    """Two mosquittos on free ports, standing in for two nodes of one cluster."""
+    first, second = MosquittoBroker(tmp_path / "node1"), MosquittoBroker(tmp_path / "node2")
+    first.start()
+    try:
+        second.start()
+        try:
+            yield first, second
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+def drop_link(up: Uplink) -> None:
+    """The network under the uplink's connection fails: the socket is shut down, no DISCONNECT is sent."""
+    client = up._client
+    assert client is not None
+    sock = client.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+async def test_an_alarm_waiting_when_its_node_goes_away_arrives_through_the_next_node(
+    tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
+) -> None:
+    """Stop the node the uplink is on while an alarm waits: the next attempt goes to the second node, the alarm
+    arrives there, and every wait chosen meanwhile was within 5 s and aimed at the second node."""
+    first, second = two_brokers
+    recorder = mqtt_recorder_factory(second, EVENTS)
+    async with forwarding(tmp_path, first, hosts=(node(first), node(second))) as (ob, up):
+        assert up.broker == node(first) and [(a.node, a.connected) for a in up.attempts] == [(node(first), True)]
+        assert not up.retry_delays
+        first.stop()
+        await eventually(lambda: not up.connected, timeout=30, message="the uplink did not see its node go")
+        [alarm_id] = await ob.append([ev("alarm", 1)])
+        [got] = await asyncio.to_thread(recorder.wait_for_count, lambda m: m.json["event_id"] == alarm_id, 1, 30)
+        await all_delivered(ob)
+        assert up.connected and up.broker == node(second)
+        attempts, delays = list(up.attempts)[1:], list(up.retry_delays)
+    assert got.json["kind"] == "alarm"
+    assert attempts and attempts[0].node == node(second) and attempts[0].connected, attempts
+    assert all(a.node == node(second) for a in attempts), "never back to the stopped node first"
+    assert delays and all(d.delay_s <= URGENT_RETRY_MAX_S and d.node == node(second) for d in delays), delays
+
+
+async def test_nodes_are_tried_in_turn_and_the_waits_stay_within_5_s_while_an_alarm_waits(
+    tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
+) -> None:
+    """Both nodes down: each failed attempt moves to the other node, every wait while the alarm waits is at most
+    5 s though the backoff alone grows past it, and the alarm arrives through whichever node returns."""
+    first, second = two_brokers
+    async with forwarding(tmp_path, first, hosts=(node(first), node(second))) as (ob, up):
+        first.stop()
+        second.stop()
+        await eventually(lambda: not up.connected, timeout=30)
+        [alarm_id] = await ob.append([ev("alarm", 2)])
+        raised = time.monotonic()
+        await eventually(lambda: any(d.backoff_s > URGENT_RETRY_MAX_S for d in up.retry_delays), timeout=90,
+                         message="the backoff never grew past 5 s")
+        second.start()
+        recorder = mqtt_recorder_factory(second, EVENTS)
+        await asyncio.to_thread(recorder.wait_for_count, lambda m: m.json["event_id"] == alarm_id, 1, 60)
+        await all_delivered(ob)
+        attempts = [a for a in up.attempts if a.started_at >= raised]
+        delays = [d for d in up.retry_delays if d.chosen_at >= raised]
+    assert up.broker == node(second)
+    failed = [a for a in attempts if not a.connected]
+    assert len(failed) >= 3, attempts
+    assert all(b.node != a.node for a, b in itertools.pairwise(failed)), "each failed attempt moves on"
+    assert attempts[-1].connected and attempts[-1].node == node(second)
+    assert all(d.urgent and d.delay_s <= URGENT_RETRY_MAX_S for d in delays), delays
+    assert any(d.backoff_s > URGENT_RETRY_MAX_S for d in delays), delays
+
+
+async def test_the_will_birth_and_availability_go_to_the_node_connected(
+    tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
+) -> None:
+    """On each node in turn: the retained ``online`` and birth are there, and when the link fails the node
+    publishes the Will, so every connection carried it."""
+    first, second = two_brokers
+    watched = [TOPICS.availability, TOPICS.birth]
+    births = 0
+
+    def birth() -> dict[str, Any]:
+        nonlocal births
+        births += 1
+        return {"gateway": "gw-test", "births": births}
+
+    async with forwarding(tmp_path, first, hosts=(node(first), node(second)), birth=birth) as (_, up):
+        for broker in (first, second, first):
+            await eventually(lambda b=broker: up.connected and up.broker == node(b), timeout=30,  # type: ignore[misc]
+                             message=f"the uplink did not move to {node(broker)}")
+            recorder = mqtt_recorder_factory(broker, watched)  # joins after the publish: retained copies only
+            online = await asyncio.to_thread(recorder.wait_for, lambda m: m.topic == TOPICS.availability, 30)
+            assert online.retain and online.json["state"] == "online", online
+            born = await asyncio.to_thread(recorder.wait_for, lambda m: m.topic == TOPICS.birth, 30)
+            assert born.retain and born.json["births"] == up.connections, born
+            drop_link(up)
+            will = await asyncio.to_thread(
+                recorder.wait_for, lambda m: m.topic == TOPICS.availability and m.json["state"] == "offline", 30)
+            assert will.json["reason"] == "connection lost" and will.retain is False  # live, not a retained copy
+            await eventually(lambda b=broker: up.broker != node(b), timeout=30)  # type: ignore[misc]
+    connected = [a.node for a in up.attempts if a.connected]
+    assert connected[:3] == [node(first), node(second), node(first)], up.attempts
+
+
+def test_mqtt_hosts_parse_with_key_paths(tmp_path: Path) -> None:
+    """``mqtt.hosts`` lists the nodes; it excludes host/port; each entry is checked and named by its index."""
+    from tests.test_config import base
+
+    def load(**mqtt: Any) -> MqttConfig:
+        doc = base()
+        doc["mqtt"] = mqtt
+        return parse_config(doc, base_dir=tmp_path).mqtt
+
+    cfg = load(hosts=["127.0.0.1:1884", "localhost", "[::1]:1885"])
+    assert cfg.endpoints == (("127.0.0.1", 1884), ("localhost", 1883), ("::1", 1885))
+    assert (cfg.host, cfg.port) == ("127.0.0.1", 1884), "host/port name the first node"
+    assert load().endpoints == (("localhost", 1883),)
+    assert load(host="127.0.0.2", port=1999).endpoints == (("127.0.0.2", 1999),)
+    cases = {
+        "mqtt.hosts[1]": dict(hosts=["localhost:1883", "localhost:x"]),
+        "mqtt.hosts[2]": dict(hosts=["localhost:1", "localhost:2", "localhost:1"]),
+        "mqtt.hosts[0]": dict(hosts=[5]),
+        "mqtt.hosts": dict(hosts=[]),
+        "mqtt.host": dict(hosts=["localhost:1"], host="localhost"),
+        "mqtt.port": dict(hosts=["localhost:1"], port=1883),
+    }
+    for key, table in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load(**table)
+        assert err.value.path == key, (table, err.value)
+    # plain MQTT to any node that is not this host is refused, not only to the first
+    with pytest.raises(ConfigError, match=r"broker-2\.example\.net") as err:
+        load(hosts=["127.0.0.1:1883", "broker-2.example.net:1883"])
+    assert err.value.path == "mqtt.allow_plaintext"
+    assert load(hosts=["127.0.0.1", "broker-2.example.net"], allow_plaintext=True).endpoints[1] == (
+        "broker-2.example.net", 1883)
