@@ -1,0 +1,77 @@
+"""A community on the clustered broker: 1000 gateways, an alarm burst, a node lost in it, two inbox instances.
+
+The scenario of tests/test_fleet.py (``tests.support.fleet.FleetScenario``): a 3-node NATS JetStream cluster
+(fleet/cluster.py), the fleet simulator's gateways (their own outbox, writer and uplink; fleet/simulator.py),
+two central inbox instances writing into a private PostgreSQL (fleet/inbox.py). A steady load, an alarm burst;
+one node SIGKILLed in the middle of the burst and started again ``--restart-after`` s later; the first inbox
+instance SIGKILLed after that.
+
+Reported (one JSON line last): ``events_stored`` (in the gateways' outboxes), ``events_in_inbox``,
+``duplicates_in_inbox`` (rows beyond one per event id), ``missing_in_inbox``; detection (``Event.wall``) → row
+committed, outside the failover window (kill → 10 s after the node is back): ``latency_p50_ms``,
+``latency_p99_ms``, ``latency_max_ms``; inside it ``failover_p99_ms``; ``failover_gap_s``, the longest time no
+event of the lost node's buildings reached the inbox; ``nodes``: each node's peak RSS and CPU seconds.
+Targets: p99 ≤ 1 s outside the window, ≤ 5 s through it.
+
+``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--steady-s 15]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.fleet import FleetScenario, percentile  # noqa: E402
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gateways", type=int, default=1000)
+    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--steady-s", type=float, default=30.0)
+    parser.add_argument("--telemetry-every", type=float, default=10.0)
+    parser.add_argument("--burst-rate", type=float, default=250.0, help="alarms per second across the fleet")
+    parser.add_argument("--burst-s", type=float, default=10.0)
+    parser.add_argument("--restart-after", type=float, default=30.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        scenario = FleetScenario(Path(tmp), gateways=args.gateways, processes=args.processes, steady_s=args.steady_s,
+                                 telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
+                                 burst_s=args.burst_s, restart_after_s=args.restart_after,
+                                 after_s=args.restart_after + 2.0,
+                                 log=lambda text: print(text, file=sys.stderr, flush=True))
+        result = scenario.run()
+    outside, inside = result.latencies()
+    stored = set(result.stored)
+    print(json.dumps({
+        "gateways": result.gateways,
+        "events_stored": len(stored),
+        "events_in_inbox": len(stored & set(result.rows)),
+        "duplicates_in_inbox": result.row_count - len(result.rows),
+        "missing_in_inbox": len(stored - set(result.rows)),
+        "latency_p50_ms": _ms(percentile(outside, 0.5)),
+        "latency_p99_ms": _ms(percentile(outside, 0.99)),
+        "latency_max_ms": _ms(max(outside, default=None)),
+        "failover_p99_ms": _ms(percentile(inside, 0.99)),
+        "failover_gap_s": round(result.failover_gap_s(), 2),
+        "nodes": result.nodes,
+        "alarms_raised": result.notifications.get("alarms_raised"),
+        "inbox_takeover": result.takeover,
+        "healed": result.healing,
+        "simulator": [{k: d[k] for k in ("worker", "stored", "connections", "resent")} for d in result.simulator],
+    }))
+
+
+if __name__ == "__main__":
+    main()

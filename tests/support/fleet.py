@@ -1,0 +1,377 @@
+"""The fleet scenario shared by tests/test_fleet.py and benchmarks/fleet.py.
+
+A 3-node NATS cluster (fleet/cluster.py), a private PostgreSQL, two central inbox instances and the fleet
+simulator's gateways; a steady load, an alarm burst with one node SIGKILLed in the middle of it and started
+again later, the first inbox instance SIGKILLed after that. :meth:`FleetScenario.run` returns what was stored
+where and when; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import paho.mqtt.client as mqtt
+import psutil
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet.cluster import Cluster, Community
+from fleet.inbox import write_contacts
+from fleet.simulator import HOUSEHOLDS, UNITS, building_name
+from tests.support.postgres import PostgresServer
+
+__all__ = ["FleetResult", "FleetScenario", "percentile"]
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMUNITY = "fleet"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1) by nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+class _Lines:
+    """A child process whose stdout is JSON lines, kept and waited on."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name = name
+        self.lines: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._log = log.open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            with contextlib.suppress(ValueError):
+                item = json.loads(line)
+                with self._cond:
+                    self.lines.append(item)
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        """The first line ``match`` accepts, waiting up to ``timeout`` s; RuntimeError if it never comes."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for item in self.lines:
+                    if match(item):
+                        return item
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name}: no matching line within {timeout:g} s "
+                                       f"(exit {self.proc.poll()}); last: {self.lines[-3:]}")
+                self._cond.wait(min(left, 1.0))
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._thread.join(5)
+        self._log.close()
+
+
+class _NodeWatch:
+    """Samples each node's RSS and CPU (all its processes across a restart) every half second."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.peak_rss = [0] * len(cluster.nodes)
+        self.cpu: list[dict[int, float]] = [{} for _ in cluster.nodes]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for i, node in enumerate(self.cluster.nodes):
+                pid = node.pid
+                if pid is None:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    p = psutil.Process(pid)
+                    self.peak_rss[i] = max(self.peak_rss[i], p.memory_info().rss)
+                    t = p.cpu_times()
+                    self.cpu[i][pid] = t.user + t.system
+
+    def stop(self) -> list[dict[str, Any]]:
+        self._stop.set()
+        self._thread.join(5)
+        return [{"node": i, "peak_rss_mb": round(self.peak_rss[i] / 2**20, 1),
+                 "cpu_s": round(sum(self.cpu[i].values()), 1)} for i in range(len(self.peak_rss))]
+
+
+@dataclass
+class FleetResult:
+    """What the scenario saw (times are Unix seconds)."""
+
+    gateways: int
+    stored: dict[str, float]
+    """event_id → detection time (Event.wall), from every gateway's outbox."""
+    rows: dict[str, tuple[float, str, bool]]
+    """event_id → (committed_at, inbox instance, recovered), from PostgreSQL."""
+    row_count: int
+    notifications: dict[str, int]
+    kill_at: float
+    restart_at: float
+    inbox_kill_at: float
+    killed_node: int
+    takeover: dict[str, Any]
+    acl: dict[str, Any]
+    healing: dict[str, Any]
+    nodes: list[dict[str, Any]]
+    simulator: list[dict[str, Any]] = field(default_factory=list)
+
+    def latencies(self) -> tuple[list[float], list[float]]:
+        """Detection → row committed (s): (outside the failover window, within it). The window runs from the
+        kill to 10 s after the node is back; events recovered by the events command are left out of both."""
+        outside, inside = [], []
+        lo, hi = self.kill_at, self.restart_at + 10.0
+        for event_id, wall in self.stored.items():
+            row = self.rows.get(event_id)
+            if row is None or row[2]:
+                continue
+            (inside if lo <= wall <= hi else outside).append(row[0] - wall)
+        return outside, inside
+
+    def failover_gap_s(self) -> float:
+        """The longest time no event of the lost node's buildings reached the inbox, around the kill."""
+        commits = sorted(self.rows[e][0] for e in self.stored if e in self.rows
+                         and _index(e) % 3 == self.killed_node
+                         and self.kill_at - 5.0 <= self.rows[e][0] <= self.restart_at + 10.0)
+        gaps = [b - a for a, b in itertools.pairwise(commits)]
+        return max(gaps, default=0.0)
+
+
+def _index(event_id: str) -> int:
+    """The simulator's gateway index of an event id ``fleet-b0001:…`` → 0."""
+    return int(event_id.split(":", 1)[0].rsplit("-b", 1)[1]) - 1
+
+
+@dataclass
+class FleetScenario:
+    """Settings of one run (the defaults are the Must-show test's)."""
+
+    workdir: Path
+    gateways: int = 1000
+    processes: int = 4
+    steady_s: float = 15.0
+    telemetry_every_s: float = 10.0
+    burst_rate: float = 250.0
+    burst_s: float = 10.0
+    restart_after_s: float = 30.0
+    after_s: float = 32.0
+    connect_spread_s: float = 20.0
+    log: Callable[[str], None] = print
+
+    def run(self) -> FleetResult:
+        w = self.workdir
+        w.mkdir(parents=True, exist_ok=True)
+        community_file = w / "community.toml"
+        community_file.write_text(
+            f'buildings = {{ count = {self.gateways}, name = "b{{:04d}}" }}\n'
+            f'[community]\nid = "{COMMUNITY}"\nprefix = "safety"\npassword_seed = "fleet-test-seed-0123456789"\n'
+            '[server]\nuser = "central-server"\n', encoding="utf-8")
+        community = Community.load(community_file)
+        credentials = community.write_credentials(w / "credentials.json")
+        (w / "central.pw").write_text(community.server_password + "\n", encoding="utf-8")
+        write_contacts(w / "contacts.toml", COMMUNITY, [building_name(i) for i in range(self.gateways)], UNITS,
+                       HOUSEHOLDS)
+        cluster = Cluster(w / "cluster", community)
+        procs: list[_Lines] = []
+        pg: PostgresServer | None = None
+        watch: _NodeWatch | None = None
+        try:
+            cluster.start()
+            watch = _NodeWatch(cluster)
+            watch.start()
+            pg = PostgresServer().start()
+            acl = self._acl_probe(cluster, community)
+            self.log(f"cluster and PostgreSQL up; cross-building publish: {acl}")
+
+            def inbox(name: str) -> _Lines:
+                return _Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(cluster.nats_urls),
+                                     "--user", community.server_user, "--password-file", str(w / "central.pw"),
+                                     "--dsn", pg.dsn, "--community", COMMUNITY, "--contacts",  # type: ignore[union-attr]
+                                     str(w / "contacts.toml"), "--name", name], w / f"{name}.log")
+
+            first = inbox("inbox-1")
+            procs.append(first)
+            first.wait_for(lambda m: m.get("event") == "consuming", 60)
+            first.wait_for(lambda m: m.get("event") == "healer", 30)
+            second = inbox("inbox-2")
+            procs.append(second)
+            second.wait_for(lambda m: m.get("event") == "consuming", 60)
+            go = w / "go"
+            sim = _Lines("simulator", [
+                sys.executable, "-m", "fleet.simulator", "--gateways", str(self.gateways),
+                "--processes", str(self.processes), "--brokers", ",".join(cluster.mqtt_hosts),
+                "--community", COMMUNITY, "--credentials", str(credentials), "--workdir", str(w / "gateways"),
+                "--go-file", str(go), "--connect-spread-s", str(self.connect_spread_s),
+                "--steady-s", str(self.steady_s), "--telemetry-every", str(self.telemetry_every_s),
+                "--burst-rate", str(self.burst_rate), "--burst-s", str(self.burst_s), "--after-s", str(self.after_s),
+                "--drain-timeout", "120"], w / "simulator.log")
+            procs.append(sim)
+            t0 = time.monotonic()
+            sim.wait_for(lambda m: m.get("event") == "all_ready", 180)
+            self.log(f"{self.gateways} gateways connected in {time.monotonic() - t0:.1f} s")
+            start = time.time() + 1.0
+            go.write_text(f"{start}\n", encoding="utf-8")
+            killed = 0
+            kill_at = start + self.steady_s + self.burst_s / 2
+            time.sleep(max(0.0, kill_at - time.time()))
+            kill_at = time.time()
+            cluster.node(killed).kill()
+            self.log(f"node {killed} killed in the burst")
+            time.sleep(max(0.0, kill_at + self.restart_after_s - time.time()))
+            cluster.node(killed).start(timeout=60)
+            restart_at = time.time()
+            self.log(f"node {killed} started again after {restart_at - kill_at:.1f} s")
+            inbox_kill_at = time.time()
+            first.stop(signal.SIGKILL)
+            self.log("inbox-1 killed")
+            takeover = {"healer": second.wait_for(lambda m: m.get("event") == "healer", 30)["time"] - inbox_kill_at}
+            sim.wait_for(lambda m: m.get("event") == "all_drained", 240)
+            drained = [m for m in sim.lines if m.get("event") == "drained"]
+            self.log(f"gateways drained: {drained}")
+            stored = self._stored(w / "gateways")
+            self._wait_rows(pg, len(stored), 120)
+            healing = self._heal_probe(pg, second)
+            rows, row_count, notes = self._rows(pg)
+            takeover["rows_after_kill"] = sum(1 for c, name, _ in rows.values()
+                                              if name == "inbox-2" and c > inbox_kill_at)
+            takeover["rows_by_inbox"] = {n: sum(1 for _, name, _ in rows.values() if name == n)
+                                         for n in ("inbox-1", "inbox-2")}
+            acl["stored"] = acl["event_id"] in rows
+            sim.stop(signal.SIGTERM, timeout=60)
+            return FleetResult(gateways=self.gateways, stored=stored, rows=rows, row_count=row_count,
+                               notifications=notes, kill_at=kill_at, restart_at=restart_at,
+                               inbox_kill_at=inbox_kill_at, killed_node=killed, takeover=takeover, acl=acl,
+                               healing=healing, nodes=watch.stop(), simulator=drained)
+        finally:
+            for p in reversed(procs):
+                p.stop(signal.SIGTERM, timeout=60)
+            if watch is not None:
+                watch.stop()
+            cluster.stop()
+            if pg is not None:
+                pg.stop()
+
+    # ------------------------------------------------------------------------------ pieces
+
+    def _acl_probe(self, cluster: Cluster, community: Community) -> dict[str, Any]:
+        """Building 1's gateway publishes under building 2's topic, then under its own, on one connection; the
+        central server's subscription shows which arrived (the own one last, so waiting for it is enough)."""
+        user, password = community.credentials()[building_name(0)]
+        other = f"safety/{COMMUNITY}/{building_name(1)}/event/alarm"
+        own = f"safety/{COMMUNITY}/{building_name(0)}/event/test"
+        event_id = f"{COMMUNITY}-{building_name(0)}:0000000000000000:0:1"
+        seen: list[str] = []
+
+        async def probe() -> None:
+            nc = await nats.connect(servers=cluster.nats_urls, user=community.server_user,
+                                    password=community.server_password)
+            got = asyncio.Event()
+
+            async def on(msg: Any) -> None:
+                seen.append(msg.subject)
+                if msg.subject == own.replace("/", "."):
+                    got.set()
+
+            await nc.subscribe(f"safety.{COMMUNITY}.>", cb=on)
+            await nc.flush()
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="acl-probe", protocol=mqtt.MQTTv311)
+            client.username_pw_set(user, password)
+            client.connect("127.0.0.1", cluster.mqtt_ports[1])
+            client.loop_start()
+            try:
+                client.publish(other, json.dumps({"event_id": event_id}), qos=1).wait_for_publish(10)
+                client.publish(own, b"{}", qos=1).wait_for_publish(10)
+                await asyncio.wait_for(got.wait(), 30)
+            finally:
+                client.disconnect()
+                client.loop_stop()
+                await nc.close()
+
+        asyncio.run(probe())
+        violation = "violation" in cluster.node(1).log_tail(200).lower()
+        return {"event_id": event_id, "delivered": other.replace("/", ".") in seen, "seen": seen,
+                "violation_logged": violation}
+
+    def _stored(self, gateways_dir: Path) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for db in sorted(gateways_dir.glob("*.db")):
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+                out.update(c.execute("SELECT event_id, wall FROM events").fetchall())
+        return out
+
+    def _wait_rows(self, pg: PostgresServer, expected: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            while time.monotonic() < deadline:
+                row = c.execute("SELECT count(*) FROM events").fetchone()
+                if row is not None and row[0] >= expected:
+                    return
+                time.sleep(0.5)
+
+    def _heal_probe(self, pg: PostgresServer, healer: _Lines) -> dict[str, Any]:
+        """Rows of a few gateways are deleted (as if the broker had lost them): the healer asks those gateways
+        for the range and stores them again."""
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            ids = [r[0] for r in c.execute(
+                "SELECT event_id FROM events WHERE seq BETWEEN 2 AND 4 AND gateway IN (%s, %s, %s) AND NOT recovered",
+                [f"{COMMUNITY}-{building_name(i)}" for i in (3, 4, 5)]).fetchall()]
+            c.execute("DELETE FROM notifications WHERE event_id = ANY(%s)", (ids,))
+            c.execute("DELETE FROM events WHERE event_id = ANY(%s)", (ids,))
+        deadline = time.monotonic() + 60
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            while time.monotonic() < deadline:
+                row = c.execute("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", (ids,)).fetchone()
+                if row is not None and row[0] == len(ids):
+                    break
+                time.sleep(0.5)
+            back = c.execute("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", (ids,)).fetchone()
+        asked = sum(1 for m in healer.lines if m.get("event") == "gap_requested")
+        return {"deleted": len(ids), "recovered": back[0] if back else 0, "requests": asked}
+
+    def _rows(self, pg: PostgresServer) -> tuple[dict[str, tuple[float, str, bool]], int, dict[str, int]]:
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            rows = {r[0]: (float(r[1]), r[2], bool(r[3])) for r in c.execute(
+                "SELECT event_id, extract(epoch FROM committed_at), inbox, recovered FROM events").fetchall()}
+            count_row = c.execute("SELECT count(*) FROM events").fetchone()
+            notes = dict(c.execute("SELECT role, count(*) FROM notifications GROUP BY role").fetchall())
+            raised = c.execute("SELECT count(*) FROM events WHERE kind = 'alarm' AND action = 'raised'").fetchone()
+            notes["alarms_raised"] = int(raised[0]) if raised else 0
+        return rows, int(count_row[0]) if count_row else 0, notes

@@ -1,0 +1,65 @@
+"""A whole community on the clustered broker (issue 21, Must show).
+
+1000 simulated gateways (the gateway's own outbox, writer and uplink; fleet/simulator.py) connect across the
+3 NATS nodes of fleet/cluster.py; a steady load runs, then an alarm burst of 250 alarms/s across the fleet;
+one node is SIGKILLed in the middle of the burst and started again 30 s later; the first of two central
+inbox instances (fleet/inbox.py) is SIGKILLed after that. Then every event the gateways stored is in
+PostgreSQL exactly once, the second inbox took over, a gateway's publish under another building's topic went
+nowhere, and rows deleted from PostgreSQL are healed from the gateways' outboxes by the ``events`` command.
+Latency (detection → row committed) is printed, not asserted: benchmarks/fleet.py reports it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.support.postgres import find_pg_bin
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _skip_without_servers() -> None:
+    from fleet.cluster import ClusterError, find_nats_server
+
+    try:
+        find_nats_server()
+    except ClusterError as exc:
+        pytest.skip(str(exc))
+    if find_pg_bin() is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required")
+
+
+def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tmp_path: Path) -> None:
+    _skip_without_servers()
+    from tests.support.fleet import FleetScenario, percentile
+
+    result = FleetScenario(tmp_path / "fleet").run()
+
+    outside, inside = result.latencies()
+    print(f"\nstored {len(result.stored)} events, {result.row_count} rows; latency outside the failover window "
+          f"p50 {percentile(outside, 0.5)}, p99 {percentile(outside, 0.99)}, max {max(outside, default=None)} s; "
+          f"through it p99 {percentile(inside, 0.99)} s; failover gap {result.failover_gap_s():.2f} s; "
+          f"takeover {result.takeover}; healing {result.healing}; notifications {result.notifications}; "
+          f"nodes {result.nodes}")
+
+    assert len(result.simulator) == 4 and all(d["ok"] for d in result.simulator), result.simulator
+    assert sum(d["stored"] for d in result.simulator) == len(result.stored)
+    # Every stored event is in PostgreSQL, and once: the table holds nothing else.
+    missing = set(result.stored) - set(result.rows)
+    assert not missing, f"{len(missing)} stored events not in the inbox, e.g. {sorted(missing)[:5]}"
+    assert result.row_count == len(result.rows) == len(result.stored)
+    # The burst was there, and each alarm raised was routed once: the household's relative and its unit head.
+    assert result.notifications["alarms_raised"] >= 1000
+    assert result.notifications.get("relative") == result.notifications["alarms_raised"]
+    assert result.notifications.get("unit head") == result.notifications["alarms_raised"]
+    assert "unrouted" not in result.notifications
+    # The second inbox instance took over: the healer role, and rows stored after the first was killed.
+    assert result.takeover["rows_after_kill"] > 0
+    assert result.takeover["rows_by_inbox"]["inbox-1"] > 0
+    # A gateway publishing under another building's topic is refused: delivered to nobody, stored nowhere.
+    assert result.acl["delivered"] is False and result.acl["stored"] is False, result.acl
+    # Rows lost at the centre come back from the gateways' own history.
+    assert result.healing["deleted"] > 0 and result.healing["recovered"] == result.healing["deleted"]
