@@ -34,9 +34,10 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "Building",
@@ -104,7 +105,7 @@ class Community:
         return cls.from_dict(data, source=str(p))
 
     @classmethod
-    def from_dict(cls, data: dict[str, object], *, source: str = "community") -> Community:
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "community") -> Community:
         """Validate a parsed community file."""
         comm = data.get("community")
         if not isinstance(comm, dict):
@@ -196,8 +197,9 @@ def permissions(community: Community) -> dict[str, dict[str, dict[str, list[str]
 
     The rule of the mosquitto ACL in docs/mqtt.md, on subjects: a gateway publishes only
     ``<prefix>.<community>.<building>.{availability,birth,status,event.>,reply,reply.>}`` and subscribes only
-    to ``<prefix>.<community>.<building>.command.>``. The server 2.10+ lets an MQTT client use its own internal
-    ``$MQTT.`` subjects (sessions, retained messages, the JetStream API) without a grant, so none is given.
+    to ``<prefix>.<community>.<building>.command`` and ``.command.>``. The pinned server (2.15) lets an MQTT
+    client use its own internal ``$MQTT.`` subjects (sessions, retained messages, QoS 1 delivery) without a
+    grant, so none is given (2.9 needed ``$MQTT.sub.>``; docs/fleet.md).
     The central server reads ``<prefix>.>`` and publishes ``<prefix>.<community>.*.command.>``, and may run a
     durable JetStream consumer on ``$MQTT_msgs`` (the stream that holds every QoS 1 message) and nothing else.
     """
@@ -207,7 +209,8 @@ def permissions(community: Community) -> dict[str, dict[str, dict[str, list[str]
         out[b.username(community.id)] = {
             "publish": {"allow": [f"{base}.availability", f"{base}.birth", f"{base}.status", f"{base}.event.>",
                                   f"{base}.reply", f"{base}.reply.>"]},
-            "subscribe": {"allow": [f"{base}.command.>"]},
+            # "command/#" also matches "command" itself: NATS subscribes to both subjects for it.
+            "subscribe": {"allow": [f"{base}.command", f"{base}.command.>"]},
         }
     stream = "$MQTT_msgs"
     out[community.server_user] = {
@@ -343,6 +346,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _mqtt_connect(port: int, user: str, password: str, client_id: str, timeout: float) -> str:
+    """One MQTT 3.1.1 CONNECT (clean session) and DISCONNECT; "" on success, else what went wrong."""
+    def field(b: bytes) -> bytes:
+        return len(b).to_bytes(2, "big") + b
+
+    body = field(b"MQTT") + bytes([4, 0xC2]) + (30).to_bytes(2, "big")
+    body += field(client_id.encode()) + field(user.encode()) + field(password.encode())
+    packet = bytes([0x10, len(body)]) + body if len(body) < 128 else b""
+    if not packet:
+        return "client id too long"
+    try:
+        with socket.create_connection((_HOST, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(packet)
+            answer = sock.recv(4)
+            if len(answer) < 4 or answer[0] != 0x20:
+                return f"no CONNACK ({answer!r})"
+            if answer[3] != 0:
+                return f"CONNACK return code {answer[3]}"
+            sock.sendall(bytes([0xE0, 0]))
+            return ""
+    except OSError as exc:
+        return str(exc)
+
+
 class Node:
     """One nats-server process of the cluster, with its own config, store, log and ports."""
 
@@ -404,7 +432,7 @@ class Node:
             return self
         self.write_config()
         self.pid_file.unlink(missing_ok=True)
-        self._proc = subprocess.Popen(  # noqa: S603 - our own binary and generated config
+        self._proc = subprocess.Popen(
             [self.cluster.binary, "-c", str(self.config_file)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
@@ -440,6 +468,20 @@ class Node:
                 return
             time.sleep(0.1)
         raise ClusterError(f"{self.name} not healthy within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def open_mqtt(self, timeout: float = 30.0) -> None:
+        """Connect once over MQTT, so the node has created (or found) the replicated MQTT streams and its own
+        consumers. The cluster does this at start, with every node up: an R3 stream cannot be placed while a
+        node is missing, and a gateway's first CONNECT would otherwise fail then."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            last = _mqtt_connect(self.ports.mqtt, "ops", self.cluster.ops_password, f"fleet-open-{self.name}",
+                                 max(1.0, min(10.0, deadline - time.monotonic())))
+            if last == "":
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"{self.name}: MQTT not ready within {timeout:.0f} s ({last}):\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: the node dies at once, as in a power loss of its machine (its store stays)."""
@@ -491,17 +533,17 @@ class Cluster:
         self.binary = binary or find_nats_server()
         self.replicas = min(3, nodes)
         state = self.dir / "cluster.json"
-        saved: dict[str, object] = {}
-        if state.exists():
+        saved: dict[str, Any] = {}
+        if state.exists():  # the same ports and ops password as when this directory was first started
             saved = json.loads(state.read_text(encoding="utf-8"))
-        if saved.get("community") == community.id and len(saved.get("ports", [])) == nodes:  # type: ignore[arg-type]
-            self.ports = tuple(NodePorts(**p) for p in saved["ports"])  # type: ignore[attr-defined]
+        if saved.get("community") == community.id and len(saved.get("ports", [])) == nodes:
+            self.ports: tuple[NodePorts, ...] = tuple(NodePorts(**p) for p in saved["ports"])
             self.ops_password = str(saved["ops_password"])
         else:
             used: set[int] = set()
             ports = []
             for _ in range(nodes):
-                four = []
+                four: list[int] = []
                 while len(four) < 4:
                     p = _free_port()
                     if p not in used:
@@ -547,6 +589,8 @@ class Cluster:
         deadline = time.monotonic() + timeout
         for n in self.nodes:
             n.wait_healthy(max(1.0, deadline - time.monotonic()))
+        for n in self.nodes:
+            n.open_mqtt(max(1.0, deadline - time.monotonic()))
         return self
 
     def stop(self) -> None:

@@ -429,6 +429,8 @@ class Uplink:
                 delays = backoff_delays()
             if not self._stopping:
                 wait = await self._retry_delay(next(delays))
+                log.info("uplink reconnecting", next_broker=wait.node, retry_in_s=round(wait.delay_s, 1),
+                         urgent=wait.urgent)
                 await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)
 
     async def stop(self, *, flush_timeout_s: float = 5.0) -> None:

@@ -1,0 +1,335 @@
+"""The reference cluster (fleet/cluster.py): three real nats-server nodes on free loopback ports, MQTT 3.1.1.
+
+Every node takes a gateway's QoS 1 publish with a PUBACK; a message crosses the cluster; a gateway cannot write
+under another building or read another building's commands (the node refuses and says so in its log); a PUBACK
+is withheld while the JetStream quorum is lost; a node killed with SIGKILL comes back; and a real gateway with
+``mqtt.hosts`` listing the three nodes delivers its alarms through the cluster and moves to another node
+when its node is killed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet.cluster import Cluster, ClusterError, Community, find_nats_server, permissions, to_subject
+from tests.support.wait import wait_until
+
+try:
+    find_nats_server()
+except ClusterError as exc:  # pragma: no cover - the fleet extra is part of the test environment
+    pytest.skip(str(exc), allow_module_level=True)
+
+pytestmark = pytest.mark.timeout(300)
+
+COMMUNITY = Community.from_dict({
+    "community": {"id": "sunshine-garden", "password_seed": "a-seed-for-the-tests-only"},
+    "buildings": [{"id": "b1"}, {"id": "b2"}, {"id": "b3", "password": "b3-password"}],
+})
+BASE = "safety/sunshine-garden"
+_ids = itertools.count(1)
+
+
+class Peer:
+    """One MQTT 3.1.1 client that records what the node answers: CONNACK, SUBACK codes, PUBACKs, messages, and
+    the connection closing."""
+
+    def __init__(self, port: int, user: str, password: str, *, client_id: str | None = None,
+                 clean: bool = True, connect_timeout: float = 30.0) -> None:
+        self.cond = threading.Condition()
+        self.connack: str | None = None
+        self.subacks: dict[int, list[int]] = {}
+        self.pubacks: set[int] = set()
+        self.messages: list[mqtt.MQTTMessage] = []
+        self.closed = 0
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"peer-{next(_ids)}",
+                                  protocol=mqtt.MQTTv311, clean_session=clean, reconnect_on_failure=False)
+        self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        try:
+            self.wait(lambda: self.connack is not None or self.closed > 0, connect_timeout, "no CONNACK")
+            assert self.connack == "Success", f"CONNACK: {self.connack}"
+        except AssertionError:
+            self.client.loop_stop()
+            self.client.disconnect()
+            raise
+
+    def _on_connect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self.cond:
+            self.connack = str(rc)
+            self.cond.notify_all()
+
+    def _on_subscribe(self, c: Any, u: Any, mid: int, rcs: Any, props: Any) -> None:
+        with self.cond:
+            self.subacks[mid] = [int(r.value) for r in rcs]
+            self.cond.notify_all()
+
+    def _on_publish(self, c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+        with self.cond:
+            self.pubacks.add(mid)
+            self.cond.notify_all()
+
+    def _on_message(self, c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append(msg)
+            self.cond.notify_all()
+
+    def _on_disconnect(self, c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        with self.cond:
+            self.closed += 1
+            self.cond.notify_all()
+
+    def wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        with self.cond:
+            assert self.cond.wait_for(ready, timeout=timeout), what
+
+    def subscribe(self, topic: str) -> list[int]:
+        """SUBSCRIBE at QoS 1; the SUBACK's return codes (1 granted, 128 refused)."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None
+        self.wait(lambda: mid in self.subacks, 30, f"no SUBACK for {topic}")
+        return self.subacks[mid]
+
+    def publish(self, topic: str, body: dict[str, Any] | bytes) -> int:
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        info = self.client.publish(topic, payload, qos=1)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, info.rc
+        return info.mid
+
+    def wait_acked(self, mid: int, what: str, timeout: float = 30.0) -> None:
+        self.wait(lambda: mid in self.pubacks, timeout, what)
+
+    def acked(self, mid: int) -> bool:
+        with self.cond:
+            return mid in self.pubacks
+
+    def received(self, topic_filter: str = "#") -> list[dict[str, Any]]:
+        with self.cond:
+            return [json.loads(m.payload) for m in self.messages if mqtt.topic_matches_sub(topic_filter, m.topic)]
+
+    def wait_message(self, match: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+        self.wait(lambda: any(match(b) for b in self.received()), timeout, "message never arrived")
+        return next(b for b in self.received() if match(b))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def connected(port: int, user: str, password: str, timeout: float = 60.0, **kwargs: Any) -> Peer:
+    """A peer connected to ``port``, trying again while the node answers CONNECT with an error or not at all
+    (after a node is lost, its streams elect new leaders before sessions can be loaded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return Peer(port, user, password, connect_timeout=min(30.0, max(1.0, deadline - time.monotonic())),
+                        **kwargs)
+        except (AssertionError, OSError):
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def gateway(cluster: Cluster, node: int, building: str = "b1", **kwargs: Any) -> Peer:
+    user, password = COMMUNITY.credentials()[building]
+    return connected(cluster.mqtt_ports[node], user, password, **kwargs)
+
+
+def server(cluster: Cluster, node: int, **kwargs: Any) -> Peer:
+    return connected(cluster.mqtt_ports[node], COMMUNITY.server_user, COMMUNITY.server_password, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One cluster for the tests that do not stop nodes."""
+    c = Cluster(tmp_path_factory.mktemp("cluster"), COMMUNITY)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+# ------------------------------------------------------------------------------------ the community file
+
+
+def test_community_files_are_checked_and_name_the_key(tmp_path: Path) -> None:
+    example = Community.load(Path(__file__).parents[1] / "fleet" / "community.example.toml")
+    assert [b.id for b in example.buildings] == ["b1", "b2", "b3"]
+    assert example.building("b3").password == "an-explicit-password-for-b3"
+    assert example.building("b1").password != example.building("b2").password, "derived per building"
+    many = Community.from_dict({"community": {"id": "c", "password_seed": "x" * 16},
+                                "buildings": {"count": 1000, "name": "b{:04d}"}})
+    assert len(many.buildings) == 1000 and many.buildings[-1].id == "b1000"
+    bad = {
+        "community.id": {"community": {"id": "a.b", "password_seed": "x" * 16}, "buildings": [{"id": "b"}]},
+        "buildings[1].id": {"community": {"id": "c", "password_seed": "x" * 16},
+                            "buildings": [{"id": "b"}, {"id": "b"}]},
+        "buildings[0].password": {"community": {"id": "c"}, "server": {"password": "p"}, "buildings": [{"id": "b"}]},
+        "server.password": {"community": {"id": "c"}, "buildings": [{"id": "b", "password": "p"}]},
+        "buildings[0].id": {"community": {"id": "c", "password_seed": "x" * 16}, "buildings": [{"id": "b.1"}]},
+    }
+    for key, data in bad.items():
+        with pytest.raises(ClusterError, match=re.escape(key)):
+            Community.from_dict(data)
+
+
+def test_the_permissions_are_the_mosquitto_acl_on_subjects() -> None:
+    """Each gateway: write its own messages, read its own commands; the server: read all, write commands."""
+    perms = permissions(COMMUNITY)
+    b1 = perms["sunshine-garden/b1"]
+    base = to_subject(f"{BASE}/b1")
+    assert b1["publish"]["allow"] == [f"{base}.availability", f"{base}.birth", f"{base}.status", f"{base}.event.>",
+                                      f"{base}.reply", f"{base}.reply.>"]
+    assert b1["subscribe"]["allow"] == [f"{base}.command", f"{base}.command.>"]
+    central = perms["central-server"]
+    assert "safety.>" in central["subscribe"]["allow"]
+    assert "safety.sunshine-garden.*.command.>" in central["publish"]["allow"]
+    assert not any(s.startswith("$MQTT") for p in perms.values() for d in p.values() for s in d["allow"])
+
+
+# ------------------------------------------------------------------------------------ the running cluster
+
+
+def test_every_node_acknowledges_a_gateways_qos1_publish(cluster: Cluster) -> None:
+    assert all(n.is_running for n in cluster.nodes) and len(set(cluster.mqtt_ports)) == 3
+    for node in range(3):
+        gw = gateway(cluster, node)
+        try:
+            mid = gw.publish(f"{BASE}/b1/event/alarm", {"event_id": f"n{node}"})
+            gw.wait_acked(mid, f"no PUBACK from node {node + 1}")
+        finally:
+            gw.close()
+
+
+def test_a_message_published_on_node_1_reaches_the_server_on_node_2(cluster: Cluster) -> None:
+    srv = server(cluster, 1)
+    gw = gateway(cluster, 0)
+    try:
+        assert srv.subscribe(f"{BASE}/+/event/#") == [1]
+        gw.publish(f"{BASE}/b1/event/alarm", {"event_id": "cross-1"})
+        srv.wait_message(lambda b: b.get("event_id") == "cross-1")
+        # and the server's command reaches that gateway, across the cluster the other way
+        assert gw.subscribe(f"{BASE}/b1/command/#") == [1]
+        srv.publish(f"{BASE}/b1/command/status", {"id": "cmd-1"})
+        gw.wait_message(lambda b: b.get("id") == "cmd-1")
+    finally:
+        gw.close()
+        srv.close()
+
+
+def test_a_gateway_cannot_write_under_another_building_nor_read_its_commands(cluster: Cluster) -> None:
+    """The node drops the foreign publish (nobody gets it; its log names the violation) and refuses the
+    foreign subscriptions in the SUBACK. MQTT 3.1.1 has no negative PUBACK: NATS acknowledges the dropped
+    message and keeps the connection (docs/fleet.md)."""
+    srv = server(cluster, 1)
+    gw = gateway(cluster, 0)
+    log = cluster.node(0).log_file
+    try:
+        assert srv.subscribe(f"{BASE}/#") == [1]
+        assert gw.subscribe(f"{BASE}/b2/command/#") == [128], "another building's commands"
+        assert gw.subscribe(f"{BASE}/+/event/#") == [128], "other buildings' events"
+        foreign = gw.publish(f"{BASE}/b2/event/alarm", {"event_id": "forged"})
+        gw.publish(f"{BASE}/b2/command/reset", {"id": "forged-command"})
+        gw.publish(f"{BASE}/b1/command/reset", {"id": "own-command"})  # its own commands are read-only too
+        marker = gw.publish(f"{BASE}/b1/event/test", {"event_id": "after"})
+        srv.wait_message(lambda b: b.get("event_id") == "after")  # sent after the forged ones, on one connection
+        wait_until(lambda: "Publish Violation" in log.read_text(errors="replace"), timeout=30,
+                   message="the node did not log the refusal")
+        text = log.read_text(errors="replace")
+        assert 'Subject "safety.sunshine-garden.b2.event.alarm"' in text
+        assert 'Subject "safety.sunshine-garden.b1.command.reset"' in text
+        got = srv.received()
+        assert [b.get("event_id") for b in got if "event_id" in b] == ["after"]
+        assert not [b for b in got if "id" in b], got
+        assert gw.acked(foreign) and gw.acked(marker) and gw.closed == 0
+    finally:
+        gw.close()
+        srv.close()
+
+
+def test_a_wrong_password_is_refused(cluster: Cluster) -> None:
+    with pytest.raises(AssertionError, match=r"Not authorized|Bad user name or password"):
+        Peer(cluster.mqtt_ports[0], "sunshine-garden/b1", "wrong")
+    with pytest.raises(AssertionError, match=r"Not authorized|Bad user name or password"):
+        Peer(cluster.mqtt_ports[0], "sunshine-garden/b2", COMMUNITY.building("b1").password)
+
+
+@pytest.mark.slow
+def test_a_killed_node_comes_back_and_a_puback_waits_for_a_quorum(tmp_path: Path) -> None:
+    """SIGKILL one node: the others go on. Kill a second: the remaining node does not acknowledge (no quorum
+    for the replicated stream) and closes the connection. Restart them: the node left with the message takes
+    it again and acknowledges it, and the restarted nodes serve MQTT again."""
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    srv = gw = None
+    try:
+        c.node(0).kill()
+        assert not c.node(0).is_running
+        gw = gateway(c, 1)
+        mid = gw.publish(f"{BASE}/b1/event/alarm", {"event_id": "one-down"})
+        gw.wait_acked(mid, "no PUBACK with one node of three down")
+        c.node(2).kill()
+        lost = gw.publish(f"{BASE}/b1/event/alarm", {"event_id": "no-quorum"})
+        gw.wait(lambda: gw.closed > 0, 30, "the node kept the connection without storing")  # type: ignore[union-attr]
+        assert not gw.acked(lost), "a PUBACK without a quorum"
+        assert "unable to store QoS1 message in JetStream" in c.node(1).log_file.read_text(errors="replace")
+        gw.close()
+        c.node(0).start()
+        c.node(2).start()
+        srv = server(c, 0)
+        assert srv.subscribe(f"{BASE}/+/event/#") == [1]
+        for node in (0, 2):
+            gw = gateway(c, node)
+            mid = gw.publish(f"{BASE}/b1/event/alarm", {"event_id": f"back-{node}"})
+            gw.wait_acked(mid, f"restarted node {node + 1} did not acknowledge")
+            srv.wait_message(lambda b, n=node: b.get("event_id") == f"back-{n}")  # type: ignore[misc]
+            gw.close()
+        gw = None
+    finally:
+        for peer in (gw, srv):
+            if peer is not None:
+                peer.close()
+        c.stop()
+    assert not any(n.is_running for n in c.nodes)
+
+
+def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    example = Path(__file__).parents[1] / "fleet" / "community.example.toml"
+    run = [sys.executable, "-m", "fleet.cluster"]
+    args = ["--dir", str(tmp_path / "c"), "--community", str(example)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    started = subprocess.run([*run, "start", *args], capture_output=True, text=True, timeout=120, env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        assert info["running"] == [True, True, True] and len(info["mqtt"]) == 3
+        creds = json.loads((tmp_path / "c" / "credentials.json").read_text())
+        assert creds["b1"]["username"] == "sunshine-garden/b1"
+        assert (tmp_path / "c" / "credentials.json").stat().st_mode & 0o077 == 0
+        for i in range(3):
+            conf = (tmp_path / "c" / f"n{i + 1}" / "nats.conf").read_text()
+            assert "stream_replicas: 3" in conf and f"server_name: sunshine-garden-n{i + 1}" in conf
+    finally:
+        stopped = subprocess.run([*run, "stop", *args], capture_output=True, text=True, timeout=120, env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["running"] == [False, False, False]
