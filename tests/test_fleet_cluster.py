@@ -333,3 +333,79 @@ def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
         stopped = subprocess.run([*run, "stop", *args], capture_output=True, text=True, timeout=120, env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert json.loads(stopped.stdout)["running"] == [False, False, False]
+
+
+# ------------------------------------------------------------------------------------ a real gateway on the cluster
+
+
+def gateway_site(tmp_path: Path, cluster: Cluster, bus_port: str) -> tuple[Any, Path]:
+    """A site file for building b1 with ``mqtt.hosts`` listing the three nodes, MQTT 3.1.1 and its credentials."""
+    from tests.support.site import build_site
+
+    spec = build_site(bus_port=bus_port, db_path=tmp_path / "events.db", broker_port=1,
+                      socket_path=tmp_path / "control.sock", households=2, community=COMMUNITY.id, building="b1",
+                      mqtt_protocol=311)
+    user, password = COMMUNITY.credentials()["b1"]
+    creds = tmp_path / "mqtt.toml"
+    creds.write_text(f"username = {json.dumps(user)}\npassword = {json.dumps(password)}\n", encoding="utf-8")
+    creds.chmod(0o600)
+    one_node = 'host = "127.0.0.1"\nport = 1\n'
+    assert one_node in spec.toml
+    toml = spec.toml.replace(one_node, f"hosts = {json.dumps(cluster.mqtt_hosts)}\n"
+                                       f"credentials_file = {json.dumps(str(creds))}\n")
+    path = tmp_path / "site.toml"
+    path.write_text(toml, encoding="utf-8")
+    return spec, path
+
+
+@pytest.mark.slow
+async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node_is_killed(
+    tmp_path: Path, mock_pins: Any
+) -> None:
+    """The in-process panel and its real storage/uplink child, ``mqtt.hosts`` = the three nodes: an alarm
+    arrives at the server; the gateway's node is killed (SIGKILL) and a second alarm is raised; it arrives
+    through another node, and every wait the uplink chose meanwhile was at most 5 s (its own log records)."""
+    from drivers.simulated import VirtualNullModem
+    from gateway.config import load_config
+    from tests.support.building import eventually, running_gateway, simulated_detectors, uplink_records
+
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    srv: Peer | None = None
+    try:
+        with VirtualNullModem(tmp_path / "dev") as modem:
+            spec, site = gateway_site(tmp_path, c, modem.gateway_port)
+            cfg = load_config(site)
+            assert [f"{h}:{p}" for h, p in cfg.mqtt.endpoints] == c.mqtt_hosts and cfg.mqtt.protocol == 311
+            srv = server(c, 2)
+            assert srv.subscribe(f"{BASE}/b1/event/#") == [1]
+            first, second = spec.detectors
+            with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
+                async with running_gateway(cfg):
+                    await eventually(lambda: any(r.get("event") == "uplink connected" for r in uplink_records(cfg)),
+                                     timeout=60, message="the gateway never connected to the cluster")
+                    sims[first.id].set_concentration(35.0)
+                    await eventually(lambda: [b for b in srv.received() if b.get("kind") == "alarm"
+                                              and b.get("device") == first.id], timeout=60)
+                    connected = [r for r in uplink_records(cfg) if r.get("event") == "uplink connected"]
+                    assert connected[-1]["broker"] == c.mqtt_hosts[0], "the first node of mqtt.hosts"
+                    before = len(uplink_records(cfg))
+                    c.node(0).kill()
+                    sims[second.id].set_concentration(35.0)
+                    [alarm] = await eventually(lambda: [b for b in srv.received() if b.get("kind") == "alarm"
+                                                        and b.get("device") == second.id], timeout=90,
+                                               message="the second alarm never arrived through another node")
+                    records = uplink_records(cfg)[before:]
+    finally:
+        if srv is not None:
+            srv.close()
+        c.stop()
+    waits = [r for r in records if "retry_in_s" in r]
+    moved = [r for r in records if r.get("event") == "uplink connected"]
+    forwarded = next(i for i, r in enumerate(records)
+                     if r.get("event") == "event forwarded" and r.get("event_id") == alarm["event_id"])
+    assert waits and all(r["retry_in_s"] <= 5.0 for r in waits), waits
+    assert all(r.get("next_broker", c.mqtt_hosts[1]) != c.mqtt_hosts[0] or r.get("urgent") for r in waits), waits
+    assert moved and moved[0]["broker"] != c.mqtt_hosts[0], moved
+    last_connection = max(i for i, r in enumerate(records[:forwarded]) if r.get("event") == "uplink connected")
+    assert records[last_connection]["broker"] in c.mqtt_hosts[1:], "delivered through a node still running"
+    assert alarm["event_id"].count(":") == 3 and alarm["historical"] is False
