@@ -219,6 +219,20 @@ def test_every_node_acknowledges_a_gateways_qos1_publish(cluster: Cluster) -> No
             gw.close()
 
 
+def test_the_mqtt_streams_are_replicated_on_the_three_nodes(cluster: Cluster) -> None:
+    """Sessions, QoS 1 messages and retained messages live in JetStream streams of 3 replicas (the node's own
+    monitoring endpoint says so); ``$MQTT_msgs`` keeps a message only while a QoS 1 subscription wants it."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{cluster.node(0).ports.http}/jsz?accounts=true&streams=true&config=true&acc=$G"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        streams = {s["name"]: s for a in json.load(answer)["account_details"] for s in a["stream_detail"]}
+    for name in ("$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs"):
+        assert streams[name]["config"]["num_replicas"] == 3, streams[name]["config"]
+        assert streams[name]["cluster"]["leader"] in {n.name for n in cluster.nodes}
+    assert streams["$MQTT_msgs"]["config"]["retention"] == "interest"
+
+
 def test_a_message_published_on_node_1_reaches_the_server_on_node_2(cluster: Cluster) -> None:
     srv = server(cluster, 1)
     gw = gateway(cluster, 0)
