@@ -64,6 +64,8 @@ ACK_DELAY_S = 0.2
 STORAGE_RETRY_S = 0.2
 CONTROL_INFLIGHT = 16
 OUTCOME_BATCH = 64  # PUBACKs gathered in the window before the loop is woken to take them
+#: Pause before the command subscription is asked for again after the broker refused it (SUBACK 0x80).
+SUBSCRIBE_RETRY_S = 2.0
 
 
 @dataclass(slots=True)
@@ -363,6 +365,8 @@ class Uplink:
         """Events allowed in flight on the current connection (see :func:`event_window`)."""
         self.delivered_total = 0
         self.rejected_total = 0
+        self.subscriptions_refused = 0
+        """Command subscriptions the broker refused (each asked for again)."""
         self.connections = 0
         self.last_error: str | None = None
         self.retry_delays: deque[RetryDelay] = deque(maxlen=256)
@@ -525,10 +529,16 @@ class Uplink:
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
                 loop.call_soon_threadsafe(self._message, msg)
 
+        def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: list[ReasonCode], props: Any) -> None:
+            if any(rc.is_failure for rc in codes):
+                with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                    loop.call_soon_threadsafe(self._subscription_refused, c, [str(rc) for rc in codes])
+
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
         client.on_message = on_message
+        client.on_subscribe = on_subscribe
         self._lost.clear()
         io = _LoopIO(loop, client, lambda reason: self._disconnected(client, reason))
         self._io = io
@@ -590,6 +600,20 @@ class Uplink:
         io, self._io = self._io, None
         if io is not None and io.client is client:
             io.detach()
+
+    def _subscription_refused(self, client: mqtt.Client, codes: list[str]) -> None:
+        """The broker refused the command subscription (a cluster node may time out creating it while another
+        node is lost): ask again on the same connection, or the gateway would stay deaf to commands on it."""
+        self.subscriptions_refused += 1
+        log.warning("broker refused the command subscription; asking again", reason=codes,
+                    retry_in_s=SUBSCRIBE_RETRY_S)
+
+        def again() -> None:
+            if client is self._client and self.connected:
+                client.subscribe(self.topics.command_filter, qos=1)
+
+        if self._loop is not None:
+            self._loop.call_later(SUBSCRIBE_RETRY_S, again)
 
     def _disconnected(self, client: mqtt.Client, reason: object) -> None:
         if client is self._client:
