@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.postgres import find_pg_bin
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.solo, pytest.mark.timeout(900)]
 
 
 def _skip_without_servers() -> None:

@@ -71,6 +71,7 @@ def wire_bus(tmp_path: Path, spec: WireSpec, slaves: dict[int, str], requests: R
                 client.close()
 
 
+@pytest.mark.solo  # times the simulated wire against its formula: a loaded machine would skew it
 @pytest.mark.parametrize("baud", [9600, 19200, 38400])
 def test_one_transaction_takes_its_wire_time(tmp_path: Path, baud: int) -> None:
     """Request sent → whole answer received through the gateway's client: within 5 % of the formula.
@@ -105,6 +106,7 @@ def test_each_device_has_its_own_turnaround(tmp_path: Path) -> None:
         WireSpec(turnaround_s=0.0)
 
 
+@pytest.mark.solo  # reads the wire's own timeline: a loaded machine would stretch its gaps
 def test_request_and_answer_share_one_line_with_a_silence_between_frames(tmp_path: Path) -> None:
     """Back-to-back polls of two devices: on the line every frame starts at least a silence after the one
     before ended (half duplex), an answer also waits its device's turnaround, and each frame lasts its
