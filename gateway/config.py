@@ -1049,8 +1049,9 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         host = t.text("host", d.host) or d.host
         port = t.integer("port", default_port, lo=1, hi=65535)
     allow_plaintext = t.flag("allow_plaintext", False)
-    for name in hosts or (host,):
-        node, _ = parse_endpoint(name, default_port)
+    # mqtt.hosts holds "host:port" strings; mqtt.host is a bare host name or address (an IPv6 one unbracketed)
+    nodes = [parse_endpoint(name, default_port)[0] for name in hosts] if hosts else [host]
+    for node in nodes:
         if tls is None and not allow_plaintext and not is_loopback(node):
             raise ConfigError(t.key("allow_plaintext"),
                               f"plain MQTT to {node!r} (not this host) would send events, commands and credentials "
