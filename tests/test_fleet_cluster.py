@@ -233,6 +233,24 @@ def test_the_mqtt_streams_are_replicated_on_the_three_nodes(cluster: Cluster) ->
     assert streams["$MQTT_msgs"]["config"]["retention"] == "interest"
 
 
+def test_a_node_hands_its_leaderships_over_before_a_planned_stop(cluster: Cluster) -> None:
+    """``hand_over`` steps the node down from each stream it leads; the others lead them, and it goes on
+    serving (what ``Node.stop(hand_over=True)`` does before SIGTERM)."""
+    leader = next(n for n in cluster.nodes
+                  if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+    asked = leader.hand_over()
+    assert "$JS.API.STREAM.LEADER.STEPDOWN.$MQTT_msgs" in asked
+    wait_until(lambda: not any(".STREAM." in s for s in leader.leaderships()), timeout=30,
+               message="the node still leads a stream")
+    wait_until(lambda: any(any(s.endswith(".$MQTT_msgs") for s in n.leaderships()) for n in cluster.nodes),
+               timeout=30, message="no node took $MQTT_msgs over")
+    gw = gateway(cluster, leader.index)
+    try:
+        gw.wait_acked(gw.publish(f"{BASE}/b1/event/test", {"event_id": "after-hand-over"}), "no PUBACK")
+    finally:
+        gw.close()
+
+
 def test_a_message_published_on_node_1_reaches_the_server_on_node_2(cluster: Cluster) -> None:
     srv = server(cluster, 1)
     gw = gateway(cluster, 0)
@@ -343,6 +361,18 @@ def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
         for i in range(3):
             conf = (tmp_path / "c" / f"n{i + 1}" / "nats.conf").read_text()
             assert "stream_replicas: 3" in conf and f"server_name: sunshine-garden-n{i + 1}" in conf
+        # a building added to the community file: reload, and its gateway may connect without a restart
+        grown = tmp_path / "community.toml"
+        grown.write_text(example.read_text() + '\n[[buildings]]\nid = "b4"\npassword = "b4-password"\n')
+        before = [n.pid for n in Cluster(tmp_path / "c", Community.load(grown)).nodes]
+        with pytest.raises(AssertionError, match=r"Not authorized|Bad user name or password"):
+            Peer(int(info["mqtt"][0].rsplit(":", 1)[1]), "sunshine-garden/b4", "b4-password")
+        reloaded = subprocess.run([*run, "reload", "--dir", str(tmp_path / "c"), "--community", str(grown)],
+                                  capture_output=True, text=True, timeout=60, env=env)
+        assert reloaded.returncode == 0, reloaded.stderr
+        b4 = connected(int(info["mqtt"][2].rsplit(":", 1)[1]), "sunshine-garden/b4", "b4-password", timeout=30)
+        b4.close()
+        assert [n.pid for n in Cluster(tmp_path / "c", Community.load(grown)).nodes] == before, "not restarted"
     finally:
         stopped = subprocess.run([*run, "stop", *args], capture_output=True, text=True, timeout=120, env=env)
     assert stopped.returncode == 0, stopped.stderr
