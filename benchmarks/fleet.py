@@ -44,15 +44,18 @@ def main() -> None:
     parser.add_argument("--burst-rate", type=float, default=250.0, help="alarms per second across the fleet")
     parser.add_argument("--burst-s", type=float, default=10.0)
     parser.add_argument("--restart-after", type=float, default=30.0)
+    parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        scenario = FleetScenario(Path(tmp), gateways=args.gateways, processes=args.processes, steady_s=args.steady_s,
+        scenario = FleetScenario(Path(args.workdir or tmp), gateways=args.gateways, processes=args.processes,
+                                 steady_s=args.steady_s,
                                  telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
                                  burst_s=args.burst_s, restart_after_s=args.restart_after,
                                  after_s=args.restart_after + 2.0,
                                  log=lambda text: print(text, file=sys.stderr, flush=True))
         result = scenario.run()
     outside, inside = result.latencies()
+    alarms_outside, alarms_inside = result.latencies("alarm")
     stored = set(result.stored)
     print(json.dumps({
         "gateways": result.gateways,
@@ -66,6 +69,9 @@ def main() -> None:
         "failover_p99_ms": _ms(percentile(inside, 0.99)),
         "failover_gap_s": round(result.failover_gap_s(), 2),
         "nodes": result.nodes,
+        "alarm_latency_p99_ms": _ms(percentile(alarms_outside, 0.99)),
+        "alarm_failover_p99_ms": _ms(percentile(alarms_inside, 0.99)),
+        "events_recovered_by_command": sum(1 for r in result.rows.values() if r[2]),
         "alarms_raised": result.notifications.get("alarms_raised"),
         "inbox_takeover": result.takeover,
         "healed": result.healing,

@@ -273,7 +273,7 @@ class Inbox:
         assert self._db is not None
         async with self._db.transaction():
             await self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            await self._db.execute(SCHEMA)  # type: ignore[arg-type]
+            await self._db.execute(SCHEMA)
 
     # ------------------------------------------------------------------------------ consuming
 

@@ -22,6 +22,7 @@ import sqlite3
 import ssl
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ ACK_DELAY_S = 0.2
 STORAGE_RETRY_S = 0.2
 CONTROL_INFLIGHT = 16
 OUTCOME_BATCH = 64  # PUBACKs gathered in the window before the loop is woken to take them
-#: Pause before the command subscription is asked for again after the broker refused it (SUBACK 0x80).
+#: Pause before the command subscription is asked for again after the broker refused it (SUBACK 0x80),
+#: doubling on each refusal of the same connection up to SUBSCRIBE_RETRY_MAX_S.
 SUBSCRIBE_RETRY_S = 2.0
+SUBSCRIBE_RETRY_MAX_S = 60.0
 
 
 @dataclass(slots=True)
@@ -367,6 +370,7 @@ class Uplink:
         self.rejected_total = 0
         self.subscriptions_refused = 0
         """Command subscriptions the broker refused (each asked for again)."""
+        self._refusals: weakref.WeakKeyDictionary[mqtt.Client, int] = weakref.WeakKeyDictionary()
         self.connections = 0
         self.last_error: str | None = None
         self.retry_delays: deque[RetryDelay] = deque(maxlen=256)
@@ -605,15 +609,16 @@ class Uplink:
         """The broker refused the command subscription (a cluster node may time out creating it while another
         node is lost): ask again on the same connection, or the gateway would stay deaf to commands on it."""
         self.subscriptions_refused += 1
-        log.warning("broker refused the command subscription; asking again", reason=codes,
-                    retry_in_s=SUBSCRIBE_RETRY_S)
+        refusals = self._refusals[client] = self._refusals.get(client, 0) + 1
+        delay = min(SUBSCRIBE_RETRY_MAX_S, SUBSCRIBE_RETRY_S * 2 ** (refusals - 1))
+        log.warning("broker refused the command subscription; asking again", reason=codes, retry_in_s=delay)
 
         def again() -> None:
             if client is self._client and self.connected:
                 client.subscribe(self.topics.command_filter, qos=1)
 
         if self._loop is not None:
-            self._loop.call_later(SUBSCRIBE_RETRY_S, again)
+            self._loop.call_later(delay, again)
 
     def _disconnected(self, client: mqtt.Client, reason: object) -> None:
         if client is self._client:
