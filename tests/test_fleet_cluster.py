@@ -342,6 +342,7 @@ def test_a_killed_node_comes_back_and_a_puback_waits_for_a_quorum(tmp_path: Path
     assert not any(n.is_running for n in c.nodes)
 
 
+@pytest.mark.slow
 def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -448,8 +449,9 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
     forwarded = next(i for i, r in enumerate(records)
                      if r.get("event") == "event forwarded" and r.get("event_id") == alarm["event_id"])
     assert waits and all(r["retry_in_s"] <= 5.0 for r in waits), waits
-    assert all(r.get("next_broker", c.mqtt_hosts[1]) != c.mqtt_hosts[0] or r.get("urgent") for r in waits), waits
+    assert waits[0]["next_broker"] == c.mqtt_hosts[1], "the first attempt after the loss goes to the next node"
     assert moved and moved[0]["broker"] != c.mqtt_hosts[0], moved
     last_connection = max(i for i, r in enumerate(records[:forwarded]) if r.get("event") == "uplink connected")
     assert records[last_connection]["broker"] in c.mqtt_hosts[1:], "delivered through a node still running"
-    assert alarm["event_id"].count(":") == 3 and alarm["historical"] is False
+    # sent once, or again after the kill if it was in flight to the dead node (then ``historical`` is true)
+    assert alarm["event_id"].count(":") == 3

@@ -656,6 +656,7 @@ async def test_an_alarm_waiting_when_its_node_goes_away_arrives_through_the_next
     assert delays and all(d.delay_s <= URGENT_RETRY_MAX_S and d.node == node(second) for d in delays), delays
 
 
+@pytest.mark.slow
 async def test_nodes_are_tried_in_turn_and_the_waits_stay_within_5_s_while_an_alarm_waits(
     tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
 ) -> None:
