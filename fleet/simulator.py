@@ -135,7 +135,8 @@ class SimulatedGateway:
         self._tasks.append(asyncio.create_task(self.writer.run(), name=f"writer-{self.building}"))
 
     def start_uplink(self) -> None:
-        self._tasks.append(asyncio.create_task(self.uplink.run(), name=f"uplink-{self.building}"))
+        with structlog.contextvars.bound_contextvars(gateway=self.gateway_id):  # the task keeps a copy
+            self._tasks.append(asyncio.create_task(self.uplink.run(), name=f"uplink-{self.building}"))
 
     async def handle(self, command: str, args: Mapping[str, Any], *, source: str) -> CommandOutcome:
         """The gateway's command door, reduced to what a central inbox needs: ``events`` from the outbox."""
