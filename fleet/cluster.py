@@ -327,6 +327,20 @@ def find_nats_server() -> str:
 
 
 def _free_port() -> int:
+    """A port that binds now, chosen below the kernel's ephemeral range: a node restarted on its old ports must
+    not find one taken as the source port of some outgoing connection (a route dialling a dead node)."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         return int(sock.getsockname()[1])
@@ -464,6 +478,11 @@ class Node:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
+                if "address already in use" in self.log_tail(3) and time.monotonic() < deadline - 1.0:
+                    time.sleep(0.5)  # one of its ports is briefly someone else's: try again on the same ports
+                    self._proc = None
+                    self.spawn()
+                    continue
                 raise ClusterError(f"{self.name} exited with {self._proc.returncode}:\n{self.log_tail()}")
             if self.healthy():
                 return
