@@ -135,7 +135,8 @@ async def forwarding(
     ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
     cfg = MqttConfig(host=broker.host, port=broker.port, client_id="gw-test", protocol=protocol,  # type: ignore[arg-type]
                      max_inflight=max_inflight, keepalive_s=keepalive_s, hosts=hosts)
-    up = Uplink(cfg, ob, TOPICS, connect_timeout_s=1.0, **kwargs)
+    kwargs.setdefault("connect_timeout_s", 1.0)
+    up = Uplink(cfg, ob, TOPICS, **kwargs)
     task = asyncio.create_task(up.run())
     try:
         if start:
@@ -750,3 +751,24 @@ def test_mqtt_hosts_parse_with_key_paths(tmp_path: Path) -> None:
     assert err.value.path == "mqtt.allow_plaintext"
     assert load(hosts=["127.0.0.1", "broker-2.example.net"], allow_plaintext=True).endpoints[1] == (
         "broker-2.example.net", 1883)
+
+
+async def test_with_an_alarm_waiting_a_node_that_never_answers_gets_5_s_before_the_next_is_tried(
+    tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
+) -> None:
+    """The first node takes the TCP connection and never answers CONNECT (frozen, as a cluster node electing
+    leaders can be): with an alarm waiting and another node listed, the attempt is given 5 s, not the 30 s
+    connect timeout, and the alarm goes out through the second node."""
+    first, second = two_brokers
+    recorder = mqtt_recorder_factory(second, EVENTS)
+    ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
+    [alarm_id] = await ob.append([ev("alarm", 3)])
+    await ob.close()
+    with stopped(first):
+        async with forwarding(tmp_path, first, hosts=(node(first), node(second)), connect_timeout_s=30.0,
+                              start=False) as (ob, up):
+            await asyncio.to_thread(recorder.wait_for_count, lambda m: m.json["event_id"] == alarm_id, 1, 60)
+            attempts = list(up.attempts)
+    assert attempts[0].node == node(first) and not attempts[0].connected, attempts
+    assert attempts[0].timeout_s == URGENT_RETRY_MAX_S, attempts
+    assert attempts[1].node == node(second) and attempts[1].connected, attempts

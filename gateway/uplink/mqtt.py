@@ -203,6 +203,9 @@ class NodeAttempt(NamedTuple):
     """Its place in ``mqtt.hosts`` (0 for the one node of ``host``/``port``)."""
     connected: bool
     error: str | None
+    timeout_s: float = 0.0
+    """How long it was given: the connect timeout, or :data:`URGENT_RETRY_MAX_S` with several nodes while
+    something urgent waits."""
 
 
 def backoff_delays(rng: random.Random | None = None) -> Any:
@@ -503,7 +506,14 @@ class Uplink:
         # broker's Receive Maximum once CONNACK states one).
         client.max_inflight_messages_set(self.cfg.max_inflight + CONTROL_INFLIGHT)
         client.max_queued_messages_set(0)
-        client.connect_timeout = self._connect_timeout
+        timeout = self._connect_timeout
+        if len(self.nodes) > 1 and timeout > URGENT_RETRY_MAX_S:
+            # Another node may answer at once: while something urgent waits, give this one no longer than the
+            # longest wait between attempts (a cluster node can hold a CONNECT unanswered while it elects leaders).
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                if await self.outbox.urgent_waiting():
+                    timeout = URGENT_RETRY_MAX_S
+        client.connect_timeout = timeout
         connack: dict[str, int] = {}
 
         def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
@@ -548,12 +558,12 @@ class Uplink:
         self._io = io
         kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
         host, port = self.nodes[self.node_index]
-        attempt = NodeAttempt(time.monotonic(), _node_name(host, port), self.node_index, False, None)
+        attempt = NodeAttempt(time.monotonic(), _node_name(host, port), self.node_index, False, None, timeout)
         connect = functools.partial(client.connect, host, port, self.cfg.keepalive_s, **kwargs)
         try:
             # connect() resolves, opens the socket and shakes hands (TLS): blocking work, so on a worker thread.
-            await asyncio.wait_for(loop.run_in_executor(None, connect), timeout=self._connect_timeout + 2.0)
-            result = await asyncio.wait_for(outcome, timeout=self._connect_timeout + 2.0)
+            await asyncio.wait_for(loop.run_in_executor(None, connect), timeout=timeout + 2.0)
+            result = await asyncio.wait_for(outcome, timeout=timeout + 2.0)
         except (TimeoutError, OSError, ValueError) as exc:
             await self._drop(client)
             error = f"connect: {exc or 'timed out'}"
