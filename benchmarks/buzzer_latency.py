@@ -54,10 +54,10 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from common import ROOT, EdgeWatch, TimedMockPin, cpu_steal, log_to_file, machine_noise, percentile, site_toml
+from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
 from simbus import SimBuses
 
 from drivers.profiles import GasReading
-from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
 from gateway.config import SiteConfig, parse_config
 from gateway.daemon import Gateway
 from gateway.panel.alarm_panel import AlarmPanel

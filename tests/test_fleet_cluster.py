@@ -31,7 +31,8 @@ try:
 except ClusterError as exc:  # pragma: no cover - the fleet extra is part of the test environment
     pytest.skip(str(exc), allow_module_level=True)
 
-pytestmark = pytest.mark.timeout(300)
+# solo: three NATS nodes and their elections are timed against a loaded machine's other tests otherwise
+pytestmark = [pytest.mark.timeout(300), pytest.mark.solo]
 
 COMMUNITY = Community.from_dict({
     "community": {"id": "sunshine-garden", "password_seed": "a-seed-for-the-tests-only"},
