@@ -389,7 +389,7 @@ class FleetScenario:
                 time.sleep(0.5)
             back = c.execute("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", (ids,)).fetchone()
         asked = sum(1 for m in healer.lines if m.get("event") == "gap_requested")
-        return {"deleted": len(ids), "recovered": back[0] if back else 0, "requests": asked}
+        return {"deleted": len(ids), "recovered": back[0] if back else 0, "requests": asked, "ids": ids}
 
     def _rows(self, pg: PostgresServer) -> tuple[dict[str, tuple[float, str, bool]], int, dict[str, int]]:
         with psycopg.connect(pg.dsn, autocommit=True) as c:
