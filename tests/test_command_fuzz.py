@@ -486,6 +486,8 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
                 await sending
                 await eventually(lambda: flood.answered >= len(hostile), timeout=600,  # type: ignore[union-attr]
                                  message=lambda: f"{flood.answered} results for {len(hostile)} commands")  # type: ignore[union-attr]
+                # watch at least one whole Temporal-4 cycle (5.7 s), however fast the flood was answered
+                await eventually(lambda: time.monotonic() >= started + 6.0, timeout=30)
                 ended = time.monotonic()
                 annunciation = gateway.panel.snapshot()["annunciation"]
                 stale = gateway.heartbeats.stale()
