@@ -666,6 +666,13 @@ class SimulatedGasDetector:
         with self._lock:
             self._concentration = raw
 
+    def set_unit(self, unit: str) -> None:
+        """Change the unit the detector reports (profile A register 0), as a replaced sensor head would."""
+        if unit not in UNIT_CODES:
+            raise ValueError(f"unknown unit {unit!r}; expected one of {sorted(UNIT_CODES)}")
+        with self._lock:
+            self.unit = unit
+
     def set_status(self, name: str) -> None:
         """Set the status by name (profile A status code or profile B alarm bit)."""
         if self.profile == "A":

@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 
 from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
+from gateway.ops.commands import COMMAND_ARGS
 from gateway.uplink.contract import (
     COMMANDS,
     ID_PATTERN,
@@ -72,9 +73,19 @@ hostile_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.
 ])
 
 
+#: Arguments that fit each command (what a valid command of that name carries).
+VALID_ARGS: dict[str, dict[str, Any]] = {
+    "reset": {"device": "gas-1"}, "test": {"device": "gas-1"}, "events": {"limit": 5},
+    "buzzer_test": {"seconds_per_pattern": 0.1}, "relay_test": {"output": "valve-1", "seconds": 0.1},
+    "scan": {"bus": "bus1", "from": 1, "to": 2},
+}
+
+#: Every argument name some command accepts.
+ARG_NAMES = frozenset(k for args in COMMAND_ARGS.values() for k in args)
+
+
 def base_command(name: str = "reset") -> dict[str, Any]:
-    args = {"device": "gas-1"} if name in ("reset", "test") else {"limit": 5} if name == "events" else {}
-    return command_message(name, community="c1", building="b1", args=args)
+    return command_message(name, community="c1", building="b1", args=VALID_ARGS.get(name, {}))
 
 
 def encode(body: Any) -> bytes:
@@ -116,7 +127,7 @@ def hostile_fields(draw: st.DrawFn) -> bytes:
     elif how == "target":
         body["target"] = {"community": draw(hostile_text), "building": draw(hostile_text.filter(lambda s: s != "b1"))}
     elif how == "args":
-        extra = draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in ("device", "all", "limit")))
+        extra = draw(st.text(min_size=1, max_size=10).filter(lambda k: k not in ARG_NAMES))
         body["args"] = {**body.get("args", {}), extra: draw(json_values)}
     elif how == "missing":
         del body[draw(st.sampled_from([f for f in FIELDS if f != "args"]))]
@@ -254,7 +265,7 @@ def live_payloads(rng: random.Random, community: str, building: str, originals: 
     """The hostile mix of :data:`LIVE_MIX`, shuffled (deterministic for a seed)."""
 
     def body(name: str, **kwargs: Any) -> dict[str, Any]:
-        args = {"all": True} if name in ("reset", "test") else {"limit": 5} if name == "events" else None
+        args = {"all": True} if name in ("reset", "test") else VALID_ARGS.get(name)
         return command_message(name, community=community, building=building, args=kwargs.pop("args", args),
                                command_id=uuid.UUID(int=rng.getrandbits(128)).hex, **kwargs)
 
@@ -320,7 +331,7 @@ def live_payloads(rng: random.Random, community: str, building: str, originals: 
         add("expired", name, encode(command), "expired")
     for i in range(LIVE_MIX["replayed"]):
         add("replayed", "status", originals[i % len(originals)], "replayed")
-    unknown = ["scan", "relay_test", "buzzer_test", "read", "config_show", "format_disk", "reboot", "STATUS",
+    unknown = ["read", "config_show", "format_disk", "reboot", "STATUS", "scan_all", "relay-test",
                "silence2", "ｓｉｌｅｎｃｅ"]
     for _ in range(LIVE_MIX["unknown_command"]):
         name = rng.choice(unknown) if rng.random() < 0.7 else f"x{rng.getrandbits(32):08x}"
@@ -328,8 +339,11 @@ def live_payloads(rng: random.Random, community: str, building: str, originals: 
         command["command"] = name
         add("unknown_command", name, encode(command), "unknown_command")
     for _ in range(LIVE_MIX["bad_args"]):
-        name = rng.choice(["reset", "test", "events", "silence", "status"])
+        name = rng.choice(["reset", "test", "events", "silence", "status", "buzzer_test", "relay_test", "scan"])
         args = {"reset": [{"device": 5}, {"devices": ["gas-1"]}, {"all": False}, {"device": "a", "all": True}],
+                "buzzer_test": [{"seconds_per_pattern": 60}, {"seconds_per_pattern": "1"}],
+                "relay_test": [{}, {"output": 5}, {"output": "valve-1", "seconds": 3600}],
+                "scan": [{}, {"bus": "bus1", "from": 0}, {"bus": "bus1", "pause_polling": "yes"}],
                 "test": [{}, {"device": ""}, {"all": "yes"}],
                 "events": [{"limit": 5000}, {"kind": "everything"}, {"since": -1}, {"from_seq": 3}],
                 "silence": [{"now": True}], "status": [{"verbose": 1}]}[name]

@@ -678,9 +678,9 @@ async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
 ) -> None:
     """The panel in this process (its pins MockFactory's), its storage/uplink process a real child, a recording
     subscriber on the gateway's whole subtree. Operator actions by ``gatewayctl`` (buzzer test, relay test,
-    walk test, reset, scan) and by MQTT (walk test, reset, silence, status, rebirth, events; scan, relay and
-    buzzer tests, which are not remote commands, are refused), a walk test that skips the devices in alarm or
-    fault, and every fault kind raised and cleared: every message recorded follows its schema."""
+    walk test, reset, scan) and by MQTT (the same, and silence, status, rebirth, events), a walk test that
+    skips the devices in alarm or fault, and every fault kind raised and cleared: every message recorded follows
+    its schema."""
     from gateway import failpoints
 
     full, hang = tmp_path / "disk-full", tmp_path / "bus-hang"
@@ -763,9 +763,17 @@ async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
             assert (await mqtt_command("reset", {"all": True}))["data"]["tests_ended"] == [det2.id]
             for name in ("silence", "status", "rebirth", "events"):
                 assert (await mqtt_command(name))["status"] == "accepted", name
-            for name, args in (("scan", {"bus": "bus1", "pause_polling": True}), ("relay_test", {"output": RELAY}),
-                               ("buzzer_test", {})):
-                assert (await mqtt_command(name, args))["code"] == "unknown_command", name
+            buzzer = await mqtt_command("buzzer_test", {"seconds_per_pattern": 0.1})
+            assert buzzer["status"] == "accepted" and len(buzzer["data"]["patterns"]) == 5, buzzer
+            await seen("event/test", action="ended", code="buzzer", source=f"mqtt:{buzzer['id']}")
+            relay_test = await mqtt_command("relay_test", {"output": RELAY, "seconds": 0.2})
+            assert relay_test["data"]["left_on_by_linkage"] is False, relay_test
+            await seen("event/relay", action="off", code=RELAY, source=f"mqtt:{relay_test['id']}")
+            refused_scan = await mqtt_command("scan", {"bus": "bus1", "from": 10, "to": 12})
+            assert (refused_scan["code"], "pause_polling" in refused_scan["reason"]) == ("refused", True), refused_scan
+            scan = await mqtt_command("scan", {"bus": "bus1", "from": 10, "to": 20, "pause_polling": True})
+            assert scan["status"] == "accepted" and scan["data"]["pause_windows"] == 1, scan
+            await seen("event/system", action="resumed", code="polling_resumed", source=f"mqtt:{scan['id']}")
 
             # --- a walk test never hides an alarm or a fault
             sims[det2.id].set_concentration(35.0)
@@ -786,10 +794,13 @@ async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
                 await seen("event/fault", action="raised", device=det1.id, code=status)
                 sims[det1.id].set_status("normal")
                 await seen("event/fault", action="cleared", device=det1.id, code=status)
-            bus.responding(det1.address, False)
-            await seen("event/fault", action="raised", device=det1.id, code="offline")
-            bus.responding(det1.address, True)
-            await seen("event/fault", action="cleared", device=det1.id, code="offline")
+            sims[det3.id].set_unit("%LEL")  # a sensor head of the right unit: read at the next whole poll
+            for det in (det1, det3):
+                bus.responding(det.address, False)
+                await seen("event/fault", action="raised", device=det.id, code="offline")
+                bus.responding(det.address, True)
+                await seen("event/fault", action="cleared", device=det.id, code="offline")
+            await seen("event/fault", action="cleared", device=det3.id, code="unit_mismatch")
             station.set_discrete_input(0, False)
             await seen("event/supervisory", action="raised", device="u1-station", code="removed")
             station.set_discrete_input(0, True)
@@ -812,14 +823,13 @@ async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
     await asyncio.to_thread(recorder.wait_for, lambda m: m.topic == topics.availability
                             and m.json.get("state") == "offline", 30)
     took = time.monotonic() - started
-    not_remote = {topics.command(name) for name in ("scan", "relay_test", "buzzer_test")}  # sent to be refused
-    messages = [m for m in recorder.messages() if m.topic not in not_remote]
+    messages = recorder.messages()
     counts = validate_all(topics, messages)
     assert set(counts) == set(SCHEMA_NAMES), counts
     events = [m.json for m in messages if schema_name(topics, m.topic) == "event"]
     faults = {(e["code"], e["action"]) for e in events if e["kind"] == "fault"}
     assert {(code, "raised") for code in FAULT_KINDS} <= faults, sorted(faults)
-    assert {(code, "cleared") for code in FAULT_KINDS if code != "unit_mismatch"} <= faults, sorted(faults)
+    assert {(code, "cleared") for code in FAULT_KINDS} <= faults, sorted(faults)
     paused = [b for m in messages if m.topic == topics.status for b in m.json["links"]["buses"] if b.get("paused")]
     assert paused, "no status message said polling was paused"
     kinds = {(e["kind"], e["action"]) for e in events}

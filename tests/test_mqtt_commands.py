@@ -234,7 +234,15 @@ async def test_rejected_commands(rig: Rig) -> None:
     # unknown command (topic), and the CLI-only commands are not remote commands
     await rejected({**server.command("silence"), "command": "self_destruct"}, "unknown_command",
                    topic=topics.command("self_destruct"))
-    await rejected({**server.command("silence"), "command": "scan"}, "unknown_command", topic=topics.command("scan"))
+    await rejected({**server.command("silence"), "command": "read"}, "unknown_command", topic=topics.command("read"))
+
+    # the remote operator actions check their arguments like the others
+    await rejected(server.command("relay_test"), "invalid")  # which output is required
+    await rejected(server.command("relay_test", args={"output": "valve", "seconds": 3600}), "bad_args")
+    await rejected(server.command("buzzer_test", args={"seconds_per_pattern": 0}), "bad_args")
+    await rejected(server.command("scan", args={"bus": "bus1", "to": 248}), "bad_args")
+    refused = await ask(rig, server.command("relay_test", args={"output": "no-such-valve"}))
+    assert (refused["status"], refused["code"]) == ("rejected", "refused") and "unknown relay" in refused["reason"]
 
     # bad arguments
     result = await rejected(server.command("reset", args={"device": 5}), "bad_args")

@@ -75,7 +75,8 @@ MESSAGE_VERSION = 2
 COMMAND_VERSION = 1
 SCHEMA_DIR = Path(__file__).with_name("schemas")
 SCHEMA_NAMES = ("availability", "birth", "status", "event", "command", "command_result")
-COMMANDS = ("silence", "reset", "test", "status", "rebirth", "events")
+#: The remote commands; ``read`` and ``config_show`` stay local (``gatewayctl`` on the gateway).
+COMMANDS = ("silence", "reset", "test", "status", "rebirth", "events", "buzzer_test", "relay_test", "scan")
 #: Larger command payloads are refused before they are decoded.
 MAX_COMMAND_BYTES = 8192
 #: Deepest JSON nesting a command may have (a valid one needs 3).

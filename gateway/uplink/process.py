@@ -54,6 +54,10 @@ STATUS_CHECK_S = 0.5
 #: How often the panel's state is fetched for birth and status messages.
 PANEL_VIEW_S = 1.0
 PANEL_TIMEOUT_S = 10.0
+#: Commands that run longer than :data:`PANEL_TIMEOUT_S` on the panel, and how long their answer may take:
+#: a buzzer test plays five patterns of at most 5 s, a relay test lasts at most 60 s, and a scan of all 247
+#: addresses probes each for up to 0.25 s with a polling cycle between its 30 s windows.
+LONG_COMMAND_TIMEOUT_S = {"buzzer_test": 35.0, "relay_test": 70.0, "scan": 900.0}
 
 
 @dataclass(slots=True)
@@ -214,22 +218,24 @@ class StorageProcess:
             return {}
         raise ValueError(f"unknown request {name!r}")
 
-    async def request_panel(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        """Ask the panel (``command``, ``panel``) and wait for its answer."""
+    async def request_panel(self, name: str, args: dict[str, Any], *,
+                            timeout_s: float = PANEL_TIMEOUT_S) -> dict[str, Any]:
+        """Ask the panel (``command``, ``panel``) and wait up to ``timeout_s`` for its answer."""
         request_id = self._next_request
         self._next_request += 1
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._requests[request_id] = future
         self._send("request", id=request_id, name=name, args=args)
         try:
-            return await asyncio.wait_for(future, PANEL_TIMEOUT_S)
+            return await asyncio.wait_for(future, timeout_s)
         finally:
             self._requests.pop(request_id, None)
 
     async def handle(self, command: str, args: Mapping[str, Any], *, source: str) -> CommandOutcome:
         """MQTT commands go to the panel's command handler, the one door."""
         try:
-            answer = await self.request_panel("command", {"command": command, "args": dict(args), "source": source})
+            answer = await self.request_panel("command", {"command": command, "args": dict(args), "source": source},
+                                              timeout_s=LONG_COMMAND_TIMEOUT_S.get(command, PANEL_TIMEOUT_S))
         except (TimeoutError, RuntimeError) as exc:
             return CommandOutcome(False, f"the panel did not answer: {exc}", {"failed": True})
         return CommandOutcome(bool(answer.get("ok")), answer.get("reason"), dict(answer.get("data") or {}))

@@ -7,7 +7,7 @@ Every topic of a building's gateway lies under ``<prefix>/<community>/<building>
 ``birth``                  out, kept  full current state after every connect, retained
 ``status``                 out        uplink, backlog, device health and link quality, every 60 s
 ``event/<kind>``           out        alarm, fault, supervisory, telemetry, test, reset, ...
-``command/<name>``         in         silence, reset, test, status, rebirth, events
+``command/<name>``         in         the remote commands (``gateway.uplink.contract.COMMANDS``)
 ``reply`` (``reply/...``)  out        one result per command (MQTT 5 response topics go below it)
 =========================  =========  ===========================================================
 
