@@ -11,7 +11,8 @@ signal and fault — from a mapping file of its own (the gateways never hold peo
 * an event in a unit without a household (an extinguisher cabinet) → the unit head;
 * a fault, or anything without a unit → the building head.
 
-Only paho-mqtt (2.x) and the standard library are needed::
+The routing rule lives in ``fleet/contacts.py`` (standard library only), shared with the central inbox; with
+this repository installed (``pip install -e .``) only paho-mqtt (2.x) is needed besides::
 
     python examples/consumer.py --host broker.example --port 8883 --cafile ca.pem \\
         --community sunshine-garden --contacts examples/consumer-contacts.toml
@@ -29,10 +30,9 @@ import signal
 import ssl
 import sys
 import time
-import tomllib
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,58 +41,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet.contacts import Contacts
+
 SEEN_IDS_KEPT = 100_000
 REBIRTH_EVERY_S = 30.0
 #: Events asked for in one ``events`` command (the gateway's limit over MQTT).
 RANGE_PAGE = 200
 COMMAND_TTL_S = 60.0
 NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
-
-
-# ------------------------------------------------------------------------------------------- contacts
-
-
-@dataclass(frozen=True)
-class Person:
-    name: str
-    phone: str
-    role: str
-
-
-@dataclass
-class Contacts:
-    """Who to tell, keyed by "<community>/<building>[/<unit or household>]" (see consumer-contacts.toml)."""
-
-    building_heads: dict[str, list[Person]] = field(default_factory=dict)
-    unit_heads: dict[str, list[Person]] = field(default_factory=dict)
-    relatives: dict[str, list[Person]] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Contacts:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-
-        def people(section: str, key: str, role: str, many: bool) -> dict[str, list[Person]]:
-            out: dict[str, list[Person]] = {}
-            for place, entry in data.get(section, {}).items():
-                raw = entry.get(key, [] if many else None)
-                items = raw if many else [raw] if raw else []
-                out[place] = [Person(p["name"], p["phone"], role) for p in items]
-            return out
-
-        return cls(building_heads=people("buildings", "head", "building head", many=False),
-                   unit_heads=people("units", "head", "unit head", many=False),
-                   relatives=people("households", "relatives", "relative", many=True))
-
-    def whom(self, event: dict[str, Any]) -> list[Person]:
-        """The people to tell about ``event``."""
-        building = f"{event['community']}/{event['building']}"
-        unit, household = event.get("unit"), event.get("household")
-        if event["kind"] == "fault" or unit is None:
-            return self.building_heads.get(building, [])
-        unit_head = self.unit_heads.get(f"{building}/{unit}", [])
-        if household is None:
-            return unit_head
-        return self.relatives.get(f"{building}/{household}", []) + unit_head
 
 
 # ------------------------------------------------------------------------------------------- consumer

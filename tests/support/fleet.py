@@ -31,7 +31,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.cluster import Cluster, ClusterError, Community
-from fleet.inbox import write_contacts
+from fleet.contacts import write_contacts
 from fleet.simulator import HOUSEHOLDS, UNITS, building_name
 from tests.support.postgres import PostgresServer
 
