@@ -264,6 +264,21 @@ def test_doctor_broker_plain_ok(tmp_path: Path, broker: MosquittoBroker) -> None
     assert "safety/test-community/b01/status acknowledged" in got["broker acl"][1]
 
 
+def test_doctor_checks_every_node_of_a_cluster(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """With mqtt.hosts every node is checked, each line naming its node: a node that is down is a FAIL of its
+    own, even when the first node is fine."""
+    down = free_port()
+    cfg = plain_site(tmp_path, "/dev/null", broker_port=broker.port,
+                     **{f'host = "127.0.0.1"\nport = {broker.port}\n':
+                        f'hosts = ["127.0.0.1:{broker.port}", "127.0.0.1:{down}"]\n'})
+    got = statuses(list(check_broker(cfg)))
+    up_node, down_node = f"127.0.0.1:{broker.port}", f"127.0.0.1:{down}"
+    assert got[f"broker login {up_node}"][0] == "ok" and got[f"broker acl {up_node}"][0] == "ok", got
+    assert got[f"broker tcp {down_node}"][0] == "FAIL", got
+    assert "check mqtt.hosts" in got[f"broker tcp {down_node}"][1], got
+    assert f"broker login {down_node}" not in got
+
+
 @pytest.fixture
 def secured(tmp_path: Path, pki: Pki) -> Iterator[MosquittoBroker]:
     broker = tls_broker(tmp_path, pki.server, pki.ca, secured=True)

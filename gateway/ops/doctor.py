@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,34 +259,44 @@ def _tls_context(cfg: SiteConfig) -> ssl.SSLContext:
 
 
 def check_broker(cfg: SiteConfig) -> Iterator[Check]:
-    """TCP, the TLS handshake with verification, the credentials, and a QoS 1 publish to the own ``status``."""
+    """TCP, the TLS handshake with verification, the credentials, and a QoS 1 publish to the own ``status``, on
+    every node of ``mqtt.hosts`` (each check's name then ends with the node)."""
+    endpoints = cfg.mqtt.endpoints
+    for host, port in endpoints:
+        suffix = f" {host}:{port}" if len(endpoints) > 1 else ""
+        for check in _check_node(cfg, host, port):
+            yield replace(check, name=check.name + suffix)
+
+
+def _check_node(cfg: SiteConfig, host: str, port: int) -> Iterator[Check]:
     m = cfg.mqtt
-    where = f"{m.host}:{m.port}"
+    where = f"{host}:{port}"
     try:
-        sock = socket.create_connection((m.host, m.port), timeout=NET_TIMEOUT_S)
+        sock = socket.create_connection((host, port), timeout=NET_TIMEOUT_S)
     except OSError as exc:
+        key = "mqtt.hosts" if m.hosts else "mqtt.host and mqtt.port"
         yield fail("broker tcp", f"cannot connect to {where}: {_reason(exc)}",
-                   "check mqtt.host and mqtt.port, the network and the firewall (nc -vz " + f"{m.host} {m.port})")
+                   f"check {key}, the network and the firewall (nc -vz {host} {port})")
         return
     yield ok("broker tcp", f"{where} accepts connections")
     with sock:
         if m.tls:
             try:
-                with _tls_context(cfg).wrap_socket(sock, server_hostname=m.host) as tls:
+                with _tls_context(cfg).wrap_socket(sock, server_hostname=host) as tls:
                     version = tls.version()
             except (ssl.SSLError, OSError) as exc:
                 yield fail("broker tls", f"handshake with {where} failed: {_reason(exc)}",
                            "mqtt.tls.ca_file must hold the CA that signed the broker's certificate, whose name "
-                           "must match mqtt.host; the clock must be right")
+                           "must match the node's host name; the clock must be right")
                 return
             yield ok("broker tls", f"{version}, certificate verified" + (" (hostname NOT checked)"
                                                                          if m.tls_insecure else ""))
         else:
             yield warn("broker tls", "plain MQTT, not encrypted", "add [mqtt.tls] (docs/mqtt.md)")
-    yield from _mqtt_session(cfg)
+    yield from _mqtt_session(cfg, host, port)
 
 
-def _mqtt_session(cfg: SiteConfig) -> Iterator[Check]:
+def _mqtt_session(cfg: SiteConfig, host: str, port: int) -> Iterator[Check]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -316,7 +326,7 @@ def _mqtt_session(cfg: SiteConfig) -> Iterator[Check]:
     client.on_publish = on_publish
     who = f"as {m.username!r}" if m.username else "without credentials"
     try:
-        client.connect(m.host, m.port, keepalive=30)
+        client.connect(host, port, keepalive=30)
     except (OSError, ssl.SSLError) as exc:
         yield fail("broker login", f"MQTT connect failed: {_reason(exc)}", "see the lines above")
         return
