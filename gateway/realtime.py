@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import structlog
 
-__all__ = ["SWITCH_INTERVAL_S", "raise_priority", "release_startup_heap"]
+__all__ = ["SWITCH_INTERVAL_S", "raise_priority", "release_startup_heap", "settle_startup"]
 
 log = structlog.get_logger()
 _warned = False
@@ -41,3 +42,14 @@ def release_startup_heap() -> None:
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def settle_startup(freeze: bool) -> int:
+    """Once a process has started everything (``runtime.gc_freeze``): collect, move every object left to the
+    permanent generation so that no collection walks the start-up objects again, and hand the freed heap back.
+    Returns how many objects are frozen."""
+    if freeze:
+        gc.collect()
+        gc.freeze()
+        release_startup_heap()
+    return gc.get_freeze_count()

@@ -26,6 +26,7 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
             site = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
                               socket_path=tmp_path / "control.sock")
             config = site.write(tmp_path / "site.toml")
+            config.write_text(config.read_text().replace("gc_freeze = false", "gc_freeze = true"))  # as deployed
             env = dict(os.environ, NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="1000000",
                        GPIOZERO_PIN_FACTORY="mock", GATEWAY_FAILPOINTS=f"bus_hang=bus1@{hang}")
             env.pop("WATCHDOG_PID", None)
@@ -46,4 +47,8 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
     assert records, "no log output"
     assert all("level" in r and "event" in r and "timestamp" in r for r in records)
     assert any(r["event"] == "panel started" for r in records)
-    assert any(r["event"] == "storage process started" and r["process"] == "uplink" for r in records)
+    # runtime.gc_freeze (on by default): each process freezes its start-up objects once it is up
+    assert any(r["event"] == "panel serving" and r["gc_frozen"] > 10_000 for r in records), [
+        (r["event"], r.get("gc_frozen")) for r in records]
+    assert any(r["event"] == "storage process started" and r["process"] == "uplink" and r["gc_frozen"] > 10_000
+               for r in records)

@@ -342,3 +342,18 @@ async def test_a_wedged_bus_thread_becomes_a_stored_fault(
             cleared = await eventually(lambda: read_events(db, "kind = 'fault' AND action = 'cleared'"),
                                        timeout=30, message="the fault did not clear when the thread beat again")
             assert cleared[0]["body"]["detail"] == "bus:bus1"
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_settle_startup_freezes_the_start_up_objects_only_when_asked(freeze: bool) -> None:
+    """``runtime.gc_freeze``: after start-up the objects alive are moved out of the collector's sweeps (a fresh
+    interpreter, so that nothing else has frozen anything)."""
+    import subprocess
+    import sys
+
+    code = ("import gateway.panel.process, gc\nfrom gateway.realtime import settle_startup\n"
+            f"n = settle_startup({freeze})\nprint(n, gc.get_freeze_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    reported, counted = map(int, done.stdout.split())
+    assert reported == counted
+    assert (counted > 10_000) if freeze else (counted == 0), counted

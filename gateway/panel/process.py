@@ -39,7 +39,7 @@ from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide
 from gateway.panel.state import StateSaver, load_state, state_path
-from gateway.realtime import SWITCH_INTERVAL_S, raise_priority
+from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, settle_startup
 
 __all__ = [
     "EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "SUPPORT_PRIORITY", "PanelProcess", "PanelStartError", "start_error",
@@ -236,6 +236,8 @@ class PanelProcess:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
+        frozen = settle_startup(self.cfg.runtime.gc_freeze)
+        log.info("panel serving", gc_frozen=frozen)
         notifier.ready()
         notifier.status(self.summary())
         watchdog.start()

@@ -29,6 +29,7 @@ from gateway import __version__, link
 from gateway.config import ConfigError, SiteConfig, load_config
 from gateway.events import Event
 from gateway.logs import configure_logging
+from gateway.realtime import settle_startup
 from gateway.uplink.contract import (
     BusCounters,
     CommandGate,
@@ -122,7 +123,8 @@ class StorageProcess:
             asyncio.create_task(self._publish_status(), name="status"),
             asyncio.create_task(self._follow_panel(), name="panel-view"),
         ]
-        log.info("storage process started", session=self.outbox.session, pid=os.getpid())
+        log.info("storage process started", session=self.outbox.session, pid=os.getpid(),
+                 gc_frozen=settle_startup(cfg.runtime.gc_freeze))
         reading = asyncio.create_task(self._read(reader), name="link-reader")
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
