@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 __all__ = ["FrameReport", "SimBuses"]
 
@@ -56,7 +57,45 @@ def _hardware_priority() -> str:
     return f"fifo:{SIM_PRIORITY}"
 
 
-def _child(conn: Connection, workdir: str, layout: dict[str, list[int]]) -> None:
+def _misbehaving_bus_class() -> type[Any]:
+    from drivers.simulated import SimulatedBus
+
+    class MisbehavingBus(SimulatedBus):  # type: ignore[misc]
+        """A bus whose slaves in :attr:`garbled` answer with a corrupted frame (CRC no longer matches)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.garbled: set[int] = set()
+
+        def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+            out: bytes = super()._trace_packet(sending, data)
+            if sending and out and out[0] in self.garbled:
+                return out[:-1] + bytes([out[-1] ^ 0x5A])
+            return out
+
+    return MisbehavingBus
+
+
+#: What a misbehaving detector does, in turn, for this many seconds each: silent (the gateway times out),
+#: garbled frames (bad CRC), an unknown status code (0xEE), then normal.
+MISBEHAVIOUR = (("silent", 3.0), ("garbled", 3.0), ("bad_status", 3.0), ("normal", 6.0))
+
+
+def _misbehave(bus: Any, detector: Any, slave: int, stop: threading.Event) -> None:
+    while not stop.is_set():
+        for phase, seconds in MISBEHAVIOUR:
+            bus.responding(slave, phase != "silent")
+            if phase == "garbled":
+                bus.garbled.add(slave)
+            else:
+                bus.garbled.discard(slave)
+            detector.set_status_code(0xEE if phase == "bad_status" else 0x01)
+            if stop.wait(seconds):
+                return
+
+
+def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
+           misbehaving: tuple[tuple[str, int], ...] = ()) -> None:
     from drivers.simulated import SimulatedBus, VirtualNullModem
 
     scheduling = _hardware_priority()
@@ -102,7 +141,8 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]]) -> None
 
         modem = VirtualNullModem(Path(workdir) / name, on_device_write=on_device_write)
         modem.start()
-        bus = SimulatedBus(modem.device_port, on_response=on_response)
+        bus_class = _misbehaving_bus_class() if any(b == name for b, _ in misbehaving) else SimulatedBus
+        bus = bus_class(modem.device_port, on_response=on_response)
         for slave in slaves:
             det = bus.add_gas_detector(slave, "A", unit="%LEL", decimals=1)
             det.set_status("normal")
@@ -110,6 +150,11 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]]) -> None
         bus.start()
         modems[name] = modem
         buses[name] = bus
+
+    stop_misbehaving = threading.Event()
+    for bus_name, slave in misbehaving:
+        threading.Thread(target=_misbehave, args=(buses[bus_name], detectors[(bus_name, slave)], slave,
+                                                  stop_misbehaving), name=f"misbehave-{slave}", daemon=True).start()
 
     conn.send(("ready", {name: m.gateway_port for name, m in modems.items()}, scheduling))
     try:
@@ -130,6 +175,7 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]]) -> None
                     cond.wait_for(lambda: token in reports, timeout)  # noqa: B023
                     conn.send(reports.pop(token, None))
     finally:
+        stop_misbehaving.set()
         for bus in buses.values():
             bus.stop()
         for modem in modems.values():
@@ -145,11 +191,13 @@ class SimBuses:
     while the gateway under test is reacting to a frame.
     """
 
-    def __init__(self, workdir: str | Path, layout: dict[str, list[int]]) -> None:
+    def __init__(self, workdir: str | Path, layout: dict[str, list[int]],
+                 misbehaving: tuple[tuple[str, int], ...] = ()) -> None:
+        """``misbehaving``: (bus, slave) of detectors that cycle through :data:`MISBEHAVIOUR`."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child_conn, str(workdir), layout), name="simbus",
-                                 daemon=True)
+        self._proc = ctx.Process(target=_child, args=(child_conn, str(workdir), layout, tuple(misbehaving)),
+                                 name="simbus", daemon=True)
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
         self.ports: dict[str, str] = {}
