@@ -37,11 +37,17 @@ class FrameReport:
     wall: float  # time.time() at hand-over
 
 
-def _regs_of(frame: bytes) -> tuple[int, int] | None:
-    """(slave, register 1) of a function-3 response frame for registers 0–9 (profile A)."""
-    if len(frame) >= 7 and frame[1] == 3 and frame[2] == 20:
-        return frame[0], (frame[5] << 8) | frame[6]
-    return None
+def _regs_of(frame: bytes, start: int) -> tuple[int, int] | None:
+    """(slave, register 1) of a function-3 response frame whose request began at register ``start``; None when
+    the frame does not carry register 1 (profile A: the gateway reads 0–9 now and then, the fast window 1–5
+    in between)."""
+    if len(frame) < 5 or frame[1] != 3:
+        return None
+    count = frame[2] // 2
+    offset = 1 - start
+    if not 0 <= offset < count or len(frame) < 5 + 2 * offset:
+        return None
+    return frame[0], (frame[3 + 2 * offset] << 8) | frame[4 + 2 * offset]
 
 
 def _hardware_priority() -> str:
@@ -105,14 +111,19 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
     armed: dict[tuple[str, int], tuple[int, int]] = {}  # (bus, slave) → (token, raw)
     pending: dict[str, list[tuple[int, int, int, bytes, float]]] = {}  # bus → frames awaiting hand-over
     reports: dict[int, FrameReport] = {}
+    starts: dict[tuple[str, int], int] = {}  # (bus, slave) → first register of its last read request
     cond = threading.Condition()
 
     for name, slaves in layout.items():
         pending[name] = []
         buffer = bytearray()
 
+        def on_request(slave: int, frame: bytes, _t: float, name: str = name) -> None:
+            if len(frame) >= 4 and frame[1] == 3:
+                starts[(name, slave)] = (frame[2] << 8) | frame[3]
+
         def on_response(slave: int, frame: bytes, t: float, name: str = name) -> None:
-            parsed = _regs_of(frame)
+            parsed = _regs_of(frame, starts.get((name, slave), 0))
             if parsed is None:
                 return
             with cond:
@@ -142,7 +153,7 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
         modem = VirtualNullModem(Path(workdir) / name, on_device_write=on_device_write)
         modem.start()
         bus_class = _misbehaving_bus_class() if any(b == name for b, _ in misbehaving) else SimulatedBus
-        bus = bus_class(modem.device_port, on_response=on_response)
+        bus = bus_class(modem.device_port, on_response=on_response, on_request=on_request)
         for slave in slaves:
             det = bus.add_gas_detector(slave, "A", unit="%LEL", decimals=1)
             det.set_status("normal")
