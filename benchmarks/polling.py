@@ -184,11 +184,16 @@ def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: l
                             and e.get("device") == device and e.get("action") == action)
 
                 event_id = log.wait(stored, 30)["event_id"]
-                acked = log.wait(lambda e, i=event_id: e.get("event") == "event forwarded" and e["event_id"] == i,
-                                 30)
+
+                def forwarded(e: dict[str, Any], i: str = event_id) -> bool:
+                    return e.get("event") == "event forwarded" and e.get("event_id") == i
+
+                def received(m: Any, i: str = event_id) -> bool:
+                    return isinstance(m.json, dict) and m.json.get("event_id") == i
+
+                acked = log.wait(forwarded, 30)  # the storage child's line, in gatewayd's log
                 to_puback.append(wall(acked) - sent_wall)
-                message = recorder.wait_for(lambda m, i=event_id: isinstance(m.json, dict)
-                                            and m.json.get("event_id") == i, 30)
+                message = recorder.wait_for(received, 30)
                 to_subscriber.append(message.arrived - frame.response)
         after = sum(row["rss_mb"] for row in sampler.sample())
         result = {**idle, "rss_after_alarms_mb": round(after, 1), "to_puback": to_puback,
