@@ -33,8 +33,6 @@ def site_toml(
     telemetry_interval_s: float = 60.0,
     control_socket: Path | None = None,
     bus_timeout_s: float = 0.5,
-    gil_handoff: bool = False,
-    alarm_process: bool = False,
 ) -> str:
     """A site: one household per detector (``gas-<bus>-<address>``), gas-relay contacts, a buzzer and LEDs.
 
@@ -61,9 +59,7 @@ def site_toml(
     out.append(f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nprotocol = 5\nkeepalive_s = 30\n')
     out.append(f'[storage]\npath = "{db_path}"\n')
     out.append(f'[control]\nsocket = "{control_socket or db_path.with_name("control.sock")}"\n')
-    out.append(f"[runtime]\nrealtime_priority = {realtime_priority}\ngc_freeze = true\n"
-               f"gil_handoff = {'true' if gil_handoff else 'false'}\n"
-               f"alarm_process = {'true' if alarm_process else 'false'}\n")
+    out.append(f"[runtime]\nrealtime_priority = {realtime_priority}\ngc_freeze = true\n")
     return "\n".join(out)
 
 
