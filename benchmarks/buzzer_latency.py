@@ -1,9 +1,11 @@
 """Buzzer latency of the three alarm paths, idle and under stress, in one run.
 
-Runs a real :class:`gateway.daemon.Gateway` in this process — bus threads with pymodbus's sync client on
-pseudo-terminals, GPIO contacts and outputs on gpiozero mock pins, the annunciator, SQLite outbox and MQTT
-uplink (a private mosquitto) — while the simulated detectors run in a child process (:mod:`simbus`), as a
-real detector does not share the gateway's interpreter.
+Runs the gateway's only layout. This process is the panel — a :class:`gateway.panel.process.PanelProcess`
+with the bus threads (pymodbus's sync client on pseudo-terminals), the GPIO contacts and outputs on gpiozero
+mock pins, the alarm core and annunciator, the hand-over, the control socket on the panel's asyncio loop —
+and the trial driver. The storage/uplink process (SQLite outbox, MQTT uplink to a private mosquitto) is the
+real child the panel starts and supervises (``python -m gateway.uplink.process``). The simulated detectors
+run in a process of their own (:mod:`simbus`), as a real detector does not share the panel's interpreter.
 
 Paths, each measured to the buzzer pin going high (a mock pin that timestamps its changes):
 
@@ -12,23 +14,22 @@ Paths, each measured to the buzzer pin going high (a mock pin that timestamps it
 * decode — from a decoded reading entering the alarm panel;
 * GPIO — from ``drive_low()`` closing a gas-relay contact.
 
-Conditions: idle (broker up, nothing else going on), and stressed: the asyncio loop blocked for 2 s at
-random moments by pure-Python work (it holds the GIL), the broker unreachable (its port black-holed by a
-socket that never accepts, plus a second uplink to a port that refuses), the SQLite database locked by
-another connection (``BEGIN EXCLUSIVE`` held 1–6 s at random), and 1000 telemetry events/s flowing.
+Conditions: idle (broker up, nothing else going on), and stressed, with everything that can lean on the
+panel at once:
+
+* a telemetry storm: 1000 detector readings/s entering the panel, each a telemetry event handed over to
+  the storage process (panel → hand-over thread → link → child → SQLite);
+* the panel's own asyncio loop — the one sharing the GIL with the alarm threads — blocked for 2 s at random
+  moments, by pure-Python work holding the GIL (``--loop-block cpu``) or a blocking call (``sleep``);
+* a database locker: another process holding the SQLite file's write lock (``BEGIN EXCLUSIVE``) for 1–6 s
+  at random, so the storage process's commits wait and the panel's hold grows;
+* the uplink down: the broker stopped and its port alternately black-holed (a socket that listens but never
+  accepts: connects go unanswered) and refused (nothing listening), switching every 3–8 s.
 
 Between trials the alarm is reset through the panel. Prints a table and, last, one JSON line; saves a
-histogram PNG under ``benchmarks/out/``.
+histogram PNG under ``benchmarks/out/`` when matplotlib is installed.
 
-With ``--alarm-process on`` the daemon is split as ``gatewayd`` splits it (``runtime.alarm_process``): this
-process is the alarm process — an :class:`gateway.alarm_link.AlarmHost` with the bus threads, contacts,
-panel and annunciator, the trial driver and the telemetry storm (detector telemetry enters the panel here,
-as in production) — and a child forked before any thread starts runs the daemon's loop side
-(``Gateway(cfg, alarm_process=...)``: outbox, uplink, control socket) with the stress that belongs to it:
-the loop blocker, the refused uplink and the database locker. The broker's port is black-holed from here.
-The two talk over the alarm link, and the benchmark drives the child over a second socket pair (JSON lines).
-
-    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--alarm-process on]
+    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--loop-block sleep]
 """
 
 from __future__ import annotations
@@ -41,31 +42,34 @@ import gc
 import json
 import os
 import random
-import signal
 import socket
-import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
-import traceback
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any
 
-from common import ROOT, EdgeWatch, TimedMockPin, cpu_steal, log_to_file, machine_noise, percentile, site_toml
-from gateway.alarm_link import AlarmHost, AlarmLinkError, prepare_alarm_process
+from common import (
+    ROOT,
+    EdgeWatch,
+    TimedMockPin,
+    cpu_steal,
+    log_to_file,
+    machine_noise,
+    percentile,
+    realtime_neighbours,
+    site_toml,
+)
 from simbus import SimBuses
 
-from drivers.profiles import GasReading
-from gateway.config import SiteConfig, parse_config
-from gateway.daemon import Gateway
-from gateway.panel.alarm_panel import AlarmPanel
+from drivers.profiles import PROFILE_A, GasReading
+from gateway.config import SiteConfig, load_config
 from gateway.panel.core import Sound
-from gateway.panel.side import AlarmSide
-from gateway.realtime import raise_priority, release_startup_heap
-from gateway.uplink.mqtt import Uplink
-from tests.support.broker import MosquittoBroker, free_port
+from gateway.panel.process import PanelProcess
+from gateway.realtime import raise_priority
+from tests.support.broker import MosquittoBroker
 
 TRIAL_BUS, FIELD_BUS = "trial", "field"
 SERIAL_DEVICE = f"gas-{TRIAL_BUS}-1"
@@ -75,11 +79,38 @@ STORM_ADDRESSES = list(range(2, 18))  # 16 detectors whose readings make the tel
 ALARM = GasReading(value=30.0, measure="%LEL", status=frozenset({"normal"}))
 CLEAN = GasReading(value=0.0, measure="%LEL", status=frozenset({"normal"}))
 OUT = ROOT / "benchmarks" / "out"
-#: How long the benchmark waits for an answer from the loop side (its start waits for the alarm process).
-LOOP_SIDE_TIMEOUT_S = 90.0
+LAYOUT = "panel + storage process"
+#: How long the benchmark waits for the storage process to connect and the panel to settle.
+SETTLE_TIMEOUT_S = 60.0
 
 
 # ----------------------------------------------------------------------------------------------- stress
+
+#: The database locker, run as a process of its own (``python -c``, argv[1] = the database): it holds the
+#: write lock for 1–6 s at random moments until its stdin closes, then prints its figures as JSON.
+DB_LOCKER = r"""
+import json, os, random, sqlite3, sys, threading, time
+try:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # not the panel's realtime class
+except (AttributeError, OSError):
+    pass
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+locks, locked_s, waited_s = 0, 0.0, 0.0
+print("ready", flush=True)
+while not stop.wait(random.uniform(0.5, 2.0)):
+    asked = time.perf_counter()
+    con.execute("BEGIN EXCLUSIVE")
+    start = time.perf_counter()
+    waited_s += start - asked
+    stop.wait(random.uniform(1.0, 6.0))
+    con.execute("COMMIT")
+    locks += 1
+    locked_s += time.perf_counter() - start
+con.close()
+print(json.dumps({"db_locks": locks, "db_locked_s": locked_s, "db_lock_wait_s": waited_s}), flush=True)
+"""
 
 
 @dataclasses.dataclass
@@ -88,41 +119,18 @@ class StressStats:
     loop_blocked_s: float = 0.0
     db_locks: int = 0
     db_locked_s: float = 0.0
+    db_lock_wait_s: float = 0.0
+    db_locker_error: str | None = None
     storm_readings: int = 0
     storm_s: float = 0.0
     events_stored: int = 0
-    refused_attempts: str | None = None
+    uplink_switches: int = 0
+    uplink_errors: list[str] = dataclasses.field(default_factory=list)
+    uplink_connected: bool = False
     blackhole_error: str | None = None
-
-
-def _black_hole(broker: MosquittoBroker) -> socket.socket:
-    """Stop the broker; listen on its port without ever accepting, so that connects go unanswered."""
-    broker.stop()
-    hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    hole.bind((broker.host, broker.port))
-    hole.listen(0)
-    return hole
-
-
-def _telemetry_storm(panel: AlarmPanel, rate: int, stop: threading.Event, stats: StressStats) -> None:
-    """``rate`` detector readings per second that each make a telemetry event (values flip by 2 %LEL)."""
-    devices = [f"gas-{FIELD_BUS}-{a}" for a in STORM_ADDRESSES]
-    readings = [dataclasses.replace(CLEAN, value=v) for v in (1.0, 3.0)]
-    period = 0.01
-    per_tick = max(1, round(rate * period))
-    n = 0
-    start = next_tick = time.perf_counter()
-    while not stop.is_set():
-        for _ in range(per_tick):
-            panel.reading(devices[n % len(devices)], readings[(n // len(devices)) % 2])
-            n += 1
-        next_tick += period
-        delay = next_tick - time.perf_counter()
-        if delay > 0:
-            stop.wait(delay)
-    stats.storm_readings = n
-    stats.storm_s = time.perf_counter() - start
+    hold_peak: int = 0
+    storage_held_peak: int = 0
+    storage_restarts: int = 0
 
 
 def _stress_summary(st: StressStats, seconds: float) -> dict[str, Any]:
@@ -130,74 +138,87 @@ def _stress_summary(st: StressStats, seconds: float) -> dict[str, Any]:
     return {
         "loop_blocks": st.loop_blocks, "loop_blocked_pct": round(100 * st.loop_blocked_s / seconds, 1),
         "db_locks": st.db_locks, "db_locked_pct": round(100 * st.db_locked_s / seconds, 1),
+        "db_lock_wait_s": round(st.db_lock_wait_s, 2), "db_locker_error": st.db_locker_error,
         "telemetry_per_s": round(st.storm_readings / st.storm_s) if st.storm_s else 0,
         "events_stored": st.events_stored,
-        "gateway_uplink": st.blackhole_error, "refused_uplink": st.refused_attempts,
+        "panel_hold_peak": st.hold_peak, "storage_held_peak": st.storage_held_peak,
+        "storage_restarts": st.storage_restarts,
+        "uplink_switches": st.uplink_switches, "uplink_connected": st.uplink_connected,
+        "uplink_errors": st.uplink_errors[:6], "blackhole_error": st.blackhole_error,
     }
 
 
 class Stress:
-    """Everything that must not slow the alarm path, switched on together.
+    """Everything that must not slow the alarm path, switched on together (see the module docstring).
 
-    In the loop side's process of ``--alarm-process on``: no ``broker`` (the benchmark process black-holes
-    it) and no ``storm`` (telemetry enters the panel in the alarm process).
+    :meth:`start` and :meth:`stop` run on the panel's loop, which the loop blocker then blocks.
     """
 
-    def __init__(self, gateway: Gateway, broker: MosquittoBroker | None, db_path: Path, rate: int, block: str,
-                 *, storm: bool = True) -> None:
-        self.gateway = gateway
-        self.block = block
+    def __init__(self, panel: PanelProcess, broker: MosquittoBroker, db_path: Path, rate: int, block: str) -> None:
+        self.panel = panel
         self.broker = broker
         self.db_path = db_path
         self.rate = rate
-        self.storm = storm
+        self.block = block
         self.stats = StressStats()
         self._stop = threading.Event()
         self._loop_stop = asyncio.Event()
         self._threads: list[threading.Thread] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._blackhole: socket.socket | None = None
-        self._refused: Uplink | None = None
+        self._locker: subprocess.Popen[str] | None = None
         self._stored_before = 0
+        self._starts_before = 0
 
     async def start(self) -> None:
-        gw = self.gateway
-        self._stored_before = gw.outbox.stored_total
-        # Broker unreachable: the gateway's broker port now accepts nothing, and a second uplink is refused.
-        if self.broker is not None:
-            self._blackhole = _black_hole(self.broker)
-        refused_cfg = dataclasses.replace(gw.cfg.mqtt, port=free_port(), client_id="bench-refused")
-        self._refused = Uplink(refused_cfg, gw.outbox, gw.topics)
-        self._tasks = [asyncio.create_task(self._refused.run(), name="refused-uplink"),
-                       asyncio.create_task(self._block_loop(), name="loop-blocker")]
-        self._threads = [threading.Thread(target=self._lock_db, name="db-locker", daemon=True)]
-        if self.storm:
-            self._threads.append(threading.Thread(target=self._storm, name="telemetry-storm", daemon=True))
+        sup = self.panel.supervisor
+        self._stored_before = int(sup.beat.get("stored", 0))
+        self._starts_before = sup.starts
+        await asyncio.to_thread(self.broker.stop)  # its port: black-holed and refused in turn (uplink-down)
+        deadline = time.monotonic() + 10.0
+        while self.panel.uplink_connected and time.monotonic() < deadline:  # the child's beat says it lost it
+            await asyncio.sleep(0.05)
+        self._locker = subprocess.Popen([sys.executable, "-c", DB_LOCKER, str(self.db_path)], text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._locker.stdout is not None
+        ready = await asyncio.to_thread(self._locker.stdout.readline)
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the database locker did not start: {ready!r}")
+        self._tasks = [asyncio.create_task(self._block_loop(), name="loop-blocker")]
+        self._threads = [threading.Thread(target=self._uplink_down, name="uplink-down", daemon=True),
+                         threading.Thread(target=self._storm, name="telemetry-storm", daemon=True),
+                         threading.Thread(target=self._watch, name="stress-watch", daemon=True)]
         for thread in self._threads:
             thread.start()
 
     async def stop(self) -> None:
         self._stop.set()
         self._loop_stop.set()
-        for thread in self._threads:
-            await asyncio.to_thread(thread.join, 15)
-        assert self._refused is not None
-        self.stats.refused_attempts = self._refused.last_error
-        self.stats.blackhole_error = self.gateway.uplink.last_error
-        await self._refused.stop(flush_timeout_s=0)
         for task in self._tasks:
-            task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self._blackhole is not None:
-            self._blackhole.close()
-        self.stats.events_stored = self.gateway.outbox.stored_total - self._stored_before
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, 15)
+        if self._locker is not None:
+            out, _ = await asyncio.to_thread(self._locker.communicate, "", 30)
+            lines = out.strip().splitlines()
+            try:
+                figures = json.loads(lines[-1])
+            except (IndexError, ValueError):
+                self.stats.db_locker_error = f"exit status {self._locker.returncode}: {out.strip()[-200:]!r}"
+            else:
+                self.stats.db_locks = int(figures["db_locks"])
+                self.stats.db_locked_s = float(figures["db_locked_s"])
+                self.stats.db_lock_wait_s = float(figures["db_lock_wait_s"])
+        sup = self.panel.supervisor
+        self.stats.events_stored = int(sup.beat.get("stored", 0)) - self._stored_before
+        self.stats.storage_restarts = sup.starts - self._starts_before
 
     async def _block_loop(self) -> None:
-        """Block the loop for 2 s at random moments: pure-Python work holding the GIL ("cpu"), or a
+        """Block the panel's loop for 2 s at random moments: pure-Python work holding the GIL ("cpu"), or a
         blocking call that releases it ("sleep", like a synchronous file or database call)."""
         while not self._loop_stop.is_set():
-            await asyncio.sleep(random.uniform(0.5, 2.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._loop_stop.wait(), random.uniform(0.5, 2.0))
             if self._loop_stop.is_set():
                 return
             start = time.perf_counter()
@@ -209,23 +230,68 @@ class Stress:
             self.stats.loop_blocks += 1
             self.stats.loop_blocked_s += time.perf_counter() - start
 
-    def _lock_db(self) -> None:
-        """Another connection holds the database exclusively for 1–6 s at random moments."""
-        con = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+    def _uplink_down(self) -> None:
+        """The broker's port black-holed (listening, never accepting) and refused (closed) in turn."""
+        host, port = self.broker.host, self.broker.port
+        hole: socket.socket | None = None
+        black = True
         try:
-            while not self._stop.wait(random.uniform(0.5, 2.0)):
-                con.execute("BEGIN EXCLUSIVE")
-                start = time.perf_counter()
-                self._stop.wait(random.uniform(1.0, 6.0))
-                con.execute("COMMIT")
-                self.stats.db_locks += 1
-                self.stats.db_locked_s += time.perf_counter() - start
+            while True:
+                if black:
+                    hole = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        hole.bind((host, port))
+                        hole.listen(0)
+                    except OSError as exc:  # the port is then refused instead
+                        self.stats.blackhole_error = str(exc)
+                        hole.close()
+                        hole = None
+                elif hole is not None:
+                    hole.close()
+                    hole = None
+                self.stats.uplink_switches += 1
+                if self._stop.wait(random.uniform(3.0, 8.0)):
+                    return
+                black = not black
         finally:
-            con.close()
+            if hole is not None:
+                hole.close()
 
     def _storm(self) -> None:
-        # In one process the gateway's panel is the real one.
-        _telemetry_storm(cast(AlarmPanel, self.gateway.panel), self.rate, self._stop, self.stats)
+        """``rate`` detector readings per second that each make a telemetry event (values flip by 2 %LEL),
+        from a thread at the bus threads' priority, as the readings they stand for would come."""
+        raise_priority(self.panel.cfg.runtime.realtime_priority, "telemetry-storm")
+        panel = self.panel.panel
+        devices = [f"gas-{FIELD_BUS}-{a}" for a in STORM_ADDRESSES]
+        readings = [dataclasses.replace(CLEAN, value=v) for v in (1.0, 3.0)]
+        period = 0.01
+        per_tick = max(1, round(self.rate * period))
+        n = 0
+        start = next_tick = time.perf_counter()
+        while not self._stop.is_set():
+            for _ in range(per_tick):
+                panel.reading(devices[n % len(devices)], readings[(n // len(devices)) % 2])
+                n += 1
+            next_tick += period
+            delay = next_tick - time.perf_counter()
+            if delay > 0:
+                self._stop.wait(delay)
+        self.stats.storm_readings = n
+        self.stats.storm_s = time.perf_counter() - start
+
+    def _watch(self) -> None:
+        """The panel's hold, the storage process's memory and its uplink, sampled every 50 ms."""
+        st = self.stats
+        sup = self.panel.supervisor
+        while not self._stop.wait(0.05):
+            st.hold_peak = max(st.hold_peak, len(self.panel.handover.hold))
+            beat = sup.beat
+            st.storage_held_peak = max(st.storage_held_peak, int(beat.get("held") or 0))
+            st.uplink_connected = st.uplink_connected or bool(beat.get("connected"))
+            error = beat.get("last_error")
+            if error and error not in st.uplink_errors:
+                st.uplink_errors.append(str(error))
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -239,9 +305,9 @@ class Trials:
     as the daemon raises them (the callback thread on its first edge, :mod:`gateway.panel.side`).
     """
 
-    def __init__(self, gateway: Gateway | AlarmSide, sim: SimBuses, watch: EdgeWatch, contact_pin: Any,
+    def __init__(self, panel: PanelProcess, sim: SimBuses, watch: EdgeWatch, contact_pin: Any,
                  priority: int = 0) -> None:
-        self.gw = gateway
+        self.gw = panel
         self.sim = sim
         self.watch = watch
         self.contact_pin = contact_pin
@@ -331,13 +397,15 @@ class Trials:
         return out
 
     def transactions(self, n: int) -> list[float]:
-        """One bare read of the detector's ten registers by the bus thread's own pymodbus client."""
+        """One bare read of the detector's fast window — what a poll reads between two whole reads of its
+        block, and so what the frame of a serial trial answers — by the bus thread's own pymodbus client."""
         self._as_alarm_thread()
         poller = self.gw.buses[TRIAL_BUS]
+        first, count = PROFILE_A.fast_window
 
         def read(client: Any) -> float:
             t0 = time.perf_counter()
-            response = client.read_holding_registers(0, count=10, device_id=1)
+            response = client.read_holding_registers(first, count=count, device_id=1)
             elapsed = time.perf_counter() - t0
             if response.isError():
                 raise RuntimeError(str(response))
@@ -381,22 +449,15 @@ def _quiet(snap: dict[str, Any], watch: EdgeWatch) -> bool:
     return states == {"normal"} and not snap["active"] and not watch.state
 
 
-async def _settle(gateway: Gateway, watch: EdgeWatch, timeout: float = 30.0) -> None:
+async def _settle(panel: PanelProcess, watch: EdgeWatch, timeout: float = SETTLE_TIMEOUT_S) -> None:
+    """Until the storage process is up and connected to the broker, and the panel is quiet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        snap = gateway.panel.snapshot()
-        if gateway.uplink.connected and _quiet(snap, watch):
+        if panel.uplink_connected and _quiet(panel.panel.snapshot(), watch):
             return
         await asyncio.sleep(0.1)
-    raise TimeoutError(f"gateway did not settle: {gateway.panel.snapshot()['active']}")
-
-
-def _config(text: str, args: argparse.Namespace) -> SiteConfig:
-    """The site of ``text`` with this run's GIL hand-off, and the trial bus polled back to back."""
-    cfg = parse_config(tomllib.loads(text))
-    # The trial bus polls its one detector back to back (20 ms apart) so 1000 trials fit in a minute.
-    return dataclasses.replace(cfg, buses=tuple(
-        dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
+    raise TimeoutError(f"the panel did not settle: storage {panel.uplink_process()}, "
+                       f"uplink connected {panel.uplink_connected}, active {panel.panel.snapshot()['active']}")
 
 
 def _phase(gc_pauses: GcPauses, t0: float, t1: float) -> dict[str, Any]:
@@ -417,46 +478,36 @@ def _start_peers(workdir: Path) -> tuple[SimBuses, MosquittoBroker]:
     return sim, broker
 
 
-def _site(sim: SimBuses, broker: MosquittoBroker, db_path: Path, args: argparse.Namespace, *,
-          alarm_process: bool) -> tuple[str, SiteConfig]:
-    """The benchmark's site (its TOML, and parsed): the trial detector, the storm's field bus, a gas relay."""
+def _site(sim: SimBuses, broker: MosquittoBroker, workdir: Path, args: argparse.Namespace) -> SiteConfig:
+    """The benchmark's site — the trial detector, the storm's field bus, a gas relay — written to
+    ``site.toml`` (the storage process reads it there) and loaded from it.
+
+    The panel's copy polls the trial bus back to back (20 ms apart) so 1000 trials fit in a minute; the
+    storage process reads only the storage and MQTT settings, which are the file's.
+    """
     ports = sim.ports
     text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
-                     mqtt_port=broker.port, db_path=db_path, contacts=[(GPIO_DEVICE, GPIO_PIN)],
-                     realtime_priority=args.realtime_priority, alarm_process=alarm_process)
-    return text, _config(text, args)
+                     mqtt_port=broker.port, db_path=workdir / "events.db", contacts=[(GPIO_DEVICE, GPIO_PIN)],
+                     realtime_priority=args.realtime_priority)
+    path = workdir / "site.toml"
+    path.write_text(text, encoding="utf-8")
+    cfg = load_config(path)
+    return dataclasses.replace(cfg, buses=tuple(
+        dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from gpiozero import Device
-    from gpiozero.pins.mock import MockFactory
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-buzzer-"))
-    logfile = log_to_file(workdir / "gateway.log")
-    Device.pin_factory = MockFactory(pin_class=TimedMockPin)
-    sim, broker = _start_peers(workdir)
-    db_path = workdir / "events.db"
-    _, cfg = _site(sim, broker, db_path, args, alarm_process=False)
-    gc_pauses = GcPauses()
-    gc.callbacks.append(gc_pauses)
-    gateway = Gateway(cfg)
-    await gateway.start()
-    if args.switch_interval_ms:
-        sys.setswitchinterval(args.switch_interval_ms / 1000)
-    factory = Device.pin_factory
-    watch = EdgeWatch()
-    factory.pin(cfg.outputs.buzzer.pin).watch = watch
-    trials = Trials(gateway, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
+async def _measure(args: argparse.Namespace, panel: PanelProcess, trials: Trials, broker: MosquittoBroker,
+                   gc_pauses: GcPauses) -> dict[str, Any]:
+    """Idle, then stressed: each path's trials from a driver thread, while the panel's loop runs here."""
     results: dict[str, Any] = {}
     phases: dict[str, Any] = {}
-    try:
-        await _settle(gateway, watch)
-        for condition in ("idle", "stress"):
-            stress = None
-            if condition == "stress":
-                stress = Stress(gateway, broker, db_path, args.telemetry_rate, args.loop_block)
-                await stress.start()
-                await asyncio.sleep(2.0)
+    for condition in ("idle", "stress"):
+        stress = None
+        if condition == "stress":
+            stress = Stress(panel, broker, Path(panel.cfg.storage.path), args.telemetry_rate, args.loop_block)
+            await stress.start()
+            await asyncio.sleep(2.0)
+        try:
             t0 = time.perf_counter()
             trials.wake_lag = []
             n = args.trials
@@ -466,305 +517,51 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results[f"txn_{condition}"] = await asyncio.to_thread(trials.transactions, max(200, n // 3))
             results[f"wake_{condition}"] = list(trials.wake_lag)
             t1 = time.perf_counter()
-            phase = _phase(gc_pauses, t0, t1)
+        finally:
             if stress is not None:
                 await stress.stop()
-                phase["stress"] = _stress_summary(stress.stats, t1 - t0)
-            phases[condition] = phase
-    finally:
-        gc.callbacks.remove(gc_pauses)
-        with contextlib.suppress(Exception):
-            await gateway.stop(flush_timeout_s=0.5)
-        sim.stop()
-        broker.stop()
-        logfile.close()
-    return {"samples": results, "phases": phases, "anomalies": trials.anomalies, "workdir": str(workdir),
-            "simulator_scheduling": sim.scheduling}
-
-
-# ----------------------------------------------------------------------------------------------- alarm process
-
-
-class LoopSide:
-    """The child running the daemon's loop side, driven over JSON lines: one request, one answer."""
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid: int | None = pid
-        self.status: int | None = None
-        sock.settimeout(LOOP_SIDE_TIMEOUT_S)
-        self._sock = sock
-        self._file = sock.makefile("rwb")
-        self._reap_lock = threading.Lock()
-
-    def send(self, op: str, **fields: Any) -> None:
-        self._file.write(json.dumps({"op": op, **fields}).encode() + b"\n")
-        self._file.flush()
-
-    def answer(self) -> dict[str, Any]:
-        line = self._file.readline()
-        if not line:
-            raise ConnectionError("the loop side closed its control socket")
-        reply: dict[str, Any] = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"loop side: {reply['error']}")
-        return reply
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        self.send(op, **fields)
-        return self.answer()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Have the loop side stop its gateway (which stops the alarm host's serve()) and exit; reap it."""
-        if self.pid is None:
-            return
-        with contextlib.suppress(OSError, ValueError, RuntimeError):
-            self.call("stop")
-        self.reap(timeout)
-
-    def close(self, timeout: float = 15.0) -> None:
-        """Close the control socket (a loop side still running stops at that) and reap the child."""
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self.reap(timeout)
-
-    def reap(self, timeout: float) -> None:
-        """Wait for the child to exit; SIGKILL it after ``timeout``."""
-        with self._reap_lock:
-            if self.pid is None:
-                return
-            deadline = time.monotonic() + timeout
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            while pid == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid == 0:
-                print(f"loop side (pid {self.pid}) did not exit; killing it", file=sys.stderr)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                _, status = os.waitpid(self.pid, 0)
-            self.status = os.waitstatus_to_exitcode(status)
-            self.pid = None
-            with contextlib.suppress(OSError):
-                self._file.close()
-                self._sock.close()
-
-
-def _loop_side_main(args: argparse.Namespace, link: socket.socket, control: socket.socket) -> NoReturn:
-    """The forked child: the daemon's loop side until the benchmark says stop (or either socket closes)."""
-    code = 1
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the benchmark process stops this one
-        code = asyncio.run(_loop_side(args, link, control))
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
-
-
-async def _loop_side(args: argparse.Namespace, link: socket.socket, control: socket.socket) -> int:
-    """Start a Gateway on the alarm link from the site sent by the benchmark; answer its requests."""
-    reader, writer = await asyncio.open_connection(sock=control)
-
-    async def answer(reply: dict[str, Any]) -> None:
-        with contextlib.suppress(ConnectionError):  # the benchmark is gone: it reaps this process anyway
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-
-    line = await reader.readline()
-    if not line:
-        return 1
-    cfg = _config(json.loads(line)["toml"], args)
-    gateway = Gateway(cfg, alarm_process=(None, link))
-    try:
-        await gateway.start()
-    except AlarmLinkError as exc:
-        await answer({"error": f"the gateway did not start: {exc}"})
-        return 1
-    if args.switch_interval_ms:
-        sys.setswitchinterval(args.switch_interval_ms / 1000)
-    await answer({"pid": os.getpid()})
-    stress: Stress | None = None
-    lost = asyncio.create_task(gateway.failed.wait())
-    code = 1
-    try:
-        while True:
-            request = asyncio.create_task(reader.readline())
-            await asyncio.wait({request, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if not request.done():  # the alarm process is gone
-                request.cancel()
-                break
-            line = request.result()
-            if not line:  # the benchmark is gone
-                break
-            message = json.loads(line)
-            op = message["op"]
-            if op == "stop":
-                code = 0
-                break
-            try:
-                if op == "settled?":
-                    reply: dict[str, Any] = {"connected": gateway.uplink.connected}
-                elif op == "stress" and message["on"]:
-                    stress = Stress(gateway, None, Path(cfg.storage.path), args.telemetry_rate, args.loop_block,
-                                    storm=False)
-                    await stress.start()
-                    reply = {}
-                elif op == "stress" and stress is not None:
-                    await stress.stop()
-                    reply = dataclasses.asdict(stress.stats)
-                    stress = None
-                else:
-                    reply = {"error": f"unexpected request {message}"}
-            except Exception as exc:
-                reply = {"error": f"{op}: {type(exc).__name__}: {exc}"}
-            await answer(reply)
-    finally:
-        lost.cancel()
+        phase = _phase(gc_pauses, t0, t1)
         if stress is not None:
-            with contextlib.suppress(Exception):
-                await stress.stop()
-        with contextlib.suppress(Exception):
-            await gateway.stop(flush_timeout_s=0.5)
-    if code == 0:
-        await answer({"stopped": True})
-    writer.close()
-    return code
-
-
-def _settle_split(panel: AlarmPanel, loop_side: LoopSide, watch: EdgeWatch, timeout: float = 30.0) -> None:
-    """As :func:`_settle`, from the alarm process: the local panel, and the loop side's uplink connected."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _quiet(panel.snapshot(), watch) and loop_side.call("settled?")["connected"]:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"gateway did not settle: {panel.snapshot()['active']}")
-
-
-def _measure_split(args: argparse.Namespace, trials: Trials, panel: AlarmPanel, loop_side: LoopSide,
-                   broker: MosquittoBroker, watch: EdgeWatch, gc_pauses: GcPauses) -> dict[str, Any]:
-    """The trial driver thread of ``--alarm-process on``: idle, then stressed; stops the loop side after."""
-    results: dict[str, Any] = {}
-    phases: dict[str, Any] = {}
-    storm_stop = threading.Event()
-    hole: socket.socket | None = None
-    try:
-        _settle_split(panel, loop_side, watch)
-        for condition in ("idle", "stress"):
-            storm: threading.Thread | None = None
-            storm_stats = StressStats()
-            if condition == "stress":  # in Stress.start's order: black hole, loop side's part, storm
-                hole = _black_hole(broker)
-                loop_side.call("stress", on=True)
-                storm = threading.Thread(target=_telemetry_storm, name="telemetry-storm", daemon=True,
-                                         args=(panel, args.telemetry_rate, storm_stop, storm_stats))
-                storm.start()
-                time.sleep(2.0)
-            t0 = time.perf_counter()
-            trials.wake_lag = []
-            n = args.trials
-            results[f"serial_{condition}"] = trials.serial(n)
-            results[f"decode_{condition}"] = trials.decode(n)
-            results[f"gpio_{condition}"] = trials.gpio(n)
-            results[f"txn_{condition}"] = trials.transactions(max(200, n // 3))
-            results[f"wake_{condition}"] = list(trials.wake_lag)
-            t1 = time.perf_counter()
-            phase = _phase(gc_pauses, t0, t1)
-            if storm is not None:
-                storm_stop.set()
-                storm.join(15)
-                st = StressStats(**loop_side.call("stress", on=False))
-                st.storm_readings, st.storm_s = storm_stats.storm_readings, storm_stats.storm_s
-                phase["stress"] = _stress_summary(st, t1 - t0)
-            phases[condition] = phase
-    finally:
-        storm_stop.set()
-        loop_side.stop()
-        if hole is not None:
-            hole.close()
+            phase["stress"] = _stress_summary(stress.stats, t1 - t0)
+        phases[condition] = phase
     return {"samples": results, "phases": phases}
 
 
-def run_split(args: argparse.Namespace) -> dict[str, Any]:
-    """``--alarm-process on``: this process is the alarm process; a forked child runs the loop side."""
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """This process is the panel; its storage/uplink process is the real child it supervises."""
     from gpiozero import Device
     from gpiozero.pins.mock import MockFactory
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-buzzer-"))
-    logfile = log_to_file(workdir / "gateway.log")
-    link, link_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    control, control_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    if threading.active_count() != 1:
-        raise RuntimeError("the loop side must be forked before any thread starts")
-    gc.collect()
-    gc.freeze()  # as fork_alarm_process does
-    pid = os.fork()
-    if pid == 0:
-        link.close()
-        control.close()
-        _loop_side_main(args, link_child, control_child)
-    link_child.close()
-    control_child.close()
-    loop_side = LoopSide(pid, control)
-    sim: SimBuses | None = None
-    broker: MosquittoBroker | None = None
-    host: AlarmHost | None = None
-    trials: Trials | None = None
+    logfile = log_to_file(workdir / "panel.log")
+    Device.pin_factory = MockFactory(pin_class=TimedMockPin)
+    sim, broker = _start_peers(workdir)
     gc_pauses = GcPauses()
-    outcome: dict[str, Any] = {}
+    trials: Trials | None = None
     try:
-        Device.pin_factory = MockFactory(pin_class=TimedMockPin)
-        sim, broker = _start_peers(workdir)
-        db_path = workdir / "events.db"
-        text, cfg = _site(sim, broker, db_path, args, alarm_process=True)
+        cfg = _site(sim, broker, workdir, args)
         gc.callbacks.append(gc_pauses)
-        loop_side.send("start", toml=text)  # its Gateway opens the outbox, then waits for the host's "ready"
-        # As gateway.alarm_link.run_alarm_process does.
-        prepare_alarm_process(cfg)
-        host = AlarmHost(cfg, link)
-        host.start()
-        if cfg.runtime.gc_freeze:
-            gc.collect()
-            gc.freeze()
-            release_startup_heap()
-        loop_side.answer()
-        if args.switch_interval_ms:
-            sys.setswitchinterval(args.switch_interval_ms / 1000)
-        factory = Device.pin_factory
-        watch = EdgeWatch()
-        factory.pin(cfg.outputs.buzzer.pin).watch = watch
-        trials = Trials(host.side, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
-
-        def drive() -> None:
-            assert trials is not None and host is not None and broker is not None
-            try:
-                outcome.update(_measure_split(args, trials, host.side.panel, loop_side, broker, watch, gc_pauses))
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        driver = threading.Thread(target=drive, name="trial-driver", daemon=True)
-        driver.start()
-        host.serve()  # in the main thread, as in the alarm process; returns when the loop side's gateway stops
-        driver.join(LOOP_SIDE_TIMEOUT_S)
-        if driver.is_alive():
-            raise RuntimeError("the trial driver did not finish after the alarm link closed")
-        if "error" in outcome:
-            raise outcome["error"]
+        panel = PanelProcess(cfg, cfg.source, uplink_log=str(workdir / "uplink.log"))
+        panel.open()  # as gatewayd: realtime classes, switch interval, pins, buses
+        try:
+            await panel.start_services()  # the storage process, the control socket, the self-check
+            if args.switch_interval_ms:
+                sys.setswitchinterval(args.switch_interval_ms / 1000)
+            factory = Device.pin_factory
+            watch = EdgeWatch()
+            factory.pin(cfg.outputs.buzzer.pin).watch = watch
+            trials = Trials(panel, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
+            await _settle(panel, watch)
+            outcome = await _measure(args, panel, trials, broker, gc_pauses)
+        finally:
+            await panel.stop(flush_timeout_s=0.5)
     finally:
         if gc_pauses in gc.callbacks:
             gc.callbacks.remove(gc_pauses)
-        if host is not None:
-            host.close()
-        link.close()  # if the host never took it: the loop side's link then closes
-        loop_side.close()
-        if sim is not None:
-            sim.stop()
-        if broker is not None:
-            broker.stop()
+        sim.stop()
+        broker.stop()
         logfile.close()
-    if loop_side.status:
-        print(f"loop side exited with status {loop_side.status}", file=sys.stderr)
-    assert trials is not None and sim is not None
+    assert trials is not None
     return {**outcome, "anomalies": trials.anomalies, "workdir": str(workdir),
             "simulator_scheduling": sim.scheduling}
 
@@ -802,10 +599,10 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "wake_lag_idle_p99_ms": _ms(s["wake_idle"], 99),
         "wake_lag_stress_p99_ms": _ms(s["wake_stress"], 99),
         "trials": args.trials,
+        "layout": LAYOUT,
         "switch_interval_ms": round(sys.getswitchinterval() * 1000, 3),
         "realtime_priority": args.realtime_priority,
         "loop_block": args.loop_block,
-        "alarm_process": args.alarm_process,
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],
         "stress": data["phases"]["stress"].get("stress"),
         "simulator_scheduling": data["simulator_scheduling"],
@@ -815,29 +612,32 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def targets(line: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """(key, value, target, met) of every target; the serial path's 2 ms come on top of one Modbus
+    transaction (the wire it needs to carry the frame at all)."""
     txn = line["modbus_transaction_idle_p50_ms"]
-    checks = [
-        ("decode_idle_p99_ms", line["decode_idle_p99_ms"], "≤ 2", line["decode_idle_p99_ms"] <= 2),
-        ("decode_stress_p99_ms", line["decode_stress_p99_ms"], "≤ 2", line["decode_stress_p99_ms"] <= 2),
-        ("gpio_idle_p99_ms", line["gpio_idle_p99_ms"], "≤ 2", line["gpio_idle_p99_ms"] <= 2),
-        ("gpio_stress_p99_ms", line["gpio_stress_p99_ms"], "≤ 2", line["gpio_stress_p99_ms"] <= 2),
-        ("gpio_stress_max_ms", line["gpio_stress_max_ms"], "≤ 10", line["gpio_stress_max_ms"] <= 10),
-        ("stress_ratio_p99", line["stress_ratio_p99"], "≤ 1.3", line["stress_ratio_p99"] <= 1.3),
-        ("serial_idle_p99_ms", line["serial_idle_p99_ms"], f"≤ {txn:.3f} + 2",
-         line["serial_idle_p99_ms"] <= txn + 2),
-        ("serial_stress_p99_ms", line["serial_stress_p99_ms"], f"≤ {txn:.3f} + 2",
-         line["serial_stress_p99_ms"] <= txn + 2),
-    ]
+    checks: list[tuple[str, float, str, bool]] = []
+    for key in ("decode_idle_p99_ms", "decode_stress_p99_ms", "gpio_idle_p99_ms", "gpio_stress_p99_ms"):
+        checks.append((key, line[key], "≤ 2", line[key] <= 2))
+    checks.append(("gpio_stress_max_ms", line["gpio_stress_max_ms"], "≤ 10", line["gpio_stress_max_ms"] <= 10))
+    for key in ("serial_idle_p99_ms", "serial_stress_p99_ms"):
+        checks.append((key, line[key], f"≤ {txn:.3f} + 2", line[key] <= txn + 2))
+    for key in ("stress_ratio_p99", "stress_ratio_serial", "stress_ratio_decode", "stress_ratio_gpio"):
+        checks.append((key, line[key], "≤ 1.3", line[key] <= 1.3))
     return checks
 
 
-def histogram(samples: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
+def histogram(samples: dict[str, list[float]], path: Path) -> bool:
+    """The idle and stressed distributions of each path as a PNG; False (and one line) without matplotlib."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib import ticker
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from matplotlib import ticker
+    except ImportError as exc:
+        print(f"histogram skipped: matplotlib is not available ({exc})")
+        return False
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, name, title in zip(axes, ("serial", "decode", "gpio"),
@@ -857,40 +657,50 @@ def histogram(samples: dict[str, list[float]], path: Path) -> None:
         ax.set_ylabel("trials")
         ax.set_title(title)
         ax.legend(fontsize=8)
+    fig.suptitle(f"buzzer latency, {LAYOUT}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000, help="trials per path and condition")
     parser.add_argument("--realtime-priority", type=int, default=50,
-                        help="runtime.realtime_priority of the gateway (50 as deployed; 0 = normal scheduling)")
+                        help="runtime.realtime_priority of the panel (50 as deployed; 0 = normal scheduling)")
     parser.add_argument("--switch-interval-ms", type=float, default=0.0,
-                        help="override sys.setswitchinterval for this run (0 = leave the gateway's setting)")
-    parser.add_argument("--gil-handoff", choices=("on", "off"), default="off",
-                        help="runtime.gil_handoff of the gateway (off by default)")
+                        help="override sys.setswitchinterval for this run (0 = leave the panel's setting)")
     parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
-                        help="how the stressed loop is blocked: Python work holding the GIL, or a blocking call")
+                        help="how the panel's loop is blocked under stress: Python work holding the GIL, or a "
+                             "blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
-    parser.add_argument("--alarm-process", choices=("on", "off"), default="on",
-                        help="runtime.alarm_process: the alarm path in this process, the loop side in a child")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)
     noise = machine_noise(args.realtime_priority)
-    steal0 = cpu_steal()
-    data = asyncio.run(run(args)) if args.alarm_process == "off" else run_split(args)
-    steal1 = cpu_steal()
+    steal0, load0, neighbours0 = cpu_steal(), os.getloadavg()[0], realtime_neighbours()
+    data = asyncio.run(run(args))
+    steal1, load1, neighbours1 = cpu_steal(), os.getloadavg()[0], realtime_neighbours()
     line = report(data, args)
-    line["machine"] = {**noise, "steal_pct": round(100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]), 2)}
-    histogram(data["samples"], args.png)
-    for name, value, target, ok in targets(line):
+    # The machine's own noise (before the run), its steal and load meanwhile, and other processes' realtime
+    # threads (before and after): on a shared machine these say how much of a tail is the machine's.
+    line["machine"] = {**noise, "steal_pct": round(100 * (steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]), 2),
+                       "cpus": os.cpu_count(), "load_1m": [round(load0, 2), round(load1, 2)],
+                       "realtime_neighbours": [neighbours0, neighbours1]}
+    checks = targets(line)
+    line["targets"] = {name: {"target": target.replace("≤", "<="), "met": ok} for name, _, target, ok in checks}
+    line["targets_met"] = all(ok for *_, ok in checks)
+    for name, value, target, ok in checks:
         print(f"{name:<24} {value:>9.3f}  target {target:<16} {'met' if ok else 'MISSED'}")
     for anomaly in data["anomalies"][:10]:
         print("anomaly:", anomaly)
-    print(f"histogram: {args.png}  logs: {data['workdir']}")
+    try:
+        drawn = histogram(data["samples"], args.png)
+    except Exception as exc:  # the figures matter more than the picture
+        print(f"histogram skipped: {type(exc).__name__}: {exc}")
+        drawn = False
+    print(f"histogram: {args.png if drawn else 'none'}  logs: {data['workdir']}")
     print(json.dumps(line))
     return 0
 

@@ -20,7 +20,7 @@ from gpiozero.pins.mock import MockPin  # noqa: E402
 from gateway.realtime import raise_priority  # noqa: E402
 
 __all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "mappings", "percentile",
-           "resident_frames", "site_toml", "summary"]
+           "realtime_neighbours", "resident_frames", "site_toml", "summary"]
 
 
 def site_toml(
@@ -172,6 +172,29 @@ def machine_noise(priority: int, runs: int = 3000) -> dict[str, Any]:
     return {"fixed_work_p50_ms": round(percentile(samples, 50) * 1000, 3),
             "fixed_work_p99_ms": round(percentile(samples, 99) * 1000, 3),
             "fixed_work_max_ms": round(max(samples) * 1000, 3)}
+
+
+def realtime_neighbours(exclude: Sequence[int] = ()) -> int:
+    """Threads of other user processes in a realtime class (SCHED_FIFO/RR), from ``/proc``: on a shared
+    machine they take a CPU before anything at normal priority, and at the same or a higher priority before
+    the alarm threads of the gateway under test too. Kernel threads and the pids in ``exclude`` are left out."""
+    count = 0
+    own = {os.getpid(), *exclude}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in own:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                if not cmdline.read(1):  # a kernel thread
+                    continue
+            for tid in os.listdir(f"/proc/{entry}/task"):
+                with open(f"/proc/{entry}/task/{tid}/stat", encoding="ascii", errors="replace") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+                if int(fields[38]) in (1, 2):  # policy: SCHED_FIFO, SCHED_RR
+                    count += 1
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return count
 
 
 def mappings(pid: int, *, heap_only: bool = False) -> list[tuple[int, int]]:
