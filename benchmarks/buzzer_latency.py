@@ -19,8 +19,14 @@ panel at once:
 
 * a telemetry storm: 1000 detector readings/s entering the panel, each a telemetry event handed over to
   the storage process (panel → hand-over thread → link → child → SQLite);
-* the panel's own asyncio loop — the one sharing the GIL with the alarm threads — blocked for 2 s at random
-  moments, by pure-Python work holding the GIL (``--loop-block cpu``) or a blocking call (``sleep``);
+* the storage process's asyncio loop — where SQLite, MQTT and the status messages live — busy with pure-Python
+  work for 2 s of every 3 (fail point ``loop_busy=storage``, ``--loop-block storage``, the default);
+* the panel's own loop serving ``status`` over the control socket ten times a second (ten technicians
+  watching ``gatewayctl status``), on top of the storage process asking for the panel's view every second;
+* with ``--loop-block panel-cpu`` (or ``panel-sleep``) instead, the panel's own asyncio loop — the one
+  sharing the GIL with the alarm threads — blocked for 2 s at random moments by pure-Python work holding the
+  GIL (or a blocking call): nothing of the product does that on the panel's loop, which is why the storage
+  work runs in the child; this shows what it would cost;
 * a database locker: another process holding the SQLite file's write lock (``BEGIN EXCLUSIVE``) for 1–6 s
   at random, so the storage process's commits wait and the panel's hold grows;
 * the uplink down: the broker stopped and its port alternately black-holed (a socket that listens but never
@@ -29,7 +35,7 @@ panel at once:
 Between trials the alarm is reset through the panel. Prints a table and, last, one JSON line; saves a
 histogram PNG under ``benchmarks/out/`` when matplotlib is installed.
 
-    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--loop-block sleep]
+    .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--loop-block panel-cpu]
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ from drivers.profiles import PROFILE_A, GasReading
 from gateway.config import SiteConfig, load_config
 from gateway.panel.core import Sound
 from gateway.panel.process import PanelProcess
-from gateway.realtime import raise_priority
+from gateway.realtime import raise_priority, settle_startup
 from tests.support.broker import MosquittoBroker
 
 TRIAL_BUS, FIELD_BUS = "trial", "field"
@@ -112,6 +118,29 @@ con.close()
 print(json.dumps({"db_locks": locks, "db_locked_s": locked_s, "db_lock_wait_s": waited_s}), flush=True)
 """
 
+#: Ten technicians watching ``gatewayctl status``: a ``status`` request over the control socket every 0.1 s,
+#: from a process of its own, as gatewayctl is.
+STATUS_WATCHERS = r"""
+import json, os, sys, threading
+from gateway.ops.cli import ControlClient
+try:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # not the panel's realtime class
+except (AttributeError, OSError):
+    pass
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+client = ControlClient(sys.argv[1])
+answers = failures = 0
+print("ready", flush=True)
+while not stop.wait(0.1):
+    if client.request("status", {}).get("ok"):
+        answers += 1
+    else:
+        failures += 1
+client.close()
+print(json.dumps({"status_answers": answers, "status_failures": failures}), flush=True)
+"""
+
 
 @dataclasses.dataclass
 class StressStats:
@@ -131,6 +160,8 @@ class StressStats:
     hold_peak: int = 0
     storage_held_peak: int = 0
     storage_restarts: int = 0
+    status_answers: int = 0
+    status_failures: int = 0
 
 
 def _stress_summary(st: StressStats, seconds: float) -> dict[str, Any]:
@@ -143,6 +174,7 @@ def _stress_summary(st: StressStats, seconds: float) -> dict[str, Any]:
         "events_stored": st.events_stored,
         "panel_hold_peak": st.hold_peak, "storage_held_peak": st.storage_held_peak,
         "storage_restarts": st.storage_restarts,
+        "status_answers": st.status_answers, "status_failures": st.status_failures,
         "uplink_switches": st.uplink_switches, "uplink_connected": st.uplink_connected,
         "uplink_errors": st.uplink_errors[:6], "blackhole_error": st.blackhole_error,
     }
@@ -166,6 +198,8 @@ class Stress:
         self._threads: list[threading.Thread] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._locker: subprocess.Popen[str] | None = None
+        self._watchers: subprocess.Popen[str] | None = None
+        self.busy_flag = db_path.with_name("storage-loop-busy")
         self._stored_before = 0
         self._starts_before = 0
 
@@ -183,6 +217,14 @@ class Stress:
         ready = await asyncio.to_thread(self._locker.stdout.readline)
         if ready.strip() != "ready":
             raise RuntimeError(f"the database locker did not start: {ready!r}")
+        if self.block == "storage":
+            self.busy_flag.touch()  # the storage process's fail point: its loop busy 2 s of every 3
+        self._watchers = subprocess.Popen([sys.executable, "-c", STATUS_WATCHERS, str(self.panel.cfg.control.socket)],
+                                          text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self._watchers.stdout is not None
+        ready = await asyncio.to_thread(self._watchers.stdout.readline)
+        if ready.strip() != "ready":
+            raise RuntimeError(f"the status watchers did not start: {ready!r}")
         self._tasks = [asyncio.create_task(self._block_loop(), name="loop-blocker")]
         self._threads = [threading.Thread(target=self._uplink_down, name="uplink-down", daemon=True),
                          threading.Thread(target=self._storm, name="telemetry-storm", daemon=True),
@@ -193,6 +235,7 @@ class Stress:
     async def stop(self) -> None:
         self._stop.set()
         self._loop_stop.set()
+        self.busy_flag.unlink(missing_ok=True)
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
@@ -209,13 +252,21 @@ class Stress:
                 self.stats.db_locks = int(figures["db_locks"])
                 self.stats.db_locked_s = float(figures["db_locked_s"])
                 self.stats.db_lock_wait_s = float(figures["db_lock_wait_s"])
+        if self._watchers is not None:
+            out, _ = await asyncio.to_thread(self._watchers.communicate, "", 30)
+            with contextlib.suppress(IndexError, ValueError):
+                figures = json.loads(out.strip().splitlines()[-1])
+                self.stats.status_answers = int(figures["status_answers"])
+                self.stats.status_failures = int(figures["status_failures"])
         sup = self.panel.supervisor
         self.stats.events_stored = int(sup.beat.get("stored", 0)) - self._stored_before
         self.stats.storage_restarts = sup.starts - self._starts_before
 
     async def _block_loop(self) -> None:
-        """Block the panel's loop for 2 s at random moments: pure-Python work holding the GIL ("cpu"), or a
-        blocking call that releases it ("sleep", like a synchronous file or database call)."""
+        """Block the panel's loop for 2 s at random moments (``--loop-block panel-cpu`` / ``panel-sleep``):
+        pure-Python work holding the GIL, or a blocking call that releases it."""
+        if self.block == "storage":
+            return
         while not self._loop_stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._loop_stop.wait(), random.uniform(0.5, 2.0))
@@ -223,7 +274,7 @@ class Stress:
                 return
             start = time.perf_counter()
             end = start + 2.0
-            if self.block == "sleep":
+            if self.block == "panel-sleep":
                 time.sleep(2.0)
             while time.perf_counter() < end:
                 pass
@@ -541,10 +592,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         cfg = _site(sim, broker, workdir, args)
         gc.callbacks.append(gc_pauses)
-        panel = PanelProcess(cfg, cfg.source, uplink_log=str(workdir / "uplink.log"))
+        busy = f"loop_busy=storage@{Path(cfg.storage.path).with_name('storage-loop-busy')}"  # Stress.busy_flag
+        panel = PanelProcess(cfg, cfg.source, uplink_log=str(workdir / "uplink.log"),
+                             uplink_env={**os.environ, "GATEWAY_FAILPOINTS": busy})
         panel.open()  # as gatewayd: realtime classes, switch interval, pins, buses
         try:
             await panel.start_services()  # the storage process, the control socket, the self-check
+            settle_startup(cfg.runtime.gc_freeze)  # as gatewayd does once it serves
             if args.switch_interval_ms:
                 sys.setswitchinterval(args.switch_interval_ms / 1000)
             factory = Device.pin_factory
@@ -672,9 +726,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="runtime.realtime_priority of the panel (50 as deployed; 0 = normal scheduling)")
     parser.add_argument("--switch-interval-ms", type=float, default=0.0,
                         help="override sys.setswitchinterval for this run (0 = leave the panel's setting)")
-    parser.add_argument("--loop-block", choices=("cpu", "sleep"), default="cpu",
-                        help="how the panel's loop is blocked under stress: Python work holding the GIL, or a "
-                             "blocking call")
+    parser.add_argument("--loop-block", choices=("storage", "panel-cpu", "panel-sleep"), default="storage",
+                        help="which loop is kept busy under stress: the storage process's (as deployed, the "
+                             "default), or the panel's own, by Python work holding the GIL or by a blocking call")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)

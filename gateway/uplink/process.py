@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from gateway import __version__, link
+from gateway import __version__, failpoints, link
 from gateway.config import ConfigError, SiteConfig, load_config
 from gateway.events import Event
 from gateway.logs import configure_logging
@@ -123,6 +123,8 @@ class StorageProcess:
             asyncio.create_task(self._publish_status(), name="status"),
             asyncio.create_task(self._follow_panel(), name="panel-view"),
         ]
+        if failpoints.configured("loop_busy", "storage"):
+            self._tasks.append(asyncio.create_task(_busy_loop_failpoint(), name="loop-busy-failpoint"))
         log.info("storage process started", session=self.outbox.session, pid=os.getpid(),
                  gc_frozen=settle_startup(cfg.runtime.gc_freeze))
         reading = asyncio.create_task(self._read(reader), name="link-reader")
@@ -349,6 +351,16 @@ class StorageProcess:
                 published_for = up.connections
                 due = time.monotonic() + self.cfg.mqtt.status_interval_s
             await asyncio.sleep(STATUS_CHECK_S)
+
+
+async def _busy_loop_failpoint() -> None:
+    """Fail point ``loop_busy=storage``: while armed, the loop spends 2 s of every 3 in pure-Python work."""
+    while True:
+        await asyncio.sleep(1.0)
+        if failpoints.failpoint("loop_busy", "storage"):
+            end = time.perf_counter() + 2.0
+            while time.perf_counter() < end:
+                pass
 
 
 def _ms(seconds: float | None) -> float | None:
