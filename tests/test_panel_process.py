@@ -637,3 +637,35 @@ def test_a_storage_process_that_breaks_the_protocol_is_rejected_and_one_that_han
     finally:
         supervisor.stop(timeout_s=5)
         handover.stop()
+
+
+async def test_the_storage_loop_busy_fail_point_burns_the_childs_cpu_only_while_armed(
+    tmp_path: Path, broker: MosquittoBroker, mock_pins: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``loop_busy=storage@PATH`` (the stress of benchmarks/buzzer_latency.py) keeps the storage process's loop
+    busy while the file exists, and only then; the panel goes on deciding meanwhile."""
+    flag = tmp_path / "busy"
+    monkeypatch.setenv("GATEWAY_FAILPOINTS", f"loop_busy=storage@{flag}")  # inherited by the child
+
+    def cpu_s(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with VirtualNullModem(tmp_path / "dev") as modem:
+        spec, path = _site(tmp_path, modem.gateway_port, broker.port)
+        cfg = load_config(path)
+        with simulated_detectors(modem.device_port, spec.detectors) as (_bus, sims):
+            async with running_gateway(cfg) as panel:
+                pid = panel.uplink_pid
+                assert pid is not None
+                idle_from = cpu_s(pid)
+                await asyncio.sleep(3.0)  # a window to measure, not a wait for a condition
+                idle = cpu_s(pid) - idle_from
+                flag.touch()
+                busy_from = cpu_s(pid)
+                await eventually(lambda: cpu_s(pid) - busy_from >= 1.5, timeout=30,
+                                 message=lambda: f"child burnt {cpu_s(pid) - busy_from:.2f} s")
+                sims[spec.detectors[0].id].set_concentration(30.0)  # a high alarm while the child is busy
+                await eventually(lambda: panel.panel.snapshot()["active"], timeout=30, message="no alarm")
+                flag.unlink()
+    assert idle < 1.0, idle
