@@ -140,6 +140,7 @@ def test_scan_does_not_take_a_gateway_exception_for_a_device(bench: Bench) -> No
 # ------------------------------------------------------------------------------------------- through the gateway
 
 
+@pytest.mark.slow  # a misbehaving device through every kind of bad frame, about 11 s
 @pytest.mark.timeout(300)
 async def test_counters_by_kind_match_what_a_misbehaving_device_sent(
     tmp_path: Path, bench: Bench, broker: MosquittoBroker, mock_pins: Any

@@ -454,6 +454,7 @@ class Flood:
 
 
 @pytest.mark.solo  # the alarm's Temporal-4 timeline is checked to 50 ms: not beside the other tests' load
+@pytest.mark.slow  # 10 000 commands through a real broker and daemon
 @pytest.mark.timeout(900)
 async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any

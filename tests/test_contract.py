@@ -671,6 +671,7 @@ FAULT_KINDS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault",
                "contact_unplausible", "port_lost", "stale_thread", "storage_full")
 
 
+@pytest.mark.slow  # about 30 s: every operator action and every fault kind, one after another
 @pytest.mark.timeout(300)
 async def test_every_operator_action_and_every_fault_kind_follow_the_schema(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,

@@ -314,6 +314,7 @@ async def test_tls_without_ca_file_verifies_against_the_system_cas(
         broker.stop()
 
 
+@pytest.mark.slow  # waits out the refused uplink's retries
 async def test_a_missing_client_certificate_is_refused_by_the_broker(
     tmp_path: Path, pki: Pki, modem: VirtualNullModem, mock_pins: Any
 ) -> None:

@@ -502,6 +502,7 @@ async def test_an_alarm_raised_before_the_first_connection_is_live_and_says_how_
     assert alarm["sent"] >= alarm["time"]
 
 
+@pytest.mark.slow  # a broker away long enough for the long backoff (about 12 s)
 async def test_an_alarm_reaches_a_returning_broker_without_waiting_out_the_long_backoff(tmp_path: Path) -> None:
     """The broker goes away long enough for the backoff to grow past 5 s; an alarm raised then cuts the wait to
     at most 5 s and every wait while it is undelivered stays within 5 s; it is delivered once the broker is back.
@@ -536,6 +537,7 @@ async def test_an_alarm_reaches_a_returning_broker_without_waiting_out_the_long_
     assert [b["event_id"] for b in got if b["event_id"] == alarm_id] == [alarm_id]
 
 
+@pytest.mark.slow  # a broker flapping for about 13 s
 async def test_an_alarm_raised_as_the_broker_goes_keeps_every_retry_within_5_s(tmp_path: Path) -> None:
     """Stop the broker, raise an alarm, let the uplink retry past the point where today's backoff exceeds 5 s,
     start the broker again on the same port: the alarm is delivered, and every wait the uplink chose while it

@@ -129,11 +129,13 @@ def test_request_and_answer_share_one_line_with_a_silence_between_frames(tmp_pat
             assert after.start >= before.end + line.silence_s + bus.turnaround(after.slave) - 1e-9
     for frame in frames:
         assert frame.end - frame.start == pytest.approx(line.frame_s(8 if frame.sender == "gateway" else 25))
-    # What the devices saw: requests one poll apart at least (less a little delivery jitter of this machine).
+    # What the devices saw: requests one poll apart at least, less the delivery jitter of a loaded machine
+    # (10 ms; a request sent over the answer before it would come at least the answer's 26 ms early).
     times = [at for _s, _f, at in requests.frames]
     assert len(times) == 8
     polls = [bus_floor_s(line, [(3, 10)], turnaround_s=t) for t in (0.005, 0.020)]
-    assert all(b - a >= polls[i % 2] - 0.002 for i, (a, b) in enumerate(itertools.pairwise(times)))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= polls[i % 2] - 0.010 for i, gap in enumerate(gaps)), (gaps, polls)
 
 
 def test_line_noise_corrupts_the_given_fraction_of_frames(tmp_path: Path) -> None:
