@@ -1207,8 +1207,8 @@ PIN_FACTORIES = ("lgpio", "mock")
 REMOVED_RUNTIME_KEYS = {
     "alarm_process": "removed: the alarm panel always runs in a process of its own (docs/architecture.md); "
                      "delete this key",
-    "gil_handoff": "removed: the panel process has no event loop to hand the interpreter lock over from "
-                   "(docs/architecture.md); delete this key",
+    "gil_handoff": "removed: the busy event loop it stepped aside for now runs in the storage process, which "
+                   "has an interpreter lock of its own (docs/architecture.md); delete this key",
 }
 
 

@@ -194,7 +194,7 @@ CASES: list[tuple[str, Edit, str, str]] = [
     ("type-number", put("storage.max_mb", "big"), "storage.max_mb", "must be a number"),
     ("type-nan", put("devices[0].low", float("nan")), "devices[0].low", "finite"),
     ("type-flag", put("runtime.gc_freeze", "yes"), "runtime.gc_freeze", "true or false"),
-    ("removed-handoff", put("runtime.gil_handoff", False), "runtime.gil_handoff", "removed: the panel process"),
+    ("removed-handoff", put("runtime.gil_handoff", False), "runtime.gil_handoff", "removed: the busy event loop"),
     ("removed-alarm-process", put("runtime.alarm_process", True), "runtime.alarm_process",
      "removed: the alarm panel always runs in a process of its own"),
     ("type-array", put("units", {"id": "u1"}), "units", "array of tables"),

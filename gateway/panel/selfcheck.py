@@ -25,17 +25,17 @@ NAME = "selfcheck"
 
 
 def on_alarm_path(name: str) -> bool:
-    """The parts watched by default: bus threads, the annunciator, the alarm ticker, the asyncio loop and,
-    when the alarm path runs in its own process, that process (:mod:`gateway.alarm_link`).
+    """The parts watched by default: bus threads, the annunciator, the alarm ticker and the panel's asyncio
+    loop.
 
     Not the uplink: a broker out of reach is an uplink state (reported in status messages), not a stuck
     thread, and the outbox keeps every event meanwhile.
     """
-    return name in ("annunciator", "alarm-ticker", "loop", "alarm-process") or name.startswith("bus:")
+    return name in ("annunciator", "alarm-ticker", "loop") or name.startswith("bus:")
 
 
 class StaleSink(Protocol):
-    """Where stale parts are reported: the alarm panel, or its proxy in the alarm process."""
+    """Where stale parts are reported: the alarm panel."""
 
     def stale_thread(self, name: str, stale: bool) -> None: ...
 
