@@ -273,6 +273,8 @@ uninstall_all() {
         if getent group gateway >/dev/null; then
             run groupdel gateway
         fi
+        # sysusers created these only where missing; other users and packages (a modem, a console) use them
+        keep "groups dialout and gpio (system groups shared with the rest of the machine)"
     else
         # The user stays too: it still owns the data, and a reused UID must not inherit it.
         keep "$DATA_DIR (event history and outbox; --purge deletes it)"

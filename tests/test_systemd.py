@@ -452,6 +452,9 @@ def test_dry_run_uninstall_keeps_data_unless_purged(untouched: Path) -> None:
     assert "rm -rf -- /etc/gateway" not in plain_done
     assert any(line.startswith("keep: /var/lib/gateway") for line in plain.stdout.splitlines())
     assert set(purge_done) - set(plain_done) >= {data_removal, "rm -rf -- /etc/gateway"}
+    # the shared system groups stay, and --purge says so rather than leaving them silently
+    assert not [line for line in purge_done if "groupdel" in line and ("dialout" in line or "gpio" in line)]
+    assert any(line.startswith("keep: groups dialout and gpio") for line in purge.stdout.splitlines()), purge.stdout
 
 
 @pytest.mark.parametrize(
