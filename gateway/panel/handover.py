@@ -44,6 +44,8 @@ log = structlog.get_logger()
 
 #: Events the panel holds for the storage process at most (about 1 kB each).
 HOLD_LIMIT = 20_000
+#: Items the hand-over thread takes from its queue before it writes their frames in one call.
+WRITE_BATCH = 256
 #: The storage process is restarted when it has not beaten for this long (seconds).
 UPLINK_DEADLINE_S = 15.0
 RESTART_MIN_S = 0.5
@@ -140,6 +142,7 @@ class Handover:
         self._numbers = itertools.count(1)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sock: socket.socket | None = None
+        self._out: list[bytes] = []  # frames of the current batch, written by _flush
         self._sent_upto = 0
         self._thread = threading.Thread(target=self._run, name="handover", daemon=True)
         self._idle = threading.Event()
@@ -199,14 +202,22 @@ class Handover:
     # ------------------------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
+        """Take what is queued (at most :data:`WRITE_BATCH` items), then write its frames in one go: under a
+        burst the thread wakes, takes the interpreter lock and writes once per batch, not once per event."""
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            try:
-                self._handle(item)
-            except Exception:  # this thread carries every event: a bug must not end it
-                log.exception("handover: an item could not be handled")
+            batch = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < WRITE_BATCH:
+                    batch.append(self._queue.get_nowait())
+            for item in batch:
+                if item is _STOP:
+                    self._flush()
+                    return
+                try:
+                    self._handle(item)
+                except Exception:  # this thread carries every event: a bug must not end it
+                    log.exception("handover: an item could not be handled")
+            self._flush()
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, Event):
@@ -216,6 +227,7 @@ class Handover:
             self.hold.add(n, event)
             self._send_event(n, event)
         elif isinstance(item, _Attach):
+            self._flush()  # what was written for the storage process before: to it, not to the new one
             self._sock = item.sock
             self.committed_upto = max(self.committed_upto, item.committed)
             self.hold.acknowledge(item.committed)
@@ -225,6 +237,7 @@ class Handover:
             for n, event in backlog:
                 self._send_event(n, event)
         elif item is _DETACH:
+            self._flush()
             self._sock = None
         elif item[0] == "ack":
             self.committed_upto = max(self.committed_upto, item[1])
@@ -239,11 +252,17 @@ class Handover:
             self._write(link.encode("event", n=n, boot=self.boot, event=link.event_to_wire(event)))
 
     def _write(self, frame: bytes) -> None:
+        if self._sock is not None:
+            self._out.append(frame)
+
+    def _flush(self) -> None:
+        """Write the frames gathered for the attached storage process (in order, in one call)."""
+        frames, self._out = self._out, []
         sock = self._sock
-        if sock is None:
+        if sock is None or not frames:
             return
         try:
-            sock.sendall(frame)
+            sock.sendall(b"".join(frames))
         except OSError as exc:
             log.warning("link to the storage process broken while writing", error=str(exc))
             self._sock = None
