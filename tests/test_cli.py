@@ -242,12 +242,14 @@ def test_events_json_with_filters(site: DaemonSite) -> None:
     assert unknown.returncode == EXIT_REJECTED and "unknown device 'gas-nowhere'" in unknown.stderr
 
 
+@pytest.mark.solo  # in two loaded CI runs the follower did not end on SIGINT; alone it always did (open)
 def test_follow_sees_a_new_alarm(site: DaemonSite) -> None:
     device = site.device_ids[1]
     follower = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "events", "--follow", "--json",
                                  "--kind", "alarm", "--limit", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
     lines: list[dict[str, Any]] = []
+    signals: list[str] = []
 
     def reader() -> None:
         assert follower.stdout is not None
@@ -267,13 +269,15 @@ def test_follow_sees_a_new_alarm(site: DaemonSite) -> None:
         try:
             code: int | None = follower.wait(timeout=60)
         except subprocess.TimeoutExpired:  # reported below, after the alarm is reset for the tests that follow
+            signals = [line for line in Path(f"/proc/{follower.pid}/status").read_text().splitlines()
+                       if line.startswith(("State", "Sig"))]
             follower.kill()
             follower.wait()
             code = None
         site.detectors[1].set_concentration(0.0)
         wait_until(lambda: not site.device_state(device)["condition_present"], timeout=30)
         assert site.ctl("reset", "--all").returncode == EXIT_OK
-    assert code == EXIT_OK, "gatewayctl events --follow did not end within 60 s of SIGINT"
+    assert code == EXIT_OK, f"gatewayctl events --follow did not end within 60 s of SIGINT: {signals}"
 
 
 def test_silence_reset_and_walk_test(site: DaemonSite) -> None:
