@@ -94,14 +94,18 @@ SETTLE_TIMEOUT_S = 60.0
 
 #: The database locker, run as a process of its own (``python -c``, argv[1] = the database): it holds the
 #: write lock for 1–6 s at random moments until its stdin closes, then prints its figures as JSON.
-DB_LOCKER = r"""
+#: How each stress process begins: normal scheduling (not the panel's realtime class), and ``stop`` set when
+#: its stdin closes.
+CHILD_PRELUDE = r"""
 import json, os, random, sqlite3, sys, threading, time
 try:
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # not the panel's realtime class
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 except (AttributeError, OSError):
     pass
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+"""
+DB_LOCKER = CHILD_PRELUDE + r"""
 con = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
 locks, locked_s, waited_s = 0, 0.0, 0.0
 print("ready", flush=True)
@@ -120,15 +124,8 @@ print(json.dumps({"db_locks": locks, "db_locked_s": locked_s, "db_lock_wait_s": 
 
 #: Ten technicians watching ``gatewayctl status``: a ``status`` request over the control socket every 0.1 s,
 #: from a process of its own, as gatewayctl is.
-STATUS_WATCHERS = r"""
-import json, os, sys, threading
+STATUS_WATCHERS = CHILD_PRELUDE + r"""
 from gateway.ops.cli import ControlClient
-try:
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))  # not the panel's realtime class
-except (AttributeError, OSError):
-    pass
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 client = ControlClient(sys.argv[1])
 answers = failures = 0
 print("ready", flush=True)
