@@ -20,7 +20,7 @@ from gpiozero.pins.mock import MockPin  # noqa: E402
 from gateway.realtime import raise_priority  # noqa: E402
 
 __all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "mappings", "percentile",
-           "realtime_neighbours", "resident_frames", "site_toml", "summary"]
+           "realtime_neighbours", "resident_frames", "site_toml", "stop_service", "summary"]
 
 
 def site_toml(
@@ -228,3 +228,17 @@ def resident_frames(pid: int, ranges: list[tuple[int, int]]) -> dict[int, int]:
                 if entry >> 63:  # present
                     frames[start + i * page] = entry & (2**55 - 1)
     return frames
+
+
+def stop_service(proc: Any) -> None:
+    """SIGTERM a service started as a subprocess (a planned stop), SIGKILL if it is still there after 30 s."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

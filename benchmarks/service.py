@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from common import stop_service
 
 try:
     import psutil
@@ -165,13 +166,7 @@ def stop_gatewayd(proc: subprocess.Popen[bytes], panel: psutil.Process) -> list[
         children = panel.children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    stop_service(proc)
     killed = []
     for child in children:
         try:

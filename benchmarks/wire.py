@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import ROOT, percentile
+from common import ROOT, percentile, stop_service
 
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem, WireSpec
@@ -143,13 +142,7 @@ def _gatewayd(config: Path, log_path: Path, workdir: Path) -> Iterator[subproces
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_service(proc)
 
 
 def _alarm_events(db: Path) -> dict[tuple[str, str], float]:
