@@ -21,6 +21,8 @@ from typing import Any
 
 from common import stop_service
 
+from tests.support.unit import interpreter_environment
+
 try:
     import psutil
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -86,8 +88,10 @@ def gatewayd_command() -> list[str]:
 
 def start_gatewayd(config: Path, log_path: Path, *, cmd: list[str] | None = None,
                    extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``gatewayd --config config`` with mock pins, stdout and stderr (and so its child's) to ``log_path``."""
-    env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    """``gatewayd --config config`` with the systemd unit's interpreter settings (``python -OO``, malloc arenas)
+    and mock pins, stdout and stderr (and so its child's) to ``log_path``."""
+    env = {**os.environ, **interpreter_environment(), "GPIOZERO_PIN_FACTORY": "mock", "PYTHONUNBUFFERED": "1",
+           **(extra_env or {})}
     with log_path.open("ab") as out:
         return subprocess.Popen([*(cmd or gatewayd_command()), "--config", str(config)], stdout=out,
                                 stderr=subprocess.STDOUT, env=env, cwd=config.parent)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import time
 
-__all__ = ["ASSUME_ENV", "clock_synchronised", "command_clock_synchronised"]
+__all__ = ["ASSUME_ENV", "TIMESYNC_FLAG", "TIME_ERROR", "adjtimex_state", "clock_synchronised",
+           "command_clock_synchronised"]
 
-_TIME_ERROR = 5  # adjtimex(2): clock not synchronised
+TIME_ERROR = 5  # adjtimex(2): clock not synchronised
 #: Written by systemd-timesyncd once it has synchronised (readable inside the service sandbox, where
 #: adjtimex is refused by ProtectClock=yes).
 TIMESYNC_FLAG = "/run/systemd/timesync/synchronized"
@@ -20,11 +20,9 @@ _cache: tuple[float, bool] | None = None
 ASSUME_ENV = "GATEWAY_TEST_ASSUME_CLOCK_SYNCHRONISED"
 
 
-def _adjtimex_state() -> int | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+def adjtimex_state() -> int | None:
+    """The kernel's clock state from a read-only adjtimex(2) (``modes`` = 0); None if it is not allowed."""
+    libc = ctypes.CDLL(None, use_errno=True)  # the C library already loaded: no ldconfig lookup
     buf = ctypes.create_string_buffer(512)  # struct timex with modes = 0: read only
     state = libc.adjtimex(buf)
     return None if state < 0 else int(state)  # -1 with EPERM under ProtectClock=yes
@@ -36,8 +34,8 @@ def clock_synchronised(max_age_s: float = 10.0) -> bool:
     now = time.monotonic()
     if _cache is not None and now - _cache[0] < max_age_s:
         return _cache[1]
-    state = _adjtimex_state()
-    synced = os.path.exists(TIMESYNC_FLAG) if state is None else state != _TIME_ERROR
+    state = adjtimex_state()
+    synced = os.path.exists(TIMESYNC_FLAG) if state is None else state != TIME_ERROR
     _cache = (now, synced)
     return synced
 

@@ -175,6 +175,9 @@ install_all() {
     fi
     # A local directory is always rebuilt and reinstalled, so this also upgrades.
     run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
+    # The unit runs Python with PYTHONOPTIMIZE=2, whose bytecode pip does not write; the service cannot write
+    # into the venv, so without this it would compile every module at every start.
+    run "$PREFIX/venv/bin/python" -m compileall -q -o 2 "$PREFIX/venv/lib"
     run install -D -m 0644 docs/deploy.md "$PREFIX/docs/deploy.md"
     # gatewayd refuses a site that is still this file unchanged (the unit passes it), at every start, boot included.
     run install -D -m 0644 "$EXAMPLE" "$PREFIX/share/building.example.toml"

@@ -451,3 +451,17 @@ async def test_failure_kinds_from_real_errors(tmp_path: Path) -> None:
         full.execute("INSERT INTO t VALUES (?)", ("z" * 100_000,))
     assert failure_kind(info.value) == "full"
     full.close()
+
+
+async def test_the_outbox_connection_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    """SQLite's default page cache (2 MiB) fills as the file grows and is never given back: the outbox sets
+    its own, and keeps it when it reconnects after a replaced file."""
+    from gateway.uplink.outbox import CACHE_KIB
+
+    ob = await open_outbox(tmp_path)
+    try:
+        cur = await ob.connection.execute("PRAGMA cache_size")
+        assert (await cur.fetchone()) == (-CACHE_KIB,)
+        assert CACHE_KIB < 2000
+    finally:
+        await ob.close()

@@ -43,6 +43,7 @@ from gateway.panel.state import state_path
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
+from tests.support.unit import interpreter_environment
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -180,13 +181,15 @@ async def test_kill_9_of_the_storage_process_during_a_gas_alarm(
 
 
 class Daemon:
-    """``gatewayd`` as systemd would run it (mock pins), its log in a file, and gatewayctl beside it."""
+    """``gatewayd`` as systemd would run it (the unit's interpreter settings, ``python -OO`` among them; mock
+    pins), its log in a file, and gatewayctl beside it."""
 
     def __init__(self, directory: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.config = config
         self.log = directory / "gatewayd.log"
-        self.env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock", "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = {**os.environ, **interpreter_environment(), "GPIOZERO_PIN_FACTORY": "mock", "PYTHONPATH": str(ROOT),
+                    **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:

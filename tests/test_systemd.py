@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.unit import interpreter_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "systemd"
 UNIT = SYSTEMD / "gatewayd.service"
@@ -196,6 +198,9 @@ def test_unit_contract() -> None:
     assert one["SystemCallErrorNumber"] == "EPERM"
     assert one["UMask"] == "0027"
     assert "PYTHONUNBUFFERED=1" in s["Environment"]
+    # python -OO for both processes; the daemon tests and the benchmarks start gatewayd with these settings
+    assert "PYTHONOPTIMIZE=2" in s["Environment"]
+    assert interpreter_environment(UNIT) == {"PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2", "PYTHONOPTIMIZE": "2"}
 
 
 def test_stop_timeout_covers_the_planned_stop_and_sigterm_reaches_the_panel_alone() -> None:
@@ -400,6 +405,8 @@ def test_dry_run_install_changes_nothing(untouched: Path) -> None:
     venv = [a for a in done if re.fullmatch(rf"\S*python3?\S* -m venv {re.escape(str(untouched))}/venv", a)]
     assert venv, done
     assert f"{untouched}/venv/bin/pip install --disable-pip-version-check {ROOT}" in done
+    # the unit's python -OO bytecode, compiled once: the service cannot write into the venv
+    assert f"{untouched}/venv/bin/python -m compileall -q -o 2 {untouched}/venv/lib" in done
     assert "install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service" in done
     # a non-default prefix is written into the installed unit
     assert f"sed -i s\\|/opt/gateway/\\|{untouched}/\\|g /etc/systemd/system/gatewayd.service" in done

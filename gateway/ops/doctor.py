@@ -8,8 +8,6 @@ opening them. Exit status: 0 when nothing failed (warnings allowed), 1 when a ch
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import grp
 import json
 import os
@@ -25,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from gateway.clock import TIME_ERROR, TIMESYNC_FLAG, adjtimex_state
 from gateway.config import BusConfig, ConfigError, SiteConfig, load_config
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
 Status = Literal["ok", "warn", "FAIL"]
 NET_TIMEOUT_S = 5.0
 UNIT = "gatewayd.service"
-_TIME_ERROR = 5  # adjtimex(2) return value: the clock is not synchronised
 
 
 @dataclass(frozen=True)
@@ -362,27 +360,16 @@ def _mqtt_session(cfg: SiteConfig, host: str, port: int) -> Iterator[Check]:
         client.loop_stop()
 
 
-def _adjtimex_state() -> int | None:
-    """The kernel's clock state from a read-only adjtimex(2) (``modes`` = 0); None if it is not allowed."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-    buf = ctypes.create_string_buffer(512)
-    state = libc.adjtimex(buf)
-    return None if state < 0 else int(state)
-
-
-def check_clock(read_state: Callable[[], int | None] = _adjtimex_state) -> Check:
+def check_clock(read_state: Callable[[], int | None] = adjtimex_state) -> Check:
     """The kernel's own view (adjtimex), whichever NTP client disciplines it (timesyncd, chrony, ntpd)."""
     state = read_state()
     if state is None:
-        flag = os.path.exists("/run/systemd/timesync/synchronized")
+        flag = os.path.exists(TIMESYNC_FLAG)
         if flag:
             return ok("clock", "synchronised (systemd-timesyncd's flag; adjtimex not allowed here)")
         return warn("clock", "unknown: adjtimex not allowed and no systemd-timesyncd flag",
                     "timedatectl status shows whether NTP has synchronised")
-    if state == _TIME_ERROR:
+    if state == TIME_ERROR:
         return fail("clock", "not synchronised (the kernel reports TIME_ERROR): event times may be wrong",
                     "let NTP reach a server: timedatectl set-ntp true; timedatectl timesync-status")
     return ok("clock", "synchronised (adjtimex)")

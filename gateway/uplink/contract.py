@@ -89,6 +89,7 @@ MAX_CLOCK_SKEW_S = 30.0
 STALE_GRACE_S = 1.0
 #: Unexpired command ids remembered at most; beyond that new commands are refused as busy.
 SEEN_CAPACITY = 4096
+SEEN_CACHE_KIB = 128  # SQLite page cache of the seen-ids file (its default is 2 MiB)
 MAX_REASON = 300
 #: A command id, exactly (JSON Schema patterns are searched, so ``$`` would let a trailing newline through).
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
@@ -359,6 +360,7 @@ class SeenStore:
         self.path = str(path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            self._db.execute(f"PRAGMA cache_size=-{SEEN_CACHE_KIB}")  # a few thousand short rows
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("CREATE TABLE IF NOT EXISTS seen (id TEXT PRIMARY KEY, expires_at REAL NOT NULL)")
