@@ -73,6 +73,7 @@ def main() -> None:
         "alarm_failover_p99_ms": _ms(percentile(alarms_inside, 0.99)),
         "events_recovered_by_command": sum(1 for r in result.rows.values() if r[2]),
         "alarms_raised": result.notifications.get("alarms_raised"),
+        "killed_node_led": result.killed_node_led,
         "inbox_takeover": result.takeover,
         "healed": result.healing,
         "simulator": [{k: d[k] for k in ("worker", "stored", "connections", "resent")} for d in result.simulator],

@@ -278,7 +278,9 @@ cluster {{
 
 mqtt {{
   listen: "{host}:{mqtt}"
-  # Every MQTT stream (QoS 1 messages, sessions, retained) and consumer on all nodes.
+  # Every MQTT stream (QoS 1 messages, sessions, retained) and consumer on all nodes. A lower
+  # consumer_replicas is not taken for $MQTT_msgs: an interest stream's consumers have the stream's replicas
+  # (each gateway's command subscription showed as an R3 raft group with consumer_replicas: 1).
   stream_replicas: {replicas}
   consumer_replicas: {replicas}
   # A QoS 1 message not acknowledged by a subscriber is sent again after this.

@@ -158,6 +158,9 @@ class FleetResult:
     healing: dict[str, Any]
     nodes: list[dict[str, Any]]
     simulator: list[dict[str, Any]] = field(default_factory=list)
+    killed_node_led: dict[str, Any] = field(default_factory=dict)
+    """What the killed node led just before the kill: the meta layer, streams by name, consumers counted. Every
+    one of them waits for an election among the other two (4–9 s in nats-server's raft)."""
 
     def latencies(self, kind: str | None = None) -> tuple[list[float], list[float]]:
         """Detection → row committed (s): (outside the failover window, within it). The window runs from 1 s
@@ -180,6 +183,17 @@ class FleetResult:
                          and self.kill_at - 5.0 <= self.rows[e][0] <= self.restart_at + 10.0)
         gaps = [b - a for a, b in itertools.pairwise(commits)]
         return max(gaps, default=0.0)
+
+
+def _leaderships(node: Any) -> dict[str, Any]:
+    """:func:`fleet.cluster.Node.leaderships`, summed up: ``{"meta": bool, "streams": [...], "consumers": n}``."""
+    try:
+        subjects = node.leaderships()
+    except OSError as exc:
+        return {"error": repr(exc)}
+    return {"meta": any(s.startswith("$JS.API.META.") for s in subjects),
+            "streams": sorted(s.rsplit(".", 1)[1] for s in subjects if s.startswith("$JS.API.STREAM.")),
+            "consumers": sum(1 for s in subjects if s.startswith("$JS.API.CONSUMER."))}
 
 
 def _index(event_id: str) -> int:
@@ -259,6 +273,8 @@ class FleetScenario:
             go.write_text(f"{start}\n", encoding="utf-8")
             killed = 0
             kill_at = start + self.steady_s + self.burst_s / 2
+            time.sleep(max(0.0, kill_at - time.time() - 0.5))
+            led = _leaderships(cluster.node(killed))
             time.sleep(max(0.0, kill_at - time.time()))
             kill_at = time.time()
             cluster.node(killed).kill()
@@ -287,7 +303,7 @@ class FleetScenario:
             return FleetResult(gateways=self.gateways, stored=stored, rows=rows, row_count=row_count,
                                notifications=notes, kinds=kinds, kill_at=kill_at, restart_at=restart_at,
                                inbox_kill_at=inbox_kill_at, killed_node=killed, takeover=takeover, acl=acl,
-                               healing=healing, nodes=watch.stop(), simulator=drained)
+                               healing=healing, nodes=watch.stop(), simulator=drained, killed_node_led=led)
         finally:
             for p in reversed(procs):
                 p.stop(signal.SIGTERM, timeout=60)
