@@ -87,13 +87,16 @@ async def test_a_busy_database_is_retried_with_backoff(outbox: Outbox) -> None:
 async def test_disk_full_holds_events_in_memory_raises_a_fault_and_recovers(outbox: Outbox) -> None:
     await fill_to_the_brim(outbox)
     before = outbox.stored_total
-    async with running(outbox, memory_limit=200, batch_s=0.01) as writer:
+    shed: list[Event] = []
+    async with running(outbox, memory_limit=200, batch_s=0.01, on_shed=shed.extend) as writer:
         writer.put(ev("alarm", detail="gas high"))
         await eventually(lambda: writer.fault == "storage_full", timeout=20)
         for i in range(500):  # more than memory holds: telemetry goes, the alarm stays
             writer.put(ev(value=float(i)))
         assert writer.held <= 200
         assert writer.dropped["telemetry"] >= 300
+        # the owner of the events hears of each one dropped (the storage process forgets its hand-over mark)
+        assert len(shed) == writer.dropped["telemetry"] and {e.kind for e in shed} == {"telemetry"}
         kept = [e.kind for e in writer._held]
         assert kept[:2] == ["alarm", "fault"]
         await outbox.connection.execute("PRAGMA max_page_count = 1073741823")  # space returns
@@ -103,6 +106,7 @@ async def test_disk_full_holds_events_in_memory_raises_a_fault_and_recovers(outb
     assert stored[-1]["kind"] == "fault" and stored[-1]["action"] == "cleared"
     telemetry = [r["value"] for r in stored if r["kind"] == "telemetry"]
     assert telemetry == sorted(telemetry) and telemetry[-1] == 499.0, "the newest telemetry is kept"
+    assert not {e.value for e in shed} & set(telemetry), "an event reported dropped was stored"
     assert (await outbox.stats())["dropped_in_memory"]["telemetry"] == writer.dropped["telemetry"]
 
 

@@ -103,7 +103,7 @@ class StorageProcess:
         )
         self.writer = EventWriter(self.outbox, batch_s=cfg.storage.telemetry_batch_s,
                                   memory_limit=cfg.storage.memory_events, on_stored=self._stored,
-                                  on_fault=self._storage_fault, mark=self._mark_of)
+                                  on_fault=self._storage_fault, mark=self._mark_of, on_shed=self._forget_marks)
         reader, self._writer_stream = await asyncio.open_unix_connection(sock=self._sock, limit=link.MAX_FRAME)
         gate = CommandGate(self.topics, started_at=self.started_at, seen=_seen_ids(cfg.storage.path))
         self.mqtt_commands = CommandService(
@@ -253,6 +253,11 @@ class StorageProcess:
             if mark is not None:
                 return f"{mark[0]}:{mark[1]}"
         return None
+
+    def _forget_marks(self, shed: Sequence[Event]) -> None:
+        """Events the writer dropped leave no mark behind (marks are keyed by the object of a held event)."""
+        for event in shed:
+            self._marks.pop(id(event), None)
 
     def _stored(self, batch: Sequence[Event], ids: Sequence[str]) -> None:
         last: tuple[str, int] | None = None

@@ -52,14 +52,17 @@ class EventWriter:
         on_stored: Callable[[Sequence[Event], Sequence[str]], None] | None = None,
         on_fault: Callable[[str, bool, str | None], None] | None = None,
         mark: Callable[[Sequence[Event]], str | None] | None = None,
+        on_shed: Callable[[Sequence[Event]], None] | None = None,
     ) -> None:
-        """``mark(batch)``: the hand-over mark committed with ``batch`` (see :meth:`Outbox.append`)."""
+        """``mark(batch)``: the hand-over mark committed with ``batch`` (see :meth:`Outbox.append`);
+        ``on_shed(events)``: events the memory bound dropped (counted in :attr:`dropped`), never to be stored."""
         self.outbox = outbox
         self.batch_s = batch_s
         self.memory_limit = max(1, memory_limit)
         self._on_stored = on_stored
         self._on_fault = on_fault
         self._mark = mark
+        self._on_shed = on_shed
         self._held: deque[Event] = deque()
         self._committing = 0  # events at the front of _held inside the current transaction: never shed
         self._first_held_at: float | None = None
@@ -101,13 +104,16 @@ class EventWriter:
         lowest = min(e.priority for e in candidates)
         quota = max(excess, self.memory_limit // 10)
         kept: deque[Event] = deque(itertools.islice(self._held, self._committing))
-        dropped = 0
+        shed: list[Event] = []
         for event in candidates:
-            if dropped < quota and event.priority == lowest:
-                dropped += 1
+            if len(shed) < quota and event.priority == lowest:
+                shed.append(event)
                 continue
             kept.append(event)
         self._held = kept
+        dropped = len(shed)
+        if self._on_shed is not None:
+            self._on_shed(shed)
         name = lowest.name.lower()
         self.dropped[name] += dropped
         self._unsaved_drops[name] += dropped
