@@ -121,6 +121,18 @@ def service_processes(panel: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def _rss_anon_kib(pid: int) -> int:
+    """Resident anonymous memory (``RssAnon``): the heap and its like, whatever other processes map."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class ServiceSampler:
     """Memory and CPU of each process of the service; CPU counted per pid since it was first seen."""
 
@@ -132,7 +144,7 @@ class ServiceSampler:
         self.seen: dict[int, str] = {}  # every pid sampled → role
 
     def sample(self) -> list[dict[str, Any]]:
-        """One row per live process: pid, role, rss/pss/uss in MB, threads, cpu_pct since the previous sample
+        """One row per live process: pid, role, rss/pss/uss/anon in MB, threads, cpu_pct since the previous sample
         and cpu_s since first seen."""
         rows = []
         now = time.monotonic()
@@ -152,6 +164,7 @@ class ServiceSampler:
             self._last[p.pid] = (now, used)
             rows.append({"pid": p.pid, "role": role, "rss_mb": full.rss / 2**20,
                          "pss_mb": getattr(full, "pss", 0) / 2**20, "uss_mb": full.uss / 2**20,
+                         "anon_mb": _rss_anon_kib(p.pid) / 2**10,
                          "threads": threads,
                          "cpu_pct": 100 * (used - last_cpu) / (now - last_t) if now > last_t else 0.0,
                          "cpu_s": used - self._cpu0[p.pid]})

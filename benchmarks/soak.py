@@ -15,7 +15,9 @@ page cache and the allocator's arenas settle first): ``pss_growth_mb_per_h_after
 least-squares slope of PSS over the samples after it, per process and for the sum; ``..._end_minus_5min``
 is (last − value at the warm-up's end) scaled to an hour. The target is < 1 MB/h per process. PSS also moves
 when *other* processes map or unmap the same files (every Python on the machine shares the interpreter's
-pages), so the USS slope (pages of that process alone) is given beside it. A restarted
+pages), so the USS slope (pages of that process alone) is given beside it; other processes mapping the same
+files move USS too, so the slope of anonymous memory (``RssAnon``: the heaps, SQLite's cache) is given as
+well, which no other process moves. A restarted
 storage process (its pid changed) is reported: its series then joins two processes.
 
 Prints a row per sample as it goes, a table at the end and, last, one JSON line.
@@ -158,6 +160,7 @@ def _report(args: argparse.Namespace, samples: list[dict[str, Any]], sampler: Se
     roles = ("panel", "storage")
     series: dict[str, list[tuple[float, float]]] = {role: [] for role in roles}
     uss: dict[str, list[tuple[float, float]]] = {role: [] for role in roles}
+    anon: dict[str, list[tuple[float, float]]] = {role: [] for role in roles}
     totals: list[tuple[float, float]] = []
     pids: dict[str, list[int]] = {role: [] for role in roles}
     for s in samples:
@@ -165,6 +168,7 @@ def _report(args: argparse.Namespace, samples: list[dict[str, Any]], sampler: Se
             if row["role"] in series:
                 series[row["role"]].append((s["minute"], row["pss_mb"]))
                 uss[row["role"]].append((s["minute"], row["uss_mb"]))
+                anon[row["role"]].append((s["minute"], row["anon_mb"]))
                 if row["pid"] not in pids[row["role"]]:
                     pids[row["role"]].append(row["pid"])
         totals.append((s["minute"], sum(row["pss_mb"] for row in s["processes"])))
@@ -180,6 +184,8 @@ def _report(args: argparse.Namespace, samples: list[dict[str, Any]], sampler: Se
         uss_after = [(t, v) for t, v in uss[role] if t >= warmup]
         uss_slope = slope_per_hour(uss_after)
         entry["uss_growth_mb_per_h_after_5min"] = None if uss_slope is None else round(uss_slope, 3)
+        anon_slope = slope_per_hour([(t, v) for t, v in anon[role] if t >= warmup])
+        entry["anon_growth_mb_per_h_after_5min"] = None if anon_slope is None else round(anon_slope, 3)
         if len(pids[role]) > 1:
             entry["pids"] = pids[role]
         processes[role] = entry
