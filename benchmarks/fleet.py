@@ -68,6 +68,7 @@ def main() -> None:
         "latency_max_ms": _ms(max(outside, default=None)),
         "failover_p99_ms": _ms(percentile(inside, 0.99)),
         "failover_gap_s": round(result.failover_gap_s(), 2),
+        "failover_breakdown": result.failover_breakdown(),
         "nodes": result.nodes,
         "alarm_latency_p99_ms": _ms(percentile(alarms_outside, 0.99)),
         "alarm_failover_p99_ms": _ms(percentile(alarms_inside, 0.99)),

@@ -176,6 +176,24 @@ class FleetResult:
             (inside if lo <= wall <= hi else outside).append(row[0] - wall)
         return outside, inside
 
+    def failover_breakdown(self) -> dict[str, Any]:
+        """Inside the failover window, the p99 (s) and count for the lost node's buildings and for the others,
+        and the p99 of events detected in each second after the kill (``by_second``: ``{"0": p99, ...}``)."""
+        lo, hi = self.kill_at - 1.0, max(self.restart_at + 10.0, self.inbox_kill_at + INBOX_ACK_WAIT_S + 2.0)
+        moved: list[float] = []
+        stayed: list[float] = []
+        by_second: dict[int, list[float]] = {}
+        for event_id, wall in self.stored.items():
+            row = self.rows.get(event_id)
+            if row is None or row[2] or not lo <= wall <= hi:
+                continue
+            latency = row[0] - wall
+            (moved if _index(event_id) % 3 == self.killed_node else stayed).append(latency)
+            by_second.setdefault(int(wall - self.kill_at) if wall >= self.kill_at else -1, []).append(latency)
+        return {"lost_node_p99_s": percentile(moved, 0.99), "lost_node_events": len(moved),
+                "other_nodes_p99_s": percentile(stayed, 0.99), "other_nodes_events": len(stayed),
+                "by_second": {str(k): round(percentile(v, 0.99) or 0.0, 2) for k, v in sorted(by_second.items())}}
+
     def failover_gap_s(self) -> float:
         """The longest time no event of the lost node's buildings reached the inbox, around the kill."""
         commits = sorted(self.rows[e][0] for e in self.stored if e in self.rows
