@@ -408,6 +408,23 @@ def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ a real gateway on the cluster
 
 
+def _command_consumers(cluster: Cluster, building: str) -> list[dict[str, Any]]:
+    """JetStream consumers on any node whose filter takes ``building``'s commands."""
+    import urllib.request
+
+    found = []
+    for i in range(len(cluster.nodes)):
+        url = (f"http://127.0.0.1:{cluster.node(i).ports.http}/jsz?accounts=true&streams=true&consumers=true"
+               "&config=true&acc=$G")
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            jsz = json.load(answer)
+        found += [c for a in jsz.get("account_details", []) for st in a.get("stream_detail", []) or []
+                  for c in st.get("consumer_detail", []) or []
+                  if f".{building}.command" in str(c.get("config", {}).get("filter_subject", ""))
+                  + str(c.get("config", {}).get("filter_subjects", ""))]
+    return found
+
+
 def gateway_site(tmp_path: Path, cluster: Cluster, bus_port: str) -> tuple[Any, Path]:
     """A site file for building b1 with ``mqtt.hosts`` listing the three nodes, MQTT 3.1.1 and its credentials."""
     from tests.support.site import build_site
@@ -453,6 +470,8 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
                 async with running_gateway(cfg):
                     await eventually(lambda: any(r.get("event") == "uplink connected" for r in uplink_records(cfg)),
                                      timeout=60, message="the gateway never connected to the cluster")
+                    # its command subscription (QoS 0) is a plain subscription: no JetStream consumer to elect
+                    assert not _command_consumers(c, "b1"), _command_consumers(c, "b1")
                     sims[first.id].set_concentration(35.0)
                     await eventually(lambda: [b for b in srv.received() if b.get("kind") == "alarm"
                                               and b.get("device") == first.id], timeout=60)

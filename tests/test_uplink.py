@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import ConfigError, MqttConfig, parse_config
 from gateway.events import Event
-from gateway.uplink.mqtt import URGENT_RETRY_MAX_S, Uplink, event_window
+from gateway.uplink.mqtt import COMMAND_QOS, URGENT_RETRY_MAX_S, Uplink, event_window
 from gateway.uplink.outbox import Outbox
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
@@ -634,6 +634,23 @@ def drop_link(up: Uplink) -> None:
     sock = client.socket()
     assert sock is not None
     sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_commands_are_subscribed_at_qos_0_on_every_connection(tmp_path: Path, broker: MosquittoBroker,
+                                                                   protocol: int) -> None:
+    """The command subscription asks for QoS 0 (``COMMAND_QOS``: a clean session keeps nothing across a lost
+    connection, and on a cluster QoS 1 costs a replicated consumer per building); the broker grants it, on
+    the first connection and again after the link failed."""
+    assert COMMAND_QOS == 0
+    async with forwarding(tmp_path, broker, protocol=protocol) as (_ob, up):
+        await eventually(lambda: up.command_subscription == [0], timeout=30,
+                         message=lambda: f"SUBACK {up.command_subscription}")
+        up.command_subscription = []
+        drop_link(up)
+        await eventually(lambda: up.connected and up.command_subscription == [0], timeout=60,
+                         message=lambda: f"SUBACK after reconnecting: {up.command_subscription}")
+        assert up.subscriptions_refused == 0
 
 
 async def test_an_alarm_waiting_when_its_node_goes_away_arrives_through_the_next_node(
