@@ -262,9 +262,10 @@ jetstream {{
   store_dir: "{store}"
   max_memory_store: 256MB
   max_file_store: 4GB
-  # 2.15 refuses a stream's 1001st consumer unless told otherwise (default_max_consumers 1000), and every
-  # gateway's QoS 1 command subscription is one consumer of $MQTT_msgs: a community of 1000 buildings had its
-  # last gateways refused ("maximum consumers limit reached", 10026) and deaf to commands. No such limit here.
+  # 2.15 refuses a stream's 1001st consumer unless told otherwise (default_max_consumers 1000), and every QoS 1
+  # subscription is one consumer of $MQTT_msgs: when gateways subscribed to commands at QoS 1, a community of
+  # 1000 buildings had its last gateways refused ("maximum consumers limit reached", 10026) and deaf to
+  # commands. They subscribe at QoS 0 now; no such limit here all the same, for other MQTT clients.
   limits {{ default_max_consumers: -1 }}
 }}
 
