@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--burst-rate", type=float, default=250.0, help="alarms per second across the fleet")
     parser.add_argument("--burst-s", type=float, default=10.0)
     parser.add_argument("--restart-after", type=float, default=30.0)
+    parser.add_argument("--kill", choices=("events-leader", "first"), default="events-leader",
+                        help="the node SIGKILLed in the burst: the leader of $MQTT_msgs (the worst case) or node 0")
     parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
@@ -51,7 +53,7 @@ def main() -> None:
                                  steady_s=args.steady_s,
                                  telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
                                  burst_s=args.burst_s, restart_after_s=args.restart_after,
-                                 after_s=args.restart_after + 2.0,
+                                 after_s=args.restart_after + 2.0, kill=args.kill,
                                  log=lambda text: print(text, file=sys.stderr, flush=True))
         result = scenario.run()
     outside, inside = result.latencies()

@@ -465,3 +465,31 @@ async def test_the_outbox_connection_keeps_a_small_page_cache(tmp_path: Path) ->
         assert CACHE_KIB < 2000
     finally:
         await ob.close()
+
+
+async def test_batches_of_every_size_compile_no_new_statements(tmp_path: Path) -> None:
+    """SQLite keeps each distinct statement text compiled in the connection's cache (128 of them). Batches of
+    60 sizes, once the page cache is full, must not grow what SQLite holds: one INSERT text per size held
+    3.8 MB more (the storage process grew for an hour in the soak)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("sqlite3")
+    lib = ctypes.CDLL(name) if name else None
+    if lib is None:
+        pytest.skip("libsqlite3 not found")
+    lib.sqlite3_libversion.restype = ctypes.c_char_p
+    if lib.sqlite3_libversion().decode() != sqlite3.sqlite_version:
+        pytest.skip("the sqlite3 module does not use the shared libsqlite3")
+    lib.sqlite3_memory_used.restype = ctypes.c_int64
+    ob = await open_outbox(tmp_path)
+    try:
+        for _ in range(300):  # fill the page cache to its bound first
+            await ob.append([ev() for _ in range(30)])
+        before = lib.sqlite3_memory_used()
+        for size in range(2, 62):
+            await ob.append([ev() for _ in range(size)])
+        grown = lib.sqlite3_memory_used() - before
+    finally:
+        await ob.close()
+    assert grown < 512 * 1024, f"SQLite holds {grown / 1024:.0f} KiB more after 60 batch sizes"

@@ -233,6 +233,9 @@ class FleetScenario:
     restart_after_s: float = 30.0
     after_s: float = 32.0
     connect_spread_s: float = 20.0
+    kill: str = "first"
+    """Which node is SIGKILLed in the burst: ``first`` (node 0) or ``events-leader``, the node leading
+    ``$MQTT_msgs``, through which every QoS 1 publish and the inbox's deliveries go (the worst case)."""
     log: Callable[[str], None] = print
 
     def run(self) -> FleetResult:
@@ -289,9 +292,9 @@ class FleetScenario:
             self.log(f"{self.gateways} gateways connected in {time.monotonic() - t0:.1f} s")
             start = time.time() + 1.0
             go.write_text(f"{start}\n", encoding="utf-8")
-            killed = 0
             kill_at = start + self.steady_s + self.burst_s / 2
             time.sleep(max(0.0, kill_at - time.time() - 0.5))
+            killed = self._victim(cluster)
             led = _leaderships(cluster.node(killed))
             time.sleep(max(0.0, kill_at - time.time()))
             kill_at = time.time()
@@ -332,6 +335,18 @@ class FleetScenario:
                 pg.stop()
 
     # ------------------------------------------------------------------------------ pieces
+
+    def _victim(self, cluster: Cluster) -> int:
+        """The index of the node to kill (see :attr:`kill`)."""
+        if self.kill == "first":
+            return 0
+        if self.kill != "events-leader":
+            raise ValueError(f"kill: {self.kill!r} is neither 'first' nor 'events-leader'")
+        for node in cluster.nodes:
+            with contextlib.suppress(OSError):
+                if any(s.endswith(".$MQTT_msgs") for s in node.leaderships()):
+                    return node.index
+        raise RuntimeError("no node leads $MQTT_msgs")
 
     def _restart(self, cluster: Cluster, index: int) -> None:
         """Start the killed node again; a few tries, since one of its ports may meanwhile be some client
