@@ -4,7 +4,9 @@ The scenario of tests/test_fleet.py (``tests.support.fleet.FleetScenario``): a 3
 (fleet/cluster.py), the fleet simulator's gateways (their own outbox, writer and uplink; fleet/simulator.py),
 two central inbox instances writing into a private PostgreSQL (fleet/inbox.py). A steady load, an alarm burst;
 one node SIGKILLed in the middle of the burst and started again ``--restart-after`` s later; the first inbox
-instance SIGKILLed after that.
+instance SIGKILLed after that. The node killed is the one leading ``$MQTT_msgs`` (``--kill events-leader``, the
+default and the worst case: every QoS 1 publish and every delivery to the inbox waits for its successor's
+election) or node 0 (``--kill first``, what tests/test_fleet.py does, which may lead no event stream).
 
 Reported (one JSON line last): ``events_stored`` (in the gateways' outboxes), ``events_in_inbox``,
 ``duplicates_in_inbox`` (rows beyond one per event id), ``missing_in_inbox``; detection (``Event.wall``) → row
@@ -13,7 +15,7 @@ committed, outside the failover window (kill → 10 s after the node is back): `
 event of the lost node's buildings reached the inbox; ``nodes``: each node's peak RSS and CPU seconds.
 Targets: p99 ≤ 1 s outside the window, ≤ 5 s through it.
 
-``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--steady-s 15]``
+``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--kill first]``
 """
 
 from __future__ import annotations
