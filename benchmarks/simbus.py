@@ -33,7 +33,7 @@ class FrameReport:
     slave: int
     raw: int
     response: float  # perf_counter when pymodbus handed the frame to its serial port
-    handed_over: float  # perf_counter when the null modem wrote it to the gateway side
+    handed_over: float  # perf_counter when the null modem began writing it to the gateway side
     wall: float  # time.time() at hand-over
 
 

@@ -115,8 +115,8 @@ class VirtualNullModem:
         self._dir = Path(directory)
         self._gw_link = self._dir / gateway_name
         self._dev_link = self._dir / device_name
-        #: Called in the bridge thread with each chunk from the device side and the
-        #: ``time.perf_counter()`` at which it was handed to the gateway side.
+        #: Called in the bridge thread with each chunk from the device side, once written to the gateway side,
+        #: and the ``time.perf_counter()`` at which its writing began (the gateway cannot have seen it earlier).
         self.on_device_write = on_device_write
         self._lock = threading.Lock()
         self._cut = False
@@ -299,6 +299,7 @@ class VirtualNullModem:
         if cut or dst < 0 or not data:
             return
         view = memoryview(data)
+        writing_at = time.perf_counter()  # before the gateway side can have any of it
         while view:
             try:
                 view = view[os.write(dst, view) :]
@@ -311,7 +312,7 @@ class VirtualNullModem:
         hook = self.on_device_write
         if from_device and hook is not None:
             try:
-                hook(data, time.perf_counter())
+                hook(data, writing_at)
             except Exception:
                 _log.exception("on_device_write hook failed")
 
