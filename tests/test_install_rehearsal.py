@@ -47,6 +47,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GATEWAY_REHEARSAL_CACHE", "/var/cache/gateway-rehearsal"))
 ROOTFS = CACHE / "bookworm"
+#: The environment of every command run in the booted root: its own, as a technician's shell there would
+#: have, never this process's. An ``LG_WD`` that an earlier test of the same worker set (``load_lgpio``) names
+#: a directory that does not exist in there, and lgpio then failed to load (BAD_PATHNAME, ``.lgd-nfy-3``).
+CONTAINER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
+                 "LANG": "C.UTF-8"}
 DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3,python3-venv",
                "bookworm"]
 MAX_EXPOSURE = 2.0
@@ -169,7 +174,8 @@ class Booted:
     def run(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 600.0,
             ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-u", "-i", "-r", "-w", "--", *args],
-                                capture_output=True, text=True, input=input, timeout=timeout, check=False)
+                                capture_output=True, text=True, input=input, timeout=timeout, check=False,
+                                env=CONTAINER_ENV)
         if check:
             assert result.returncode == 0, (args, result.stdout[-3000:], result.stderr[-3000:])
         return result
