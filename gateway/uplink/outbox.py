@@ -98,7 +98,8 @@ _MARK_DELIVERED = ("UPDATE events SET delivered = 1, delivered_at = ?, attempts 
 #: One event, its seq given (the outbox is the file's only writer). One statement text for every batch: each
 #: distinct text is compiled and kept in the connection's statement cache (128 entries), and a multi-row INSERT
 #: per batch size held 3.8 MB more after 60 sizes had been seen (the storage process grew for an hour in
-#: benchmarks/soak.py); executemany of this one was also faster per row.
+#: benchmarks/soak.py). A batch now costs two more trips to the SQLite thread (BEGIN, COMMIT): forwarding.py
+#: side by side, about 10 % fewer events/s (12 000 against 13 500), still far above what a building makes.
 _INSERT = f"INSERT INTO events (seq, {_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
