@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -197,3 +198,14 @@ def test_time_never_runs_backwards_for_the_core(annunciator: Annunciator) -> Non
         t.join(30)
     monos = [e.mono for e in events]
     assert monos == sorted(monos)
+
+
+def test_an_event_keeps_every_field_when_stamped_and_when_made_plain() -> None:
+    """``Event.at_wall`` and ``Event.as_dict`` (fast versions of ``dataclasses.replace`` and ``asdict``) see
+    every field, whichever is set."""
+    for name in (f.name for f in dataclasses.fields(Event)):
+        values: dict[str, Any] = {"kind": "alarm", "action": "raised", "mono": 1.0}
+        values[name] = 7.5 if name in ("mono", "value", "wall") else f"{name}-set"
+        event = Event(**values)
+        assert event.at_wall(9.0) == dataclasses.replace(event, wall=9.0)
+        assert event.as_dict() == {k: v for k, v in dataclasses.asdict(event).items() if v is not None}

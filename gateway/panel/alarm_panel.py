@@ -10,7 +10,6 @@ the annunciator *before* anything else, then hands copies of the events to the s
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -214,7 +213,7 @@ class AlarmPanel:
                     if annunciation is not None and self._on_annunciation is not None:
                         self._deliver(self._on_annunciation, annunciation)
                     for event in events:
-                        self._deliver(self._sink, dataclasses.replace(event, wall=wall))
+                        self._deliver(self._sink, event.at_wall(wall))
             finally:
                 self._handoff.release()
 

@@ -58,51 +58,60 @@ START_TIMEOUT_S = 60.0
 
 
 class Hold:
-    """Events not yet committed by the storage side, by hand-over number; bounded, alarms dropped last."""
+    """Events not yet committed by the storage side, by hand-over number; bounded, alarms dropped last.
+
+    Each event is kept as the frame that carries it to the storage process, with its class: bytes and
+    small numbers, which the garbage collector does not walk. Kept as objects, a full hold of 20 000 events
+    made the collections that pause every thread (the alarm path's too) walk them again and again.
+    """
 
     def __init__(self, limit: int = HOLD_LIMIT) -> None:
         self.limit = max(10, limit)
-        self._events: collections.OrderedDict[int, Event] = collections.OrderedDict()
+        self._frames: collections.OrderedDict[int, tuple[int, bytes]] = collections.OrderedDict()
         self.dropped: Counter[str] = Counter()
         self._unreported: Counter[str] = Counter()
         self._drops_lock = threading.Lock()  # counters only: read by the saver and the link reader
 
     def __len__(self) -> int:
-        return len(self._events)
+        return len(self._frames)
 
-    def add(self, n: int, event: Event) -> None:
-        """Keep ``event`` under number ``n`` (numbers rise); over the bound, shed the lowest class."""
-        self._events[n] = event
-        if len(self._events) > self.limit:
+    def add(self, n: int, priority: Priority, frame: bytes) -> None:
+        """Keep the frame of event number ``n`` (numbers rise); over the bound, shed the lowest class."""
+        self._frames[n] = (int(priority), frame)  # a plain int: an enum member would keep the tuple tracked
+        if len(self._frames) > self.limit:
             self._shed()
 
     def _shed(self) -> None:
-        lowest = min(e.priority for e in self._events.values())
-        quota = max(len(self._events) - self.limit, self.limit // 10)
-        victims = [n for n, e in self._events.items() if e.priority == lowest][:quota]
+        lowest = min(priority for priority, _ in self._frames.values())
+        quota = max(len(self._frames) - self.limit, self.limit // 10)
+        victims = [n for n, (priority, _) in self._frames.items() if priority == lowest][:quota]
         for n in victims:
-            del self._events[n]
+            del self._frames[n]
         name = Priority(lowest).name.lower()
         with self._drops_lock:
             self.dropped[name] += len(victims)
             self._unreported[name] += len(victims)
         log.error("storage process away and the hold is full: events dropped", dropped=len(victims),
-                  event_class=name, held=len(self._events), limit=self.limit)
+                  event_class=name, held=len(self._frames), limit=self.limit)
 
     def acknowledge(self, upto: int) -> int:
         """Forget every event numbered ``upto`` or lower (committed); how many were forgotten."""
         done = 0
-        while self._events:
-            n = next(iter(self._events))
+        while self._frames:
+            n = next(iter(self._frames))
             if n > upto:
                 break
-            del self._events[n]
+            del self._frames[n]
             done += 1
         return done
 
-    def after(self, n: int) -> list[tuple[int, Event]]:
-        """Held events numbered above ``n``, in order."""
-        return [(k, e) for k, e in self._events.items() if k > n]
+    def after(self, n: int) -> list[tuple[int, bytes]]:
+        """The frames of the held events numbered above ``n``, in order."""
+        return [(k, frame) for k, (_, frame) in self._frames.items() if k > n]
+
+    def by_class(self) -> dict[str, int]:
+        """How many events of each class are held."""
+        return dict(Counter(Priority(priority).name.lower() for priority, _ in self._frames.values()))
 
     @property
     def unreported_drops(self) -> dict[str, int]:
@@ -224,8 +233,9 @@ class Handover:
             n = next(self._numbers)
             event = item
             self.handed_over = n
-            self.hold.add(n, event)
-            self._send_event(n, event)
+            frame = link.encode("event", n=n, boot=self.boot, event=link.event_to_wire(event))
+            self.hold.add(n, event.priority, frame)
+            self._write(frame)
         elif isinstance(item, _Attach):
             self._flush()  # what was written for the storage process before: to it, not to the new one
             self._sock = item.sock
@@ -234,8 +244,8 @@ class Handover:
             backlog = self.hold.after(item.committed)
             if backlog:
                 log.info("handing held events to the storage process", events=len(backlog))
-            for n, event in backlog:
-                self._send_event(n, event)
+            for _, frame in backlog:
+                self._write(frame)
         elif item is _DETACH:
             self._flush()
             self._sock = None
@@ -246,10 +256,6 @@ class Handover:
             self._write(item[1])
         elif item[0] == "mark":
             item[1].set()
-
-    def _send_event(self, n: int, event: Event) -> None:
-        if self._sock is not None:
-            self._write(link.encode("event", n=n, boot=self.boot, event=link.event_to_wire(event)))
 
     def _write(self, frame: bytes) -> None:
         if self._sock is not None:

@@ -276,12 +276,8 @@ class PanelProcess:
         # Also when the storage process is away: it may be back within the bound (it is restarted meanwhile).
         stored = await asyncio.to_thread(self.handover.wait_stored, STOP_STORE_TIMEOUT_S)
         if not stored and len(self.handover.hold):
-            counts: dict[str, int] = {}
-            for _, event in self.handover.hold.after(0):
-                name = event.priority.name.lower()
-                counts[name] = counts.get(name, 0) + 1
-            self._unstored_at_stop = counts
-            log.error("events not stored at stop; counted as dropped", **counts)
+            self._unstored_at_stop = self.handover.hold.by_class()
+            log.error("events not stored at stop; counted as dropped", **self._unstored_at_stop)
         await asyncio.to_thread(self.supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
         self._beating.cancel()
         self.saver.stop()

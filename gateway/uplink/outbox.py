@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
-import operator
 import os
 import secrets
 import shutil
@@ -122,10 +120,6 @@ _JOURNAL_SIZE_LIMIT = 4 * MB
 #: is then held for good (a bare connection appending 20 000 rows held 2016 kB more with it, 188 kB with
 #: 256 KiB); the outbox appends at the end of its tables and reads their oldest rows.
 CACHE_KIB = 512
-
-# Event fields, read directly: dataclasses.asdict() deep-copies and costs more than the insert itself.
-_EVENT_FIELDS = tuple(f.name for f in dataclasses.fields(Event))
-_event_values = operator.attrgetter(*_EVENT_FIELDS)
 
 FailureKind = Literal["busy", "full", "corrupt", "io", "other"]
 
@@ -399,8 +393,7 @@ class Outbox:
         adds when it sends it)."""
         body: dict[str, Any] = {"event_id": event_id, "seq": session_seq, "time": _iso(event.wall),
                                 "clock_synced": synced}
-        values = zip(_EVENT_FIELDS, _event_values(event), strict=True)
-        body.update({name: value for name, value in values if value is not None})
+        body.update(event.as_dict())
         return self._payload_prefix + orjson.dumps(body)[1:].decode()
 
     async def append(self, events: Sequence[Event], *, handover: str | None = None) -> list[str]:
