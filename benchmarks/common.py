@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gpiozero.pins.mock import MockPin  # noqa: E402
-
+from drivers.mockpins import BoundedMockPin  # noqa: E402
 from gateway.realtime import raise_priority  # noqa: E402
 
 __all__ = ["ROOT", "EdgeWatch", "TimedMockPin", "cpu_steal", "log_to_file", "machine_noise", "mappings", "percentile",
@@ -63,7 +62,7 @@ def site_toml(
     return "\n".join(out)
 
 
-class TimedMockPin(MockPin):  # type: ignore[misc]
+class TimedMockPin(BoundedMockPin):
     """A gpiozero mock pin that reports each change with ``time.perf_counter()`` to :attr:`watch`."""
 
     watch: Callable[[bool, float], None] | None = None

@@ -69,12 +69,12 @@ def _bare_ms_per_poll(port: str, addresses: list[int], cycles: int, client_class
 def _gateway_ms_per_poll(cfg: Any, polls: int) -> float:
     """The panel's real polling code (bus thread → alarm panel → core → annunciator) back to back."""
     from gpiozero import Device
-    from gpiozero.pins.mock import MockFactory
 
+    from drivers.mockpins import mock_pin_factory
     from gateway.health import Heartbeats
     from gateway.panel.side import AlarmSide
 
-    Device.pin_factory = MockFactory()
+    Device.pin_factory = mock_pin_factory()
     cfg = dataclasses.replace(cfg, buses=tuple(dataclasses.replace(b, poll_interval_s=0.0) for b in cfg.buses))
     events: list[Any] = []
     side = AlarmSide(cfg, on_event=events.append, on_annunciation=lambda _a: None, heartbeats=Heartbeats())

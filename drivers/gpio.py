@@ -126,9 +126,9 @@ def make_pin_factory(name: str) -> Any:
     """A new gpiozero pin factory for ``name`` (one of :data:`PIN_FACTORIES`); :class:`GpioUnavailable` if the
     backend cannot be loaded or cannot open its chip."""
     if name == "mock":
-        from gpiozero.pins.mock import MockFactory
+        from drivers.mockpins import mock_pin_factory
 
-        return MockFactory()
+        return mock_pin_factory()
     if name != "lgpio":
         raise GpioUnavailable(f"gpio: pin factory {name!r} is not one of {', '.join(PIN_FACTORIES)}")
     try:

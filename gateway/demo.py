@@ -22,9 +22,9 @@ from pathlib import Path
 
 import structlog
 from gpiozero import Device
-from gpiozero.pins.mock import MockFactory
 
 from drivers.gpio import ContactInput
+from drivers.mockpins import mock_pin_factory
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import SiteConfig, load_config
 from gateway.panel.process import PanelProcess
@@ -157,7 +157,7 @@ def _workdir(directory: Path | None, keep: bool) -> Iterator[Path]:
 def run_demo(*, duration: float = 30.0, keep: bool = False, directory: Path | None = None) -> int:
     """Run the simulated building for ``duration`` seconds (or until Ctrl-C); returns the exit status, 0 for
     either way of ending it."""
-    Device.pin_factory = MockFactory()
+    Device.pin_factory = mock_pin_factory()
     try:
         with _workdir(directory, keep) as workdir:
             code = asyncio.run(_demo(duration, workdir))

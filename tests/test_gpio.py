@@ -325,3 +325,23 @@ def test_config_pin_factory_is_validated(value: Any) -> None:
         _runtime({"pin_factory": value})
     assert err.value.path == "runtime.pin_factory"
     assert "'lgpio', 'mock'" in err.value.reason
+
+
+def test_a_mock_daemons_pins_remember_a_bounded_history() -> None:
+    """gpiozero's MockPin keeps every change; the ``mock`` backend's pins keep the last MOCK_PIN_HISTORY, so a
+    demo sounding an alarm for hours does not grow by each beat of its buzzer."""
+    from gpiozero import DigitalOutputDevice
+
+    from drivers.mockpins import MOCK_PIN_HISTORY
+
+    factory = make_pin_factory("mock")
+    try:
+        output = DigitalOutputDevice("GPIO17", pin_factory=factory)
+        for _ in range(5000):
+            output.toggle()
+        states = factory.pin("GPIO17").states
+        assert len(states) == MOCK_PIN_HISTORY
+        assert states[-1].state == output.value, "the newest change is kept"
+        output.close()
+    finally:
+        factory.close()
