@@ -42,7 +42,8 @@ __all__ = ["Handover", "Hold", "UplinkSupervisor"]
 
 log = structlog.get_logger()
 
-#: Events the panel holds for the storage process at most (about 1 kB each).
+#: Events the panel holds for the storage process at most (about 440 bytes each: a telemetry event's frame,
+#: 240, and its entry).
 HOLD_LIMIT = 20_000
 #: Items the hand-over thread takes from its queue before it writes their frames in one call.
 WRITE_BATCH = 256
