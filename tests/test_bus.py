@@ -277,3 +277,22 @@ def test_bytes_left_on_the_line_are_drained_before_the_next_request(modem: Virtu
         assert client.bytes_waiting() == 0
     finally:
         client.close()
+
+
+def test_a_bus_thread_woken_after_its_deadline_takes_what_came_in_time(modem: VirtualNullModem) -> None:
+    """When the machine wakes the bus thread only after the answer's deadline, the bytes that arrived before
+    it are still read: the device answered, it is not silent (nor its frame cut short)."""
+    client = open_client(bus_config(modem.gateway_port, timeout_s=0.5))
+    assert client.connect()
+    try:
+        came = b"\x02\x03\x02\x00\x07"
+        writer = os.open(modem.device_port, os.O_WRONLY | os.O_NOCTTY)
+        try:
+            os.write(writer, came)
+        finally:
+            os.close(writer)
+        wait_until(lambda: client.bytes_waiting() == len(came), timeout=10, message="the bytes did not come")
+        client.comm_params.timeout_connect = 0.0  # the deadline is already past when the thread looks
+        assert client.recv(None) == came
+    finally:
+        client.close()

@@ -201,8 +201,13 @@ def _prompt_client_class() -> type[Any]:
             data = b""
             try:
                 fd = self.socket.fileno()
-                while (left := deadline - time.monotonic()) > 0:
-                    if not select.select([fd], [], [], left)[0]:
+                while True:
+                    left = deadline - time.monotonic()
+                    # Past the deadline one more look, without waiting: a thread that the machine woke late
+                    # takes what came in time instead of calling the device silent or its frame cut short.
+                    if not select.select([fd], [], [], max(0.0, left))[0]:
+                        if left <= 0:
+                            return data
                         continue
                     got = libc.read(fd, self._buffer, len(self._buffer))
                     if got == 0:
@@ -226,7 +231,6 @@ def _prompt_client_class() -> type[Any]:
                     complete_at = self._answer_base + expected * self._char_s
                     if (rest := min(complete_at, deadline) - now) > 0:
                         time.sleep(rest)  # the frame cannot be complete sooner; select then takes it at once
-                return data
             except OSError:  # the adapter went away
                 self.close()  # type: ignore[no-untyped-call]
                 raise ConnectionException(str(self)) from None
