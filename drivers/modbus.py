@@ -24,6 +24,7 @@ __all__ = [
     "EXCEPTION_NAMES",
     "FRAME_ERROR_KINDS",
     "GATEWAY_EXCEPTIONS",
+    "SPAN_REFUSALS",
     "ChannelGroup",
     "CommError",
     "ExtinguisherStation",
@@ -37,6 +38,7 @@ __all__ = [
     "frame_error_kind",
     "group_channels",
     "read_block",
+    "read_registers",
 ]
 
 
@@ -265,6 +267,11 @@ class ModbusDevice(ABC):
     def poll(self, client: ModbusClient) -> GasReading | StationReading:
         """Read and decode the device once. Raises :class:`CommError`."""
 
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(function, count)`` of the reads of a usual poll, as the device is read now (the bus floor)."""
+        return ()
+
 
 class GasDetector(ModbusDevice):
     """A gas-leak detector read through a :class:`DetectorProfile`.
@@ -282,18 +289,20 @@ class GasDetector(ModbusDevice):
         self._block: list[int] | None = None  # the whole block as last read, fast window refreshed since
         self._fast_polls_left = 0  # polls before the next whole read
 
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        return self.profile.cycle_reads
+
     def poll(self, client: ModbusClient) -> GasReading:
         p = self.profile
-        first, count = p.fast_window
+        _first, count = p.fast_window
         whole = self._block is None or self._fast_polls_left <= 0 or count >= p.count
         try:
             if whole:
-                registers = read_block(client, p.function, p.start, p.count, self.address)
+                registers = read_registers(client, p, p.block_reads, None, self.address)
             else:
                 assert self._block is not None
-                registers = list(self._block)
-                offset = first - p.start
-                registers[offset : offset + count] = read_block(client, p.function, first, count, self.address)
+                registers = read_registers(client, p, p.fast_reads, self._block, self.address)
             reading = p.decode(registers)
         except CommError:
             self._block = None
@@ -311,12 +320,27 @@ class GasDetector(ModbusDevice):
         return reading
 
 
+def read_registers(client: ModbusClient, profile: DetectorProfile, reads: Sequence[tuple[int, int]],
+                   block: Sequence[int] | None, address: int) -> list[int]:
+    """The profile's block (from ``profile.start``) with ``reads`` — ``(start, count)`` each — read into it:
+    into a copy of ``block``, or into zeros (registers no read covers are ones decoding does not use)."""
+    registers = list(block) if block is not None else [0] * profile.count
+    for start, count in reads:
+        offset = start - profile.start
+        registers[offset : offset + count] = read_block(client, profile.function, start, count, address)
+    return registers
+
+
 class ExtinguisherStation(ModbusDevice):
     """An extinguisher cabinet behind an RS-485 I/O module, read through a :class:`StationProfile`."""
 
     def __init__(self, device_id: str, address: int, profile: StationProfile) -> None:
         super().__init__(device_id, address)
         self.profile = profile
+
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        return self.profile.cycle_reads
 
     def poll(self, client: ModbusClient) -> StationReading:
         tables = {
@@ -326,19 +350,34 @@ class ExtinguisherStation(ModbusDevice):
         return self.profile.decode(tables)
 
 
+#: Exceptions by which a device refuses a read of registers it does not implement (02, illegal data address)
+#: or of more registers than it serves at once (03, illegal data value): a controller's span read refused
+#: so is read one channel at a time.
+SPAN_REFUSALS = frozenset({exception_kind(0x02), exception_kind(0x03)})
+
+
 class ChannelGroup(ModbusDevice):
-    """The channels of a multi-channel controller behind one address, read in as few transactions as fit.
+    """The channels of a multi-channel controller behind one address, read by the profile's read plan.
 
     Each channel is a :class:`GasDetector` of its own (its own device id, profile and alarm state: see
-    :meth:`DetectorProfile.for_channel`); the bus thread polls the group instead of them. One read covers
-    as many channels as its 125 registers hold, so a 4-channel unit costs one transaction a cycle, not four.
-    :meth:`poll` gives each channel its reading, or the error of the read that should have carried it.
+    :meth:`DetectorProfile.for_channel`); the bus thread polls the group instead of them. :attr:`plan` is
+    ``"span"`` — one read covers as many channels as its 125 registers hold, so a 4-channel unit costs one
+    transaction a cycle — or ``"channel"``, one read per channel (split like :attr:`DetectorProfile.block_reads`),
+    for devices that implement only each channel's registers. Without a read setting the group starts with
+    the span and, when the device refuses a span read with exception 02 or 03 (:data:`SPAN_REFUSALS`),
+    switches to one read per channel for good and reads the channels at once; :attr:`fallback` then says why
+    (the bus thread logs it once). :meth:`poll` gives each channel its reading, or the error of the read that
+    should have carried it.
     """
 
     def __init__(self, channels: Sequence[GasDetector]) -> None:
         first = channels[0]
         super().__init__(first.device_id, first.address)
         self.channels = tuple(channels)
+        self.setting = first.profile.reads
+        self.plan = "channel" if self.setting == "channel" else "span"
+        #: Why the group left the span for one read per channel (None while it has not).
+        self.fallback: str | None = None
         self.reads: list[tuple[int, int, tuple[GasDetector, ...]]] = []  # (start, count, channels read)
         ordered = sorted(self.channels, key=lambda d: d.profile.start)
         batch: list[GasDetector] = []
@@ -362,13 +401,27 @@ class ChannelGroup(ModbusDevice):
         """The alarm core's device id of each channel."""
         return tuple(d.device_id for d in self.channels)
 
+    @property
+    def cycle_reads(self) -> tuple[tuple[int, int], ...]:
+        function = self.channels[0].profile.function
+        if self.plan == "channel":
+            return tuple((function, count) for d in self.channels for _start, count in d.profile.block_reads)
+        return tuple((function, count) for _start, count, _batch in self.reads)
+
     def poll(self, client: ModbusClient) -> dict[str, GasReading | CommError]:  # type: ignore[override]
         results: dict[str, GasReading | CommError] = {}
+        if self.plan == "channel":
+            for detector in self.channels:
+                results[detector.device_id] = self._read_channel(client, detector)
+            return results
         function = self.channels[0].profile.function
         for start, count, batch in self.reads:
             try:
                 block = read_block(client, function, start, count, self.address)
             except CommError as exc:
+                if self.setting is None and len(batch) > 1 and exc.kind in SPAN_REFUSALS:
+                    self._fall_back(start, count, exc)
+                    return self.poll(client)
                 results.update(dict.fromkeys((d.device_id for d in batch), exc))
                 continue
             for detector in batch:
@@ -379,6 +432,22 @@ class ChannelGroup(ModbusDevice):
                 except (ValueError, KeyError) as exc:
                     results[detector.device_id] = CommError("bad_response", str(exc))
         return results
+
+    def _fall_back(self, start: int, count: int, exc: CommError) -> None:
+        self.plan = "channel"
+        name = exc.kind.removeprefix("exception:").replace("_", " ")
+        self.fallback = (f"the device refused a read of registers {start}–{start + count - 1} spanning several "
+                         f"channels ({name}); its {len(self.channels)} channels are read one read each from now "
+                         f"on (set reads = \"channel\" in profile {self.channels[0].profile.name!r} to start so)")
+
+    def _read_channel(self, client: ModbusClient, detector: GasDetector) -> GasReading | CommError:
+        p = detector.profile
+        try:
+            return p.decode(read_registers(client, p, p.block_reads, None, self.address))
+        except CommError as exc:
+            return exc
+        except (ValueError, KeyError) as exc:
+            return CommError("bad_response", str(exc))
 
 
 def group_channels(devices: Sequence[ModbusDevice]) -> list[ModbusDevice]:

@@ -10,16 +10,19 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 
 __all__ = [
     "BUILTIN_DETECTOR_PROFILES",
     "BUILTIN_STATION_PROFILES",
+    "CHANNEL_READS",
     "DEFAULT_FULL_READ_EVERY",
     "DETECTOR_STATUSES",
     "GASES",
     "MAX_CHANNELS",
     "MAX_DECIMALS",
+    "MAX_READ_GAP",
     "MAX_READ_REGISTERS",
     "MEASURES",
     "PROFILE_A",
@@ -145,6 +148,10 @@ class DetectorProfile:
     channels: int = 1
     stride: int = 0
     channel: int = 1
+    #: How a controller's channels are read: ``"span"`` (as many channels per read as fit), ``"channel"`` (one
+    #: read per channel) or None: the span first, one read per channel once the device refuses the span
+    #: (:class:`drivers.modbus.ChannelGroup`).
+    reads: str | None = None
 
     def for_channel(self, channel: int) -> DetectorProfile:
         """The profile of channel ``channel`` (1-based): every register moved up by its offset."""
@@ -181,14 +188,39 @@ class DetectorProfile:
         return first, last - first + 1
 
     @property
+    def registers_used(self) -> tuple[int, ...]:
+        """Every register decoding reads, in order."""
+        used = {self.value_register, *(register for register, _bit, _name in self.flags)}
+        for field_ in (self.decimals, self.measure, self.status, self.gas):
+            if isinstance(field_, BitField):
+                used.add(field_.register)
+        if self.warmup is not None:
+            used.add(self.warmup.register)
+        return tuple(sorted(used))
+
+    @property
+    def block_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(start, count)`` of the reads that fetch the whole block: the block in one read, unless the registers
+        decoding uses lie more than :data:`MAX_READ_GAP` apart — then one read per cluster of them, not one
+        span over registers the device may not implement."""
+        return _clusters(self.registers_used, (self.start, self.count))
+
+    @property
+    def fast_reads(self) -> tuple[tuple[int, int], ...]:
+        """``(start, count)`` of the reads of a usual poll: the fast window, split like :attr:`block_reads`."""
+        first, count = self.fast_window
+        fast = [r for r in self.registers_used if first <= r < first + count]
+        return _clusters(tuple(fast), (first, count))
+
+    @property
     def cycle_reads(self) -> tuple[tuple[int, int], ...]:
         """``(function, count)`` of the reads of a usual poll (the fast window): what the bus floor counts.
 
         A multi-channel controller's channels are read together: channel 1 counts the reads of every
-        channel, the others none."""
+        channel (by its read setting; the span when none), the others none."""
         if self.channels > 1:
             return self.full_reads
-        return ((self.function, self.fast_window[1]),)
+        return tuple((self.function, count) for _start, count in self.fast_reads)
 
     @property
     def full_reads(self) -> tuple[tuple[int, int], ...]:
@@ -196,8 +228,10 @@ class DetectorProfile:
         if self.channels > 1:
             if self.channel != 1:
                 return ()
+            if self.reads == "channel":
+                return tuple((self.function, count) for _start, count in self.block_reads) * self.channels
             return tuple((self.function, count) for count in _channel_read_counts(self))
-        return ((self.function, self.count),)
+        return tuple((self.function, count) for _start, count in self.block_reads)
 
     def decode(self, registers: Sequence[int]) -> GasReading:
         """Registers (as read from ``start``) → reading. Raises ValueError on a register outside the block."""
@@ -249,6 +283,22 @@ class DetectorProfile:
         return decimals if isinstance(decimals, int) and 0 <= decimals <= MAX_DECIMALS else None
 
 
+def _clusters(registers: tuple[int, ...], span: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """``span`` as one read, or — where ``registers`` (sorted) leave a gap of more than :data:`MAX_READ_GAP`
+    unused registers — one ``(start, count)`` read per cluster of them."""
+    if not registers or all(b - a - 1 <= MAX_READ_GAP for a, b in pairwise(registers)):
+        return (span,)
+    reads: list[tuple[int, int]] = []
+    first = last = registers[0]
+    for register in registers[1:]:
+        if register - last - 1 > MAX_READ_GAP:
+            reads.append((first, last - first + 1))
+            first = register
+        last = register
+    reads.append((first, last - first + 1))
+    return tuple(reads)
+
+
 def _channel_read_counts(profile: DetectorProfile) -> list[int]:
     """Registers of each read that covers a controller's channels: as many whole channels per read as the
     125 registers of one read allow."""
@@ -262,6 +312,12 @@ def _channel_read_counts(profile: DetectorProfile) -> list[int]:
 
 #: The most registers one read (function 3 or 4) returns.
 MAX_READ_REGISTERS = 125
+#: The most unused registers one read carries between two that decoding needs. A second read costs a request,
+#: two silences and a turnaround (≈ 31 ms at 9600 baud 8N1, about as much as 15 registers), so a short gap is
+#: cheaper to read through; a longer one is more likely memory the device does not implement (and refuses).
+MAX_READ_GAP = 8
+#: Read settings of a multi-channel profile (:attr:`DetectorProfile.reads`).
+CHANNEL_READS = ("span", "channel")
 #: The most channels a multi-channel controller's profile may declare.
 MAX_CHANNELS = 64
 
@@ -526,7 +582,7 @@ def _bitfield(
 def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfile:
     """A custom detector register map from config. Raises :class:`ProfileError`."""
     _only(data, {"function", "start", "count", "value", "measure", "status", "flags", "warmup", "gas", "thresholds",
-                 "full_read_every", "channels", "stride"})
+                 "full_read_every", "channels", "stride", "reads"})
     function = _int(data, "function", lo=3, hi=4, default=3)
     start = _int(data, "start")
     count = _int(data, "count", lo=1, hi=125)
@@ -621,11 +677,18 @@ def parse_detector_profile(name: str, data: Mapping[str, Any]) -> DetectorProfil
             raise ProfileError("stride", f"channel {channels}'s registers run past register 65535 (to {last})")
     elif "stride" in data:
         raise ProfileError("stride", "is only for a profile with channels > 1")
+    reads = data.get("reads")
+    if reads is not None:
+        if channels == 1:
+            raise ProfileError("reads", "is only for a profile with channels > 1 (a single detector's reads follow "
+                                        "its registers by themselves)")
+        if reads not in CHANNEL_READS:
+            raise ProfileError("reads", f"must be 'span' or 'channel', got {reads!r}")
     return DetectorProfile(
         name=name, function=function, start=start, count=count, value_register=value_register,
         decimals=decimals, scale=scale, signed=signed, measure=measure, status=status, flags=tuple(flags),
         warmup=warmup, default_gas=gas_name, thresholds=thresholds, full_read_every=full_read_every,
-        channels=channels, stride=stride,
+        channels=channels, stride=stride, reads=reads,
     )
 
 

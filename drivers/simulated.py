@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
@@ -42,11 +42,13 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat
 
 __all__ = [
+    "CONTROLLER_STATUS_CODES",
     "GAS_CODES",
     "PROFILE_A_STATUS_CODES",
     "PROFILE_B_ALARM_BITS",
     "UNIT_CODES",
     "SimulatedBus",
+    "SimulatedController",
     "SimulatedGasDetector",
     "SimulatedIOStation",
     "VirtualNullModem",
@@ -768,6 +770,79 @@ class SimulatedGasDetector:
         return SimDevice(id=self.slave, simdata=[block], action=self._action)
 
 
+#: Channel status codes of a :class:`SimulatedController` (the register after the level).
+CONTROLLER_STATUS_CODES: Final[dict[str, int]] = {"normal": 0, "low_alarm": 1, "high_alarm": 2, "sensor_fault": 3}
+
+
+class SimulatedController:
+    """A multi-channel gas controller at one address: per channel a unit code, the level and a status code
+    in three registers, channel n's ``(n - 1) * stride`` above channel 1's (by default 2998/2999/3000, then
+    3008–3010, ...). Like most real devices it implements only those registers: a read that touches any
+    other one is refused with exception 02 (illegal data address), unless ``refuse_unmapped`` is False, when
+    every register of the span between reads as 0 (the lenient kind some tests need).
+    """
+
+    def __init__(self, slave: int, *, channels: int = 4, start: int = 2998, stride: int = 10, decimals: int = 1,
+                 unit: str = "%LEL", refuse_unmapped: bool = True) -> None:
+        if not 1 <= channels <= 64:
+            raise ValueError("channels must be 1..64")
+        if stride < 3 and channels > 1:
+            raise ValueError("stride must leave room for a channel's three registers")
+        if unit not in UNIT_CODES:
+            raise ValueError(f"unknown unit {unit!r}; expected one of {sorted(UNIT_CODES)}")
+        self.slave = _check_slave(slave)
+        self.channels = channels
+        self.start = start
+        self.stride = stride
+        self.decimals = decimals
+        self.refuse_unmapped = refuse_unmapped
+        self._lock = threading.Lock()
+        self._regs = {n: [UNIT_CODES[unit], 0, CONTROLLER_STATUS_CODES["normal"]] for n in range(1, channels + 1)}
+
+    def channel_start(self, channel: int) -> int:
+        """The first register (unit code) of ``channel`` (1-based)."""
+        return self.start + (channel - 1) * self.stride
+
+    def set_level(self, channel: int, value: float) -> None:
+        """Set one channel's measured level."""
+        with self._lock:
+            self._regs[channel][1] = _raw(value, self.decimals)
+
+    def set_status(self, channel: int, name: str) -> None:
+        """Set one channel's status by name (:data:`CONTROLLER_STATUS_CODES`)."""
+        with self._lock:
+            self._regs[channel][2] = CONTROLLER_STATUS_CODES[name]
+
+    def registers(self) -> dict[int, int]:
+        """Every implemented register by its address."""
+        with self._lock:
+            return {self.channel_start(n) + i: v for n, regs in self._regs.items() for i, v in enumerate(regs)}
+
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        _address: int,
+        _count: int,
+        current_registers: list[int],
+        _set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        if function_code not in (3, 4):
+            return ExcCodes.ILLEGAL_FUNCTION
+        for register, value in self.registers().items():
+            current_registers[register - start_address] = value
+        return None
+
+    def _sim_device(self) -> SimDevice:
+        if not self.refuse_unmapped:
+            span = self.channel_start(self.channels) + 3 - self.start
+            blocks = [SimData(self.start, count=span, values=0, datatype=DataType.REGISTERS)]
+        else:  # pymodbus refuses a read touching an address no block defines (exception 02)
+            blocks = [SimData(self.channel_start(n), count=3, values=0, datatype=DataType.REGISTERS)
+                      for n in range(1, self.channels + 1)]
+        return SimDevice(id=self.slave, simdata=blocks, action=self._action)
+
+
 _TABLE_BY_FC: Final[dict[int, str]] = {
     1: "coils",
     5: "coils",
@@ -888,7 +963,7 @@ def _check_slave(slave: int) -> int:
     return slave
 
 
-SimulatedSlave = SimulatedGasDetector | SimulatedIOStation
+SimulatedSlave = SimulatedGasDetector | SimulatedIOStation | SimulatedController
 
 
 # --------------------------------------------------------------------------------------------------
@@ -937,6 +1012,8 @@ class SimulatedBus:
         self._slaves: dict[int, SimulatedSlave] = {}
         self._answering: set[int] = set()
         self._turnarounds: dict[int, float] = {}
+        self._flaky: dict[int, tuple[float, random.Random]] = {}
+        self._dropped: dict[int, int] = {}
         self._wire_line: WireLine | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -985,6 +1062,28 @@ class SimulatedBus:
         station = SimulatedIOStation(slave)
         self._add(station)
         return station
+
+    def add_controller(self, slave: int, **options: Any) -> SimulatedController:
+        """Add a multi-channel controller (before :meth:`start`); options as for :class:`SimulatedController`."""
+        controller = SimulatedController(slave, **options)
+        self._add(controller)
+        return controller
+
+    def flaky(self, slave: int, fraction: float, *, seed: int | None = None) -> None:
+        """Let ``slave`` leave ``fraction`` of its answers unsent, at random (``seed`` makes it repeatable):
+        a device that fails that share of its polls. 0 makes it reliable again."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"fraction must be 0–1, got {fraction}")
+        with self._lock:
+            if fraction:
+                self._flaky[slave] = (fraction, random.Random(seed))
+            else:
+                self._flaky.pop(slave, None)
+
+    def dropped(self, slave: int) -> int:
+        """Answers of ``slave`` left unsent by :meth:`flaky` so far."""
+        with self._lock:
+            return self._dropped.get(slave, 0)
 
     def set_turnaround(self, slave: int, seconds: float) -> None:
         """Give ``slave`` its own turnaround (1–100 ms) on a bus with a wire; any time, also while running."""
@@ -1134,6 +1233,10 @@ class SimulatedBus:
         slave = data[0]
         with self._lock:
             answering = slave in self._answering
+            flaky = self._flaky.get(slave)
+            if answering and flaky is not None and flaky[1].random() < flaky[0]:
+                answering = False
+                self._dropped[slave] = self._dropped.get(slave, 0) + 1
         if not answering:
             return b""
         hook = self.on_response

@@ -258,11 +258,11 @@ def line_format(bus: BusConfig) -> LineFormat:
 
 
 def poll_reads(devices: list[ModbusDevice]) -> list[tuple[int, int]]:
-    """``(function, count)`` of every read of one usual cycle over ``devices``."""
+    """``(function, count)`` of every read of one usual cycle over ``devices``, as each is read now (a
+    controller's channels by the read plan it uses)."""
     reads: list[tuple[int, int]] = []
-    for device in devices:
-        if isinstance(device, GasDetector | ExtinguisherStation):
-            reads += device.profile.cycle_reads
+    for device in group_channels(devices):  # a list already grouped passes unchanged
+        reads += device.cycle_reads
     return reads
 
 
@@ -312,7 +312,12 @@ class BusPoller:
     def floor_s(self) -> float:
         """The wire's floor for one cycle of this bus's usual polls (:func:`drivers.wire.bus_floor_s`),
         with the default device turnaround."""
-        return bus_floor_s(line_format(self.bus), poll_reads(self.devices), turnaround_s=DEFAULT_TURNAROUND_S)
+        return bus_floor_s(line_format(self.bus), poll_reads(self.polled), turnaround_s=DEFAULT_TURNAROUND_S)
+
+    def read_plans(self) -> dict[str, str]:
+        """How each multi-channel controller on the bus is read now (``span`` or ``channel``), by its first
+        channel's device id."""
+        return {d.device_id: d.plan for d in self.polled if isinstance(d, ChannelGroup)}
 
     @property
     def deadline_s(self) -> float:
@@ -489,20 +494,23 @@ class BusPoller:
 
     def _poll_channels(self, group: ChannelGroup) -> None:
         """One poll of a controller: each channel's reading, or its read's failure, to the panel as its own
-        device. A failed read counts once on the bus, and once for each channel it carried."""
+        device. A poll with a failed read counts once on the bus, under the kind of its first failed read (so
+        the kinds add up to the total), and once for each channel it carried."""
         self.polls += 1
+        plan = group.plan
         try:
             results = group.poll(self._client)
         except Exception:  # a driver bug must never stop the bus thread
             results = {}
             self._log_once(f"driver:{group.device_id}", "poll raised", device=group.device_id)
-        failed = {id(r): r for r in results.values() if isinstance(r, CommError)}
-        if failed or not results:
+        if group.plan != plan and group.fallback is not None:
+            log.warning("controller read one channel at a time", bus=self.bus.id, address=group.address,
+                        channels=list(group.device_ids), reason=group.fallback)
+        first_failed = next((r for r in results.values() if isinstance(r, CommError)), None)
+        if first_failed is not None or not results:
             self.errors += 1
-        for exc in failed.values():
-            self.errors_by_kind[exc.kind] += 1
-        if not results:
-            self.errors_by_kind["driver_error"] += 1
+            self.errors_by_kind["driver_error" if first_failed is None else first_failed.kind] += 1
+        failed = {id(r): r for r in results.values() if isinstance(r, CommError)}
         for key in group.device_ids:
             result = results.get(key)
             if isinstance(result, GasReading):
