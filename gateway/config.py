@@ -216,6 +216,12 @@ class AlarmSettings:
     offline_ceiling_s: float = 100.0
     #: Good polls in a row before an offline fault clears: a flaky device must not flap its fault.
     offline_clear_polls: int = 3
+    #: ``comms_degraded``: raised when more than ``degraded_percent`` of a device's last
+    #: ``degraded_window_polls`` polls failed; cleared after a whole window with at most
+    #: ``degraded_clear_percent`` failed (docs/alarms.md, "Communication faults").
+    degraded_window_polls: int = 50
+    degraded_percent: float = 20.0
+    degraded_clear_percent: float = 5.0
     door_open_s: float = 120.0
     trouble_chirp_interval_s: float = 45.0
     telemetry_interval_s: float = 60.0
@@ -716,6 +722,7 @@ def _parse_alarm(root: _Table) -> AlarmSettings:
         offline_after_failures=t.integer("offline_after_failures", d.offline_after_failures, lo=1, hi=10),
         offline_ceiling_s=t.num("offline_ceiling_s", d.offline_ceiling_s, lo=1.0, hi=100.0),
         offline_clear_polls=t.integer("offline_clear_polls", d.offline_clear_polls, lo=1, hi=100),
+        **_parse_degraded(t, d),
         door_open_s=t.num("door_open_s", d.door_open_s, lo=0.0, hi=3600.0),
         trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
         telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
@@ -724,6 +731,17 @@ def _parse_alarm(root: _Table) -> AlarmSettings:
     )
     t.done()
     return settings
+
+
+def _parse_degraded(t: _Table, d: AlarmSettings) -> dict[str, Any]:
+    """The ``comms_degraded`` keys of ``[alarm]``; the clear share must lie below the raise share."""
+    window = t.integer("degraded_window_polls", d.degraded_window_polls, lo=10, hi=1000)
+    percent = t.num("degraded_percent", d.degraded_percent, lo=1.0, hi=90.0)
+    clear = t.num("degraded_clear_percent", d.degraded_clear_percent, lo=0.0, hi=90.0)
+    if clear >= percent:
+        raise ConfigError(f"{t.path}.degraded_clear_percent", f"must be below degraded_percent ({percent:g}), "
+                                                               f"got {clear:g}: the fault would clear as it rose")
+    return {"degraded_window_polls": window, "degraded_percent": percent, "degraded_clear_percent": clear}
 
 
 def _parse_devices(

@@ -841,8 +841,12 @@ class AlarmModel(RuleBasedStateMachine):
             first is not None and self.now - first >= SETTINGS.offline_ceiling_s)
 
     def hold(self) -> None:
+        """Offline once due: by the ceiling always; by the count unless the device is comms_degraded (then a
+        run of failures is that fault's, not offline)."""
         for device in MODBUS:
-            if self.offline_due(device):
+            first = self.first_failure[device]
+            ceiling = first is not None and self.now - first >= SETTINGS.offline_ceiling_s
+            if ceiling or (self.offline_due(device) and (device, "comms_degraded") not in self.faults):
                 self.held[device] = True
                 self.good[device] = 0
 
@@ -866,7 +870,7 @@ class AlarmModel(RuleBasedStateMachine):
             return
         cfg = self.cfg[device]
         assert cfg.low is not None and cfg.high is not None
-        trusted = not wrong_unit and not status & {"sensor_fault", "data_error"}
+        trusted = not wrong_unit and not status & {"sensor_fault", "data_error", "comms_fault"}
         if status & {"high_alarm", "over_range"} or (trusted and value >= cfg.high):
             assert self.alarms[device][0] == "high"
         elif status & {"low_alarm", "stel"} or (trusted and value >= cfg.low):
@@ -998,7 +1002,8 @@ class AlarmModel(RuleBasedStateMachine):
     def a_device_failing_is_offline_within_the_bound_until_enough_good_polls(self) -> None:
         for device in MODBUS:
             offline = (device, "offline") in self.faults
-            expected = self.offline_due(device) or self.held[device]
+            degraded = (device, "comms_degraded") in self.faults
+            expected = (self.offline_due(device) and not degraded) or self.held[device]
             assert offline == expected, (f"{device}: {self.failures[device]} failures since "
                                          f"{self.first_failure[device]}, {self.good[device]} good polls, "
                                          f"now {self.now}")

@@ -16,6 +16,11 @@ Rules (docs/alarms.md gives each with its default and source):
 - faults (offline after N failed polls or a time ceiling, reported faults, port lost, implausible
   contact) clear by themselves when the cause goes away; offline only after ``offline_clear_polls`` good
   polls in a row, so a flaky link does not raise and clear it at every other poll;
+- a device failing many polls but not all is ``comms_degraded`` (more than ``degraded_percent`` of its last
+  ``degraded_window_polls`` polls failed, or N failed in a row again within that many polls of its offline
+  fault clearing), which clears only after a whole window with at most ``degraded_clear_percent`` failed;
+  while it is degraded, offline is raised only by the time ceiling (no valid answer for 100 s), so a device
+  failing half its polls raises offline at most once and clears it at most once;
 - every failed poll is counted by its kind (timeout, CRC error, exception name, ...) per device;
 - supervisory signals (extinguisher removed, pressure, cabinet door open too long, access obstructed);
 - sounder priority FIRE > GAS > SUPERVISORY > TEST > TROUBLE;
@@ -27,6 +32,7 @@ Rules (docs/alarms.md gives each with its default and source):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -50,10 +56,10 @@ __all__ = [
 
 #: Statuses a detector reports that are faults (trouble), not alarms.
 DEVICE_FAULTS = ("sensor_fault", "data_error", "needs_calibration", "comms_fault")
-#: Statuses whose concentration reading cannot be trusted.
-UNTRUSTED = frozenset({"sensor_fault", "data_error"})
-#: Statuses that make a published reading ``bad`` (its value is withheld) or ``uncertain`` (over range: the
-#: true value is higher; calibration due), most telling first. docs/mqtt.md, "Reading quality".
+#: Statuses that make a reading ``bad`` or ``uncertain`` (over range: the true value is higher; calibration
+#: due), most telling first. docs/mqtt.md, "Reading quality". One rule for every output: the concentration of
+#: a ``bad`` reading is not trusted — it decides no alarm level, and neither its alarm events nor its
+#: telemetry carry it (the detector's own alarm flags still raise alarms, without a value).
 BAD_READING = ("unit_mismatch", "sensor_fault", "data_error", "comms_fault")
 UNCERTAIN_READING = ("over_range", "needs_calibration")
 #: Detector statuses that are a level-2 (high) alarm whatever the concentration reads.
@@ -132,6 +138,25 @@ class _Condition:
 
 
 @dataclass(slots=True)
+class _LinkWindow:
+    """A device's last polls (True = failed) outside offline spells, for the ``comms_degraded`` rule."""
+
+    polls: deque[bool]
+    failed: int = 0  # failed polls among them
+    since_offline_cleared: int | None = None  # polls since the offline fault last cleared (None: not recently)
+    since_degraded: int = 0  # polls since comms_degraded was raised
+
+    def add(self, failed: bool) -> None:
+        if len(self.polls) == self.polls.maxlen and self.polls[0]:
+            self.failed -= 1
+        self.polls.append(failed)
+        self.failed += failed
+        if self.since_offline_cleared is not None:
+            self.since_offline_cleared += 1
+        self.since_degraded += 1
+
+
+@dataclass(slots=True)
 class _DeviceState:
     cfg: DeviceConfig
     level: Level = Level.NONE  # the alarm condition now (with hysteresis); NONE while unknown
@@ -153,6 +178,7 @@ class _DeviceState:
     comm_errors: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)  # comm_errors by what the line showed
     good_polls: int = 0  # answers in a row while offline (the fault clears after offline_clear_polls)
+    link: _LinkWindow | None = None  # outcomes of the last polls, for comms_degraded (Modbus devices)
     faults: set[str] = field(default_factory=set)
     supervisory: set[str] = field(default_factory=set)  # supervisory conditions present now
 
@@ -173,6 +199,9 @@ class AlarmCore:
         self.settings = settings or AlarmSettings()
         self.linkage = tuple(linkage)
         self._devices = {d.id: _DeviceState(cfg=d) for d in devices}
+        for st in self._devices.values():
+            if st.cfg.is_modbus:
+                st.link = _LinkWindow(deque(maxlen=self.settings.degraded_window_polls))
         self._conditions: dict[tuple[str, str], _Condition] = {}
         self._test_sound_until = float("-inf")
         self._relays: frozenset[str] = frozenset()
@@ -271,16 +300,19 @@ class AlarmCore:
             flagged = Level.HIGH
         elif reading.status & LOW_FLAGS:
             flagged = Level.LOW
-        trusted = not mismatch and not reading.status & UNTRUSTED
+        status = reading.status | ({"unit_mismatch"} if mismatch else set())
+        quality = _quality(status)
+        trusted = quality[0] != "bad"
+        if not trusted:
+            st.last_value = None  # the status display follows the same rule
         measured = self._concentration_level(st, reading.value) if trusted else Level.NONE
         first = len(events)
-        self._alarm_level(st, max(flagged, measured), reading.value, now, events, known=trusted)
+        self._alarm_level(st, max(flagged, measured), reading.value if trusted else None, now, events,
+                          known=trusted)
         if flagged > measured:  # the detector's own status flag set the level, not a concentration: say so
             flag = min(reading.status & (HIGH_FLAGS if flagged == Level.HIGH else LOW_FLAGS))
             events[first:] = [replace(e, value=None, code=flag) if e.kind in ("alarm", "test") else e
                               for e in events[first:]]
-        status = reading.status | ({"unit_mismatch"} if mismatch else set())
-        quality = _quality(status)
         self._telemetry(st, reading.value, reading.measure or cfg.measure, now, events, quality)
         return self._finish(events, now)
 
@@ -343,12 +375,30 @@ class AlarmCore:
         st.good_polls = 0
         if st.first_failure is None:
             st.first_failure = now
-        if "offline" not in st.faults and (
-            st.failures >= self.settings.offline_after_failures
-            or now - st.first_failure >= self.settings.offline_ceiling_s
-        ):
-            self._go_offline(st, now, events, f"{st.failures} failed polls, last: {reason}")
+        link = st.link
+        if link is not None and "offline" not in st.faults:
+            link.add(True)
+        if "offline" not in st.faults:
+            s = self.settings
+            ceiling = now - st.first_failure >= s.offline_ceiling_s
+            due = st.failures >= s.offline_after_failures
+            degraded = "comms_degraded" in st.faults
+            relapse = (link is not None and link.since_offline_cleared is not None
+                       and link.since_offline_cleared <= s.degraded_window_polls)
+            if ceiling or (due and not degraded and not relapse):
+                self._go_offline(st, now, events, f"{st.failures} failed polls, last: {reason}")
+            elif due and relapse and not degraded and link is not None:
+                self._degrade(st, now, events, f"{st.failures} failed polls in a row again, "
+                                               f"{link.since_offline_cleared} polls after the offline fault cleared")
+            elif link is not None and not degraded and link.failed > s.degraded_window_polls * s.degraded_percent / 100:
+                self._degrade(st, now, events, f"{link.failed} of the last {len(link.polls)} polls failed "
+                                               f"(more than {s.degraded_percent:g} %), last: {reason}")
         return self._finish(events, now)
+
+    def _degrade(self, st: _DeviceState, now: float, events: list[Event], detail: str) -> None:
+        assert st.link is not None
+        st.link.since_degraded = 0
+        self._set_faults(st, st.faults | {"comms_degraded"}, ("comms_degraded",), now, events, detail=detail)
 
     def port_state(self, bus_id: str, lost: bool, now: float, detail: str | None = None) -> list[Event]:
         """A serial port disappeared (``lost``) or opened again."""
@@ -562,12 +612,23 @@ class AlarmCore:
         st.failures = 0
         st.first_failure = None
         st.last_seen = now
+        link = st.link
         if "offline" in st.faults:
             # Hold-off: one answer from a flaky device does not clear its fault; a run of them does.
             st.good_polls += 1
             if st.good_polls >= self.settings.offline_clear_polls:
                 st.good_polls = 0
                 self._set_faults(st, st.faults - {"offline"}, ("offline",), now, events)
+                if link is not None:
+                    link.since_offline_cleared = 0
+        elif link is not None:
+            link.add(False)
+            s = self.settings
+            if ("comms_degraded" in st.faults and link.since_degraded >= s.degraded_window_polls
+                    and link.failed <= s.degraded_window_polls * s.degraded_clear_percent / 100):
+                link.since_offline_cleared = None
+                self._set_faults(st, st.faults - {"comms_degraded"}, ("comms_degraded",), now, events,
+                                 detail=f"{link.failed} of the last {len(link.polls)} polls failed")
         return events
 
     def _go_offline(self, st: _DeviceState, now: float, events: list[Event], detail: str) -> None:
