@@ -145,7 +145,8 @@ def test_the_degraded_clear_share_must_be_below_the_raise_share(tmp_path: Path) 
     spec = build_site(bus_port="/dev/ttyUSB0", db_path=tmp_path / "e.db", broker_port=1883,
                       socket_path=tmp_path / "c.sock", households=1)
     path = tmp_path / "site.toml"
-    path.write_text(spec.toml + "\n[alarm]\ndegraded_percent = 10.0\ndegraded_clear_percent = 10.0\n",
+    assert "[alarm]\n" in spec.toml
+    path.write_text(spec.toml.replace("[alarm]\n", "[alarm]\ndegraded_percent = 10.0\ndegraded_clear_percent = 10.0\n"),
                     encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(path)
