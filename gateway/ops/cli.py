@@ -236,6 +236,19 @@ def error_kind_label(kind: str) -> str:
     return ERROR_KIND_LABELS.get(kind, kind.replace("_", " "))
 
 
+def _scan_controllers(found: list[dict[str, Any]]) -> Iterator[str]:
+    """Each multi-channel controller a scan recognised: its channels and stride, then a profile to paste."""
+    for h in found:
+        layout = h.get("controller")
+        if not layout:
+            continue
+        yield ""
+        yield (f"address {h['address']}: multi-channel controller, {layout['channels']} channels, stride "
+               f"{layout['stride']} (channel 1: registers {layout['start']}–{layout['start'] + layout['count'] - 1})")
+        yield "profile sketch to paste into the site file (check the marked lines against the manual):"
+        yield from h["profile_sketch"].rstrip("\n").split("\n")
+
+
 def _kinds(by_kind: dict[str, int] | None, before: str = "", after: str = "") -> str:
     """Failed polls by kind, most first: "timeout 5, CRC error 2" ("" when there are none)."""
     if not by_kind:
@@ -663,6 +676,7 @@ class Cli:
                     [str(h["address"]), h["profile"], h.get("confidence", "—"), ", ".join(h["candidates"]) or "—",
                      h["configured_as"] or "—"]
                     for h in found], self.style)
+            yield from _scan_controllers(found)
             for h in d.get("gateway_answers", []):
                 said = error_kind_label(f"exception:{h['exception']}")
                 yield f"address {h['address']}: a Modbus gateway answered {said} — no device answered behind it"

@@ -50,6 +50,7 @@ from drivers.modbus import (
 from drivers.profiles import GasReading, StationReading
 from gateway import __version__
 from gateway.events import KIND_PRIORITY, Event
+from gateway.ops.discover import ControllerLayout, find_controller, profile_sketch
 from gateway.panel.annunciator import PATTERNS
 from gateway.panel.core import Sound
 
@@ -692,9 +693,15 @@ def _probe(client: ModbusClient, address: int, timeout_s: float) -> dict[str, An
             params.timeout_connect = saved
 
 
+#: Answers that came from the address probed but could not be taken (garbled, cut short, another function):
+#: something is there.
+_GARBLED = frozenset({"crc_error", "truncated_frame", "overlong_frame", "bad_response", "wrong_function"})
+
+
 def _answers(client: ModbusClient, function: int, start: int, count: int, address: int) -> list[int] | str:
     """Registers/bits read, else what came instead: ``exception`` (the device refused the read: it is there),
-    ``silent`` (nothing usable), or ``gateway:<name>`` (a Modbus gateway's 0x0A/0x0B: nothing is there)."""
+    ``garbled`` (a frame came that could not be taken: something is there), ``silent`` (nothing, or a frame
+    from another address), or ``gateway:<name>`` (a Modbus gateway's 0x0A/0x0B: nothing is there)."""
     try:
         return read_block(client, function, start, count, address)
     except CommError as exc:
@@ -703,7 +710,31 @@ def _answers(client: ModbusClient, function: int, start: int, count: int, addres
         if exc.reason == "exception_response":
             code = next((c for c in GATEWAY_EXCEPTIONS if exc.kind == exception_kind(c)), None)
             return f"gateway:{EXCEPTION_NAMES[code]}" if code is not None else "exception"
-        return "silent"
+        return "garbled" if exc.kind in _GARBLED else "silent"
+
+
+class _WentSilent(Exception):
+    """A device stopped answering the controller probes: it is not one that refuses reads quickly."""
+
+
+def _controller_probe(client: ModbusClient, address: int) -> ControllerLayout | None:
+    """:func:`gateway.ops.discover.find_controller` through the bus client; gives up at the second silence
+    (each would cost the probe timeout)."""
+    silences = 0
+
+    def read(start: int, count: int) -> list[int] | None:
+        nonlocal silences
+        answer = _answers(client, 3, start, count, address)
+        if answer == "silent":
+            silences += 1
+            if silences >= 2:
+                raise _WentSilent
+        return answer if isinstance(answer, list) else None
+
+    try:
+        return find_controller(read)
+    except _WentSilent:
+        return None
 
 
 def _classify(client: ModbusClient, address: int) -> dict[str, Any] | None:
@@ -731,8 +762,19 @@ def _classify(client: ModbusClient, address: int) -> dict[str, Any] | None:
         guesses.append("io-station")
         detail["discrete_inputs_0_3"] = bits
     confidence, why = _confidence(guesses)
-    return {"address": address, "responding": True, "profile": guesses[0] if guesses else "unknown",
-            "candidates": guesses, "confidence": confidence, "why": why, **detail}
+    profile = guesses[0] if guesses else "unknown"
+    if not guesses:
+        layout = _controller_probe(client, address)
+        if layout is not None and layout.channels > 1:
+            profile, confidence = "controller", "medium"
+            why = (f"{layout.channels} channels of {layout.count} registers from {layout.start}, "
+                   f"{layout.stride} apart; check the register meanings in the manual")
+            detail.update(controller=layout.as_dict(), profile_sketch=profile_sketch(layout, address))
+        elif layout is not None:
+            detail["registers"] = layout.as_dict()
+            why = f"registers {layout.start}–{layout.start + layout.count - 1} read; no known register map fits"
+    return {"address": address, "responding": True, "answer": "registers" if isinstance(first, list) else first,
+            "profile": profile, "candidates": guesses, "confidence": confidence, "why": why, **detail}
 
 
 def _confidence(guesses: list[str]) -> tuple[str, str]:

@@ -190,6 +190,8 @@ class BusCounters:
     floor_s: float | None = None
     cycle_s: float | None = None
     paused: bool = False
+    #: The bus's own failed polls by kind (they add up to ``errors``); None: summed from its devices'.
+    errors_by_kind: Mapping[str, int] | None = None
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -250,7 +252,8 @@ class StatusReporter:
                              "window_polls": polls, "window_errors": errors,
                              "success_ratio": round((polls - min(errors, polls)) / polls, 4) if polls else None,
                              "floor_ms": _ms(b.floor_s), "cycle_ms": _ms(b.cycle_s),
-                             "errors_by_kind": dict(sorted(bus_kinds.get(b.bus, {}).items()))})
+                             "errors_by_kind": dict(sorted((b.errors_by_kind if b.errors_by_kind is not None
+                                                            else bus_kinds.get(b.bus, {})).items()))})
             self._previous[b.bus] = b
         window = now - self._window_start
         self._window_start = now

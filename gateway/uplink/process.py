@@ -341,7 +341,8 @@ class StorageProcess:
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),
             buses=[BusCounters(b["id"], b["polls"], b["errors"], b["port_lost"], b.get("floor_s"), b.get("cycle_s"),
-                               bool(b.get("paused", False))) for b in view.get("buses", [])],
+                               bool(b.get("paused", False)), b.get("errors_by_kind"))
+                   for b in view.get("buses", [])],
             storage={**await self.outbox.stats(), **self.writer.stats(), **view.get("hold", {})},
         )
 
