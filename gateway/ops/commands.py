@@ -657,10 +657,13 @@ def _typename(value: Any) -> str:
 
 
 def _cycle_figures(poller: Any) -> dict[str, Any]:
-    """A bus thread's wire floor and last full cycle, in seconds, where the bus object offers them."""
+    """A bus thread's wire floor and last full cycle, in seconds, and how its controllers are read (the floor
+    follows that plan), where the bus object offers them."""
     floor, cycle = getattr(poller, "floor_s", None), getattr(poller, "cycle_s", None)
+    plans = getattr(poller, "read_plans", None)
     return {"floor_s": None if floor is None else round(floor, 4),
-            "cycle_s": None if cycle is None else round(cycle, 4)}
+            "cycle_s": None if cycle is None else round(cycle, 4),
+            "read_plans": plans() if callable(plans) else {}}
 
 
 def _reading(reading: GasReading | StationReading) -> dict[str, Any]:
