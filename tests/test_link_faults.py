@@ -3,14 +3,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from drivers.simulated import SimulatedBus, VirtualNullModem
 from gateway.config import DEFAULT_THRESHOLDS, ConfigError, load_config
 from gateway.events import Event
 from gateway.panel.core import AlarmCore, Sound
+from tests.support.broker import MosquittoBroker
+from tests.support.building import CountingHeartbeats, eventually, read_events, running_gateway
 from tests.support.site import build_site
 from tests.test_alarm import SETTINGS, T0, make_core, only, reading
 
@@ -152,3 +158,74 @@ def test_the_degraded_clear_share_must_be_below_the_raise_share(tmp_path: Path) 
         load_config(path)
     assert info.value.path == "alarm.degraded_clear_percent"
     assert "below degraded_percent" in info.value.reason
+
+
+# ------------------------------------------------------------------------------------------- on the bus
+
+#: Polls of the flaky detector: 10 minutes at one poll a second, at the test's 0.1 s cycle about a minute.
+FLAKY_POLLS = 600
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+async def test_a_detector_failing_half_its_polls_beside_a_healthy_one(
+    tmp_path: Path, broker: MosquittoBroker, mock_pins: Any
+) -> None:
+    """pymodbus's server leaves half the flaky detector's answers unsent, at random, for 600 of its polls: its
+    offline fault is raised and cleared at most once, comms_degraded raised once; the healthy detector on the
+    same bus raises each of its alarms within one poll cycle. Healthy again, comms_degraded clears."""
+    heartbeats = CountingHeartbeats()
+    db = tmp_path / "events.db"
+    with VirtualNullModem(tmp_path / "line") as line:
+        sim = SimulatedBus(line.device_port)
+        healthy_sim = sim.add_gas_detector(1, "A", unit="%LEL", decimals=1)
+        flaky_sim = sim.add_gas_detector(2, "A", unit="%LEL", decimals=1)
+        for s in (healthy_sim, flaky_sim):
+            s.set_status("normal")
+        sim.flaky(2, 0.5, seed=32)
+        with sim:
+            spec = build_site(bus_port=line.gateway_port, db_path=db, broker_port=broker.port,
+                              socket_path=tmp_path / "control.sock", households=2, timeout_s=0.05,
+                              poll_interval_s=0.1)
+            cfg = load_config(spec.write(tmp_path / "site.toml"))
+            healthy, flaky = (d.id for d in spec.detectors)
+            async with running_gateway(cfg, heartbeats=heartbeats) as gateway:
+                poller = gateway.buses["bus1"]
+
+                def state(device: str) -> dict[str, Any]:
+                    return next(d for d in gateway.panel.snapshot()["devices"] if d["device"] == device)
+
+                cycles: list[int] = []
+                while poller.polls < 2 * FLAKY_POLLS:  # two detectors a cycle
+                    changed = time.monotonic()
+                    healthy_sim.set_concentration(30.0)
+                    raised = await eventually(lambda c=changed: [m for m in _alarm_monos(db, healthy) if m >= c],
+                                              timeout=30, message="the healthy detector's alarm")
+                    cycles.append(heartbeats.count("bus:bus1", after=changed, before=raised[0]))
+                    healthy_sim.set_concentration(0.0)
+                    await eventually(lambda: not state(healthy)["condition_present"], timeout=30)
+                    gateway.panel.reset(healthy, "test")
+                    await asyncio.sleep(3.0)
+                await eventually(lambda: len(_faults(db, flaky)) >= 1, timeout=30)
+                flaky_phase = _faults(db, flaky)
+                dropped = sim.dropped(2)
+                sim.flaky(2, 0.0)
+                await eventually(lambda: "comms_degraded" not in state(flaky)["faults"], timeout=120,
+                                 message=lambda: str(state(flaky)))
+                await eventually(lambda: ("comms_degraded", "cleared") in _faults(db, flaky), timeout=30)
+                recovered = _faults(db, flaky)[len(flaky_phase):]
+    assert dropped >= FLAKY_POLLS // 3, dropped
+    offline = [a for c, a in flaky_phase if c == "offline"]
+    assert offline in ([], ["raised"], ["raised", "cleared"]), flaky_phase
+    assert [a for c, a in flaky_phase if c == "comms_degraded"] == ["raised"], flaky_phase
+    assert ("offline", "raised") not in recovered, recovered
+    assert len(cycles) >= 5 and max(cycles) <= 1, cycles
+
+
+def _alarm_monos(db: Path, device: str) -> list[float]:
+    rows = read_events(db, "kind = 'alarm' AND action = 'raised' AND device = ?", (device,))
+    return [float(r["mono"]) for r in rows]
+
+
+def _faults(db: Path, device: str) -> list[tuple[str, str]]:
+    return [(r["body"]["code"], r["action"]) for r in read_events(db, "kind = 'fault' AND device = ?", (device,))]
