@@ -8,6 +8,10 @@ mosquitto started by the test.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -236,3 +240,49 @@ def test_a_controller_set_to_span_keeps_its_span_and_reports_the_refusal(tmp_pat
     assert auto.plan == "channel" and auto.fallback is not None
     assert all(not isinstance(r, Exception) for r in answers.values())
     assert auto.cycle_reads == ((3, 3),) * 4
+
+
+# ------------------------------------------------------------------------------------------- scan
+
+
+@pytest.mark.timeout(240)
+async def test_scan_lists_the_controller_with_its_channels_and_stride(
+    tmp_path: Path, broker: MosquittoBroker, mock_pins: Any
+) -> None:
+    """``gatewayctl scan`` (a real subprocess) against the running gateway: the controller at 5 answers the
+    profile probes only with exceptions, is listed as a responder and recognised as a 4-channel controller
+    with stride 10; the profile sketch it prints parses and reads the controller."""
+    with VirtualNullModem(tmp_path / "line") as line:
+        sim = SimulatedBus(line.device_port)
+        sim.add_gas_detector(1, "A", unit="%LEL", decimals=1).set_status("normal")
+        sim.add_controller(CONTROLLER)
+        with sim:
+            cfg, _ = site(tmp_path, bus_port=line.gateway_port, broker_port=broker.port)
+            async with running_gateway(cfg):
+                as_json = await _gatewayctl(cfg, "scan", "bus1", "--from", "1", "--to", "6", "--pause-polling",
+                                            "--json")
+                text = await _gatewayctl(cfg, "scan", "bus1", "--from", "5", "--to", "5", "--pause-polling")
+    found = {r["address"]: r for r in json.loads(as_json)["data"]["responders"]}
+    assert sorted(found) == [1, CONTROLLER]
+    hit = found[CONTROLLER]
+    assert (hit["profile"], hit["answer"], hit["configured_as"]) == ("controller", "exception", "ctrl")
+    assert {k: hit["controller"][k] for k in ("start", "count", "stride", "channels")} == {
+        "start": 2998, "count": 3, "stride": 10, "channels": 4}
+    assert "1 responding address(es) in 5–5" in text
+    assert f"address {CONTROLLER}: multi-channel controller, 4 channels, stride 10" in text
+    sketch = text.split("check the marked lines against the manual):\n", 1)[1]
+    profile = tomllib.loads(sketch)["profiles"][f"controller-{CONTROLLER}"]
+    profile.pop("kind")
+    parsed = parse_detector_profile("sketch", profile)
+    assert (parsed.start, parsed.count, parsed.channels, parsed.stride, parsed.reads) == (
+        2998, 3, 4, 10, "channel")
+
+
+async def _gatewayctl(cfg: SiteConfig, *args: str) -> str:
+    """Run ``gatewayctl`` without blocking the loop the gateway's control server runs on; its stdout."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "gatewayctl"), "--config", str(cfg.source), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "NO_COLOR": ""})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    return out.decode()
