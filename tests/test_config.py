@@ -626,7 +626,7 @@ def test_every_config_field_is_documented() -> None:
 def test_profile_examples_in_the_docs_validate(tmp_path: Path) -> None:
     blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), flags=re.S)
     profiles = [tomllib.loads(block)["profiles"] for block in blocks if "[profiles." in block]
-    assert len(profiles) == 3
+    assert len(profiles) == 4  # quad, co-meter, ctrl4 (reads), a station
     doc = base()
     doc["profiles"] = {name: body for p in profiles for name, body in p.items()}
     cfg = parse_config(doc, base_dir=tmp_path)
