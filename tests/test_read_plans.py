@@ -286,3 +286,57 @@ async def _gatewayctl(cfg: SiteConfig, *args: str) -> str:
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, (proc.returncode, out, err)
     return out.decode()
+
+
+# ------------------------------------------------------------------------------------------- counting
+
+
+@pytest.mark.timeout(240)
+async def test_a_silent_controller_counts_once_per_poll_on_the_bus_and_kinds_add_up(
+    tmp_path: Path, broker: MosquittoBroker, mock_pins: Any
+) -> None:
+    with VirtualNullModem(tmp_path / "line") as line:
+        sim = SimulatedBus(line.device_port)
+        sim.add_gas_detector(1, "A", unit="%LEL", decimals=1).set_status("normal")
+        sim.add_controller(CONTROLLER)
+        with sim:
+            cfg, _ = site(tmp_path, bus_port=line.gateway_port, broker_port=broker.port, reads="channel")
+            async with running_gateway(cfg) as gateway:
+                poller = gateway.buses["bus1"]
+
+                def devices() -> dict[str, dict[str, Any]]:
+                    return {str(d["device"]): d for d in gateway.panel.snapshot()["devices"]}
+
+                await eventually(lambda: devices()["ctrl.ch4"]["state"] == "normal", timeout=60)
+                sim.responding(CONTROLLER, False)
+                await eventually(lambda: all("offline" in devices()[f"ctrl.ch{n}"]["faults"] for n in HOUSEHOLDS),
+                                 timeout=60)
+                poller.pause(True)  # then the counters stand still: read them at rest
+                while True:
+                    before = poller.polls
+                    await asyncio.sleep(0.5)
+                    if poller.polls == before:
+                        break
+                status = (await gateway.commands.status())["buses"][0]
+                channels = [devices()[f"ctrl.ch{n}"] for n in HOUSEHOLDS]
+                errors = poller.errors
+    assert status["errors"] == sum(status["errors_by_kind"].values()) == errors
+    # Each failed poll of the controller: once on the bus (its first read's kind), once on each channel.
+    assert status["errors_by_kind"] == {"timeout": channels[0]["comm_errors"]}
+    assert {c["comm_errors"] for c in channels} == {channels[0]["comm_errors"]}
+    assert status["read_plans"] == {"ctrl.ch1": "channel"}
+
+
+def test_the_status_message_takes_a_buss_kinds_from_the_bus() -> None:
+    """Four channels failing one poll each count four times among the devices, once on the bus."""
+    from gateway.panel.core import Annunciation
+    from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures
+
+    devices = [{"device": f"ctrl.ch{n}", "bus": "bus1", "state": "fault", "comm_errors": 1, "failures": 1,
+                "errors_by_kind": {"timeout": 1}} for n in range(1, 5)]
+    message = StatusReporter(gateway="g", community="c", building="b", software="1").build(
+        session=1, uplink=UplinkFigures(rtt_ms=None, connections=0, delivered=0, rejected=0, inflight=0),
+        backlog=(0, None), snapshot={"devices": devices, "annunciation": Annunciation()},
+        buses=[BusCounters("bus1", 10, 1, False, errors_by_kind={"timeout": 1})])
+    (row,) = message["links"]["buses"]
+    assert (row["errors"], row["errors_by_kind"]) == (1, {"timeout": 1})
