@@ -363,11 +363,12 @@ class ChannelGroup(ModbusDevice):
     :meth:`DetectorProfile.for_channel`); the bus thread polls the group instead of them. :attr:`plan` is
     ``"span"`` — one read covers as many channels as its 125 registers hold, so a 4-channel unit costs one
     transaction a cycle — or ``"channel"``, one read per channel (split like :attr:`DetectorProfile.block_reads`),
-    for devices that implement only each channel's registers. Without a read setting the group starts with
-    the span and, when the device refuses a span read with exception 02 or 03 (:data:`SPAN_REFUSALS`),
-    switches to one read per channel for good and reads the channels at once; :attr:`fallback` then says why
-    (the bus thread logs it once). :meth:`poll` gives each channel its reading, or the error of the read that
-    should have carried it.
+    for devices that implement only each channel's registers (after a read that timed out, the rest of the poll's
+    channels share its error: one timeout a cycle, as the bus's cycle budget counts). Without a read setting the
+    group starts with the span and, when the device refuses a span read with exception 02 or 03
+    (:data:`SPAN_REFUSALS`), switches to one read per channel for good and reads the channels at once;
+    :attr:`fallback` then says why (the bus thread logs it once). :meth:`poll` gives each channel its reading,
+    or the error of the read that should have carried it.
     """
 
     def __init__(self, channels: Sequence[GasDetector]) -> None:
@@ -411,8 +412,14 @@ class ChannelGroup(ModbusDevice):
     def poll(self, client: ModbusClient) -> dict[str, GasReading | CommError]:  # type: ignore[override]
         results: dict[str, GasReading | CommError] = {}
         if self.plan == "channel":
+            silent: CommError | None = None
             for detector in self.channels:
-                results[detector.device_id] = self._read_channel(client, detector)
+                # A controller that let one read time out is not asked again this poll: its other channels get
+                # the same error, so a silent controller costs one timeout a cycle, not one per channel.
+                result = silent or self._read_channel(client, detector)
+                if isinstance(result, CommError) and result.kind == "timeout":
+                    silent = result
+                results[detector.device_id] = result
             return results
         function = self.channels[0].profile.function
         for start, count, batch in self.reads:
