@@ -8,8 +8,11 @@ The device side is pymodbus's own RTU server; this module only models cabling an
   :class:`WireSpec` it puts a line with wire time between the cable and the server (:class:`WireLine`):
   bytes take their time at the baud rate, frames are separated by the protocol's silence, the line is
   half duplex and each slave has its own turnaround.
-* :class:`SimulatedGasDetector` (profiles A and B of the domain notes) and :class:`SimulatedIOStation`
-  (extinguisher cabinet I/O module) are the slaves; tests change their state while the bus runs.
+* :class:`SimulatedGasDetector` (profiles A and B of the domain notes), :class:`SimulatedIOStation`
+  (extinguisher cabinet I/O module) and :class:`SimulatedController` (a multi-channel gas controller) are the
+  slaves; tests change their state while the bus runs. Like real devices, each refuses a read that touches a
+  register outside its map (exception 02, by pymodbus's server); :meth:`SimulatedBus.flaky` makes a slave
+  fail a share of its polls at random.
 """
 
 from __future__ import annotations
