@@ -646,7 +646,8 @@ class Cli:
             if raw and "registers" in raw:
                 yield f"raw fc{raw['function']} from register {raw['start']} (0x{raw['start']:04X}):"
                 for i, reg in enumerate(raw["registers"]):
-                    yield f"  {raw['start'] + i:>5}  {reg:>5}  0x{reg:04X}"
+                    yield (f"  {raw['start'] + i:>5}  {reg:>5}  0x{reg:04X}" if reg is not None
+                           else f"  {raw['start'] + i:>5}      —  (not read)")
             elif raw:
                 for name, word in raw.get("points", {}).items():
                     yield f"  {name:<12} {word}"

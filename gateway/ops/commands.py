@@ -677,7 +677,10 @@ def _reading(reading: GasReading | StationReading) -> dict[str, Any]:
 def _raw_registers(driver: ModbusDevice, reading: GasReading | StationReading) -> dict[str, Any]:
     if isinstance(driver, GasDetector):
         p = driver.profile
-        return {"function": p.function, "start": p.start, "registers": list(reading.raw)}
+        read = {start + i for start, count in p.block_reads for i in range(count)}
+        # Registers a profile with registers far apart does not read are null, not a made-up 0.
+        return {"function": p.function, "start": p.start,
+                "registers": [v if p.start + i in read else None for i, v in enumerate(reading.raw)]}
     if isinstance(driver, ExtinguisherStation):
         return {"points": dict(zip(driver.profile.points, reading.raw, strict=False))}
     return {"values": list(reading.raw)}
