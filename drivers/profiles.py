@@ -313,7 +313,7 @@ def _channel_read_counts(profile: DetectorProfile) -> list[int]:
 #: The most registers one read (function 3 or 4) returns.
 MAX_READ_REGISTERS = 125
 #: The most unused registers one read carries between two that decoding needs. A second read costs a request,
-#: two silences and a turnaround (≈ 31 ms at 9600 baud 8N1, about as much as 15 registers), so a short gap is
+#: three silences and a turnaround (≈ 34 ms at 9600 baud 8N1, about as much as 16 registers), so a short gap is
 #: cheaper to read through; a longer one is more likely memory the device does not implement (and refuses).
 MAX_READ_GAP = 8
 #: Read settings of a multi-channel profile (:attr:`DetectorProfile.reads`).
