@@ -144,7 +144,7 @@ class DetectorProfile:
     full_read_every: int = DEFAULT_FULL_READ_EVERY
     #: A multi-channel controller serves ``channels`` detectors behind one address, channel n's registers
     #: at ``(n - 1) * stride`` above channel 1's (the registers above are channel 1's). A device reads one
-    #: channel (:meth:`for_channel`); the bus thread reads a controller's channels in one transaction.
+    #: channel (:meth:`for_channel`); the bus thread reads a controller's channels together, as :attr:`reads` says.
     channels: int = 1
     stride: int = 0
     channel: int = 1
