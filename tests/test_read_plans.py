@@ -27,6 +27,7 @@ from drivers.profiles import PROFILE_A, PROFILE_B, ProfileError, parse_detector_
 from drivers.simulated import SimulatedBus, VirtualNullModem
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, bus_floor_s
 from gateway.config import BusConfig, SiteConfig, load_config
+from gateway.ops.discover import find_controller, profile_sketch
 from gateway.panel.buses import open_client
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
@@ -348,3 +349,33 @@ def test_the_status_message_takes_a_buss_kinds_from_the_bus() -> None:
         buses=[BusCounters("bus1", 10, 1, False, errors_by_kind={"timeout": 1})])
     (row,) = message["links"]["buses"]
     assert (row["errors"], row["errors_by_kind"]) == (1, {"timeout": 1})
+
+
+@pytest.mark.parametrize(("implemented", "expected"), [
+    # the controller of the field report
+    ({r for n in range(4) for r in range(2998 + 10 * n, 3001 + 10 * n)}, (2998, 3, 10, 4)),
+    # channel 1 below the registers probed: found by looking down a stride
+    ({r for n in range(6) for r in range(3000 - 20 + 8 * n, 3000 - 20 + 8 * n + 2)}, (2980, 2, 8, 6)),
+    # one block, no repeat: a device, not a controller
+    (set(range(1000, 1005)), (1000, 5, 0, 1)),
+])
+def test_find_controller_over_register_maps(implemented: set[int], expected: tuple[int, int, int, int]) -> None:
+    reads: list[tuple[int, int]] = []
+
+    def read(start: int, count: int) -> list[int] | None:
+        reads.append((start, count))
+        block = range(start, start + count)
+        return [r % 7 for r in block] if set(block) <= implemented else None
+
+    layout = find_controller(read)
+    assert layout is not None
+    assert (layout.start, layout.count, layout.stride, layout.channels) == expected
+    assert len(reads) <= 120  # about a second of refused reads at 9600 baud
+    sketch = tomllib.loads(profile_sketch(layout, 7))["profiles"]["controller-7"]
+    sketch.pop("kind")
+    parsed = parse_detector_profile("sketch", sketch)
+    assert (parsed.start, parsed.count, parsed.channels) == (expected[0], expected[1], expected[3])
+
+
+def test_find_controller_finds_nothing_where_nothing_reads() -> None:
+    assert find_controller(lambda _start, _count: None) is None
