@@ -16,8 +16,10 @@ Commands (arguments in parentheses; all optional unless marked *):
 * ``status`` () and ``rebirth`` () — current state; publish the retained birth message again.
 * ``events`` (``limit``, ``since``, ``device``, ``household``, ``kind``) — stored history, newest last.
 * ``read`` (``device``\\*, ``raw``) — a fresh reading now, through the bus thread that owns the port.
-* ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses; polling pauses
-  at most :data:`SCAN_PAUSE_MAX_S` at a time (a trouble signal meanwhile), every device polled in between.
+* ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses and what they look
+  like (a known profile, or a multi-channel controller with a profile sketch: :mod:`gateway.ops.discover`);
+  polling pauses at most :data:`SCAN_PAUSE_MAX_S` at a time (a trouble signal meanwhile), every device polled
+  in between.
 * ``buzzer_test`` (``seconds_per_pattern``) and ``relay_test`` (``output``\\*, ``seconds``).
 * ``config_show`` () — the effective configuration, secrets masked.
 """
