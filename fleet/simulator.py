@@ -150,7 +150,9 @@ class SimulatedGateway:
 
     def birth(self) -> dict[str, Any]:
         return birth_message(gateway=self.gateway_id, community=self.community, building=self.building,
-                             session=self.outbox.session, software=__version__, snapshot=link.snapshot_from_wire(None),
+                             session=self.outbox.session, last_seq=self.outbox.session_seq,
+                             sessions=self.outbox.earlier_sessions, software=__version__,
+                             snapshot=link.snapshot_from_wire(None),
                              config={"units": list(UNITS), "households": len(HOUSEHOLDS), "devices": len(HOUSEHOLDS),
                                      "buses": []})
 
