@@ -179,7 +179,8 @@ class SimulatedGateway:
         if not up.connected:
             return
         body = self._status.build(
-            session=self.outbox.session, backlog=await self.outbox.backlog(), snapshot=link.snapshot_from_wire(None),
+            session=self.outbox.session, last_seq=self.outbox.session_seq, backlog=await self.outbox.backlog(),
+            snapshot=link.snapshot_from_wire(None),
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),
             buses=[])

@@ -506,3 +506,143 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
     assert records[last_connection]["broker"] in c.mqtt_hosts[1:], "delivered through a node still running"
     # sent once, or again after the kill if it was in flight to the dead node (then ``historical`` is true)
     assert alarm["event_id"].count(":") == 3
+
+
+# ------------------------------------------------------------------------------------ the inbox on the cluster
+
+
+@pytest.mark.slow
+async def test_the_inbox_closes_every_kind_of_gap_and_hears_alarms_at_once_through_a_node_loss(
+    tmp_path: Path,
+) -> None:
+    """Two inbox instances (each on its own first node) and PostgreSQL; a simulated gateway (its real outbox,
+    uplink and command door) runs three sessions. Rows lost at the centre — the tail of session 1, all of
+    session 2, the head of session 3 — come back from the gateway: only the births say where sessions 1 and 2
+    ended. Then the node leading ``$MQTT_msgs`` is SIGKILLed and the gateway raises alarms at once: each is in
+    the table within 5 s (first notice, core NATS) and its durable record within 60 s, every event once."""
+    import asyncio
+    import random
+    import shutil
+    import signal
+    import sys
+
+    import psycopg
+
+    from fleet.simulator import SimulatedGateway
+    from gateway.config import MqttConfig
+    from tests.support.fleet import _Lines
+    from tests.support.postgres import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required")
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    pg = PostgresServer().start()
+    (tmp_path / "central.pw").write_text(COMMUNITY.server_password + "\n", encoding="utf-8")
+    inboxes: list[_Lines] = []
+    gw: SimulatedGateway | None = None
+    user, password = COMMUNITY.credentials()["b1"]
+    host, port = c.mqtt_hosts[0].rsplit(":", 1)
+    mqtt_cfg = MqttConfig(host=host, port=int(port), hosts=tuple(c.mqtt_hosts), client_id="sunshine-garden-b1",
+                          protocol=311, username=user, password=password, allow_plaintext=True)
+
+    def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            cur = conn.execute(sql, args)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    async def session(alarms: int) -> SimulatedGateway:
+        g = SimulatedGateway(community=COMMUNITY.id, building="b1", prefix="safety", mqtt_cfg=mqtt_cfg,
+                             db_path=str(tmp_path / "b1.db"), rng=random.Random(len(inboxes)))
+        await g.open()
+        g.start_uplink()
+        await _until(lambda: g.uplink.connected, timeout=60, message="the gateway did not connect")
+        for _ in range(alarms):
+            g.alarm()
+            g.telemetry()
+        await _until(g.drained, timeout=60, message="not acknowledged")
+        return g
+
+    try:
+        for i, name in enumerate(("inbox-1", "inbox-2")):
+            urls = c.nats_urls[i:] + c.nats_urls[:i]
+            inboxes.append(_Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(urls), "--user",
+                                         COMMUNITY.server_user, "--password-file", str(tmp_path / "central.pw"),
+                                         "--dsn", pg.dsn, "--community", COMMUNITY.id, "--name", name,
+                                         "--ack-wait", "3"], tmp_path / f"{name}.log"))
+            await asyncio.to_thread(inboxes[-1].wait_for, lambda m: m.get("event") == "consuming", 60)
+        for alarms in (4, 4):
+            gw = await session(alarms)
+            await gw.close()
+            gw = None
+        gw = await session(4)
+        stored = await _until(lambda: _outbox_ids(tmp_path / "b1.db"), timeout=10)
+        await _until(lambda: len(query("SELECT event_id FROM events")) == len(stored), timeout=60,
+                         message="the inbox did not store every event")
+        await _until(lambda: query("SELECT session, last_seq FROM session_ends WHERE session < 3 ORDER BY 1")
+                         == [(1, 8), (2, 8)], timeout=30, message="session ends not recorded from the birth")
+        lost = [r[0] for r in query(
+            "SELECT event_id FROM events WHERE (session = 1 AND seq > 5) OR session = 2 OR (session = 3 AND seq <= 2)")]
+        assert len(lost) == 3 + 8 + 2
+        query("DELETE FROM notifications WHERE event_id = ANY(%s)", lost)
+        query("DELETE FROM events WHERE event_id = ANY(%s)", lost)
+        await _until(lambda: query("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", lost)
+                         == [(len(lost),)], timeout=60, message="the lost rows did not come back from the gateway")
+
+        # the node every QoS 1 publish goes through is lost; alarms at once
+        victim = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+        before = set(_outbox_ids(tmp_path / "b1.db"))
+        victim.kill()
+        for _ in range(5):
+            gw.alarm()
+        await _until(gw.drained, timeout=120, message="the alarms were not acknowledged after the node loss")
+        stored = _outbox_ids(tmp_path / "b1.db")
+        await _until(lambda: len(query("SELECT event_id FROM events WHERE durable_at IS NOT NULL"))
+                         == len(stored), timeout=90, message="not every durable record arrived")
+        rows = query("SELECT event_id, extract(epoch FROM committed_at), extract(epoch FROM durable_at), fast"
+                     " FROM events")
+    finally:
+        if gw is not None:
+            await gw.close()
+        for p in inboxes:
+            p.stop(signal.SIGTERM)
+        c.stop()
+        pg.stop()
+    walls = _outbox_walls(tmp_path / "b1.db")
+    assert sorted(r[0] for r in rows) == sorted(stored), "every event, exactly once"
+    after = [(float(r[1]) - walls[r[0]], float(r[2]) - walls[r[0]], r[3]) for r in rows if r[0] not in before]
+    print(f"\nafter the loss of {victim.name}: first notice {[round(a[0], 2) for a in after]} s, durable record "
+          f"{[round(a[1], 2) for a in after]} s, fast path {[a[2] for a in after]}")
+    assert len(after) == 5
+    assert all(first <= 5.0 for first, _, _ in after), after
+    assert all(durable <= 60.0 for _, durable, _ in after), after
+
+
+def _outbox_ids(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute("SELECT event_id FROM events")]
+
+
+def _outbox_walls(db: Path) -> dict[str, float]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {r[0]: float(r[1]) for r in conn.execute("SELECT event_id, wall FROM events")}
+
+
+async def _until(predicate: Callable[[], Any], timeout: float, message: str = "condition not met") -> Any:
+    """Await until ``predicate()`` (or what it returns, when awaitable) is truthy; AssertionError after
+    ``timeout`` s."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{message} (after {timeout:g} s)"
+        await asyncio.sleep(0.2)
