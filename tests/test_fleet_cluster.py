@@ -501,6 +501,7 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
                      if r.get("event") == "event forwarded" and r.get("event_id") == alarm["event_id"])
     assert waits and all(r["retry_in_s"] <= 5.0 for r in waits), waits
     assert waits[0]["next_broker"] == c.mqtt_hosts[1], "the first attempt after the loss goes to the next node"
+    assert waits[0]["retry_in_s"] == 0.0, "and at once"
     assert moved and moved[0]["broker"] != c.mqtt_hosts[0], moved
     last_connection = max(i for i, r in enumerate(records[:forwarded]) if r.get("event") == "uplink connected")
     assert records[last_connection]["broker"] in c.mqtt_hosts[1:], "delivered through a node still running"
