@@ -405,6 +405,41 @@ def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
     assert json.loads(stopped.stdout)["running"] == [False, False, False]
 
 
+@pytest.mark.slow
+def test_a_planned_stop_in_lame_duck_mode_moves_the_leaderships_first(tmp_path: Path) -> None:
+    """``Node.stop(lame_duck=True)`` on the node leading ``$MQTT_msgs``: nats-server hands its leaderships over
+    before it closes anything, so a gateway on another node publishing every 0.1 s meanwhile gets every PUBACK;
+    the node's log says lame duck, it exits, and another node leads the stream."""
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    gw = None
+    try:
+        leader = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+        other = next(n for n in c.nodes if n is not leader)
+        gw = gateway(c, other.index)
+        stopping = threading.Thread(target=leader.stop, kwargs={"lame_duck": True})
+        started = time.monotonic()
+        stopping.start()
+        waits = []
+        while stopping.is_alive():
+            t0 = time.monotonic()
+            gw.wait_acked(gw.publish(f"{BASE}/b1/event/test", {"event_id": f"ldm-{len(waits)}"}),
+                          "a PUBACK lost during the lame-duck stop", timeout=30)
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.1)
+        stopping.join()
+        took = time.monotonic() - started
+        assert not leader.is_running
+        assert "lame duck" in leader.log_file.read_text(errors="replace").lower()
+        assert any(any(s.endswith(".$MQTT_msgs") for s in n.leaderships()) for n in c.nodes if n is not leader)
+        print(f"\nlame-duck stop of the $MQTT_msgs leader: {took:.1f} s, {len(waits)} publishes on another node, "
+              f"longest PUBACK wait {max(waits):.2f} s")
+        assert len(waits) >= 10 and gw.closed == 0
+    finally:
+        if gw is not None:
+            gw.close()
+        c.stop()
+
+
 # ------------------------------------------------------------------------------------ a real gateway on the cluster
 
 
