@@ -6,7 +6,9 @@ one node is SIGKILLed in the middle of the burst and started again 30 s later; t
 inbox instances (fleet/inbox.py) is SIGKILLed after that. Then every event the gateways stored is in
 PostgreSQL exactly once, the second inbox took over, a gateway's publish under another building's topic went
 nowhere, and rows deleted from PostgreSQL are healed from the gateways' outboxes by the ``events`` command.
-Latency (detection → row committed) is printed, not asserted: benchmarks/fleet.py reports it.
+Latency is printed and guarded by generous bounds only — the first notice of each alarm, supervisory signal and
+fault through the node's loss (core NATS) within 5 s, every durable row within 60 s; benchmarks/fleet.py
+reports the figures against their targets.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     result = FleetScenario(tmp_path / "fleet").run()
 
     outside, inside = result.latencies()
+    first = result.first_notices()
+    durable = result.durable_latencies()
+    print(f"\nfirst notice through the loss p50 {percentile(first, 0.5)}, p99 {percentile(first, 0.99)}, "
+          f"max {max(first, default=None)} s ({len(first)} alarms, supervisory signals and faults; "
+          f"{len(result.fast)} rows stored first by the fast path); durable record max {max(durable, default=None)} s")
     print(f"\nstored {len(result.stored)} events, {result.row_count} rows; latency outside the failover window "
           f"p50 {percentile(outside, 0.5)}, p99 {percentile(outside, 0.99)}, max {max(outside, default=None)} s; "
           f"through it p99 {percentile(inside, 0.99)} s; failover gap {result.failover_gap_s():.2f} s; "
@@ -68,3 +75,7 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     # events command (the cluster's 1000-consumer cap once left gateways deaf to it; docs/fleet.md).
     assert result.healing["deleted"] > 0
     assert result.healing["recovered"] == result.healing["deleted"], result.healing
+    # Regression guards, generous (benchmarks/fleet.py holds the targets: 1 s first notice, 30 s failover):
+    # through the node's loss the server hears of every alarm within 5 s, and has every durable row within 60 s.
+    assert first and max(first) <= 5.0, f"first notice through the loss: max {max(first, default=None)} s"
+    assert durable and max(durable) <= 60.0, f"durable record: max {max(durable)} s"
