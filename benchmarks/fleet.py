@@ -48,7 +48,9 @@ def first_notice_figures(result: Any) -> dict[str, Any]:
     first = result.first_notices()
     return {"first_notice_p50_ms": _ms(percentile(first, 0.5)), "first_notice_p99_ms": _ms(percentile(first, 0.99)),
             "first_notice_max_ms": _ms(max(first, default=None)), "first_notice_events": len(first),
-            "first_notice_fast_rows": len(result.fast)}
+            "first_notice_fast_rows": len(result.fast),
+            "first_notice_lost_node_p99_ms": _ms(percentile(result.first_notices("lost"), 0.99)),
+            "first_notice_other_nodes_p99_ms": _ms(percentile(result.first_notices("other"), 0.99))}
 
 
 def main() -> None:

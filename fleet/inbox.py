@@ -233,6 +233,8 @@ class Inbox:
         self.first_notices = 0
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._db_lock = asyncio.Lock()
+        self._fast_db: psycopg.AsyncConnection[Any] | None = None  # the fast path's own: it never waits for a batch
+        self._fast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._asked: dict[str, tuple[str, int, int, int]] = {}  # command id → (gateway, session, first, last)
         self._asked_at: dict[tuple[str, str, int, int], float] = {}  # (gateway, install, session, first) → when
         self._stop = asyncio.Event()
@@ -262,7 +264,9 @@ class Inbox:
                                      allow_reconnect=True, dont_randomize=True, connect_timeout=2)
         await self.nc.subscribe(f"{self.s.prefix}.{self.s.community}.*.reply", cb=self._reply)
         await self._listen_fast()
+        self._fast_db = await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=False)
         tasks = [asyncio.create_task(self._consume(), name="consume"),
+                 asyncio.create_task(self._store_first_notices(), name="first-notice"),
                  asyncio.create_task(self._heal(), name="heal"),
                  asyncio.create_task(self._report(), name="report")]
         await self._stop.wait()
@@ -274,6 +278,7 @@ class Inbox:
         with contextlib.suppress(Exception):
             await self.nc.close()
         await self._db.close()
+        await self._fast_db.close()
 
     async def _schema(self) -> None:
         assert self._db is not None
@@ -335,7 +340,7 @@ class Inbox:
         unique = {e["event_id"]: e for e in events if isinstance(e.get("event_id"), str)}
         if not unique:
             return 0
-        rows = list(unique.values())
+        rows = [unique[k] for k in sorted(unique)]  # one lock order for every path: no deadlock between them
         columns: list[list[Any]] = [[] for _ in range(16)]
         for e in rows:
             for col, value in zip(columns, (
@@ -347,8 +352,9 @@ class Inbox:
                     strict=True):
                 col.append(value)
         assert self._db is not None
-        async with self._db_lock, self._db.transaction():
-            cur = await self._db.execute(INSERT_EVENTS, columns)
+        db, lock = (self._fast_db, asyncio.Lock()) if fast and self._fast_db is not None else (self._db, self._db_lock)
+        async with lock, db.transaction():
+            cur = await db.execute(INSERT_EVENTS, columns)
             new = {r[0] for r in await cur.fetchall()}
             notes: list[list[str]] = [[], [], [], []]
             for e in rows:
@@ -358,23 +364,22 @@ class Inbox:
                         for col, value in zip(notes, (e["event_id"], p.role, p.name, p.phone), strict=True):
                             col.append(value)
             if notes[0]:
-                await self._db.execute(INSERT_NOTIFICATIONS, notes)
-            await self._mark_path(fast, new, set(unique) - new)
+                await db.execute(INSERT_NOTIFICATIONS, notes)
+            await self._mark_path(db, fast, new, set(unique) - new)
         self.stored += len(new)
         self.duplicates += len(rows) - len(new)
         if recovered:
             self.recovered += len(new)
         return len(new)
 
-    async def _mark_path(self, fast: bool, new: set[str], known: set[str]) -> None:
+    async def _mark_path(self, db: psycopg.AsyncConnection[Any], fast: bool, new: set[str], known: set[str]) -> None:
         """In the storing transaction: rows the fast path stored first wait for their durable record; rows it
         stored earlier get theirs now."""
-        assert self._db is not None
         if fast and new:
-            await self._db.execute("UPDATE events SET fast = true, durable_at = NULL WHERE event_id = ANY(%s)",
+            await db.execute("UPDATE events SET fast = true, durable_at = NULL WHERE event_id = ANY(%s)",
                                    (list(new),))
         elif not fast and known:
-            await self._db.execute("UPDATE events SET durable_at = clock_timestamp()"
+            await db.execute("UPDATE events SET durable_at = clock_timestamp()"
                                    " WHERE event_id = ANY(%s) AND durable_at IS NULL", (list(known),))
 
     # ------------------------------------------------------------------------------ first notice (core NATS)
@@ -386,14 +391,22 @@ class Inbox:
             await self.nc.subscribe(f"{self.s.prefix}.{self.s.community}.*.event.{kind}", cb=self._first_notice)
 
     async def _first_notice(self, msg: Any) -> None:
-        """Store (once) and route one such event at once; the durable consumer still brings the record."""
+        """Queue one such event for :meth:`_store_first_notices` (the callback must not wait for the table)."""
         with contextlib.suppress(ValueError, UnicodeDecodeError):
             body = json.loads(msg.data)
-            if not isinstance(body, dict) or not isinstance(body.get("event_id"), str):
-                return
+            if isinstance(body, dict) and isinstance(body.get("event_id"), str):
+                self._fast_queue.put_nowait(body)
+
+    async def _store_first_notices(self) -> None:
+        """Store (once) and route what the fast path heard, everything waiting in one transaction, on a
+        connection of its own; the durable consumer still brings the record."""
+        while True:
+            batch = [await self._fast_queue.get()]
+            while not self._fast_queue.empty() and len(batch) < self.s.batch:
+                batch.append(self._fast_queue.get_nowait())
             try:
-                self.first_notices += await self.store([body], recovered=False, fast=True)
-            except psycopg.Error as exc:  # the durable consumer stores it all the same
+                self.first_notices += await self.store(batch, recovered=False, fast=True)
+            except psycopg.Error as exc:  # the durable consumer stores them all the same
                 _emit("store_failed", error=repr(exc), path="fast")
 
     # ------------------------------------------------------------------------------ session ends

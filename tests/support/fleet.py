@@ -173,15 +173,18 @@ class FleetResult:
             return None
         return self.durable.get(event_id, row[0])
 
-    def first_notices(self) -> list[float]:
+    def first_notices(self, buildings: str = "all") -> list[float]:
         """Detection → first stored (either path), in s, of the alarms, supervisory signals and faults detected
-        within the failover window (see :meth:`latencies`): how soon the server knew through the node's loss."""
+        within the failover window (see :meth:`latencies`): how soon the server knew through the node's loss.
+        ``buildings``: ``all``, ``lost`` (those whose first node was the one lost) or ``other``."""
         lo, hi = self.kill_at - 1.0, max(self.restart_at + 10.0, self.inbox_kill_at + INBOX_ACK_WAIT_S + 2.0)
         out = []
         for event_id, wall in self.stored.items():
             row = self.rows.get(event_id)
+            lost = _index(event_id) % 3 == self.killed_node
             if row is not None and not row[2] and lo <= wall <= hi and \
-                    self.kinds.get(event_id) in ("alarm", "supervisory", "fault"):
+                    self.kinds.get(event_id) in ("alarm", "supervisory", "fault") and \
+                    buildings in ("all", "lost" if lost else "other"):
                 out.append(row[0] - wall)
         return out
 
