@@ -9,9 +9,16 @@ after ``ack_wait``. An instance acknowledges a batch only after the transaction 
 the table is keyed by ``event_id`` (``INSERT … ON CONFLICT DO NOTHING``), so a batch delivered twice is stored
 once, and so are the alarm routings written in the same transaction.
 
-A ``seq`` gap (an event acknowledged and then lost, or one published before the consumer existed) is healed
-as ``examples/consumer.py`` does it, with the ``events`` command to that gateway, page by page — but tracked in
-the table, not in memory, since the instances each see only part of a gateway's events. One instance at a
+Alarms, supervisory signals and faults also come a faster way: nats-server hands an MQTT QoS 1 PUBLISH to core
+NATS subscribers before it stores it in JetStream, so each instance subscribes to those subjects too and stores
+(``ON CONFLICT DO NOTHING``) and routes what comes that way at once — from any node still up while a lost node's
+streams elect new leaders. The durable consumer still stores everything and remains the record (``fast`` and
+``durable_at`` say which path came first and when the record did).
+
+A ``seq`` gap (an event acknowledged and then lost, or one published before the consumer existed; a session's
+tail or a whole session, which only the gateways' ``birth`` and ``status`` show, recorded in ``session_ends``)
+is healed as ``examples/consumer.py`` does it, with the ``events`` command to that gateway, page by page — but
+tracked in the table, not in memory, since the instances each see only part of a gateway's events. One instance at a
 time heals (a PostgreSQL advisory lock; another takes it when that instance's connection is gone). A missing
 seq is asked for only once an event above it has been in the table for ``gap_grace_s``: events of one gateway
 may be in flight on another instance meanwhile.
