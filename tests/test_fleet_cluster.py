@@ -682,3 +682,91 @@ async def _until(predicate: Callable[[], Any], timeout: float, message: str = "c
             return result
         assert time.monotonic() < deadline, f"{message} (after {timeout:g} s)"
         await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_inbox_has_every_event_once_through_gateway_kills_and_a_node_loss(tmp_path: Path) -> None:
+    """Three simulated gateways in one process (fleet/simulator.py: their real outboxes and uplinks), killed with
+    SIGKILL at random in 8 rounds while raising and clearing alarms; the node leading ``$MQTT_msgs`` killed in
+    round 3 and started again in round 6; two inbox instances on different first nodes. At the end every event
+    the gateways stored, of every session, is in PostgreSQL exactly once."""
+    import contextlib
+    import random
+    import shutil
+    import signal
+    import sqlite3
+    import sys
+
+    import psycopg
+
+    from tests.support.fleet import _Lines
+    from tests.support.postgres import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required")
+    community = Community.from_dict({"community": {"id": "chaos", "password_seed": "a-seed-for-the-tests-only"},
+                                     "buildings": {"count": 3, "name": "b{:04d}"}})
+    rng = random.Random(28)
+    c = Cluster(tmp_path / "cluster", community).start()
+    pg = PostgresServer().start()
+    (tmp_path / "central.pw").write_text(community.server_password + "\n", encoding="utf-8")
+    credentials = community.write_credentials(tmp_path / "credentials.json")
+    gateways_dir = tmp_path / "gateways"
+    inboxes: list[_Lines] = []
+    killed = None
+
+    def simulator(go: Path, *, burst_s: float, after_s: float) -> _Lines:
+        go.write_text(f"{time.time()}\n", encoding="utf-8")
+        return _Lines("simulator", [
+            sys.executable, "-m", "fleet.simulator", "--worker", "0", "--gateways", "3", "--brokers",
+            ",".join(c.mqtt_hosts), "--community", "chaos", "--credentials", str(credentials), "--workdir",
+            str(gateways_dir), "--go-file", str(go), "--connect-spread-s", "0.3", "--steady-s", "0",
+            "--telemetry-every", "1", "--burst-rate", "6", "--burst-s", str(burst_s), "--after-s", str(after_s),
+            "--drain-timeout", "120", "--seed", str(rng.randrange(10**6))], tmp_path / f"{go.name}.log")
+
+    def stored() -> set[str]:
+        ids: set[str] = set()
+        for db in gateways_dir.glob("*.db"):
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                ids |= {r[0] for r in conn.execute("SELECT event_id FROM events")}
+        return ids
+
+    def rows() -> list[str]:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            return [r[0] for r in conn.execute("SELECT event_id FROM events").fetchall()]
+
+    try:
+        for i, name in enumerate(("inbox-1", "inbox-2")):
+            urls = c.nats_urls[i:] + c.nats_urls[:i]
+            inboxes.append(_Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(urls), "--user",
+                                         community.server_user, "--password-file", str(tmp_path / "central.pw"),
+                                         "--dsn", pg.dsn, "--community", "chaos", "--name", name,
+                                         "--ack-wait", "3"], tmp_path / f"{name}.log"))
+            inboxes[-1].wait_for(lambda m: m.get("event") == "consuming", 60)
+        for round_no in range(8):
+            sim = simulator(tmp_path / f"go-{round_no}", burst_s=600, after_s=0)
+            sim.wait_for(lambda m: m.get("event") == "ready", 90)
+            if round_no == 3:
+                killed = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+                killed.kill()
+            if round_no == 6 and killed is not None:
+                killed.start(timeout=120)
+            time.sleep(rng.uniform(0.5, 3.0))
+            sim.stop(signal.SIGKILL)  # the whole gateway process, at once
+        last = simulator(tmp_path / "go-last", burst_s=2, after_s=1)
+        last.wait_for(lambda m: m.get("event") == "drained" and m.get("ok"), 180)
+        wait_until(lambda: set(rows()) >= stored(), timeout=120, message="not every stored event is in the inbox")
+        final, got = stored(), rows()
+        last.stop(signal.SIGTERM)
+    finally:
+        for p in inboxes:
+            p.stop(signal.SIGTERM)
+        c.stop()
+        pg.stop()
+    recovered = sum(m.get("new", 0) for p in inboxes for m in p.lines if m.get("event") == "recovered")
+    sessions = {e.rsplit(":", 2)[1] for e in final}
+    print(f"\n{len(final)} events in {len(sessions)} sessions of 3 gateways through 8 SIGKILLs of the gateways "
+          f"and the loss of {killed.name if killed else None}; {recovered} healed from the gateways")
+    assert killed is not None and len(sessions) == 9
+    assert sorted(got) == sorted(set(got)), "exactly once"
+    assert set(got) == final, "every stored event, nothing else"
