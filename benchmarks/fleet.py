@@ -10,10 +10,14 @@ election) or node 0 (``--kill first``, what tests/test_fleet.py does, which may 
 
 Reported (one JSON line last): ``events_stored`` (in the gateways' outboxes), ``events_in_inbox``,
 ``duplicates_in_inbox`` (rows beyond one per event id), ``missing_in_inbox``; detection (``Event.wall``) → row
-committed, outside the failover window (kill → 10 s after the node is back): ``latency_p50_ms``,
-``latency_p99_ms``, ``latency_max_ms``; inside it ``failover_p99_ms``; ``failover_gap_s``, the longest time no
+committed — the durable record: the stream's copy or the gateway's history — outside the failover window (kill →
+10 s after the node is back): ``latency_p50_ms``, ``latency_p99_ms``, ``latency_max_ms``; inside it
+``failover_p99_ms``; detection → first stored by either path (the inbox also hears alarms, supervisory signals
+and faults on core NATS, before JetStream stores them) for those detected inside the window:
+``first_notice_p50_ms``, ``first_notice_p99_ms``, ``first_notice_max_ms``; ``failover_gap_s``, the longest time no
 event of the lost node's buildings reached the inbox; ``nodes``: each node's peak RSS and CPU seconds.
-Targets: p99 ≤ 1 s outside the window, ≤ 5 s through it.
+Targets: ``first_notice_p99_ms`` ≤ 1000; ``latency_p99_ms`` ≤ 1000; every event exactly once;
+``failover_p99_ms`` ≤ 30 000 (NFPA 72 allows 90 s).
 
 ``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--kill first]``
 """
@@ -25,6 +29,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -35,6 +40,17 @@ from tests.support.fleet import FleetScenario, percentile  # noqa: E402
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
+
+
+def first_notice_figures(result: Any) -> dict[str, Any]:
+    """Detection → first stored by the inbox (either path; the fast one is core NATS) of the alarms, supervisory
+    signals and faults detected through the sudden loss of the node: ``first_notice_*_ms``."""
+    first = result.first_notices()
+    return {"first_notice_p50_ms": _ms(percentile(first, 0.5)), "first_notice_p99_ms": _ms(percentile(first, 0.99)),
+            "first_notice_max_ms": _ms(max(first, default=None)), "first_notice_events": len(first),
+            "first_notice_fast_rows": len(result.fast),
+            "first_notice_lost_node_p99_ms": _ms(percentile(result.first_notices("lost"), 0.99)),
+            "first_notice_other_nodes_p99_ms": _ms(percentile(result.first_notices("other"), 0.99))}
 
 
 def main() -> None:
@@ -71,6 +87,7 @@ def main() -> None:
         "latency_p99_ms": _ms(percentile(outside, 0.99)),
         "latency_max_ms": _ms(max(outside, default=None)),
         "failover_p99_ms": _ms(percentile(inside, 0.99)),
+        **first_notice_figures(result),
         "failover_gap_s": round(result.failover_gap_s(), 2),
         "failover_breakdown": result.failover_breakdown(),
         "nodes": result.nodes,

@@ -4,8 +4,17 @@
 It subscribes to every building of a community, deduplicates events by ``event_id``, tracks ``seq`` per
 gateway session (``gateway``, ``install``, ``session``) and, on a gap, asks that gateway for the missing range
 with the ``events`` command (page by page) and merges the answer — so events a broker acknowledged and then
-lost are still told — and asks for a ``rebirth``. It prints who must be told about each alarm, supervisory
-signal and fault — from a mapping file of its own (the gateways never hold people's contact details):
+lost are still told — and asks for a ``rebirth``. Every kind of gap counts (docs/mqtt.md, "Filling a gap"):
+
+* ``middle`` — an event's ``seq`` more than one above the highest seen;
+* ``head`` — a session first seen at a ``seq`` above 1;
+* ``tail`` — a session's end announced (``last_seq`` in ``status`` and ``birth``, ``sessions`` in ``birth``)
+  beyond what was received;
+* ``session`` — a session announced in ``birth`` and never seen: asked for whole. Sessions older than the first
+  one heard of a gateway are the past before this consumer started; ``--backfill`` asks for those too.
+
+It prints who must be told about each alarm, supervisory signal and fault — from a mapping file of its own
+(the gateways never hold people's contact details):
 
 * an event in a household → that household's relatives and the head of its unit;
 * an event in a unit without a household (an extinguisher cabinet) → the unit head;
@@ -17,9 +26,10 @@ this repository installed (``pip install -e .``) only paho-mqtt (2.x) is needed 
     python examples/consumer.py --host broker.example --port 8883 --cafile ca.pem \\
         --community sunshine-garden --contacts examples/consumer-contacts.toml
 
-``--json`` prints one JSON object per line (``notify``, ``duplicate``, ``gap``, ``range_requested``,
-``recovered``, ``unrecoverable``, ``rebirth_requested``, ``command_result``, ``availability``, ``birth``, and with
-``--all-events`` ``event`` for every event taken) instead of text.
+``--json`` prints one JSON object per line (``notify``, ``duplicate``, ``gap`` (its kind in ``gap``),
+``range_requested``, ``recovered`` (the kind of gap it healed in ``gap``), ``unrecoverable``, ``rebirth_requested``,
+``command_result``, ``availability``, ``birth``, and with ``--all-events`` ``event`` for every event taken)
+instead of text.
 """
 
 from __future__ import annotations
@@ -29,9 +39,11 @@ import json
 import signal
 import ssl
 import sys
+import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +60,13 @@ REBIRTH_EVERY_S = 30.0
 #: Events asked for in one ``events`` command (the gateway's limit over MQTT).
 RANGE_PAGE = 200
 COMMAND_TTL_S = 60.0
+#: An announced session end is compared with what was received this long after it came: the events before it
+#: may still be on their way (a status can overtake events in flight; a backlog follows the birth).
+ANNOUNCED_GRACE_S = 3.0
+#: A range request without an answer (the gateway or the broker was away) is asked again after this long.
+ASK_AGAIN_S = 15.0
+#: Rejections that say "not now" rather than "never": the range is asked again.
+RETRY_CODES = {"stale", "expired", "not_yet_valid", "clock_unsynchronised", "busy", "error", "failed"}
 NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
 
 
@@ -81,20 +100,33 @@ class Session(NamedTuple):
 
 @dataclass(frozen=True)
 class RangeRequest:
-    """An ``events`` command asking for ``first``..``last`` of a session."""
+    """An ``events`` command asking for ``first``..``last`` of a session, sent at ``asked_at`` (monotonic)."""
 
     key: Session
     first: int
     last: int
     community: str
     building: str
+    asked_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class AnnouncedEnd:
+    """A session's last ``seq`` as a ``status`` or ``birth`` said, to be compared after the grace period."""
+
+    key: Session
+    last: int
+    community: str
+    building: str
+    due: float
 
 
 class Consumer:
     """The message handling, independent of the network (paho calls :meth:`on_message`)."""
 
     def __init__(self, client: mqtt.Client, *, prefix: str, community: str, contacts: Contacts,
-                 client_id: str, v5: bool, as_json: bool, out: Any = sys.stdout, all_events: bool = False) -> None:
+                 client_id: str, v5: bool, as_json: bool, out: Any = sys.stdout, all_events: bool = False,
+                 backfill: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.prefix = prefix
         self.community = community
@@ -105,8 +137,13 @@ class Consumer:
         self.all_events = all_events
         self.out = out
         self.seen: OrderedDict[str, None] = OrderedDict()
-        self.last_seq: dict[Session, int] = {}
-        self.missing: dict[Session, set[int]] = {}  # seqs of a session not seen yet, below its newest
+        self.backfill = backfill
+        self.clock = clock
+        self.last_seq: dict[Session, int] = {}  # the highest seq known to exist (seen, or announced)
+        self.missing: dict[Session, dict[int, str]] = {}  # seqs known to exist, not seen yet → the kind of gap
+        self.first_session: dict[tuple[str, str | None], int] = {}  # (gateway, install) → first session heard of
+        self.announced: list[AnnouncedEnd] = []
+        self.healed: Counter[str] = Counter()  # events recovered from the gateway, by kind of gap
         self.rebirth_asked: dict[Session, float] = {}
         self.pending: dict[str, str] = {}  # command id → building
         self.ranges: dict[str, RangeRequest] = {}  # events command id → what it asked for
@@ -114,7 +151,7 @@ class Consumer:
     @property
     def subscriptions(self) -> list[str]:
         base = f"{self.prefix}/{self.community}/+"
-        return [f"{base}/availability", f"{base}/birth", f"{base}/event/#", f"{base}/reply",
+        return [f"{base}/availability", f"{base}/birth", f"{base}/status", f"{base}/event/#", f"{base}/reply",
                 f"{base}/reply/{self.client_id}/#"]
 
     def emit(self, action: str, text: str, **fields: Any) -> None:
@@ -141,6 +178,9 @@ class Consumer:
             self.emit("birth", f"{body.get('community')}/{body.get('building')}: full state, session "
                       f"{body.get('session')}, {len(body.get('devices', []))} devices",
                       building=body.get("building"), session=body.get("session"))
+            self.session_ends(body)
+        elif topic.endswith("/status"):
+            self.session_ends(body)
         elif body.get("type") == "command_result":
             request = self.ranges.pop(str(body.get("id")), None)
             if request is not None:
@@ -164,19 +204,17 @@ class Consumer:
             self.seen.popitem(last=False)
         key = Session(str(e.get("gateway")), e.get("install"), int(e.get("session", 0)))
         seq = int(e.get("seq", 0))
-        missing = self.missing.setdefault(key, set())
-        missing.discard(seq)
+        self.first_session.setdefault((key.gateway, key.install), key.session)
+        gap = self.missing.setdefault(key, {}).pop(seq, None)
         last = self.last_seq.get(key)
-        if last is not None and seq > last + 1:
-            missing.update(range(last + 1, seq))
-            self.emit("gap", f"{key.gateway} session {key.session}: events {last + 1}..{seq - 1} missing",
-                      gateway=key.gateway, install=key.install, session=key.session, missing=[last + 1, seq - 1])
-            self.ask_range(e, key, last + 1, seq - 1)
-            self.ask_rebirth(e, key)
+        if seq > (last or 0) + 1:  # a session first seen above seq 1 misses its head
+            self.gap(e, key, (last or 0) + 1, seq - 1, "middle" if last is not None else "head")
         if last is None or seq > last:
             self.last_seq[key] = seq
         if recovered:
-            self.emit("recovered", f"{event_id} recovered from the gateway's history", event_id=event_id)
+            if gap is not None:
+                self.healed[gap] += 1
+            self.emit("recovered", f"{event_id} recovered from the gateway's history", event_id=event_id, gap=gap)
         if self.all_events:
             self.emit("event", f"{event_id} {e.get('kind')} {e.get('action')}", event_id=event_id,
                       kind=e.get("kind"), seq=seq, session=key.session, install=key.install, recovered=recovered)
@@ -190,6 +228,52 @@ class Consumer:
                       whom=[{"name": p.name, "phone": p.phone, "role": p.role} for p in people])
         return True
 
+    def gap(self, e: dict[str, Any], key: Session, first: int, last: int, kind: str) -> None:
+        """Seqs ``first``..``last`` of a session exist and were not seen: note them and ask the gateway."""
+        self.missing.setdefault(key, {}).update(dict.fromkeys(range(first, last + 1), kind))
+        self.last_seq[key] = max(last, self.last_seq.get(key, 0))
+        self.emit("gap", f"{key.gateway} session {key.session}: events {first}..{last} missing ({kind})",
+                  gateway=key.gateway, install=key.install, session=key.session, missing=[first, last], gap=kind)
+        self.ask_range(e, key, first, last)
+        self.ask_rebirth(e, key)
+
+    def session_ends(self, body: dict[str, Any]) -> None:
+        """Note where a ``status`` or ``birth`` says the gateway's sessions ended, to compare after the grace."""
+        if not isinstance(body.get("last_seq"), int) or not isinstance(body.get("session"), int):
+            return  # a gateway from before session ends were announced
+        gateway, install = str(body.get("gateway")), body.get("install")
+        first = self.first_session.setdefault((gateway, install), body["session"])
+        due = self.clock() + ANNOUNCED_GRACE_S
+        ends = [(body["session"], body["last_seq"])]
+        for earlier in body.get("sessions") or []:
+            if isinstance(earlier, dict) and isinstance(earlier.get("session"), int) \
+                    and isinstance(earlier.get("last_seq"), int) and (self.backfill or earlier["session"] >= first):
+                ends.append((earlier["session"], earlier["last_seq"]))
+        for session, last in ends:
+            key = Session(gateway, install, session)
+            if last > self.last_seq.get(key, 0):
+                self.announced.append(AnnouncedEnd(key, last, str(body.get("community")), str(body.get("building")),
+                                                   due))
+
+    def tick(self) -> None:
+        """Compare announced ends whose grace has passed; ask again for ranges left unanswered."""
+        now = self.clock()
+        due = [a for a in self.announced if a.due <= now]
+        self.announced = [a for a in self.announced if a.due > now]
+        for a in due:
+            known = self.last_seq.get(a.key)
+            if a.last > (known or 0):
+                where = {"community": a.community, "building": a.building}
+                self.gap(where, a.key, (known or 0) + 1, a.last, "tail" if known is not None else "session")
+        for command_id, request in list(self.ranges.items()):
+            if now - request.asked_at < ASK_AGAIN_S:
+                continue
+            del self.ranges[command_id]
+            left = sorted(s for s in self.missing.get(request.key, {}) if request.first <= s <= request.last)
+            if left:
+                self.ask_range({"community": request.community, "building": request.building}, request.key,
+                               left[0], left[-1])
+
     def ask_range(self, e: dict[str, Any], key: Session, first: int, last: int) -> None:
         """Ask the gateway for events ``first``..``last`` of a session (one page; the answer asks for the next)."""
         community, building = e["community"], e["building"]
@@ -197,13 +281,16 @@ class Consumer:
         if key.install is not None:
             args["install"] = key.install
         command = self.command("events", community, building, args)
-        self.ranges[command["id"]] = RangeRequest(key, first, last, community, building)
+        self.ranges[command["id"]] = RangeRequest(key, first, last, community, building, self.clock())
         self.emit("range_requested", f"asked {community}/{building} for events {first}..{last} of session "
                   f"{key.session}", id=command["id"], session=key.session, range=[first, last])
 
     def merge_range(self, request: RangeRequest, result: dict[str, Any]) -> None:
         """Take the events a range request brought back; ask for the next page, or say what cannot be had."""
         key = request.key
+        if result.get("status") != "accepted" and result.get("code") in RETRY_CODES:
+            self.ranges[str(result.get("id"))] = request  # asked again after ASK_AGAIN_S (see tick)
+            return
         if result.get("status") != "accepted":
             self.emit("unrecoverable", f"{key.gateway} session {key.session}: events {request.first}..{request.last}"
                       f" not available: {result.get('reason')}", session=key.session,
@@ -217,9 +304,10 @@ class Consumer:
             self.ask_range({"community": request.community, "building": request.building}, key, max(got) + 1,
                            request.last)
             return
-        gone = sorted(s for s in self.missing.get(key, set()) if request.first <= s <= request.last)
+        gone = sorted(s for s in self.missing.get(key, {}) if request.first <= s <= request.last)
         if gone:  # no longer in the gateway's history (evicted), or another installation's
-            self.missing[key].difference_update(gone)
+            for s in gone:
+                del self.missing[key][s]
             self.emit("unrecoverable", f"{key.gateway} session {key.session}: {len(gone)} events no longer on the "
                       "gateway", session=key.session, seqs=gone)
 
@@ -277,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--key")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--all-events", action="store_true", help="also print every event taken (not only notices)")
+    p.add_argument("--backfill", action="store_true",
+                   help="also ask for the sessions a gateway held before the first one this consumer heard of")
     args = p.parse_args(argv)
 
     contacts = Contacts.load(args.contacts)
@@ -289,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cafile or args.cert:
         client.tls_set(ca_certs=args.cafile, certfile=args.cert, keyfile=args.key, cert_reqs=ssl.CERT_REQUIRED)
     consumer = Consumer(client, prefix=args.prefix, community=args.community, contacts=contacts,
-                        client_id=args.client_id, v5=v5, as_json=args.json, all_events=args.all_events)
+                        client_id=args.client_id, v5=v5, as_json=args.json, all_events=args.all_events,
+                        backfill=args.backfill)
+    lock = threading.Lock()  # paho's thread delivers messages; this one compares announced ends
+    stopping = threading.Event()
 
     def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
@@ -298,18 +391,28 @@ def main(argv: list[str] | None = None) -> int:
         c.subscribe([(t, 1) for t in consumer.subscriptions])
 
     def on_subscribe(c: mqtt.Client, u: Any, mid: int, codes: Any, props: Any) -> None:
-        consumer.emit("ready", f"subscribed to {args.prefix}/{args.community}/+ ...")
+        with lock:
+            consumer.emit("ready", f"subscribed to {args.prefix}/{args.community}/+ ...")
+
+    def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        with lock:
+            consumer.on_message(msg.topic, bytes(msg.payload))
 
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
-    client.on_message = lambda c, u, msg: consumer.on_message(msg.topic, bytes(msg.payload))
-    signal.signal(signal.SIGTERM, lambda *_: client.disconnect())
+    client.on_message = on_message
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     port = args.port or (8883 if args.cafile else 1883)
-    client.connect(args.host, port, keepalive=30)
+    client.connect_async(args.host, port, keepalive=30)
+    client.loop_start()
     try:
-        client.loop_forever(retry_first_connection=True)
+        while not stopping.wait(0.5):
+            with lock:
+                consumer.tick()
     except KeyboardInterrupt:
-        client.disconnect()
+        pass
+    client.disconnect()
+    client.loop_stop()
     return 0
 
 

@@ -9,9 +9,16 @@ after ``ack_wait``. An instance acknowledges a batch only after the transaction 
 the table is keyed by ``event_id`` (``INSERT … ON CONFLICT DO NOTHING``), so a batch delivered twice is stored
 once, and so are the alarm routings written in the same transaction.
 
-A ``seq`` gap (an event acknowledged and then lost, or one published before the consumer existed) is healed
-as ``examples/consumer.py`` does it, with the ``events`` command to that gateway, page by page — but tracked in
-the table, not in memory, since the instances each see only part of a gateway's events. One instance at a
+Alarms, supervisory signals and faults also come a faster way: nats-server hands an MQTT QoS 1 PUBLISH to core
+NATS subscribers before it stores it in JetStream, so each instance subscribes to those subjects too and stores
+(``ON CONFLICT DO NOTHING``) and routes what comes that way at once — from any node still up while a lost node's
+streams elect new leaders. The durable consumer still stores everything and remains the record (``fast`` and
+``durable_at`` say which path came first and when the record did).
+
+A ``seq`` gap (an event acknowledged and then lost, or one published before the consumer existed; a session's
+tail or a whole session, which only the gateways' ``birth`` and ``status`` show, recorded in ``session_ends``)
+is healed as ``examples/consumer.py`` does it, with the ``events`` command to that gateway, page by page — but
+tracked in the table, not in memory, since the instances each see only part of a gateway's events. One instance at a
 time heals (a PostgreSQL advisory lock; another takes it when that instance's connection is gone). A missing
 seq is asked for only once an event above it has been in the table for ``gap_grace_s``: events of one gateway
 may be in flight on another instance meanwhile.
@@ -99,6 +106,24 @@ CREATE TABLE IF NOT EXISTS notifications (
 );
 """
 
+#: Which path stored a row first (``fast``: core NATS, before JetStream had it) and when the durable record
+#: (the JetStream stream, or the gateway's own history) was there; where each gateway session ended, as its
+#: ``birth`` and ``status`` said (docs/mqtt.md, "Filling a gap").
+SCHEMA_PATHS_AND_ENDS = """
+ALTER TABLE events ADD COLUMN IF NOT EXISTS fast boolean NOT NULL DEFAULT false;
+ALTER TABLE events ADD COLUMN IF NOT EXISTS durable_at timestamptz DEFAULT clock_timestamp();
+CREATE TABLE IF NOT EXISTS session_ends (
+    gateway      text NOT NULL,
+    install      text NOT NULL,
+    session      integer NOT NULL,
+    community    text NOT NULL,
+    building     text NOT NULL,
+    last_seq     integer NOT NULL,
+    announced_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (gateway, install, session)
+);
+"""
+
 INSERT_EVENTS = """
 INSERT INTO events (event_id, gateway, install, session, seq, community, building, kind, action, unit, household,
                     device, detected_at, inbox, recovered, body)
@@ -116,22 +141,56 @@ SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
 ON CONFLICT DO NOTHING
 """
 
-#: Missing seqs below an event that has been stored for at least the grace period (%s seconds).
+#: Missing seqs of every session: below its highest stored event, once that has been stored for the grace
+#: period (%s seconds), and up to its announced end (``session_ends``), once announced that long ago — which
+#: also covers a session none of whose events arrived.
 FIND_GAPS = """
-WITH tops AS (
+WITH stored AS (
     SELECT gateway, install, session, min(community) AS community, min(building) AS building,
-           max(seq) AS top, count(*) AS n
+           max(seq) FILTER (WHERE committed_at < clock_timestamp() - make_interval(secs => %(grace)s)) AS top,
+           count(*) AS n
       FROM events
-     WHERE committed_at < clock_timestamp() - make_interval(secs => %s)
+     GROUP BY gateway, install, session),
+announced AS (
+    SELECT gateway, install, session, community, building, last_seq AS top
+      FROM session_ends
+     WHERE announced_at < clock_timestamp() - make_interval(secs => %(grace)s)),
+tops AS (
+    SELECT gateway, install, session, min(community) AS community, min(building) AS building,
+           coalesce(max(top), 0) AS top
+      FROM (SELECT gateway, install, session, community, building, top FROM stored
+            UNION ALL SELECT gateway, install, session, community, building, top FROM announced) x
      GROUP BY gateway, install, session)
 SELECT t.gateway, t.install, t.session, t.community, t.building, g.s
-  FROM tops t CROSS JOIN LATERAL generate_series(1, t.top) AS g(s)
- WHERE t.top > t.n
+  FROM tops t
+  LEFT JOIN stored c USING (gateway, install, session)
+ CROSS JOIN LATERAL generate_series(1, t.top) AS g(s)
+ WHERE t.top > coalesce(c.n, 0)
    AND NOT EXISTS (SELECT 1 FROM events e
                     WHERE e.gateway = t.gateway AND e.install = t.install AND e.session = t.session AND e.seq = g.s)
  ORDER BY 1, 2, 3, 6
  LIMIT 20000
 """
+
+#: Where sessions ended, from a birth or status: the message's own session always; the earlier sessions a
+#: birth lists only from the first session the inbox knows of that gateway installation on (or all of them
+#: with ``backfill``) — older ones are the past before this inbox started.
+UPSERT_SESSION_ENDS = """
+INSERT INTO session_ends AS se (gateway, install, session, community, building, last_seq)
+SELECT x.g, x.i, x.s, x.c, x.b, x.l
+  FROM unnest(%(g)s::text[], %(i)s::text[], %(s)s::int[], %(c)s::text[], %(b)s::text[], %(l)s::int[],
+              %(own)s::bool[]) AS x(g, i, s, c, b, l, own)
+ WHERE x.own OR %(backfill)s OR x.s >= (
+       SELECT min(m) FROM (SELECT min(session) AS m FROM events WHERE gateway = x.g AND install = x.i
+                           UNION ALL
+                           SELECT min(session) FROM session_ends WHERE gateway = x.g AND install = x.i) k)
+ON CONFLICT (gateway, install, session) DO UPDATE
+   SET last_seq = EXCLUDED.last_seq, announced_at = clock_timestamp()
+ WHERE se.last_seq < EXCLUDED.last_seq
+"""
+
+#: Kinds of event the fast path (core NATS) takes: those that tell people.
+FAST_KINDS = ("alarm", "supervisory", "fault")
 
 
 # ------------------------------------------------------------------------------------------- inbox
@@ -154,6 +213,8 @@ class InboxSettings:
     gap_grace_s: float = 3.0
     heal_every_s: float = 1.0
     ask_again_s: float = 10.0
+    backfill: bool = False
+    """Also ask for the sessions a gateway held before the first one this inbox knows of."""
 
 
 def _iso(text: Any) -> dt.datetime | None:
@@ -176,8 +237,11 @@ class Inbox:
         self.stored = 0
         self.duplicates = 0
         self.recovered = 0
+        self.first_notices = 0
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._db_lock = asyncio.Lock()
+        self._fast_db: psycopg.AsyncConnection[Any] | None = None  # the fast path's own: it never waits for a batch
+        self._fast_queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._asked: dict[str, tuple[str, int, int, int]] = {}  # command id → (gateway, session, first, last)
         self._asked_at: dict[tuple[str, str, int, int], float] = {}  # (gateway, install, session, first) → when
         self._stop = asyncio.Event()
@@ -187,6 +251,13 @@ class Inbox:
     def subject_filter(self) -> str:
         return f"{MQTT_SUBJECT_PREFIX}{self.s.prefix}.{self.s.community}.*.event.>"
 
+    @property
+    def subject_filters(self) -> list[str]:
+        """What the durable consumer takes: every event, and the births and statuses that say where sessions
+        ended."""
+        base = f"{MQTT_SUBJECT_PREFIX}{self.s.prefix}.{self.s.community}.*"
+        return [f"{base}.event.>", f"{base}.birth", f"{base}.status"]
+
     def stop(self) -> None:
         self._stop.set()
 
@@ -194,11 +265,15 @@ class Inbox:
         """Consume, store and heal until :meth:`stop`."""
         self._db = await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=False)
         await self._schema()
+        # The servers in the order given (each instance is given its own first node), reconnecting at once.
         self.nc = await nats.connect(servers=list(self.s.nats_servers), user=self.s.user, password=self.s.password,
                                      name=self.s.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                                     allow_reconnect=True)
+                                     allow_reconnect=True, dont_randomize=True, connect_timeout=2)
         await self.nc.subscribe(f"{self.s.prefix}.{self.s.community}.*.reply", cb=self._reply)
+        await self._listen_fast()
+        self._fast_db = await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=False)
         tasks = [asyncio.create_task(self._consume(), name="consume"),
+                 asyncio.create_task(self._store_first_notices(), name="first-notice"),
                  asyncio.create_task(self._heal(), name="heal"),
                  asyncio.create_task(self._report(), name="report")]
         await self._stop.wait()
@@ -210,12 +285,14 @@ class Inbox:
         with contextlib.suppress(Exception):
             await self.nc.close()
         await self._db.close()
+        await self._fast_db.close()
 
     async def _schema(self) -> None:
         assert self._db is not None
         async with self._db.transaction():
             await self._db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             await self._db.execute(SCHEMA)
+            await self._db.execute(SCHEMA_PATHS_AND_ENDS)
 
     # ------------------------------------------------------------------------------ consuming
 
@@ -223,7 +300,7 @@ class Inbox:
         js = self.nc.jetstream()
         config = ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                                 ack_wait=self.s.ack_wait_s, max_ack_pending=20_000, max_deliver=-1,
-                                filter_subject=self.subject_filter)
+                                filter_subjects=self.subject_filters)
         while not self._stop.is_set():
             try:
                 return await js.pull_subscribe(self.subject_filter, durable=DURABLE, stream=MQTT_STREAM, config=config)
@@ -246,14 +323,17 @@ class Inbox:
                 _emit("fetch_failed", error=repr(exc))
                 await asyncio.sleep(0.2)
                 continue
-            events = []
+            events, ends = [], []
             for m in msgs:
                 with contextlib.suppress(ValueError, UnicodeDecodeError):
                     body = json.loads(m.data)
                     if isinstance(body, dict) and isinstance(body.get("event_id"), str):
                         events.append(body)
+                    elif isinstance(body, dict) and body.get("type") in ("birth", "status"):
+                        ends.append(body)
             try:
                 await self.store(events, recovered=False)
+                await self.note_session_ends(ends)
             except psycopg.Error as exc:  # not acknowledged: delivered again after ack_wait
                 _emit("store_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
@@ -262,12 +342,12 @@ class Inbox:
                 with contextlib.suppress(Exception):  # an ack lost is a redelivery, stored once all the same
                     await m.ack()
 
-    async def store(self, events: Sequence[Mapping[str, Any]], *, recovered: bool) -> int:
+    async def store(self, events: Sequence[Mapping[str, Any]], *, recovered: bool, fast: bool = False) -> int:
         """Store events (once each) and their alarm routings in one transaction; returns how many were new."""
         unique = {e["event_id"]: e for e in events if isinstance(e.get("event_id"), str)}
         if not unique:
             return 0
-        rows = list(unique.values())
+        rows = [unique[k] for k in sorted(unique)]  # one lock order for every path: no deadlock between them
         columns: list[list[Any]] = [[] for _ in range(16)]
         for e in rows:
             for col, value in zip(columns, (
@@ -279,8 +359,9 @@ class Inbox:
                     strict=True):
                 col.append(value)
         assert self._db is not None
-        async with self._db_lock, self._db.transaction():
-            cur = await self._db.execute(INSERT_EVENTS, columns)
+        db, lock = (self._fast_db, asyncio.Lock()) if fast and self._fast_db is not None else (self._db, self._db_lock)
+        async with lock, db.transaction():
+            cur = await db.execute(INSERT_EVENTS, columns)
             new = {r[0] for r in await cur.fetchall()}
             notes: list[list[str]] = [[], [], [], []]
             for e in rows:
@@ -290,12 +371,77 @@ class Inbox:
                         for col, value in zip(notes, (e["event_id"], p.role, p.name, p.phone), strict=True):
                             col.append(value)
             if notes[0]:
-                await self._db.execute(INSERT_NOTIFICATIONS, notes)
+                await db.execute(INSERT_NOTIFICATIONS, notes)
+            await self._mark_path(db, fast, new, set(unique) - new)
         self.stored += len(new)
         self.duplicates += len(rows) - len(new)
         if recovered:
             self.recovered += len(new)
         return len(new)
+
+    async def _mark_path(self, db: psycopg.AsyncConnection[Any], fast: bool, new: set[str], known: set[str]) -> None:
+        """In the storing transaction: rows the fast path stored first wait for their durable record; rows it
+        stored earlier get theirs now."""
+        if fast and new:
+            await db.execute("UPDATE events SET fast = true, durable_at = NULL WHERE event_id = ANY(%s)",
+                                   (list(new),))
+        elif not fast and known:
+            await db.execute("UPDATE events SET durable_at = clock_timestamp()"
+                                   " WHERE event_id = ANY(%s) AND durable_at IS NULL", (list(known),))
+
+    # ------------------------------------------------------------------------------ first notice (core NATS)
+
+    async def _listen_fast(self) -> None:
+        """Alarms, supervisory signals and faults as nats-server hands an MQTT PUBLISH to core subscribers —
+        before JetStream stores it, so from any node still up while a lost node's streams elect new leaders."""
+        for kind in FAST_KINDS:
+            await self.nc.subscribe(f"{self.s.prefix}.{self.s.community}.*.event.{kind}", cb=self._first_notice)
+
+    async def _first_notice(self, msg: Any) -> None:
+        """Queue one such event for :meth:`_store_first_notices` (the callback must not wait for the table)."""
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            body = json.loads(msg.data)
+            if isinstance(body, dict) and isinstance(body.get("event_id"), str):
+                self._fast_queue.put_nowait(body)
+
+    async def _store_first_notices(self) -> None:
+        """Store (once) and route what the fast path heard, everything waiting in one transaction, on a
+        connection of its own; the durable consumer still brings the record."""
+        while True:
+            batch = [await self._fast_queue.get()]
+            while not self._fast_queue.empty() and len(batch) < self.s.batch:
+                batch.append(self._fast_queue.get_nowait())
+            try:
+                self.first_notices += await self.store(batch, recovered=False, fast=True)
+            except psycopg.Error as exc:  # the durable consumer stores them all the same
+                _emit("store_failed", error=repr(exc), path="fast")
+
+    # ------------------------------------------------------------------------------ session ends
+
+    async def note_session_ends(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Where sessions ended, from births and statuses (docs/mqtt.md, "Filling a gap")."""
+        rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
+        for m in messages:
+            if not isinstance(m.get("last_seq"), int) or not isinstance(m.get("session"), int):
+                continue  # a gateway from before session ends were announced
+            ends = [(m["session"], m["last_seq"], True)]
+            ends += [(e["session"], e["last_seq"], False) for e in m.get("sessions") or []
+                     if isinstance(e, dict) and isinstance(e.get("session"), int)
+                     and isinstance(e.get("last_seq"), int)]
+            for session, last, own in ends:
+                if last < 1:
+                    continue
+                for key, value in zip("gisc", (str(m.get("gateway", "")), str(m.get("install") or ""), session,
+                                               str(m.get("community", ""))), strict=True):
+                    rows[key].append(value)
+                rows["b"].append(str(m.get("building", "")))
+                rows["l"].append(last)
+                rows["own"].append(own)
+        if not rows["g"]:
+            return
+        assert self._db is not None
+        async with self._db_lock, self._db.transaction():
+            await self._db.execute(UPSERT_SESSION_ENDS, {**rows, "backfill": self.s.backfill})
 
     # ------------------------------------------------------------------------------ healing
 
@@ -321,7 +467,7 @@ class Inbox:
             await conn.close()
 
     async def _ask_for_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(FIND_GAPS, (self.s.gap_grace_s,))
+        cur = await conn.execute(FIND_GAPS, {"grace": self.s.gap_grace_s})
         missing = await cur.fetchall()
         now = time.monotonic()
         for (gateway, install, session, community, building), first, last in _ranges(missing):
@@ -359,7 +505,7 @@ class Inbox:
         while not self._stop.is_set():
             await asyncio.sleep(5.0)
             _emit("stored", name=self.s.name, stored=self.stored, duplicates=self.duplicates,
-                  recovered=self.recovered)
+                  recovered=self.recovered, first_notices=self.first_notices)
 
 
 def _ranges(missing: Iterable[Sequence[Any]]) -> list[tuple[tuple[str, str, int, str, str], int, int]]:
@@ -389,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="inbox", help="this instance's name (kept with each row it stores)")
     p.add_argument("--ack-wait", type=float, default=5.0, help="seconds before another instance gets a batch")
     p.add_argument("--gap-grace", type=float, default=3.0)
+    p.add_argument("--backfill", action="store_true",
+                   help="also ask for the sessions a gateway held before the first one this inbox knows of")
     return p
 
 
@@ -401,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         nats_servers=tuple(s.strip() for s in args.nats.split(",") if s.strip()), dsn=args.dsn,
         community=args.community, name=args.name, prefix=args.prefix, user=args.user, password=password,
         contacts=Contacts.load(args.contacts) if args.contacts else Contacts(), ack_wait_s=args.ack_wait,
-        gap_grace_s=args.gap_grace)
+        gap_grace_s=args.gap_grace, backfill=args.backfill)
     inbox = Inbox(settings)
 
     async def run() -> None:

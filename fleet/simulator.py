@@ -150,7 +150,9 @@ class SimulatedGateway:
 
     def birth(self) -> dict[str, Any]:
         return birth_message(gateway=self.gateway_id, community=self.community, building=self.building,
-                             session=self.outbox.session, software=__version__, snapshot=link.snapshot_from_wire(None),
+                             session=self.outbox.session, last_seq=self.outbox.session_seq,
+                             sessions=self.outbox.earlier_sessions, software=__version__,
+                             snapshot=link.snapshot_from_wire(None),
                              config={"units": list(UNITS), "households": len(HOUSEHOLDS), "devices": len(HOUSEHOLDS),
                                      "buses": []})
 
@@ -177,7 +179,8 @@ class SimulatedGateway:
         if not up.connected:
             return
         body = self._status.build(
-            session=self.outbox.session, backlog=await self.outbox.backlog(), snapshot=link.snapshot_from_wire(None),
+            session=self.outbox.session, last_seq=self.outbox.session_seq, backlog=await self.outbox.backlog(),
+            snapshot=link.snapshot_from_wire(None),
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),
             buses=[])

@@ -428,7 +428,7 @@ def test_every_message_of_a_scenario_follows_its_schema(
         second = Daemon(config, log)
         try:
             wait_topic("availability", state="online", session=session + 1)
-            wait_topic("birth", session=session + 1)
+            second_birth = wait_topic("birth", session=session + 1).json
             wait_topic("status", session=session + 1)
             second.proc.send_signal(signal.SIGTERM)
             assert second.wait(timeout=60) == 0
@@ -451,6 +451,16 @@ def test_every_message_of_a_scenario_follows_its_schema(
         seqs = sorted({e["seq"] for e in events if e["session"] == s})
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
     assert all(e["event_id"] == f"{e['gateway']}:{e['install']}:{e['session']}:{e['seq']}" for e in events)
+    # where each session ended: the birth lists the sessions before it, birth and status the current one's end
+    ended = max(e["seq"] for e in events if e["session"] == session)
+    assert second_birth["sessions"][0]["session"] == session, second_birth["sessions"]
+    assert second_birth["sessions"][0]["last_seq"] >= ended  # what the kill -9 left unsent is listed too
+    ends: dict[int, int] = {}
+    for m in messages:
+        if schema_name(topics, m.topic) in ("birth", "status"):
+            assert m.json["last_seq"] >= ends.get(m.json["session"], 0), "a session's announced end never goes back"
+            ends[m.json["session"]] = m.json["last_seq"]
+    assert ends[session] > 0 and second_birth["last_seq"] >= 0
     installs = {m.json["install"] for m in messages if isinstance(m.json, dict) and "install" in m.json}
     assert len(installs) == 1, "a restart keeps the installation; every message names it"
     # after the Will nothing from session 1; the planned stop is the last word of session 2

@@ -6,7 +6,10 @@ one node is SIGKILLed in the middle of the burst and started again 30 s later; t
 inbox instances (fleet/inbox.py) is SIGKILLed after that. Then every event the gateways stored is in
 PostgreSQL exactly once, the second inbox took over, a gateway's publish under another building's topic went
 nowhere, and rows deleted from PostgreSQL are healed from the gateways' outboxes by the ``events`` command.
-Latency (detection → row committed) is printed, not asserted: benchmarks/fleet.py reports it.
+Latency is printed and guarded by generous bounds only — the first notice (core NATS) of the alarms,
+supervisory signals and faults of the buildings on the nodes still up within 5 s at p99 through the node's loss,
+every first notice and every durable row within 60 s; benchmarks/fleet.py reports the figures against their
+targets.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     result = FleetScenario(tmp_path / "fleet").run()
 
     outside, inside = result.latencies()
+    first = result.first_notices()
+    stayed, moved = result.first_notices("other"), result.first_notices("lost")
+    durable = result.durable_latencies()
+    print(f"\nfirst notice through the loss p50 {percentile(first, 0.5)}, p99 {percentile(first, 0.99)}, "
+          f"max {max(first, default=None)} s ({len(first)} alarms, supervisory signals and faults; "
+          f"{len(result.fast)} rows stored first by the fast path); the lost node's buildings p99 "
+          f"{percentile(moved, 0.99)}, max {max(moved, default=None)} s; the others' p99 {percentile(stayed, 0.99)}, "
+          f"max {max(stayed, default=None)} s; durable record max {max(durable, default=None)} s")
     print(f"\nstored {len(result.stored)} events, {result.row_count} rows; latency outside the failover window "
           f"p50 {percentile(outside, 0.5)}, p99 {percentile(outside, 0.99)}, max {max(outside, default=None)} s; "
           f"through it p99 {percentile(inside, 0.99)} s; failover gap {result.failover_gap_s():.2f} s; "
@@ -68,3 +79,11 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     # events command (the cluster's 1000-consumer cap once left gateways deaf to it; docs/fleet.md).
     assert result.healing["deleted"] > 0
     assert result.healing["recovered"] == result.healing["deleted"], result.healing
+    # Regression guards, generous (benchmarks/fleet.py holds the targets: 1 s first notice, 30 s failover).
+    # Through the node's loss the buildings on the other nodes are heard (core NATS) within 5 s at p99; the lost
+    # node's buildings can publish nothing until they are connected again, which on NATS waits for the session
+    # stream's leader (docs/fleet.md: 15 s at most seen), so they and every durable row get 60 s.
+    stayed_p99 = percentile(stayed, 0.99)
+    assert stayed_p99 is not None and stayed_p99 <= 5.0, f"first notice on the nodes still up: p99 {stayed_p99} s"
+    assert max(first) <= 60.0, f"first notice through the loss: max {max(first)} s"
+    assert durable and max(durable) <= 60.0, f"durable record: max {max(durable)} s"

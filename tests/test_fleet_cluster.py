@@ -405,6 +405,52 @@ def test_the_command_line_starts_and_stops_the_cluster(tmp_path: Path) -> None:
     assert json.loads(stopped.stdout)["running"] == [False, False, False]
 
 
+@pytest.mark.slow
+def test_a_planned_stop_in_lame_duck_mode_moves_the_leaderships_first(tmp_path: Path) -> None:
+    """``Node.stop(lame_duck=True)`` on the node leading ``$MQTT_msgs``: nats-server hands its leaderships over
+    before it closes anything; a gateway on another node publishing every 0.1 s meanwhile (and 3 s after) gets a
+    PUBACK for each (connecting again if its node closes the connection, as the uplink does); the node's log says
+    lame duck, it exits, and another node leads the stream. The longest wait is printed."""
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    gw = None
+    try:
+        leader = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+        other = next(n for n in c.nodes if n is not leader)
+        gw = gateway(c, other.index)
+        stopping = threading.Thread(target=leader.stop, kwargs={"lame_duck": True})
+        started = time.monotonic()
+        stopping.start()
+        waits: list[float] = []
+        reconnects = 0
+        stopped_at: float | None = None
+        while True:
+            if stopped_at is None and not stopping.is_alive():
+                stopped_at = time.monotonic()
+            if stopped_at is not None and time.monotonic() >= stopped_at + 3.0:  # and 3 s after it is gone
+                break
+            t0 = time.monotonic()
+            body = {"event_id": f"ldm-{len(waits)}"}
+            while not gw.settle(gw.publish(f"{BASE}/b1/event/test", body), timeout=30):
+                assert gw.closed, "no PUBACK within 30 s on an open connection"
+                gw.close()  # as the gateway does: connect again and send it again
+                reconnects += 1
+                gw = gateway(c, other.index)
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.1)
+        stopping.join()
+        took = (stopped_at or time.monotonic()) - started
+        assert not leader.is_running
+        assert "lame duck" in leader.log_file.read_text(errors="replace").lower()
+        assert any(any(s.endswith(".$MQTT_msgs") for s in n.leaderships()) for n in c.nodes if n is not leader)
+        print(f"\nlame-duck stop of the $MQTT_msgs leader: {took:.1f} s, {len(waits)} publishes on another node, "
+              f"longest PUBACK wait {max(waits):.2f} s, {reconnects} connections closed by the node")
+        assert len(waits) >= 10
+    finally:
+        if gw is not None:
+            gw.close()
+        c.stop()
+
+
 # ------------------------------------------------------------------------------------ a real gateway on the cluster
 
 
@@ -501,8 +547,237 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
                      if r.get("event") == "event forwarded" and r.get("event_id") == alarm["event_id"])
     assert waits and all(r["retry_in_s"] <= 5.0 for r in waits), waits
     assert waits[0]["next_broker"] == c.mqtt_hosts[1], "the first attempt after the loss goes to the next node"
+    assert waits[0]["retry_in_s"] == 0.0, "and at once"
     assert moved and moved[0]["broker"] != c.mqtt_hosts[0], moved
     last_connection = max(i for i, r in enumerate(records[:forwarded]) if r.get("event") == "uplink connected")
     assert records[last_connection]["broker"] in c.mqtt_hosts[1:], "delivered through a node still running"
     # sent once, or again after the kill if it was in flight to the dead node (then ``historical`` is true)
     assert alarm["event_id"].count(":") == 3
+
+
+# ------------------------------------------------------------------------------------ the inbox on the cluster
+
+
+@pytest.mark.slow
+async def test_the_inbox_closes_every_kind_of_gap_and_hears_alarms_at_once_through_a_node_loss(
+    tmp_path: Path,
+) -> None:
+    """Two inbox instances (each on its own first node) and PostgreSQL; a simulated gateway (its real outbox,
+    uplink and command door) runs three sessions. Rows lost at the centre — the tail of session 1, all of
+    session 2, the head of session 3 — come back from the gateway: only the births say where sessions 1 and 2
+    ended. Then the node leading ``$MQTT_msgs`` is SIGKILLed and the gateway raises alarms at once: each is in
+    the table within 5 s (first notice, core NATS) and its durable record within 60 s, every event once."""
+    import asyncio
+    import random
+    import shutil
+    import signal
+    import sys
+
+    import psycopg
+
+    from fleet.simulator import SimulatedGateway
+    from gateway.config import MqttConfig
+    from tests.support.fleet import _Lines
+    from tests.support.postgres import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required")
+    c = Cluster(tmp_path / "cluster", COMMUNITY).start()
+    pg = PostgresServer().start()
+    (tmp_path / "central.pw").write_text(COMMUNITY.server_password + "\n", encoding="utf-8")
+    inboxes: list[_Lines] = []
+    gw: SimulatedGateway | None = None
+    user, password = COMMUNITY.credentials()["b1"]
+    host, port = c.mqtt_hosts[0].rsplit(":", 1)
+    mqtt_cfg = MqttConfig(host=host, port=int(port), hosts=tuple(c.mqtt_hosts), client_id="sunshine-garden-b1",
+                          protocol=311, username=user, password=password, allow_plaintext=True)
+
+    def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            cur = conn.execute(sql, args)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    async def session(alarms: int) -> SimulatedGateway:
+        g = SimulatedGateway(community=COMMUNITY.id, building="b1", prefix="safety", mqtt_cfg=mqtt_cfg,
+                             db_path=str(tmp_path / "b1.db"), rng=random.Random(len(inboxes)))
+        await g.open()
+        g.start_uplink()
+        await _until(lambda: g.uplink.connected, timeout=60, message="the gateway did not connect")
+        for _ in range(alarms):
+            g.alarm()
+            g.telemetry()
+        await _until(g.drained, timeout=60, message="not acknowledged")
+        return g
+
+    try:
+        for i, name in enumerate(("inbox-1", "inbox-2")):
+            urls = c.nats_urls[i:] + c.nats_urls[:i]
+            inboxes.append(_Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(urls), "--user",
+                                         COMMUNITY.server_user, "--password-file", str(tmp_path / "central.pw"),
+                                         "--dsn", pg.dsn, "--community", COMMUNITY.id, "--name", name,
+                                         "--ack-wait", "3"], tmp_path / f"{name}.log"))
+            await asyncio.to_thread(inboxes[-1].wait_for, lambda m: m.get("event") == "consuming", 60)
+        for alarms in (4, 4):
+            gw = await session(alarms)
+            await gw.close()
+            gw = None
+        gw = await session(4)
+        stored = await _until(lambda: _outbox_ids(tmp_path / "b1.db"), timeout=10)
+        await _until(lambda: len(query("SELECT event_id FROM events")) == len(stored), timeout=60,
+                         message="the inbox did not store every event")
+        await _until(lambda: query("SELECT session, last_seq FROM session_ends WHERE session < 3 ORDER BY 1")
+                         == [(1, 8), (2, 8)], timeout=30, message="session ends not recorded from the birth")
+        lost = [r[0] for r in query(
+            "SELECT event_id FROM events WHERE (session = 1 AND seq > 5) OR session = 2 OR (session = 3 AND seq <= 2)")]
+        assert len(lost) == 3 + 8 + 2
+        query("DELETE FROM notifications WHERE event_id = ANY(%s)", lost)
+        query("DELETE FROM events WHERE event_id = ANY(%s)", lost)
+        await _until(lambda: query("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", lost)
+                         == [(len(lost),)], timeout=60, message="the lost rows did not come back from the gateway")
+
+        # the node every QoS 1 publish goes through is lost; alarms at once
+        victim = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+        before = set(_outbox_ids(tmp_path / "b1.db"))
+        victim.kill()
+        for _ in range(5):
+            gw.alarm()
+        await _until(gw.drained, timeout=120, message="the alarms were not acknowledged after the node loss")
+        stored = _outbox_ids(tmp_path / "b1.db")
+        await _until(lambda: len(query("SELECT event_id FROM events WHERE durable_at IS NOT NULL"))
+                         == len(stored), timeout=90, message="not every durable record arrived")
+        rows = query("SELECT event_id, extract(epoch FROM committed_at), extract(epoch FROM durable_at), fast"
+                     " FROM events")
+    finally:
+        if gw is not None:
+            await gw.close()
+        for p in inboxes:
+            p.stop(signal.SIGTERM)
+        c.stop()
+        pg.stop()
+    walls = _outbox_walls(tmp_path / "b1.db")
+    assert sorted(r[0] for r in rows) == sorted(stored), "every event, exactly once"
+    after = [(float(r[1]) - walls[r[0]], float(r[2]) - walls[r[0]], r[3]) for r in rows if r[0] not in before]
+    print(f"\nafter the loss of {victim.name}: first notice {[round(a[0], 2) for a in after]} s, durable record "
+          f"{[round(a[1], 2) for a in after]} s, fast path {[a[2] for a in after]}")
+    assert len(after) == 5
+    assert all(first <= 5.0 for first, _, _ in after), after
+    assert all(durable <= 60.0 for _, durable, _ in after), after
+
+
+def _outbox_ids(db: Path) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return [r[0] for r in conn.execute("SELECT event_id FROM events")]
+
+
+def _outbox_walls(db: Path) -> dict[str, float]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return {r[0]: float(r[1]) for r in conn.execute("SELECT event_id, wall FROM events")}
+
+
+async def _until(predicate: Callable[[], Any], timeout: float, message: str = "condition not met") -> Any:
+    """Await until ``predicate()`` (or what it returns, when awaitable) is truthy; AssertionError after
+    ``timeout`` s."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"{message} (after {timeout:g} s)"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_inbox_has_every_event_once_through_gateway_kills_and_a_node_loss(tmp_path: Path) -> None:
+    """Three simulated gateways in one process (fleet/simulator.py: their real outboxes and uplinks), killed with
+    SIGKILL at random in 8 rounds while raising and clearing alarms; the node leading ``$MQTT_msgs`` killed in
+    round 3 and started again in round 6; two inbox instances on different first nodes. At the end every event
+    the gateways stored, of every session, is in PostgreSQL exactly once."""
+    import contextlib
+    import random
+    import shutil
+    import signal
+    import sqlite3
+    import sys
+
+    import psycopg
+
+    from tests.support.fleet import _Lines
+    from tests.support.postgres import PostgresServer, find_pg_bin
+
+    if find_pg_bin() is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required")
+    community = Community.from_dict({"community": {"id": "chaos", "password_seed": "a-seed-for-the-tests-only"},
+                                     "buildings": {"count": 3, "name": "b{:04d}"}})
+    rng = random.Random(28)
+    c = Cluster(tmp_path / "cluster", community).start()
+    pg = PostgresServer().start()
+    (tmp_path / "central.pw").write_text(community.server_password + "\n", encoding="utf-8")
+    credentials = community.write_credentials(tmp_path / "credentials.json")
+    gateways_dir = tmp_path / "gateways"
+    inboxes: list[_Lines] = []
+    killed = None
+
+    def simulator(go: Path, *, burst_s: float, after_s: float) -> _Lines:
+        go.write_text(f"{time.time()}\n", encoding="utf-8")
+        return _Lines("simulator", [
+            sys.executable, "-m", "fleet.simulator", "--worker", "0", "--gateways", "3", "--brokers",
+            ",".join(c.mqtt_hosts), "--community", "chaos", "--credentials", str(credentials), "--workdir",
+            str(gateways_dir), "--go-file", str(go), "--connect-spread-s", "0.3", "--steady-s", "0",
+            "--telemetry-every", "1", "--burst-rate", "6", "--burst-s", str(burst_s), "--after-s", str(after_s),
+            "--drain-timeout", "120", "--seed", str(rng.randrange(10**6))], tmp_path / f"{go.name}.log")
+
+    def stored() -> set[str]:
+        ids: set[str] = set()
+        for db in gateways_dir.glob("*.db"):
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                ids |= {r[0] for r in conn.execute("SELECT event_id FROM events")}
+        return ids
+
+    def rows() -> list[str]:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            return [r[0] for r in conn.execute("SELECT event_id FROM events").fetchall()]
+
+    try:
+        for i, name in enumerate(("inbox-1", "inbox-2")):
+            urls = c.nats_urls[i:] + c.nats_urls[:i]
+            inboxes.append(_Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(urls), "--user",
+                                         community.server_user, "--password-file", str(tmp_path / "central.pw"),
+                                         "--dsn", pg.dsn, "--community", "chaos", "--name", name,
+                                         "--ack-wait", "3"], tmp_path / f"{name}.log"))
+            inboxes[-1].wait_for(lambda m: m.get("event") == "consuming", 60)
+        for round_no in range(8):
+            sim = simulator(tmp_path / f"go-{round_no}", burst_s=600, after_s=0)
+            sim.wait_for(lambda m: m.get("event") == "ready", 90)
+            if round_no == 3:
+                killed = next(n for n in c.nodes if any(s.endswith(".$MQTT_msgs") for s in n.leaderships()))
+                killed.kill()
+            if round_no == 6 and killed is not None:
+                killed.start(timeout=120)
+            time.sleep(rng.uniform(0.5, 3.0))
+            sim.stop(signal.SIGKILL)  # the whole gateway process, at once
+        last = simulator(tmp_path / "go-last", burst_s=2, after_s=1)
+        last.wait_for(lambda m: m.get("event") == "drained" and m.get("ok"), 180)
+        wait_until(lambda: set(rows()) >= stored(), timeout=120, message="not every stored event is in the inbox")
+        final, got = stored(), rows()
+        last.stop(signal.SIGTERM)
+    finally:
+        for p in inboxes:
+            p.stop(signal.SIGTERM)
+        c.stop()
+        pg.stop()
+    recovered = sum(m.get("new", 0) for p in inboxes for m in p.lines if m.get("event") == "recovered")
+    sessions = {e.rsplit(":", 2)[1] for e in final}
+    print(f"\n{len(final)} events in {len(sessions)} sessions of 3 gateways through 8 SIGKILLs of the gateways "
+          f"and the loss of {killed.name if killed else None}; {recovered} healed from the gateways")
+    assert killed is not None and len(sessions) == 9
+    assert sorted(got) == sorted(set(got)), "exactly once"
+    assert set(got) == final, "every stored event, nothing else"

@@ -5,6 +5,10 @@ Here a burst is acknowledged to the gateway while the consumer cannot take it, t
 SIGKILL and started again on the same port; the consumer (examples/consumer.py as a subprocess) sees the next
 event's ``seq`` jump, asks the gateway for the missing range with the ``events`` command — answered by the
 real command handler from the real outbox — and ends with every event exactly once.
+
+The same for each gap no later event of the session shows: a session's first events (the consumer first sees
+it at a seq above 1), its last events (the gateway restarted before sending more: the next session's birth
+says where it ended), and a session lost entirely (only a later birth lists it).
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import Any
 
 import pytest
 
+from gateway import link
 from gateway.config import MqttConfig
 from gateway.events import Event
 from gateway.ops.commands import CommandHandler, StorageAway
-from gateway.uplink.contract import CommandGate, CommandService
+from gateway.uplink.contract import CommandGate, CommandService, birth_message
 from gateway.uplink.mqtt import Uplink
 from gateway.uplink.outbox import Outbox
 from gateway.uplink.topics import Topics
@@ -73,6 +78,12 @@ class Consumer:
 
     def seen(self, action: str) -> list[dict[str, Any]]:
         return [x for x in list(self.lines) if x["action"] == action]
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> str:
         with contextlib.suppress(ProcessLookupError):
@@ -147,4 +158,119 @@ async def test_events_acknowledged_then_lost_by_a_killed_broker_reach_the_consum
     assert not consumer.seen("unrecoverable"), consumer.seen("unrecoverable")
     print(f"{len(recovered)} of {len(ids)} events were lost by the broker and recovered from the gateway; "
           f"{len(consumer.seen('range_requested'))} range requests")
+    assert consumer.proc.returncode is not None, error
+
+
+class Gateway:
+    """One run (session) of a gateway: the real outbox, uplink (with its birth) and command door."""
+
+    def __init__(self, broker: MosquittoBroker, db: Path) -> None:
+        self.broker = broker
+        self.db = db
+        self.ob: Outbox
+        self.up: Uplink
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> Gateway:
+        ob = self.ob = await Outbox.open(str(self.db), gateway_id="c1-b1",
+                                         identity={"community": "c1", "building": "b1"})
+        cfg = MqttConfig(host=self.broker.host, port=self.broker.port, client_id="c1-b1", max_inflight=32)
+        service: CommandService | None = None
+
+        async def on_command(msg: Any) -> None:
+            assert service is not None
+            await service.on_message(msg)
+
+        def birth() -> dict[str, Any]:
+            return birth_message(gateway="c1-b1", community="c1", building="b1", session=ob.session, software="t",
+                                 config={"units": [], "households": 0, "devices": 0, "buses": []},
+                                 snapshot=link.snapshot_from_wire(None), last_seq=ob.session_seq,
+                                 sessions=ob.earlier_sessions)
+
+        up = self.up = Uplink(cfg, ob, TOPICS, birth=birth, on_command=on_command, connect_timeout_s=1.0)
+        service = CommandService(CommandGate(TOPICS, started_at=time.time()), CommandHandler(History(ob)),  # type: ignore[arg-type]
+                                 lambda topic, body, props: up.publish_json(topic, body, properties=props),
+                                 gateway="c1-b1", session=lambda: ob.session)
+        self.task = asyncio.create_task(up.run())
+        await eventually(lambda: up.connected, timeout=60, message="the gateway did not connect")
+        return self
+
+    async def send(self, n: int) -> list[str]:
+        """Store ``n`` readings and wait until the broker acknowledged every event of this run."""
+        ids = await self.ob.append(readings(n, 0))
+        await eventually(lambda: self.up.delivered_total >= self.ob.session_seq, timeout=60,
+                         message="the events were not acknowledged")
+        return ids
+
+    async def stop(self) -> None:
+        await self.up.stop(flush_timeout_s=0.5)
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        await self.ob.close()
+
+
+async def _started(broker: MosquittoBroker, contacts: Path) -> Consumer:
+    consumer = Consumer(broker, contacts)
+    await eventually(lambda: consumer.seen("ready") or consumer.proc.poll() is not None, timeout=30)
+    assert consumer.proc.poll() is None, consumer.stop()
+    return consumer
+
+
+@pytest.mark.parametrize("lost", ["head", "tail", "session"])
+async def test_a_gap_no_later_event_of_its_session_shows_is_healed(tmp_path: Path, lost: str) -> None:
+    """The consumer is away (cut off by a broker killed and started again) while: head — a session's first 10
+    events are sent, then its next ones reach the consumer; tail — the last 10 events of session 1 are sent and
+    the gateway restarts; session — every event of session 2 is sent, and session 3 follows. The consumer gets
+    every event exactly once, and names the kind of gap it healed."""
+    broker = MosquittoBroker(tmp_path / "broker").start()
+    contacts = tmp_path / "contacts.toml"
+    contacts.write_text('[buildings."c1/b1"]\nhead = { name = "Head", phone = "100" }\n', encoding="utf-8")
+    consumer: Consumer | None = None
+    gw: Gateway | None = None
+    ids: list[str] = []
+    error = ""
+    try:
+        if lost == "head":  # the consumer was away for the first events, its queue died with the broker's memory
+            gw = await Gateway(broker, tmp_path / "events.db").start()
+            ids += await gw.send(10)
+            broker.kill()
+            broker.start()
+            await eventually(lambda: gw is not None and gw.up.connected, timeout=60)
+            consumer = await _started(broker, contacts)
+            ids += await gw.send(5)
+        else:
+            consumer = await _started(broker, contacts)
+            gw = await Gateway(broker, tmp_path / "events.db").start()
+            ids += await gw.send(5)
+            await eventually(lambda: consumer is not None and len(consumer.seen("event")) == 5, timeout=30)
+            ready = len(consumer.seen("ready"))
+            consumer.pause()
+            broker.kill()  # the consumer is cut off: from here on nothing reaches it until it is back
+            broker.start()
+            await eventually(lambda: gw is not None and gw.up.connected, timeout=60)
+            if lost == "session":
+                await gw.stop()
+                gw = await Gateway(broker, tmp_path / "events.db").start()
+            ids += await gw.send(10)
+            await gw.stop()
+            gw = await Gateway(broker, tmp_path / "events.db").start()
+            consumer.resume()
+            await eventually(lambda: consumer is not None and len(consumer.seen("ready")) > ready, timeout=60,
+                             message="the consumer did not return")
+            ids += await gw.send(5)
+        await eventually(lambda: consumer is not None and {e["event_id"] for e in consumer.seen("event")} >= set(ids),
+                         timeout=45, message=f"the consumer did not get every event ({lost} lost)")
+    finally:
+        error = consumer.stop() if consumer is not None else ""
+        if gw is not None:
+            await gw.stop()
+        broker.stop()
+    assert consumer is not None
+    taken = Counter(e["event_id"] for e in consumer.seen("event"))
+    assert set(taken) == set(ids) and set(taken.values()) == {1}, "every event exactly once"
+    healed = Counter(r["gap"] for r in consumer.seen("recovered"))
+    assert healed == {lost: 10}, healed
+    assert not consumer.seen("unrecoverable"), consumer.seen("unrecoverable")
     assert consumer.proc.returncode is not None, error

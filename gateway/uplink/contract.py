@@ -163,14 +163,19 @@ def device_state(state: Mapping[str, Any]) -> dict[str, Any]:
 def birth_message(
     *, gateway: str, community: str, building: str, session: int, software: str, config: Mapping[str, Any],
     snapshot: Mapping[str, Any], wall: float | None = None, install: str | None = None,
+    last_seq: int | None = None, sessions: Sequence[tuple[int, int]] = (),
 ) -> dict[str, Any]:
-    """Full current state: every device (``snapshot`` from ``AlarmPanel.snapshot()``) and a config summary.
+    """Full current state: every device (``snapshot`` from ``AlarmPanel.snapshot()``) and a config summary;
+    where each session ended: ``last_seq`` of this one so far, ``sessions`` the (session, last seq) of earlier
+    ones still held (docs/mqtt.md, "Filling a gap").
 
     ``install`` may be left out here: the uplink adds its outbox's identity to every message it publishes.
     """
+    ends: dict[str, Any] = {} if last_seq is None else {
+        "last_seq": last_seq, "sessions": [{"session": s, "last_seq": last} for s, last in sessions]}
     return {
         "version": MESSAGE_VERSION, "type": "birth", "gateway": gateway, "community": community,
-        "building": building, **_install(install), "session": session, "software": software,
+        "building": building, **_install(install), "session": session, **ends, "software": software,
         "time": iso_time(time.time() if wall is None else wall),
         "config": dict(config),
         "devices": [device_state(d) for d in snapshot["devices"]],
@@ -224,9 +229,10 @@ class StatusReporter:
     def build(
         self, *, session: int, uplink: UplinkFigures, backlog: tuple[int, float | None],
         snapshot: Mapping[str, Any], buses: Sequence[BusCounters], wall: float | None = None,
-        storage: Mapping[str, Any] | None = None,
+        storage: Mapping[str, Any] | None = None, last_seq: int | None = None,
     ) -> dict[str, Any]:
-        """One status message (advances the link-quality window)."""
+        """One status message (advances the link-quality window); ``last_seq``: the last seq stored in
+        this session."""
         now_wall = time.time() if wall is None else wall
         now = self._clock()
         waiting, oldest = backlog
@@ -259,6 +265,7 @@ class StatusReporter:
         self._window_start = now
         message = {
             "version": MESSAGE_VERSION, "type": "status", **self._identity, "session": session,
+            **({} if last_seq is None else {"last_seq": last_seq}),
             "software": self._software, "time": iso_time(now_wall), "uptime_s": round(now - self._started, 3),
             "uplink": {"rtt_ms": None if uplink.rtt_ms is None else round(uplink.rtt_ms, 3),
                        "connections": uplink.connections, "delivered": uplink.delivered,

@@ -7,8 +7,8 @@ disconnect every row without a PUBACK is "outcome unknown" and is sent again —
 from the outbox after reconnecting (jittered backoff, 1 s to 60 s; at most 5 s between attempts while an alarm,
 supervisory signal or fault waits, so it reaches a returning broker well within the 10 s GB/T 45839 allows).
 With several nodes of one cluster (``mqtt.hosts``), each failed attempt and each lost connection moves on to the
-next node: a node that went away costs one of those waits, and the Will, availability and birth go to whichever
-node the gateway is connected to.
+next node — the first attempt after a lost connection at once, with no wait — and the Will, availability and birth go to
+whichever node the gateway is connected to.
 """
 
 from __future__ import annotations
@@ -391,6 +391,7 @@ class Uplink:
         again with its shorter length)."""
         self.nodes: tuple[tuple[str, int], ...] = mqtt_cfg.endpoints
         """The broker's nodes, ``mqtt.hosts`` in order (one node: ``mqtt.host``/``mqtt.port``)."""
+        self._moved_at_once = -STABLE_CONNECTION_S  # when a lost connection last moved on without a wait
         self.node_index = 0
         """The node connected to, or the one the next attempt goes to."""
         self.attempts: deque[NodeAttempt] = deque(maxlen=256)
@@ -446,10 +447,17 @@ class Uplink:
                     self._next_node()  # the node may be gone; every node of the cluster serves the same
             # The backoff starts over only after a connection that held; one the broker drops at once (a
             # client id taken over, an ACL) must not turn into a reconnect storm. Never straight back in.
-            if time.monotonic() - connected_at >= STABLE_CONNECTION_S:
+            now = time.monotonic()
+            if now - connected_at >= STABLE_CONNECTION_S:
                 delays = backoff_delays()
             if not self._stopping:
-                wait = await self._retry_delay(next(delays))
+                # Another node of the cluster is as good as the lost one: the first attempt goes to it at once,
+                # the backoff applies from the next one on — at most once per STABLE_CONNECTION_S, so that
+                # connections the nodes drop at once do not turn into a storm.
+                at_once = len(self.nodes) > 1 and now - self._moved_at_once >= STABLE_CONNECTION_S
+                if at_once:
+                    self._moved_at_once = now
+                wait = await self._retry_delay(0.0 if at_once else next(delays))
                 log.info("uplink reconnecting", next_broker=wait.node, retry_in_s=round(wait.delay_s, 1),
                          urgent=wait.urgent)
                 await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)

@@ -112,6 +112,8 @@ _LADDER: tuple[tuple[int, Priority], ...] = (
 # program filling the card is no reason to forget an alarm. Only the configured cap may, as a last resort.
 _DISK_PROTECTED = Priority.TROUBLE
 _BOOT_SESSIONS_KEPT = 500
+#: Earlier sessions the birth message lists with their last ``seq`` (docs/mqtt.md, "Filling a gap").
+EARLIER_SESSIONS_LISTED = 100
 _EVICT_CHUNK_MIN = 64
 _EVICT_CHUNK_MAX = 5_000
 _EVICT_TARGET = 0.9  # after hitting a bound, evict down to 90 % of it
@@ -212,6 +214,9 @@ class Outbox:
         self._busy_timeout_ms = busy_timeout_ms
         self._disk_free = disk_free
         self._session_seq = 0
+        self.earlier_sessions: tuple[tuple[int, int], ...] = ()
+        """Earlier sessions of this installation with events still held, newest first, each with its last
+        ``seq`` (at most :data:`EARLIER_SESSIONS_LISTED`; read when this session starts)."""
         self._last_seq: int | None = None
         """Highest seq the events table ever gave (AUTOINCREMENT never reuses one); None: read it again."""
         self._since_bounds_check = 0
@@ -329,6 +334,7 @@ class Outbox:
         self.sessions_this_boot = this_boot
         self._session_seq = 0
         self._last_seq = None
+        self.earlier_sessions = await _earlier_sessions(db, f"{self.gateway_id}:{install}:", session)
         head = {"version": EVENT_VERSION, "gateway": self.gateway_id, **self._identity, "install": install,
                 "session": session}
         self._payload_prefix = orjson.dumps(head)[:-1].decode() + ","
@@ -468,6 +474,11 @@ class Outbox:
             except sqlite3.Error as exc:  # the events are stored; bounds are checked again soon
                 log.warning("storage bounds check failed", error=str(exc))
         return ids
+
+    @property
+    def session_seq(self) -> int:
+        """The last ``seq`` stored in this session (0 before its first event)."""
+        return self._session_seq
 
     async def _read_last_seq(self) -> int:
         rows = await self.connection.execute_fetchall(
@@ -813,6 +824,16 @@ async def query_history(
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+async def _earlier_sessions(db: aiosqlite.Connection, id_prefix: str, session: int) -> tuple[tuple[int, int], ...]:
+    """(session, last seq) of the sessions before ``session`` whose events (ids starting ``id_prefix``: this
+    installation's) are still held, newest first, at most :data:`EARLIER_SESSIONS_LISTED`."""
+    rows = await db.execute_fetchall(
+        "SELECT session, max(session_seq) FROM events WHERE session < ? AND substr(event_id, 1, ?) = ?"
+        " GROUP BY session ORDER BY session DESC LIMIT ?",
+        (session, len(id_prefix), id_prefix, EARLIER_SESSIONS_LISTED))
+    return tuple((int(s), int(last)) for s, last in rows)
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:

@@ -324,6 +324,7 @@ class StorageProcess:
         view = self._panel_view or {}
         return birth_message(
             gateway=cfg.gateway_id, community=cfg.community, building=cfg.building, session=self.outbox.session,
+            last_seq=self.outbox.session_seq, sessions=self.outbox.earlier_sessions,
             software=__version__, snapshot=link.snapshot_from_wire(view.get("snapshot")),
             config={"units": [u.id for u in cfg.units], "households": len(cfg.households),
                     "devices": len(cfg.devices), "buses": [b.id for b in cfg.buses],
@@ -336,7 +337,7 @@ class StorageProcess:
         up = self.uplink
         view = self._panel_view or {}
         return self._status.build(
-            session=self.outbox.session, backlog=await self.outbox.backlog(),
+            session=self.outbox.session, last_seq=self.outbox.session_seq, backlog=await self.outbox.backlog(),
             snapshot=link.snapshot_from_wire(view.get("snapshot")),
             uplink=UplinkFigures(rtt_ms=up.rtt_ms, connections=up.connections, delivered=up.delivered_total,
                                  rejected=up.rejected_total, inflight=up.inflight),

@@ -98,6 +98,7 @@ class MosquittoBroker:
         acl_file: str | os.PathLike[str] | None = None,
         allow_anonymous: bool = True,
         max_inflight_messages: int | None = None,
+        autosave_interval: int | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
@@ -118,6 +119,9 @@ class MosquittoBroker:
         self.max_inflight_messages = max_inflight_messages
         """mosquitto's ``max_inflight_messages``, also the Receive Maximum it states to MQTT 5 clients
         (mosquitto's default: 20)."""
+        self.autosave_interval = autosave_interval
+        """With a value, mosquitto persists (``persistence true`` in ``workdir``) and saves its snapshot every
+        that many seconds; without, it keeps everything in memory only."""
         self.allow_anonymous = allow_anonymous
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -258,7 +262,9 @@ class MosquittoBroker:
         lines = [
             "per_listener_settings false",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
-            "persistence false",
+            *(["persistence false"] if self.autosave_interval is None else [
+                "persistence true", f"persistence_location {self.workdir.resolve()}/",
+                f"autosave_interval {self.autosave_interval}"]),
             f"log_dest file {self.log_path}",
             "log_type all",
             "log_timestamp true",

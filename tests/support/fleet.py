@@ -161,9 +161,45 @@ class FleetResult:
     killed_node_led: dict[str, Any] = field(default_factory=dict)
     """What the killed node led just before the kill: the meta layer, streams by name, consumers counted. Every
     one of them waits for an election among the other two (4–9 s in nats-server's raft)."""
+    durable: dict[str, float | None] = field(default_factory=dict)
+    """event_id → when its durable record (the JetStream stream, or the gateway's history) was stored; None if
+    only the fast path (core NATS) has it yet. ``rows`` holds when a row was first stored, by either path."""
+    fast: set[str] = field(default_factory=set)
+    """event ids the fast path (core NATS) stored first."""
+
+    def _durable_s(self, event_id: str) -> float | None:
+        row = self.rows.get(event_id)
+        if row is None:
+            return None
+        return self.durable.get(event_id, row[0])
+
+    def first_notices(self, buildings: str = "all") -> list[float]:
+        """Detection → first stored (either path), in s, of the alarms, supervisory signals and faults detected
+        within the failover window (see :meth:`latencies`): how soon the server knew through the node's loss.
+        ``buildings``: ``all``, ``lost`` (those whose first node was the one lost) or ``other``."""
+        lo, hi = self.kill_at - 1.0, max(self.restart_at + 10.0, self.inbox_kill_at + INBOX_ACK_WAIT_S + 2.0)
+        out = []
+        for event_id, wall in self.stored.items():
+            row = self.rows.get(event_id)
+            lost = _index(event_id) % 3 == self.killed_node
+            if row is not None and not row[2] and lo <= wall <= hi and \
+                    self.kinds.get(event_id) in ("alarm", "supervisory", "fault") and \
+                    buildings in ("all", "lost" if lost else "other"):
+                out.append(row[0] - wall)
+        return out
+
+    def durable_latencies(self) -> list[float]:
+        """Detection → durable record (s) of every event not recovered by the events command; inf where none."""
+        out = []
+        for event_id, wall in self.stored.items():
+            row = self.rows.get(event_id)
+            if row is not None and not row[2]:
+                at = self._durable_s(event_id)
+                out.append(float("inf") if at is None else at - wall)
+        return out
 
     def latencies(self, kind: str | None = None) -> tuple[list[float], list[float]]:
-        """Detection → row committed (s): (outside the failover window, within it). The window runs from 1 s
+        """Detection → durable record stored (s): (outside the failover window, within it). The window runs from 1 s
         before the node's kill (events then in flight lose their PUBACK) to 10 s after it is back, or to the end
         of the inbox takeover (``ack_wait`` after the first instance's kill, plus 2 s) if that is later; events
         recovered by the events command are left out of both."""
@@ -171,9 +207,10 @@ class FleetResult:
         lo, hi = self.kill_at - 1.0, max(self.restart_at + 10.0, self.inbox_kill_at + INBOX_ACK_WAIT_S + 2.0)
         for event_id, wall in self.stored.items():
             row = self.rows.get(event_id)
-            if row is None or row[2] or (kind is not None and self.kinds.get(event_id) != kind):
+            durable = self._durable_s(event_id)
+            if row is None or row[2] or durable is None or (kind is not None and self.kinds.get(event_id) != kind):
                 continue
-            (inside if lo <= wall <= hi else outside).append(row[0] - wall)
+            (inside if lo <= wall <= hi else outside).append(durable - wall)
         return outside, inside
 
     def failover_breakdown(self) -> dict[str, Any]:
@@ -185,9 +222,10 @@ class FleetResult:
         by_second: dict[int, list[float]] = {}
         for event_id, wall in self.stored.items():
             row = self.rows.get(event_id)
-            if row is None or row[2] or not lo <= wall <= hi:
+            durable = self._durable_s(event_id)
+            if row is None or row[2] or durable is None or not lo <= wall <= hi:
                 continue
-            latency = row[0] - wall
+            latency = durable - wall
             (moved if _index(event_id) % 3 == self.killed_node else stayed).append(latency)
             by_second.setdefault(int(wall - self.kill_at) if wall >= self.kill_at else -1, []).append(latency)
         return {"lost_node_p99_s": percentile(moved, 0.99), "lost_node_events": len(moved),
@@ -263,18 +301,19 @@ class FleetScenario:
             acl = self._acl_probe(cluster, community)
             self.log(f"cluster and PostgreSQL up; cross-building publish: {acl}")
 
-            def inbox(name: str) -> _Lines:
-                return _Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(cluster.nats_urls),
+            def inbox(name: str, first_node: int) -> _Lines:
+                urls = cluster.nats_urls[first_node:] + cluster.nats_urls[:first_node]  # each on its own node
+                return _Lines(name, [sys.executable, "-m", "fleet.inbox", "--nats", ",".join(urls),
                                      "--user", community.server_user, "--password-file", str(w / "central.pw"),
                                      "--dsn", pg.dsn, "--community", COMMUNITY, "--contacts",  # type: ignore[union-attr]
                                      str(w / "contacts.toml"), "--name", name, "--ack-wait", str(INBOX_ACK_WAIT_S)],
                               w / f"{name}.log")
 
-            first = inbox("inbox-1")
+            first = inbox("inbox-1", 0)
             procs.append(first)
             first.wait_for(lambda m: m.get("event") == "consuming", 60)
             first.wait_for(lambda m: m.get("event") == "healer", 30)
-            second = inbox("inbox-2")
+            second = inbox("inbox-2", 1)
             procs.append(second)
             second.wait_for(lambda m: m.get("event") == "consuming", 60)
             go = w / "go"
@@ -315,6 +354,7 @@ class FleetScenario:
             self._wait_rows(pg, len(stored), 120)
             healing = self._heal_probe(pg, second)
             rows, row_count, notes = self._rows(pg)
+            durable, fast = self._paths(pg)
             takeover["rows_after_kill"] = sum(1 for c, name, _ in rows.values()
                                               if name == "inbox-2" and c > inbox_kill_at)
             takeover["rows_by_inbox"] = {n: sum(1 for _, name, _ in rows.values() if name == n)
@@ -324,7 +364,8 @@ class FleetScenario:
             return FleetResult(gateways=self.gateways, stored=stored, rows=rows, row_count=row_count,
                                notifications=notes, kinds=kinds, kill_at=kill_at, restart_at=restart_at,
                                inbox_kill_at=inbox_kill_at, killed_node=killed, takeover=takeover, acl=acl,
-                               healing=healing, nodes=watch.stop(), simulator=drained, killed_node_led=led)
+                               healing=healing, nodes=watch.stop(), simulator=drained, killed_node_led=led,
+                               durable=durable, fast=fast)
         finally:
             for p in reversed(procs):
                 p.stop(signal.SIGTERM, timeout=60)
@@ -441,6 +482,12 @@ class FleetScenario:
             back = c.execute("SELECT count(*) FROM events WHERE event_id = ANY(%s) AND recovered", (ids,)).fetchone()
         asked = sum(1 for m in healer.lines if m.get("event") == "gap_requested")
         return {"deleted": len(ids), "recovered": back[0] if back else 0, "requests": asked, "ids": ids}
+
+    def _paths(self, pg: PostgresServer) -> tuple[dict[str, float | None], set[str]]:
+        """When each row's durable record came, and which rows the fast path stored first."""
+        with psycopg.connect(pg.dsn, autocommit=True) as c:
+            got = c.execute("SELECT event_id, extract(epoch FROM durable_at), fast FROM events").fetchall()
+        return ({r[0]: None if r[1] is None else float(r[1]) for r in got}, {r[0] for r in got if r[2]})
 
     def _rows(self, pg: PostgresServer) -> tuple[dict[str, tuple[float, str, bool]], int, dict[str, int]]:
         with psycopg.connect(pg.dsn, autocommit=True) as c:
