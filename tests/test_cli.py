@@ -346,6 +346,27 @@ def test_scan_refused_while_polling_then_finds_responders(site: DaemonSite) -> N
     assert site.ctl("scan", "bus9", "--pause-polling").returncode == EXIT_REJECTED
 
 
+def _log_errors(site: DaemonSite, offset: int) -> list[str]:
+    """Error lines the daemon logged after byte ``offset`` of its log (structlog JSON or stdlib logging)."""
+    with (site.directory / "gatewayd.log").open("rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    return [line for line in text.splitlines()
+            if line.startswith(("ERROR", "CRITICAL", "Traceback")) or '"level": "error"' in line
+            or '"level":"error"' in line]
+
+
+def test_scans_refused_or_done_leave_no_error_in_the_daemon_log(site: DaemonSite) -> None:
+    offset = (site.directory / "gatewayd.log").stat().st_size
+    refused = site.ctl("scan", "bus1", "--from", "1", "--to", "2")
+    assert refused.returncode == EXIT_REJECTED, refused.stderr
+    done = site.ctl("scan", "bus1", "--from", "1", "--to", "2", "--pause-polling")
+    assert done.returncode == EXIT_OK, done.stderr
+    # one more command: a connection that failed after its scan has logged it by now
+    assert site.ctl("status").returncode == EXIT_OK
+    assert _log_errors(site, offset) == []
+
+
 def test_scan_progress_bar_on_a_terminal(site: DaemonSite) -> None:
     controller, terminal = os.openpty()
     try:
