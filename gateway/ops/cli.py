@@ -692,13 +692,17 @@ class Cli:
         return EXIT_ERROR if failed else EXIT_OK
 
     def config_check(self) -> int:
-        path = self.args.file
+        path = self.args.file or self.args.config
         try:
             cfg = load_config(path)
         except ConfigError as exc:
             if self.json:
-                self.emit({"ok": False, "reason": str(exc), "data": {"path": exc.path, "error": exc.reason}})
-            print(f"gatewayctl: config error: {exc}", file=self.err)
+                errors = [{"path": e.path, "error": e.reason, "line": e.line, "where": e.where}
+                          for e in getattr(exc, "errors", [exc])]
+                self.emit({"ok": False, "reason": str(exc), "data": {"path": exc.path, "error": exc.reason,
+                                                                      "line": exc.line, "errors": errors}})
+            for line in exc.lines():
+                print(f"gatewayctl: config error: {line}", file=self.err)
             return EXIT_ERROR
         summary = {"file": path, "gateway": cfg.gateway_id, "units": len(cfg.units),
                    "households": len(cfg.households), "devices": len(cfg.devices), "buses": len(cfg.buses)}
@@ -821,8 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="check a config file or show the running one")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
-    check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file (default: --config)")
+    check.add_argument("file", metavar="FILE", nargs="?", help="the file to check (default: the --config file)")
     config_sub.add_parser("show", parents=[json_flag], help="the daemon's effective config, secrets masked")
     doctor = sub.add_parser("doctor", parents=[json_flag], help="check the site, pins, ports, broker, clock, "
                             "storage and service; works with the daemon stopped (exit 1 if a check failed)")
