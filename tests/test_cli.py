@@ -377,6 +377,30 @@ def test_follow_sees_a_new_alarm(site: DaemonSite) -> None:
     assert code == EXIT_OK, f"gatewayctl events --follow did not end within 60 s of SIGINT: {signals}"
 
 
+def test_follow_in_text_has_a_header_and_aligned_columns(site: DaemonSite) -> None:
+    follower = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "events", "-f", "--kind", "telemetry",
+                                 "--limit", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "NO_COLOR": "1"}, start_new_session=True)
+    try:
+        assert follower.stdout is not None
+        lines = [follower.stdout.readline().rstrip("\n") for _ in range(4)]
+    finally:
+        os.killpg(follower.pid, signal.SIGINT)
+        follower.wait(timeout=30)
+    assert lines[0].split() == ["TIME", "KIND", "ACTION", "DEVICE", "WHERE", "LEVEL/CODE", "VALUE", "SENT", "SOURCE",
+                                "/", "DETAIL"]
+    for name in ("KIND", "ACTION", "DEVICE", "VALUE"):
+        column = lines[0].index(name)
+        assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[1:]), (name, lines)
+    assert all(dt_has_offset(line.split()[0]) for line in lines[1:]), lines
+
+
+def dt_has_offset(text: str) -> bool:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text).utcoffset() is not None
+
+
 def test_silence_reset_and_walk_test(site: DaemonSite) -> None:
     device = site.device_ids[0]
     site.detectors[0].set_concentration(30.0)
@@ -525,6 +549,58 @@ def test_permission_error_prints_a_one_line_hint(site: DaemonSite) -> None:
     group = grp.getgrgid(socket_path.stat().st_gid).gr_name  # the group that owns the socket is named
     assert len(lines) == 1 and "permission denied" in lines[0] and f"add yourself to group {group}" in lines[0]
     assert site.ctl("status").returncode == EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def test_30000_events_leave_the_box_as_csv_between_since_and_until(tmp_path: Path) -> None:
+    import asyncio
+    import csv
+    import datetime as dt
+    import sqlite3
+
+    from gateway.events import Event
+    from gateway.uplink.outbox import Outbox
+
+    database = tmp_path / "events.db"
+    base = 1_796_600_000.0
+
+    async def fill() -> None:
+        outbox = await Outbox.open(str(database), gateway_id="test-community-b01")
+        try:
+            for start in range(0, 32_000, 2000):  # one event a second; the window below holds 30 000
+                await outbox.append([Event("telemetry", "reading", float(i), device=f"gas-{i % 7}", unit="u1",
+                                           value=float(i % 50), measure="%LEL", wall=base + i)
+                                     for i in range(start, start + 2000)])
+        finally:
+            await outbox.close()
+
+    asyncio.run(fill())
+    config = tmp_path / "site.toml"
+    config.write_text(f'[storage]\npath = "{database}"\n')  # export needs only where the database is
+    zone = dt.timezone(dt.timedelta(hours=8))
+    since = dt.datetime.fromtimestamp(base + 1000, zone).isoformat()
+    until = dt.datetime.fromtimestamp(base + 31_000, zone).isoformat()
+    result = run_ctl("--config", str(config), "events", "--since", since, "--until", until, "--format", "csv")
+    assert result.returncode == EXIT_OK, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    with sqlite3.connect(database) as db:
+        expected = db.execute("SELECT event_id, wall FROM events WHERE wall >= ? AND wall < ? ORDER BY seq",
+                              (base + 1000, base + 31_000)).fetchall()
+    assert len(rows) == len(expected) == 30_000
+    assert result.stderr.strip() == "gatewayctl: 30000 events"
+    for row, (event_id, wall) in ((rows[0], expected[0]), (rows[-1], expected[-1])):
+        assert row["event_id"] == event_id
+        shown = dt.datetime.fromisoformat(row["time"])
+        assert shown.utcoffset() is not None and abs(shown.timestamp() - wall) < 0.001
+    assert rows[0]["device"] == "gas-6" and rows[0]["value"] == "0.0" and rows[0]["delivered"] == "no"
+
+    jsonl = run_ctl("--config", str(config), "events", "--since", since, "--until", until, "--format", "jsonl",
+                    "--kind", "telemetry", "--device", "gas-3")
+    lines = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert len(lines) == sum(1 for i in range(1000, 31_000) if i % 7 == 3)
+    assert all(item["device"] == "gas-3" and "+" in item["local_time"] for item in lines)
 
 
 # ------------------------------------------------------------------------------------------- daemon down

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import errno
 import grp
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import sys
 import time
 import tomllib
@@ -35,6 +37,8 @@ __all__ = ["ControlClient", "DaemonUnavailable", "main"]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REJECTED = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/gateway/building.toml"
 REPLY_TIMEOUT_S = 30.0
+#: Events ``events`` shows unless told (--limit; --format exports every match).
+EVENTS_SHOWN = 50
 
 
 class CliError(Exception):
@@ -196,10 +200,11 @@ def _state_colour(state: str) -> str | None:
     return STATE_COLOURS.get(state)
 
 
-def _when(wall: float | None) -> str:
+def _when(wall: float | None, timespec: str = "seconds") -> str:
+    """ISO 8601 local time with its offset: 2026-11-26T08:00:05+08:00."""
     if wall is None:
         return "—"
-    return dt.datetime.fromtimestamp(wall).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(wall).astimezone().isoformat(timespec=timespec)
 
 
 def _age(seconds: float | None) -> str:
@@ -540,11 +545,71 @@ def render_events(events: list[dict[str, Any]], style: Style) -> Iterator[str]:
     yield from _table(EVENT_HEADERS, rows, style, colours)
 
 
+#: Column widths of ``events -f`` (rows come one by one, so the widths are fixed): time with offset,
+#: the longest kind (supervisory) and action, then room for usual ids; a longer value pushes its row along.
+FOLLOW_WIDTHS = (25, 11, 10, 22, 10, 12, 10, 4)
+
+
+def render_follow_header() -> str:
+    """The header of ``events -f``."""
+    cells = [h.ljust(w) for h, w in zip(EVENT_HEADERS, FOLLOW_WIDTHS, strict=False)]
+    return "  ".join([*cells, EVENT_HEADERS[-1]])
+
+
 def render_event_line(e: dict[str, Any], style: Style) -> str:
-    """One followed event on one line."""
+    """One followed event on one line, in the columns of :func:`render_follow_header`."""
     cells = event_row(e)
-    cells[1] = style(cells[1], EVENT_COLOURS.get(e.get("kind", "")))
-    return "  ".join(c for c in cells if c)
+    shown = [cell.ljust(w) for cell, w in zip(cells, FOLLOW_WIDTHS, strict=False)] + cells[len(FOLLOW_WIDTHS):]
+    shown[1] = style(shown[1], EVENT_COLOURS.get(e.get("kind", "")))
+    return "  ".join(shown).rstrip()
+
+
+#: Columns of ``events --format csv``.
+EXPORT_COLUMNS = ("time", "event_id", "kind", "action", "device", "unit", "household", "level", "code", "value",
+                  "measure", "source", "detail", "delivered")
+
+
+def export_record(e: Mapping[str, Any]) -> list[Any]:
+    """One CSV row: local ISO 8601 time with its offset (milliseconds), then the event's fields."""
+    return [_when(e.get("wall"), "milliseconds"), *("" if e.get(k) is None else e[k] for k in EXPORT_COLUMNS[1:-1]),
+            "yes" if e.get("delivered") else "no"]
+
+
+def export_rows(database: str, *, limit: int | None = None, since: float | None = None, until: float | None = None,
+                device: str | None = None, household: str | None = None, kind: str | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Stored events matching the filters, oldest first (``since`` ≤ time < ``until``), read from the database
+    file opened read-only and streamed row by row: no cap, little memory."""
+    if not Path(database).exists():
+        raise CliError(f"there is no database at {database}")
+    where: list[str] = ["1"]
+    args: list[Any] = []
+    for column, value in (("device", device), ("household", household), ("kind", kind)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        where.append("wall >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("wall < ?")
+        args.append(until)
+    try:
+        db = sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot open {database}: {exc}") from None
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        cursor = db.execute(f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
+                            " ORDER BY seq" + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else [])))
+        for seq, payload, delivered, delivered_at in cursor:
+            item = json.loads(payload)
+            item["stored_seq"], item["delivered"], item["delivered_at"] = seq, bool(delivered), delivered_at
+            yield item
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot read {database}: {exc}") from None
+    finally:
+        db.close()
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -769,15 +834,15 @@ class Cli:
 
     def _event_args(self) -> dict[str, Any]:
         a = self.args
-        args: dict[str, Any] = {"limit": a.limit}
-        for key in ("device", "household", "kind"):
+        args: dict[str, Any] = {"limit": a.limit or EVENTS_SHOWN}
+        for key in ("device", "household", "kind", "since", "until"):
             if getattr(a, key) is not None:
                 args[key] = getattr(a, key)
-        if a.since is not None:
-            args["since"] = a.since
         return args
 
     def events(self) -> int:
+        if self.args.format != "text":
+            return self.export()
         args = self._event_args()
         if self.args.follow:
             return self.follow(args)
@@ -800,12 +865,38 @@ class Cli:
         print(f"gatewayctl: {exc}" + ("; cannot follow new events" if self.args.follow else ""), file=self.err)
         return EXIT_UNAVAILABLE
 
+    def export(self) -> int:
+        """Every matching event from the database (read-only, whether the daemon runs or not), oldest first,
+        streamed as CSV or JSON lines; ``--limit`` caps it only when given."""
+        a = self.args
+        filters = {key: getattr(a, key) for key in ("since", "until", "device", "household", "kind")}
+        count = 0
+        if a.format == "csv":
+            writer = csv.writer(self.out, lineterminator="\n")
+            writer.writerow(EXPORT_COLUMNS)
+            for row in export_rows(self.paths().database, limit=a.limit, **filters):
+                writer.writerow(export_record(row))
+                count += 1
+        else:
+            for row in export_rows(self.paths().database, limit=a.limit, **filters):
+                self.out.write(json.dumps({**row, "local_time": _when(row.get("wall"), "milliseconds")},
+                                          ensure_ascii=False) + "\n")
+                count += 1
+        self.out.flush()
+        print(f"gatewayctl: {_count(count, 'event')}", file=self.err)
+        return EXIT_OK
+
     def follow(self, args: dict[str, Any]) -> int:
+        header = [False]
+
         def show(event: Any) -> None:
             if self.json:
                 self.emit(event)
-            else:
-                self.print(render_event_line(event, self.style))
+                return
+            if not header[0]:
+                self.print(self.style(render_follow_header(), "bold"))
+                header[0] = True
+            self.print(render_event_line(event, self.style))
 
         try:
             response = self.call("events", {**args, "follow": True}, timeout=None, on_stream=show)
@@ -1037,12 +1128,17 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--unit", metavar="UNIT", help="only this unit, every device listed")
     st.add_argument("--problems", action="store_true", help="only what is wrong: conditions and devices in trouble")
     st.add_argument("--all", action="store_true", help="list every device, not only those in trouble")
-    ev = sub.add_parser("events", parents=[json_flag], help="event history; --follow for new events")
+    ev = sub.add_parser("events", parents=[json_flag], help="event history; --follow for new events; "
+                        "--format csv|jsonl exports every match")
     ev.add_argument("--since", type=parse_since, help="30s, 10m, 2h, 7d, 2026-11-26T08:00 or epoch seconds")
+    ev.add_argument("--until", type=parse_since, help="before this time (same forms as --since)")
+    ev.add_argument("--format", choices=("text", "csv", "jsonl"), default="text",
+                    help="csv or jsonl: every matching event, oldest first, streamed from the database")
     ev.add_argument("--device")
     ev.add_argument("--household")
     ev.add_argument("--kind", choices=sorted(KIND_PRIORITY))
-    ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
+    ev.add_argument("--limit", type=int, default=None, help=f"newest N events (default {EVENTS_SHOWN}; "
+                    "with --format the first N, default all)")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events (Ctrl-C to stop)")
 
     sub.add_parser("silence", parents=[json_flag], help="mute the sounder for what is active now")
@@ -1081,8 +1177,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("reset", "test") and (args.device is None) == (not args.all):
         parser.error(f"{args.command}: give a DEVICE or --all (not both)")
-    if args.command == "events" and not 1 <= args.limit <= 10_000:
-        parser.error("events: --limit must be 1–10000")
+    if args.command == "events" and args.limit is not None and not 1 <= args.limit <= (
+            10_000 if args.format == "text" else 2**62):
+        parser.error("events: --limit must be 1–10000 (--format csv|jsonl has no cap)")
+    if args.command == "events" and args.format != "text" and (args.follow or args.json):
+        parser.error("events: --format exports stored events; it does not go with --follow or --json")
+    if args.command == "events" and None not in (args.since, args.until) and args.until <= args.since:
+        parser.error("events: --until must be after --since")
     if args.command == "scan" and not 1 <= args.first <= args.last <= 247:
         parser.error("scan: need 1 ≤ --from ≤ --to ≤ 247")
     cli = Cli(args)
