@@ -177,13 +177,19 @@ async def _play_leak(detector: SimulatedGasDetector, duration: float) -> None:
     await asyncio.sleep(min(3.0, duration * 0.1))
     log.info("demo: gas leak starts", household=LEAK_HOUSEHOLD)
     for value in (2.0, 5.0, 8.0, 12.0, 18.0, 26.0, 35.0):
-        detector.set_concentration(value)
+        _measure(detector, value)
         await asyncio.sleep(1.0)
     await asyncio.sleep(max(0.0, duration * 0.45 - 10.0))
     log.info("demo: window opened, gas clearing", household=LEAK_HOUSEHOLD)
     for value in (20.0, 9.0, 3.0, 0.0):
-        detector.set_concentration(value)
+        _measure(detector, value)
         await asyncio.sleep(1.0)
+
+
+def _measure(detector: SimulatedGasDetector, value: float) -> None:
+    """A concentration, and the status word a detector with the usual 10 / 25 %LEL set-points shows with it."""
+    detector.set_concentration(value)
+    detector.set_status("high_alarm" if value >= 25.0 else "low_alarm" if value >= 10.0 else "normal")
 
 
 async def _demo(duration: float, workdir: Path, broker: tuple[str, int] | None) -> int:

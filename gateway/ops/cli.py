@@ -948,9 +948,14 @@ class Cli:
                 return
             where = f"{d['bus']} address {d['address']}"
             if "value" in d:
-                yield (f"{d['device']} ({d['kind']}) at {where}: {_value(d['value'], d['measure'])}, "
-                       f"status {', '.join(d['status'])}" + (f", gas {d['gas']}" if d.get("gas") else "")
-                       + f"  ({d['took_ms']:g} ms)")
+                panel = d.get("panel_state")
+                limits = (f" (alarm at {d['low']:g} / {d['high']:g} {d['measure'] or ''})".replace(" )", ")")
+                          if d.get("low") is not None and d.get("high") is not None else "")
+                yield (f"{d['device']} ({d['kind']}) at {where}: {_value(d['value'], d['measure'])}"
+                       + (f", gas {d['gas']}" if d.get("gas") else "") + f"  ({d['took_ms']:g} ms)")
+                if panel is not None:
+                    yield "  panel: " + self.style(panel, _state_colour(panel)) + limits
+                yield f"  the detector's own status word: {', '.join(d['status']) or '—'}"
             else:
                 points = ", ".join(f"{k} {d[k]}" for k in ("presence", "pressure_ok", "pressure", "door_open",
                                                            "obstructed") if d.get(k) is not None)

@@ -487,7 +487,11 @@ class CommandHandler:
             return CommandResult.failed(f"read: {device_id} at address {driver.address} on {poller.bus.id}: "
                                         f"no valid answer ({exc})")
         data = {"device": device_id, "kind": dev.kind, "bus": poller.bus.id, "address": driver.address,
-                "took_ms": round((time.monotonic() - started) * 1000, 1), **_reading(reading)}
+                "took_ms": round((time.monotonic() - started) * 1000, 1), **_reading(reading),
+                # the device's own status word says what it thinks; the panel decides by the set-points
+                "panel_state": next((d["state"] for d in self.gateway.panel.snapshot()["devices"]
+                                     if d["device"] == device_id), None),
+                "low": dev.low, "high": dev.high}
         if raw:
             data["raw"] = _raw_registers(driver, reading)
         return CommandResult(True, data=data)
