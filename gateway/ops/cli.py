@@ -1107,6 +1107,10 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return convert
 
 
+#: shtab's file completion (its ``shtab.FILE``), set on an argument as ``.complete``: nothing is imported here.
+FILE_COMPLETION = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -1119,8 +1123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gatewayctl", description="Building safety gateway: technician command line. "
                      "Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable, 4 rejected.")
     parser.add_argument("--version", action="version", version=f"gatewayctl {__version__}")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"site config: where the socket and database are (default {DEFAULT_CONFIG})")
+    config_file = parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                                      help=f"site config: where the socket and database are (default {DEFAULT_CONFIG})")
+    config_file.complete = FILE_COMPLETION  # type: ignore[attr-defined]
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
@@ -1168,7 +1173,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="check a config file or show the running one")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file (default: --config)")
-    check.add_argument("file", metavar="FILE", nargs="?", help="the file to check (default: the --config file)")
+    check.add_argument("file", metavar="FILE", nargs="?", help="the file to check (default: the --config file)"
+                       ).complete = FILE_COMPLETION  # type: ignore[attr-defined]
     config_sub.add_parser("show", parents=[json_flag], help="the daemon's effective config, secrets masked")
     doctor = sub.add_parser("doctor", parents=[json_flag], help="check the site, pins, ports, broker, clock, "
                             "storage and service; works with the daemon stopped (exit 1 if a check failed)")
