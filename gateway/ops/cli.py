@@ -332,7 +332,14 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _offline(d: Mapping[str, Any]) -> bool:
+    """A row from the database while the daemon is down: its last stored event, no live state."""
+    return str(d["state"]).startswith(("last event", "no stored event"))
+
+
 def _troubled(d: Mapping[str, Any]) -> bool:
+    if _offline(d):
+        return bool(d.get("latched"))
     return (d["state"] != "normal" or bool(d.get("faults")) or bool(d.get("supervisory"))
             or bool(d.get("latched")))
 
@@ -488,8 +495,13 @@ def render_units(devices: list[dict[str, Any]], active: list[dict[str, Any]], st
         seen = [d["last_seen_age_s"] for d in rest
                 if d.get("last_seen_age_s") is not None and d.get("kind") in _POLLED_KINDS]
         summary = f"Unit {unit}" + ("" if problems_only else f" · {_count(len(members), 'device')}")
-        summary += f" · {style(f'{troubled} in trouble', 'yellow')}" if troubled else " · all normal"
-        if rest and not problems_only:
+        if troubled:
+            summary += f" · {style(f'{troubled} in trouble', 'yellow')}"
+        elif not any(_offline(d) for d in members):
+            summary += " · all normal"
+        if rest and not problems_only and any(_offline(d) for d in rest):
+            summary += f" · {len(rest)} {'more ' if listed else ''}without live state (daemon down)"
+        elif rest and not problems_only:
             summary += f" · {len(rest)} more normal" if listed else ""
             summary += f", seen ≤ {_age(max(seen))}" if seen else ""
         yield style(summary, "bold") if not troubled else summary
