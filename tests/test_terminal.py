@@ -33,9 +33,11 @@ class Tmux:
                if k not in ("TMUX", "NOTIFY_SOCKET", "GPIOZERO_PIN_FACTORY", "NO_COLOR", "VIRTUAL_ENV")}
         env["TERM"] = "xterm-256color"
         self.env = env
-        self("new", "-d", "-s", "t", "-x", "160", "-y", "48", "-c", str(cwd))
+        shell = "bash --norc --noprofile"  # the same shell wherever it runs, whatever $SHELL says
+        self("new", "-d", "-s", "t", "-x", "160", "-y", "48", "-c", str(cwd), shell)
         self.demo = self("display", "-p", "-t", "t", "#{pane_id}").strip()
-        self.ctl = self("split-window", "-d", "-v", "-t", "t", "-c", str(cwd), "-P", "-F", "#{pane_id}").strip()
+        self.ctl = self("split-window", "-d", "-v", "-t", "t", "-c", str(cwd), "-P", "-F", "#{pane_id}",
+                        shell).strip()
 
     def __call__(self, *args: str) -> str:
         return subprocess.run([*self.base, *args], capture_output=True, text=True, check=True, timeout=30,
