@@ -2,8 +2,11 @@
 
 ``--config FILE`` (default ``/etc/gateway/building.toml``) says where the socket and the database are.
 Every command that prints data takes ``--json``. Colour on a terminal, plain text when piped.
-With the daemon down, ``status`` and ``events`` read the database read-only and say so; the other commands
-exit 3. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable, 4 rejected (see docs/cli.md).
+``status`` says what is wrong first (headline, active conditions, then units with their devices in trouble
+first). With the daemon down, ``status`` and ``events`` read the database read-only (``status`` also the
+panel's saved state) and say so; the other commands exit 3. ``events --format csv|jsonl`` streams history
+straight from the database, daemon or not. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable,
+4 rejected (see docs/cli.md).
 """
 
 from __future__ import annotations
