@@ -288,6 +288,15 @@ def test_status_watch_redraws_in_place(site: DaemonSite) -> None:
     assert frames[0].startswith("\033[2J")  # cleared once, then drawn over
     assert all("\033[2J" not in frame for frame in frames[1:])
     assert all("test-community-b01" in frame and frame.endswith("\033[J") for frame in frames[1:-1])
+    piped = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "status", "--watch", "0.2", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert piped.stdout is not None
+        objects = [json.loads(piped.stdout.readline()) for _ in range(2)]  # one status a line, no screen codes
+    finally:
+        os.killpg(piped.pid, signal.SIGINT)
+        piped.wait(timeout=30)
+    assert all(o["ok"] and o["data"]["gateway"]["id"] == "test-community-b01" for o in objects)
 
 
 def test_status_is_coloured_on_a_terminal(site: DaemonSite) -> None:

@@ -819,13 +819,18 @@ class Cli:
 
     def watch(self, interval: float) -> int:
         """Redraw the status in place every ``interval`` seconds until Ctrl-C (on a terminal; else a frame per
-        interval, separated by a blank line)."""
-        terminal = self.out.isatty()
+        interval, separated by a blank line; with ``--json`` one object a line)."""
+        terminal = self.out.isatty() and not self.json
         first = True
         try:
             while True:
                 try:
                     data, down = self.status_data()
+                    if self.json:  # one JSON object a line, a frame each interval
+                        self.emit({"ok": True, "reason": down, "data": data,
+                                   "daemon": "down" if down else "running"})
+                        time.sleep(interval)
+                        continue
                     lines = list(self.status_lines(data, down))
                 except CliError as exc:
                     lines = [self.style(f"gatewayctl: {exc}", "red")]
