@@ -198,3 +198,16 @@ def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) 
             assert code == 0, err[-2000:]
     finally:
         machine.stop()
+
+
+def test_without_mosquitto_the_demo_has_no_broker_and_points_at_nothing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import demo
+
+    monkeypatch.setattr(demo, "_find_mosquitto", lambda: None)
+    assert demo.DemoBroker(tmp_path).start() is False
+    site = tomllib.loads(demo.write_demo_site(tmp_path, "/dev/null").read_text())
+    host, port = site["mqtt"]["host"], site["mqtt"]["port"]
+    assert host == "127.0.0.1" and port != 1883
+    with pytest.raises(OSError):  # nothing listens there: events stay buffered
+        socket.create_connection((host, port), 1).close()
