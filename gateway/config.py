@@ -1,21 +1,27 @@
 """Site configuration: TOML → a typed, validated site model.
 
 Everything is checked before anything starts. Every error names the key path (``devices[3].address``)
-and the reason; :class:`ConfigError` carries both. ``gatewayd`` exits 78 (EX_CONFIG) on it and
-``gatewayctl config check`` exits 1 with the same message.
+and the reason; :class:`ConfigError` carries both, and from a file also the line and the id of the device,
+household, unit, bus or relay it is in. One check reports every error it finds (:class:`ConfigErrors`, at
+most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one is read. An unknown key
+close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78 (EX_CONFIG) on it and
+``gatewayctl config check`` exits 1 with the same lines.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
+import re
 import stat
 import tomllib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from drivers.profiles import (
     BUILTIN_DETECTOR_PROFILES,
@@ -38,6 +44,7 @@ __all__ = [
     "AlarmSettings",
     "BusConfig",
     "ConfigError",
+    "ConfigErrors",
     "ControlConfig",
     "DeviceConfig",
     "HouseholdConfig",
@@ -89,13 +96,84 @@ THRESHOLD_CAPS: dict[str, tuple[float | None, float, str]] = {
 }
 
 
+#: Most errors one check shows; the rest are counted.
+MAX_ERRORS = 20
+
+
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    ``line`` (in the file) and ``where`` (``device gas-u1-101``) are set when it came from :func:`load_config`.
+    """
 
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.line: int | None = None
+        self.where: str | None = None
+
+    def __str__(self) -> str:
+        where = f" ({self.where})" if self.where else ""
+        text = f"{self.path}{where}: {self.reason}"
+        return f"line {self.line}: {text}" if self.line is not None else text
+
+    def lines(self) -> list[str]:
+        """One line per error, as a person reads them."""
+        return [str(self)]
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration errors found in one pass; ``path`` and ``reason`` are the first one's."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        super().__init__(errors[0].path, errors[0].reason)
+        self.errors = errors
+
+    def __str__(self) -> str:
+        """The first error and how many more (one line, for a summary); :meth:`lines` has them all."""
+        more = len(self.errors) - 1
+        return f"{self.errors[0]} (and {more} more error{'s' if more > 1 else ''})"
+
+    def lines(self) -> list[str]:
+        shown = [str(e) for e in self.errors[:MAX_ERRORS]]
+        if len(self.errors) > MAX_ERRORS:
+            shown.append(f"… and {len(self.errors) - MAX_ERRORS} more errors (the first {MAX_ERRORS} are shown)")
+        return shown
+
+
+#: The errors of the check running in this context (None: raise the first one at once).
+_collected: ContextVar[list[ConfigError] | None] = ContextVar("config_errors", default=None)
+_T = TypeVar("_T")
+
+
+def _record(errors: list[ConfigError]) -> None:
+    """Keep ``errors`` for the report of the check running now; without one, raise the first."""
+    collected = _collected.get()
+    if collected is None:
+        raise errors[0]
+    collected.extend(errors)
+
+
+def _part(parse: Callable[[], _T], fallback: _T) -> _T:
+    """``parse()``; on an error, record it and go on with ``fallback`` so later parts are checked too."""
+    try:
+        return parse()
+    except ConfigError as exc:
+        _record([exc])
+        return fallback
+
+
+def _each(tables: list[_Table], parse: Callable[[_Table], None]) -> None:
+    """``parse(t)`` for every table; one with an error is recorded and left out, and the next one is read."""
+    for t in tables:
+        _part(lambda t=t: parse(t), None)  # type: ignore[misc]
+
+
+def _hint(key: str, known: Iterable[str]) -> str:
+    """"; did you mean `address`?" for a key one or two letters off a known one ("" when none is close)."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -359,6 +437,10 @@ class _Table:
         self.seen.add(name)
         if name not in self.data:
             if required:
+                typo = difflib.get_close_matches(name, sorted(set(self.data) - self.seen), n=1, cutoff=0.8)
+                if typo:  # `adress = 5`: the typo is the error, not the missing key
+                    self.seen.add(typo[0])
+                    raise ConfigError(self.key(typo[0]), f"unknown key{_hint(typo[0], [name])}")
                 raise ConfigError(self.key(name), "is required")
             return None
         return self.data[name]
@@ -448,9 +530,11 @@ class _Table:
         return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
 
     def done(self) -> None:
+        """Every key not read is an unknown key; one close to a key this table has is given a hint."""
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(self.key(unknown[0]), "unknown key")
+            absent = self.seen - set(self.data)
+            _record([ConfigError(self.key(k), f"unknown key{_hint(k, absent)}") for k in unknown])
 
 
 def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
@@ -517,36 +601,150 @@ def load_config(path: str | os.PathLike[str]) -> SiteConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), f"invalid TOML: {exc}") from None
-    return parse_config(data, source=str(p), base_dir=p.parent)
+    try:
+        return parse_config(data, source=str(p), base_dir=p.parent)
+    except ConfigError as exc:
+        lines = key_lines(text)
+        for error in getattr(exc, "errors", [exc]):
+            error.line = _line_of(error.path, lines)
+            error.where = _owner(error.path, data)
+        raise
+
+
+#: ``[table]`` / ``[[array.of.tables]]`` and ``key = value`` lines (bare or quoted keys, dotted).
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _key_parts(text: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)]
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """Line (1-based) of each table and key in a TOML text, by key path as errors name them
+    (``devices[3].address``, ``mqtt.tls``). Lines inside multi-line strings are skipped."""
+    lines: dict[str, int] = {}
+    counts: dict[str, int] = {}  # array of tables (by its path) → tables so far
+    table = ""
+    in_string: str | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_string is not None:
+            if line.count(in_string) % 2 == 1:
+                in_string = None
+            continue
+        header = _HEADER.match(line)
+        if header:
+            parts = _key_parts(header.group(2))
+            path = ""
+            for i, part in enumerate(parts):
+                path = f"{path}.{part}" if path else part
+                if i == len(parts) - 1 and header.group(1) == "[[":  # a new entry of this array
+                    counts[path] = counts.get(path, 0) + 1
+                    path = f"{path}[{counts[path] - 1}]"
+                elif path in counts:  # within the array's latest entry
+                    path = f"{path}[{counts[path] - 1}]"
+            table = path
+            lines.setdefault(table, number)
+            continue
+        key = _KEY.match(line)
+        if key:
+            path = ".".join([table, *_key_parts(key.group(1))] if table else _key_parts(key.group(1)))
+            lines.setdefault(path, number)
+            rest = line[key.end():]
+            for quotes in ('"""', "'''"):
+                if rest.count(quotes) % 2 == 1:
+                    in_string = quotes
+    return lines
+
+
+def _line_of(path: str, lines: Mapping[str, int]) -> int | None:
+    """The line of ``path``, else of the nearest table or key above it that the file has."""
+    while path:
+        if path in lines:
+            return lines[path]
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+    return None
+
+
+#: Arrays of tables whose entries have an ``id``, and what a person calls one.
+_OWNERS = {"devices": "device", "households": "household", "units": "unit", "buses": "bus",
+           "outputs.relays": "relay"}
+
+
+def _owner(path: str, data: Mapping[str, Any]) -> str | None:
+    """``device gas-u1-101`` for a path in ``devices[n]`` that has an id; None elsewhere."""
+    for array, noun in _OWNERS.items():
+        match = re.match(re.escape(array) + r"\[(\d+)\]", path)
+        if match is None:
+            continue
+        items: Any = data
+        for part in array.split("."):
+            items = items.get(part) if isinstance(items, Mapping) else None
+        index = int(match.group(1))
+        if isinstance(items, list) and index < len(items) and isinstance(items[index], Mapping):
+            ident = items[index].get("id")
+            if isinstance(ident, str) and ident:
+                return f"{noun} {ident}"
+    return None
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | None = None) -> SiteConfig:
-    """Validate a parsed TOML document into a :class:`SiteConfig`."""
+    """Validate a parsed TOML document into a :class:`SiteConfig`; raises the one :class:`ConfigError` or
+    :class:`ConfigErrors` with every error found."""
+    errors: list[ConfigError] = []
+    token = _collected.set(errors)
+    try:
+        cfg = _part(lambda: _parse_site(data, source, base_dir or Path.cwd()), None)
+    finally:
+        _collected.reset(token)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
+    assert cfg is not None
+    return cfg
+
+
+def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig | None:
+    """Every part of the site, each checked even when an earlier one had errors (None then)."""
     root = _Table(data, "")
-    base = base_dir or Path.cwd()
 
-    site = root.table("site", required=True)
-    assert site is not None
-    community = site.ident("community")
-    building = site.ident("building")
-    gateway_id = site.ident("gateway_id") if site.has("gateway_id") else f"{community}-{building}"
-    site.done()
+    def ids() -> tuple[str, str, str]:
+        site = root.table("site", required=True)
+        assert site is not None
+        community = site.ident("community")
+        building = site.ident("building")
+        gateway_id = site.ident("gateway_id") if site.has("gateway_id") else f"{community}-{building}"
+        site.done()
+        return community, building, gateway_id
 
-    units = _parse_units(root)
-    households = _parse_households(root, {u.id for u in units})
-    buses = _parse_buses(root)
-    detector_profiles, station_profiles = _parse_profiles(root)
-    alarm = _parse_alarm(root)
-    devices = _parse_devices(root, units, households, buses, detector_profiles, station_profiles)
-    outputs = _parse_outputs(root)
-    _check_pins(devices, outputs, buses)
-    _check_bus_cycles(buses, devices)
-    linkage = _parse_linkage(root, units, households, outputs)
-    mqtt = _parse_mqtt(root, base, default_client_id=gateway_id)
-    storage = _parse_storage(root, base)
-    control = _parse_control(root, base)
-    runtime = _parse_runtime(root)
+    community, building, gateway_id = _part(ids, ("", "", ""))
+    units: tuple[UnitConfig, ...] = _part(lambda: _parse_units(root), ())
+    households: tuple[HouseholdConfig, ...] = _part(
+        lambda: _parse_households(root, {u.id for u in units} | _written_ids(data, "units")), ())
+    buses: tuple[BusConfig, ...] = _part(lambda: _parse_buses(root), ())
+    detector_profiles, station_profiles = _part(
+        lambda: _parse_profiles(root), (dict(BUILTIN_DETECTOR_PROFILES), dict(BUILTIN_STATION_PROFILES)))
+    alarm = _part(lambda: _parse_alarm(root), AlarmSettings())
+    devices: tuple[DeviceConfig, ...] = _part(
+        lambda: _parse_devices(root, units, households, buses, detector_profiles, station_profiles), ())
+    outputs = _part(lambda: _parse_outputs(root), None)
+    paths = {kind: _id_paths(data, kind) for kind in ("devices", "buses")}
+    if outputs is not None:
+        _part(lambda: _check_pins(devices, outputs, buses, paths), None)
+    _part(lambda: _check_bus_cycles(buses, devices, paths["buses"]), None)
+    linkage: tuple[LinkageRule, ...] = ()
+    if outputs is not None:
+        linkage = _part(lambda: _parse_linkage(root, units, households, outputs), ())
+    mqtt = _part(lambda: _parse_mqtt(root, base, default_client_id=gateway_id), MqttConfig())
+    storage = _part(lambda: _parse_storage(root, base), StorageConfig())
+    control = _part(lambda: _parse_control(root, base), ControlConfig())
+    runtime = _part(lambda: _parse_runtime(root), RuntimeConfig())
     root.done()
+    if _collected.get():
+        return None
+    assert outputs is not None
     return SiteConfig(
         community=community,
         building=building,
@@ -566,6 +764,29 @@ def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | 
     )
 
 
+def _id_paths(data: Mapping[str, Any], array: str) -> dict[str, str]:
+    """Id → key path of each entry of an array of tables (``gas-u1-101`` → ``devices[3]``), as written."""
+    items: Any = data
+    for part in array.split("."):
+        items = items.get(part) if isinstance(items, Mapping) else None
+    if not isinstance(items, list):
+        return {}
+    return {item["id"]: f"{array}[{i}]" for i, item in enumerate(items)
+            if isinstance(item, Mapping) and isinstance(item.get("id"), str)}
+
+
+def _written_ids(data: Mapping[str, Any], array: str, value: str = "") -> Any:
+    """The ids the file gives the entries of ``array`` (parsed or not); with ``value``, id → that key's text."""
+    paths = _id_paths(data, array)
+    if not value:
+        return set(paths)
+    items: Any = data
+    for part in array.split("."):
+        items = items.get(part) if isinstance(items, Mapping) else None
+    return {item["id"]: item[value] for item in items or ()
+            if isinstance(item, Mapping) and item.get("id") in paths and isinstance(item.get(value), str)}
+
+
 def _unique(path: str, ids: dict[str, str], value: str) -> None:
     if value in ids:
         raise ConfigError(path, f"duplicate id {value!r} (first used at {ids[value]})")
@@ -575,12 +796,15 @@ def _unique(path: str, ids: dict[str, str], value: str) -> None:
 def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
     units: list[UnitConfig] = []
     seen: dict[str, str] = {}
-    for t in root.tables("units"):
+
+    def unit(t: _Table) -> None:
         uid = t.ident("id")
         _unique(t.key("id"), seen, uid)
         units.append(UnitConfig(id=uid, name=t.text("name") or uid))
         t.done()
-    if not units:
+
+    _each(root.tables("units"), unit)
+    if not units and not root.tables("units"):
         raise ConfigError("units", "at least one unit is required")
     return tuple(units)
 
@@ -588,7 +812,8 @@ def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
 def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
     households: list[HouseholdConfig] = []
     seen: dict[str, str] = {}
-    for t in root.tables("households"):
+
+    def household(t: _Table) -> None:
         hid = t.ident("id")
         _unique(t.key("id"), seen, hid)
         unit = t.req_str("unit")
@@ -596,6 +821,8 @@ def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig
             raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
         households.append(HouseholdConfig(id=hid, unit=unit, name=t.text("name") or hid))
         t.done()
+
+    _each(root.tables("households"), household)
     return tuple(households)
 
 
@@ -603,7 +830,8 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
     buses: list[BusConfig] = []
     seen: dict[str, str] = {}
     ports: dict[str, tuple[str, str]] = {}  # real path → (first bus's key path, its port as written)
-    for t in root.tables("buses"):
+
+    def bus(t: _Table) -> None:
         bid = t.ident("id")
         _unique(t.key("id"), seen, bid)
         port = t.req_str("port")
@@ -629,6 +857,8 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
             )
         )
         t.done()
+
+    _each(root.tables("buses"), bus)
     return tuple(buses)
 
 
@@ -645,14 +875,15 @@ def _rtu_bytesize(t: _Table) -> int:
     return bytesize
 
 
-def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...]) -> None:
+def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...],
+                      paths: Mapping[str, str]) -> None:
     """Even with every device silent, one cycle of each bus must fit the 30 s alarm budget."""
     for i, bus in enumerate(buses):
         polled = len({d.address for d in devices if d.bus == bus.id})  # a controller's channels: one read
         worst = polled * bus.timeout_s
         if worst > MAX_POLL_CYCLE_S:
             raise ConfigError(
-                f"buses[{i}].timeout_s",
+                f"{paths.get(bus.id, f'buses[{i}]')}.timeout_s",
                 f"{polled} devices × {bus.timeout_s:g} s = {worst:g} s per cycle when none answers; an alarm must "
                 f"reach the gateway within {MAX_POLL_CYCLE_S:g} s: lower the timeout or split the bus",
             )
@@ -752,13 +983,15 @@ def _parse_devices(
     detector_profiles: dict[str, DetectorProfile],
     station_profiles: dict[str, StationProfile],
 ) -> tuple[DeviceConfig, ...]:
-    unit_ids = {u.id for u in units}
-    household_unit = {h.id: h.unit for h in households}
-    bus_ids = {b.id for b in buses}
+    # an entry the file has but that has errors of its own counts as known: its errors are reported, not these
+    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
+    household_unit = {**_written_ids(root.data, "households", "unit"), **{h.id: h.unit for h in households}}
+    bus_ids = {b.id for b in buses} | _written_ids(root.data, "buses")
     devices: list[DeviceConfig] = []
     seen: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
-    for t in root.tables("devices"):
+
+    def device(t: _Table) -> None:
         did = t.ident("id")
         _unique(t.key("id"), seen, did)
         kind = t.choice("kind", ALL_KINDS, None)
@@ -795,8 +1028,8 @@ def _parse_devices(
                     raise ConfigError(t.key("profile"), f"unknown gas detector profile {profile_name!r}")
                 profile = detector_profiles[profile_name]
                 if t.has("channels") or profile.channels > 1:
-                    devices += _channels(t, did, name, (unit, household), bus, address, profile,
-                                         household_unit, unit_ids, seen)
+                    devices.extend(_channels(t, did, name, (unit, household), bus, address, profile,
+                                         household_unit, unit_ids, seen))
                 else:
                     devices.append(_gas_detector(t, did, name, unit, household, bus, address, profile))
             else:
@@ -829,6 +1062,8 @@ def _parse_devices(
                 )
             )
         t.done()
+
+    _each(root.tables("devices"), device)
     return tuple(devices)
 
 
@@ -960,7 +1195,8 @@ def _parse_outputs(root: _Table) -> OutputsConfig:
         led_table.done()
     relays: list[RelayConfig] = []
     seen: dict[str, str] = {}
-    for r in t.tables("relays"):
+
+    def relay(r: _Table) -> None:
         rid = r.ident("id")
         _unique(r.key("id"), seen, rid)
         pin = _pin(r, "pin")
@@ -968,12 +1204,16 @@ def _parse_outputs(root: _Table) -> OutputsConfig:
             raise ConfigError(r.key("pin"), "is required")
         relays.append(RelayConfig(id=rid, pin=pin, active_high=r.flag("active_high", True), name=r.text("name") or rid))
         r.done()
+
+    _each(t.tables("relays"), relay)
     t.done()
     return OutputsConfig(buzzer=buzzer, leds=leds, relays=tuple(relays))
 
 
-def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses: tuple[BusConfig, ...]) -> None:
-    """No pin serves two things (pins are already normalised to ``GPIOn``)."""
+def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses: tuple[BusConfig, ...],
+                paths: Mapping[str, Mapping[str, str]]) -> None:
+    """No pin serves two things (pins are already normalised to ``GPIOn``). ``paths``: the key path of each
+    device and bus by id (``devices[3]``)."""
     used: dict[str, str] = {}
 
     def claim(pin: str, path: str) -> None:
@@ -984,28 +1224,31 @@ def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses
 
     for i, bus in enumerate(buses):
         if bus.port in _UART_PORTS or real_port(bus.port) in _UART_PORTS:
-            claim("GPIO14", f"buses[{i}].port (UART TXD)")
-            claim("GPIO15", f"buses[{i}].port (UART RXD)")
+            where = paths["buses"].get(bus.id, f"buses[{i}]")
+            claim("GPIO14", f"{where}.port (UART TXD)")
+            claim("GPIO15", f"{where}.port (UART RXD)")
     claim(outputs.buzzer.pin, "outputs.buzzer")
     for colour, led in outputs.leds.items():
         claim(led.pin, f"outputs.leds.{colour}")
     for i, relay in enumerate(outputs.relays):
         claim(relay.pin, f"outputs.relays[{i}].pin")
     for i, dev in enumerate(devices):
+        where = paths["devices"].get(dev.controller or dev.id, f"devices[{i}]")
         if dev.pin is not None:
-            claim(dev.pin, f"devices[{i}].pin")
+            claim(dev.pin, f"{where}.pin")
         if dev.supervision_pin is not None:
-            claim(dev.supervision_pin, f"devices[{i}].supervision_pin")
+            claim(dev.supervision_pin, f"{where}.supervision_pin")
 
 
 def _parse_linkage(
     root: _Table, units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...], outputs: OutputsConfig
 ) -> tuple[LinkageRule, ...]:
-    unit_ids = {u.id for u in units}
-    household_ids = {h.id for h in households}
-    relay_ids = {r.id for r in outputs.relays}
+    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
+    household_ids = {h.id for h in households} | _written_ids(root.data, "households")
+    relay_ids = {r.id for r in outputs.relays} | _written_ids(root.data, "outputs.relays")
     rules: list[LinkageRule] = []
-    for t in root.tables("linkage"):
+
+    def rule(t: _Table) -> None:
         signal = t.choice("signal", LINKAGE_SIGNALS, None)
         scope = t.text("scope", "building") or "building"
         kind, _, ref = scope.partition(":")
@@ -1020,6 +1263,8 @@ def _parse_linkage(
             raise ConfigError(t.key("output"), f"unknown relay {output!r}")
         rules.append(LinkageRule(signal=signal, scope=scope, output=output))
         t.done()
+
+    _each(root.tables("linkage"), rule)
     return tuple(rules)
 
 

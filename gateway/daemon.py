@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_unedited(args.config, args.unedited_example)
         cfg = load_config(args.config)
     except ConfigError as exc:
-        print(f"gatewayd: config error: {exc}", file=sys.stderr)
-        log.error("config error", key=exc.path, reason=exc.reason)
+        for line in exc.lines():
+            print(f"gatewayd: config error: {line}", file=sys.stderr)
+        log.error("config error", key=exc.path, reason=exc.reason, line=exc.line,
+                  errors=len(getattr(exc, "errors", [exc])))
         return EX_CONFIG
     raise_priority(0, "main")
     return run_panel(cfg, args.config, duration=args.duration)

@@ -190,6 +190,8 @@ install_all() {
         fi
     done
 
+    install_shell_files
+
     if [[ -e $CONFIG ]]; then
         keep "$CONFIG (exists; never overwritten)"
     else
@@ -258,6 +260,7 @@ uninstall_all() {
             run rm -f -- "$BIN_DIR/$cmd"
         fi
     done
+    remove_shell_files
     local dir
     for dir in "$PREFIX/docs" "$PREFIX/share" "$PREFIX"; do
         if [[ -d $dir ]]; then
@@ -284,6 +287,42 @@ uninstall_all() {
         keep "$CONFIG_DIR (site config; --purge deletes it)"
         keep "user gateway and $SYSUSERS_DEST (own the data; --purge deletes them)"
     fi
+}
+
+# -- shell completion (bash, zsh) and the man page, generated from gatewayctl's own argument parser ----------
+readonly SHELL_FILES=(
+    "completion bash:/usr/local/share/bash-completion/completions/gatewayctl"
+    "completion zsh:/usr/local/share/zsh/site-functions/_gatewayctl"
+    "man:/usr/local/share/man/man1/gatewayctl.1"
+)
+
+install_shell_files() {
+    local item what dest tmp=/tmp/gatewayctl-shell
+    if ((!DRY_RUN)); then
+        tmp=$(mktemp -d)
+    fi
+    for item in "${SHELL_FILES[@]}"; do
+        what=${item%%:*}
+        dest=${item#*:}
+        if ((DRY_RUN)); then
+            printf 'would: %q -m gateway.ops.shell %s > %q\n' "$PREFIX/venv/bin/python" "$what" "$tmp/file"
+        else
+            # shellcheck disable=SC2086 # $what is "completion bash" or "man": two words or one
+            "$PREFIX/venv/bin/python" -m gateway.ops.shell $what >"$tmp/file"
+        fi
+        run install -D -m 0644 "$tmp/file" "$dest"
+    done
+    ((DRY_RUN)) || rm -rf -- "$tmp"
+    if command -v mandb >/dev/null; then
+        run mandb -q
+    fi
+}
+
+remove_shell_files() {
+    local item
+    for item in "${SHELL_FILES[@]}"; do
+        run rm -f -- "${item#*:}"
+    done
 }
 
 main() {

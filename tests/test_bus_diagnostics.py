@@ -210,7 +210,7 @@ async def test_counters_by_kind_match_what_a_misbehaving_device_sent(
             status = await gateway.commands.status()
             bus_row = next(b for b in status["buses"] if b["id"] == "bus1")
             assert bus_row["errors_by_kind"] == dict(sorted(bus_kinds.items()))
-            shown = "\n".join(render_status(status, Style(io.StringIO())))
+            shown = "\n".join(render_status(status, Style(io.StringIO()), every_device=True))
             assert "gateway path unavailable" in shown and "CRC error" in shown and "truncated frame" in shown
             assert f"truncated frame {device(2)['errors_by_kind']['truncated_frame']}" in shown
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
+import io
 import json
 import os
 import select
@@ -148,7 +149,7 @@ def test_version_and_usage_errors_exit_2() -> None:
     for args in ([], ["frobnicate"], ["events", "--kind", "party"], ["events", "--since", "yesterday"],
                  ["events", "--limit", "0"], ["reset"], ["reset", "gas-1", "--all"], ["test"],
                  ["scan", "bus1", "--from", "9", "--to", "3"], ["buzzer-test", "--seconds", "0"], ["read"],
-                 ["relay-test"], ["config"], ["config", "check"]):
+                 ["relay-test"], ["config"]):
         result = run_ctl(*args)
         assert result.returncode == EXIT_USAGE, (args, result.stdout, result.stderr)
         assert "usage" in result.stderr
@@ -188,10 +189,114 @@ def test_status_json_and_plain_text(site: DaemonSite) -> None:
     text = site.ctl("status")
     assert text.returncode == EXIT_OK
     assert "\033[" not in text.stdout  # plain when piped
-    assert "connected to 127.0.0.1:" in text.stdout and "HOUSEHOLD / UNIT" in text.stdout
-    assert "Storage   ok" in text.stdout and "evicted undelivered 0" in text.stdout
+    lines = text.stdout.splitlines()
+    assert lines[0] == "ALL CLEAR  test-community-b01  3 devices: 0 alarms, 0 supervisory, 0 faults", lines
+    assert "connected to 127.0.0.1:" in text.stdout and "storage ok" in text.stdout
     assert status["storage"]["storage_fault"] is None
-    assert all(device in text.stdout for device in site.device_ids)
+    assert "Unit u1 · 3 devices · all normal" in text.stdout  # nothing wrong: one line per unit
+    assert all(device not in text.stdout for device in site.device_ids)
+    every = site.ctl("status", "--all")
+    assert every.returncode == EXIT_OK and "HOUSEHOLD" in every.stdout
+    assert all(device in every.stdout for device in site.device_ids)
+
+
+def _building_status(units: int, per_unit: int) -> dict[str, Any]:
+    """A status answer as the daemon gives it, for a building where nothing is wrong."""
+    now = time.time()
+    devices = [{"device": f"gas-u{u}-{n:02d}01", "unit": f"u{u}", "household": f"u{u}-{n:02d}01",
+                "kind": "gas_detector", "state": "normal", "value": 0.0, "measure": "%LEL", "last_seen": now - 0.4,
+                "last_seen_age_s": 0.4, "faults": [], "supervisory": [], "latched": None,
+                "condition_present": False, "comm_errors": 0, "errors_by_kind": {}}
+               for u in range(1, units + 1) for n in range(1, per_unit + 1)]
+    return {
+        "gateway": {"id": "sunshine-garden-b07", "version": "0.1.0", "session": 12, "pid": 4242,
+                    "uplink_process": {"pid": 4243}, "uptime_s": 86400.0 * 12},
+        "uplink": {"process": "up", "connected": True, "broker": "mqtt.sunshine-garden.example.org:8883",
+                   "rtt_ms": 23.5, "backlog": 0, "oldest_undelivered_age_s": None, "last_error": None},
+        "annunciator": {"sound": "quiet", "pattern": None, "buzzer_on": False, "leds": ["power"],
+                        "relays": {"u1-gas-valve": False, "u2-gas-valve": False}},
+        "storage": {"storage_fault": None, "history": 1_234_567, "evicted_undelivered": {}, "dropped_in_memory": {}},
+        "buses": [{"id": f"rs485-{b}", "port": f"/dev/ttyRS485-{b}", "port_lost": False, "paused": False,
+                   "scanning": False, "polls": 12_345_678, "errors": 12, "errors_by_kind": {"timeout": 12},
+                   "floor_s": 0.99, "cycle_s": 1.02} for b in (1, 2)],
+        "active": [],
+        "devices": devices,
+    }
+
+
+@pytest.mark.parametrize(("units", "per_unit"), [(2, 32), (8, 8), (16, 4)])
+def test_a_64_device_building_with_nothing_wrong_fits_80_by_24(units: int, per_unit: int) -> None:
+    from gateway.ops.cli import Style, render_status
+
+    lines = list(render_status(_building_status(units, per_unit), Style(io.StringIO())))
+    assert len(lines) <= 24, "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80, "\n".join(line for line in lines if len(line) > 80)
+    assert lines[0] == "ALL CLEAR  sunshine-garden-b07  64 devices: 0 alarms, 0 supervisory, 0 faults"
+
+
+def test_status_puts_what_is_wrong_first_and_filters(site: DaemonSite) -> None:
+    det, device = site.detectors[1], site.device_ids[1]
+    det.set_concentration(30.0)
+    try:
+        wait_until(lambda: site.device_state(device)["state"] == "high_alarm", timeout=30)
+        text = site.ctl("status").stdout.splitlines()
+        assert text[0].startswith("ALARM  test-community-b01  3 devices: 1 alarm, "), text
+        what, place, since = text[1].split(device)[0], text[1].split(device)[1], text[1]
+        assert what.split() == ["ALARM", "high", "gas", "alarm"]
+        household = site.spec.detectors[1].household
+        assert f"household {household}, unit" in place and " since " in since
+        unit = site.device_state(device)["unit"]
+        units = [line for line in text if line.startswith("Unit ")]
+        assert units[0].startswith(f"Unit {unit} ") and "1 in trouble" in units[0]
+        row = text[text.index(units[0]) + 2]  # the unit's line, the column names, then its device in trouble
+        assert row.split()[:4] == [device, household, "gas", "high_alarm"], text
+
+        problems = site.ctl("status", "--problems").stdout
+        assert device in problems and "Sounder" not in problems
+        assert site.device_ids[0] not in problems and DOOR_ID not in problems
+        data = site.ctl_json("status", "--problems")["data"]
+        assert [d["device"] for d in data["devices"]] == [device]
+        assert data["active"][0]["place"].startswith(f"household {household}")
+        by_unit = site.ctl_json("status", "--unit", unit)["data"]["devices"]
+        assert by_unit and {d["unit"] for d in by_unit} == {unit}
+        assert site.ctl("status", "--unit", "nowhere").returncode == EXIT_ERROR
+    finally:
+        det.set_concentration(0.0)
+        wait_until(lambda: site.device_state(device)["condition_present"] is False, timeout=30)
+        site.ctl("reset", "--all")
+        wait_until(lambda: site.device_state(device)["state"] == "normal", timeout=30)
+
+
+def test_status_watch_redraws_in_place(site: DaemonSite) -> None:
+    controller, terminal = os.openpty()
+    try:
+        proc = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "status", "--watch", "0.2"],
+                                stdout=terminal, stderr=subprocess.PIPE, start_new_session=True)
+        os.close(terminal)
+        output = ""
+        deadline = time.monotonic() + 30
+        while output.count("\033[H") < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                output += os.read(controller, 65536).decode(errors="replace")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=10) == EXIT_OK
+    finally:
+        os.close(controller)
+    frames = output.split("\033[H")[1:]
+    assert len(frames) >= 3, output[-2000:]
+    assert frames[0].startswith("\033[2J")  # cleared once, then drawn over
+    assert all("\033[2J" not in frame for frame in frames[1:])
+    assert all("test-community-b01" in frame and frame.endswith("\033[J") for frame in frames[1:-1])
+    piped = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "status", "--watch", "0.2", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert piped.stdout is not None
+        objects = [json.loads(piped.stdout.readline()) for _ in range(2)]  # one status a line, no screen codes
+    finally:
+        os.killpg(piped.pid, signal.SIGINT)
+        piped.wait(timeout=30)
+    assert all(o["ok"] and o["data"]["gateway"]["id"] == "test-community-b01" for o in objects)
 
 
 def test_status_is_coloured_on_a_terminal(site: DaemonSite) -> None:
@@ -204,7 +309,7 @@ def test_status_is_coloured_on_a_terminal(site: DaemonSite) -> None:
     finally:
         os.close(controller)
     assert proc.returncode == EXIT_OK
-    assert "\033[32mnormal" in output  # green device state
+    assert "\033[32mALL CLEAR" in output  # green headline
 
 
 def _read_all(fd: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
@@ -281,6 +386,30 @@ def test_follow_sees_a_new_alarm(site: DaemonSite) -> None:
     assert code == EXIT_OK, f"gatewayctl events --follow did not end within 60 s of SIGINT: {signals}"
 
 
+def test_follow_in_text_has_a_header_and_aligned_columns(site: DaemonSite) -> None:
+    follower = subprocess.Popen([GATEWAYCTL, "--config", str(site.config), "events", "-f", "--kind", "telemetry",
+                                 "--limit", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "NO_COLOR": "1"}, start_new_session=True)
+    try:
+        assert follower.stdout is not None
+        lines = [follower.stdout.readline().rstrip("\n") for _ in range(4)]
+    finally:
+        os.killpg(follower.pid, signal.SIGINT)
+        follower.wait(timeout=30)
+    assert lines[0].split() == ["TIME", "KIND", "ACTION", "DEVICE", "WHERE", "LEVEL/CODE", "VALUE", "SENT", "SOURCE",
+                                "/", "DETAIL"]
+    for name in ("KIND", "ACTION", "DEVICE", "VALUE"):
+        column = lines[0].index(name)
+        assert all(line[column - 2:column] == "  " and line[column] != " " for line in lines[1:]), (name, lines)
+    assert all(dt_has_offset(line.split()[0]) for line in lines[1:]), lines
+
+
+def dt_has_offset(text: str) -> bool:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text).utcoffset() is not None
+
+
 def test_silence_reset_and_walk_test(site: DaemonSite) -> None:
     device = site.device_ids[0]
     site.detectors[0].set_concentration(30.0)
@@ -318,7 +447,9 @@ def test_read_fresh_value_raw_registers_and_failures(site: DaemonSite) -> None:
         assert data["value"] == 4.2 and data["status"] == ["normal"] and data["address"] == det.slave
         assert data["raw"] == {"function": 3, "start": 0, "registers": det.registers()}
         text = site.ctl("read", site.device_ids[1], "--raw")
-        assert text.returncode == EXIT_OK and "4.2 %LEL, status normal" in text.stdout and "42  0x002A" in text.stdout
+        assert text.returncode == EXIT_OK and "4.2 %LEL" in text.stdout
+        assert "panel: normal (alarm at" in text.stdout and "own status word: normal" in text.stdout
+        assert "42  0x002A" in text.stdout
     finally:
         det.set_concentration(0.0)
     contact = site.ctl_json("read", DOOR_ID)["data"]
@@ -344,6 +475,27 @@ def test_scan_refused_while_polling_then_finds_responders(site: DaemonSite) -> N
     assert text.returncode == EXIT_OK and "2 responding address(es) in 4–6" in text.stdout
     assert "[" not in text.stderr  # no progress bar when stderr is not a terminal
     assert site.ctl("scan", "bus9", "--pause-polling").returncode == EXIT_REJECTED
+
+
+def _log_errors(site: DaemonSite, offset: int) -> list[str]:
+    """Error lines the daemon logged after byte ``offset`` of its log (structlog JSON or stdlib logging)."""
+    with (site.directory / "gatewayd.log").open("rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    return [line for line in text.splitlines()
+            if line.startswith(("ERROR", "CRITICAL", "Traceback")) or '"level": "error"' in line
+            or '"level":"error"' in line]
+
+
+def test_scans_refused_or_done_leave_no_error_in_the_daemon_log(site: DaemonSite) -> None:
+    offset = (site.directory / "gatewayd.log").stat().st_size
+    refused = site.ctl("scan", "bus1", "--from", "1", "--to", "2")
+    assert refused.returncode == EXIT_REJECTED, refused.stderr
+    done = site.ctl("scan", "bus1", "--from", "1", "--to", "2", "--pause-polling")
+    assert done.returncode == EXIT_OK, done.stderr
+    # one more command: a connection that failed after its scan has logged it by now
+    assert site.ctl("status").returncode == EXIT_OK
+    assert _log_errors(site, offset) == []
 
 
 def test_scan_progress_bar_on_a_terminal(site: DaemonSite) -> None:
@@ -410,7 +562,85 @@ def test_permission_error_prints_a_one_line_hint(site: DaemonSite) -> None:
     assert site.ctl("status").returncode == EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------- export
+
+
+def test_30000_events_leave_the_box_as_csv_between_since_and_until(tmp_path: Path) -> None:
+    import asyncio
+    import csv
+    import datetime as dt
+    import sqlite3
+
+    from gateway.events import Event
+    from gateway.uplink.outbox import Outbox
+
+    database = tmp_path / "events.db"
+    base = 1_796_600_000.0
+
+    async def fill() -> None:
+        outbox = await Outbox.open(str(database), gateway_id="test-community-b01")
+        try:
+            for start in range(0, 32_000, 2000):  # one event a second; the window below holds 30 000
+                await outbox.append([Event("telemetry", "reading", float(i), device=f"gas-{i % 7}", unit="u1",
+                                           value=float(i % 50), measure="%LEL", wall=base + i)
+                                     for i in range(start, start + 2000)])
+        finally:
+            await outbox.close()
+
+    asyncio.run(fill())
+    config = tmp_path / "site.toml"
+    config.write_text(f'[storage]\npath = "{database}"\n')  # export needs only where the database is
+    zone = dt.timezone(dt.timedelta(hours=8))
+    since = dt.datetime.fromtimestamp(base + 1000, zone).isoformat()
+    until = dt.datetime.fromtimestamp(base + 31_000, zone).isoformat()
+    result = run_ctl("--config", str(config), "events", "--since", since, "--until", until, "--format", "csv")
+    assert result.returncode == EXIT_OK, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    with sqlite3.connect(database) as db:
+        expected = db.execute("SELECT event_id, wall FROM events WHERE wall >= ? AND wall < ? ORDER BY seq",
+                              (base + 1000, base + 31_000)).fetchall()
+    assert len(rows) == len(expected) == 30_000
+    assert result.stderr.strip() == "gatewayctl: 30000 events"
+    for row, (event_id, wall) in ((rows[0], expected[0]), (rows[-1], expected[-1])):
+        assert row["event_id"] == event_id
+        shown = dt.datetime.fromisoformat(row["time"])
+        assert shown.utcoffset() is not None and abs(shown.timestamp() - wall) < 0.001
+    assert rows[0]["device"] == "gas-6" and rows[0]["value"] == "0.0" and rows[0]["delivered"] == "no"
+
+    jsonl = run_ctl("--config", str(config), "events", "--since", since, "--until", until, "--format", "jsonl",
+                    "--kind", "telemetry", "--device", "gas-3")
+    lines = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert len(lines) == sum(1 for i in range(1000, 31_000) if i % 7 == 3)
+    assert all(item["device"] == "gas-3" and "+" in item["local_time"] for item in lines)
+
+
 # ------------------------------------------------------------------------------------------- daemon down
+
+
+def test_a_killed_daemon_s_latch_and_relays_show_from_its_state_file(tmp_path: Path) -> None:
+    with daemon_site(tmp_path) as down:
+        device = down.device_ids[0]
+        down.detectors[0].set_concentration(30.0)
+        wait_until(lambda: down.device_state(device)["latched"] == "high", timeout=30)
+        relays = {k for k, on in down.status()["annunciator"]["relays"].items() if on}
+        assert down.daemon is not None
+        down.daemon.kill()  # kill -9: no planned stop, the state file is what the panel last saved
+        down.daemon.wait(timeout=30)
+        down.daemon = None
+
+        status = down.ctl("status")
+        assert status.returncode == EXIT_UNAVAILABLE, status.stderr
+        lines = status.stdout.splitlines()
+        assert lines[0].startswith("DAEMON DOWN: the daemon is not running")
+        assert lines[1].startswith("ALARM  test-community-b01  3 devices: 1 alarm, ")
+        assert device in lines[2] and "high gas alarm" in lines[2] and "saved latch" in lines[2]
+        relay_line = next(line for line in lines if line.startswith("Relays"))
+        assert all(relay in relay_line for relay in relays) and "saved state" in relay_line
+        row = next(line for line in lines if line.strip().startswith(device))
+        assert "high_alarm" in row
+        data = down.ctl_json("status", expect=EXIT_UNAVAILABLE)["data"]
+        assert [(c["subject"], c["level"], c["note"]) for c in data["active"]] == [(device, "high", "saved latch")]
+        assert set(data["saved_state"]["relays"]) == relays
 
 
 def test_daemon_down_status_and_events_read_the_database_others_exit_3(tmp_path: Path) -> None:

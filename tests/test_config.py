@@ -565,8 +565,12 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env, check=False)
 
 
+def _config_errors(stderr: str) -> list[str]:
+    return [line.split("config error: ", 1)[1] for line in stderr.splitlines() if "config error: " in line]
+
+
 def _config_error(stderr: str) -> str:
-    lines = [line.split("config error: ", 1)[1] for line in stderr.splitlines() if "config error: " in line]
+    lines = _config_errors(stderr)
     assert len(lines) == 1, stderr
     return lines[0]
 
@@ -584,8 +588,52 @@ def test_daemon_and_cli_refuse_bad_config_with_the_same_message(bad_config: Path
     assert daemon.returncode == EX_CONFIG == 78, daemon.stderr
     assert cli.returncode == 1, cli.stderr
     message = _config_error(daemon.stderr)
-    assert message.startswith("devices[1].address: address 1 on bus 'bus1' is already used")
+    line = BASE.splitlines().index("address = 2") + 1  # the second detector's, made "address = 1"
+    assert message.startswith(f"line {line}: devices[1].address (device gas-u2-101): address 1 on bus 'bus1' "
+                              "is already used")
     assert _config_error(cli.stderr) == message
+
+
+FIVE_MISTAKES = [  # (line as written in BASE, the mistake, what its error says)
+    ('unit = "u2"', 'unit = "u3"', "households[1].unit (household u2-101): unknown unit 'u3'"),
+    ('port = "/dev/ttyUSB1"', 'port = "/dev/ttyUSB1"\nbaudrate = 9601', "buses[1].baudrate (bus bus2): must be one of"),
+    ("address = 2", "adress = 2", "devices[1].adress (device gas-u2-101): unknown key; did you mean `address`?"),
+    ("pin = 13", "pin = 99", "devices[2].pin (device u1-door): BCM pin must be 0–53, got 99"),
+    ('output = "valve"', 'output = "valve"\n\n[storage]\nmax_mb = 0', "storage.max_mb: must be ≥ 1, got 0"),
+]
+
+
+def test_every_mistake_in_one_pass_with_its_line_and_id(tmp_path: Path) -> None:
+    text = BASE
+    for written, mistake, _ in FIVE_MISTAKES:
+        assert text.count(written) == 1, written
+        text = text.replace(written, mistake)
+    path = tmp_path / "five.toml"
+    path.write_text(text, encoding="utf-8")
+    lines = text.splitlines()
+    expected = []
+    for _, mistake, error in FIVE_MISTAKES:
+        key = mistake.splitlines()[-1]
+        expected.append(f"line {lines.index(key) + 1}: {error}")
+
+    cli = _run([*_program("gatewayctl", "gateway.ops.cli"), "--config", str(path), "config", "check"])
+    daemon = _run([*_program("gatewayd", "gateway.daemon"), "--config", str(path)])
+    assert cli.returncode == 1 and daemon.returncode == EX_CONFIG, (cli.stderr, daemon.stderr)
+    for stderr in (cli.stderr, daemon.stderr):
+        errors = _config_errors(stderr)
+        assert len(errors) == 5, stderr
+        for got, want in zip(errors, expected, strict=True):
+            assert got.startswith(want), (got, want)
+
+
+def test_errors_past_the_limit_are_counted(tmp_path: Path) -> None:
+    doc = base()
+    doc["households"] += [{"id": f"h{n}", "unit": "nowhere"} for n in range(30)]
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc, base_dir=tmp_path)
+    shown = info.value.lines()
+    assert len(shown) == 21 and shown[-1].startswith("… and 10 more errors")
+    assert all("unknown unit 'nowhere'" in line for line in shown[:20])
 
 
 def test_cli_accepts_good_config(tmp_path: Path) -> None:

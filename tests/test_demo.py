@@ -5,20 +5,27 @@ terminal sends it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import psutil
 import pytest
+
+from tests.support.broker import MosquittoBroker
+from tests.support.mqtt import MqttRecorder
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,10 +85,11 @@ def test_json_off_a_terminal_gatewayctl_line_and_ctrl_c(tmp_path: Path) -> None:
         lines = read_until(proc.stdout.fileno(), lambda line: '"gatewayctl"' in line)
         assert all(json.loads(line) for line in lines if line)  # every line is JSON off a terminal
         command = json.loads(lines[-1])["gatewayctl"]
-        assert command == f"gatewayctl --config {workdir}/building.toml status"
+        # from the checkout, the wrapper: gatewayctl itself is in .venv/bin, not on a fresh clone's PATH
+        assert command == f"scripts/gatewayctl --config {workdir}/building.toml status"
         argv = shlex.split(command)
         wait_for(lambda: (workdir / "events.db").exists(), "the storage process never made its database")
-        result = subprocess.run([GATEWAYCTL, *argv[1:]], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         assert "sunshine-garden-b07" in result.stdout
         code, err = ctrl_c(proc)
@@ -135,5 +143,71 @@ def test_a_narrative_on_a_terminal() -> None:
     assert "Traceback" not in err
     text = [line for line in lines if line.strip()]
     assert not any(line.lstrip().startswith("{") for line in text), text[:5]
-    assert any("In another terminal:  gatewayctl --config " in line for line in text)
+    assert any("In another terminal:  scripts/gatewayctl --config " in line for line in text)
     assert any(line[:8].count(":") == 2 and "panel started" in line for line in text)
+
+
+def _tcp_peers(pid: int) -> set[tuple[str, int]]:
+    """Remote TCP endpoints of ``pid`` and its descendants, but for the demo's own mosquitto's."""
+    root = psutil.Process(pid)
+    peers: set[tuple[str, int]] = set()
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.name() == "mosquitto":
+                continue
+            peers |= {(c.raddr.ip, c.raddr.port) for c in proc.net_connections(kind="tcp") if c.raddr}
+    return peers
+
+
+def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) -> None:
+    """A broker already on the machine (here one started by the test) hears nothing from the demo by default;
+    with --broker it gets the demo's birth."""
+    machine = MosquittoBroker(tmp_path / "machine-broker")
+    machine.start()
+    try:
+        with MqttRecorder("127.0.0.1", machine.port) as heard:
+            workdir = tmp_path / "demo"
+            proc = start_demo("--dir", str(workdir))
+            try:
+                assert proc.stdout is not None
+                read_until(proc.stdout.fileno(), lambda line: '"event forwarded"' in line)
+                site = tomllib.loads((workdir / "building.toml").read_text())
+                own = site["mqtt"]["port"]
+                assert own not in (1883, machine.port) and site["mqtt"]["host"] == "127.0.0.1"
+                peers = _tcp_peers(proc.pid)
+                assert peers and all(port == own for _, port in peers), peers  # its own mosquitto, nothing else
+                code, err = ctrl_c(proc)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            assert code == 0, err[-2000:]
+            assert heard.messages() == []
+            with contextlib.suppress(OSError):  # its own broker stopped with it
+                socket.create_connection(("127.0.0.1", own), 1).close()
+                raise AssertionError(f"the demo's broker on port {own} outlived it")
+
+            shared = start_demo("--dir", str(tmp_path / "shared"), "--broker", f"127.0.0.1:{machine.port}")
+            try:
+                heard.wait_for(lambda m: m.topic.endswith("/birth"), timeout=60)
+                code, err = ctrl_c(shared)
+            finally:
+                if shared.poll() is None:
+                    os.killpg(shared.pid, signal.SIGKILL)
+                    shared.wait()
+            assert code == 0, err[-2000:]
+    finally:
+        machine.stop()
+
+
+def test_without_mosquitto_the_demo_has_no_broker_and_points_at_nothing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import demo
+
+    monkeypatch.setattr(demo, "_find_mosquitto", lambda: None)
+    assert demo.DemoBroker(tmp_path).start() is False
+    site = tomllib.loads(demo.write_demo_site(tmp_path, "/dev/null").read_text())
+    host, port = site["mqtt"]["host"], site["mqtt"]["port"]
+    assert host == "127.0.0.1" and port != 1883
+    with pytest.raises(OSError):  # nothing listens there: events stay buffered
+        socket.create_connection((host, port), 1).close()

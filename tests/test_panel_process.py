@@ -280,7 +280,7 @@ def test_kill_9_of_the_panel_keeps_the_latch_and_the_valve_closed(tmp_path: Path
         assert row["latched"] == "high", row
         assert any(a["what"] == "alarm" and a["subject"] == leak.id for a in status["active"])
         started = _records(daemon.log, "panel started")
-        assert len(started) == 2 and started[1]["restored"]["relays"] == [RELAY_ID]
+        assert len(started) == 2 and started[1]["restored"] == f"latch {leak.id} (high); relays on: {RELAY_ID}"
 
     rows = read_events(tmp_path / "events.db")
     second = max(r["session"] for r in rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,4 +45,5 @@ def test_gatewayd_exits_78_with_one_line_naming_the_key(tmp_path: Path) -> None:
                           text=True, timeout=60, env={"GPIOZERO_PIN_FACTORY": "mock", "PATH": "/usr/bin:/bin"})
     assert done.returncode == EX_CONFIG, (done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gatewayd: config error: mqtt.allow_plaintext: "), done.stderr
+    assert len(lines) == 1, done.stderr
+    assert re.match(r"gatewayd: config error: line \d+: mqtt.allow_plaintext: ", lines[0]), done.stderr

@@ -2,21 +2,27 @@
 
 ``--config FILE`` (default ``/etc/gateway/building.toml``) says where the socket and the database are.
 Every command that prints data takes ``--json``. Colour on a terminal, plain text when piped.
-With the daemon down, ``status`` and ``events`` read the database read-only and say so; the other commands
-exit 3. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable, 4 rejected (see docs/cli.md).
+``status`` says what is wrong first (headline, active conditions, then units with their devices in trouble
+first). With the daemon down, ``status`` and ``events`` read the database read-only (``status`` also the
+panel's saved state) and say so; the other commands exit 3. ``events --format csv|jsonl`` streams history
+straight from the database, daemon or not. Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable,
+4 rejected (see docs/cli.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import datetime as dt
 import errno
 import grp
 import json
 import os
 import re
+import shutil
 import socket
+import sqlite3
 import sys
 import time
 import tomllib
@@ -34,6 +40,8 @@ __all__ = ["ControlClient", "DaemonUnavailable", "main"]
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_REJECTED = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/gateway/building.toml"
 REPLY_TIMEOUT_S = 30.0
+#: Events ``events`` shows unless told (--limit; --format exports every match).
+EVENTS_SHOWN = 50
 
 
 class CliError(Exception):
@@ -195,10 +203,11 @@ def _state_colour(state: str) -> str | None:
     return STATE_COLOURS.get(state)
 
 
-def _when(wall: float | None) -> str:
+def _when(wall: float | None, timespec: str = "seconds") -> str:
+    """ISO 8601 local time with its offset: 2026-11-26T08:00:05+08:00."""
     if wall is None:
         return "—"
-    return dt.datetime.fromtimestamp(wall).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(wall).astimezone().isoformat(timespec=timespec)
 
 
 def _age(seconds: float | None) -> str:
@@ -258,11 +267,14 @@ def _kinds(by_kind: dict[str, int] | None, before: str = "", after: str = "") ->
 
 
 def _cycle(bus: dict[str, Any]) -> str:
-    """", cycle 2.71 s (floor 2.64 s)" when the bus reports them: the measured cycle beside the wire's floor."""
+    """" · cycle 2.71 s (wire floor 2.64 s)" when the bus reports them: the measured cycle beside the wire's
+    floor (a cycle under the floor can only be a simulated line, and says so)."""
     cycle, floor = bus.get("cycle_s"), bus.get("floor_s")
     if floor is None:
         return ""
-    return f", cycle {'—' if cycle is None else f'{cycle:.2f} s'} (floor {floor:.2f} s)"
+    if cycle is not None and cycle < floor:  # no real wire is faster than its floor: a pty or simulated line
+        return f" · cycle {cycle:.2f} s (simulated: a wire needs {floor:.2f} s)"
+    return f" · cycle {'—' if cycle is None else f'{cycle:.2f} s'} (wire floor {floor:.2f} s)"
 
 
 def _value(value: Any, measure: Any) -> str:
@@ -272,10 +284,11 @@ def _value(value: Any, measure: Any) -> str:
     return f"{text} {measure}" if measure else text
 
 
-def _table(headers: list[str], rows: list[list[str]], style: Style, colours: list[list[str | None]] | None = None
-           ) -> Iterator[str]:
+def _table(headers: list[str], rows: list[list[str]], style: Callable[[str, str | None], str],
+           colours: list[list[str | None]] | None = None, *, header: bool = True) -> Iterator[str]:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    yield style("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "bold")
+    if header:
+        yield style("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "bold")
     for n, row in enumerate(rows):
         cells = []
         for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
@@ -309,73 +322,229 @@ def render_walk_test(d: Mapping[str, Any], style: Callable[[str, str], str]) -> 
         yield style(f"skipped {item['device']}: {item['reason']}", "yellow")
 
 
-def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None = None) -> Iterator[str]:
-    """Human-readable status."""
+#: How bad a device state is, worst first: devices in trouble are listed in this order.
+_SEVERITY = {"fire": 0, "high_alarm": 0, "low_alarm": 1, "supervisory": 2, "fault": 3, "test": 4, "warmup": 5,
+             "unknown": 6, "normal": 9}
+#: Short names of the device kinds, so a device row fits 80 columns.
+_KIND_SHORT = {"gas_detector": "gas", "extinguisher_station": "station", "extinguisher_presence": "presence",
+               "pressure_switch": "pressure", "cabinet_door": "door", "obstruction": "obstruction",
+               "gas_relay": "gas relay", "fire_contact": "fire"}
+_CATEGORY = {"alarm": ("ALARM", "red"), "supervisory": ("SUPERVISORY", "magenta"), "trouble": ("FAULT", "yellow")}
+_POLLED_KINDS = frozenset({"gas_detector", "extinguisher_station"})
+#: Active conditions listed in the default view; the rest are counted (``--problems`` lists them all).
+CONDITIONS_SHOWN = 8
+
+
+def _since(wall: float | None, now: float) -> str:
+    """"since 14:01:58 (13 s)"; a date too when it is not today."""
+    if wall is None:
+        return "since —"
+    when = dt.datetime.fromtimestamp(wall)
+    shown = when.strftime("%H:%M:%S") if when.date() == dt.date.today() else when.strftime("%Y-%m-%d %H:%M")
+    return f"since {shown} ({_age(max(0.0, now - wall)).removesuffix(' ago')})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _offline(d: Mapping[str, Any]) -> bool:
+    """A row from the database while the daemon is down: its last stored event, no live state."""
+    return str(d["state"]).startswith(("last event", "no stored event"))
+
+
+def _troubled(d: Mapping[str, Any]) -> bool:
+    if _offline(d):
+        return bool(d.get("latched"))
+    return (d["state"] != "normal" or bool(d.get("faults")) or bool(d.get("supervisory"))
+            or bool(d.get("latched")))
+
+
+def _severity(d: Mapping[str, Any]) -> int:
+    return _SEVERITY.get(d["state"], 7 if d["state"].startswith("last event") else 8)
+
+
+def _condition_text(c: Mapping[str, Any]) -> str:
+    if c["what"] == "alarm":
+        return "fire" if c.get("level") == "fire" else f"{c.get('level') or ''} gas alarm".strip()
+    return str(c["what"]).replace("_", " ")
+
+
+def _places(devices: list[dict[str, Any]]) -> dict[str, str]:
+    """Device id → "household u1-201, unit u1" (or "unit u1")."""
+    return {d["device"]: (f"household {d['household']}, unit {d['unit']}" if d.get("household")
+                          else f"unit {d['unit']}") for d in devices if d.get("unit")}
+
+
+def status_headline(data: Mapping[str, Any], style: Callable[[str, str | None], str]) -> Iterator[str]:
+    """What is wrong, first: the counts, then each active condition with its place and since when."""
+    active = data.get("active") or []
+    counts = {category: sum(1 for c in active if c["category"] == category) for category in _CATEGORY}
+    word, colour = next(((_CATEGORY[c][0], _CATEGORY[c][1]) for c in _CATEGORY if counts[c]), ("ALL CLEAR", "green"))
+    devices = data["devices"]
+    plural = {"alarm": "alarms", "supervisory": "supervisory", "trouble": "faults"}
+    figures = ", ".join(f"{counts[c]} {plural[c] if counts[c] != 1 else _CATEGORY[c][0].lower()}"
+                        for c in _CATEGORY)
     gw = data["gateway"]
-    if daemon_down:
-        yield style(f"DAEMON DOWN: {daemon_down}", "red")
-        yield f"Gateway   {gw['id']}  (last session {gw.get('session') or '—'}; from {gw['database']}, read-only)"
-    else:
-        storage_pid = (gw.get("uplink_process") or {}).get("pid")
-        yield (f"Gateway   {gw['id']}  v{gw['version']}  session {gw['session'] or '—'}"
-               f"  up {_duration(gw['uptime_s'])}  pid {gw['pid']}"
-               + (f" (storage {storage_pid})" if storage_pid else ""))
+    total = data.get("devices_total", len(devices))
+    yield f"{style(word, colour)}  {gw['id']}  {_count(total, 'device')}: {figures}"
+
+
+def render_conditions(data: Mapping[str, Any], style: Callable[[str, str | None], str], *,
+                      limit: int | None = CONDITIONS_SHOWN) -> Iterator[str]:
+    """One aligned line per active condition: what, where, since when."""
+    active = sorted(data.get("active") or [], key=lambda c: (list(_CATEGORY).index(c["category"])
+                                                              if c["category"] in _CATEGORY else 9,
+                                                              c.get("since") or 0))
+    places = _places(data["devices"])
+    now = time.time()
+    shown = active if limit is None else active[:limit]
+    rows = [[_CATEGORY.get(c["category"], (c["category"].upper(), None))[0], _condition_text(c), c["subject"],
+             c.get("place") or places.get(c["subject"], ""),
+             _since(c.get("since"), now) + (", silenced" if c.get("silenced") else "")
+             + (f" ({c['note']})" if c.get("note") else "")] for c in shown]
+    colours: list[list[str | None]] = [[_CATEGORY.get(c["category"], ("", None))[1], None, None, None, None]
+                                       for c in shown]
+    for line in _table(["", "", "", "", ""], rows, style, colours, header=False):
+        yield "  " + line
+    if len(active) > len(shown):
+        yield f"  … and {len(active) - len(shown)} more (gatewayctl status --problems lists them all)"
+
+
+def render_system(data: Mapping[str, Any], style: Style, *, daemon_down: str | None = None) -> Iterator[str]:
+    """Sounder, uplink and storage, buses, the gateway process: one line each."""
+    gw = data["gateway"]
+    ann = data.get("annunciator")
+    if ann is not None:
+        loud = ann["sound"] != "quiet"
+        sound = style(f"{ann['sound'].upper()} ({ann['pattern']})" if loud and ann.get("pattern")
+                      else ann["sound"], "red" if ann["sound"] in ("gas", "fire") else ("yellow" if loud else None))
+        relays = ", ".join(f"{k} {'ON' if v else 'off'}" for k, v in sorted(ann["relays"].items())) or "none"
+        yield f"Sounder  {sound} · LEDs {', '.join(ann['leds']) or 'off'} · relays {relays}"
+    elif data.get("saved_state"):
+        saved = data["saved_state"]
+        on = ", ".join(saved.get("relays", [])) or "none"
+        yield (style("Relays   ", None) + f"ON in the saved state: {on} "
+               f"(state file {saved['file']}, saved {_age(time.time() - saved['saved_at'])})")
     up = data["uplink"]
     oldest = up.get("oldest_undelivered_age_s")
     backlog = f"backlog {up.get('backlog', '?')}" + (f" (oldest {_age(oldest)})" if oldest is not None else "")
+    storage = data.get("storage") or {}
+    fault = storage.get("storage_fault")
+    lost = {"evicted undelivered": sum(storage.get("evicted_undelivered", {}).values()),
+            "dropped in memory": sum(storage.get("dropped_in_memory", {}).values())}
+    store = (style(f"storage {fault.upper()}", "red") if fault else "storage ok") + "".join(
+        style(f", {name} {count}", "red") for name, count in lost.items() if count)
     if daemon_down:
-        yield f"Uplink    unknown (daemon down)  {backlog}"
+        store = f"{gw['database']} read-only"
+    if daemon_down:
+        yield f"Uplink   unknown (daemon down) · {backlog}"
     elif up.get("process") == "down":
         process = gw.get("uplink_process") or {}
-        held = data["storage"].get("held_by_panel", 0)
         why = process.get("last_exit") or up.get("reason") or "starting"
         yield (style("STORAGE/UPLINK PROCESS DOWN", "red")
-               + f"  the panel holds {held} events; it is started again automatically ({why})")
+               + f" · the panel holds {storage.get('held_by_panel', 0)} events; restarted automatically ({why})")
     else:
         link = style("connected", "green") if up["connected"] else style("DISCONNECTED", "red")
-        rtt = f"{up['rtt_ms']:g} ms" if up["rtt_ms"] is not None else "—"
-        error = f"  last error: {up['last_error']}" if up.get("last_error") and not up["connected"] else ""
-        yield f"Uplink    {link} to {up['broker']}  round-trip {rtt}  {backlog}{error}"
-    ann = data.get("annunciator")
-    if ann is not None:
-        loud = ann["sound"] not in ("quiet",)
-        sound = style(ann["sound"].upper() if loud else ann["sound"], "red" if ann["sound"] in ("gas", "fire")
-                      else ("yellow" if loud else None))
-        relays = ", ".join(f"{k} {'ON' if v else 'off'}" for k, v in sorted(ann["relays"].items())) or "—"
-        yield (f"Sounder   {sound}  pattern {ann['pattern'] or '—'}  buzzer {'on' if ann['buzzer_on'] else 'off'}"
-               f"  LEDs {', '.join(ann['leds']) or '—'}  relays {relays}")
-    storage = data.get("storage")
-    if storage is not None:
-        evicted = sum(storage.get("evicted_undelivered", {}).values())
-        dropped = sum(storage.get("dropped_in_memory", {}).values())
-        fault = storage.get("storage_fault")
-        yield (f"Storage   {style(fault.upper(), 'red') if fault else 'ok'}  history {storage.get('history', 0)}"
-               f"  evicted undelivered {evicted}, delivered {sum(storage.get('evicted_delivered', {}).values())}"
-               f"  dropped in memory {dropped}")
+        rtt = f", {up['rtt_ms']:.0f} ms" if up.get("rtt_ms") is not None else ""
+        error = f" · last error: {up['last_error']}" if up.get("last_error") and not up["connected"] else ""
+        yield f"Uplink   {link} to {up['broker']}{rtt}, {backlog}{error}"
     for bus in data.get("buses", []):
         if bus["port_lost"]:
-            state = style("PORT LOST", "red")
+            state = " " + style("PORT LOST", "red") + ","
         elif bus["paused"]:
-            state = style("POLLING PAUSED (no alarms read; trouble signal)", "yellow")
+            state = " " + style("POLLING PAUSED (no alarms read; trouble signal)", "yellow") + ","
         else:
-            state = "polling" + (" (address scan between pause windows)" if bus.get("scanning") else "")
-        yield (f"Bus       {bus['id']} {bus['port']}: {state}, "
-               f"{bus['polls']} polls, {bus['errors']} errors{_kinds(bus.get('errors_by_kind'), ' (', ')')}"
-               f"{_cycle(bus)}")
+            state = " address scan between pause windows," if bus.get("scanning") else ""
+        line = f"Bus      {bus['id']}{state}{_cycle(bus)} · {bus['errors']}/{bus['polls']} polls failed"
+        kinds = _kinds(bus.get("errors_by_kind"), " (", ")")
+        yield line + kinds if len(line + kinds) <= 80 else line  # by kind: per device in --all and --json
+    if daemon_down:
+        yield f"Gateway  DOWN · last session {gw.get('session') or '—'} · {store}"
+    else:
+        storage_pid = (gw.get("uplink_process") or {}).get("pid")
+        yield (f"Gateway  v{gw['version']} session {gw['session'] or '—'} · up {_duration(gw['uptime_s'])} · "
+               f"pid {gw['pid']}" + (f"/{storage_pid}" if storage_pid else "") + f" · {store}")
+
+
+def _device_row(d: Mapping[str, Any], since: Mapping[str, float | None], now: float) -> list[str]:
+    notes = [*d.get("faults", []), *d.get("supervisory", [])]
+    if d.get("latched") and d["state"] not in ("low_alarm", "high_alarm", "fire"):
+        notes.append(f"latched {d['latched']}")
+    elif d.get("latched") and d.get("condition_present") is False:
+        notes.append("condition gone, latched until reset")
+    if d["device"] in since:
+        notes.append(_since(since[d["device"]], now))
+    failed = _kinds(d.get("errors_by_kind"))
+    if failed:
+        notes.append(f"failed polls: {failed}")
+    return [d["device"], d.get("household") or "—", _KIND_SHORT.get(d["kind"], d["kind"]), d["state"],
+            _value(d.get("value"), d.get("measure")), _age(d.get("last_seen_age_s")).removesuffix(" ago"),
+            "; ".join(notes)]
+
+
+def render_units(devices: list[dict[str, Any]], active: list[dict[str, Any]], style: Style, *,
+                 every_device: bool = False, problems_only: bool = False) -> Iterator[str]:
+    """Devices by unit, those in trouble first; the normal ones of a unit as one line unless ``every_device``."""
+    now = time.time()
+    since: dict[str, float | None] = {}
+    for c in active:
+        since.setdefault(c["subject"], c.get("since"))
+    units: dict[str, list[dict[str, Any]]] = {}
+    for d in devices:
+        units.setdefault(d.get("unit") or "—", []).append(d)
+    shown: list[tuple[str, list[dict[str, Any]], list[dict[str, Any]]]] = []
+    for unit, members in units.items():
+        listed = sorted((d for d in members if every_device or _troubled(d)), key=_severity)
+        shown.append((unit, members, listed))
+    rows = [_device_row(d, since, now) for _, _, listed in shown for d in listed]
+    headers = ["DEVICE", "HOUSEHOLD", "KIND", "STATE", "VALUE", "SEEN", "NOTE"]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    header = "  " + style("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), "dim")
     yield ""
-    rows, colours = [], []
-    for d in data["devices"]:
-        where = f"{d['household']} / {d['unit']}" if d.get("household") else f"— / {d['unit']}"
-        problems = [*d.get("faults", []), *d.get("supervisory", [])]
-        if d.get("latched") and d["state"] not in ("low_alarm", "high_alarm", "fire"):
-            problems.append(f"latched {d['latched']}")
-        link = _kinds(d.get("errors_by_kind")) or "—"
-        rows.append([where, d["device"], d["kind"], d["state"], _value(d["value"], d.get("measure")),
-                     _age(d.get("last_seen_age_s")), ", ".join(problems) or "—", link])
-        colours.append([None, None, None, _state_colour(d["state"]), None, None,
-                        "yellow" if problems else None, "yellow" if link != "—" else None])
-    yield from _table(["HOUSEHOLD / UNIT", "DEVICE", "KIND", "STATE", "LAST VALUE", "LAST SEEN", "FAULT",
-                       "FAILED POLLS"], rows, style, colours)
+    for unit, members, listed in shown:
+        rest = [d for d in members if d not in listed]
+        if problems_only and not listed:
+            continue
+        troubled = sum(1 for d in members if _troubled(d))
+        # a contact is seen at its last edge, not polled: only polled devices say how fresh the readings are
+        seen = [d["last_seen_age_s"] for d in rest
+                if d.get("last_seen_age_s") is not None and d.get("kind") in _POLLED_KINDS]
+        summary = f"Unit {unit}" + ("" if problems_only else f" · {_count(len(members), 'device')}")
+        if troubled:
+            summary += f" · {style(f'{troubled} in trouble', 'yellow')}"
+        elif not any(_offline(d) for d in members):
+            summary += " · all normal"
+        if rest and not problems_only and any(_offline(d) for d in rest):
+            summary += f" · {len(rest)} {'more ' if listed else ''}without live state (daemon down)"
+        elif rest and not problems_only:
+            summary += f" · {len(rest)} more normal" if listed else ""
+            summary += f", seen ≤ {_age(max(seen))}" if seen else ""
+        yield style(summary, "bold") if not troubled else summary
+        if listed and header:
+            yield header
+            header = ""
+        for d in listed:
+            row = _device_row(d, since, now)
+            cells = []
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True)):
+                colour = _state_colour(d["state"]) if i == 3 else ("yellow" if i == 6 and cell else None)
+                cells.append(style(cell.ljust(w) if i < len(row) - 1 else cell, colour))
+            yield "  " + "  ".join(cells).rstrip()
+
+
+def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None = None,
+                  every_device: bool = False, problems_only: bool = False) -> Iterator[str]:
+    """Human-readable status: what is wrong first (headline and active conditions), then the sounder, uplink,
+    buses and gateway, then the units with their devices in trouble first."""
+    if daemon_down:
+        yield style(f"DAEMON DOWN: {daemon_down}", "red")
+    yield from status_headline(data, style)
+    yield from render_conditions(data, style, limit=None if problems_only else CONDITIONS_SHOWN)
+    if not problems_only:
+        yield from render_system(data, style, daemon_down=daemon_down)
+    yield from render_units(data["devices"], data.get("active") or [], style, every_device=every_device,
+                            problems_only=problems_only)
 
 
 EVENT_COLOURS = {"alarm": "red", "fault": "yellow", "supervisory": "magenta", "test": "cyan",
@@ -404,11 +573,71 @@ def render_events(events: list[dict[str, Any]], style: Style) -> Iterator[str]:
     yield from _table(EVENT_HEADERS, rows, style, colours)
 
 
+#: Column widths of ``events -f`` (rows come one by one, so the widths are fixed): time with offset,
+#: the longest kind (supervisory) and action, then room for usual ids; a longer value pushes its row along.
+FOLLOW_WIDTHS = (25, 11, 10, 22, 10, 12, 10, 4)
+
+
+def render_follow_header() -> str:
+    """The header of ``events -f``."""
+    cells = [h.ljust(w) for h, w in zip(EVENT_HEADERS, FOLLOW_WIDTHS, strict=False)]
+    return "  ".join([*cells, EVENT_HEADERS[-1]])
+
+
 def render_event_line(e: dict[str, Any], style: Style) -> str:
-    """One followed event on one line."""
+    """One followed event on one line, in the columns of :func:`render_follow_header`."""
     cells = event_row(e)
-    cells[1] = style(cells[1], EVENT_COLOURS.get(e.get("kind", "")))
-    return "  ".join(c for c in cells if c)
+    shown = [cell.ljust(w) for cell, w in zip(cells, FOLLOW_WIDTHS, strict=False)] + cells[len(FOLLOW_WIDTHS):]
+    shown[1] = style(shown[1], EVENT_COLOURS.get(e.get("kind", "")))
+    return "  ".join(shown).rstrip()
+
+
+#: Columns of ``events --format csv``.
+EXPORT_COLUMNS = ("time", "event_id", "kind", "action", "device", "unit", "household", "level", "code", "value",
+                  "measure", "source", "detail", "delivered")
+
+
+def export_record(e: Mapping[str, Any]) -> list[Any]:
+    """One CSV row: local ISO 8601 time with its offset (milliseconds), then the event's fields."""
+    return [_when(e.get("wall"), "milliseconds"), *("" if e.get(k) is None else e[k] for k in EXPORT_COLUMNS[1:-1]),
+            "yes" if e.get("delivered") else "no"]
+
+
+def export_rows(database: str, *, limit: int | None = None, since: float | None = None, until: float | None = None,
+                device: str | None = None, household: str | None = None, kind: str | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Stored events matching the filters, oldest first (``since`` ≤ time < ``until``), read from the database
+    file opened read-only and streamed row by row: no cap, little memory."""
+    if not Path(database).exists():
+        raise CliError(f"there is no database at {database}")
+    where: list[str] = ["1"]
+    args: list[Any] = []
+    for column, value in (("device", device), ("household", household), ("kind", kind)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            args.append(value)
+    if since is not None:
+        where.append("wall >= ?")
+        args.append(since)
+    if until is not None:
+        where.append("wall < ?")
+        args.append(until)
+    try:
+        db = sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot open {database}: {exc}") from None
+    try:
+        db.execute("PRAGMA busy_timeout = 5000")
+        cursor = db.execute(f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
+                            " ORDER BY seq" + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else [])))
+        for seq, payload, delivered, delivered_at in cursor:
+            item = json.loads(payload)
+            item["stored_seq"], item["delivered"], item["delivered_at"] = seq, bool(delivered), delivered_at
+            yield item
+    except sqlite3.Error as exc:
+        raise CliError(f"cannot read {database}: {exc}") from None
+    finally:
+        db.close()
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -463,6 +692,31 @@ async def _offline_query(database: str, query: dict[str, Any]) -> dict[str, Any]
         "devices": devices,
         "events": events,
     }
+
+
+def _with_saved_state(data: dict[str, Any], database: str) -> None:
+    """Add the panel's saved latches (as active alarms) and relays from its state file, marked as saved."""
+    from gateway.panel.state import state_path
+
+    path = state_path(database)
+    try:
+        doc = json.loads(path.read_bytes())
+        panel = doc["panel"]
+        saved_at = float(doc["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    latches = [item for item in panel.get("latches", []) if isinstance(item, dict) and "device" in item]
+    data["saved_state"] = {"file": str(path), "saved_at": saved_at, "latches": latches,
+                           "relays": list(panel.get("relays", [])), "walk_tests": panel.get("walk_tests", [])}
+    data["active"] = [{"subject": item["device"], "what": "alarm", "category": "alarm",
+                       "level": item.get("level"), "since": saved_at - float(item.get("age_s", 0.0)),
+                       "silenced": bool(item.get("silenced")), "note": "saved latch"} for item in latches]
+    latched = {item["device"]: item.get("level") for item in latches}
+    for d in data["devices"]:
+        if d["device"] in latched:
+            level = latched[d["device"]]
+            d["state"] = "fire" if level == "fire" else f"{level}_alarm"
+            d["latched"] = level
 
 
 def _with_configured_devices(seen: list[dict[str, Any]], config: str) -> list[dict[str, Any]]:
@@ -528,34 +782,100 @@ class Cli:
     # -- commands ---------------------------------------------------------------------------
 
     def status(self) -> int:
+        if self.args.watch is not None:
+            return self.watch(self.args.watch)
+        data, down = self.status_data()
+        if down is not None:
+            if self.json:
+                self.emit({"ok": True, "reason": down, "data": data, "daemon": "down"})
+            else:
+                for line in self.status_lines(data, down):
+                    self.print(line)
+            print(f"gatewayctl: {down.split(';')[0]}", file=self.err)
+            return EXIT_UNAVAILABLE
+        return self.finish({"ok": True, "data": data}, lambda d: self.status_lines(d, None))
+
+    def status_data(self) -> tuple[dict[str, Any], str | None]:
+        """The daemon's status, filtered by --unit and --problems; with the daemon down, what the database and
+        the panel's state file hold, and why (the second item)."""
+        down = None
         try:
             response = self.call("status", {})
+            if not response["ok"]:
+                raise CliError(str(response.get("reason")))
+            data: dict[str, Any] = response["data"]
         except DaemonUnavailable as exc:
             paths = self.paths()
             data = asyncio.run(_offline_query(paths.database, {}))
             data.pop("events")
             data["devices"] = _with_configured_devices(data["devices"], self.args.config)
-            note = f"{exc}; showing what {paths.database} holds"
-            if self.json:
-                self.emit({"ok": True, "reason": note, "data": data, "daemon": "down"})
-            else:
-                for line in render_status(data, self.style, daemon_down=note):
-                    self.print(line)
-            print(f"gatewayctl: {exc}", file=self.err)
-            return EXIT_UNAVAILABLE
-        return self.finish(response, lambda d: render_status(d, self.style))
+            _with_saved_state(data, paths.database)
+            down = f"{exc}; showing what {paths.database} and the panel's saved state hold"
+        data["devices_total"] = len(data["devices"])
+        places = _places(data["devices"])
+        for condition in data.get("active") or []:
+            condition.setdefault("place", places.get(condition["subject"]))
+        unit = self.args.unit
+        if unit is not None:
+            units = sorted({d["unit"] for d in data["devices"] if d.get("unit")})
+            if unit not in units:
+                raise CliError(f"unknown unit {unit!r} (units: {', '.join(units) or 'none'})")
+            data["devices"] = [d for d in data["devices"] if d.get("unit") == unit]
+        if self.args.problems:
+            data["devices"] = [d for d in data["devices"] if _troubled(d)]
+        return data, down
+
+    def status_lines(self, data: dict[str, Any], down: str | None) -> Iterator[str]:
+        a = self.args
+        return render_status(data, self.style, daemon_down=down, every_device=a.all or a.unit is not None,
+                             problems_only=a.problems)
+
+    def watch(self, interval: float) -> int:
+        """Redraw the status in place every ``interval`` seconds until Ctrl-C (on a terminal; else a frame per
+        interval, separated by a blank line; with ``--json`` one object a line)."""
+        terminal = self.out.isatty() and not self.json
+        first = True
+        try:
+            while True:
+                try:
+                    data, down = self.status_data()
+                    if self.json:  # one JSON object a line, a frame each interval
+                        self.emit({"ok": True, "reason": down, "data": data,
+                                   "daemon": "down" if down else "running"})
+                        time.sleep(interval)
+                        continue
+                    lines = list(self.status_lines(data, down))
+                except CliError as exc:
+                    lines = [self.style(f"gatewayctl: {exc}", "red")]
+                stamp = dt.datetime.now().astimezone().strftime("%H:%M:%S")
+                lines.append(self.style(f"every {interval:g} s · {stamp} · Ctrl-C to stop", "dim"))
+                if terminal:
+                    size = shutil.get_terminal_size()
+                    lines = lines[: max(1, size.lines - 1)]
+                    frame = ("\033[H\033[2J" if first else "\033[H") + "".join(
+                        f"{line}\033[K\n" for line in lines) + "\033[J"
+                    self.out.write(frame)
+                    self.out.flush()
+                else:
+                    for line in lines:
+                        self.print(line)
+                    self.print()
+                first = False
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return EXIT_OK
 
     def _event_args(self) -> dict[str, Any]:
         a = self.args
-        args: dict[str, Any] = {"limit": a.limit}
-        for key in ("device", "household", "kind"):
+        args: dict[str, Any] = {"limit": a.limit or EVENTS_SHOWN}
+        for key in ("device", "household", "kind", "since", "until"):
             if getattr(a, key) is not None:
                 args[key] = getattr(a, key)
-        if a.since is not None:
-            args["since"] = a.since
         return args
 
     def events(self) -> int:
+        if self.args.format != "text":
+            return self.export()
         args = self._event_args()
         if self.args.follow:
             return self.follow(args)
@@ -578,12 +898,38 @@ class Cli:
         print(f"gatewayctl: {exc}" + ("; cannot follow new events" if self.args.follow else ""), file=self.err)
         return EXIT_UNAVAILABLE
 
+    def export(self) -> int:
+        """Every matching event from the database (read-only, whether the daemon runs or not), oldest first,
+        streamed as CSV or JSON lines; ``--limit`` caps it only when given."""
+        a = self.args
+        filters = {key: getattr(a, key) for key in ("since", "until", "device", "household", "kind")}
+        count = 0
+        if a.format == "csv":
+            writer = csv.writer(self.out, lineterminator="\n")
+            writer.writerow(EXPORT_COLUMNS)
+            for row in export_rows(self.paths().database, limit=a.limit, **filters):
+                writer.writerow(export_record(row))
+                count += 1
+        else:
+            for row in export_rows(self.paths().database, limit=a.limit, **filters):
+                self.out.write(json.dumps({**row, "local_time": _when(row.get("wall"), "milliseconds")},
+                                          ensure_ascii=False) + "\n")
+                count += 1
+        self.out.flush()
+        print(f"gatewayctl: {_count(count, 'event')}", file=self.err)
+        return EXIT_OK
+
     def follow(self, args: dict[str, Any]) -> int:
+        header = [False]
+
         def show(event: Any) -> None:
             if self.json:
                 self.emit(event)
-            else:
-                self.print(render_event_line(event, self.style))
+                return
+            if not header[0]:
+                self.print(self.style(render_follow_header(), "bold"))
+                header[0] = True
+            self.print(render_event_line(event, self.style))
 
         try:
             response = self.call("events", {**args, "follow": True}, timeout=None, on_stream=show)
@@ -635,9 +981,14 @@ class Cli:
                 return
             where = f"{d['bus']} address {d['address']}"
             if "value" in d:
-                yield (f"{d['device']} ({d['kind']}) at {where}: {_value(d['value'], d['measure'])}, "
-                       f"status {', '.join(d['status'])}" + (f", gas {d['gas']}" if d.get("gas") else "")
-                       + f"  ({d['took_ms']:g} ms)")
+                panel = d.get("panel_state")
+                limits = (f" (alarm at {d['low']:g} / {d['high']:g} {d['measure'] or ''})".replace(" )", ")")
+                          if d.get("low") is not None and d.get("high") is not None else "")
+                yield (f"{d['device']} ({d['kind']}) at {where}: {_value(d['value'], d['measure'])}"
+                       + (f", gas {d['gas']}" if d.get("gas") else "") + f"  ({d['took_ms']:g} ms)")
+                if panel is not None:
+                    yield "  panel: " + self.style(panel, _state_colour(panel)) + limits
+                yield f"  the detector's own status word: {', '.join(d['status']) or '—'}"
             else:
                 points = ", ".join(f"{k} {d[k]}" for k in ("presence", "pressure_ok", "pressure", "door_open",
                                                            "obstructed") if d.get(k) is not None)
@@ -707,13 +1058,17 @@ class Cli:
         return EXIT_ERROR if failed else EXIT_OK
 
     def config_check(self) -> int:
-        path = self.args.file
+        path = self.args.file or self.args.config
         try:
             cfg = load_config(path)
         except ConfigError as exc:
             if self.json:
-                self.emit({"ok": False, "reason": str(exc), "data": {"path": exc.path, "error": exc.reason}})
-            print(f"gatewayctl: config error: {exc}", file=self.err)
+                errors = [{"path": e.path, "error": e.reason, "line": e.line, "where": e.where}
+                          for e in getattr(exc, "errors", [exc])]
+                self.emit({"ok": False, "reason": str(exc), "data": {"path": exc.path, "error": exc.reason,
+                                                                      "line": exc.line, "errors": errors}})
+            for line in exc.lines():
+                print(f"gatewayctl: config error: {line}", file=self.err)
             return EXIT_ERROR
         summary = {"file": path, "gateway": cfg.gateway_id, "units": len(cfg.units),
                    "households": len(cfg.households), "devices": len(cfg.devices), "buses": len(cfg.buses)}
@@ -787,6 +1142,10 @@ def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
     return convert
 
 
+#: shtab's file completion (its ``shtab.FILE``), set on an argument as ``.complete``: nothing is imported here.
+FILE_COMPLETION = {"bash": "_shtab_compgen_files", "zsh": "_files", "tcsh": "f"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
@@ -799,20 +1158,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gatewayctl", description="Building safety gateway: technician command line. "
                      "Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unavailable, 4 rejected.")
     parser.add_argument("--version", action="version", version=f"gatewayctl {__version__}")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
-                        help=f"site config: where the socket and database are (default {DEFAULT_CONFIG})")
+    config_file = parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                                      help=f"site config: where the socket and database are (default {DEFAULT_CONFIG})")
+    config_file.complete = FILE_COMPLETION  # type: ignore[attr-defined]
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    sub.add_parser("status", parents=[json_flag], help="gateway, uplink, sounder and every device")
-    ev = sub.add_parser("events", parents=[json_flag], help="event history; --follow for new events")
+    st = sub.add_parser("status", parents=[json_flag], help="what is wrong first, then the sounder, uplink, buses "
+                        "and the units with their devices in trouble first")
+    st.add_argument("--watch", "-w", nargs="?", type=_positive(float), const=1.0, default=None, metavar="SECONDS",
+                    help="redraw in place every SECONDS (default 1) until Ctrl-C")
+    st.add_argument("--unit", metavar="UNIT", help="only this unit, every device listed")
+    st.add_argument("--problems", action="store_true", help="only what is wrong: conditions and devices in trouble")
+    st.add_argument("--all", action="store_true", help="list every device, not only those in trouble")
+    ev = sub.add_parser("events", parents=[json_flag], help="event history; --follow for new events; "
+                        "--format csv|jsonl exports every match")
     ev.add_argument("--since", type=parse_since, help="30s, 10m, 2h, 7d, 2026-11-26T08:00 or epoch seconds")
+    ev.add_argument("--until", type=parse_since, help="before this time (same forms as --since)")
+    ev.add_argument("--format", choices=("text", "csv", "jsonl"), default="text",
+                    help="csv or jsonl: every matching event, oldest first, streamed from the database")
     ev.add_argument("--device")
     ev.add_argument("--household")
     ev.add_argument("--kind", choices=sorted(KIND_PRIORITY))
-    ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
+    ev.add_argument("--limit", type=int, default=None, help=f"newest N events (default {EVENTS_SHOWN}; "
+                    "with --format the first N, default all)")
     ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events (Ctrl-C to stop)")
 
     sub.add_parser("silence", parents=[json_flag], help="mute the sounder for what is active now")
@@ -836,8 +1207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="check a config file or show the running one")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
-    check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file (default: --config)")
+    check.add_argument("file", metavar="FILE", nargs="?", help="the file to check (default: the --config file)"
+                       ).complete = FILE_COMPLETION  # type: ignore[attr-defined]
     config_sub.add_parser("show", parents=[json_flag], help="the daemon's effective config, secrets masked")
     doctor = sub.add_parser("doctor", parents=[json_flag], help="check the site, pins, ports, broker, clock, "
                             "storage and service; works with the daemon stopped (exit 1 if a check failed)")
@@ -851,8 +1223,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("reset", "test") and (args.device is None) == (not args.all):
         parser.error(f"{args.command}: give a DEVICE or --all (not both)")
-    if args.command == "events" and not 1 <= args.limit <= 10_000:
-        parser.error("events: --limit must be 1–10000")
+    if args.command == "events" and args.limit is not None and not 1 <= args.limit <= (
+            10_000 if args.format == "text" else 2**62):
+        parser.error("events: --limit must be 1–10000 (--format csv|jsonl has no cap)")
+    if args.command == "events" and args.format != "text" and (args.follow or args.json):
+        parser.error("events: --format exports stored events; it does not go with --follow or --json")
+    if args.command == "events" and None not in (args.since, args.until) and args.until <= args.since:
+        parser.error("events: --until must be after --since")
     if args.command == "scan" and not 1 <= args.first <= args.last <= 247:
         parser.error("scan: need 1 ≤ --from ≤ --to ≤ 247")
     cli = Cli(args)

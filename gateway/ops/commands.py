@@ -14,7 +14,7 @@ Commands (arguments in parentheses; all optional unless marked *):
   ``reset`` answers the latches cleared, the alarms still present and the walk tests ended; ``test`` the
   devices whose walk test started and those skipped (in alarm, supervisory or fault), each with why.
 * ``status`` () and ``rebirth`` () — current state; publish the retained birth message again.
-* ``events`` (``limit``, ``since``, ``device``, ``household``, ``kind``) — stored history, newest last.
+* ``events`` (``limit``, ``since``, ``until``, ``device``, ``household``, ``kind``) — stored history, newest last.
 * ``read`` (``device``\\*, ``raw``) — a fresh reading now, through the bus thread that owns the port.
 * ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses and what they look
   like (a known profile, or a multi-channel controller with a profile sketch: :mod:`gateway.ops.discover`);
@@ -74,7 +74,8 @@ COMMAND_ARGS: dict[str, frozenset[str]] = {
     "test": frozenset({"device", "all"}),
     "status": frozenset(),
     "rebirth": frozenset(),
-    "events": frozenset({"limit", "since", "device", "household", "kind", "install", "session", "from_seq", "to_seq"}),
+    "events": frozenset({"limit", "since", "until", "device", "household", "kind", "install", "session", "from_seq",
+                         "to_seq"}),
     "read": frozenset({"device", "raw"}),
     "scan": frozenset({"bus", "from", "to", "pause_polling"}),
     "buzzer_test": frozenset({"seconds_per_pattern"}),
@@ -196,10 +197,13 @@ class _EventQuery:
     session: int | None = None
     from_seq: int | None = None
     to_seq: int | None = None
+    until: float | None = None
 
     def filters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"since": self.since, "device": self.device, "household": self.household,
                                "kind": self.kind}
+        if self.until is not None:
+            out["until"] = self.until
         if self.session is not None:  # a range of one session by seq (a consumer filling a gap)
             out.update(install=self.install, session=self.session, from_seq=self.from_seq, to_seq=self.to_seq)
         return out
@@ -380,21 +384,9 @@ class CommandHandler:
 
     def _event_query(self, a: _Args) -> _EventQuery:
         limit = a.integer("limit", 50, lo=1, hi=EVENTS_MAX)
-        since_raw = a.raw("since")
-        since: float | None
-        if since_raw is None:
-            since = None
-        elif isinstance(since_raw, int | float) and not isinstance(since_raw, bool) and since_raw >= 0:
-            since = float(since_raw)
-        elif isinstance(since_raw, str):
-            try:
-                parsed = dt.datetime.fromisoformat(since_raw)
-            except ValueError:
-                raise CommandRejected(f"{a.command}: since: not an ISO 8601 time: {since_raw[:40]!r}") from None
-            since = parsed.timestamp()
-        else:
-            raise CommandRejected(f"{a.command}: since: must be epoch seconds or an ISO 8601 time, "
-                                  f"got {_typename(since_raw)}")
+        since, until = _time_arg(a, "since"), _time_arg(a, "until")
+        if since is not None and until is not None and until <= since:
+            raise CommandRejected(f"{a.command}: until must be after since")
         device = a.text("device")
         if device is not None:
             self._device(a.command, device)
@@ -413,7 +405,7 @@ class CommandHandler:
             raise CommandRejected(f"{a.command}: install, from_seq and to_seq need a session")
         if from_seq is not None and to_seq is not None and to_seq < from_seq:
             raise CommandRejected(f"{a.command}: to_seq ({to_seq}) is before from_seq ({from_seq})")
-        return _EventQuery(limit, since, device, household, kind, install, session, from_seq, to_seq)
+        return _EventQuery(limit, since, device, household, kind, install, session, from_seq, to_seq, until)
 
     async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         query = self._event_query(a)
@@ -498,7 +490,11 @@ class CommandHandler:
             return CommandResult.failed(f"read: {device_id} at address {driver.address} on {poller.bus.id}: "
                                         f"no valid answer ({exc})")
         data = {"device": device_id, "kind": dev.kind, "bus": poller.bus.id, "address": driver.address,
-                "took_ms": round((time.monotonic() - started) * 1000, 1), **_reading(reading)}
+                "took_ms": round((time.monotonic() - started) * 1000, 1), **_reading(reading),
+                # the device's own status word says what it thinks; the panel decides by the set-points
+                "panel_state": next((d["state"] for d in self.gateway.panel.snapshot()["devices"]
+                                     if d["device"] == device_id), None),
+                "low": dev.low, "high": dev.high}
         if raw:
             data["raw"] = _raw_registers(driver, reading)
         return CommandResult(True, data=data)
@@ -656,6 +652,21 @@ def _typename(value: Any) -> str:
     if isinstance(value, Mapping):
         return "an object"
     return type(value).__name__
+
+
+def _time_arg(a: _Args, key: str) -> float | None:
+    """Epoch seconds or an ISO 8601 time (local time unless it has an offset) → epoch seconds."""
+    raw = a.raw(key)
+    if raw is None:
+        return None
+    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw >= 0:
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return dt.datetime.fromisoformat(raw).timestamp()
+        except ValueError:
+            raise CommandRejected(f"{a.command}: {key}: not an ISO 8601 time: {raw[:40]!r}") from None
+    raise CommandRejected(f"{a.command}: {key}: must be epoch seconds or an ISO 8601 time, got {_typename(raw)}")
 
 
 def _cycle_figures(poller: Any) -> dict[str, Any]:

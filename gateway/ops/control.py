@@ -242,7 +242,7 @@ class ControlServer:
                 return None
             return await work
         finally:
-            hangup.cancel()
+            await _stop_watching(hangup)
             if not work.done():
                 work.cancel()
 
@@ -271,7 +271,7 @@ class ControlServer:
                     return
                 await conn.send({"id": rid, "stream": row})
         finally:
-            hangup.cancel()
+            await _stop_watching(hangup)
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
@@ -313,6 +313,14 @@ class _Connection:
 
     async def send(self, message: dict[str, Any]) -> None:
         await _send(self.writer, message)
+
+
+async def _stop_watching(hangup: asyncio.Future[bool]) -> None:
+    """End a hang-up watcher and wait until it has let go of the stream: the next ``read_line`` may not read
+    while the watcher's ``read(1)`` still waits (asyncio allows one reader at a time)."""
+    hangup.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await hangup
 
 
 def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:

@@ -72,6 +72,21 @@ class PanelStartError(Exception):
         self.code = code
 
 
+def restored_summary(saved: Mapping[str, Any]) -> str:
+    """What the start took back from the saved state, for its log line: "nothing", or "latch gas-u1-201 (high);
+    relays on: u1-gas-valve"."""
+    parts = []
+    latches = [f"{item['device']} ({item['level']})" for item in saved.get("latches", [])]
+    if latches:
+        parts.append(f"latch{'es' if len(latches) > 1 else ''} {', '.join(latches)}")
+    tests = [item["device"] for item in saved.get("walk_tests", [])]
+    if tests:
+        parts.append(f"walk test{'s' if len(tests) > 1 else ''} {', '.join(tests)}")
+    if saved.get("relays"):
+        parts.append(f"relays on: {', '.join(saved['relays'])}")
+    return "; ".join(parts) or "nothing"
+
+
 class PanelProcess:
     """One building's alarm panel and the supervisor of its storage process."""
 
@@ -211,7 +226,7 @@ class PanelProcess:
         if self._state_problem is not None or self.side.restore_problem is not None:
             self.saver.changed()
         log.info("panel started", gateway=self.cfg.gateway_id, version=__version__, devices=len(self.cfg.devices),
-                 buses=len(self.cfg.buses), restored=self.side.panel.saved_state())
+                 buses=len(self.cfg.buses), restored=restored_summary(self.side.panel.saved_state()))
 
     def _check_ports(self) -> None:
         """A serial port that exists but cannot be opened stops the start; an absent one is ``port_lost``."""

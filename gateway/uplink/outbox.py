@@ -545,13 +545,14 @@ class Outbox:
         session: int | None = None,
         from_seq: int | None = None,
         to_seq: int | None = None,
+        until: float | None = None,
     ) -> list[dict[str, Any]]:
         """History with delivery state: the newest ``limit`` matches, or with ``session`` the first ``limit`` of
         that session's ``from_seq``..``to_seq``; oldest first either way."""
         async with self._lock:
             return await query_history(self.connection, limit=limit, since=since, device=device, household=household,
                                        kind=kind, after_seq=after_seq, install=install, session=session,
-                                       from_seq=from_seq, to_seq=to_seq)
+                                       from_seq=from_seq, to_seq=to_seq, until=until)
 
     # ------------------------------------------------------------------------------ bounds
 
@@ -783,8 +784,9 @@ async def query_history(
     session: int | None = None,
     from_seq: int | None = None,
     to_seq: int | None = None,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Filtered history rows (shared by the daemon and the read-only CLI).
+    """Filtered history rows (shared by the daemon and the read-only CLI); ``since`` ≤ wall < ``until``.
 
     Without ``session``: the newest ``limit`` matches. With it: a range of that session by ``seq`` (a consumer
     filling a gap), the first ``limit`` from ``from_seq`` on, so a long gap is fetched page by page. ``install``
@@ -807,6 +809,9 @@ async def query_history(
     if since is not None:
         where.append("wall >= ?")
         args.append(since)
+    if until is not None:
+        where.append("wall < ?")
+        args.append(until)
     cur = await db.execute(
         f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
         f" ORDER BY {'session_seq' if ranged else 'seq DESC'} LIMIT ?",
