@@ -5,6 +5,7 @@ notifier and duty desk as real subprocesses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -25,8 +26,8 @@ from fleet.inbox import Inbox, InboxSettings
 from tests.support.broker import free_port
 from tests.support.fleet import _Lines
 
-__all__ = ["Message", "Receiver", "event", "start_desk", "start_notifier", "store_events", "write_contacts",
-           "write_notifier_config"]
+__all__ = ["GatewayThread", "Message", "Receiver", "event", "start_desk", "start_notifier", "store_events",
+           "write_contacts", "write_notifier_config"]
 
 
 @dataclass
@@ -222,3 +223,60 @@ def start_desk(workdir: Path, dsn: str, port: int, *, name: str = "desk", extra:
                   workdir / f"{name}.log")
     proc.wait_for(lambda m: m.get("event") == "desk", timeout=30)
     return proc
+
+
+class GatewayThread:
+    """Simulated gateways (fleet/simulator.py's: the gateway's own outbox, writer and MQTT uplink) on an asyncio
+    loop of their own in a thread, so a test can raise an alarm in a household when it chooses."""
+
+    def __init__(self, workdir: Path, community: str, buildings: Sequence[str], mqtt_host: str,
+                 credentials: Mapping[str, tuple[str, str]], prefix: str = "safety") -> None:
+        import random
+
+        from gateway.config import MqttConfig
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        from fleet.simulator import SimulatedGateway
+
+        host, port = mqtt_host.rsplit(":", 1)
+        self.gateways: dict[str, SimulatedGateway] = {}
+        for b in buildings:
+            user, password = credentials[b]
+            cfg = MqttConfig(host=host, port=int(port), client_id=f"{community}-{b}", topic_prefix=prefix,
+                             username=user, password=password, allow_plaintext=True, keepalive_s=5,
+                             protocol=311)
+            self.gateways[b] = SimulatedGateway(community=community, building=b, prefix=prefix, mqtt_cfg=cfg,
+                                                db_path=str(workdir / f"{b}.db"), rng=random.Random(1))
+        for gw in self.gateways.values():
+            self._call(gw.open())
+            self.loop.call_soon_threadsafe(gw.start_uplink)
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def connected(self, building: str) -> bool:
+        return bool(self.gateways[building].uplink.connected)
+
+    def put(self, building: str, kind: str, action: str, household: str, **fields: Any) -> float:
+        """An event of ``household``'s detector, stored and sent as the gateway does; its detection time."""
+        from gateway.events import Event
+
+        wall = time.time()
+        event = Event(kind, action, time.monotonic(), device=f"gas-{household}", unit=household.split("-")[0],
+                      household=household, wall=wall, **fields)
+        self.loop.call_soon_threadsafe(self.gateways[building].writer.put, event)
+        return wall
+
+    def stop(self, building: str) -> None:
+        """A planned stop: the gateway says it goes offline."""
+        gw = self.gateways.pop(building)
+        self._call(gw.close())
+
+    def close(self) -> None:
+        for b in list(self.gateways):
+            with contextlib.suppress(Exception):
+                self.stop(b)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
