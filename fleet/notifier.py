@@ -4,11 +4,12 @@ Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes 
 each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
-* **deliver** — claims due ``pending`` deliveries with ``FOR UPDATE SKIP LOCKED`` and sends them through Apprise
-  inside that same transaction; each attempt's outcome is an ``attempts`` row committed with the new status. An
-  instance killed mid-send loses nothing: its transaction rolls back, the rows are free again, and another
-  instance sends them. A person whose message left before the kill gets it once more: **at most one duplicate
-  per person per instance killed**. A failed attempt is tried again after a backoff (fleet/ladder.py).
+* **deliver** — claims one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise
+  inside that same transaction and commits its outcome (an ``attempts`` row) with its new status; then the next.
+  An instance killed mid-send loses nothing: its transaction rolls back, the row is free again, and another
+  instance sends it. The one message in flight may have left before the kill: **at most one duplicate per
+  instance killed**, so at most one per person. Throughput comes from running more instances, not from more
+  messages in flight in one. A failed attempt is tried again after a backoff (fleet/ladder.py).
 * **escalate** — takes the episodes whose next step is due (``FOR UPDATE SKIP LOCKED``) and creates that
   step's deliveries in the same transaction as the step count, so a step is never skipped nor created twice.
 * **clear** — an alarm cleared (or reset at the panel), a supervisory signal or a fault cleared closes the
@@ -58,9 +59,8 @@ __all__ = ["AckResult", "Notifier", "NotifierSettings", "acknowledge_episode", "
 
 #: Advisory lock key under which the first instance creates the tables.
 SCHEMA_LOCK = 0x5AFE_1D0C
-#: Rows one claim takes. They are sent concurrently and held locked until the transaction commits, so a killed
-#: instance can leave at most this many people with a duplicate.
-CLAIM_BATCH = 32
+#: Deliveries one round sends (one after the other) before the other jobs get their turn.
+DELIVER_PER_TICK = 64
 OPENS = ("alarm", "supervisory", "fault")
 
 SCHEMA = """
@@ -172,11 +172,11 @@ SELECT d.id, d.event_id, d.purpose, d.step, d.role, d.name, d.phone, d.urls, d.a
        extract(epoch FROM d.token_expires_at) AS expires,
        p.community, p.building, p.unit, p.household, p.what, p.kind, extract(epoch FROM p.detected_at) AS detected,
        extract(epoch FROM p.opened_at) AS opened, p.acked_by, extract(epoch FROM p.acked_at) AS acked,
-       extract(epoch FROM p.cleared_at) AS cleared
+       extract(epoch FROM p.cleared_at) AS cleared, clock_timestamp() AS claimed_at
   FROM deliveries d JOIN episodes p USING (event_id)
  WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp() AND p.community = %s
  ORDER BY d.next_attempt_at
- LIMIT %s
+ LIMIT 1
  FOR UPDATE OF d SKIP LOCKED
 """
 
@@ -468,7 +468,7 @@ class Notifier:
         closed = await self.close_episodes(conn)
         escalated = await self.escalate(conn)
         sent = await self.deliver(conn)
-        return bool(opened or closed or escalated or sent >= CLAIM_BATCH)
+        return bool(opened or closed or escalated or sent >= DELIVER_PER_TICK)
 
     # ------------------------------------------------------------------------------ opening
 
@@ -649,47 +649,54 @@ class Notifier:
         return ("delivered", f"{len(urls)} channel(s)") if ok else ("failed", detail or "Apprise reported a failure")
 
     async def deliver(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        """Claim due deliveries, send them while holding them, record each outcome; returns how many were tried."""
-        async with conn.transaction():
-            started = await (await conn.execute("SELECT clock_timestamp() AS t")).fetchone()
-            cur = await conn.execute(CLAIM, (self.s.community, CLAIM_BATCH))
-            rows = await cur.fetchall()
-            if not rows:
-                return 0
-            outcomes = await asyncio.gather(*(self._send(r) for r in rows), return_exceptions=True)
-            events = sorted({r["event_id"] for r in rows})
-            # Meet acknowledgements and clears on the episode's lock: one that committed before is seen below.
-            cur = await conn.execute("SELECT event_id, acked_at IS NOT NULL AS acked, cleared_at IS NOT NULL AS "
-                                     "cleared FROM episodes WHERE event_id = ANY(%s) ORDER BY event_id FOR SHARE",
-                                     (events,))
-            state = {s["event_id"]: s for s in await cur.fetchall()}
-            for r, result in zip(rows, outcomes, strict=True):
-                outcome, detail = (("failed", repr(result)) if isinstance(result, BaseException) else result)
-                attempt = r["attempts"] + 1
-                await conn.execute("INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail) "
-                                   "VALUES (%s, %s, %s, %s, %s, %s)",
-                                   (r["id"], attempt, self.s.name, started["t"] if started else None, outcome, detail))
-                if outcome == "delivered":
-                    self.sent += 1
-                    await conn.execute("UPDATE deliveries SET status = 'sent', attempts = %s, sent_at = "
-                                       "clock_timestamp(), detail = %s WHERE id = %s", (attempt, detail, r["id"]))
-                    if r["purpose"] == "alarm":
-                        s = state.get(r["event_id"])
-                        if s and s["acked"]:
-                            await conn.execute(FOLLOW_UP, ("ack", r["event_id"]))
-                        if s and s["cleared"]:
-                            await conn.execute(FOLLOW_UP, ("clear", r["event_id"]))
-                    continue
-                self.failed += 1
-                delay = self.s.retry.delay_s(attempt)
-                if delay is None:
-                    await conn.execute("UPDATE deliveries SET status = 'failed', attempts = %s, detail = %s "
-                                       "WHERE id = %s", (attempt, detail, r["id"]))
-                else:
-                    await conn.execute("UPDATE deliveries SET attempts = %s, detail = %s, next_attempt_at = "
-                                       "clock_timestamp() + make_interval(secs => %s) WHERE id = %s",
-                                       (attempt, detail, delay, r["id"]))
-        return len(rows)
+        """Send due deliveries one at a time, each claimed, sent and recorded in its own transaction (a kill -9
+        can leave only that one message sent and unrecorded); returns how many were tried (at most
+        :data:`DELIVER_PER_TICK`, so the other jobs get their turn)."""
+        tried = 0
+        while tried < DELIVER_PER_TICK and not self._stop.is_set():
+            async with conn.transaction():
+                cur = await conn.execute(CLAIM, (self.s.community,))
+                r = await cur.fetchone()
+                if r is None:
+                    break
+                try:
+                    outcome, detail = await self._send(r)
+                except Exception as exc:  # a plugin that raises is a failed attempt, not a dead instance
+                    outcome, detail = "failed", repr(exc)
+                await self._record(conn, r, outcome, detail)
+            tried += 1
+        return tried
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], r: Mapping[str, Any], outcome: str,
+                      detail: str) -> None:
+        attempt = r["attempts"] + 1
+        await conn.execute("INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail) "
+                           "VALUES (%s, %s, %s, %s, %s, %s)",
+                           (r["id"], attempt, self.s.name, r["claimed_at"], outcome, detail))
+        if outcome == "delivered":
+            self.sent += 1
+            await conn.execute("UPDATE deliveries SET status = 'sent', attempts = %s, sent_at = clock_timestamp(), "
+                               "detail = %s WHERE id = %s", (attempt, detail, r["id"]))
+            if r["purpose"] == "alarm":
+                # Meet acknowledgements and clears on the episode's lock: one committed before is seen here, one
+                # committing after sees this message as sent.
+                cur = await conn.execute("SELECT acked_at IS NOT NULL AS acked, cleared_at IS NOT NULL AS cleared "
+                                         "FROM episodes WHERE event_id = %s FOR SHARE", (r["event_id"],))
+                state = await cur.fetchone()
+                if state and state["acked"]:
+                    await conn.execute(FOLLOW_UP, ("ack", r["event_id"]))
+                if state and state["cleared"]:
+                    await conn.execute(FOLLOW_UP, ("clear", r["event_id"]))
+            return
+        self.failed += 1
+        delay = self.s.retry.delay_s(attempt)
+        if delay is None:
+            await conn.execute("UPDATE deliveries SET status = 'failed', attempts = %s, detail = %s WHERE id = %s",
+                               (attempt, detail, r["id"]))
+        else:
+            await conn.execute("UPDATE deliveries SET attempts = %s, detail = %s, next_attempt_at = "
+                               "clock_timestamp() + make_interval(secs => %s) WHERE id = %s",
+                               (attempt, detail, delay, r["id"]))
 
 
 # ------------------------------------------------------------------------------------------- main
