@@ -1,7 +1,7 @@
 """The duty desk in a real browser: Debian's chromium, headless, through its chromedriver (Selenium), real clicks.
 
-The whole path runs: a simulated gateway (the gateway's own outbox, writer and MQTT uplink) publishes to a NATS
-cluster with JetStream and MQTT (fleet/cluster.py, three nodes), the central inbox stores the event and its routing in a private
+The whole path runs: a simulated gateway (the gateway's own outbox, writer and MQTT uplink) publishes to the
+three-node NATS cluster (fleet/cluster.py), the central inbox stores the event and its routing in a private
 PostgreSQL, the notifier opens the episode and tells step 1 through Apprise (a local HTTP receiver), the desk
 (``python -m fleet.desk serve``) shows it.
 

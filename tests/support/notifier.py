@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,8 +27,8 @@ from fleet.inbox import Inbox, InboxSettings
 from tests.support.broker import free_port
 from tests.support.fleet import _Lines
 
-__all__ = ["GatewayThread", "Message", "Receiver", "event", "start_desk", "start_notifier", "store_events",
-           "write_contacts", "write_notifier_config"]
+__all__ = ["GatewayThread", "Message", "NotifierRig", "Receiver", "event", "start_desk", "start_notifier",
+           "store_events", "write_contacts", "write_notifier_config"]
 
 
 @dataclass
@@ -52,6 +53,11 @@ class Message:
     def ref(self) -> str | None:
         m = re.search(r"^ref (\S+)$", self.body, re.M)
         return m.group(1) if m else None
+
+    @property
+    def step(self) -> int | None:
+        m = re.search(r"\(step (\d+)\)", self.body)
+        return int(m.group(1)) if m else None
 
     @property
     def link(self) -> str | None:
@@ -280,3 +286,90 @@ class GatewayThread:
                 self.stop(b)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+class NotifierRig:
+    """Notifier instances for the fleet scenario (tests/support/fleet.py): every person on file has a phone, so
+    every message goes through the community's SMS provider URL, here Apprise's ``json://`` to a receiver."""
+
+    def __init__(self, workdir: Path, community: str, *, instances: int = 2, escalate_after_s: float = 20.0) -> None:
+        self.workdir = workdir
+        self.instances = instances
+        self.receiver = Receiver()
+        self.procs: list[_Lines] = []
+        self.killed = 0
+        write_notifier_config(workdir / "notifier.toml", community=community, public_url="http://127.0.0.1:9",
+                              sms_url=f"json://127.0.0.1:{self.receiver.port}/sms/{{phone}}",
+                              escalate_after_s=escalate_after_s, alone_escalate_after_s=escalate_after_s / 2,
+                              retry_base_s=1.0)
+
+    def start(self, dsn: str) -> None:
+        for i in range(self.instances):
+            self.procs.append(start_notifier(self.workdir, dsn, f"notifier-{i + 1}"))
+
+    def kill_one(self) -> None:
+        """SIGKILL the first instance still running."""
+        import signal
+
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.stop(signal.SIGKILL)
+                self.killed += 1
+                return
+
+    def settle(self, dsn: str, timeout: float) -> None:
+        """Wait until nothing is pending and no step is overdue."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while time.monotonic() < deadline:
+                row = c.execute("SELECT (SELECT count(*) FROM deliveries WHERE status = 'pending') + (SELECT count(*) "
+                                "FROM episodes WHERE next_step_at < clock_timestamp())").fetchone()
+                if row is not None and row[0] == 0:
+                    return
+                time.sleep(0.5)
+
+    def result(self, dsn: str, detected: Mapping[str, float], in_window: Callable[[float], bool]) -> dict[str, Any]:
+        """What the receiver got against what the notifier recorded: first-step latency (detection → received)
+        outside and inside the failover window, whether every later step came within 1 s of its due time,
+        duplicates (a message received more than once), and whether each first-step message sent arrived."""
+        with psycopg.connect(dsn, autocommit=True) as c:
+            rows = c.execute("SELECT event_id, step, status, extract(epoch FROM due_at) FROM deliveries "
+                             "WHERE purpose = 'alarm'").fetchall()
+        due = {(e, int(s)): float(d) for e, s, _, d in rows}
+        sent_first = Counter(e for e, s, st, _ in rows if s == 1 and st == "sent")
+        cancelled_first = sum(1 for _, s, st, _ in rows if s == 1 and st == "cancelled")
+        statuses = Counter(str(st) for _, _, st, _ in rows)
+        got: dict[tuple[str, str, str, int], list[float]] = {}
+        for m in list(self.receiver.messages):
+            if m.ref is not None:
+                got.setdefault((m.ref, m.path, m.purpose, m.step or 0), []).append(m.at)
+        duplicates = sum(len(v) - 1 for v in got.values())
+        outside: list[float] = []
+        inside: list[float] = []
+        first_paths: Counter[str] = Counter()
+        lateness: list[float] = []
+        for (ref, _path, purpose, step), times in got.items():
+            if purpose != "alarm":
+                continue
+            if step == 1:
+                first_paths[ref] += 1
+                wall = detected.get(ref)
+                if wall is not None:
+                    (inside if in_window(wall) else outside).append(min(times) - wall)
+            elif (ref, step) in due:
+                lateness.append(min(times) - due[(ref, step)])
+        missing = sum(max(0, n - first_paths.get(ref, 0)) for ref, n in sent_first.items())
+        on_time = all(-0.05 <= x <= 1.0 for x in lateness)
+        return {"first_step_sent": sum(sent_first.values()), "first_step_cancelled": cancelled_first,
+                "first_step_missing": missing,
+                "notified_outside": outside, "notified_inside": inside, "duplicates": duplicates,
+                "escalation_on_time": on_time, "escalated_messages": len(lateness),
+                "escalation_late_max_s": round(max(lateness), 3) if lateness else None,
+                "statuses": dict(statuses), "instances": self.instances, "killed": self.killed}
+
+    def stop(self) -> None:
+        import signal
+
+        for p in self.procs:
+            p.stop(signal.SIGTERM, timeout=20)
+        self.receiver.close()
