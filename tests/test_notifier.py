@@ -284,3 +284,15 @@ def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at
     stack.store(event(COMMUNITY, "b2", "alarm", "cleared", unit="u1", household="u1-101", device="gas-u1-101"))
     stack.receiver.wait_for(lambda _: {m.path for m in stack.receiver.about(ref, "clear")} >= step1 | step2,
                             timeout=10, what="the all-clear after the kill")
+
+
+def test_a_claim_is_one_step_down_the_pending_index_whatever_the_statistics(stack: Stack) -> None:
+    """The claim locks a delivery on its own (through its index) and only then joins by key: written as one join
+    and planned on a fresh table's statistics, it walked every episode for every pending row (183 ms a claim
+    with 1000 pending, 0.13 ms as it is)."""
+    from fleet.notifier import CLAIM, DUE_EPISODES
+
+    with psycopg.connect(stack.pg.dsn, autocommit=True) as c:
+        for query, cte in ((CLAIM, "claimed"), (DUE_EPISODES, "due")):
+            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", (COMMUNITY,)).fetchall())
+            assert f"CTE {cte}" in plan and "Join Filter" not in plan, plan

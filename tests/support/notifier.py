@@ -335,6 +335,7 @@ class NotifierRig:
         with psycopg.connect(dsn, autocommit=True) as c:
             rows = c.execute("SELECT event_id, step, status, extract(epoch FROM due_at) FROM deliveries "
                              "WHERE purpose = 'alarm'").fetchall()
+            failed = c.execute("SELECT count(*) FROM attempts WHERE outcome = 'failed'").fetchone()
         due = {(e, int(s)): float(d) for e, s, _, d in rows}
         sent_first = Counter(e for e, s, st, _ in rows if s == 1 and st == "sent")
         cancelled_first = sum(1 for _, s, st, _ in rows if s == 1 and st == "cancelled")
@@ -365,7 +366,8 @@ class NotifierRig:
                 "notified_outside": outside, "notified_inside": inside, "duplicates": duplicates,
                 "escalation_on_time": on_time, "escalated_messages": len(lateness),
                 "escalation_late_max_s": round(max(lateness), 3) if lateness else None,
-                "statuses": dict(statuses), "instances": self.instances, "killed": self.killed}
+                "statuses": dict(statuses), "failed_attempts": int(failed[0]) if failed else 0,
+                "instances": self.instances, "killed": self.killed}
 
     def stop(self) -> None:
         import signal
