@@ -205,7 +205,7 @@ SELECT p.*, extract(epoch FROM p.opened_at) AS opened, extract(epoch FROM clock_
 """
 
 ENDINGS = """
-SELECT e.event_id, e.gateway, e.kind, e.device, e.body->>'code' AS code
+SELECT e.event_id, e.gateway, e.kind, e.device, e.body->>'code' AS code, e.detected_at
   FROM events e
  WHERE (e.action = 'cleared' OR e.kind = 'reset') AND e.committed_at > clock_timestamp() - make_interval(secs => %s)
    AND e.community = %s AND NOT EXISTS (SELECT 1 FROM clears c WHERE c.event_id = e.event_id)
@@ -633,6 +633,9 @@ class Notifier:
                     query = ("SELECT event_id FROM episodes WHERE gateway = %s AND kind = %s AND subject = %s AND "
                              "cleared_at IS NULL")
                     args = [end["gateway"], end["kind"], end["device"] or end["code"] or ""]
+                if end["detected_at"] is not None:  # not an episode the gateway raised again after this clear
+                    query += " AND (detected_at IS NULL OR detected_at <= %s)"
+                    args.append(end["detected_at"])
                 cur = await conn.execute(query + " ORDER BY event_id FOR UPDATE", args)
                 ids = [r["event_id"] for r in await cur.fetchall()]
                 for event_id in ids:

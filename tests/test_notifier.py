@@ -42,7 +42,8 @@ ON_TIME_S = 1.0
 BUILDINGS = {
     "b1": {"units": ["u1", "u2"], "households": {
         "u1-101": {"relatives": 2}, "u1-102": {"relatives": 1, "alone": True}, "u1-103": {"relatives": 1},
-        "u2-201": {"relatives": 1}, "u2-202": {"relatives": 1}}},
+        "u2-201": {"relatives": 1}, "u2-202": {"relatives": 1},
+        "u1-104": {"relatives": 1}}},
     "b2": {"units": ["u1"], "households": {"u1-101": {"relatives": 2}}},
 }
 
@@ -240,6 +241,27 @@ def test_a_failed_delivery_is_tried_again_with_backoff_each_attempt_a_row(stack:
     sms = [m for m in stack.receiver.about(ref, "alarm") if m.path.startswith("/sms/")]
     assert len(sms) == 1, [m.path for m in stack.receiver.about(ref)]
     stack.store(event(COMMUNITY, "b1", "alarm", "cleared", unit="u2", household="u2-202", device="gas-u2-202"))
+
+
+def test_a_clear_ends_the_alarm_it_followed_not_one_raised_again_after_it(stack: Stack) -> None:
+    from tests.support.notifier import event
+
+    where = {"unit": "u1", "household": "u1-104", "device": "gas-u1-104"}
+    first = event(COMMUNITY, "b1", "alarm", "raised", **where)
+    stack.store(first)
+    stack.receiver.wait_for(lambda _: stack.receiver.about(first["event_id"], "alarm"), timeout=10, what="the first")
+    cleared = event(COMMUNITY, "b1", "alarm", "cleared", **where)
+    again = event(COMMUNITY, "b1", "alarm", "raised", **where)
+    stack.store(again)  # the alarm raised again reaches the centre before the clear of the first one
+    stack.receiver.wait_for(lambda _: stack.receiver.about(again["event_id"], "alarm"), timeout=10, what="again")
+    stack.store(cleared)
+    stack.receiver.wait_for(lambda _: stack.receiver.about(first["event_id"], "clear"), timeout=10,
+                            what="the all-clear of the first")
+    assert stack.rows("SELECT cleared_at IS NULL FROM episodes WHERE event_id = %s", again["event_id"]) == [(True,)]
+    assert not stack.receiver.about(again["event_id"], "clear")
+    stack.store(event(COMMUNITY, "b1", "alarm", "cleared", **where))
+    stack.receiver.wait_for(lambda _: stack.receiver.about(again["event_id"], "clear"), timeout=10,
+                            what="the all-clear of the second")
 
 
 def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at_most_once(stack: Stack) -> None:

@@ -345,6 +345,16 @@ class NotifierRig:
             if m.ref is not None:
                 got.setdefault((m.ref, m.path, m.purpose, m.step or 0), []).append(m.at)
         duplicates = sum(len(v) - 1 for v in got.values())
+        twice = [(k, v) for k, v in got.items() if len(v) > 1][:5]
+        examples = []
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for (ref, path, purpose, step), times in twice:
+                examples.append({"ref": ref, "path": path, "purpose": purpose, "step": step, "received": times,
+                                 "deliveries": [list(map(str, r)) for r in c.execute(
+                                     "SELECT d.id, d.purpose, d.step, d.role, d.name, d.status, d.attempts, "
+                                     "a.attempt, a.worker, a.outcome, a.started_at, a.finished_at FROM deliveries d "
+                                     "LEFT JOIN attempts a ON a.delivery_id = d.id WHERE d.event_id = %s "
+                                     "ORDER BY d.id", (ref,)).fetchall()]})
         outside: list[float] = []
         inside: list[float] = []
         first_paths: Counter[str] = Counter()
@@ -367,6 +377,7 @@ class NotifierRig:
                 "escalation_on_time": on_time, "escalated_messages": len(lateness),
                 "escalation_late_max_s": round(max(lateness), 3) if lateness else None,
                 "statuses": dict(statuses), "failed_attempts": int(failed[0]) if failed else 0,
+                "duplicate_examples": examples,
                 "instances": self.instances, "killed": self.killed}
 
     def stop(self) -> None:
