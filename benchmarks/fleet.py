@@ -19,6 +19,12 @@ event of the lost node's buildings reached the inbox; ``nodes``: each node's pea
 Targets: ``first_notice_p99_ms`` ≤ 1000; ``latency_p99_ms`` ≤ 1000; every event exactly once;
 ``failover_p99_ms`` ≤ 30 000 (NFPA 72 allows 90 s).
 
+The notifier (fleet/notifier.py, ``--notifiers`` instances, one SIGKILLed 2 s after the node unless
+``--keep-notifiers``) tells people through Apprise's ``json://`` to a local receiver: ``notified_p99_ms``
+(detection → first-step message received, outside the failover window; target ≤ 2000), ``escalation_on_time``
+(every later step received within 1 s of its due time; the ladder steps every ``--escalate-after`` s),
+``notifier_duplicates`` (messages received more than once; target ≤ ``notifier_workers_killed``).
+
 ``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--kill first]``
 """
 
@@ -65,13 +71,18 @@ def main() -> None:
     parser.add_argument("--kill", choices=("events-leader", "first"), default="events-leader",
                         help="the node SIGKILLed in the burst: the leader of $MQTT_msgs (the worst case) or node 0")
     parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
+    parser.add_argument("--notifiers", type=int, default=2, help="notifier instances (fleet/notifier.py)")
+    parser.add_argument("--escalate-after", type=float, default=20.0, help="the ladder's step, seconds")
+    parser.add_argument("--keep-notifiers", action="store_true",
+                        help="do not SIGKILL a notifier instance 2 s after the node's kill")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         scenario = FleetScenario(Path(args.workdir or tmp), gateways=args.gateways, processes=args.processes,
                                  steady_s=args.steady_s,
                                  telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
                                  burst_s=args.burst_s, restart_after_s=args.restart_after,
-                                 after_s=args.restart_after + 2.0, kill=args.kill,
+                                 after_s=args.restart_after + 2.0, kill=args.kill, notifiers=args.notifiers,
+                                 escalate_after_s=args.escalate_after, kill_notifier=not args.keep_notifiers,
                                  log=lambda text: print(text, file=sys.stderr, flush=True))
         result = scenario.run()
     outside, inside = result.latencies()
@@ -99,7 +110,19 @@ def main() -> None:
         "inbox_takeover": result.takeover,
         "healed": result.healing,
         "simulator": [{k: d[k] for k in ("worker", "stored", "connections", "resent")} for d in result.simulator],
+        **_notifier_keys(result.notifier),
     }))
+
+
+def _notifier_keys(n: dict[str, object]) -> dict[str, object]:
+    """The notifier's figures (tests.support.notifier.NotifierRig.result)."""
+    outside, inside = n.get("notified_outside", []), n.get("notified_inside", [])
+    assert isinstance(outside, list) and isinstance(inside, list)
+    return {"notified_p50_ms": _ms(percentile(outside, 0.5)), "notified_p99_ms": _ms(percentile(outside, 0.99)),
+            "notified_failover_p99_ms": _ms(percentile(inside, 0.99)),
+            "escalation_on_time": n.get("escalation_on_time"), "notifier_duplicates": n.get("duplicates"),
+            "notifier_workers_killed": n.get("killed"),
+            "notifier": {k: v for k, v in n.items() if not str(k).startswith("notified_")}}
 
 
 if __name__ == "__main__":

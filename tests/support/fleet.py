@@ -197,6 +197,8 @@ class FleetResult:
                 at = self._durable_s(event_id)
                 out.append(float("inf") if at is None else at - wall)
         return out
+    notifier: dict[str, Any] = field(default_factory=dict)
+    """tests.support.notifier.NotifierRig.result: first-step latency, escalation on time, duplicates."""
 
     def latencies(self, kind: str | None = None) -> tuple[list[float], list[float]]:
         """Detection → durable record stored (s): (outside the failover window, within it). The window runs from 1 s
@@ -275,6 +277,11 @@ class FleetScenario:
     """Which node is SIGKILLed in the burst: ``first`` (node 0) or ``events-leader``, the node leading
     ``$MQTT_msgs``, through which every QoS 1 publish and the inbox's deliveries go (the worst case)."""
     log: Callable[[str], None] = print
+    notifiers: int = 2
+    """Notifier instances (fleet/notifier.py) telling people through Apprise's json:// to a local receiver."""
+    escalate_after_s: float = 20.0
+    kill_notifier: bool = False
+    """SIGKILL one notifier instance 2 s after the node's kill, mid-ladder."""
 
     def run(self) -> FleetResult:
         w = self.workdir
@@ -291,6 +298,7 @@ class FleetScenario:
                        HOUSEHOLDS)
         cluster = Cluster(w / "cluster", community)
         procs: list[_Lines] = []
+        rigs: list[Any] = []
         pg: PostgresServer | None = None
         watch: _NodeWatch | None = None
         try:
@@ -316,6 +324,11 @@ class FleetScenario:
             second = inbox("inbox-2", 1)
             procs.append(second)
             second.wait_for(lambda m: m.get("event") == "consuming", 60)
+            from tests.support.notifier import NotifierRig  # it uses _Lines from here
+
+            rig = NotifierRig(w, COMMUNITY, instances=self.notifiers, escalate_after_s=self.escalate_after_s)
+            rigs.append(rig)
+            rig.start(pg.dsn)
             go = w / "go"
             sim = _Lines("simulator", [
                 sys.executable, "-m", "fleet.simulator", "--gateways", str(self.gateways),
@@ -339,6 +352,10 @@ class FleetScenario:
             kill_at = time.time()
             cluster.node(killed).kill()
             self.log(f"node {killed} killed in the burst")
+            if self.kill_notifier:
+                time.sleep(2.0)
+                rig.kill_one()
+                self.log("notifier-1 killed")
             time.sleep(max(0.0, kill_at + self.restart_after_s - time.time()))
             self._restart(cluster, killed)
             restart_at = time.time()
@@ -360,13 +377,19 @@ class FleetScenario:
             takeover["rows_by_inbox"] = {n: sum(1 for _, name, _ in rows.values() if name == n)
                                          for n in ("inbox-1", "inbox-2")}
             acl["stored"] = acl["event_id"] in rows
+            rig.settle(pg.dsn, timeout=self.escalate_after_s + 120)
+            lo, hi = kill_at - 1.0, max(restart_at + 10.0, inbox_kill_at + INBOX_ACK_WAIT_S + 2.0)
+            notifier = rig.result(pg.dsn, {e: t for e, t in stored.items() if kinds.get(e) == "alarm"},
+                                  lambda wall: lo <= wall <= hi)
             sim.stop(signal.SIGTERM, timeout=60)
             return FleetResult(gateways=self.gateways, stored=stored, rows=rows, row_count=row_count,
                                notifications=notes, kinds=kinds, kill_at=kill_at, restart_at=restart_at,
                                inbox_kill_at=inbox_kill_at, killed_node=killed, takeover=takeover, acl=acl,
                                healing=healing, nodes=watch.stop(), simulator=drained, killed_node_led=led,
-                               durable=durable, fast=fast)
+                               durable=durable, fast=fast, notifier=notifier)
         finally:
+            for rig in rigs:
+                rig.stop()
             for p in reversed(procs):
                 p.stop(signal.SIGTERM, timeout=60)
             if watch is not None:
@@ -467,9 +490,13 @@ class FleetScenario:
         for the range and stores them again. The gateways are ones whose first node was not the lost one: at
         this scale a gateway that moved off the lost node was seen deaf to commands afterwards (open)."""
         with psycopg.connect(pg.dsn, autocommit=True) as c:
+            # Not an alarm the notifier has taken up: losing those rows at the centre would rightly tell its
+            # people again once healed, which the notifier's count of duplicates would then hold against it.
             ids = [r[0] for r in c.execute(
-                "SELECT event_id FROM events WHERE seq BETWEEN 2 AND 4 AND gateway IN (%s, %s, %s) AND NOT recovered",
+                "SELECT event_id FROM events WHERE seq BETWEEN 2 AND 4 AND gateway IN (%s, %s, %s) AND NOT recovered "
+                "AND NOT EXISTS (SELECT 1 FROM episodes p WHERE p.event_id = events.event_id)",
                 [f"{COMMUNITY}-{building_name(i)}" for i in (4, 5, 7)]).fetchall()]
+            c.execute("DELETE FROM clears WHERE event_id = ANY(%s)", (ids,))  # a clear the notifier handled
             c.execute("DELETE FROM notifications WHERE event_id = ANY(%s)", (ids,))
             c.execute("DELETE FROM events WHERE event_id = ANY(%s)", (ids,))
         deadline = time.monotonic() + 60

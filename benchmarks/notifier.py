@@ -1,0 +1,122 @@
+"""How many messages the notifier sends per second, against Apprise alone on the same machine, side by side.
+
+A private PostgreSQL holds ``--alarms`` alarms, each routed to a relative and a unit head (two messages each);
+``--instances`` notifier processes (fleet/notifier.py) send them all through Apprise's ``json://`` to a local
+HTTP receiver (its own process). Reported (one JSON line last): ``messages``, ``seconds`` (first message
+received → last), ``messages_per_s`` with 1 and with ``--instances`` instances, ``apprise_alone_per_s`` (one
+process sending the same number of messages through Apprise to the same receiver, no database: the floor the
+notifier adds its bookkeeping to), and the notifier processes' CPU seconds per message.
+
+``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from tests.support.notifier import (  # noqa: E402
+    Receiver,
+    event,
+    start_notifier,
+    store_events,
+    write_contacts,
+    write_notifier_config,
+)
+from tests.support.postgres import PostgresServer  # noqa: E402
+
+
+def _serve(port_out: Any, count_out: Any, stop: Any) -> None:
+    """The receiver in a process of its own, so that it does not share the notifier's or Apprise's CPU time."""
+    receiver = Receiver()
+    port_out.value = receiver.port
+    while not stop.is_set():
+        count_out.value = len(receiver.messages)
+        time.sleep(0.01)
+    receiver.close()
+
+
+def _apprise_alone(port: int, n: int) -> float:
+    import apprise
+
+    apprise.Apprise().add("json://localhost")  # plugins loaded before the clock starts, as the notifier does
+    t0 = time.perf_counter()
+    for i in range(n):
+        sender = apprise.Apprise()
+        sender.add(f"json://127.0.0.1:{port}/to/p{i % 500}")
+        sender.notify(body=f"alarm {i}\nref x", title="GAS ALARM")
+    return n / (time.perf_counter() - t0)
+
+
+def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any) -> dict[str, Any]:
+    households = {f"u1-{i:03d}": {"relatives": 1} for i in range(100)}
+    buildings = {f"b{j}": {"units": ["u1"], "households": households} for j in range((alarms + 99) // 100)}
+
+    class At:  # the receiver runs elsewhere: only its URL is needed here
+        def url(self, who: str) -> str:
+            return f"json://127.0.0.1:{port}/to/{who}"
+
+    write_contacts(workdir / "contacts.toml", At(), "c1", buildings)  # type: ignore[arg-type]
+    write_notifier_config(workdir / "notifier.toml", community="c1", public_url="http://127.0.0.1:9",
+                          escalate_after_s=3600)
+    with PostgresServer() as pg:
+        events = [event("c1", b, "alarm", "raised", unit="u1", household=h, device=f"gas-{b}-{h}")
+                  for b in buildings for h in households][:alarms]
+        store_events(pg.dsn, workdir / "contacts.toml", "c1", events)
+        before = count.value
+        procs = [start_notifier(workdir, pg.dsn, f"notifier-{i + 1}") for i in range(instances)]
+        watched = [psutil.Process(p.proc.pid) for p in procs]
+        t0 = time.perf_counter()
+        first = None
+        while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
+            if first is None and count.value > before:
+                first = time.perf_counter()
+            time.sleep(0.01)
+        seconds = time.perf_counter() - (first or t0)
+        cpu = sum(sum(p.cpu_times()[:2]) for p in watched)
+        for p in procs:
+            p.stop(signal.SIGTERM, timeout=20)
+    sent = count.value - before
+    return {"messages": sent, "seconds": round(seconds, 2), "messages_per_s": round(sent / seconds, 1),
+            "cpu_ms_per_message": round(1000 * cpu / max(1, sent), 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--alarms", type=int, default=1000)
+    parser.add_argument("--instances", type=int, default=2)
+    args = parser.parse_args()
+    port, count, stop = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0), multiprocessing.Event()
+    server = multiprocessing.Process(target=_serve, args=(port, count, stop), daemon=True)
+    server.start()
+    while port.value == 0:
+        time.sleep(0.01)
+    try:
+        with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
+            for name in ("one", "many"):
+                (Path(tmp) / name).mkdir()
+            one = _run(Path(tmp) / "one", args.alarms, 1, port.value, count)
+            many = _run(Path(tmp) / "many", args.alarms, args.instances, port.value, count)
+        alone = _apprise_alone(port.value, 2 * args.alarms)
+    finally:
+        stop.set()
+        server.join(10)
+    print(json.dumps({"alarms": args.alarms, "one_instance": one, f"{args.instances}_instances": many,
+                      "apprise_alone_per_s": round(alone, 1), "load_average": psutil.getloadavg()}))
+
+
+if __name__ == "__main__":
+    main()

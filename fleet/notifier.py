@@ -1,0 +1,765 @@
+"""The notifier: from a ``notifications`` row to a person told, acknowledged, escalated and given the all-clear.
+
+Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes a ``notifications`` row for
+each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
+NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
+
+* **deliver** — claims one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise
+  inside that same transaction and commits its outcome (an ``attempts`` row) with its new status; then the next.
+  An instance killed mid-send loses nothing: its transaction rolls back, the row is free again, and another
+  instance sends it. The one message in flight may have left before the kill: **at most one duplicate per
+  instance killed**, so at most one per person. Throughput comes from running more instances, not from more
+  messages in flight in one. A failed attempt is tried again after a backoff (fleet/ladder.py).
+* **escalate** — takes the episodes whose next step is due (``FOR UPDATE SKIP LOCKED``) and creates that
+  step's deliveries in the same transaction as the step count, so a step is never skipped nor created twice.
+* **clear** — an alarm cleared (or reset at the panel), a supervisory signal or a fault cleared closes the
+  gateway's open episode of that device (or code): pending alarm messages are cancelled, everyone told gets the
+  all-clear.
+
+An acknowledgement (:func:`acknowledge_link` from the link in each alarm message, :func:`acknowledge_episode`
+from the duty desk) stops the ladder and tells everyone told who acknowledged. Delivery and acknowledgement
+meet on the episode's row lock, so a message sent while the acknowledgement commits is followed by its own
+notice. Who and when is decided by fleet/ladder.py; this module does the I/O.
+
+    python -m fleet.notifier --dsn "host=/run/postgresql dbname=safety" --config notifier.toml \\
+        --contacts contacts.toml --name notifier-1
+
+One JSON line per notable step on stdout (``notifier``, ``opened``, ``escalated``, ``acknowledged``,
+``cleared``, ``delivered`` counts every 5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import hmac
+import json
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import apprise
+import psycopg
+from psycopg.rows import dict_row
+
+from fleet.contacts import Contacts, Person
+from fleet.ladder import Ladder, LadderError, RetryPolicy, gateway_sms_roles
+
+__all__ = ["AckResult", "Notifier", "NotifierSettings", "acknowledge_episode", "acknowledge_link", "ensure_schema",
+           "load_settings", "main", "make_token"]
+
+#: Advisory lock key under which the first instance creates the tables.
+SCHEMA_LOCK = 0x5AFE_1D0C
+#: Deliveries one round sends (one after the other) before the other jobs get their turn.
+DELIVER_PER_TICK = 64
+#: How far back an instance looks for routed events without an episode and for clears not handled: a day, far
+#: longer than any outage of every instance at once should last.
+LOOKBACK_S = 24 * 3600.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS episodes (
+    event_id     text PRIMARY KEY REFERENCES events (event_id),
+    community    text NOT NULL,
+    gateway      text NOT NULL,
+    building     text NOT NULL,
+    unit         text,
+    household    text,
+    kind         text NOT NULL,
+    subject      text NOT NULL,
+    what         text NOT NULL,
+    alone        boolean NOT NULL DEFAULT false,
+    detected_at  timestamptz,
+    opened_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    step         integer NOT NULL DEFAULT 1,
+    next_step_at timestamptz,
+    acked_at     timestamptz,
+    acked_by     text,
+    cleared_at   timestamptz,
+    cleared_by   text
+);
+CREATE INDEX IF NOT EXISTS episodes_due ON episodes (next_step_at) WHERE next_step_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS episodes_open ON episodes (gateway, kind, subject) WHERE cleared_at IS NULL;
+CREATE INDEX IF NOT EXISTS episodes_by_place ON episodes (community, building, household, opened_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id               bigserial PRIMARY KEY,
+    event_id         text NOT NULL REFERENCES episodes (event_id),
+    community        text NOT NULL,
+    purpose          text NOT NULL,
+    step             integer NOT NULL,
+    role             text NOT NULL,
+    name             text NOT NULL,
+    phone            text NOT NULL DEFAULT '',
+    urls             text[] NOT NULL DEFAULT '{}',
+    status           text NOT NULL DEFAULT 'pending',
+    due_at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    next_attempt_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    attempts         integer NOT NULL DEFAULT 0,
+    token_expires_at timestamptz,
+    sent_at          timestamptz,
+    detail           text,
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    UNIQUE (event_id, purpose, role, name)
+);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (community, next_attempt_at) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id bigint NOT NULL REFERENCES deliveries (id),
+    attempt     integer NOT NULL,
+    worker      text NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    outcome     text NOT NULL,
+    detail      text,
+    PRIMARY KEY (delivery_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS clears (
+    event_id   text PRIMARY KEY REFERENCES events (event_id),
+    closed     integer NOT NULL,
+    handled_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS events_ending ON events (committed_at) WHERE action = 'cleared' OR kind = 'reset';
+CREATE INDEX IF NOT EXISTS notifications_noted ON notifications (noted_at);
+"""
+
+#: Routed events without an episode, among the rows noted in the last LOOKBACK_S (the scan stays small
+#: however long the table grows; a row the healer brings back is noted when it is stored, so it is recent).
+UNOPENED = """
+SELECT DISTINCT n.event_id FROM notifications n JOIN events e USING (event_id)
+ WHERE n.noted_at > clock_timestamp() - make_interval(secs => %s) AND e.community = %s
+   AND NOT EXISTS (SELECT 1 FROM episodes p WHERE p.event_id = n.event_id)
+ LIMIT 500
+"""
+
+OPEN_EPISODES = """
+INSERT INTO episodes (event_id, community, gateway, building, unit, household, kind, subject, what, alone,
+                      detected_at)
+SELECT x.e, x.c, x.g, x.b, x.u, x.h, x.k, x.s, x.w, x.a, x.t
+  FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+              %s::text[], %s::bool[], %s::timestamptz[]) AS x(e, c, g, b, u, h, k, s, w, a, t)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id, extract(epoch FROM opened_at)
+"""
+
+INSERT_DELIVERIES = """
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, status, due_at, next_attempt_at,
+                        token_expires_at, detail, sent_at)
+SELECT x.e, (SELECT community FROM episodes WHERE event_id = x.e), x.p, x.s, x.r, x.n, x.ph,
+       string_to_array(x.u, E'\\n'), x.st, to_timestamp(x.d), to_timestamp(x.d),
+       to_timestamp(x.d) + make_interval(secs => %s), x.dt,
+       CASE WHEN x.st = 'skipped' THEN clock_timestamp() END
+  FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+              %s::float8[], %s::text[]) AS x(e, p, s, r, n, ph, u, st, d, dt)
+ON CONFLICT (event_id, purpose, role, name) DO NOTHING
+"""
+
+#: Everyone told of an episode (delivered, or reached by the gateway's own SMS) who has no ``%s`` message yet.
+FOLLOW_UP = """
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls)
+SELECT d.event_id, d.community, %s, d.step, d.role, d.name, d.phone, d.urls
+  FROM deliveries d
+ WHERE d.event_id = %s AND d.purpose = 'alarm' AND d.status IN ('sent', 'skipped')
+ON CONFLICT (event_id, purpose, role, name) DO NOTHING
+"""
+
+CANCEL_PENDING_ALARMS = """
+UPDATE deliveries SET status = 'cancelled', detail = %s
+ WHERE id IN (SELECT id FROM deliveries WHERE event_id = %s AND purpose = 'alarm' AND status = 'pending'
+                FOR UPDATE SKIP LOCKED)
+"""
+
+#: One due delivery of the community, locked (the others' locked ones skipped), then its episode by key. The
+#: lock is taken on ``deliveries`` alone, through its own index, so the plan stays one index step whatever the
+#: tables' statistics (a join here, planned on a fresh table's, walked every episode for every row: 180 ms a claim).
+CLAIM = """
+WITH claimed AS (
+    SELECT id FROM deliveries
+     WHERE status = 'pending' AND community = %s AND next_attempt_at <= clock_timestamp()
+     ORDER BY community, next_attempt_at
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED)
+SELECT d.id, d.event_id, d.purpose, d.step, d.role, d.name, d.phone, d.urls, d.attempts,
+       p.community, p.building, p.unit, p.household, p.what, p.kind, extract(epoch FROM p.detected_at) AS detected,
+       extract(epoch FROM p.opened_at) AS opened, p.acked_by, extract(epoch FROM p.acked_at) AS acked,
+       extract(epoch FROM p.cleared_at) AS cleared, clock_timestamp() AS claimed_at
+  FROM claimed c JOIN deliveries d ON d.id = c.id JOIN episodes p ON p.event_id = d.event_id
+"""
+
+#: Episodes whose next step is due, locked (others' skipped), then their events by key (as :data:`CLAIM`).
+DUE_EPISODES = """
+WITH due AS (
+    SELECT event_id FROM episodes
+     WHERE next_step_at <= clock_timestamp() AND community = %s
+     ORDER BY next_step_at
+     LIMIT 100
+       FOR UPDATE SKIP LOCKED)
+SELECT p.*, extract(epoch FROM p.opened_at) AS opened, extract(epoch FROM clock_timestamp()) AS now, e.body
+  FROM due JOIN episodes p ON p.event_id = due.event_id JOIN events e ON e.event_id = due.event_id
+"""
+
+ENDINGS = """
+SELECT e.event_id, e.gateway, e.kind, e.device, e.body->>'code' AS code, e.detected_at
+  FROM events e
+ WHERE (e.action = 'cleared' OR e.kind = 'reset') AND e.committed_at > clock_timestamp() - make_interval(secs => %s)
+   AND e.community = %s AND NOT EXISTS (SELECT 1 FROM clears c WHERE c.event_id = e.event_id)
+ ORDER BY e.committed_at
+ LIMIT 200
+"""
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class NotifierSettings:
+    """One community's notifier (the file ``fleet/notifier.example.toml`` documents each key)."""
+
+    community: str
+    dsn: str
+    secret: bytes
+    public_url: str = "http://127.0.0.1:8080"
+    sms_url: str = ""
+    """Apprise URL of the community's SMS provider, ``{phone}`` standing for the number (digits and ``+``)."""
+    ack_link_ttl_s: float = 24 * 3600.0
+    ladder: Ladder = field(default_factory=Ladder)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    contacts: Contacts = field(default_factory=Contacts)
+    poll_s: float = 0.1
+    name: str = "notifier"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the message names the key."""
+
+
+def load_settings(path: str | Path, *, dsn: str, contacts: Contacts, name: str) -> NotifierSettings:
+    """The notifier's TOML file → settings; errors name the key (exit 78 from :func:`main`)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"{path}: {exc}") from None
+    n = data.get("notifier", {})
+    if not isinstance(n.get("community"), str) or not n["community"]:
+        raise SettingsError("notifier.community: the community id is required")
+    secret_file = n.get("secret_file")
+    if not isinstance(secret_file, str):
+        raise SettingsError("notifier.secret_file: a file holding the secret the acknowledgement links are signed "
+                            "with (shared by every instance and the duty desk) is required")
+    try:
+        secret = Path(path).parent.joinpath(secret_file).read_bytes().strip()
+    except OSError as exc:
+        raise SettingsError(f"notifier.secret_file: {exc}") from None
+    if len(secret) < 16:
+        raise SettingsError("notifier.secret_file: the secret must be at least 16 bytes")
+    sms_url = str(n.get("sms_url", ""))
+    if sms_url and "{phone}" not in sms_url:
+        raise SettingsError("notifier.sms_url: must contain {phone}, where the number goes")
+    retry = data.get("retry", {})
+    try:
+        ladder = Ladder.from_mapping(data.get("ladder", {}))
+        policy = RetryPolicy(base_s=float(retry.get("base_s", 5.0)), cap_s=float(retry.get("cap_s", 300.0)),
+                             max_attempts=int(retry.get("max_attempts", 8)))
+        ttl = float(n.get("ack_link_ttl_s", 24 * 3600.0))
+        poll = float(n.get("poll_s", 0.1))
+    except LadderError as exc:
+        raise SettingsError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"retry / notifier: {exc}") from None
+    return NotifierSettings(community=n["community"], dsn=dsn, secret=secret,
+                            public_url=str(n.get("public_url", "http://127.0.0.1:8080")).rstrip("/"),
+                            sms_url=sms_url, ack_link_ttl_s=ttl, ladder=ladder, retry=policy, contacts=contacts,
+                            poll_s=poll, name=name)
+
+
+# ------------------------------------------------------------------------------------------- tokens
+
+
+def make_token(secret: bytes, delivery_id: int) -> str:
+    """The acknowledgement token of one alarm message: its delivery id and an HMAC of it (unguessable without
+    the secret, the same on every instance, so a message sent twice carries a link that works both times)."""
+    mac = hmac.new(secret, f"ack:{delivery_id}".encode(), hashlib.sha256).hexdigest()[:32]
+    return f"{delivery_id}.{mac}"
+
+
+def _token_delivery(secret: bytes, token: str) -> int | None:
+    head = token.partition(".")[0]
+    if not head.isdigit() or len(head) > 18:
+        return None
+    return int(head) if hmac.compare_digest(make_token(secret, int(head)), token) else None
+
+
+# ------------------------------------------------------------------------------------------- acknowledgement
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What an acknowledgement did: ``status`` is acknowledged, already (someone did before: ``by``), closed
+    (cleared before), expired, or unknown (no such token or episode, or another community's)."""
+
+    status: str
+    event_id: str | None = None
+    by: str | None = None
+
+
+async def acknowledge_link(conn: psycopg.AsyncConnection[Any], secret: bytes, token: str) -> AckResult:
+    """The acknowledgement behind an alarm message's link (committed here)."""
+    delivery_id = _token_delivery(secret, token)
+    if delivery_id is None:
+        return AckResult("unknown")
+    cur = await conn.execute("SELECT event_id, role, name, token_expires_at > clock_timestamp() AS fresh "
+                             "FROM deliveries WHERE id = %s AND purpose = 'alarm'", (delivery_id,))
+    row = await cur.fetchone()
+    if row is None:
+        return AckResult("unknown")
+    event_id, role, name, fresh = _values(row, "event_id", "role", "name", "fresh")
+    if not fresh:
+        return AckResult("expired", event_id)
+    return await _acknowledge(conn, event_id, f"{name} ({role})", community=None)
+
+
+async def acknowledge_episode(conn: psycopg.AsyncConnection[Any], event_id: str, by: str, *,
+                              community: str) -> AckResult:
+    """The duty desk's acknowledgement of one of ``community``'s episodes (committed here)."""
+    return await _acknowledge(conn, event_id, by, community=community)
+
+
+def _values(row: Any, *names: str) -> tuple[Any, ...]:
+    """A row's values, whether the connection gives tuples or dicts."""
+    return tuple(row[n] for n in names) if isinstance(row, Mapping) else tuple(row)
+
+
+async def _acknowledge(conn: psycopg.AsyncConnection[Any], event_id: str, by: str, *,
+                       community: str | None) -> AckResult:
+    async with conn.transaction():
+        cur = await conn.execute("SELECT community, acked_by, cleared_at IS NOT NULL AS cleared FROM episodes "
+                                 "WHERE event_id = %s FOR UPDATE", (event_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return AckResult("unknown")
+        owner, acked_by, cleared = _values(row, "community", "acked_by", "cleared")
+        if community is not None and owner != community:
+            return AckResult("unknown")
+        if acked_by is not None:
+            return AckResult("already", event_id, acked_by)
+        if cleared:
+            return AckResult("closed", event_id)
+        await conn.execute("UPDATE episodes SET acked_at = clock_timestamp(), acked_by = %s, next_step_at = NULL "
+                           "WHERE event_id = %s", (by, event_id))
+        await conn.execute(CANCEL_PENDING_ALARMS, (f"acknowledged by {by}", event_id))
+        await conn.execute(FOLLOW_UP, ("ack", event_id))
+    _emit("acknowledged", event_id=event_id, by=by)
+    return AckResult("acknowledged", event_id, by)
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+
+def _place(r: Mapping[str, Any]) -> str:
+    parts = [f"{r['community']}/{r['building']}"]
+    if r.get("unit"):
+        parts.append(f"unit {r['unit']}")
+    if r.get("household"):
+        parts.append(f"household {r['household']}")
+    return ", ".join(parts)
+
+
+def _clock(epoch: float | None) -> str:
+    if epoch is None:
+        return "?"
+    return dt.datetime.fromtimestamp(float(epoch), dt.UTC).strftime("%H:%M:%S UTC")
+
+
+def compose(r: Mapping[str, Any], link: str | None) -> tuple[str, str]:
+    """(title, body) of a delivery row joined with its episode."""
+    place, what = _place(r), r["what"]
+    since = _clock(r["detected"] if r["detected"] is not None else r["opened"])
+    ref = f"ref {r['event_id']}"
+    if r["purpose"] == "ack":
+        title = f"Acknowledged: {what}"
+        body = f"{what} at {place} (since {since}) was acknowledged by {r['acked_by']} at {_clock(r['acked'])}."
+    elif r["purpose"] == "clear":
+        title = f"All clear: {what}"
+        by = f"acknowledged by {r['acked_by']}" if r["acked_by"] else "not acknowledged"
+        body = f"All clear: {what} at {place} (since {since}) ended at {_clock(r['cleared'])}; {by}."
+    else:
+        title = f"{what.upper()}: {place}"
+        body = f"{what} at {place}, since {since}. You are told as {r['role']} (step {r['step']})."
+        if link:
+            body += f"\nAcknowledge: {link}"
+    return title, f"{body}\n{ref}"
+
+
+def _what(e: Mapping[str, Any]) -> str:
+    body = e.get("body") or {}
+    kind = str(e["kind"])
+    if kind == "alarm":
+        level = body.get("level")
+        return f"gas alarm ({level})" if level else "alarm"
+    code = body.get("code")
+    return f"{kind} {code}" if code else kind
+
+
+def _subject(e: Mapping[str, Any]) -> str:
+    body = e.get("body") or {}
+    return str(e.get("device") or body.get("code") or "")
+
+
+# ------------------------------------------------------------------------------------------- the worker
+
+
+def _emit(kind: str, **fields: Any) -> None:
+    print(json.dumps({"event": kind, "time": time.time(), **fields}, default=str), flush=True)
+
+
+async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The notifier's tables (after the inbox's ``events`` and ``notifications``), created once."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        await conn.execute(SCHEMA)
+
+
+class Notifier:
+    """One instance: opens episodes, delivers, escalates, closes; any number run side by side."""
+
+    def __init__(self, settings: NotifierSettings) -> None:
+        self.s = settings
+        self.sent = 0
+        self.failed = 0
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Loop until :meth:`stop`. Every statement uses the database's clock, so instances agree on time."""
+        # Apprise loads its plugins on first use (about a second here): before the first alarm, not during it.
+        await asyncio.to_thread(apprise.Apprise().add, "json://localhost")
+        conn = await self._connect()
+        await self._wait_for_inbox(conn)
+        await ensure_schema(conn)
+        _emit("notifier", name=self.s.name, community=self.s.community)
+        last_report = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    busy = await self.tick(conn)
+                except psycopg.OperationalError as exc:
+                    _emit("database_lost", error=repr(exc))
+                    await asyncio.sleep(1.0)
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.close()
+                    conn = await self._reconnect()
+                    continue
+                except psycopg.Error as exc:
+                    _emit("tick_failed", error=repr(exc))
+                    busy = False
+                if time.monotonic() - last_report > 5.0:
+                    last_report = time.monotonic()
+                    _emit("delivered", name=self.s.name, sent=self.sent, failed=self.failed)
+                if not busy:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.s.poll_s)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
+
+    async def _reconnect(self) -> psycopg.AsyncConnection[Any]:
+        while True:
+            try:
+                return await self._connect()
+            except psycopg.OperationalError:
+                await asyncio.sleep(1.0)
+
+    async def _wait_for_inbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The inbox creates ``events`` and ``notifications``; the notifier's tables refer to them."""
+        while not self._stop.is_set():
+            cur = await conn.execute("SELECT to_regclass('notifications') IS NOT NULL AS ok")
+            row = await cur.fetchone()
+            if row and row["ok"]:
+                return
+            await asyncio.sleep(0.5)
+
+    async def tick(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """One round of every job; True when there was work (so the next round comes without a pause)."""
+        opened = await self.open_episodes(conn)
+        closed = await self.close_episodes(conn)
+        escalated = await self.escalate(conn)
+        sent = await self.deliver(conn)
+        return bool(opened or closed or escalated or sent >= DELIVER_PER_TICK)
+
+    # ------------------------------------------------------------------------------ opening
+
+    def _people(self, event: Mapping[str, Any], roles: Sequence[str]) -> list[Person]:
+        found: list[Person] = []
+        for role in roles:
+            found += self.s.contacts.with_role(role, event)
+        return found
+
+    def _person(self, event: Mapping[str, Any], role: str, name: str, phone: str) -> Person:
+        """A notification row's person with their channels from the contacts (by role and name)."""
+        for p in self.s.contacts.with_role(role, event):
+            if p.name == name:
+                return p
+        return Person(name, phone, role)
+
+    def _rows_for(self, event_id: str, step: int, people: Sequence[Person], due: float, skip_roles: frozenset[str],
+                  cols: list[list[Any]]) -> None:
+        for p in people:
+            skipped = p.role in skip_roles
+            values = (event_id, "alarm", step, p.role, p.name, p.phone, "\n".join(p.urls),
+                      "skipped" if skipped else "pending", due,
+                      "the gateway's own SMS reached this role" if skipped else None)
+            for col, v in zip(cols, values, strict=True):
+                col.append(v)
+
+    async def open_episodes(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """An episode, with its step-1 deliveries, for each routed event that has none."""
+        cur = await conn.execute(UNOPENED, (LOOKBACK_S, self.s.community))
+        ids = [r["event_id"] for r in await cur.fetchall()]
+        if not ids:
+            return 0
+        async with conn.transaction():
+            cur = await conn.execute(
+                "SELECT event_id, gateway, community, building, unit, household, kind, action, device, body, "
+                "detected_at FROM events WHERE event_id = ANY(%s)", (ids,))
+            events = {r["event_id"]: r for r in await cur.fetchall()}
+            cur = await conn.execute("SELECT event_id, role, name, phone FROM notifications WHERE event_id = ANY(%s)",
+                                     (ids,))
+            routed: dict[str, list[Mapping[str, Any]]] = {}
+            for r in await cur.fetchall():
+                routed.setdefault(r["event_id"], []).append(r)
+            cols: list[list[Any]] = [[] for _ in range(11)]
+            for e in events.values():
+                for col, v in zip(cols, (e["event_id"], e["community"], e["gateway"], e["building"], e["unit"],
+                                         e["household"], e["kind"], _subject(e), _what(e),
+                                         self.s.contacts.is_alone(e), e["detected_at"]), strict=True):
+                    col.append(v)
+            cur = await conn.execute(OPEN_EPISODES, cols)
+            new = {r["event_id"]: float(r["extract"]) for r in await cur.fetchall()}
+            dcols: list[list[Any]] = [[] for _ in range(10)]
+            climbing: tuple[list[str], list[float]] = ([], [])
+            ladder = self.s.ladder
+            for event_id, opened in new.items():
+                e = events[event_id]
+                alone = self.s.contacts.is_alone(e)
+                people: dict[tuple[str, str], Person] = {}
+                for n in routed.get(event_id, []):
+                    if n["role"] == "unrouted":  # nobody on file: the duty desk at once
+                        for p in self._people(e, ("duty desk",)):
+                            people.setdefault((p.role, p.name), p)
+                        continue
+                    p = self._person(e, n["role"], n["name"], n["phone"])
+                    people.setdefault((p.role, p.name), p)
+                for p in self._people(e, ladder.roles(1, alone)):
+                    people.setdefault((p.role, p.name), p)
+                self._rows_for(event_id, 1, list(people.values()), opened, gateway_sms_roles(e["body"] or {}), dcols)
+                nxt = ladder.next_due(kind=e["kind"], opened_at=opened, started=1, alone=alone, closed=False)
+                if nxt is not None:
+                    climbing[0].append(event_id)
+                    climbing[1].append(nxt)
+            if climbing[0]:
+                await conn.execute("UPDATE episodes p SET next_step_at = to_timestamp(x.t) FROM unnest(%s::text[], "
+                                   "%s::float8[]) AS x(e, t) WHERE p.event_id = x.e", climbing)
+            if dcols[0]:
+                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+        for event_id in new:
+            _emit("opened", event_id=event_id, name=self.s.name)
+        return len(new)
+
+    # ------------------------------------------------------------------------------ escalating
+
+    async def escalate(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """The due steps of every episode whose next step is due, each with its deliveries, atomically."""
+        done = 0
+        async with conn.transaction():
+            cur = await conn.execute(DUE_EPISODES, (self.s.community,))
+            rows = await cur.fetchall()
+            dcols: list[list[Any]] = [[] for _ in range(10)]
+            ladder = self.s.ladder
+            for p in rows:
+                closed = p["acked_at"] is not None or p["cleared_at"] is not None
+                opened, alone = float(p["opened"]), bool(p["alone"])
+                steps = ladder.due_steps(kind=p["kind"], opened_at=opened, started=p["step"], now=float(p["now"]),
+                                         alone=alone, closed=closed)
+                cur = await conn.execute("SELECT role, name FROM deliveries WHERE event_id = %s AND purpose = 'alarm'",
+                                         (p["event_id"],))
+                told = {(r["role"], r["name"]) for r in await cur.fetchall()}
+                for step in steps:
+                    people = [q for q in self._people(p, ladder.roles(step, alone)) if (q.role, q.name) not in told]
+                    told |= {(q.role, q.name) for q in people}
+                    self._rows_for(p["event_id"], step, people, ladder.due_at(step, opened, alone),
+                                   gateway_sms_roles(p["body"] or {}), dcols)
+                top = steps[-1] if steps else p["step"]
+                nxt = ladder.next_due(kind=p["kind"], opened_at=opened, started=top, alone=alone, closed=closed)
+                await conn.execute("UPDATE episodes SET step = %s, next_step_at = to_timestamp(%s) WHERE event_id = %s",
+                                   (top, nxt, p["event_id"]))
+                if steps:
+                    done += 1
+                    _emit("escalated", event_id=p["event_id"], steps=steps, name=self.s.name)
+            if dcols[0]:
+                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+        return done
+
+    # ------------------------------------------------------------------------------ closing
+
+    async def close_episodes(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Each clear (or reset) not handled yet closes the open episodes it ends and sends the all-clear."""
+        cur = await conn.execute(ENDINGS, (LOOKBACK_S, self.s.community))
+        endings = await cur.fetchall()
+        closed = 0
+        for end in endings:
+            async with conn.transaction():
+                cur = await conn.execute("INSERT INTO clears (event_id, closed) VALUES (%s, 0) ON CONFLICT DO NOTHING "
+                                         "RETURNING event_id", (end["event_id"],))
+                if await cur.fetchone() is None:
+                    continue  # another instance has it
+                if end["kind"] == "reset":
+                    query, args = ("SELECT event_id FROM episodes WHERE gateway = %s AND kind = 'alarm' AND "
+                                   "cleared_at IS NULL", [end["gateway"]])
+                    if end["device"]:
+                        query += " AND subject = %s"
+                        args.append(end["device"])
+                else:
+                    query = ("SELECT event_id FROM episodes WHERE gateway = %s AND kind = %s AND subject = %s AND "
+                             "cleared_at IS NULL")
+                    args = [end["gateway"], end["kind"], end["device"] or end["code"] or ""]
+                if end["detected_at"] is not None:  # not an episode the gateway raised again after this clear
+                    query += " AND (detected_at IS NULL OR detected_at <= %s)"
+                    args.append(end["detected_at"])
+                cur = await conn.execute(query + " ORDER BY event_id FOR UPDATE", args)
+                ids = [r["event_id"] for r in await cur.fetchall()]
+                for event_id in ids:
+                    await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
+                                       "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
+                    await conn.execute(CANCEL_PENDING_ALARMS, ("cleared before it was sent", event_id))
+                    await conn.execute(FOLLOW_UP, ("clear", event_id))
+                await conn.execute("UPDATE clears SET closed = %s WHERE event_id = %s", (len(ids), end["event_id"]))
+            for event_id in ids:
+                _emit("cleared", event_id=event_id, by=end["event_id"], name=self.s.name)
+            closed += len(ids)
+        return closed
+
+    # ------------------------------------------------------------------------------ delivering
+
+    def _urls(self, r: Mapping[str, Any]) -> list[str]:
+        urls = [u for u in r["urls"] if u]
+        if not urls and r["phone"] and self.s.sms_url:
+            number = "".join(ch for ch in r["phone"] if ch.isdigit() or ch == "+")
+            urls = [self.s.sms_url.replace("{phone}", quote(number, safe=""))]
+        return urls
+
+    async def _send(self, r: Mapping[str, Any]) -> tuple[str, str]:
+        """(outcome, detail) of one attempt: delivered or failed (Apprise's log lines as the detail)."""
+        urls = self._urls(r)
+        if not urls:
+            if r["role"] == "duty desk":
+                return "delivered", "shown on the duty desk page"
+            return "failed", "no channel: no Apprise URL and no phone with an SMS provider"
+        link = None
+        if r["purpose"] == "alarm":
+            link = f"{self.s.public_url}/ack/{make_token(self.s.secret, int(r['id']))}"
+        title, body = compose(r, link)
+        notifier = apprise.Apprise()
+        for url in urls:
+            if not notifier.add(url):
+                return "failed", f"not an Apprise URL this installation supports: {url.split('://', 1)[0]}://"
+        with apprise.LogCapture(level=apprise.logging.WARNING) as logs:  # type: ignore[no-untyped-call]
+            ok = await notifier.async_notify(body=body, title=title)
+            detail = logs.getvalue().strip()[-500:]
+        return ("delivered", f"{len(urls)} channel(s)") if ok else ("failed", detail or "Apprise reported a failure")
+
+    async def deliver(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        """Send due deliveries one at a time, each claimed, sent and recorded in its own transaction (a kill -9
+        can leave only that one message sent and unrecorded); returns how many were tried (at most
+        :data:`DELIVER_PER_TICK`, so the other jobs get their turn)."""
+        tried = 0
+        while tried < DELIVER_PER_TICK and not self._stop.is_set():
+            async with conn.transaction():
+                cur = await conn.execute(CLAIM, (self.s.community,))
+                r = await cur.fetchone()
+                if r is None:
+                    break
+                try:
+                    outcome, detail = await self._send(r)
+                except Exception as exc:  # a plugin that raises is a failed attempt, not a dead instance
+                    outcome, detail = "failed", repr(exc)
+                await self._record(conn, r, outcome, detail)
+            tried += 1
+        return tried
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any], r: Mapping[str, Any], outcome: str,
+                      detail: str) -> None:
+        attempt = r["attempts"] + 1
+        await conn.execute("INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail) "
+                           "VALUES (%s, %s, %s, %s, %s, %s)",
+                           (r["id"], attempt, self.s.name, r["claimed_at"], outcome, detail))
+        if outcome == "delivered":
+            self.sent += 1
+            await conn.execute("UPDATE deliveries SET status = 'sent', attempts = %s, sent_at = clock_timestamp(), "
+                               "detail = %s WHERE id = %s", (attempt, detail, r["id"]))
+            if r["purpose"] == "alarm":
+                # Meet acknowledgements and clears on the episode's lock: one committed before is seen here, one
+                # committing after sees this message as sent.
+                cur = await conn.execute("SELECT acked_at IS NOT NULL AS acked, cleared_at IS NOT NULL AS cleared "
+                                         "FROM episodes WHERE event_id = %s FOR SHARE", (r["event_id"],))
+                state = await cur.fetchone()
+                if state and state["acked"]:
+                    await conn.execute(FOLLOW_UP, ("ack", r["event_id"]))
+                if state and state["cleared"]:
+                    await conn.execute(FOLLOW_UP, ("clear", r["event_id"]))
+            return
+        self.failed += 1
+        delay = self.s.retry.delay_s(attempt)
+        if delay is None:
+            await conn.execute("UPDATE deliveries SET status = 'failed', attempts = %s, detail = %s WHERE id = %s",
+                               (attempt, detail, r["id"]))
+        else:
+            await conn.execute("UPDATE deliveries SET attempts = %s, detail = %s, next_attempt_at = "
+                               "clock_timestamp() + make_interval(secs => %s) WHERE id = %s",
+                               (attempt, detail, delay, r["id"]))
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fleet.notifier", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--dsn", required=True, help="PostgreSQL connection string (the inbox's database)")
+    p.add_argument("--config", required=True, help="the notifier's file (fleet/notifier.example.toml)")
+    p.add_argument("--contacts", required=True, help="who to tell and how (fleet/contacts.example.toml)")
+    p.add_argument("--name", default="notifier", help="this instance's name (kept with each attempt it makes)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        contacts = Contacts.load(args.contacts)
+        settings = load_settings(args.config, dsn=args.dsn, contacts=contacts, name=args.name)
+    except (SettingsError, OSError, tomllib.TOMLDecodeError, KeyError) as exc:
+        print(f"notifier: {exc}", file=sys.stderr)
+        return 78
+    notifier = Notifier(settings)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, notifier.stop)
+        await notifier.run()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
