@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from gateway.clock import ASSUME_ENV
+from gateway.clock import ASSUME_ENV, SUITE_ENV
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttRecorder
 from tests.support.notify import NotifyListener
@@ -19,8 +19,10 @@ RecorderFactory = Callable[..., MqttRecorder]
 
 # Test machines' clocks are seldom NTP-synchronised (adjtimex: TIME_ERROR), and a gateway refuses MQTT commands
 # on such a clock. The gateways these tests start (here and as child processes, which inherit it) judge
-# commands as if it were synchronised; tests of the unsynchronised case set it to "0".
+# commands as if it were synchronised; tests of the unsynchronised case set it to "0". A gateway obeys it only
+# beside SUITE_ENV naming this pytest process (under xdist: the controller, the worker's parent) or an ancestor.
 os.environ.setdefault(ASSUME_ENV, "1")
+os.environ.setdefault(SUITE_ENV, str(os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()))
 
 
 # ------------------------------------------------------------------------------------------- CI: no silent skips
