@@ -96,9 +96,9 @@ _MARK_DELIVERED = ("UPDATE events SET delivered = 1, delivered_at = ?, attempts 
 #: One event, its seq given (the outbox is the file's only writer). One statement text for every batch: each
 #: distinct text is compiled and kept in the connection's statement cache (128 entries), and a multi-row INSERT
 #: per batch size held 3.8 MB more after 60 sizes had been seen (the storage process grew for an hour in
-#: benchmarks/soak.py). A batch now costs two more trips to the SQLite thread (BEGIN, COMMIT): forwarding.py
-#: side by side, about 10 % fewer events/s (12 000 against 13 500), still far above what a building makes.
+#: benchmarks/soak.py). A batch's transaction runs in one trip to the SQLite thread (:func:`_in_one_trip`).
 _INSERT = f"INSERT INTO events (seq, {_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+_HANDOVER = "INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)"
 
 
 # Eviction ladder: (delivered, priority), first rung first. Delivered history goes before anything
@@ -441,11 +441,7 @@ class Outbox:
             if len(rows) == 1 and handover is None:  # one statement, so one transaction
                 await db.execute(_INSERT, rows[0])
             else:
-                await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(_INSERT, rows)
-                if handover is not None:
-                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
-                await db.execute("COMMIT")
+                await _in_one_trip(db, _insert_rows, rows, handover)
         except BaseException:
             self._last_seq = None  # read it again: another writer may have taken these seqs
             await _rollback(db)
@@ -498,10 +494,8 @@ class Outbox:
             if len(marks) == 1:  # one statement is its own transaction
                 await db.execute(_MARK_DELIVERED, marks[0])
                 return
-            await db.execute("BEGIN IMMEDIATE")
             try:
-                await db.executemany(_MARK_DELIVERED, marks)
-                await db.execute("COMMIT")
+                await _in_one_trip(db, _mark_rows, marks)
             except BaseException:
                 await _rollback(db)
                 raise
@@ -813,6 +807,32 @@ async def query_history(
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+async def _in_one_trip(db: aiosqlite.Connection, work: Callable[..., None], *args: Any) -> None:
+    """Run ``work(connection, *args)`` on the connection's SQLite thread, in one trip from the event loop.
+
+    A batch's transaction as separate awaits (BEGIN, rows, mark, COMMIT) made four trips, each a hand-over to
+    the SQLite thread and a wake-up of the loop, whose wake-ups the uplink's PUBACKs share: benchmarks/
+    forwarding.py measures both. aiosqlite queues its own calls the same way (``Connection._execute``); a
+    failure leaves the transaction open for the caller's ROLLBACK, under the outbox's lock."""
+    await db._execute(work, db._conn, *args)  # type: ignore[no-untyped-call]
+
+
+def _insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], handover: str | None) -> None:
+    """One transaction: the rows, one statement text whatever their number, and the panel's hand-over mark."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(_INSERT, rows)
+    if handover is not None:
+        conn.execute(_HANDOVER, (handover,))
+    conn.execute("COMMIT")
+
+
+def _mark_rows(conn: sqlite3.Connection, marks: list[tuple[float, int, int, int]]) -> None:
+    """One transaction marking runs of rows delivered."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.executemany(_MARK_DELIVERED, marks)
+    conn.execute("COMMIT")
 
 
 async def _rollback(db: aiosqlite.Connection) -> None:
