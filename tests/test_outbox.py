@@ -493,3 +493,35 @@ async def test_batches_of_every_size_compile_no_new_statements(tmp_path: Path) -
     finally:
         await ob.close()
     assert grown < 512 * 1024, f"SQLite holds {grown / 1024:.0f} KiB more after 60 batch sizes"
+
+
+async def test_a_batch_and_a_delivery_mark_each_take_one_trip_to_the_sqlite_thread(tmp_path: Path) -> None:
+    """benchmarks/forwarding.py: separate awaits for BEGIN, rows, mark and COMMIT cost the forwarding rate
+    (1175 against 1668 events/s side by side); a refused batch still leaves nothing behind."""
+    ob = await open_outbox(tmp_path)
+    trips = 0
+    queue = ob.connection._execute
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal trips
+        trips += 1
+        return await queue(*args, **kwargs)
+
+    ob.connection._execute = counted  # type: ignore[method-assign]
+    try:
+        await ob.append([ev()])  # the first append reads the last seq
+        trips = 0
+        ids = await ob.append([ev() for _ in range(50)], handover="panel-7")
+        assert trips == 1 and len(ids) == 50
+        rows = await ob.pending(limit=100)
+        trips = 0
+        await ob.mark_delivered([(r.seq, 1) for r in rows if r.seq % 10])  # six runs of rows
+        assert trips == 1
+        assert (await ob.backlog())[0] == 5 and await ob.handover_mark() == "panel-7"
+        ob._last_seq = rows[-1].seq - 1  # a batch whose first seq is taken: the transaction fails ...
+        with pytest.raises(sqlite3.IntegrityError):
+            await ob.append([ev() for _ in range(3)], handover="panel-8")
+        assert await ob.handover_mark() == "panel-7"  # ... and leaves nothing, not even the mark
+        assert len(await ob.append([ev() for _ in range(3)])) == 3  # the next batch goes in
+    finally:
+        await ob.close()
