@@ -496,8 +496,8 @@ async def test_batches_of_every_size_compile_no_new_statements(tmp_path: Path) -
 
 
 async def test_a_batch_and_a_delivery_mark_each_take_one_trip_to_the_sqlite_thread(tmp_path: Path) -> None:
-    """benchmarks/forwarding.py: separate awaits for BEGIN, rows, mark and COMMIT cost the forwarding rate
-    (1175 against 1668 events/s side by side); a refused batch still leaves nothing behind."""
+    """Separate awaits for BEGIN, rows, mark and COMMIT were a trip to the SQLite thread each (docs/performance.md,
+    2026-12-07, for what that costs the forwarding rate); a refused batch still leaves nothing behind."""
     ob = await open_outbox(tmp_path)
     trips = 0
     queue = ob.connection._execute
