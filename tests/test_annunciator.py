@@ -1,13 +1,14 @@
 """The annunciator on gpiozero MockFactory pins: every tone and LED pattern's timeline, priorities, silence,
 buzzer and relay tests, and patterns keeping their timing while the asyncio loop is blocked.
 
-Pin timelines are checked with ``MockPin.assert_states_and_times`` (each entry: seconds since the previous
-change, state; tolerance 0.05 s), over the first cycle or two only.
+Pin timelines (each entry: seconds since the previous change, state) are checked to ±10 ms, over the first
+cycle or two only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from gateway.events import Event
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import CHIRP_S, LED_PATTERNS, PATTERNS, Annunciator, Pattern, trouble_pattern
 from gateway.panel.core import AlarmCore, Annunciation, Sound
+from gateway.panel.process import SUPPORT_PRIORITY
 from tests.support.wait import wait_until
 
 Timeline = list[tuple[float, bool]]
@@ -43,15 +45,57 @@ def output(factory: MockFactory, pin: int) -> DigitalOutputDevice:
     return DigitalOutputDevice(f"GPIO{pin}", initial_value=False, pin_factory=factory)
 
 
+#: Each interval of a timeline within ±10 ms of the pattern's (a Temporal-4 pulse is 100 ms).
+TOLERANCE_S = 0.010
+#: The pattern threads run SCHED_FIFO at the deployed priority (docs/deploy.md: ``realtime_priority = 50``),
+#: and the test's own thread at the panel's SUPPORT_PRIORITY, as the panel's other threads do. At normal
+#: priority a neighbour's CPU load held changes 11–27 ms past their time while a sleeping process beside them
+#: woke on time: the thread holding the interpreter lock was preempted, and the pattern threads waited for it.
+#: Without the privilege (not root) they all run at normal priority.
+PRIORITY = 50
+
+
+@pytest.fixture(scope="module", autouse=True)
+def support_priority() -> Iterator[None]:
+    """This module's thread at SCHED_FIFO SUPPORT_PRIORITY while it runs (when permitted), back to normal after."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SUPPORT_PRIORITY))
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def timeline_problems(actual: Timeline, expected: Timeline, tolerance: float = TOLERANCE_S) -> list[str]:
+    """Where ``actual`` (seconds since the previous change, state) leaves ``expected`` by more than ``tolerance``
+    seconds or in its state; the first entry's time is the start's, not the pattern's, and is not compared."""
+    problems = []
+    for i, ((t, state), (want_t, want_state)) in enumerate(zip(actual, expected, strict=True)):
+        if state != want_state:
+            problems.append(f"change {i}: {state} instead of {want_state}")
+        elif i > 0 and abs(t - want_t) > tolerance:
+            problems.append(f"change {i}: {t * 1000:.1f} ms after the previous one, not {want_t * 1000:.0f} ms")
+    return problems
+
+
 def assert_timeline(pin: Any, expected: Timeline, timeout: float = 20.0) -> None:
-    """Wait until the pin has made the expected number of changes, then compare the timeline."""
+    """Wait until the pin has made the expected number of changes, then compare the timeline (:data:`TOLERANCE_S`)."""
     wait_until(lambda: len(pin.states) >= len(expected), timeout=timeout,
                message=lambda: f"pin made only {len(pin.states)} of {len(expected)} changes: {pin.states}")
-    actual = pin.states[:len(expected)]
-    try:
-        pin.assert_states_and_times(expected)
-    except AssertionError:
-        raise AssertionError(f"timeline {[(round(t, 3), s) for t, s in actual]} != expected {expected}") from None
+    actual = [(s.timestamp, bool(s.state)) for s in pin.states[:len(expected)]]
+    problems = timeline_problems(actual, expected)
+    assert not problems, f"{problems}: timeline {[(round(t, 4), s) for t, s in actual]}"
+
+
+def test_the_timeline_check_can_fail() -> None:
+    assert timeline_problems([(0.0, False), (0.003, True), (0.109, False)], TEMPORAL_4[:3]) == []
+    assert timeline_problems([(0.0, False), (0.0, True), (0.111, False)], TEMPORAL_4[:3]) == [
+        "change 2: 111.0 ms after the previous one, not 100 ms"]
+    assert timeline_problems([(0.0, False), (0.0, True), (0.1, True)], TEMPORAL_4[:3]) == [
+        "change 2: True instead of False"]
 
 
 # ------------------------------------------------------------------------------------------- every pattern at once
@@ -75,7 +119,7 @@ class Played:
                                                                                "power"))}
                 self.led_pin = {led: factory.pin(f"GPIO{20 + j}") for j, led in enumerate(leds)}
             annunciator = Annunciator(output(factory, 5 + i), leds=leds,
-                                      patterns={Sound.TROUBLE: trouble_pattern(1.0)})
+                                      patterns={Sound.TROUBLE: trouble_pattern(1.0)}, realtime_priority=PRIORITY)
             annunciator.start()
             self.annunciators.append(annunciator)
             self.buzzer_pin[name] = factory.pin(f"GPIO{5 + i}")
@@ -179,7 +223,8 @@ def outputs(mock_pins: MockFactory) -> dict[str, Any]:
 def annunciator(outputs: dict[str, Any]) -> Iterator[Annunciator]:
     beats: list[float] = []
     unit = Annunciator(outputs["buzzer"], leds={"alarm": outputs["alarm"], "fault": outputs["fault"]},
-                       relays={"valve": outputs["valve"]}, heartbeat=lambda: beats.append(time.monotonic()))
+                       relays={"valve": outputs["valve"]}, heartbeat=lambda: beats.append(time.monotonic()),
+                       realtime_priority=PRIORITY)
     unit.beats = beats  # type: ignore[attr-defined]
     unit.start()
     try:
@@ -286,7 +331,7 @@ def test_a_pattern_keeps_its_timing_while_the_loop_is_blocked(mock_pins: MockFac
     low, high, hyst = DEFAULT_THRESHOLDS["%LEL"]
     detector = DeviceConfig(id="g1", kind="gas_detector", name="g1", unit="u1", household="h1", bus="b1",
                             address=1, measure="%LEL", low=low, high=high, hysteresis=hyst)
-    annunciator = Annunciator(output(mock_pins, 5))
+    annunciator = Annunciator(output(mock_pins, 5), realtime_priority=PRIORITY)
     annunciator.start()
     loop = asyncio.new_event_loop()
     received: list[Event] = []

@@ -12,9 +12,11 @@ forwarded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
+import os
 import random
 import re
 import threading
@@ -354,7 +356,7 @@ def live_payloads(rng: random.Random, community: str, building: str, originals: 
 
 
 def temporal4_problems(changes: list[tuple[float, bool]], start: float, end: float,
-                       tolerance: float = 0.05) -> list[str]:
+                       tolerance: float = 0.010) -> list[str]:
     """Where the buzzer's changes between ``start`` and ``end`` leave Temporal-4 (0.1 s on, 0.1 s off, four
     pulses, then 5 s off), each interval within ``tolerance`` seconds (the annunciator tests' tolerance)."""
     inside = [(t, on) for t, on in changes if start <= t <= end]
@@ -454,14 +456,19 @@ class Flood:
         self.client.disconnect()
 
 
-@pytest.mark.solo  # the alarm's Temporal-4 timeline is checked to 50 ms: not beside the other tests' load
+#: The alarm threads at SCHED_FIFO as deployed (docs/deploy.md): at normal priority, under the flood, a pulse of
+#: the Temporal-4 timeline came 16 ms late (the pattern thread waited for a CPU or for a preempted GIL holder).
+REALTIME_PRIORITY = 50
+
+
+@pytest.mark.solo  # the alarm's Temporal-4 timeline is checked to 10 ms: not beside the other tests' load
 @pytest.mark.slow  # 10 000 commands through a real broker and daemon
 @pytest.mark.timeout(900)
 async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any
 ) -> None:
     spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
-                      socket_path=tmp_path / "control.sock", households=2)
+                      socket_path=tmp_path / "control.sock", households=2, realtime_priority=REALTIME_PRIORITY)
     buzzer = mock_pins.pin(f"GPIO{spec.buzzer_pin}", pin_class=TimedMockPin)
     cfg = load_config(spec.write(tmp_path / "site.toml"))
     topics = Topics(spec.topic_prefix, spec.community, spec.building)
@@ -470,10 +477,6 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
     server = MqttRecorder(broker.host, broker.port, [topics.reply, f"{topics.base}/event/alarm"],
                           protocol=mqtt.MQTTv5)
     rng = random.Random(20_261_204)
-    originals = [command_message("status", community=spec.community, building=spec.building, ttl_s=300,
-                                 command_id=f"original-{i}") for i in range(ORIGINALS)]
-    hostile = live_payloads(rng, spec.community, spec.building, [encode(o) for o in originals])
-    assert len(hostile) == 10_000
 
     def state(device: str) -> str:
         return next(str(d["state"]) for d in gateway.panel.snapshot()["devices"] if d["device"] == device)
@@ -484,6 +487,12 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
             async with running_gateway(cfg) as gateway:
                 await eventually(lambda: gateway.uplink_connected, timeout=30)
                 storage_pid = gateway.uplink_pid
+                # issued once the gateway is up: one issued before its start (a slow start on a loaded machine)
+                # would be refused as stale
+                originals = [command_message("status", community=spec.community, building=spec.building,
+                                             ttl_s=300, command_id=f"original-{i}") for i in range(ORIGINALS)]
+                hostile = live_payloads(rng, spec.community, spec.building, [encode(o) for o in originals])
+                assert len(hostile) == 10_000
                 for original in originals:  # accepted once: their ids are the replays' ids
                     server.publish(topics.command("status"), original)
                 await eventually(lambda: sum(1 for m in server.messages(topics.reply)
@@ -491,7 +500,7 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
                 # Freeze what is alive, as the panel does once it serves (runtime.gc_freeze; off in test sites,
                 # which share the test's process). Full collections then walk only what is new, not the whole
                 # test process with the panel in it: about 100 000 objects, 75–110 ms a collection, over the
-                # timeline's 50 ms tolerance. Before the alarm, so that this collection stalls no pattern.
+                # timeline's 10 ms tolerance. Before the alarm, so that this collection stalls no pattern.
                 gc.collect()
                 gc.freeze()
                 sims[first.id].set_concentration(35.0)
@@ -519,6 +528,9 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
                 assert flood.acked == len(hostile)
     finally:
         gc.unfreeze()
+        # the panel put this thread at SCHED_FIFO SUPPORT_PRIORITY, as it does its own; the next tests run without
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         if flood is not None:
             flood.close()
         server.close()

@@ -506,6 +506,10 @@ async def test_status_at_start_then_periodically_with_link_quality(
 
             status = await eventually(degraded, timeout=30)
             await eventually(lambda: len(statuses()) >= 3, timeout=30)  # it keeps coming
+            # once everything stored has its PUBACK the backlog is empty, and says so: no count, no age
+            drained = await eventually(lambda: next((s for s in statuses() if s["backlog"]["events"] == 0
+                                                     and s["uplink"]["inflight"] == 0), None), timeout=30,
+                                       message="no status ever reported an empty backlog")
     assert all(validator("status").is_valid(s) for s in statuses())
     times = [s["time"] for s in statuses()]
     assert times == sorted(times)
@@ -514,7 +518,9 @@ async def test_status_at_start_then_periodically_with_link_quality(
     assert sum(status["devices"]["by_state"].values()) == 2
     assert [d["device"] for d in status["links"]["devices"]] == [silent.id]
     assert status["links"]["devices"][0]["comm_errors"] >= 1
-    assert status["backlog"]["events"] >= 0
+    assert drained["backlog"] == {"events": 0, "oldest_age_s": None}, drained
+    # a count and an age come together (both or neither) in every status
+    assert all((s["backlog"]["events"] == 0) == (s["backlog"]["oldest_age_s"] is None) for s in statuses())
     assert status["storage"]["fault"] is None and status["storage"]["evicted_undelivered"]["alarm"] == 0
     assert status["storage"]["history"] >= 1  # delivered events kept for inspection
 

@@ -23,6 +23,7 @@ from gateway.config import ControlConfig
 from gateway.ops.cli import EXIT_OK, EXIT_REJECTED
 from gateway.ops.control import MAX_LINE, READ_COMMANDS, ControlServer, ControlServerError
 from tests.support.broker import MosquittoBroker
+from tests.support.other_user import SYSTEM_PYTHON, readable_copy, system_python_ok
 from tests.test_commands import Site, running_site, stored_at_least, wait_for
 
 
@@ -241,13 +242,14 @@ async def test_a_request_sent_during_a_follow_ends_it_and_is_answered(site: Site
 
 #: A uid with no passwd entry: gatewayctl runs as it (the test runs as root).
 OTHER_UID = 61_234
-REPO = Path(__file__).resolve().parents[1]
-#: gatewayctl for another user: the venv's interpreter may live where only root can read it (a home
-#: directory), so gatewayctl's own ``main`` runs in the system Python 3.11 from the source tree (it needs only
-#: the standard library).
-SYSTEM_PYTHON = "/usr/bin/python3"
-GATEWAYCTL_AS_OTHER = [SYSTEM_PYTHON, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                       "from gateway.ops.cli import main; sys.argv[0] = 'gatewayctl'; sys.exit(main())"]
+
+
+def gatewayctl_as_other(readable: Path) -> list[str]:
+    """gatewayctl for another user: the checkout and its venv may sit where only root can enter (a home
+    directory, a ``mktemp -d`` clone), so gatewayctl's own ``main`` runs in the system Python 3.11 from a copy
+    of the package that user can read (it needs only the standard library)."""
+    return [SYSTEM_PYTHON, "-c", f"import sys; sys.path.insert(0, {str(readable)!r}); "
+            "from gateway.ops.cli import main; sys.argv[0] = 'gatewayctl'; sys.exit(main())"]
 
 
 @pytest.fixture
@@ -255,8 +257,7 @@ def role_groups() -> Iterator[tuple[grp.struct_group, grp.struct_group]]:
     """A throwaway read-only group and operator group (removed afterwards)."""
     if os.geteuid() != 0:
         pytest.skip("creating groups and running gatewayctl as another user needs root")
-    if not os.access(SYSTEM_PYTHON, os.X_OK) or subprocess.run([SYSTEM_PYTHON, "-c", "import tomllib"],
-                                                               capture_output=True).returncode != 0:
+    if not system_python_ok():
         pytest.skip(f"no {SYSTEM_PYTHON} (3.11 or later) to run gatewayctl as another user")
     suffix = secrets.token_hex(4)
     names = (f"gwread-{suffix}", f"gwoper-{suffix}")
@@ -269,9 +270,16 @@ def role_groups() -> Iterator[tuple[grp.struct_group, grp.struct_group]]:
             subprocess.run(["groupdel", name], check=False, capture_output=True)
 
 
+@pytest.fixture
+def readable_gateway() -> Iterator[Path]:
+    """A copy of the ``gateway`` and ``drivers`` packages that another user can read."""
+    with readable_copy("gateway", "drivers") as base:
+        yield base
+
+
 @pytest.mark.timeout(120)
 async def test_read_only_members_read_operators_act_root_always(
-    site: Site, role_groups: tuple[grp.struct_group, grp.struct_group]
+    site: Site, role_groups: tuple[grp.struct_group, grp.struct_group], readable_gateway: Path
 ) -> None:
     readers, operators = role_groups
     shared = Path(tempfile.mkdtemp(prefix="gw-roles-"))  # pytest's tmp_path is root's alone
@@ -286,9 +294,10 @@ async def test_read_only_members_read_operators_act_root_always(
     await server.start()
 
     async def ctl(*args: str, gid: int, groups: list[int]) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(subprocess.run, [*GATEWAYCTL_AS_OTHER, "--config", str(config), *args],
-                                       user=OTHER_UID, group=gid, extra_groups=groups, capture_output=True,
-                                       text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+        argv = [*gatewayctl_as_other(readable_gateway), "--config", str(config), *args]
+        return await asyncio.to_thread(subprocess.run, argv, user=OTHER_UID, group=gid, extra_groups=groups,
+                                       cwd=readable_gateway, capture_output=True, text=True, timeout=60,
+                                       env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
 
     try:
         assert os.stat(sock).st_gid == readers.gr_gid

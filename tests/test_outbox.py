@@ -493,3 +493,4 @@ async def test_batches_of_every_size_compile_no_new_statements(tmp_path: Path) -
     finally:
         await ob.close()
     assert grown < 512 * 1024, f"SQLite holds {grown / 1024:.0f} KiB more after 60 batch sizes"
+

@@ -18,12 +18,12 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.clock import TIME_ERROR, TIMESYNC_FLAG, adjtimex_state
+from gateway.clock import ASSUME_ENV, TIME_ERROR, TIMESYNC_FLAG, adjtimex_state
 from gateway.config import BusConfig, ConfigError, SiteConfig, load_config
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "check_serial",
     "check_service",
     "check_storage",
+    "check_test_override",
     "run_doctor",
 ]
 
@@ -379,6 +380,32 @@ def check_clock(read_state: Callable[[], int | None] = adjtimex_state, *, develo
     return ok("clock", "synchronised (adjtimex)")
 
 
+def _service_environment(unit: str) -> str:
+    """The unit's ``Environment=`` as systemd holds it ("" where there is no systemd to ask)."""
+    if shutil.which("systemctl") is None:
+        return ""
+    try:
+        return subprocess.run(["systemctl", "show", unit, "--property=Environment", "--value"],
+                              capture_output=True, text=True, timeout=15, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def check_test_override(environ: Mapping[str, str] = os.environ, *, service_environment: str | None = None,
+                        unit: str = UNIT) -> Check:
+    """The test-only clock override (:data:`gateway.clock.ASSUME_ENV`) set here or in the service: the gateway
+    ignores it outside the test suite, but it has no place on a gateway."""
+    in_unit = f"{ASSUME_ENV}=" in (_service_environment(unit) if service_environment is None
+                                   else service_environment)
+    if in_unit:
+        return fail("test override", f"{ASSUME_ENV} is set in {unit} (a test-only variable; the gateway ignores it)",
+                    f"remove it from the unit's Environment= (systemctl edit {unit}) and restart")
+    if ASSUME_ENV in environ:
+        return warn("test override", f"{ASSUME_ENV} is set in this shell (a test-only variable; a gateway started "
+                    "from here ignores it)", f"unset {ASSUME_ENV}")
+    return ok("test override", "no test-only variable set")
+
+
 def check_storage(cfg: SiteConfig) -> Iterator[Check]:
     """Free space where the database lives, and SQLite's ``integrity_check`` on a read-only open."""
     s = cfg.storage
@@ -481,6 +508,7 @@ def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None,
             *[(lambda bus=bus: check_serial(cfg, bus, daemon)) for bus in cfg.buses],
             lambda: check_broker(cfg),
             lambda: check_clock(development=cfg.runtime.pin_factory == "mock"),
+            lambda: check_test_override(unit=unit),
             lambda: check_storage(cfg),
             lambda: check_service(unit),
             lambda: check_group(cfg),

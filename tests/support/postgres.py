@@ -11,13 +11,18 @@ from types import TracebackType
 
 from tests.support.broker import free_port
 
-__all__ = ["PostgresServer", "find_pg_bin"]
+__all__ = ["PG_BIN_ENV", "PostgresServer", "find_pg_bin"]
 
 _PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+#: The directory holding initdb and pg_ctl; when set, the only place looked (an empty directory hides them).
+PG_BIN_ENV = "GATEWAY_TEST_PG_BIN"
 
 
 def find_pg_bin() -> Path | None:
-    """The directory holding initdb and pg_ctl, or None."""
+    """The directory holding initdb and pg_ctl (``$GATEWAY_TEST_PG_BIN``, Debian's, or on PATH), or None."""
+    chosen = os.environ.get(PG_BIN_ENV)
+    if chosen is not None:
+        return Path(chosen) if os.access(Path(chosen) / "initdb", os.X_OK) else None
     for d in _PG_BIN_DIRS:
         if os.access(Path(d) / "initdb", os.X_OK):
             return Path(d)
