@@ -622,7 +622,8 @@ def _key_parts(text: str) -> list[str]:
 
 def key_lines(text: str) -> dict[str, int]:
     """Line (1-based) of each table and key in a TOML text, by key path as errors name them
-    (``devices[3].address``, ``mqtt.tls``). Lines inside multi-line strings are skipped."""
+    (``devices[3].address``, ``mqtt.tls``; an array of tables also by its own path, at its first entry). Lines
+    inside multi-line strings are skipped."""
     lines: dict[str, int] = {}
     counts: dict[str, int] = {}  # array of tables (by its path) → tables so far
     table = ""
@@ -639,6 +640,7 @@ def key_lines(text: str) -> dict[str, int]:
             for i, part in enumerate(parts):
                 path = f"{path}.{part}" if path else part
                 if i == len(parts) - 1 and header.group(1) == "[[":  # a new entry of this array
+                    lines.setdefault(path, number)  # the array itself, as an unknown array is named
                     counts[path] = counts.get(path, 0) + 1
                     path = f"{path}[{counts[path] - 1}]"
                 elif path in counts:  # within the array's latest entry

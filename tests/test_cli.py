@@ -108,12 +108,18 @@ def run_ctl(*args: str, timeout: float = 60.0, **kwargs: Any) -> subprocess.Comp
 
 
 @contextlib.contextmanager
-def daemon_site(directory: Path) -> Iterator[DaemonSite]:
+def daemon_site(directory: Path, *, valve_on_gas: bool = False) -> Iterator[DaemonSite]:
+    """A running daemon on its own broker and bus; with ``valve_on_gas`` the first detector's unit's high gas
+    alarm drives the relay (the gas valve), as in the example building."""
     broker = MosquittoBroker(directory / "broker")
     broker.start()
     try:
         with VirtualNullModem(directory) as modem:
             spec, config = write_site(directory, bus_port=modem.gateway_port, broker_port=broker.port)
+            if valve_on_gas:
+                with config.open("a") as f:
+                    f.write(f'\n[[linkage]]\nsignal = "gas_high"\nscope = "unit:{spec.detectors[0].unit}"\n'
+                            f'output = "{RELAY_ID}"\n')
             bus = SimulatedBus(modem.device_port)
             detectors = populate_bus(bus, spec)
             with bus:
@@ -565,29 +571,34 @@ def test_permission_error_prints_a_one_line_hint(site: DaemonSite) -> None:
 # ------------------------------------------------------------------------------------------- export
 
 
-def test_30000_events_leave_the_box_as_csv_between_since_and_until(tmp_path: Path) -> None:
+def store_telemetry(database: Path, base: float, seconds: range) -> None:
+    """One telemetry event a second (at ``base + i`` for each ``i``) appended through the outbox."""
     import asyncio
-    import csv
-    import datetime as dt
-    import sqlite3
 
     from gateway.events import Event
     from gateway.uplink.outbox import Outbox
 
-    database = tmp_path / "events.db"
-    base = 1_796_600_000.0
-
     async def fill() -> None:
         outbox = await Outbox.open(str(database), gateway_id="test-community-b01")
         try:
-            for start in range(0, 32_000, 2000):  # one event a second; the window below holds 30 000
+            for start in range(seconds.start, seconds.stop, 2000):
                 await outbox.append([Event("telemetry", "reading", float(i), device=f"gas-{i % 7}", unit="u1",
                                            value=float(i % 50), measure="%LEL", wall=base + i)
-                                     for i in range(start, start + 2000)])
+                                     for i in range(start, min(start + 2000, seconds.stop))])
         finally:
             await outbox.close()
 
     asyncio.run(fill())
+
+
+def test_30000_events_leave_the_box_as_csv_between_since_and_until(tmp_path: Path) -> None:
+    import csv
+    import datetime as dt
+    import sqlite3
+
+    database = tmp_path / "events.db"
+    base = 1_796_600_000.0
+    store_telemetry(database, base, range(0, 32_000))  # one event a second; the window below holds 30 000
     config = tmp_path / "site.toml"
     config.write_text(f'[storage]\npath = "{database}"\n')  # export needs only where the database is
     zone = dt.timezone(dt.timedelta(hours=8))
@@ -614,15 +625,46 @@ def test_30000_events_leave_the_box_as_csv_between_since_and_until(tmp_path: Pat
     assert all(item["device"] == "gas-3" and "+" in item["local_time"] for item in lines)
 
 
+@pytest.mark.parametrize("form", ["csv", "jsonl"])
+def test_an_export_held_mid_way_does_not_stop_wal_checkpoints(tmp_path: Path, form: str) -> None:
+    """``gatewayctl events --format csv | less`` left open: the export waits on its full pipe holding no read
+    transaction, so the daemon's writes still checkpoint and the WAL on the SD card does not grow."""
+    import sqlite3
+
+    database = tmp_path / "events.db"
+    base = 1_796_600_000.0
+    store_telemetry(database, base, range(0, 30_000))  # megabytes of output: far more than a pipe holds
+    config = tmp_path / "site.toml"
+    config.write_text(f'[storage]\npath = "{database}"\n')
+    export = subprocess.Popen([GATEWAYCTL, "--config", str(config), "events", "--format", form],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NO_COLOR": ""})
+    try:
+        assert export.stdout is not None
+        first = [export.stdout.readline() for _ in range(5)]  # then hold: the export blocks on the pipe
+        assert all(first) and export.poll() is None
+        store_telemetry(database, base, range(30_000, 32_000))  # the daemon goes on storing events
+        with sqlite3.connect(database) as db:
+            db.execute("PRAGMA busy_timeout = 0")
+            busy, _wal_frames, _checkpointed = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0
+        assert export.poll() is None  # still mid-way, still held
+        assert os.path.getsize(f"{database}-wal") == 0  # truncated: the WAL does not grow behind the reader
+    finally:
+        export.kill()
+        export.communicate(timeout=30)
+
+
 # ------------------------------------------------------------------------------------------- daemon down
 
 
 def test_a_killed_daemon_s_latch_and_relays_show_from_its_state_file(tmp_path: Path) -> None:
-    with daemon_site(tmp_path) as down:
+    with daemon_site(tmp_path, valve_on_gas=True) as down:
         device = down.device_ids[0]
         down.detectors[0].set_concentration(30.0)
         wait_until(lambda: down.device_state(device)["latched"] == "high", timeout=30)
+        wait_until(lambda: down.status()["annunciator"]["relays"][RELAY_ID], timeout=30)
         relays = {k for k, on in down.status()["annunciator"]["relays"].items() if on}
+        assert relays == {RELAY_ID}  # the gas valve, closed by the high gas alarm
         assert down.daemon is not None
         down.daemon.kill()  # kill -9: no planned stop, the state file is what the panel last saved
         down.daemon.wait(timeout=30)

@@ -679,3 +679,15 @@ def test_profile_examples_in_the_docs_validate(tmp_path: Path) -> None:
     doc["profiles"] = {name: body for p in profiles for name, body in p.items()}
     cfg = parse_config(doc, base_dir=tmp_path)
     assert cfg.devices  # the profiles parsed along with the site
+
+
+def test_an_unknown_array_of_tables_is_named_with_its_line(tmp_path: Path) -> None:
+    """``[[buses_x]]`` (a mistyped ``[[buses]]``) at the top level: the error names the key and its line."""
+    text = BASE + '\n[[buses_x]]\nid = "bus9"\nport = "/dev/ttyUSB9"\n'
+    path = tmp_path / "typo.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    errors = getattr(info.value, "errors", [info.value])
+    assert [(e.path, e.line) for e in errors] == [("buses_x", text.splitlines().index("[[buses_x]]") + 1)]
+    assert "unknown key" in errors[0].reason

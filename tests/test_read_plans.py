@@ -28,7 +28,7 @@ from drivers.simulated import SimulatedBus, VirtualNullModem
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, bus_floor_s
 from gateway.config import BusConfig, SiteConfig, load_config
 from gateway.ops.discover import find_controller, profile_sketch
-from gateway.panel.buses import open_client
+from gateway.panel.buses import BusPoller, open_client
 from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway
@@ -215,6 +215,54 @@ async def test_a_controller_refusing_the_span_is_read_per_channel_and_its_alarms
 def _decoded(frame: bytes) -> tuple[int, int, int] | None:
     pdu = FramerRTU(DecodePDU(is_server=True)).handleFrame(frame, 0, 0)[1]
     return None if pdu is None else (pdu.function_code, pdu.address, pdu.count)
+
+
+class _DeliveryRecorder:
+    """Stands in for the alarm panel behind a bus thread: notes, for each channel's answer, whether the
+    fallback's log line had already been written when the answer was handed over."""
+
+    def __init__(self, logs: list[dict[str, Any]]) -> None:
+        self.logs = logs
+        self.delivered: list[tuple[str, bool]] = []
+
+    def _note(self, device_id: str) -> None:
+        self.delivered.append((device_id, any(e["event"] == "controller read one channel at a time"
+                                              for e in self.logs)))
+
+    def reading(self, device_id: str, _reading: Any) -> None:
+        self._note(device_id)
+
+    def poll_failed(self, device_id: str, _reason: str) -> None:
+        self._note(device_id)
+
+    def port_state(self, _bus_id: str, _lost: bool, _detail: str | None = None) -> None:
+        pass
+
+
+def test_the_fallbacks_log_line_is_written_after_the_readings_reach_the_panel(tmp_path: Path) -> None:
+    """Rule 1: the bus thread writes the log line saying why a controller is read per channel only after
+    the poll's readings are with the panel, and writes it once."""
+    channels = [GasDetector(f"c.ch{n}", CONTROLLER, ctrl4().for_channel(n)) for n in range(1, 5)]
+    with VirtualNullModem(tmp_path / "line") as line:
+        sim = SimulatedBus(line.device_port)
+        sim.add_controller(CONTROLLER)
+        with sim, structlog.testing.capture_logs() as logs:
+            bus = BusConfig(id="b", port=line.gateway_port, baudrate=9600, parity="N", stopbits=1, bytesize=8,
+                            timeout_s=0.5, poll_interval_s=0.2)
+            panel = _DeliveryRecorder(logs)
+            poller = BusPoller(bus, list(channels), panel)  # type: ignore[arg-type]
+            poller.start()
+            try:
+                deadline = time.monotonic() + 60
+                while len(panel.delivered) < 12 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                poller.stop()
+    assert len(panel.delivered) >= 12, panel.delivered
+    # The poll that fell back handed its four channels over before the line was written.
+    assert panel.delivered[:4] == [(f"c.ch{n}", False) for n in range(1, 5)], panel.delivered
+    assert all(warned for _, warned in panel.delivered[4:]), panel.delivered
+    assert len([e for e in logs if e["event"] == "controller read one channel at a time"]) == 1
 
 
 def test_a_controller_set_to_span_keeps_its_span_and_reports_the_refusal(tmp_path: Path) -> None:

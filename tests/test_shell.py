@@ -4,9 +4,12 @@ the real commands and options, zsh gets a completion function, the man page name
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
+
+import pytest
 
 from gateway.ops.cli import build_parser
 from gateway.ops.shell import completion, manpage
@@ -19,6 +22,14 @@ def _generated(what: str) -> str:
     result = subprocess.run([sys.executable, "-m", "gateway.ops.shell", *what.split()], capture_output=True,
                             text=True, timeout=60, check=True)
     return result.stdout
+
+
+def _require_tool(name: str, package: str) -> None:
+    """Skip without the program ``name``; under CI (CI=true) its absence is a failure: scripts/test installs it."""
+    if shutil.which(name) is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{name} is required under CI (scripts/test installs it): apt-get install {package}")
+        pytest.skip(f"{name} is required: apt-get install {package}")
 
 
 def bash_complete(script: str, *words: str) -> list[str]:
@@ -51,8 +62,8 @@ def test_zsh_gets_a_completion_function_for_every_command() -> None:
     assert script.startswith("#compdef gatewayctl")
     assert all(f"        {command}) " in script for command in COMMANDS), script[-3000:]
     assert "--problems" in script and "_files" in script  # --config FILE completes file names
-    if shutil.which("zsh") is not None:  # a syntax check where zsh is installed
-        subprocess.run(["zsh", "-n", "-c", script], check=True, timeout=60)
+    _require_tool("zsh", "zsh")  # a syntax check by zsh itself
+    subprocess.run(["zsh", "-n", "-c", script], check=True, timeout=60)
 
 
 def test_the_man_page_names_every_command_and_option() -> None:
@@ -62,7 +73,7 @@ def test_the_man_page_names_every_command_and_option() -> None:
     roff = [command.replace("-", "\\-") for command in COMMANDS]  # roff escapes a hyphen
     assert all(f".SS \\fBgatewayctl {command}\\fR" in page for command in roff)
     assert "\\-\\-problems" in page and "\\-\\-format" in page
-    if shutil.which("man") is not None:  # and it renders, where man is installed
-        shown = subprocess.run(["man", "-l", "-"], input=page, capture_output=True, text=True, timeout=60,
-                               env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-        assert shown.returncode == 0 and "gatewayctl scan" in shown.stdout, shown.stderr
+    _require_tool("man", "man-db")  # and it renders
+    shown = subprocess.run(["man", "-l", "-"], input=page, capture_output=True, text=True, timeout=60,
+                           env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert shown.returncode == 0 and "gatewayctl scan" in shown.stdout, shown.stderr

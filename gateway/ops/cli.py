@@ -603,11 +603,20 @@ def export_record(e: Mapping[str, Any]) -> list[Any]:
             "yes" if e.get("delivered") else "no"]
 
 
+#: Rows an export reads at a time (:func:`export_rows`).
+EXPORT_PAGE_ROWS = 5000
+
+
 def export_rows(database: str, *, limit: int | None = None, since: float | None = None, until: float | None = None,
                 device: str | None = None, household: str | None = None, kind: str | None = None
                 ) -> Iterator[dict[str, Any]]:
     """Stored events matching the filters, oldest first (``since`` ≤ time < ``until``), read from the database
-    file opened read-only and streamed row by row: no cap, little memory."""
+    file opened read-only and streamed row by row: no cap, little memory.
+
+    Rows are read :data:`EXPORT_PAGE_ROWS` at a time, each page a short read of its own, so an export held
+    mid-way (``| less`` left open) keeps no read transaction open and never stops the daemon's WAL
+    checkpoints. Events stored after the export began are left out, as a single read would have.
+    """
     if not Path(database).exists():
         raise CliError(f"there is no database at {database}")
     where: list[str] = ["1"]
@@ -628,12 +637,21 @@ def export_rows(database: str, *, limit: int | None = None, since: float | None 
         raise CliError(f"cannot open {database}: {exc}") from None
     try:
         db.execute("PRAGMA busy_timeout = 5000")
-        cursor = db.execute(f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
-                            " ORDER BY seq" + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else [])))
-        for seq, payload, delivered, delivered_at in cursor:
-            item = json.loads(payload)
-            item["stored_seq"], item["delivered"], item["delivered_at"] = seq, bool(delivered), delivered_at
-            yield item
+        last_seq = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
+        query = (f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
+                 " AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
+        after, left = 0, limit or None
+        while last_seq is not None and left != 0:
+            size = EXPORT_PAGE_ROWS if left is None else min(EXPORT_PAGE_ROWS, left)
+            page = db.execute(query, (*args, after, last_seq, size)).fetchall()
+            for seq, payload, delivered, delivered_at in page:
+                item = json.loads(payload)
+                item["stored_seq"], item["delivered"], item["delivered_at"] = seq, bool(delivered), delivered_at
+                yield item
+            if len(page) < size:
+                return
+            after = page[-1][0]
+            left = None if left is None else left - len(page)
     except sqlite3.Error as exc:
         raise CliError(f"cannot read {database}: {exc}") from None
     finally:

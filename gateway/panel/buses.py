@@ -503,9 +503,6 @@ class BusPoller:
         except Exception:  # a driver bug must never stop the bus thread
             results = {}
             self._log_once(f"driver:{group.device_id}", "poll raised", device=group.device_id)
-        if group.plan != plan and group.fallback is not None:
-            log.warning("controller read one channel at a time", bus=self.bus.id, address=group.address,
-                        channels=list(group.device_ids), reason=group.fallback)
         first_failed = next((r for r in results.values() if isinstance(r, CommError)), None)
         if first_failed is not None or not results:
             self.errors += 1
@@ -517,6 +514,9 @@ class BusPoller:
                 self._tell(key, self._panel.reading, key, result)
             else:
                 self._tell(key, self._panel.poll_failed, key, "driver_error" if result is None else result.kind)
+        if group.plan != plan and group.fallback is not None:  # once, and only after the panel has the readings
+            log.warning("controller read one channel at a time", bus=self.bus.id, address=group.address,
+                        channels=list(group.device_ids), reason=group.fallback)
         if any(e.reason in ("port", "timeout") for e in failed.values()) and not self._port_present():
             self._client.close()
 
