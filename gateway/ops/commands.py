@@ -228,6 +228,18 @@ class CommandTarget(Protocol):
     def uplink_process(self) -> dict[str, Any]: ...
 
 
+async def _second_path_status(gw: CommandTarget) -> dict[str, Any]:
+    """The transmission path's supervision and the SMS path, where the panel has them (docs/alarms.md)."""
+    out: dict[str, Any] = {}
+    figures = getattr(gw, "transmission_figures", None)
+    if figures is not None:
+        out["transmission"] = figures()
+    sms = getattr(gw, "sms_status", None)
+    if sms is not None:
+        out["sms"] = await sms()
+    return out
+
+
 class CommandHandler:
     """Validates and carries out operator commands against the running panel (:class:`CommandTarget`)."""
 
@@ -359,6 +371,7 @@ class CommandHandler:
             ],
             "active": [{**c, "since": wall(c["since"])} for c in snap["active"]],  # type: ignore[arg-type]
             "devices": devices,
+            **await _second_path_status(gw),
         }
 
     async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:

@@ -39,6 +39,8 @@ from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide
 from gateway.panel.state import StateSaver, load_state, state_path
+from gateway.panel.transmission import FAULT_CODE as TRANSMISSION_FAULT
+from gateway.panel.transmission import TransmissionMonitor
 from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, settle_startup
 
 __all__ = [
@@ -57,6 +59,9 @@ STOP_STORE_TIMEOUT_S = 8.0
 #: How long the storage process may take to flush to the broker and exit before it is killed.
 STOP_STORAGE_TIMEOUT_S = 12.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
+#: The uplink process beats twice a second: silent for this long, its last word on the broker is stale and the
+#: path counts as down (it is killed and restarted after 15 s of silence).
+BEAT_STALE_S = 3.0
 #: SCHED_FIFO priority of the panel's other threads (loop, hand-over, supervisor, saver, self-check) when the
 #: alarm threads are realtime: the lowest realtime one, below every alarm thread yet above every normal
 #: process, so none of them can be preempted while it holds the interpreter lock a bus thread needs.
@@ -92,12 +97,15 @@ class PanelProcess:
         if isinstance(unstored, dict):
             self.handover.hold.return_drops({str(k): int(v) for k, v in unstored.items() if isinstance(v, int)})
         self.saver = StateSaver(self.state_file, identity, self._saved_state)
-        self.side = AlarmSide(cfg, on_event=self.handover.put, on_annunciation=self._annunciation_changed,
+        self.transmission = TransmissionMonitor(cfg.transmission, path_up=self._path_up,
+                                                on_change=self._transmission_changed)
+        self.side = AlarmSide(cfg, on_event=self._event_made, on_annunciation=self._annunciation_changed,
                               heartbeats=self.heartbeats, saved=loaded.state,
                               on_saved_change=self.saver.changed)
         self.supervisor = UplinkSupervisor(config_path, self.handover, on_request=self._uplink_request,
                                            on_fault=self._storage_fault, on_state=self._uplink_state,
-                                           env=uplink_env, log_path=uplink_log)
+                                           env=uplink_env, log_path=uplink_log,
+                                           on_delivered=self._delivered)
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.selfcheck: SelfCheck | None = None
@@ -254,6 +262,7 @@ class PanelProcess:
         """The storage process, the control socket, the self-check, the loop's heartbeat."""
         self._loop = asyncio.get_running_loop()
         self.supervisor.start()
+        self.transmission.start()
         control = ControlServer(self.cfg.control, self.commands)
         try:
             await control.start()
@@ -270,6 +279,7 @@ class PanelProcess:
         """Planned stop: inputs first, every event read stored, then storage and outputs."""
         if self.selfcheck is not None:
             self.selfcheck.stop()
+        self.transmission.stop()
         if self.control is not None:
             await self.control.stop()
         await asyncio.to_thread(self.side.stop_inputs)
@@ -318,6 +328,36 @@ class PanelProcess:
 
     def _storage_fault(self, code: str, present: bool, detail: str | None) -> None:
         self.side.panel.gateway_fault(code, present, detail)
+
+    # ------------------------------------------------------------------------------ transmission
+
+    def _event_made(self, event: Event) -> None:
+        """Every event the panel makes (from the alarm path: queue puts and dictionary inserts only)."""
+        self.handover.put(event)
+        self.transmission.note(event)
+
+    def _delivered(self, keys: list[str]) -> None:
+        """The broker acknowledged these urgent events (from the uplink reader thread)."""
+        self.transmission.delivered(keys)
+
+    def _path_up(self) -> tuple[bool, str]:
+        """Whether the path to the broker is up now and, if not, why (a dead uplink process is a path down)."""
+        sup = self.supervisor
+        if not sup.up:
+            return False, f"uplink process down ({sup.last_exit or 'starting'})"
+        if sup.silent_s > BEAT_STALE_S:
+            return False, f"uplink process silent for {sup.silent_s:.0f} s"
+        if sup.beat.get("connected"):
+            return True, ""
+        return False, f"broker unreachable ({sup.beat.get('last_error') or 'not connected'})"
+
+    def _transmission_changed(self, present: bool, detail: str | None) -> None:
+        """The transmission fault came or went (on the monitor's thread)."""
+        self.side.panel.gateway_fault(TRANSMISSION_FAULT, present, detail)
+
+    def transmission_figures(self) -> dict[str, Any]:
+        """The transmission path for ``gatewayctl status``."""
+        return self.transmission.figures()
 
     def _uplink_state(self, up: bool, reason: str) -> None:
         if up:
