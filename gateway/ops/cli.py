@@ -613,6 +613,17 @@ class Cli:
         return self.simple("relay_test", {"output": self.args.output, "seconds": self.args.seconds}, render,
                            timeout=self.args.seconds + REPLY_TIMEOUT_S)
 
+    def sms_test(self) -> int:
+        """``gatewayctl sms test NUMBER``: the SMS process sends a message that says it is a test."""
+        def render(d: dict[str, Any]) -> Iterator[str]:
+            state = d.get("state")
+            if state == "sent":
+                yield "test SMS sent (the modem took it)"
+            else:
+                yield f"test SMS {state}" + (f": {d['error']}" if d.get("error") else "; see gatewayctl status")
+
+        return self.simple("sms_test", {"number": self.args.number}, render, timeout=REPLY_TIMEOUT_S + 15)
+
     def read(self) -> int:
         def render(d: dict[str, Any]) -> Iterator[str]:
             if "closed" in d:
@@ -819,6 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--to", dest="last", type=int, default=247, metavar="N", help="last address (default 247)")
     sc.add_argument("--pause-polling", action="store_true", help="pause polling of the bus during the scan")
 
+    sms = sub.add_parser("sms", help="the SMS path: send a test message")
+    sms_sub = sms.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    sms_test = sms_sub.add_parser("test", parents=[json_flag], help="send a test SMS to NUMBER (operator role)")
+    sms_test.add_argument("number", metavar="NUMBER", help="any phone number; it need not be in the contacts file")
+
     config = sub.add_parser("config", help="check a config file or show the running one")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file")
@@ -850,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli.config_check() if args.action == "check" else cli.config_show()
         if args.command == "doctor":
             return cli.doctor()
+        if args.command == "sms":
+            return cli.sms_test()
         return handlers[args.command]()
     except CliError as exc:
         if cli.json:

@@ -77,6 +77,7 @@ COMMAND_ARGS: dict[str, frozenset[str]] = {
     "buzzer_test": frozenset({"seconds_per_pattern"}),
     "relay_test": frozenset({"output", "seconds"}),
     "config_show": frozenset(),
+    "sms_test": frozenset({"number"}),
 }
 COMMANDS = frozenset(COMMAND_ARGS)
 #: Events returned at most by one ``events`` call.
@@ -382,6 +383,17 @@ class CommandHandler:
         except RuntimeError as exc:
             return CommandResult.failed(f"rebirth: {exc}")
         return CommandResult(True, data={"topic": answer["topic"]})
+
+    async def _cmd_sms_test(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        number = a.text("number", required=True, max_len=32) or ""
+        sms_test = getattr(self.gateway, "sms_test", None)
+        if sms_test is None or getattr(self.gateway, "sms_supervisor", None) is None:
+            return CommandResult.failed("sms test: no [sms] modem configured")
+        try:
+            data = await sms_test(number)
+        except (StorageAway, RuntimeError) as exc:
+            return CommandResult.failed(f"sms test: {exc}")
+        return CommandResult(data.get("state") != "failed", reason=data.get("error"), data=data)
 
     async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})

@@ -14,6 +14,7 @@ then stops the storage process and releases the pins.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -59,6 +61,12 @@ STOP_STORE_TIMEOUT_S = 8.0
 #: How long the storage process may take to flush to the broker and exit before it is killed.
 STOP_STORAGE_TIMEOUT_S = 12.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
+#: How long a planned stop waits for the SMS process to commit what it is owed.
+STOP_SMS_STORE_TIMEOUT_S = 3.0
+#: Event kinds the SMS process is handed: those that may be owed a message, and resets (an episode ends).
+SMS_KINDS = frozenset({"alarm", "supervisory", "fault", "reset"})
+#: Delivery keys the panel keeps to tell an SMS process that (re)connects which events need no message.
+RECENT_DELIVERED = 1024
 #: The uplink process beats twice a second: silent for this long, its last word on the broker is stale and the
 #: path counts as down (it is killed and restarted after 15 s of silence).
 BEAT_STALE_S = 3.0
@@ -81,8 +89,10 @@ class PanelProcess:
     """One building's alarm panel and the supervisor of its storage process."""
 
     def __init__(self, cfg: SiteConfig, config_path: str, *, uplink_env: dict[str, str] | None = None,
-                 uplink_log: str | None = None, heartbeats: Heartbeats | None = None) -> None:
-        """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours)."""
+                 uplink_log: str | None = None, heartbeats: Heartbeats | None = None,
+                 sms_log: str | None = None) -> None:
+        """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours);
+        ``sms_log``: the SMS process's log file (default: ``sms.log`` beside ``uplink_log``, or ours)."""
         self.cfg = cfg
         self.config_path = config_path
         self.started_at = time.time()
@@ -106,6 +116,16 @@ class PanelProcess:
                                            on_fault=self._storage_fault, on_state=self._uplink_state,
                                            env=uplink_env, log_path=uplink_log,
                                            on_delivered=self._delivered)
+        self._recent_delivered: collections.deque[str] = collections.deque(maxlen=RECENT_DELIVERED)
+        self.sms_handover: Handover | None = None
+        self.sms_supervisor: UplinkSupervisor | None = None
+        if cfg.sms is not None:
+            # The second path: a child of its own, never routed through the storage/uplink process.
+            self.sms_handover = Handover()
+            self.sms_supervisor = UplinkSupervisor(
+                config_path, self.sms_handover, on_request=_no_requests, on_fault=self._storage_fault,
+                on_state=self._sms_state, command=[sys.executable, "-m", "gateway.sms.process"], env=uplink_env,
+                log_path=sms_log or (str(Path(uplink_log).with_name("sms.log")) if uplink_log else None), name="sms")
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.selfcheck: SelfCheck | None = None
@@ -262,6 +282,9 @@ class PanelProcess:
         """The storage process, the control socket, the self-check, the loop's heartbeat."""
         self._loop = asyncio.get_running_loop()
         self.supervisor.start()
+        if self.sms_handover is not None and self.sms_supervisor is not None:
+            self.sms_handover.start()
+            self.sms_supervisor.start()
         self.transmission.start()
         control = ControlServer(self.cfg.control, self.commands)
         try:
@@ -289,6 +312,10 @@ class PanelProcess:
             self._unstored_at_stop = self.handover.hold.by_class()
             log.error("events not stored at stop; counted as dropped", **self._unstored_at_stop)
         await asyncio.to_thread(self.supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
+        if self.sms_handover is not None and self.sms_supervisor is not None:
+            await asyncio.to_thread(self.sms_handover.wait_stored, STOP_SMS_STORE_TIMEOUT_S)
+            await asyncio.to_thread(self.sms_supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
+            self.sms_handover.stop()
         self._beating.cancel()
         self.saver.stop()
         self.saver.save_now()
@@ -335,10 +362,15 @@ class PanelProcess:
         """Every event the panel makes (from the alarm path: queue puts and dictionary inserts only)."""
         self.handover.put(event)
         self.transmission.note(event)
+        if self.sms_handover is not None and event.kind in SMS_KINDS:
+            self.sms_handover.put(event)
 
     def _delivered(self, keys: list[str]) -> None:
         """The broker acknowledged these urgent events (from the uplink reader thread)."""
         self.transmission.delivered(keys)
+        if self.sms_handover is not None:
+            self._recent_delivered.extend(keys)
+            self.sms_handover.send(link.encode("delivered", keys=keys))
 
     def _path_up(self) -> tuple[bool, str]:
         """Whether the path to the broker is up now and, if not, why (a dead uplink process is a path down)."""
@@ -354,6 +386,51 @@ class PanelProcess:
     def _transmission_changed(self, present: bool, detail: str | None) -> None:
         """The transmission fault came or went (on the monitor's thread)."""
         self.side.panel.gateway_fault(TRANSMISSION_FAULT, present, detail)
+        if self.sms_handover is not None:
+            self.sms_handover.send(link.encode("transmission", present=present, detail=detail))
+
+    # ------------------------------------------------------------------------------ the SMS path
+
+    def _sms_state(self, up: bool, reason: str) -> None:
+        """The SMS process connected (after its held events): tell it the path's state and recent PUBACKs."""
+        handover = self.sms_handover
+        if handover is None:
+            return
+        if up:
+            log.info("sms process connected", pid=self.sms_supervisor.pid if self.sms_supervisor else None)
+            recent = list(self._recent_delivered)
+            if recent:
+                handover.send(link.encode("delivered", keys=recent))
+            present = self.transmission.present
+            handover.send(link.encode("transmission", present=present is not None, detail=present))
+        elif self.sms_supervisor is not None and not self.sms_supervisor.stopping:
+            log.warning("sms process away; the panel holds what it owes", reason=reason)
+
+    async def _sms_request(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        sup = self.sms_supervisor
+        if sup is None:
+            raise StorageAway("no [sms] modem configured")
+        future = sup.request(name, args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), STORAGE_REQUEST_TIMEOUT_S)
+        except ConnectionError as exc:
+            raise StorageAway(str(exc).replace("storage/uplink", "sms") or "the sms process is down") from None
+        except TimeoutError:
+            raise StorageAway("the sms process did not answer") from None
+
+    async def sms_status(self) -> dict[str, Any]:
+        """The SMS path for ``gatewayctl status``: modem, queue, contacts by role (never a number)."""
+        if self.sms_supervisor is None:
+            return {"configured": False}
+        try:
+            data = await self._sms_request("sms_status", {})
+        except (StorageAway, RuntimeError) as exc:
+            return {"configured": True, "process": "down", "reason": str(exc)}
+        return {"configured": True, "process": "up", **data}
+
+    async def sms_test(self, number: str) -> dict[str, Any]:
+        """Queue a test message to ``number`` and wait briefly for the modem's answer."""
+        return await self._sms_request("sms_test", {"number": number})
 
     def transmission_figures(self) -> dict[str, Any]:
         """The transmission path for ``gatewayctl status``."""
@@ -408,6 +485,11 @@ class PanelProcess:
         return (f"{len(snap['devices']) - faults} devices ok, {faults} fault, "
                 f"storage {'up' if self.supervisor.up else 'down'}, "
                 f"uplink {'up' if self.uplink_connected else 'down'}, held {len(self.handover.hold)}")
+
+
+def _no_requests(name: str, args: dict[str, Any], answer: Any) -> None:
+    """The SMS process asks the panel nothing."""
+    answer({"error": f"unknown request {name!r}"}, False)
 
 
 def _plain(value: Any) -> Any:
