@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LANGUAGES", "event_text", "test_text"]
+__all__ = ["LANGUAGES", "event_text", "technician_test_text"]
 
 _WHAT: dict[str, dict[str, str]] = {
     "zh": {"high": "燃气浓度高", "low": "燃气浓度超标", "fire": "火警", "removed": "灭火器被移走",
@@ -62,7 +62,7 @@ def event_text(event: Mapping[str, Any], *, building: str, language: str) -> str
     return f"{head}: {place}: {what}, {when}.{tail}"
 
 
-def test_text(*, building: str, language: str, wall: float | None = None) -> str:
+def technician_test_text(*, building: str, language: str, wall: float | None = None) -> str:
     """The message of ``gatewayctl sms test``: it says it is a test."""
     when = _when(time.time() if wall is None else wall)
     if language == "zh":

@@ -34,7 +34,7 @@ from gateway.config import ConfigError, SiteConfig, SmsConfig, load_config
 from gateway.events import delivery_key
 from gateway.logs import configure_logging
 from gateway.sms.contacts import Contacts, ContactsError, mask
-from gateway.sms.messages import event_text, test_text
+from gateway.sms.messages import event_text, technician_test_text
 from gateway.sms.modem import Modem, SendFailed
 from gateway.sms.policy import HOUR_S, Owed, SmsPolicy
 from gateway.sms.queue import SmsQueue
@@ -240,7 +240,7 @@ class SmsProcess:
             if not number.lstrip("+").isdigit() or not 3 <= len(number.lstrip("+")) <= 20:
                 answer({"error": "not a phone number"}, False)
                 return
-            text = test_text(building=self.cfg.building, language=self.sms.language)
+            text = technician_test_text(building=self.cfg.building, language=self.sms.language)
             message_id = store.add_message(f"test:{time.time():.6f}", number, "test", text)
             with self._tests_lock:
                 self._waiting_tests[message_id] = answer
