@@ -221,6 +221,7 @@ def test_a_refused_submission_is_an_error_and_the_next_one_goes(sim: SimulatedMo
     ("unregistered", "not registered (NoNetwork)"),
     ("no_signal", "no signal"),
     ("unplugged", "port lost"),
+    pytest.param("silent", "modem not answering", marks=pytest.mark.slow),  # Gammu's 20 s timeout
 ])
 def test_each_modem_failure_names_its_problem_and_clears_when_it_goes(
     sim: SimulatedModem, modem: Modem, fail: str, problem: str,
@@ -232,13 +233,82 @@ def test_each_modem_failure_names_its_problem_and_clears_when_it_goes(
         sim.registered = False
     elif fail == "no_signal":
         sim.csq = 99
+    elif fail == "silent":
+        sim.silent = True
     else:
         sim.unplug()
     try:
         health = modem.check()
         assert health.problem is not None and health.problem.startswith(problem), health
     finally:
-        sim.sim, sim.registered, sim.csq = "ready", True, 20
+        sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
         sim.plug()
     health = modem.check()
     assert health.problem is None and health.operator == "CHINA MOBILE" and health.signal_percent == 60, health
+
+
+# ------------------------------------------------------------------------------------------ doctor, udev
+
+
+def _doctor_site(tmp_path: Path, port: str) -> object:
+    from tests.support.sms import sms_site
+
+    spec = build_site(bus_port="/dev/null-bus", db_path=tmp_path / "events.db", broker_port=1883,
+                      socket_path=tmp_path / "control.sock")
+    return sms_site(tmp_path, spec, port).cfg
+
+
+def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_path: Path,
+                                                                        sim: SimulatedModem) -> None:
+    from gateway.ops.doctor import Daemon, check_sms
+
+    cfg = _doctor_site(tmp_path, sim.port)
+    contacts, modem_line = list(check_sms(cfg, Daemon("/nonexistent")))  # type: ignore[arg-type]
+    assert contacts.status == "ok" and "2 relatives" in contacts.detail and "+86" not in contacts.detail
+    assert modem_line.status == "ok", modem_line
+    assert "CHINA MOBILE" in modem_line.detail and "signal 60 %" in modem_line.detail and "SIM ready" in modem_line.detail
+    sim.sim = "missing"
+    try:
+        line = list(check_sms(cfg, Daemon("/nonexistent")))[-1]  # type: ignore[arg-type]
+    finally:
+        sim.sim = "ready"
+    assert line.status == "FAIL" and "SIM missing" in line.detail and "insert the SIM" in (line.fix or "")
+
+
+def test_doctor_says_when_modemmanager_holds_the_port(tmp_path: Path, sim: SimulatedModem) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from gateway.ops.doctor import Daemon, check_sms, port_holders
+
+    cfg = _doctor_site(tmp_path, sim.port)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "open('/proc/self/comm', 'w').write('ModemManager')\n"
+                               f"f = open({sim.port!r}, 'rb', buffering=0)\nprint('open', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == b"open"
+        deadline = time.monotonic() + 10
+        while not any(name == "ModemManager" for _, name in port_holders(sim.port)):
+            assert time.monotonic() < deadline, "the holder never showed"
+            time.sleep(0.05)
+        line = list(check_sms(cfg, Daemon("/nonexistent")))[-1]  # type: ignore[arg-type]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert line.status == "FAIL" and "ModemManager" in line.detail and f"pid {holder.pid}" in line.detail
+    assert "ID_MM_PORT_IGNORE" in (line.fix or "")
+
+
+def test_the_modem_udev_rule_tells_modemmanager_to_leave_the_port_alone() -> None:
+    import re
+
+    token = re.compile(r'^[A-Z_]+(\{[^}]+\})?(==|!=|\+=|-=|:=|=)"[^"]*"$')
+    path = Path(__file__).resolve().parents[1] / "systemd" / "99-gateway-modem.rules"
+    rules = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert rules
+    for rule in rules:
+        tokens = [t.strip() for t in rule.split(",")]
+        assert all(token.match(t) for t in tokens), rule
+        assert 'ENV{ID_MM_PORT_IGNORE}="1"' in tokens and 'SYMLINK+="ttyModem"' in tokens

@@ -8,7 +8,9 @@ the signal and the operator, and names the first problem found (the ``modem`` fa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,6 +20,8 @@ __all__ = ["Modem", "ModemHealth", "SendFailed", "encode_parts"]
 
 log = structlog.get_logger()
 
+#: Longest start-up of Gammu's connection to the modem (a healthy one takes about 5 s: Gammu probes the model).
+INIT_LIMIT_S = 20.0
 #: Network states in which the modem can send.
 REGISTERED = frozenset({"HomeNetwork", "RoamingNetwork"})
 
@@ -80,18 +84,29 @@ class Modem:
         if self._debug_file:
             config.update(DebugFile=self._debug_file, DebugLevel="textall")
         sm.SetConfig(0, config)
+        # A silent modem keeps Gammu's start-up trying command after command, each with its own timeout (minutes
+        # in all): it is cut short from a timer thread (Gammu checks its abort flag while it waits).
+        timer = threading.Timer(INIT_LIMIT_S, sm.Abort)
+        timer.start()
         try:
             sm.Init()
         except gammu.GSMError as exc:
+            with contextlib.suppress(Exception):
+                sm.Terminate()
             raise SendFailed(f"modem not answering on {self.device}: {_reason(exc)}") from None
+        finally:
+            timer.cancel()
         self._sm = sm
         return sm
 
-    def close(self) -> None:
-        """Let go of the port (it is opened again on the next use)."""
+    def close(self, *, abort: bool = False) -> None:
+        """Let go of the port (it is opened again on the next use). ``abort``: the modem does not answer, so
+        Gammu's goodbye commands are cut short (each would wait its full timeout, tens of seconds)."""
         sm, self._sm = self._sm, None
         if sm is not None:
             try:
+                if abort:
+                    sm.Abort()
                 sm.Terminate()
             except Exception as exc:  # a port already gone cannot be closed cleanly
                 log.debug("modem close", error=repr(exc))
@@ -110,7 +125,7 @@ class Modem:
             return refs
         except gammu.GSMError as exc:
             if _port_trouble(exc):
-                self.close()
+                self.close(abort=True)
             raise SendFailed(f"modem refused the message: {_reason(exc)}") from None
 
     def check(self) -> ModemHealth:
@@ -143,12 +158,12 @@ class Modem:
             health.problem = str(exc)
         except gammu.GSMError as exc:
             if _port_trouble(exc):
-                self.close()
+                self.close(abort=True)
                 health.problem = f"modem not answering on {self.device}: {_reason(exc)}"
             else:
                 health.problem = f"modem error: {_reason(exc)}"
         if not os.path.exists(self.device):
-            self.close()
+            self.close(abort=True)
             health.problem = f"port lost: {self.device} is not there"
         self.health = health
         return health
@@ -183,4 +198,5 @@ def _port_trouble(exc: BaseException) -> bool:
     """Errors after which the port is opened afresh: it went away, or the modem stopped answering."""
     return type(exc).__name__ in {"ERR_DEVICEOPENERROR", "ERR_DEVICEREADERROR", "ERR_DEVICEWRITEERROR",
                                   "ERR_DEVICENOTEXIST", "ERR_TIMEOUT", "ERR_DEVICECHANGESPEEDERROR",
-                                  "ERR_DEVICELOCKED", "ERR_DEVICEDTRRTSERROR", "ERR_NOTCONNECTED"}
+                                  "ERR_DEVICELOCKED", "ERR_DEVICEDTRRTSERROR", "ERR_NOTCONNECTED",
+                                  "ERR_ABORTED"}
