@@ -349,6 +349,7 @@ def render_status(data: dict[str, Any], style: Style, *, daemon_down: str | None
         yield (f"Bus       {bus['id']} {bus['port']}: {state}, "
                f"{bus['polls']} polls, {bus['errors']} errors{_kinds(bus.get('errors_by_kind'), ' (', ')')}"
                f"{_cycle(bus)}")
+    yield from _second_path_lines(data, style)
     yield ""
     rows, colours = [], []
     for d in data["devices"]:
@@ -788,6 +789,29 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: usage error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+def _second_path_lines(data: dict[str, Any], style: Any) -> Iterator[str]:
+    """The transmission path's supervision and the SMS path (counts and masked numbers only)."""
+    path = data.get("transmission")
+    if path:
+        state = style(f"TRANSMISSION FAULT: {path['fault']}", "red") if path.get("fault") else "ok"
+        down = "" if path.get("path") == "up" else f"  path down {path.get('down_for_s')} s ({path.get('down_reason')})"
+        oldest = path.get("oldest_waiting_s")
+        yield (f"Path      {state}  {path.get('waiting', 0)} urgent event(s) without PUBACK"
+               + (f", oldest {oldest} s" if oldest is not None else "") + down)
+    sms = data.get("sms")
+    if sms and sms.get("configured"):
+        if sms.get("process") != "up":
+            yield "SMS       " + style(f"SMS PROCESS DOWN: {sms.get('reason')}", "red")
+            return
+        modem = sms.get("modem") or {}
+        problem = modem.get("problem")
+        signal = modem.get("signal_percent")
+        head = style(f"MODEM FAULT: {problem}", "red") if problem else (
+            f"modem ok  {modem.get('operator') or '—'}  signal {signal if signal is not None else '—'} %")
+        yield (f"SMS       {head}  owed {sms.get('owed', 0)}  pending {sms.get('pending', 0)}"
+               f"  sent {sms.get('sent', 0)}  held back {sms.get('held_back', 0)}  mode {sms.get('mode')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
