@@ -66,6 +66,7 @@ class Modem:
         self.device = device
         self.connection = connection
         self._pin = pin
+        self._pin_refused = False
         self._smsc = smsc
         self._debug_file = debug_file
         self._sm: Any = None
@@ -179,11 +180,13 @@ class Modem:
             raise
         if status is None:
             return "ready"
-        if status == "PIN" and self._pin:
+        if status == "PIN" and self._pin and not self._pin_refused:
             try:
                 sm.EnterSecurityCode("PIN", self._pin)
             except gammu.GSMError as exc:
-                log.error("SIM PIN refused; not tried again until the modem is checked", reason=_reason(exc))
+                # Three wrong PINs lock the SIM for good (PUK): a refused PIN is never tried again by this process.
+                self._pin_refused = True
+                log.error("SIM PIN refused; not tried again until the SMS process restarts", reason=_reason(exc))
                 return "locked"
             return "ready" if sm.GetSecurityStatus() is None else "locked"
         return "locked"
