@@ -781,7 +781,7 @@ def _plausible_profile_a(regs: list[int]) -> bool:
             and regs[4] > 0 and regs[1] <= regs[4] * 2)
 
 
-_SECRET_KEYS = frozenset({"password"})
+_SECRET_KEYS = frozenset({"password", "pin"})  # pin: the SIM's ([sms] pin)
 
 
 def masked_config(cfg: Any) -> dict[str, Any]:

@@ -75,7 +75,10 @@ class Modem:
     def _open(self) -> Any:
         if self._sm is not None:
             return self._sm
-        import gammu
+        try:
+            import gammu
+        except ImportError as exc:  # an armhf system without libGammu's wheel (docs/deploy.md, "The modem")
+            raise SendFailed(f"python-gammu unavailable: {exc}") from None
 
         if not os.path.exists(self.device):
             raise SendFailed(f"port lost: {self.device} is not there")
@@ -114,9 +117,9 @@ class Modem:
 
     def send(self, number: str, text: str) -> list[int]:
         """Send ``text`` to ``number`` (every part); the modem's message references. :class:`SendFailed`."""
+        sm = self._open()  # first: SendFailed when python-gammu is missing
         import gammu
 
-        sm = self._open()
         try:
             refs = []
             for part in encode_parts(text):
@@ -131,8 +134,11 @@ class Modem:
 
     def check(self) -> ModemHealth:
         """Ask the modem for the SIM, registration, signal and operator; the first problem found, if any."""
-        import gammu
-
+        try:
+            import gammu
+        except ImportError as exc:
+            self.health = ModemHealth(problem=f"python-gammu unavailable: {exc}")
+            return self.health
         health = ModemHealth(problem=None, manufacturer=self.health.manufacturer, model=self.health.model)
         try:
             sm = self._open()

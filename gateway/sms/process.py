@@ -271,8 +271,8 @@ class SmsProcess:
                 now = time.monotonic()
                 try:
                     if now >= next_check:
+                        next_check = now + self.sms.check_interval_s
                         self._check_modem()
-                        next_check = time.monotonic() + self.sms.check_interval_s
                     if self._send_next(store):
                         continue
                 except Exception:  # this thread carries every message: a bug must not end it
