@@ -276,6 +276,7 @@ def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_pat
     assert line.status == "FAIL" and "SIM missing" in line.detail and "insert the SIM" in (line.fix or "")
 
 
+@pytest.mark.slow  # two Gammu start-ups against the simulated modem
 def test_doctor_says_when_modemmanager_holds_the_port(tmp_path: Path, sim: SimulatedModem) -> None:
     import subprocess
     import sys

@@ -33,7 +33,7 @@ from tests.support.site import build_site
 from tests.support.sms import RELATIVES, TECHNICIAN, UNIT_HEAD, by_number, sms_site
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # each runs the whole service for 30–90 s
 
 
 @pytest.fixture
@@ -127,7 +127,6 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
                            for n in (*RELATIVES, UNIT_HEAD))
 
 
-@pytest.mark.slow
 async def test_a_killed_uplink_process_does_not_hold_back_the_sms(
     tmp_path: Path, bus: VirtualNullModem, modem: SimulatedModem, broker: MosquittoBroker, mock_pins: Any,
 ) -> None:
@@ -189,7 +188,6 @@ def _wait(predicate: Any, timeout: float, message: str) -> Any:
     raise AssertionError(message)
 
 
-@pytest.mark.slow
 def test_gatewayd_killed_with_an_sms_owed_sends_it_exactly_once_after_the_restart(
     tmp_path: Path, bus: VirtualNullModem, modem: SimulatedModem, broker: MosquittoBroker,
 ) -> None:
@@ -228,7 +226,6 @@ def test_gatewayd_killed_with_an_sms_owed_sends_it_exactly_once_after_the_restar
                     daemon.kill()
 
 
-@pytest.mark.slow
 @pytest.mark.solo  # the alarm's Temporal-4 timeline is checked to 50 ms: not beside the other tests' load
 async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_disturbs_neither_buzzer_nor_mqtt(
     tmp_path: Path, bus: VirtualNullModem, modem: SimulatedModem, broker: MosquittoBroker, mock_pins: Any,

@@ -127,6 +127,7 @@ def write_site(tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker,
     return spec, load_config(path)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_broker_killed_under_an_alarm_gives_the_fault_in_time_and_it_clears_when_the_broker_returns(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
@@ -165,6 +166,7 @@ async def test_broker_killed_under_an_alarm_gives_the_fault_in_time_and_it_clear
             assert read_events(cfg.storage.path, f"seq = {alarm['seq']} AND delivered = 1"), "alarm not delivered"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_a_killed_uplink_process_is_a_path_down(
     tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, mock_pins: Any,
