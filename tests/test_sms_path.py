@@ -85,6 +85,16 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
             status = await modem_ready(gateway)
             assert status["contacts"] == {"technicians": 1, "building_heads": 1, "unit_heads": 1, "relatives": 2}
             assert "+86" not in repr(status), "a number in status"
+            # gatewayctl sms test NUMBER: any number, the message says it is a test; an operator's command.
+            from gateway.ops.control import READ_COMMANDS
+
+            assert "sms_test" not in READ_COMMANDS
+            result = await gateway.commands.handle("sms_test", {"number": "+8613700000009"}, source="cli")
+            assert result.ok and result.data["state"] == "sent", result
+            test_sms = by_number(modem.submitted_pdus())["+8613700000009"]
+            assert len(test_sms) == 1 and test_sms[0]["Text"].startswith("【测试】"), test_sms
+            refused = await gateway.commands.handle("sms_test", {"number": "call me"}, source="cli")
+            assert not refused.ok and "not a phone number" in (refused.reason or "")
             broker.kill()
             await eventually(lambda: not gateway.uplink_connected, timeout=30)
             sims[det.id].set_concentration(30.0)
