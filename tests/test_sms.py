@@ -44,7 +44,9 @@ def test_an_event_falls_due_after_after_s_unless_acknowledged_first() -> None:
     assert policy.delivered(["k2"]) == ["k2"]
     send, held = policy.due(130.0)
     assert [(s.key, s.recipient, s.first) for s in send] == [("k1", "a", True)]
-    assert held == [] and policy.owed() == 0
+    assert held == [] and policy.owed() == 0 and policy.became_due == ["k1"]
+    policy.owe(owed("nobody", 131.0, recipients=()))
+    assert policy.due(161.0) == ([], []) and policy.became_due == ["nobody"] and policy.owed() == 0
 
 
 def test_while_the_transmission_fault_is_present_and_in_always_mode_an_event_is_due_at_once() -> None:

@@ -63,6 +63,8 @@ class SmsPolicy:
         self._episodes: dict[str, bool] = {}  # device → a message of this episode has gone
         self.held_back = 0
         self.cancelled = 0
+        self.became_due: list[str] = []
+        """The events the last :meth:`due` took off the owed list (those with no one to tell too)."""
 
     @staticmethod
     def wanted(kind: str, action: str) -> bool:
@@ -112,6 +114,7 @@ class SmsPolicy:
                  if self.mode == "always" or self.transmission_fault or now >= o.made + self.after_s]
         send: list[Send] = []
         held: list[Send] = []
+        self.became_due = [o.key for o in sorted(ready, key=lambda o: o.made)]
         for item in sorted(ready, key=lambda o: o.made):
             del self._owed[item.key]
             first = False

@@ -204,7 +204,7 @@ class SmsProcess:
 
     def _due(self, store: SmsQueue) -> None:
         send, held = self.policy.due(time.time())
-        if not send and not held:
+        if not self.policy.became_due:
             return
         bodies = {key: orjson.loads(body) for key, body, _ in store.owed()}
         roles = {p.phone: p.role for people in (self.contacts.technicians, self.contacts.building_heads,
@@ -217,7 +217,7 @@ class SmsProcess:
                 continue
             text = event_text(event, building=self.cfg.building, language=self.sms.language)
             messages.append((item.key, item.recipient, roles.get(item.recipient, "contact"), text, item.first, state))
-        store.enqueue({s.key for s in send} | {h.key for h in held}, messages)
+        store.enqueue(self.policy.became_due, messages)  # those with no one to tell leave the owed list too
         for item in held:
             log.warning("sms held back: hourly cap reached", recipient=mask(item.recipient),
                         max_per_hour=self.sms.max_per_hour)
