@@ -260,9 +260,11 @@ def _doctor_site(tmp_path: Path, port: str) -> object:
     return sms_site(tmp_path, spec, port).cfg
 
 
-def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_path: Path,
-                                                                        sim: SimulatedModem) -> None:
+def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_path: Path, sim: SimulatedModem,
+                                                                        modem: Modem) -> None:
     from gateway.ops.doctor import Daemon, check_sms
+
+    modem.close()  # Gammu opens the port exclusively: the doctor's own look needs it free
 
     cfg = _doctor_site(tmp_path, sim.port)
     contacts, modem_line = list(check_sms(cfg, Daemon("/nonexistent")))  # type: ignore[arg-type]
@@ -279,7 +281,7 @@ def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_pat
 
 
 @pytest.mark.slow  # two Gammu start-ups against the simulated modem
-def test_doctor_says_when_modemmanager_holds_the_port(tmp_path: Path, sim: SimulatedModem) -> None:
+def test_doctor_says_when_modemmanager_holds_the_port(tmp_path: Path, sim: SimulatedModem, modem: Modem) -> None:
     import subprocess
     import sys
     import time
@@ -287,6 +289,7 @@ def test_doctor_says_when_modemmanager_holds_the_port(tmp_path: Path, sim: Simul
     from gateway.ops.doctor import Daemon, check_sms, port_holders
 
     cfg = _doctor_site(tmp_path, sim.port)
+    modem.close()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
                                "open('/proc/self/comm', 'w').write('ModemManager')\n"
                                f"f = open({sim.port!r}, 'rb', buffering=0)\nprint('open', flush=True)\n"
