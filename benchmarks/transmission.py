@@ -30,7 +30,6 @@ import random
 import re
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -294,7 +293,6 @@ def main() -> None:
           f"p99 {result['alarm_to_sms_p99_ms']} ms; buzzer gap max {result['buzzer_gap_max_ms']} ms", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-transmission-kills-") as tmp:
         result.update(kill_run(Path(tmp), args.alarms, args.seed))
-    result["sms_latency_p50_s_spread"] = round(statistics.pstdev(a["latencies"]) / 1000, 3) if a["latencies"] else None
     print(json.dumps(result, separators=(",", ":")))
 
 
