@@ -255,7 +255,7 @@ async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_distu
         return read_events(site.cfg.storage.path, "kind = 'fault' AND json_extract(payload, '$.code') = 'modem'")
 
     failures = [("missing", "SIM missing"), ("locked", "SIM locked"), ("unregistered", "not registered"),
-                ("no_signal", "no signal"), ("unplugged", "port lost"), ("silent", "modem not answering")]
+                ("no_signal", "no signal"), ("unplugged", "no such device"), ("silent", "modem not answering")]
     with simulated_detectors(bus.device_port, spec.detectors) as (_, sims):
         async with running_gateway(site.cfg) as gateway:
             await eventually(lambda: gateway.uplink_connected, timeout=30)

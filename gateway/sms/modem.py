@@ -167,6 +167,10 @@ class Modem:
             if _port_trouble(exc):
                 self.close(abort=True)
                 health.problem = f"modem not answering on {self.device}: {_reason(exc)}"
+            elif type(exc).__name__ == "ERR_NOSIM":  # the SIM went after Gammu last read its state
+                health.sim, health.problem = "missing", "SIM missing"
+            elif type(exc).__name__ == "ERR_SECURITYERROR":
+                health.sim, health.problem = "locked", "SIM locked (PIN needed)"
             else:
                 health.problem = f"modem error: {_reason(exc)}"
         if not os.path.exists(self.device):
