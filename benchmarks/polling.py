@@ -116,6 +116,18 @@ def _daemon_run(args: argparse.Namespace, sim: SimBuses, port: str, addresses: l
                 broker: MosquittoBroker) -> dict[str, Any]:
     text = site_toml(buses={BUS: (port, addresses)}, mqtt_port=broker.port, db_path=workdir / "daemon.db",
                      realtime_priority=args.realtime_priority, bus_timeout_s=0.3)
+    modem = None
+    if args.modem:
+        # The SMS path configured: its process (python-gammu) counts in the service's memory.
+        from tests.support.modem import SimulatedModem
+
+        modem = SimulatedModem(workdir / "modem").__enter__()
+        contacts = workdir / "sms-contacts.toml"
+        contacts.write_text('[households."x/y/h1"]\nrelatives = [{ name = "R", phone = "+8613900000101" }]\n',
+                            encoding="utf-8")
+        contacts.chmod(0o600)
+        text += (f'\n[sms]\ndevice = "{modem.port}"\ncontacts = "{contacts}"\nqueue = "{workdir / "sms.db"}"\n'
+                 "check_interval_s = 30\n")
     config = workdir / "site.toml"
     config.write_text(text, encoding="utf-8")
     log_path = workdir / "gatewayd.log"
@@ -230,6 +242,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sim.stop()
         broker.stop()
         logfile.close()
+    modem_figures: dict[str, Any] = {}
+    if args.modem:
+        modem_figures = {"pss_mb_64_devices_with_modem": daemon["pss_mb"],
+                         "sms_process_pss_mb": next((r["pss_mb"] for r in daemon["processes"]
+                                                     if "sms" in str(r.get("role", ""))), None)}
     puback, subscriber = daemon.pop("to_puback"), daemon.pop("to_subscriber")
     p99 = round(percentile(puback, 99) * 1000, 3)
     return {
@@ -251,9 +268,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_once_mb_64_devices": daemon["rss_once_mb"],
         "bare_same_client_ms_per_poll": round(bare_prompt, 3),
         "ratio_same_client": round(gateway_ms / bare_prompt, 3),
+        **modem_figures,
         "targets": {
             "ratio_le_1.1": gateway_ms / bare <= 1.1,
-            "pss_mb_le_45": daemon["pss_mb"] <= 45,
+            **({"pss_mb_with_modem_le_55": daemon["pss_mb"] <= 55} if args.modem else
+               {"pss_mb_le_45": daemon["pss_mb"] <= 45}),
             "idle_cpu_pct_le_2": daemon["cpu_pct"] <= 2,
             "alarm_to_puback_p99_ms_le_20": p99 <= 20,
         },
@@ -277,6 +296,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=64)
+    parser.add_argument("--modem", action="store_true",
+                        help="configure the SMS path on a simulated modem: the service then has three processes "
+                             "(target: PSS summed at most 55 MB)")
     parser.add_argument("--seconds", type=float, default=60.0, help="idle measuring window of gatewayd")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds after warm-up before measuring")
     parser.add_argument("--bare-polls", type=int, default=1280, help="polls timed in the bare and gateway loops")
@@ -288,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     line = run(args)
     checks = [
         ("ratio", line["ratio"], "≤ 1.1", line["targets"]["ratio_le_1.1"]),
-        ("pss_mb_64_devices", line["pss_mb_64_devices"], "≤ 45", line["targets"]["pss_mb_le_45"]),
+        (("pss_mb_64_devices", line["pss_mb_64_devices"], "≤ 55", line["targets"]["pss_mb_with_modem_le_55"])
+         if args.modem else
+         ("pss_mb_64_devices", line["pss_mb_64_devices"], "≤ 45", line["targets"]["pss_mb_le_45"])),
         ("idle_cpu_pct_64_devices", line["idle_cpu_pct_64_devices"], "≤ 2", line["targets"]["idle_cpu_pct_le_2"]),
         ("alarm_to_puback_p99_ms", line["alarm_to_puback_p99_ms"], "≤ 20",
          line["targets"]["alarm_to_puback_p99_ms_le_20"]),

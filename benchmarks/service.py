@@ -103,14 +103,17 @@ def process(pid: int) -> psutil.Process:
 
 
 def role_of(p: psutil.Process, panel_pid: int) -> str:
-    """``panel`` (gatewayd itself), ``storage`` (its storage/uplink child), else ``child``."""
+    """``panel`` (gatewayd itself), ``storage`` (its storage/uplink child), ``sms`` (its SMS child), else
+    ``child``."""
     if p.pid == panel_pid:
         return "panel"
     try:
         cmdline = p.cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return "child"
-    return "storage" if STORAGE_MODULE in cmdline else "child"
+    if STORAGE_MODULE in cmdline:
+        return "storage"
+    return "sms" if "gateway.sms.process" in cmdline else "child"
 
 
 def service_processes(panel: psutil.Process) -> list[psutil.Process]:

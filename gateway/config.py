@@ -55,7 +55,9 @@ __all__ = [
     "RelayConfig",
     "RuntimeConfig",
     "SiteConfig",
+    "SmsConfig",
     "StorageConfig",
+    "TransmissionConfig",
     "UnitConfig",
     "bus_floor_s",
     "bus_floor_warnings",
@@ -379,6 +381,46 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TransmissionConfig:
+    """Supervision of the path to the central server (``[transmission]``, docs/alarms.md "Transmission")."""
+
+    #: An alarm, supervisory or fault event without its PUBACK for this long raises the ``transmission`` fault
+    #: (EN 54-21 allows at most 100 s).
+    ack_deadline_s: float = 20.0
+    #: The broker unreachable (or the uplink process away) for this long raises it with nothing waiting.
+    path_down_s: float = 90.0
+
+
+#: Longest ``transmission.ack_deadline_s``: EN 54-21's limit for the receiving end's acknowledgement.
+MAX_ACK_DEADLINE_S = 100.0
+SMS_MODES = ("fallback", "always")
+SMS_LANGUAGES = ("zh", "en")
+
+
+@dataclass(frozen=True, slots=True)
+class SmsConfig:
+    """The second path: SMS through a cellular modem (``[sms]``, docs/config.md "SMS")."""
+
+    device: str
+    contacts: str
+    #: ``fallback``: an alarm goes by SMS when it has no PUBACK after ``after_s`` or the transmission fault is
+    #: present; ``always``: every alarm also goes by SMS at once.
+    mode: str = "fallback"
+    after_s: float = 30.0
+    language: str = "zh"
+    #: SMS per recipient per hour beyond which later messages are held back (never an alarm's first).
+    max_per_hour: int = 10
+    pin: str | None = None
+    queue: str = "/var/lib/gateway/sms.db"
+    #: Gammu's connection name (``at`` plus an optional speed, e.g. ``at115200``).
+    connection: str = "at115200"
+    #: How often the modem's health (SIM, registration, signal) is read.
+    check_interval_s: float = 30.0
+    #: The SMS centre's number when the SIM does not hold one.
+    smsc: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     """The whole validated site: building → units → households → devices, and how to reach the server."""
 
@@ -397,6 +439,9 @@ class SiteConfig:
     control: ControlConfig
     runtime: RuntimeConfig
     source: str = ""
+    transmission: TransmissionConfig = field(default_factory=TransmissionConfig)
+    sms: SmsConfig | None = None
+    """The second path (``[sms]``); None when no modem is configured."""
 
     def device(self, device_id: str) -> DeviceConfig:
         """The device with this id (KeyError if none)."""
@@ -743,6 +788,8 @@ def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig 
     storage = _part(lambda: _parse_storage(root, base), StorageConfig())
     control = _part(lambda: _parse_control(root, base), ControlConfig())
     runtime = _part(lambda: _parse_runtime(root), RuntimeConfig())
+    transmission = _part(lambda: _parse_transmission(root), TransmissionConfig())
+    sms = _part(lambda: _parse_sms(root, base), None)
     root.done()
     if _collected.get():
         return None
@@ -763,6 +810,8 @@ def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig 
         control=control,
         runtime=runtime,
         source=source,
+        transmission=transmission,
+        sms=sms,
     )
 
 
@@ -1487,5 +1536,50 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
     cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
                         gc_freeze=t.flag("gc_freeze", True),
                         pin_factory=t.choice("pin_factory", PIN_FACTORIES, "lgpio"))
+    t.done()
+    return cfg
+
+
+def _parse_transmission(root: _Table) -> TransmissionConfig:
+    t = root.table("transmission")
+    if t is None:
+        return TransmissionConfig()
+    d = TransmissionConfig()
+    cfg = TransmissionConfig(
+        ack_deadline_s=t.num("ack_deadline_s", d.ack_deadline_s, lo=1.0, hi=MAX_ACK_DEADLINE_S),
+        path_down_s=t.num("path_down_s", d.path_down_s, lo=1.0, hi=3600.0),
+    )
+    t.done()
+    return cfg
+
+
+def _parse_sms(root: _Table, base: Path) -> SmsConfig | None:
+    t = root.table("sms")
+    if t is None:
+        return None
+    device = t.req_str("device")
+    contacts = _resolve(base, t.req_str("contacts"))
+    assert contacts is not None
+    d = SmsConfig(device=device, contacts=contacts)
+    connection = t.text("connection", d.connection) or d.connection
+    if not connection.startswith("at"):
+        raise ConfigError(t.key("connection"),
+                          f"{connection!r} is not one of Gammu's AT connections (at, at115200, ...)")
+    pin = t.raw("pin")
+    if pin is not None and (not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 8):
+        raise ConfigError(t.key("pin"), "must be the SIM PIN as a string of 4 to 8 digits")
+    cfg = SmsConfig(
+        device=device,
+        contacts=contacts,
+        mode=t.choice("mode", SMS_MODES, d.mode),
+        after_s=t.num("after_s", d.after_s, lo=0.0, hi=600.0),
+        language=t.choice("language", SMS_LANGUAGES, d.language),
+        max_per_hour=t.integer("max_per_hour", d.max_per_hour, lo=1, hi=1000),
+        pin=pin,
+        queue=_resolve(base, t.text("queue", d.queue)) or d.queue,
+        connection=connection,
+        check_interval_s=t.num("check_interval_s", d.check_interval_s, lo=1.0, hi=3600.0),
+        smsc=t.text("smsc"),
+    )
     t.done()
     return cfg

@@ -7,7 +7,7 @@ from enum import IntEnum
 from operator import attrgetter
 from typing import Any
 
-__all__ = ["KIND_PRIORITY", "Event", "Priority"]
+__all__ = ["KIND_PRIORITY", "Event", "Priority", "delivery_key", "event_delivery_key"]
 
 
 class Priority(IntEnum):
@@ -78,3 +78,16 @@ class Event:
 _FIELD_NAMES = tuple(f.name for f in fields(Event))
 _field_values = attrgetter(*_FIELD_NAMES)
 _WALL = _FIELD_NAMES.index("wall")
+
+
+def delivery_key(kind: str, action: str, device: str | None, code: str | None, mono: float) -> str:
+    """What names one event between the processes until the broker acknowledges it: the panel gives it when it
+    makes the event, the storage process when the PUBACK of its stored row arrives (from the row's payload), the
+    SMS process to match the alarm it owes a message. ``mono`` (the panel's monotonic time, the same clock in
+    every process of one boot) tells apart two events of one device."""
+    return f"{kind}|{action}|{device or ''}|{code or ''}|{mono!r}"
+
+
+def event_delivery_key(event: Event) -> str:
+    """:func:`delivery_key` of an event."""
+    return delivery_key(event.kind, event.action, event.device, event.code, event.mono)

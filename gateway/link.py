@@ -9,7 +9,12 @@ Panel → uplink: ``event`` (a hand-over number and the event), ``request`` (``e
 ``rebirth``), ``reply`` (to the uplink's requests), ``stop``.
 Uplink → panel: ``hello`` (the last hand-over number it committed), ``stored`` (hand-over numbers committed
 to SQLite: only these leave the panel's hold), ``fault`` (a storage fault raised or cleared), ``beat`` (the
-session, the broker connection, events stored), ``request`` (``command``, ``panel``), ``reply``.
+session, the broker connection, events stored), ``request`` (``command``, ``panel``), ``reply``,
+``delivered`` (the delivery keys, :func:`gateway.events.delivery_key`, of urgent events the broker acknowledged).
+
+The SMS process (:mod:`gateway.sms.process`) speaks the same messages with the panel: it receives the events it
+may owe a message for, ``delivered`` (passed on from the uplink) and ``transmission`` (the fault raised or
+cleared), and answers with ``hello``, ``stored``, ``beat``, ``fault`` (``modem``) and ``reply``.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "request": {"id": (int,), "name": (str,), "args": (dict,)},
     "reply": {"id": (int,), "ok": (bool,), "data": (dict,)},
     "stop": {"flush_timeout_s": _NUMBER},
+    # Transmission supervision and the second path (gateway/panel/transmission.py, gateway/sms/).
+    "delivered": {"keys": (list,)},
+    "transmission": {"present": (bool,), "detail": _OPT_TEXT},
 }
 
 _EVENT_FIELDS = {f.name: f for f in fields(Event)}

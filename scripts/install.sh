@@ -11,6 +11,7 @@ readonly UNIT_DEST=/etc/systemd/system/$UNIT
 readonly SYSUSERS_DEST=/etc/sysusers.d/gateway.conf
 readonly TMPFILES_DEST=/etc/tmpfiles.d/gateway.conf
 readonly UDEV_DEST=/etc/udev/rules.d/99-gateway-rs485.rules
+readonly UDEV_MODEM_DEST=/etc/udev/rules.d/99-gateway-modem.rules
 readonly CONFIG_DIR=/etc/gateway
 readonly CONFIG=$CONFIG_DIR/building.toml
 readonly DATA_DIR=/var/lib/gateway
@@ -155,7 +156,7 @@ install_all() {
     # Check every source file before changing anything, so a broken checkout stops here, not halfway.
     local f
     for f in systemd/gateway.sysusers systemd/gateway.tmpfiles systemd/gatewayd.service \
-        systemd/99-gateway-rs485.rules docs/deploy.md "$EXAMPLE" pyproject.toml; do
+        systemd/99-gateway-rs485.rules systemd/99-gateway-modem.rules docs/deploy.md "$EXAMPLE" pyproject.toml; do
         if [[ ! -f $f ]]; then
             ((DRY_RUN)) || die "$f missing from $REPO"
             echo "install.sh: warning: $f missing from $REPO" >&2
@@ -203,6 +204,7 @@ install_all() {
         run sed -i "s|$DEFAULT_PREFIX/|$PREFIX/|g" "$UNIT_DEST"
     fi
     run install -D -m 0644 systemd/99-gateway-rs485.rules "$UDEV_DEST"
+    run install -D -m 0644 systemd/99-gateway-modem.rules "$UDEV_MODEM_DEST"
 
     run systemctl daemon-reload
     reload_udev trigger
@@ -247,6 +249,7 @@ uninstall_all() {
     run rm -f -- "$UNIT_DEST"
     run systemctl daemon-reload
     run rm -f -- "$UDEV_DEST"
+    run rm -f -- "$UDEV_MODEM_DEST"
     reload_udev
     run rm -f -- "$TMPFILES_DEST"
     remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")"

@@ -347,4 +347,4 @@ async def test_root_is_an_operator_and_a_refusal_without_an_operator_group_says_
     assert refused is not None and not refused.ok
     assert "only root and the daemon's user may act" in (refused.reason or "")
     operators = set(site.handler.COMMANDS) - READ_COMMANDS
-    assert operators == {"silence", "reset", "test", "buzzer_test", "relay_test", "scan", "rebirth"}
+    assert operators == {"silence", "reset", "test", "buzzer_test", "relay_test", "scan", "rebirth", "sms_test"}

@@ -459,6 +459,7 @@ def render_system(data: Mapping[str, Any], style: Style, *, daemon_down: str | N
         line = f"Bus      {bus['id']}{state}{_cycle(bus)} · {bus['errors']}/{bus['polls']} polls failed"
         kinds = _kinds(bus.get("errors_by_kind"), " (", ")")
         yield line + kinds if len(line + kinds) <= 80 else line  # by kind: per device in --all and --json
+    yield from _second_path_lines(data, style)
     if daemon_down:
         yield f"Gateway  DOWN · last session {gw.get('session') or '—'} · {store}"
     else:
@@ -990,6 +991,17 @@ class Cli:
         return self.simple("relay_test", {"output": self.args.output, "seconds": self.args.seconds}, render,
                            timeout=self.args.seconds + REPLY_TIMEOUT_S)
 
+    def sms_test(self) -> int:
+        """``gatewayctl sms test NUMBER``: the SMS process sends a message that says it is a test."""
+        def render(d: dict[str, Any]) -> Iterator[str]:
+            state = d.get("state")
+            if state == "sent":
+                yield "test SMS sent (the modem took it)"
+            else:
+                yield f"test SMS {state}" + (f": {d['error']}" if d.get("error") else "; see gatewayctl status")
+
+        return self.simple("sms_test", {"number": self.args.number}, render, timeout=REPLY_TIMEOUT_S + 15)
+
     def read(self) -> int:
         def render(d: dict[str, Any]) -> Iterator[str]:
             if "closed" in d:
@@ -1171,6 +1183,29 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _second_path_lines(data: dict[str, Any], style: Any) -> Iterator[str]:
+    """The transmission path's supervision and the SMS path (counts and masked numbers only)."""
+    path = data.get("transmission")
+    if path:
+        state = style(f"TRANSMISSION FAULT: {path['fault']}", "red") if path.get("fault") else "ok"
+        down = "" if path.get("path") == "up" else f" · down {path.get('down_for_s')} s ({path.get('down_reason')})"
+        oldest = path.get("oldest_waiting_s")
+        yield (f"Path     {state} · {path.get('waiting', 0)} urgent without PUBACK"
+               + (f", oldest {oldest} s" if oldest is not None else "") + down)
+    sms = data.get("sms")
+    if sms and sms.get("configured"):
+        if sms.get("process") != "up":
+            yield "SMS      " + style(f"SMS PROCESS DOWN: {sms.get('reason')}", "red")
+            return
+        modem = sms.get("modem") or {}
+        problem = modem.get("problem")
+        signal = modem.get("signal_percent")
+        head = style(f"MODEM FAULT: {problem}", "red") if problem else (
+            f"modem ok, {modem.get('operator') or '—'}, signal {signal if signal is not None else '—'} %")
+        yield (f"SMS      {head} · owed {sms.get('owed', 0)}, pending {sms.get('pending', 0)}, "
+               f"sent {sms.get('sent', 0)}, held back {sms.get('held_back', 0)} · mode {sms.get('mode')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gatewayctl`` argument parser."""
     parser = _Parser(prog="gatewayctl", description="Building safety gateway: technician command line. "
@@ -1223,6 +1258,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--to", dest="last", type=int, default=247, metavar="N", help="last address (default 247)")
     sc.add_argument("--pause-polling", action="store_true", help="pause polling of the bus during the scan")
 
+    sms = sub.add_parser("sms", help="the SMS path: send a test message")
+    sms_sub = sms.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    sms_test = sms_sub.add_parser("test", parents=[json_flag], help="send a test SMS to NUMBER (operator role)")
+    sms_test.add_argument("number", metavar="NUMBER", help="any phone number; it need not be in the contacts file")
+
     config = sub.add_parser("config", help="check a config file or show the running one")
     config_sub = config.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     check = config_sub.add_parser("check", parents=[json_flag], help="validate a config file (default: --config)")
@@ -1260,6 +1300,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli.config_check() if args.action == "check" else cli.config_show()
         if args.command == "doctor":
             return cli.doctor()
+        if args.command == "sms":
+            return cli.sms_test()
         return handlers[args.command]()
     except CliError as exc:
         if cli.json:

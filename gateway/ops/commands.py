@@ -81,6 +81,7 @@ COMMAND_ARGS: dict[str, frozenset[str]] = {
     "buzzer_test": frozenset({"seconds_per_pattern"}),
     "relay_test": frozenset({"output", "seconds"}),
     "config_show": frozenset(),
+    "sms_test": frozenset({"number"}),
 }
 COMMANDS = frozenset(COMMAND_ARGS)
 #: Events returned at most by one ``events`` call.
@@ -235,6 +236,18 @@ class CommandTarget(Protocol):
     def uplink_process(self) -> dict[str, Any]: ...
 
 
+async def _second_path_status(gw: CommandTarget) -> dict[str, Any]:
+    """The transmission path's supervision and the SMS path, where the panel has them (docs/alarms.md)."""
+    out: dict[str, Any] = {}
+    figures = getattr(gw, "transmission_figures", None)
+    if figures is not None:
+        out["transmission"] = figures()
+    sms = getattr(gw, "sms_status", None)
+    if sms is not None:
+        out["sms"] = await sms()
+    return out
+
+
 class CommandHandler:
     """Validates and carries out operator commands against the running panel (:class:`CommandTarget`)."""
 
@@ -366,6 +379,7 @@ class CommandHandler:
             ],
             "active": [{**c, "since": wall(c["since"])} for c in snap["active"]],  # type: ignore[arg-type]
             "devices": devices,
+            **await _second_path_status(gw),
         }
 
     async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
@@ -376,6 +390,17 @@ class CommandHandler:
         except RuntimeError as exc:
             return CommandResult.failed(f"rebirth: {exc}")
         return CommandResult(True, data={"topic": answer["topic"]})
+
+    async def _cmd_sms_test(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+        number = a.text("number", required=True, max_len=32) or ""
+        sms_test = getattr(self.gateway, "sms_test", None)
+        if sms_test is None or getattr(self.gateway, "sms_supervisor", None) is None:
+            return CommandResult.failed("sms test: no [sms] modem configured")
+        try:
+            data = await sms_test(number)
+        except (StorageAway, RuntimeError) as exc:
+            return CommandResult.failed(f"sms test: {exc}")
+        return CommandResult(data.get("state") != "failed", reason=data.get("error"), data=data)
 
     async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
         return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})
@@ -817,7 +842,7 @@ def _plausible_profile_a(regs: list[int]) -> bool:
             and regs[4] > 0 and regs[1] <= regs[4] * 2)
 
 
-_SECRET_KEYS = frozenset({"password"})
+_SECRET_KEYS = frozenset({"password", "pin"})  # pin: the SIM's ([sms] pin)
 
 
 def masked_config(cfg: Any) -> dict[str, Any]:

@@ -494,6 +494,111 @@ def check_group(cfg: SiteConfig) -> Check:
 # ------------------------------------------------------------------------------------------- run
 
 
+# ------------------------------------------------------------------------------------------- the SMS path
+
+
+def port_holders(port: str, proc: str = "/proc") -> list[tuple[int, str]]:
+    """Processes that have ``port`` open: (pid, name)."""
+    real = os.path.realpath(port)
+    holders = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"{proc}/{entry}/fd"):
+                if os.path.realpath(f"{proc}/{entry}/fd/{fd}") == real:
+                    name = Path(f"{proc}/{entry}/comm").read_text().strip()
+                    holders.append((int(entry), name))
+                    break
+        except OSError:
+            continue
+    return holders
+
+
+def _mm_ignored(port: str) -> bool | None:
+    """Whether udev marked the port ID_MM_PORT_IGNORE (None: udevadm unavailable)."""
+    if shutil.which("udevadm") is None:
+        return None
+    try:
+        out = subprocess.run(["udevadm", "info", "-q", "property", "-n", port], capture_output=True, text=True,
+                             timeout=5, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "ID_MM_PORT_IGNORE=1" in out.splitlines()
+
+
+def check_sms(cfg: SiteConfig, daemon: Daemon) -> Iterator[Check]:
+    """The contacts file, the modem port (and whether ModemManager holds it), the modem's SIM, registration,
+    signal and operator — from the running daemon, or asked directly when it is stopped."""
+    from gateway.sms.contacts import Contacts, ContactsError
+    from gateway.sms.modem import Modem
+
+    sms = cfg.sms
+    assert sms is not None
+    try:
+        counts = Contacts.load(sms.contacts, cfg.community, cfg.building).counts()
+    except ContactsError as exc:
+        yield fail("sms contacts", str(exc), "install the file the central server made for this building, "
+                   "owned by the service, chmod 600 (docs/config.md, \"The contacts file\")")
+    else:
+        people = ", ".join(f"{n} {role.replace('_', ' ')}" for role, n in counts.items() if n)
+        if counts["relatives"] + counts["unit_heads"] == 0:
+            yield warn("sms contacts", f"{sms.contacts}: {people or 'nobody'}", "no alarm can be sent by SMS: "
+                       "the file names no relatives or unit heads of this building")
+        else:
+            yield ok("sms contacts", f"{sms.contacts}: {people}")
+    name = "sms modem"
+    if not os.path.exists(sms.device):
+        yield fail(name, f"{sms.device}: no such device", "plug in the modem; install systemd/99-gateway-modem.rules "
+                   "for its stable name (docs/deploy.md, \"The modem\")")
+        return
+    holders = [(pid, comm) for pid, comm in port_holders(sms.device) if comm.lower().startswith("modemmanager")]
+    if holders:
+        yield fail(name, f"{sms.device}: ModemManager (pid {holders[0][0]}) holds the port",
+                   "install systemd/99-gateway-modem.rules (ID_MM_PORT_IGNORE), udevadm trigger, and restart "
+                   "ModemManager — or disable it: systemctl disable --now ModemManager")
+        return
+    installed = shutil.which("ModemManager") or os.path.exists("/usr/sbin/ModemManager")
+    if installed and _mm_ignored(sms.device) is False:
+        yield warn(name, f"{sms.device}: ModemManager is installed and not told to leave this port alone",
+                   "install systemd/99-gateway-modem.rules (ID_MM_PORT_IGNORE) and udevadm trigger")
+    if daemon.running:
+        reply = daemon.request("status", {})
+        sms_status = reply.get("data", {}).get("sms") or {}
+        modem = sms_status.get("modem")
+        if not modem:
+            yield fail(name, f"{sms.device}: the daemon's SMS process has not checked the modem "
+                       f"({sms_status.get('reason') or sms_status.get('process', 'unknown')})",
+                       "journalctl -u gatewayd | grep sms")
+            return
+        where = "asked the running daemon"
+    else:
+        modem_obj = Modem(sms.device, connection=sms.connection, pin=sms.pin, smsc=sms.smsc)
+        try:
+            modem = modem_obj.check().as_dict()
+        finally:
+            modem_obj.close()
+        where = "asked the modem directly"
+    about = (f"{modem.get('manufacturer') or '?'} {modem.get('model') or ''}".strip()
+             + f", SIM {modem.get('sim') or '?'}, operator {modem.get('operator') or 'none'}, signal "
+             + (f"{modem['signal_percent']} %" if modem.get("signal_percent") is not None else "none"))
+    if modem.get("problem"):
+        yield fail(name, f"{sms.device} ({where}): {modem['problem']}; {about}", _MODEM_FIX.get(
+            str(modem["problem"]).split(" (")[0].split(":")[0], "check the modem, its SIM and its antenna"))
+    else:
+        yield ok(name, f"{sms.device} ({where}): {about}")
+
+
+_MODEM_FIX = {
+    "SIM missing": "insert the SIM (power the modem off first)",
+    "SIM locked": "set [sms] pin to the SIM's PIN, or remove the PIN from the SIM in a phone",
+    "not registered": "check the antenna, the SIM's subscription and coverage",
+    "no signal": "check the antenna and its cable; move it away from the metal cabinet",
+    "port lost": "check the modem's USB cable and power",
+    "modem not answering": "power-cycle the modem; check that nothing else (ModemManager) uses the port",
+}
+
+
 def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None, unit: str = UNIT) -> list[Check]:
     """Every check for the site at ``config_path``, in the order a technician fixes them; ``connect`` opens the
     control socket (gatewayctl passes its ``ControlClient``)."""
@@ -512,6 +617,7 @@ def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None,
             lambda: check_storage(cfg),
             lambda: check_service(unit),
             lambda: check_group(cfg),
+            *([lambda: check_sms(cfg, daemon)] if cfg.sms is not None else []),
         ]
         for step in steps:
             try:

@@ -290,8 +290,12 @@ class UplinkSupervisor:
         env: dict[str, str] | None = None,
         log_path: str | None = None,
         deadline_s: float = UPLINK_DEADLINE_S,
+        on_delivered: Callable[[list[str]], None] | None = None,
+        name: str = "uplink",
     ) -> None:
-        """``log_path``: a file for the storage process's log (default: this process's stdout, journald)."""
+        """``log_path``: a file for the storage process's log (default: this process's stdout, journald).
+        ``on_delivered``: told the delivery keys of urgent events the broker acknowledged. ``name`` names the
+        child in thread names (the SMS process is supervised by this class too)."""
         self.config_path = config_path
         self.handover = handover
         self._on_request = on_request
@@ -302,7 +306,9 @@ class UplinkSupervisor:
         self._log_path = log_path
         self.deadline_s = deadline_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="uplink-supervisor", daemon=True)
+        self._on_delivered = on_delivered
+        self.name = name
+        self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._pending_lock = threading.Lock()
@@ -318,6 +324,11 @@ class UplinkSupervisor:
     def start(self) -> None:
         """Start the storage process and keep it running."""
         self._thread.start()
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the child's last message."""
+        return time.monotonic() - self._last_beat
 
     @property
     def stopping(self) -> bool:
@@ -386,7 +397,7 @@ class UplinkSupervisor:
         self.pid = proc.pid
         self.starts += 1
         self._last_beat = time.monotonic()
-        reader = threading.Thread(target=self._read, args=(ours, proc), name="uplink-reader", daemon=True)
+        reader = threading.Thread(target=self._read, args=(ours, proc), name=f"{self.name}-reader", daemon=True)
         reader.start()
         killed_for: str | None = None
         while proc.poll() is None:
@@ -462,6 +473,9 @@ class UplinkSupervisor:
             self.handover.acknowledge(message["boot"], message["upto"])
         elif kind == "fault":
             self._on_fault(message["code"], message["present"], message["detail"])
+        elif kind == "delivered":
+            if self._on_delivered is not None:
+                self._on_delivered([str(key) for key in message["keys"]])
         elif kind == "reply":
             with self._pending_lock:
                 future = self._pending.pop(message["id"], None)

@@ -14,6 +14,7 @@ then stops the storage process and releases the pins.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import os
@@ -22,6 +23,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -39,6 +41,8 @@ from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide
 from gateway.panel.state import StateSaver, load_state, state_path
+from gateway.panel.transmission import FAULT_CODE as TRANSMISSION_FAULT
+from gateway.panel.transmission import TransmissionMonitor
 from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, settle_startup
 
 __all__ = [
@@ -57,6 +61,15 @@ STOP_STORE_TIMEOUT_S = 8.0
 #: How long the storage process may take to flush to the broker and exit before it is killed.
 STOP_STORAGE_TIMEOUT_S = 12.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
+#: How long a planned stop waits for the SMS process to commit what it is owed.
+STOP_SMS_STORE_TIMEOUT_S = 3.0
+#: Event kinds the SMS process is handed: those that may be owed a message, and resets (an episode ends).
+SMS_KINDS = frozenset({"alarm", "supervisory", "fault", "reset"})
+#: Delivery keys the panel keeps to tell an SMS process that (re)connects which events need no message.
+RECENT_DELIVERED = 1024
+#: The uplink process beats twice a second: silent for this long, its last word on the broker is stale and the
+#: path counts as down (it is killed and restarted after 15 s of silence).
+BEAT_STALE_S = 3.0
 #: SCHED_FIFO priority of the panel's other threads (loop, hand-over, supervisor, saver, self-check) when the
 #: alarm threads are realtime: the lowest realtime one, below every alarm thread yet above every normal
 #: process, so none of them can be preempted while it holds the interpreter lock a bus thread needs.
@@ -91,8 +104,10 @@ class PanelProcess:
     """One building's alarm panel and the supervisor of its storage process."""
 
     def __init__(self, cfg: SiteConfig, config_path: str, *, uplink_env: dict[str, str] | None = None,
-                 uplink_log: str | None = None, heartbeats: Heartbeats | None = None) -> None:
-        """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours)."""
+                 uplink_log: str | None = None, heartbeats: Heartbeats | None = None,
+                 sms_log: str | None = None) -> None:
+        """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours);
+        ``sms_log``: the SMS process's log file (default: ``sms.log`` beside ``uplink_log``, or ours)."""
         self.cfg = cfg
         self.config_path = config_path
         self.started_at = time.time()
@@ -107,12 +122,25 @@ class PanelProcess:
         if isinstance(unstored, dict):
             self.handover.hold.return_drops({str(k): int(v) for k, v in unstored.items() if isinstance(v, int)})
         self.saver = StateSaver(self.state_file, identity, self._saved_state)
-        self.side = AlarmSide(cfg, on_event=self.handover.put, on_annunciation=self._annunciation_changed,
+        self.transmission = TransmissionMonitor(cfg.transmission, path_up=self._path_up,
+                                                on_change=self._transmission_changed)
+        self.side = AlarmSide(cfg, on_event=self._event_made, on_annunciation=self._annunciation_changed,
                               heartbeats=self.heartbeats, saved=loaded.state,
                               on_saved_change=self.saver.changed)
         self.supervisor = UplinkSupervisor(config_path, self.handover, on_request=self._uplink_request,
                                            on_fault=self._storage_fault, on_state=self._uplink_state,
-                                           env=uplink_env, log_path=uplink_log)
+                                           env=uplink_env, log_path=uplink_log,
+                                           on_delivered=self._delivered)
+        self._recent_delivered: collections.deque[str] = collections.deque(maxlen=RECENT_DELIVERED)
+        self.sms_handover: Handover | None = None
+        self.sms_supervisor: UplinkSupervisor | None = None
+        if cfg.sms is not None:
+            # The second path: a child of its own, never routed through the storage/uplink process.
+            self.sms_handover = Handover()
+            self.sms_supervisor = UplinkSupervisor(
+                config_path, self.sms_handover, on_request=_no_requests, on_fault=self._storage_fault,
+                on_state=self._sms_state, command=[sys.executable, "-m", "gateway.sms.process"], env=uplink_env,
+                log_path=sms_log or (str(Path(uplink_log).with_name("sms.log")) if uplink_log else None), name="sms")
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.selfcheck: SelfCheck | None = None
@@ -269,6 +297,10 @@ class PanelProcess:
         """The storage process, the control socket, the self-check, the loop's heartbeat."""
         self._loop = asyncio.get_running_loop()
         self.supervisor.start()
+        if self.sms_handover is not None and self.sms_supervisor is not None:
+            self.sms_handover.start()
+            self.sms_supervisor.start()
+        self.transmission.start()
         control = ControlServer(self.cfg.control, self.commands)
         try:
             await control.start()
@@ -285,6 +317,7 @@ class PanelProcess:
         """Planned stop: inputs first, every event read stored, then storage and outputs."""
         if self.selfcheck is not None:
             self.selfcheck.stop()
+        self.transmission.stop()
         if self.control is not None:
             await self.control.stop()
         await asyncio.to_thread(self.side.stop_inputs)
@@ -294,6 +327,10 @@ class PanelProcess:
             self._unstored_at_stop = self.handover.hold.by_class()
             log.error("events not stored at stop; counted as dropped", **self._unstored_at_stop)
         await asyncio.to_thread(self.supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
+        if self.sms_handover is not None and self.sms_supervisor is not None:
+            await asyncio.to_thread(self.sms_handover.wait_stored, STOP_SMS_STORE_TIMEOUT_S)
+            await asyncio.to_thread(self.sms_supervisor.stop, flush_timeout_s, STOP_STORAGE_TIMEOUT_S)
+            self.sms_handover.stop()
         self._beating.cancel()
         self.saver.stop()
         self.saver.save_now()
@@ -333,6 +370,86 @@ class PanelProcess:
 
     def _storage_fault(self, code: str, present: bool, detail: str | None) -> None:
         self.side.panel.gateway_fault(code, present, detail)
+
+    # ------------------------------------------------------------------------------ transmission
+
+    def _event_made(self, event: Event) -> None:
+        """Every event the panel makes (from the alarm path: queue puts and dictionary inserts only)."""
+        self.handover.put(event)
+        self.transmission.note(event)
+        if self.sms_handover is not None and event.kind in SMS_KINDS:
+            self.sms_handover.put(event)
+
+    def _delivered(self, keys: list[str]) -> None:
+        """The broker acknowledged these urgent events (from the uplink reader thread)."""
+        self.transmission.delivered(keys)
+        if self.sms_handover is not None:
+            self._recent_delivered.extend(keys)
+            self.sms_handover.send(link.encode("delivered", keys=keys))
+
+    def _path_up(self) -> tuple[bool, str]:
+        """Whether the path to the broker is up now and, if not, why (a dead uplink process is a path down)."""
+        sup = self.supervisor
+        if not sup.up:
+            return False, f"uplink process down ({sup.last_exit or 'starting'})"
+        if sup.silent_s > BEAT_STALE_S:
+            return False, f"uplink process silent for {sup.silent_s:.0f} s"
+        if sup.beat.get("connected"):
+            return True, ""
+        return False, f"broker unreachable ({sup.beat.get('last_error') or 'not connected'})"
+
+    def _transmission_changed(self, present: bool, detail: str | None) -> None:
+        """The transmission fault came or went (on the monitor's thread)."""
+        self.side.panel.gateway_fault(TRANSMISSION_FAULT, present, detail)
+        if self.sms_handover is not None:
+            self.sms_handover.send(link.encode("transmission", present=present, detail=detail))
+
+    # ------------------------------------------------------------------------------ the SMS path
+
+    def _sms_state(self, up: bool, reason: str) -> None:
+        """The SMS process connected (after its held events): tell it the path's state and recent PUBACKs."""
+        handover = self.sms_handover
+        if handover is None:
+            return
+        if up:
+            log.info("sms process connected", pid=self.sms_supervisor.pid if self.sms_supervisor else None)
+            recent = list(self._recent_delivered)
+            if recent:
+                handover.send(link.encode("delivered", keys=recent))
+            present = self.transmission.present
+            handover.send(link.encode("transmission", present=present is not None, detail=present))
+        elif self.sms_supervisor is not None and not self.sms_supervisor.stopping:
+            log.warning("sms process away; the panel holds what it owes", reason=reason)
+
+    async def _sms_request(self, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        sup = self.sms_supervisor
+        if sup is None:
+            raise StorageAway("no [sms] modem configured")
+        future = sup.request(name, args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), STORAGE_REQUEST_TIMEOUT_S)
+        except ConnectionError as exc:
+            raise StorageAway(str(exc).replace("storage/uplink", "sms") or "the sms process is down") from None
+        except TimeoutError:
+            raise StorageAway("the sms process did not answer") from None
+
+    async def sms_status(self) -> dict[str, Any]:
+        """The SMS path for ``gatewayctl status``: modem, queue, contacts by role (never a number)."""
+        if self.sms_supervisor is None:
+            return {"configured": False}
+        try:
+            data = await self._sms_request("sms_status", {})
+        except (StorageAway, RuntimeError) as exc:
+            return {"configured": True, "process": "down", "reason": str(exc)}
+        return {"configured": True, "process": "up", **data}
+
+    async def sms_test(self, number: str) -> dict[str, Any]:
+        """Queue a test message to ``number`` and wait briefly for the modem's answer."""
+        return await self._sms_request("sms_test", {"number": number})
+
+    def transmission_figures(self) -> dict[str, Any]:
+        """The transmission path for ``gatewayctl status``."""
+        return self.transmission.figures()
 
     def _uplink_state(self, up: bool, reason: str) -> None:
         if up:
@@ -383,6 +500,11 @@ class PanelProcess:
         return (f"{len(snap['devices']) - faults} devices ok, {faults} fault, "
                 f"storage {'up' if self.supervisor.up else 'down'}, "
                 f"uplink {'up' if self.uplink_connected else 'down'}, held {len(self.handover.hold)}")
+
+
+def _no_requests(name: str, args: dict[str, Any], answer: Any) -> None:
+    """The SMS process asks the panel nothing."""
+    answer({"error": f"unknown request {name!r}"}, False)
 
 
 def _plain(value: Any) -> Any:

@@ -333,6 +333,7 @@ class Uplink:
         birth: Callable[[], dict[str, Any]] | None = None,
         on_command: Callable[[mqtt.MQTTMessage], Awaitable[None]] | None = None,
         heartbeat: Callable[[], None] | None = None,
+        on_delivered: Callable[[list[PendingEvent]], None] | None = None,
         connect_timeout_s: float = 10.0,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         prefetch: int = PREFETCH_ROWS,
@@ -343,6 +344,8 @@ class Uplink:
         self._birth = birth
         self._on_command = on_command
         self._heartbeat = heartbeat
+        self._on_delivered = on_delivered
+        """Told of each alarm, supervisory and fault row the broker acknowledged (transmission supervision)."""
         self._connect_timeout = connect_timeout_s
         self._client: mqtt.Client | None = None
         self.ack_timeout_s = ack_timeout_s
@@ -755,6 +758,7 @@ class Uplink:
 
     def _outcomes(self, window: _Window, outcomes: list[tuple[_InFlight, ReasonCode, float]]) -> None:
         refused = False
+        urgent: list[PendingEvent] = []
         for entry, rc, acked_at in outcomes:
             row = entry.row
             if rc.is_failure:  # MQTT 5 reason code ≥ 0x80: the broker did not take it
@@ -773,6 +777,13 @@ class Uplink:
             self.delivered_total += 1
             if row.priority > 0:
                 log.info("event forwarded", event_id=row.event_id, kind=row.kind)
+            if row.priority >= URGENT_PRIORITY:
+                urgent.append(row)
+        if urgent and self._on_delivered is not None:
+            try:
+                self._on_delivered(urgent)
+            except Exception:  # a listener must not leave the window half-handled
+                log.exception("delivery listener failed")
         if outcomes:
             if window.sends or refused:
                 for entry, rc, _ in outcomes:

@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 
 from gateway import __version__, failpoints, link
 from gateway.config import ConfigError, SiteConfig, load_config
-from gateway.events import Event
+from gateway.events import Event, delivery_key
 from gateway.logs import configure_logging
 from gateway.realtime import settle_startup
 from gateway.uplink.contract import (
@@ -41,7 +42,7 @@ from gateway.uplink.contract import (
     birth_message,
 )
 from gateway.uplink.mqtt import Uplink
-from gateway.uplink.outbox import Outbox, StorageLimits
+from gateway.uplink.outbox import Outbox, PendingEvent, StorageLimits
 from gateway.uplink.topics import Topics
 from gateway.uplink.writer import EventWriter
 
@@ -111,7 +112,7 @@ class StorageProcess:
             gateway=cfg.gateway_id, session=lambda: self.outbox.session,
         )
         self.uplink = Uplink(cfg.mqtt, self.outbox, self.topics, birth=self.birth,
-                             on_command=self.mqtt_commands.on_message)
+                             on_command=self.mqtt_commands.on_message, on_delivered=self._delivered)
         self._status = StatusReporter(gateway=cfg.gateway_id, community=cfg.community, building=cfg.building,
                                       software=__version__)
         self._send("hello", handover=await self.outbox.handover_mark(), pid=os.getpid())
@@ -273,6 +274,19 @@ class StorageProcess:
                          alarm_level=event.level, code=event.code, value=event.value, event_id=event_id)
         if last is not None:
             self._send("stored", boot=last[0], upto=last[1], dropped={})
+
+    def _delivered(self, rows: Sequence[PendingEvent]) -> None:
+        """The broker acknowledged these urgent rows: tell the panel (transmission supervision, the SMS path)."""
+        keys = []
+        for row in rows:
+            try:
+                body = orjson.loads(row.payload)
+                keys.append(delivery_key(body["kind"], body["action"], body.get("device"), body.get("code"),
+                                         float(body["mono"])))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                log.warning("acknowledged row without a delivery key", event_id=row.event_id)
+        if keys:
+            self._send("delivered", keys=keys)
 
     def _storage_fault(self, code: str, present: bool, detail: str | None) -> None:
         """Storage faults go to the panel: trouble signal and fault LED while present."""
