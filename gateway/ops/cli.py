@@ -1183,7 +1183,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _second_path_lines(data: dict[str, Any], style: Any) -> Iterator[str]:
+def _second_path_lines(data: Mapping[str, Any], style: Any) -> Iterator[str]:
     """The transmission path's supervision and the SMS path (counts and masked numbers only)."""
     path = data.get("transmission")
     if path:
