@@ -229,6 +229,41 @@ def _emit(kind: str, **fields: Any) -> None:
     print(json.dumps({"event": kind, "time": time.time(), **fields}), flush=True)
 
 
+INT4_MAX = 2**31 - 1
+
+
+def _int4(value: Any, name: str) -> int:
+    """``value`` as a column ``integer`` holds; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT4_MAX:
+        raise ValueError(f"{name} is not an integer from 0 to {INT4_MAX}: {value!r:.40}")
+    return value
+
+
+def _event_values(e: Mapping[str, Any], inbox: str, recovered: bool) -> tuple[Any, ...]:
+    """One event's column values for :data:`INSERT_EVENTS`; ValueError (or TypeError) for a malformed event."""
+    return (e["event_id"], str(e.get("gateway", "")), str(e.get("install") or ""),
+            _int4(e.get("session", 0), "session"), _int4(e.get("seq", 0), "seq"), str(e.get("community", "")),
+            str(e.get("building", "")), str(e.get("kind", "")), e.get("action"), e.get("unit"), e.get("household"),
+            e.get("device"), _iso(e.get("time")), inbox, recovered,
+            json.dumps({k: v for k, v in e.items() if k not in ("stored_seq", "delivered", "delivered_at")}))
+
+
+def _session_ends(m: Mapping[str, Any]) -> list[tuple[int, int, bool]]:
+    """(session, last_seq, own) of a birth or status: its own session's end and a birth's ``sessions`` entries.
+    ValueError for a malformed message; nothing for one from a gateway before session ends were announced."""
+    if "last_seq" not in m:
+        return []
+    ends = [(_int4(m.get("session"), "session"), _int4(m["last_seq"], "last_seq"), True)]
+    earlier = m.get("sessions") or []
+    if not isinstance(earlier, list):
+        raise ValueError(f"sessions is not a list: {earlier!r:.40}")
+    for e in earlier:
+        if not isinstance(e, dict):
+            raise ValueError(f"a sessions entry is not an object: {e!r:.40}")
+        ends.append((_int4(e.get("session"), "session"), _int4(e.get("last_seq"), "last_seq"), False))
+    return [end for end in ends if end[1] >= 1]
+
+
 class Inbox:
     """One inbox instance: the shared durable consumer → PostgreSQL; the healer role when it holds the lock."""
 
@@ -238,6 +273,7 @@ class Inbox:
         self.duplicates = 0
         self.recovered = 0
         self.first_notices = 0
+        self.rejected = 0
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._db_lock = asyncio.Lock()
         self._fast_db: psycopg.AsyncConnection[Any] | None = None  # the fast path's own: it never waits for a batch
@@ -325,12 +361,11 @@ class Inbox:
                 continue
             events, ends = [], []
             for m in msgs:
-                with contextlib.suppress(ValueError, UnicodeDecodeError):
-                    body = json.loads(m.data)
-                    if isinstance(body, dict) and isinstance(body.get("event_id"), str):
-                        events.append(body)
-                    elif isinstance(body, dict) and body.get("type") in ("birth", "status"):
-                        ends.append(body)
+                body = self._accepted(m.data, m.subject)
+                if body is not None and isinstance(body.get("event_id"), str):
+                    events.append(body)
+                elif body is not None and body.get("type") in ("birth", "status"):
+                    ends.append(body)
             try:
                 await self.store(events, recovered=False)
                 await self.note_session_ends(ends)
@@ -338,26 +373,50 @@ class Inbox:
                 _emit("store_failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
+            except (ValueError, TypeError) as exc:  # a shape the checks missed: acknowledged, never the task
+                self._reject("batch", exc)
             for m in msgs:
                 with contextlib.suppress(Exception):  # an ack lost is a redelivery, stored once all the same
                     await m.ack()
+
+    def _accepted(self, data: bytes, subject: str) -> dict[str, Any] | None:
+        """A message's body when it is a well-formed event, birth or status (anything else: None); a malformed
+        one is counted in ``rejected`` and named in one line, and the inbox goes on."""
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            if isinstance(body.get("event_id"), str):
+                _event_values(body, self.s.name, False)
+            elif body.get("type") in ("birth", "status"):
+                _session_ends(body)
+            return body
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            self._reject(subject, exc)
+            return None
+
+    def _reject(self, what: str, exc: Exception) -> None:
+        self.rejected += 1
+        _emit("rejected", what=what, reason=str(exc)[:200], rejected=self.rejected)
 
     async def store(self, events: Sequence[Mapping[str, Any]], *, recovered: bool, fast: bool = False) -> int:
         """Store events (once each) and their alarm routings in one transaction; returns how many were new."""
         unique = {e["event_id"]: e for e in events if isinstance(e.get("event_id"), str)}
         if not unique:
             return 0
-        rows = [unique[k] for k in sorted(unique)]  # one lock order for every path: no deadlock between them
         columns: list[list[Any]] = [[] for _ in range(16)]
-        for e in rows:
-            for col, value in zip(columns, (
-                    e["event_id"], str(e.get("gateway", "")), str(e.get("install") or ""), int(e.get("session", 0)),
-                    int(e.get("seq", 0)), str(e.get("community", "")), str(e.get("building", "")),
-                    str(e.get("kind", "")), e.get("action"), e.get("unit"), e.get("household"), e.get("device"),
-                    _iso(e.get("time")), self.s.name, recovered,
-                    json.dumps({k: v for k, v in e.items() if k not in ("stored_seq", "delivered", "delivered_at")})),
-                    strict=True):
+        rows = []
+        for key in sorted(unique):  # one lock order for every path: no deadlock between them
+            try:
+                values = _event_values(unique[key], self.s.name, recovered)
+            except (ValueError, TypeError) as exc:
+                self._reject(f"event {key[:80]}", exc)
+                continue
+            rows.append(unique[key])
+            for col, value in zip(columns, values, strict=True):
                 col.append(value)
+        if not rows:
+            return 0
         assert self._db is not None
         db, lock = (self._fast_db, asyncio.Lock()) if fast and self._fast_db is not None else (self._db, self._db_lock)
         async with lock, db.transaction():
@@ -399,10 +458,9 @@ class Inbox:
 
     async def _first_notice(self, msg: Any) -> None:
         """Queue one such event for :meth:`_store_first_notices` (the callback must not wait for the table)."""
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            body = json.loads(msg.data)
-            if isinstance(body, dict) and isinstance(body.get("event_id"), str):
-                self._fast_queue.put_nowait(body)
+        body = self._accepted(msg.data, msg.subject)
+        if body is not None and isinstance(body.get("event_id"), str):
+            self._fast_queue.put_nowait(body)
 
     async def _store_first_notices(self) -> None:
         """Store (once) and route what the fast path heard, everything waiting in one transaction, on a
@@ -415,6 +473,8 @@ class Inbox:
                 self.first_notices += await self.store(batch, recovered=False, fast=True)
             except psycopg.Error as exc:  # the durable consumer stores them all the same
                 _emit("store_failed", error=repr(exc), path="fast")
+            except (ValueError, TypeError) as exc:  # a shape the checks missed: this batch only, never the task
+                self._reject("fast batch", exc)
 
     # ------------------------------------------------------------------------------ session ends
 
@@ -422,15 +482,12 @@ class Inbox:
         """Where sessions ended, from births and statuses (docs/mqtt.md, "Filling a gap")."""
         rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
         for m in messages:
-            if not isinstance(m.get("last_seq"), int) or not isinstance(m.get("session"), int):
-                continue  # a gateway from before session ends were announced
-            ends = [(m["session"], m["last_seq"], True)]
-            ends += [(e["session"], e["last_seq"], False) for e in m.get("sessions") or []
-                     if isinstance(e, dict) and isinstance(e.get("session"), int)
-                     and isinstance(e.get("last_seq"), int)]
+            try:
+                ends = _session_ends(m)
+            except (ValueError, TypeError) as exc:
+                self._reject(f"{m.get('type')} of {str(m.get('gateway', ''))[:80]}", exc)
+                continue
             for session, last, own in ends:
-                if last < 1:
-                    continue
                 for key, value in zip("gisc", (str(m.get("gateway", "")), str(m.get("install") or ""), session,
                                                str(m.get("community", ""))), strict=True):
                     rows[key].append(value)
@@ -505,7 +562,7 @@ class Inbox:
         while not self._stop.is_set():
             await asyncio.sleep(5.0)
             _emit("stored", name=self.s.name, stored=self.stored, duplicates=self.duplicates,
-                  recovered=self.recovered, first_notices=self.first_notices)
+                  recovered=self.recovered, first_notices=self.first_notices, rejected=self.rejected)
 
 
 def _ranges(missing: Iterable[Sequence[Any]]) -> list[tuple[tuple[str, str, int, str, str], int, int]]:

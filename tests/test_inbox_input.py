@@ -1,0 +1,154 @@
+"""The central inbox (fleet/inbox.py) against what a gateway may send wrong: a private PostgreSQL and a private
+single-node nats-server with JetStream, the ``$MQTT_msgs`` stream made as nats-server's MQTT makes it; the inbox
+runs in the test's event loop. A malformed message is rejected and counted; the inbox goes on storing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import psycopg
+import pytest
+from nats.js.api import StreamConfig
+
+from fleet.inbox import MQTT_STREAM, MQTT_SUBJECT_PREFIX, Inbox, InboxSettings
+from tests.support.broker import free_port
+from tests.support.postgres import PostgresServer, find_pg_bin
+
+pytestmark = pytest.mark.timeout(120)
+
+COMMUNITY = "c1"
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    if find_pg_bin() is None or (shutil.which("runuser") is None and os.geteuid() == 0):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are required: apt-get install postgresql")
+    with PostgresServer(tmp_path_factory.mktemp("pg")) as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.access(binary, os.X_OK):
+        pytest.skip("nats-server is required: apt-get install nats-server")
+    port = free_port()
+    proc = subprocess.Popen([binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "nats-server did not start"
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+async def inbox(pg: PostgresServer, nats_url: str) -> AsyncIterator[Inbox]:
+    async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as c:
+        await c.execute("DROP TABLE IF EXISTS notifications, events, session_ends")
+    nc = await nats.connect(nats_url)
+    await nc.jetstream().add_stream(StreamConfig(name=MQTT_STREAM, subjects=[f"{MQTT_SUBJECT_PREFIX}>"]))
+    await nc.close()
+    box = Inbox(InboxSettings(nats_servers=(nats_url,), dsn=pg.dsn, community=COMMUNITY, name="inbox-t",
+                              gap_grace_s=0.5, heal_every_s=0.2))
+    task = asyncio.create_task(box.run())
+    try:
+        await until(lambda: _true(box.nc is not None and box._fast_db is not None), 30, "the inbox did not start")
+        yield box
+    finally:
+        box.stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def until(predicate: Callable[[], Awaitable[Any]], timeout: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        assert time.monotonic() < deadline, message
+        await asyncio.sleep(0.05)
+
+
+def event(building: str = "b1", **fields: Any) -> dict[str, Any]:
+    body = {"event_id": uuid.uuid4().hex, "gateway": f"{COMMUNITY}-{building}", "install": "i1", "session": 1,
+            "seq": 1, "community": COMMUNITY, "building": building, "kind": "alarm", "action": "raised",
+            "unit": "u1", "household": "u1-101", "device": "gas-1", "time": "2026-12-07T10:00:00+00:00"}
+    return {**body, **fields}
+
+
+async def publish_durable(url: str, topic: str, body: Any) -> None:
+    """As nats-server's MQTT stores a gateway's QoS 1 PUBLISH of ``topic`` (``/`` as ``.``)."""
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().publish(MQTT_SUBJECT_PREFIX + topic, json.dumps(body).encode())
+    finally:
+        await nc.close()
+
+
+async def publish_core(url: str, subject: str, body: Any) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.publish(subject, json.dumps(body).encode())
+        await nc.flush()
+    finally:
+        await nc.close()
+
+
+async def stored(pg: PostgresServer, event_id: str) -> tuple[Any, ...] | None:
+    async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as c:
+        cur = await c.execute("SELECT event_id, fast FROM events WHERE event_id = %s", (event_id,))
+        return await cur.fetchone()
+
+
+async def test_a_malformed_birth_or_event_is_rejected_and_the_durable_consumer_goes_on(
+    pg: PostgresServer, nats_url: str, inbox: Inbox,
+) -> None:
+    base = f"safety.{COMMUNITY}.b1"
+    await publish_durable(nats_url, f"{base}.birth", {"type": "birth", "gateway": "c1-b1", "community": COMMUNITY,
+                                                      "building": "b1", "install": "i1", "session": 2,
+                                                      "last_seq": 3, "sessions": 5})
+    await publish_durable(nats_url, f"{base}.status", {"type": "status", "gateway": "c1-b1", "community": COMMUNITY,
+                                                       "building": "b1", "install": "i1", "session": "2",
+                                                       "last_seq": 3})
+    await publish_durable(nats_url, f"{base}.event.alarm", event(seq="x"))
+    await publish_durable(nats_url, f"{base}.event.alarm", event(session=[1]))
+    good = event(seq=2)
+    await publish_durable(nats_url, f"{base}.event.alarm", good)
+    await until(lambda: stored(pg, good["event_id"]), 10, "the inbox stopped consuming after a malformed message")
+    assert inbox.rejected == 4
+
+
+async def test_a_malformed_alarm_on_the_fast_path_is_rejected_and_the_next_one_is_stored(
+    pg: PostgresServer, nats_url: str, inbox: Inbox,
+) -> None:
+    subject = f"safety.{COMMUNITY}.b1.event.alarm"  # core NATS only: not in the stream, so the fast path or nothing
+    await publish_core(nats_url, subject, event(seq="x"))
+    await publish_core(nats_url, subject, event(session=2**40))
+    good = event(seq=3)
+    await publish_core(nats_url, subject, good)
+    row = await until(lambda: stored(pg, good["event_id"]), 10, "the fast path stopped after a malformed alarm")
+    assert row[1] is True
+    assert inbox.rejected == 2
