@@ -73,6 +73,10 @@ RANGE_PAGE = 200
 NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
 #: Advisory lock key of the healer role (any constant the deployment does not use otherwise).
 HEALER_LOCK = 0x5AFE_1D0B
+#: How far above a session's highest stored ``seq`` an announced end may be (a higher one is ignored), and how
+#: many seqs above its stored count one healing round looks at: a gateway announcing ``last_seq`` 2^31 − 1 (or
+#: an event with that ``seq``) must not have the healer walk two billion seqs for the whole community.
+END_AHEAD_MAX = 10_000
 SCHEMA_LOCK = 0x5AFE_1D0A
 
 SCHEMA = """
@@ -164,7 +168,7 @@ tops AS (
 SELECT t.gateway, t.install, t.session, t.community, t.building, g.s
   FROM tops t
   LEFT JOIN stored c USING (gateway, install, session)
- CROSS JOIN LATERAL generate_series(1, t.top) AS g(s)
+ CROSS JOIN LATERAL generate_series(1, least(t.top, coalesce(c.n, 0) + %(ahead)s)) AS g(s)
  WHERE t.top > coalesce(c.n, 0)
    AND NOT EXISTS (SELECT 1 FROM events e
                     WHERE e.gateway = t.gateway AND e.install = t.install AND e.session = t.session AND e.seq = g.s)
@@ -180,13 +184,17 @@ INSERT INTO session_ends AS se (gateway, install, session, community, building, 
 SELECT x.g, x.i, x.s, x.c, x.b, x.l
   FROM unnest(%(g)s::text[], %(i)s::text[], %(s)s::int[], %(c)s::text[], %(b)s::text[], %(l)s::int[],
               %(own)s::bool[]) AS x(g, i, s, c, b, l, own)
- WHERE x.own OR %(backfill)s OR x.s >= (
-       SELECT min(m) FROM (SELECT min(session) AS m FROM events WHERE gateway = x.g AND install = x.i
-                           UNION ALL
-                           SELECT min(session) FROM session_ends WHERE gateway = x.g AND install = x.i) k)
+ WHERE (x.own OR %(backfill)s OR x.s >= (
+        SELECT min(m) FROM (SELECT min(session) AS m FROM events WHERE gateway = x.g AND install = x.i
+                            UNION ALL
+                            SELECT min(session) FROM session_ends WHERE gateway = x.g AND install = x.i) k))
+   AND x.l <= %(ahead)s + coalesce((SELECT max(seq) FROM events
+                                     WHERE gateway = x.g AND install = x.i AND session = x.s), 0)
+   AND NOT EXISTS (SELECT 1 FROM session_ends o
+                    WHERE o.gateway = x.g AND o.install = x.i AND (o.community, o.building) <> (x.c, x.b))
 ON CONFLICT (gateway, install, session) DO UPDATE
    SET last_seq = EXCLUDED.last_seq, announced_at = clock_timestamp()
- WHERE se.last_seq < EXCLUDED.last_seq
+ WHERE se.last_seq < EXCLUDED.last_seq AND (se.community, se.building) = (EXCLUDED.community, EXCLUDED.building)
 """
 
 #: Kinds of event the fast path (core NATS) takes: those that tell people.
@@ -386,6 +394,7 @@ class Inbox:
             body = json.loads(data)
             if not isinstance(body, dict):
                 raise ValueError("not a JSON object")
+            self._check_sender(body, subject)
             if isinstance(body.get("event_id"), str):
                 _event_values(body, self.s.name, False)
             elif body.get("type") in ("birth", "status"):
@@ -394,6 +403,16 @@ class Inbox:
         except (ValueError, TypeError, UnicodeDecodeError) as exc:
             self._reject(subject, exc)
             return None
+
+    def _check_sender(self, body: dict[str, Any], subject: str) -> None:
+        """The community and building are the subject's (the cluster lets a gateway publish under its own
+        building only): a body naming others is refused, a body naming none gets the subject's."""
+        parts = subject.removeprefix(MQTT_SUBJECT_PREFIX).removeprefix(f"{self.s.prefix}.").split(".")
+        if len(parts) < 3 or parts[0] != self.s.community:
+            raise ValueError(f"not a subject of community {self.s.community}: {subject[:120]}")
+        for key, value in (("community", parts[0]), ("building", parts[1])):
+            if body.setdefault(key, value) != value:
+                raise ValueError(f"{key} {str(body[key])[:40]!r} is not the subject's {value!r}")
 
     def _reject(self, what: str, exc: Exception) -> None:
         self.rejected += 1
@@ -480,7 +499,7 @@ class Inbox:
 
     async def note_session_ends(self, messages: Sequence[Mapping[str, Any]]) -> None:
         """Where sessions ended, from births and statuses (docs/mqtt.md, "Filling a gap")."""
-        rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
+        highest: dict[tuple[str, str, int], tuple[str, str, int, bool]] = {}  # one row per key and statement
         for m in messages:
             try:
                 ends = _session_ends(m)
@@ -488,17 +507,19 @@ class Inbox:
                 self._reject(f"{m.get('type')} of {str(m.get('gateway', ''))[:80]}", exc)
                 continue
             for session, last, own in ends:
-                for key, value in zip("gisc", (str(m.get("gateway", "")), str(m.get("install") or ""), session,
-                                               str(m.get("community", ""))), strict=True):
-                    rows[key].append(value)
-                rows["b"].append(str(m.get("building", "")))
-                rows["l"].append(last)
-                rows["own"].append(own)
-        if not rows["g"]:
+                key = (str(m.get("gateway", "")), str(m.get("install") or ""), session)
+                before = highest.get(key)
+                if before is None or (before[2], before[3]) < (last, own):
+                    highest[key] = (str(m.get("community", "")), str(m.get("building", "")), last, own)
+        if not highest:
             return
+        rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
+        for key, end in highest.items():
+            for column, value in zip(("g", "i", "s", "c", "b", "l", "own"), (*key, *end), strict=True):
+                rows[column].append(value)
         assert self._db is not None
         async with self._db_lock, self._db.transaction():
-            await self._db.execute(UPSERT_SESSION_ENDS, {**rows, "backfill": self.s.backfill})
+            await self._db.execute(UPSERT_SESSION_ENDS, {**rows, "backfill": self.s.backfill, "ahead": END_AHEAD_MAX})
 
     # ------------------------------------------------------------------------------ healing
 
@@ -524,7 +545,7 @@ class Inbox:
             await conn.close()
 
     async def _ask_for_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(FIND_GAPS, {"grace": self.s.gap_grace_s})
+        cur = await conn.execute(FIND_GAPS, {"grace": self.s.gap_grace_s, "ahead": END_AHEAD_MAX})
         missing = await cur.fetchall()
         now = time.monotonic()
         for (gateway, install, session, community, building), first, last in _ranges(missing):

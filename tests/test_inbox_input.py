@@ -152,3 +152,55 @@ async def test_a_malformed_alarm_on_the_fast_path_is_rejected_and_the_next_one_i
     row = await until(lambda: stored(pg, good["event_id"]), 10, "the fast path stopped after a malformed alarm")
     assert row[1] is True
     assert inbox.rejected == 2
+
+
+async def rows(pg: PostgresServer, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as c:
+        cur = await c.execute(query, args)
+        return await cur.fetchall()
+
+
+def birth(building: str, session: int, last_seq: int, **fields: Any) -> dict[str, Any]:
+    return {"type": "birth", "gateway": f"{COMMUNITY}-{building}", "community": COMMUNITY, "building": building,
+            "install": "i1", "session": session, "last_seq": last_seq, **fields}
+
+
+async def test_an_end_announced_far_ahead_is_ignored_and_healing_goes_on_for_the_others(
+    pg: PostgresServer, nats_url: str, inbox: Inbox,
+) -> None:
+    asked: list[dict[str, Any]] = []
+    nc = await nats.connect(nats_url)
+
+    async def on_command(msg: Any) -> None:
+        asked.append(json.loads(msg.data))
+
+    await nc.subscribe(f"safety.{COMMUNITY}.b2.command.events", cb=on_command)
+    try:
+        await publish_durable(nats_url, f"safety.{COMMUNITY}.b1.birth", birth("b1", 5, 2**31 - 1))
+        await publish_durable(nats_url, f"safety.{COMMUNITY}.b1.status", birth("b1", 6, 2**40, type="status"))
+        for seq in (1, 3):  # b2 misses seq 2
+            await publish_durable(nats_url, f"safety.{COMMUNITY}.b2.event.alarm",
+                                  event("b2", seq=seq, kind="telemetry", action="reading"))
+        await until(lambda: _true(bool(asked)), 10, "healing stalled: the gap of another gateway was not asked for")
+    finally:
+        await nc.close()
+    assert asked[0]["args"]["from_seq"] == 2 and asked[0]["args"]["to_seq"] == 2, asked[0]
+    assert await rows(pg, "SELECT * FROM session_ends WHERE gateway = 'c1-b1'") == []
+    assert inbox.rejected == 1  # the status above the column's range
+
+
+async def test_a_session_end_whose_body_names_another_building_or_community_than_its_subject_is_dropped(
+    pg: PostgresServer, nats_url: str, inbox: Inbox,
+) -> None:
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b2.birth", birth("b1", 1, 5))
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b2.birth", birth("b2", 1, 5, community="c2"))
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b2.birth", birth("b2", 1, 4, gateway="c1-b2"))
+    await until(lambda: rows(pg, "SELECT * FROM session_ends"), 10, "the honest birth was not recorded")
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b3.status",  # b3 announcing for b2's gateway
+                          birth("b3", 1, 9, gateway="c1-b2", type="status"))
+    good = event("b3")
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b3.event.alarm", good)
+    await until(lambda: stored(pg, good["event_id"]), 10, "the inbox stopped consuming")
+    assert await rows(pg, "SELECT gateway, community, building, last_seq FROM session_ends") == [
+        ("c1-b2", COMMUNITY, "b2", 4)]
+    assert inbox.rejected == 2
