@@ -379,6 +379,9 @@ class Inbox:
                 await self.note_session_ends(ends)
             except psycopg.Error as exc:  # not acknowledged: delivered again after ack_wait
                 _emit("store_failed", error=repr(exc))
+                if isinstance(exc, psycopg.OperationalError):  # PostgreSQL restarted: a new connection
+                    async with self._db_lock:
+                        self._db = await self._reopen(self._db)
                 await asyncio.sleep(0.5)
                 continue
             except (ValueError, TypeError) as exc:  # a shape the checks missed: acknowledged, never the task
@@ -489,11 +492,29 @@ class Inbox:
             while not self._fast_queue.empty() and len(batch) < self.s.batch:
                 batch.append(self._fast_queue.get_nowait())
             try:
-                self.first_notices += await self.store(batch, recovered=False, fast=True)
+                try:
+                    self.first_notices += await self.store(batch, recovered=False, fast=True)
+                except psycopg.OperationalError as exc:  # PostgreSQL restarted: a new connection, the batch again
+                    _emit("store_failed", error=repr(exc), path="fast")
+                    self._fast_db = await self._reopen(self._fast_db)
+                    self.first_notices += await self.store(batch, recovered=False, fast=True)
             except psycopg.Error as exc:  # the durable consumer stores them all the same
                 _emit("store_failed", error=repr(exc), path="fast")
             except (ValueError, TypeError) as exc:  # a shape the checks missed: this batch only, never the task
                 self._reject("fast batch", exc)
+
+    async def _reopen(self, old: psycopg.AsyncConnection[Any] | None, *,
+                      autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+        """A new connection in place of one PostgreSQL closed (a restart), tried every second until it comes."""
+        if old is not None:
+            with contextlib.suppress(psycopg.Error):
+                await old.close()
+        while True:
+            try:
+                return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=autocommit)
+            except psycopg.OperationalError as exc:
+                _emit("db_reconnecting", error=repr(exc))
+                await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------------------ session ends
 
@@ -540,6 +561,8 @@ class Inbox:
                         await self._ask_for_gaps(conn)
                 except psycopg.Error as exc:
                     _emit("heal_failed", error=repr(exc))
+                    if isinstance(exc, psycopg.OperationalError):  # the lock went with the old connection
+                        conn, leader = await self._reopen(conn, autocommit=True), False
                 await asyncio.sleep(self.s.heal_every_s)
         finally:
             await conn.close()

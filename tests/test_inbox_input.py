@@ -1,6 +1,7 @@
 """The central inbox (fleet/inbox.py) against what a gateway may send wrong: a private PostgreSQL and a private
 single-node nats-server with JetStream, the ``$MQTT_msgs`` stream made as nats-server's MQTT makes it; the inbox
-runs in the test's event loop. A malformed message is rejected and counted; the inbox goes on storing."""
+runs in the test's event loop. A malformed message is rejected and counted; the inbox goes on storing. The duty
+desk's presence watcher (fleet/desk/presence.py) likewise."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import psycopg
 import pytest
 from nats.js.api import StreamConfig
 
+from fleet.desk.presence import watch_presence
 from fleet.inbox import MQTT_STREAM, MQTT_SUBJECT_PREFIX, Inbox, InboxSettings
+from gateway.uplink.contract import availability_message
 from tests.support.broker import free_port
 from tests.support.postgres import PostgresServer, find_pg_bin
 
@@ -204,3 +207,67 @@ async def test_a_session_end_whose_body_names_another_building_or_community_than
     assert await rows(pg, "SELECT gateway, community, building, last_seq FROM session_ends") == [
         ("c1-b2", COMMUNITY, "b2", 4)]
     assert inbox.rejected == 2
+
+
+async def test_after_postgresql_closed_its_connections_both_paths_store_again(
+    pg: PostgresServer, nats_url: str, inbox: Inbox,
+) -> None:
+    await rows(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    fast, durable = event(seq=1), event(seq=2, kind="telemetry", action="reading")
+    await publish_core(nats_url, f"safety.{COMMUNITY}.b1.event.alarm", fast)  # core NATS only: the fast path
+    await publish_durable(nats_url, f"safety.{COMMUNITY}.b1.event.telemetry", durable)
+    assert (await until(lambda: stored(pg, fast["event_id"]), 10, "the fast path did not reconnect"))[1] is True
+    await until(lambda: stored(pg, durable["event_id"]), 10, "the durable consumer did not reconnect")
+
+
+@pytest.fixture
+async def presence(pg: PostgresServer, nats_url: str) -> AsyncIterator[None]:
+    async with await psycopg.AsyncConnection.connect(pg.dsn, autocommit=True) as c:
+        await c.execute("DROP TABLE IF EXISTS gateway_presence")
+    stop = asyncio.Event()
+    task = asyncio.create_task(watch_presence(pg.dsn, [nats_url], prefix="safety", user=None, password=None,
+                                              stop=stop))
+    try:
+        await until(lambda: rows(pg, "SELECT 1 WHERE to_regclass('gateway_presence') IS NOT NULL"), 10,
+                    "the watcher did not make its table")
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def availability(building: str, state: str, wall: float, **fields: Any) -> dict[str, Any]:
+    return {**availability_message(gateway=f"{COMMUNITY}-{building}", community=COMMUNITY, building=building,
+                                   state=state, session=1, wall=wall), **fields}
+
+
+async def presence_rows(pg: PostgresServer) -> list[tuple[Any, ...]]:
+    return await rows(pg, "SELECT gateway, community, building, state FROM gateway_presence ORDER BY gateway")
+
+
+async def test_the_presence_watcher_stores_again_after_postgresql_closed_its_connection(
+    pg: PostgresServer, nats_url: str, presence: None,
+) -> None:
+    await watched(pg, nats_url, "b1", availability("b1", "online", 1000.0))
+    await rows(pg, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                   " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    await publish_core(nats_url, f"safety.{COMMUNITY}.b1.availability",
+                       availability("b1", "offline", 1001.0, reason="connection lost"))
+    await until(lambda: _true_async_rows(pg, [("c1-b1", COMMUNITY, "b1", "offline")]), 10,
+                "the watcher did not reconnect")
+
+
+async def _true_async_rows(pg: PostgresServer, expected: list[tuple[Any, ...]]) -> bool:
+    return await presence_rows(pg) == expected
+
+
+async def watched(pg: PostgresServer, nats_url: str, building: str, body: dict[str, Any]) -> None:
+    """Publish ``body`` until the watcher has stored it (no hook says when its subscription is in place; the
+    upsert of the same message is idempotent)."""
+
+    async def there() -> bool:
+        await publish_core(nats_url, f"safety.{COMMUNITY}.{building}.availability", body)
+        return any(r[0] == body["gateway"] and r[3] == body["state"] for r in await presence_rows(pg))
+
+    await until(there, 15, "the watcher did not store an availability message")

@@ -37,13 +37,23 @@ async def watch_presence(dsn: str, servers: list[str], *, prefix: str, user: str
     nc = await nats.connect(servers=servers, user=user, password=password, name="duty-desk-presence",
                             max_reconnect_attempts=-1, reconnect_time_wait=0.5)
 
+    async def upsert(row: tuple[Any, ...]) -> None:
+        nonlocal conn
+        try:
+            await conn.execute(UPSERT, row)
+        except psycopg.OperationalError:  # PostgreSQL restarted: a new connection, and the row again
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            await conn.execute(UPSERT, row)
+
     async def on_message(msg: Any) -> None:
         with contextlib.suppress(ValueError, UnicodeDecodeError, KeyError, TypeError):
             body = json.loads(msg.data)
             since = dt.datetime.fromisoformat(str(body["time"]))
             with contextlib.suppress(psycopg.Error):
-                await conn.execute(UPSERT, (str(body["gateway"]), str(body["community"]), str(body["building"]),
-                                            str(body["state"]), body.get("reason"), since))
+                await upsert((str(body["gateway"]), str(body["community"]), str(body["building"]),
+                              str(body["state"]), body.get("reason"), since))
 
     await nc.subscribe(f"{prefix}.*.*.availability", cb=on_message)
     try:
