@@ -271,3 +271,18 @@ async def watched(pg: PostgresServer, nats_url: str, building: str, body: dict[s
         return any(r[0] == body["gateway"] and r[3] == body["state"] for r in await presence_rows(pg))
 
     await until(there, 15, "the watcher did not store an availability message")
+
+
+async def test_an_availability_naming_another_building_or_gateway_of_another_building_changes_nothing(
+    pg: PostgresServer, nats_url: str, presence: None,
+) -> None:
+    await watched(pg, nats_url, "b1", availability("b1", "online", 1000.0))
+    # b2's gateway: a body naming b1 on its own subject, then b1's gateway id on its own subject
+    await publish_core(nats_url, f"safety.{COMMUNITY}.b2.availability",
+                       availability("b1", "offline", 1001.0, reason="connection lost"))
+    await publish_core(nats_url, f"safety.{COMMUNITY}.b2.availability",
+                       availability("b2", "offline", 1002.0, gateway="c1-b1", reason="connection lost"))
+    await publish_core(nats_url, f"safety.{COMMUNITY}.b2.availability",
+                       availability("b2", "online", 1003.0, community="c9"))
+    await watched(pg, nats_url, "b3", availability("b3", "online", 1004.0))  # after them: they were handled
+    assert await presence_rows(pg) == [("c1-b1", COMMUNITY, "b1", "online"), ("c1-b3", COMMUNITY, "b3", "online")]
