@@ -148,6 +148,20 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id, extract(epoch FROM opened_at)
 """
 
+#: A clear (or reset) already handled that ends an episode being opened (one the healer brought back late):
+#: the same gateway and subject, not before it (as :meth:`Notifier.close_episodes` matches them).
+HANDLED_END = """
+SELECT c.event_id FROM clears h JOIN events c ON c.event_id = h.event_id
+ WHERE c.gateway = %(gateway)s AND c.community = %(community)s
+   AND h.handled_at > clock_timestamp() - make_interval(secs => %(lookback)s)
+   AND ((c.action = 'cleared' AND c.kind = %(kind)s
+         AND coalesce(nullif(c.device, ''), nullif(c.body->>'code', ''), '') = %(subject)s)
+        OR (c.kind = 'reset' AND %(kind)s = 'alarm' AND (nullif(c.device, '') IS NULL OR c.device = %(subject)s)))
+   AND (c.detected_at IS NULL OR %(detected)s::timestamptz IS NULL OR %(detected)s::timestamptz <= c.detected_at)
+ ORDER BY c.committed_at
+ LIMIT 1
+"""
+
 INSERT_DELIVERIES = """
 INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, status, due_at, next_attempt_at,
                         token_expires_at, detail, sent_at)
@@ -551,6 +565,14 @@ class Notifier:
             ladder = self.s.ladder
             for event_id, opened in new.items():
                 e = events[event_id]
+                cur = await conn.execute(HANDLED_END, {
+                    "gateway": e["gateway"], "community": e["community"], "lookback": LOOKBACK_S, "kind": e["kind"],
+                    "subject": _subject(e), "detected": e["detected_at"]})
+                end = await cur.fetchone()
+                if end is not None:  # its clear came (and was handled) first: opened closed, nobody told
+                    await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
+                                       "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
+                    continue
                 alone = self.s.contacts.is_alone(e)
                 people: dict[tuple[str, str], Person] = {}
                 for n in routed.get(event_id, []):

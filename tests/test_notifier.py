@@ -264,6 +264,25 @@ def test_a_clear_ends_the_alarm_it_followed_not_one_raised_again_after_it(stack:
                             what="the all-clear of the second")
 
 
+def test_an_alarm_whose_clear_was_handled_first_opens_closed_and_tells_nobody(stack: Stack) -> None:
+    """The healer brings an alarm back after its clear was stored and handled (the clear had no episode to
+    end then): the alarm's episode opens already cleared, and no message goes out."""
+    from tests.support.notifier import event
+
+    where = {"unit": "u2", "household": "u2-201", "device": "gas-u2-201-late"}
+    raised = event(COMMUNITY, "b1", "alarm", "raised", **where)
+    cleared = event(COMMUNITY, "b1", "alarm", "cleared", **where)
+    stack.store(cleared)
+    wait_until(lambda: stack.rows("SELECT 1 FROM clears WHERE event_id = %s", cleared["event_id"]), timeout=10,
+               message="the clear was not handled")
+    stack.store(raised)  # detected before the clear, stored after it
+    wait_until(lambda: stack.rows("SELECT 1 FROM episodes WHERE event_id = %s", raised["event_id"]), timeout=10,
+               message="no episode for the late alarm")
+    assert stack.rows("SELECT cleared_by, next_step_at FROM episodes WHERE event_id = %s",
+                      raised["event_id"]) == [(cleared["event_id"], None)]
+    assert stack.rows("SELECT count(*) FROM deliveries WHERE event_id = %s", raised["event_id"]) == [(0,)]
+
+
 def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at_most_once(stack: Stack) -> None:
     from tests.support.notifier import event, start_notifier
 
