@@ -283,6 +283,68 @@ def test_an_alarm_whose_clear_was_handled_first_opens_closed_and_tells_nobody(st
     assert stack.rows("SELECT count(*) FROM deliveries WHERE event_id = %s", raised["event_id"]) == [(0,)]
 
 
+def _post(stack: Stack, path: str, form: dict[str, str], headers: dict[str, str]) -> tuple[int, str]:
+    """A browser's form POST to the desk (no redirect followed): its status and the session cookie it set."""
+    import http.client
+    from urllib.parse import urlencode
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.desk_port, timeout=30)
+    try:
+        conn.request("POST", path, urlencode(form), {"Content-Type": "application/x-www-form-urlencoded", **headers})
+        response = conn.getresponse()
+        response.read()
+        cookie = (response.getheader("set-cookie") or "").split(";")[0]
+        return response.status, cookie
+    finally:
+        conn.close()
+
+
+def _officer(stack: Stack, login: str) -> None:
+    import asyncio
+
+    from fleet.desk.auth import add_officer
+
+    async def add() -> None:
+        async with await psycopg.AsyncConnection.connect(stack.pg.dsn, autocommit=True) as c:
+            await add_officer(c, login=login, community=COMMUNITY, name=f"Officer {login}", password="a long password")
+
+    asyncio.run(add())
+
+
+def test_an_acknowledgement_posted_from_another_site_is_refused(stack: Stack) -> None:
+    from tests.support.notifier import event
+
+    _officer(stack, "csrf")
+    own = {"Origin": f"http://127.0.0.1:{stack.desk_port}"}
+    status, cookie = _post(stack, "/login", {"login": "csrf", "password": "a long password"}, own)
+    assert status == 303 and cookie.startswith("desk_session=")
+    raised = event(COMMUNITY, "b1", "alarm", "raised", unit="u1", household="u1-101", device="gas-csrf")
+    stack.store(raised)
+    wait_until(lambda: stack.rows("SELECT 1 FROM episodes WHERE event_id = %s", raised["event_id"]), timeout=10)
+    ref = raised["event_id"]
+    for forged in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        for path in (f"/episodes/{ref}/ack", f"/api/episodes/{ref}/ack"):
+            assert _post(stack, path, {}, {"Cookie": cookie, **forged})[0] == 403, (path, forged)
+    assert stack.rows("SELECT acked_at FROM episodes WHERE event_id = %s", ref) == [(None,)]
+    assert _post(stack, f"/episodes/{ref}/ack", {}, {"Cookie": cookie, **own})[0] == 303
+    assert stack.rows("SELECT acked_by FROM episodes WHERE event_id = %s", ref) == [("Officer csrf (duty desk)",)]
+
+
+def test_wrong_passwords_make_a_login_wait_and_expired_sessions_are_deleted(stack: Stack) -> None:
+    _officer(stack, "guessed")
+    own = {"Origin": f"http://127.0.0.1:{stack.desk_port}"}
+    stack.rows("INSERT INTO desk_sessions (token_sha256, login, expires_at)"
+               " VALUES ('old', 'guessed', now() - '1 s'::interval) RETURNING 1")
+    for _ in range(3):
+        assert _post(stack, "/login", {"login": "guessed", "password": "wrong password"}, own)[0] == 401
+    # the right password, at once: refused unchecked until the delay (5 s) is over
+    assert _post(stack, "/login", {"login": "guessed", "password": "a long password"}, own)[0] == 429
+    assert stack.rows("SELECT 1 FROM desk_sessions WHERE token_sha256 = 'old'") != []
+    _officer(stack, "other")
+    assert _post(stack, "/login", {"login": "other", "password": "a long password"}, own)[0] == 303
+    assert stack.rows("SELECT 1 FROM desk_sessions WHERE token_sha256 = 'old'") == []
+
+
 def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at_most_once(stack: Stack) -> None:
     from tests.support.notifier import event, start_notifier
 
