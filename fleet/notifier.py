@@ -37,6 +37,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import signal
 import sys
 import time
@@ -420,6 +421,19 @@ def _what(e: Mapping[str, Any]) -> str:
     return f"{kind} {code}" if code else kind
 
 
+_NUMBER = re.compile(r"\+?\d[\d ()./-]*\d")
+
+
+def _detail(text: str) -> str:
+    """What a delivery row may keep and the desk may show: never a number (a phone number, an account id or a
+    key's digits), at most 200 characters."""
+    return _NUMBER.sub("#", text)[:200]
+
+
+def _schemes(urls: Sequence[str]) -> str:
+    return ", ".join(sorted({u.split("://", 1)[0] + "://" for u in urls}))
+
+
 def _subject(e: Mapping[str, Any]) -> str:
     body = e.get("body") or {}
     return str(e.get("device") or body.get("code") or "")
@@ -694,11 +708,12 @@ class Notifier:
         notifier = apprise.Apprise()
         for url in urls:
             if not notifier.add(url):
-                return "failed", f"not an Apprise URL this installation supports: {url.split('://', 1)[0]}://"
-        with apprise.LogCapture(level=apprise.logging.WARNING) as logs:  # type: ignore[no-untyped-call]
-            ok = await notifier.async_notify(body=body, title=title)
-            detail = logs.getvalue().strip()[-500:]
-        return ("delivered", f"{len(urls)} channel(s)") if ok else ("failed", detail or "Apprise reported a failure")
+                return "failed", _detail(f"not an Apprise URL this installation supports: {_schemes([url])}")
+        ok = await notifier.async_notify(body=body, title=title)
+        # Only the outcome and the schemes: Apprise's log lines may hold phone numbers and provider credentials.
+        if ok:
+            return "delivered", _detail(f"{len(urls)} channel(s): {_schemes(urls)}")
+        return "failed", _detail(f"Apprise reported a failure: {_schemes(urls)}")
 
     async def deliver(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Send due deliveries one at a time, each claimed, sent and recorded in its own transaction (a kill -9
@@ -714,7 +729,7 @@ class Notifier:
                 try:
                     outcome, detail = await self._send(r)
                 except Exception as exc:  # a plugin that raises is a failed attempt, not a dead instance
-                    outcome, detail = "failed", repr(exc)
+                    outcome, detail = "failed", _detail(f"{type(exc).__name__} raised: {_schemes(self._urls(r))}")
                 await self._record(conn, r, outcome, detail)
             tried += 1
         return tried
