@@ -5,7 +5,8 @@ A private PostgreSQL holds ``--alarms`` alarms, each routed to a relative and a 
 HTTP receiver (its own process). Reported (one JSON line last): ``messages``, ``seconds`` (first message
 received → last), ``messages_per_s`` with 1 and with ``--instances`` instances, ``apprise_alone_per_s`` (one
 process sending the same number of messages through Apprise to the same receiver, no database: the floor the
-notifier adds its bookkeeping to), and the notifier processes' CPU seconds per message.
+notifier adds its bookkeeping to), and the notifier processes' CPU seconds per message. Without PostgreSQL,
+Apprise or another package it needs, the line says why in ``error`` (with what was measured before).
 
 ``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2]``
 """
@@ -26,17 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import psutil  # noqa: E402
+try:
+    import psutil
 
-from tests.support.notifier import (  # noqa: E402
-    Receiver,
-    event,
-    start_notifier,
-    store_events,
-    write_contacts,
-    write_notifier_config,
-)
-from tests.support.postgres import PostgresServer  # noqa: E402
+    from tests.support.notifier import (
+        Receiver,
+        event,
+        start_notifier,
+        store_events,
+        write_contacts,
+        write_notifier_config,
+    )
+    from tests.support.postgres import PostgresServer
+    MISSING: ImportError | None = None
+except ImportError as exc:  # the JSON line all the same, naming what is missing
+    MISSING = exc
 
 
 def _serve(port_out: Any, count_out: Any, stop: Any) -> None:
@@ -99,6 +104,17 @@ def main() -> None:
     parser.add_argument("--alarms", type=int, default=1000)
     parser.add_argument("--instances", type=int, default=2)
     args = parser.parse_args()
+    result: dict[str, Any] = {"alarms": args.alarms}
+    try:
+        if MISSING is not None:
+            raise MISSING
+        _measure(args, result)
+    except Exception as exc:  # no PostgreSQL, no Apprise...: still one JSON line, saying why
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(result))
+
+
+def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     port, count, stop = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0), multiprocessing.Event()
     server = multiprocessing.Process(target=_serve, args=(port, count, stop), daemon=True)
     server.start()
@@ -108,14 +124,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
             for name in ("one", "many"):
                 (Path(tmp) / name).mkdir()
-            one = _run(Path(tmp) / "one", args.alarms, 1, port.value, count)
-            many = _run(Path(tmp) / "many", args.alarms, args.instances, port.value, count)
-        alone = _apprise_alone(port.value, 2 * args.alarms)
+            result["one_instance"] = _run(Path(tmp) / "one", args.alarms, 1, port.value, count)
+            result[f"{args.instances}_instances"] = _run(Path(tmp) / "many", args.alarms, args.instances, port.value,
+                                                         count)
+        result["apprise_alone_per_s"] = round(_apprise_alone(port.value, 2 * args.alarms), 1)
+        result["load_average"] = psutil.getloadavg()
     finally:
         stop.set()
         server.join(10)
-    print(json.dumps({"alarms": args.alarms, "one_instance": one, f"{args.instances}_instances": many,
-                      "apprise_alone_per_s": round(alone, 1), "load_average": psutil.getloadavg()}))
 
 
 if __name__ == "__main__":

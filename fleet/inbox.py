@@ -73,6 +73,10 @@ RANGE_PAGE = 200
 NOTIFY = {("alarm", "raised"), ("alarm", "escalated"), ("supervisory", "raised"), ("fault", "raised")}
 #: Advisory lock key of the healer role (any constant the deployment does not use otherwise).
 HEALER_LOCK = 0x5AFE_1D0B
+#: How far above a session's highest stored ``seq`` an announced end may be (a higher one is ignored), and how
+#: many seqs above its stored count one healing round looks at: a gateway announcing ``last_seq`` 2^31 − 1 (or
+#: an event with that ``seq``) must not have the healer walk two billion seqs for the whole community.
+END_AHEAD_MAX = 10_000
 SCHEMA_LOCK = 0x5AFE_1D0A
 
 SCHEMA = """
@@ -164,7 +168,7 @@ tops AS (
 SELECT t.gateway, t.install, t.session, t.community, t.building, g.s
   FROM tops t
   LEFT JOIN stored c USING (gateway, install, session)
- CROSS JOIN LATERAL generate_series(1, t.top) AS g(s)
+ CROSS JOIN LATERAL generate_series(1, least(t.top, coalesce(c.n, 0) + %(ahead)s)) AS g(s)
  WHERE t.top > coalesce(c.n, 0)
    AND NOT EXISTS (SELECT 1 FROM events e
                     WHERE e.gateway = t.gateway AND e.install = t.install AND e.session = t.session AND e.seq = g.s)
@@ -180,13 +184,17 @@ INSERT INTO session_ends AS se (gateway, install, session, community, building, 
 SELECT x.g, x.i, x.s, x.c, x.b, x.l
   FROM unnest(%(g)s::text[], %(i)s::text[], %(s)s::int[], %(c)s::text[], %(b)s::text[], %(l)s::int[],
               %(own)s::bool[]) AS x(g, i, s, c, b, l, own)
- WHERE x.own OR %(backfill)s OR x.s >= (
-       SELECT min(m) FROM (SELECT min(session) AS m FROM events WHERE gateway = x.g AND install = x.i
-                           UNION ALL
-                           SELECT min(session) FROM session_ends WHERE gateway = x.g AND install = x.i) k)
+ WHERE (x.own OR %(backfill)s OR x.s >= (
+        SELECT min(m) FROM (SELECT min(session) AS m FROM events WHERE gateway = x.g AND install = x.i
+                            UNION ALL
+                            SELECT min(session) FROM session_ends WHERE gateway = x.g AND install = x.i) k))
+   AND x.l <= %(ahead)s + coalesce((SELECT max(seq) FROM events
+                                     WHERE gateway = x.g AND install = x.i AND session = x.s), 0)
+   AND NOT EXISTS (SELECT 1 FROM session_ends o
+                    WHERE o.gateway = x.g AND o.install = x.i AND (o.community, o.building) <> (x.c, x.b))
 ON CONFLICT (gateway, install, session) DO UPDATE
    SET last_seq = EXCLUDED.last_seq, announced_at = clock_timestamp()
- WHERE se.last_seq < EXCLUDED.last_seq
+ WHERE se.last_seq < EXCLUDED.last_seq AND (se.community, se.building) = (EXCLUDED.community, EXCLUDED.building)
 """
 
 #: Kinds of event the fast path (core NATS) takes: those that tell people.
@@ -229,6 +237,41 @@ def _emit(kind: str, **fields: Any) -> None:
     print(json.dumps({"event": kind, "time": time.time(), **fields}), flush=True)
 
 
+INT4_MAX = 2**31 - 1
+
+
+def _int4(value: Any, name: str) -> int:
+    """``value`` as a column ``integer`` holds; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT4_MAX:
+        raise ValueError(f"{name} is not an integer from 0 to {INT4_MAX}: {value!r:.40}")
+    return value
+
+
+def _event_values(e: Mapping[str, Any], inbox: str, recovered: bool) -> tuple[Any, ...]:
+    """One event's column values for :data:`INSERT_EVENTS`; ValueError (or TypeError) for a malformed event."""
+    return (e["event_id"], str(e.get("gateway", "")), str(e.get("install") or ""),
+            _int4(e.get("session", 0), "session"), _int4(e.get("seq", 0), "seq"), str(e.get("community", "")),
+            str(e.get("building", "")), str(e.get("kind", "")), e.get("action"), e.get("unit"), e.get("household"),
+            e.get("device"), _iso(e.get("time")), inbox, recovered,
+            json.dumps({k: v for k, v in e.items() if k not in ("stored_seq", "delivered", "delivered_at")}))
+
+
+def _session_ends(m: Mapping[str, Any]) -> list[tuple[int, int, bool]]:
+    """(session, last_seq, own) of a birth or status: its own session's end and a birth's ``sessions`` entries.
+    ValueError for a malformed message; nothing for one from a gateway before session ends were announced."""
+    if "last_seq" not in m:
+        return []
+    ends = [(_int4(m.get("session"), "session"), _int4(m["last_seq"], "last_seq"), True)]
+    earlier = m.get("sessions") or []
+    if not isinstance(earlier, list):
+        raise ValueError(f"sessions is not a list: {earlier!r:.40}")
+    for e in earlier:
+        if not isinstance(e, dict):
+            raise ValueError(f"a sessions entry is not an object: {e!r:.40}")
+        ends.append((_int4(e.get("session"), "session"), _int4(e.get("last_seq"), "last_seq"), False))
+    return [end for end in ends if end[1] >= 1]
+
+
 class Inbox:
     """One inbox instance: the shared durable consumer → PostgreSQL; the healer role when it holds the lock."""
 
@@ -238,6 +281,7 @@ class Inbox:
         self.duplicates = 0
         self.recovered = 0
         self.first_notices = 0
+        self.rejected = 0
         self._db: psycopg.AsyncConnection[Any] | None = None
         self._db_lock = asyncio.Lock()
         self._fast_db: psycopg.AsyncConnection[Any] | None = None  # the fast path's own: it never waits for a batch
@@ -325,39 +369,76 @@ class Inbox:
                 continue
             events, ends = [], []
             for m in msgs:
-                with contextlib.suppress(ValueError, UnicodeDecodeError):
-                    body = json.loads(m.data)
-                    if isinstance(body, dict) and isinstance(body.get("event_id"), str):
-                        events.append(body)
-                    elif isinstance(body, dict) and body.get("type") in ("birth", "status"):
-                        ends.append(body)
+                body = self._accepted(m.data, m.subject)
+                if body is not None and isinstance(body.get("event_id"), str):
+                    events.append(body)
+                elif body is not None and body.get("type") in ("birth", "status"):
+                    ends.append(body)
             try:
                 await self.store(events, recovered=False)
                 await self.note_session_ends(ends)
             except psycopg.Error as exc:  # not acknowledged: delivered again after ack_wait
                 _emit("store_failed", error=repr(exc))
+                if isinstance(exc, psycopg.OperationalError):  # PostgreSQL restarted: a new connection
+                    async with self._db_lock:
+                        self._db = await self._reopen(self._db)
                 await asyncio.sleep(0.5)
                 continue
+            except (ValueError, TypeError) as exc:  # a shape the checks missed: acknowledged, never the task
+                self._reject("batch", exc)
             for m in msgs:
                 with contextlib.suppress(Exception):  # an ack lost is a redelivery, stored once all the same
                     await m.ack()
+
+    def _accepted(self, data: bytes, subject: str) -> dict[str, Any] | None:
+        """A message's body when it is a well-formed event, birth or status (anything else: None); a malformed
+        one is counted in ``rejected`` and named in one line, and the inbox goes on."""
+        try:
+            body = json.loads(data)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            self._check_sender(body, subject)
+            if isinstance(body.get("event_id"), str):
+                _event_values(body, self.s.name, False)
+            elif body.get("type") in ("birth", "status"):
+                _session_ends(body)
+            return body
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            self._reject(subject, exc)
+            return None
+
+    def _check_sender(self, body: dict[str, Any], subject: str) -> None:
+        """The community and building are the subject's (the cluster lets a gateway publish under its own
+        building only): a body naming others is refused, a body naming none gets the subject's."""
+        parts = subject.removeprefix(MQTT_SUBJECT_PREFIX).removeprefix(f"{self.s.prefix}.").split(".")
+        if len(parts) < 3 or parts[0] != self.s.community:
+            raise ValueError(f"not a subject of community {self.s.community}: {subject[:120]}")
+        for key, value in (("community", parts[0]), ("building", parts[1])):
+            if body.setdefault(key, value) != value:
+                raise ValueError(f"{key} {str(body[key])[:40]!r} is not the subject's {value!r}")
+
+    def _reject(self, what: str, exc: Exception) -> None:
+        self.rejected += 1
+        _emit("rejected", what=what, reason=str(exc)[:200], rejected=self.rejected)
 
     async def store(self, events: Sequence[Mapping[str, Any]], *, recovered: bool, fast: bool = False) -> int:
         """Store events (once each) and their alarm routings in one transaction; returns how many were new."""
         unique = {e["event_id"]: e for e in events if isinstance(e.get("event_id"), str)}
         if not unique:
             return 0
-        rows = [unique[k] for k in sorted(unique)]  # one lock order for every path: no deadlock between them
         columns: list[list[Any]] = [[] for _ in range(16)]
-        for e in rows:
-            for col, value in zip(columns, (
-                    e["event_id"], str(e.get("gateway", "")), str(e.get("install") or ""), int(e.get("session", 0)),
-                    int(e.get("seq", 0)), str(e.get("community", "")), str(e.get("building", "")),
-                    str(e.get("kind", "")), e.get("action"), e.get("unit"), e.get("household"), e.get("device"),
-                    _iso(e.get("time")), self.s.name, recovered,
-                    json.dumps({k: v for k, v in e.items() if k not in ("stored_seq", "delivered", "delivered_at")})),
-                    strict=True):
+        rows = []
+        for key in sorted(unique):  # one lock order for every path: no deadlock between them
+            try:
+                values = _event_values(unique[key], self.s.name, recovered)
+            except (ValueError, TypeError) as exc:
+                self._reject(f"event {key[:80]}", exc)
+                continue
+            rows.append(unique[key])
+            for col, value in zip(columns, values, strict=True):
                 col.append(value)
+        if not rows:
+            return 0
         assert self._db is not None
         db, lock = (self._fast_db, asyncio.Lock()) if fast and self._fast_db is not None else (self._db, self._db_lock)
         async with lock, db.transaction():
@@ -399,10 +480,9 @@ class Inbox:
 
     async def _first_notice(self, msg: Any) -> None:
         """Queue one such event for :meth:`_store_first_notices` (the callback must not wait for the table)."""
-        with contextlib.suppress(ValueError, UnicodeDecodeError):
-            body = json.loads(msg.data)
-            if isinstance(body, dict) and isinstance(body.get("event_id"), str):
-                self._fast_queue.put_nowait(body)
+        body = self._accepted(msg.data, msg.subject)
+        if body is not None and isinstance(body.get("event_id"), str):
+            self._fast_queue.put_nowait(body)
 
     async def _store_first_notices(self) -> None:
         """Store (once) and route what the fast path heard, everything waiting in one transaction, on a
@@ -412,36 +492,55 @@ class Inbox:
             while not self._fast_queue.empty() and len(batch) < self.s.batch:
                 batch.append(self._fast_queue.get_nowait())
             try:
-                self.first_notices += await self.store(batch, recovered=False, fast=True)
+                try:
+                    self.first_notices += await self.store(batch, recovered=False, fast=True)
+                except psycopg.OperationalError as exc:  # PostgreSQL restarted: a new connection, the batch again
+                    _emit("store_failed", error=repr(exc), path="fast")
+                    self._fast_db = await self._reopen(self._fast_db)
+                    self.first_notices += await self.store(batch, recovered=False, fast=True)
             except psycopg.Error as exc:  # the durable consumer stores them all the same
                 _emit("store_failed", error=repr(exc), path="fast")
+            except (ValueError, TypeError) as exc:  # a shape the checks missed: this batch only, never the task
+                self._reject("fast batch", exc)
+
+    async def _reopen(self, old: psycopg.AsyncConnection[Any] | None, *,
+                      autocommit: bool = False) -> psycopg.AsyncConnection[Any]:
+        """A new connection in place of one PostgreSQL closed (a restart), tried every second until it comes."""
+        if old is not None:
+            with contextlib.suppress(psycopg.Error):
+                await old.close()
+        while True:
+            try:
+                return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=autocommit)
+            except psycopg.OperationalError as exc:
+                _emit("db_reconnecting", error=repr(exc))
+                await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------------------ session ends
 
     async def note_session_ends(self, messages: Sequence[Mapping[str, Any]]) -> None:
         """Where sessions ended, from births and statuses (docs/mqtt.md, "Filling a gap")."""
-        rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
+        highest: dict[tuple[str, str, int], tuple[str, str, int, bool]] = {}  # one row per key and statement
         for m in messages:
-            if not isinstance(m.get("last_seq"), int) or not isinstance(m.get("session"), int):
-                continue  # a gateway from before session ends were announced
-            ends = [(m["session"], m["last_seq"], True)]
-            ends += [(e["session"], e["last_seq"], False) for e in m.get("sessions") or []
-                     if isinstance(e, dict) and isinstance(e.get("session"), int)
-                     and isinstance(e.get("last_seq"), int)]
+            try:
+                ends = _session_ends(m)
+            except (ValueError, TypeError) as exc:
+                self._reject(f"{m.get('type')} of {str(m.get('gateway', ''))[:80]}", exc)
+                continue
             for session, last, own in ends:
-                if last < 1:
-                    continue
-                for key, value in zip("gisc", (str(m.get("gateway", "")), str(m.get("install") or ""), session,
-                                               str(m.get("community", ""))), strict=True):
-                    rows[key].append(value)
-                rows["b"].append(str(m.get("building", "")))
-                rows["l"].append(last)
-                rows["own"].append(own)
-        if not rows["g"]:
+                key = (str(m.get("gateway", "")), str(m.get("install") or ""), session)
+                before = highest.get(key)
+                if before is None or (before[2], before[3]) < (last, own):
+                    highest[key] = (str(m.get("community", "")), str(m.get("building", "")), last, own)
+        if not highest:
             return
+        rows: dict[str, list[Any]] = {k: [] for k in ("g", "i", "s", "c", "b", "l", "own")}
+        for key, end in highest.items():
+            for column, value in zip(("g", "i", "s", "c", "b", "l", "own"), (*key, *end), strict=True):
+                rows[column].append(value)
         assert self._db is not None
         async with self._db_lock, self._db.transaction():
-            await self._db.execute(UPSERT_SESSION_ENDS, {**rows, "backfill": self.s.backfill})
+            await self._db.execute(UPSERT_SESSION_ENDS, {**rows, "backfill": self.s.backfill, "ahead": END_AHEAD_MAX})
 
     # ------------------------------------------------------------------------------ healing
 
@@ -462,12 +561,14 @@ class Inbox:
                         await self._ask_for_gaps(conn)
                 except psycopg.Error as exc:
                     _emit("heal_failed", error=repr(exc))
+                    if isinstance(exc, psycopg.OperationalError):  # the lock went with the old connection
+                        conn, leader = await self._reopen(conn, autocommit=True), False
                 await asyncio.sleep(self.s.heal_every_s)
         finally:
             await conn.close()
 
     async def _ask_for_gaps(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        cur = await conn.execute(FIND_GAPS, {"grace": self.s.gap_grace_s})
+        cur = await conn.execute(FIND_GAPS, {"grace": self.s.gap_grace_s, "ahead": END_AHEAD_MAX})
         missing = await cur.fetchall()
         now = time.monotonic()
         for (gateway, install, session, community, building), first, last in _ranges(missing):
@@ -505,7 +606,7 @@ class Inbox:
         while not self._stop.is_set():
             await asyncio.sleep(5.0)
             _emit("stored", name=self.s.name, stored=self.stored, duplicates=self.duplicates,
-                  recovered=self.recovered, first_notices=self.first_notices)
+                  recovered=self.recovered, first_notices=self.first_notices, rejected=self.rejected)
 
 
 def _ranges(missing: Iterable[Sequence[Any]]) -> list[tuple[tuple[str, str, int, str, str], int, int]]:

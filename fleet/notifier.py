@@ -37,6 +37,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import signal
 import sys
 import time
@@ -146,6 +147,20 @@ SELECT x.e, x.c, x.g, x.b, x.u, x.h, x.k, x.s, x.w, x.a, x.t
               %s::text[], %s::bool[], %s::timestamptz[]) AS x(e, c, g, b, u, h, k, s, w, a, t)
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id, extract(epoch FROM opened_at)
+"""
+
+#: A clear (or reset) already handled that ends an episode being opened (one the healer brought back late):
+#: the same gateway and subject, not before it (as :meth:`Notifier.close_episodes` matches them).
+HANDLED_END = """
+SELECT c.event_id FROM clears h JOIN events c ON c.event_id = h.event_id
+ WHERE c.gateway = %(gateway)s AND c.community = %(community)s
+   AND h.handled_at > clock_timestamp() - make_interval(secs => %(lookback)s)
+   AND ((c.action = 'cleared' AND c.kind = %(kind)s
+         AND coalesce(nullif(c.device, ''), nullif(c.body->>'code', ''), '') = %(subject)s)
+        OR (c.kind = 'reset' AND %(kind)s = 'alarm' AND (nullif(c.device, '') IS NULL OR c.device = %(subject)s)))
+   AND (c.detected_at IS NULL OR %(detected)s::timestamptz IS NULL OR %(detected)s::timestamptz <= c.detected_at)
+ ORDER BY c.committed_at
+ LIMIT 1
 """
 
 INSERT_DELIVERIES = """
@@ -406,6 +421,19 @@ def _what(e: Mapping[str, Any]) -> str:
     return f"{kind} {code}" if code else kind
 
 
+_NUMBER = re.compile(r"\+?\d[\d ()./-]*\d")
+
+
+def _detail(text: str) -> str:
+    """What a delivery row may keep and the desk may show: never a number (a phone number, an account id or a
+    key's digits), at most 200 characters."""
+    return _NUMBER.sub("#", text)[:200]
+
+
+def _schemes(urls: Sequence[str]) -> str:
+    return ", ".join(sorted({u.split("://", 1)[0] + "://" for u in urls}))
+
+
 def _subject(e: Mapping[str, Any]) -> str:
     body = e.get("body") or {}
     return str(e.get("device") or body.get("code") or "")
@@ -551,6 +579,14 @@ class Notifier:
             ladder = self.s.ladder
             for event_id, opened in new.items():
                 e = events[event_id]
+                cur = await conn.execute(HANDLED_END, {
+                    "gateway": e["gateway"], "community": e["community"], "lookback": LOOKBACK_S, "kind": e["kind"],
+                    "subject": _subject(e), "detected": e["detected_at"]})
+                end = await cur.fetchone()
+                if end is not None:  # its clear came (and was handled) first: opened closed, nobody told
+                    await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
+                                       "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
+                    continue
                 alone = self.s.contacts.is_alone(e)
                 people: dict[tuple[str, str], Person] = {}
                 for n in routed.get(event_id, []):
@@ -672,11 +708,12 @@ class Notifier:
         notifier = apprise.Apprise()
         for url in urls:
             if not notifier.add(url):
-                return "failed", f"not an Apprise URL this installation supports: {url.split('://', 1)[0]}://"
-        with apprise.LogCapture(level=apprise.logging.WARNING) as logs:  # type: ignore[no-untyped-call]
-            ok = await notifier.async_notify(body=body, title=title)
-            detail = logs.getvalue().strip()[-500:]
-        return ("delivered", f"{len(urls)} channel(s)") if ok else ("failed", detail or "Apprise reported a failure")
+                return "failed", _detail(f"not an Apprise URL this installation supports: {_schemes([url])}")
+        ok = await notifier.async_notify(body=body, title=title)
+        # Only the outcome and the schemes: Apprise's log lines may hold phone numbers and provider credentials.
+        if ok:
+            return "delivered", _detail(f"{len(urls)} channel(s): {_schemes(urls)}")
+        return "failed", _detail(f"Apprise reported a failure: {_schemes(urls)}")
 
     async def deliver(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Send due deliveries one at a time, each claimed, sent and recorded in its own transaction (a kill -9
@@ -692,7 +729,7 @@ class Notifier:
                 try:
                     outcome, detail = await self._send(r)
                 except Exception as exc:  # a plugin that raises is a failed attempt, not a dead instance
-                    outcome, detail = "failed", repr(exc)
+                    outcome, detail = "failed", _detail(f"{type(exc).__name__} raised: {_schemes(self._urls(r))}")
                 await self._record(conn, r, outcome, detail)
             tried += 1
         return tried

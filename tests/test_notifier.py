@@ -240,6 +240,11 @@ def test_a_failed_delivery_is_tried_again_with_backoff_each_attempt_a_row(stack:
     # The relative with a phone and no URL went through the community's SMS provider URL.
     sms = [m for m in stack.receiver.about(ref, "alarm") if m.path.startswith("/sms/")]
     assert len(sms) == 1, [m.path for m in stack.receiver.about(ref)]
+    # Only the outcome and the URL scheme are kept: no number (phone, port, account) from Apprise's messages.
+    details = stack.rows("SELECT a.detail FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                         "WHERE d.event_id = %s UNION ALL SELECT detail FROM deliveries WHERE event_id = %s", ref, ref)
+    assert ("Apprise reported a failure: json://",) in details, details
+    assert not [d for (d,) in details if d and any(ch.isdigit() and ch != "1" for ch in d)], details
     stack.store(event(COMMUNITY, "b1", "alarm", "cleared", unit="u2", household="u2-202", device="gas-u2-202"))
 
 
@@ -262,6 +267,87 @@ def test_a_clear_ends_the_alarm_it_followed_not_one_raised_again_after_it(stack:
     stack.store(event(COMMUNITY, "b1", "alarm", "cleared", **where))
     stack.receiver.wait_for(lambda _: stack.receiver.about(again["event_id"], "clear"), timeout=10,
                             what="the all-clear of the second")
+
+
+def test_an_alarm_whose_clear_was_handled_first_opens_closed_and_tells_nobody(stack: Stack) -> None:
+    """The healer brings an alarm back after its clear was stored and handled (the clear had no episode to
+    end then): the alarm's episode opens already cleared, and no message goes out."""
+    from tests.support.notifier import event
+
+    where = {"unit": "u2", "household": "u2-201", "device": "gas-u2-201-late"}
+    raised = event(COMMUNITY, "b1", "alarm", "raised", **where)
+    cleared = event(COMMUNITY, "b1", "alarm", "cleared", **where)
+    stack.store(cleared)
+    wait_until(lambda: stack.rows("SELECT 1 FROM clears WHERE event_id = %s", cleared["event_id"]), timeout=10,
+               message="the clear was not handled")
+    stack.store(raised)  # detected before the clear, stored after it
+    wait_until(lambda: stack.rows("SELECT 1 FROM episodes WHERE event_id = %s", raised["event_id"]), timeout=10,
+               message="no episode for the late alarm")
+    assert stack.rows("SELECT cleared_by, next_step_at FROM episodes WHERE event_id = %s",
+                      raised["event_id"]) == [(cleared["event_id"], None)]
+    assert stack.rows("SELECT count(*) FROM deliveries WHERE event_id = %s", raised["event_id"]) == [(0,)]
+
+
+def _post(stack: Stack, path: str, form: dict[str, str], headers: dict[str, str]) -> tuple[int, str]:
+    """A browser's form POST to the desk (no redirect followed): its status and the session cookie it set."""
+    import http.client
+    from urllib.parse import urlencode
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.desk_port, timeout=30)
+    try:
+        conn.request("POST", path, urlencode(form), {"Content-Type": "application/x-www-form-urlencoded", **headers})
+        response = conn.getresponse()
+        response.read()
+        cookie = (response.getheader("set-cookie") or "").split(";")[0]
+        return response.status, cookie
+    finally:
+        conn.close()
+
+
+def _officer(stack: Stack, login: str) -> None:
+    import asyncio
+
+    from fleet.desk.auth import add_officer
+
+    async def add() -> None:
+        async with await psycopg.AsyncConnection.connect(stack.pg.dsn, autocommit=True) as c:
+            await add_officer(c, login=login, community=COMMUNITY, name=f"Officer {login}", password="a long password")
+
+    asyncio.run(add())
+
+
+def test_an_acknowledgement_posted_from_another_site_is_refused(stack: Stack) -> None:
+    from tests.support.notifier import event
+
+    _officer(stack, "csrf")
+    own = {"Origin": f"http://127.0.0.1:{stack.desk_port}"}
+    status, cookie = _post(stack, "/login", {"login": "csrf", "password": "a long password"}, own)
+    assert status == 303 and cookie.startswith("desk_session=")
+    raised = event(COMMUNITY, "b1", "alarm", "raised", unit="u1", household="u1-101", device="gas-csrf")
+    stack.store(raised)
+    wait_until(lambda: stack.rows("SELECT 1 FROM episodes WHERE event_id = %s", raised["event_id"]), timeout=10)
+    ref = raised["event_id"]
+    for forged in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"}):
+        for path in (f"/episodes/{ref}/ack", f"/api/episodes/{ref}/ack"):
+            assert _post(stack, path, {}, {"Cookie": cookie, **forged})[0] == 403, (path, forged)
+    assert stack.rows("SELECT acked_at FROM episodes WHERE event_id = %s", ref) == [(None,)]
+    assert _post(stack, f"/episodes/{ref}/ack", {}, {"Cookie": cookie, **own})[0] == 303
+    assert stack.rows("SELECT acked_by FROM episodes WHERE event_id = %s", ref) == [("Officer csrf (duty desk)",)]
+
+
+def test_wrong_passwords_make_a_login_wait_and_expired_sessions_are_deleted(stack: Stack) -> None:
+    _officer(stack, "guessed")
+    own = {"Origin": f"http://127.0.0.1:{stack.desk_port}"}
+    stack.rows("INSERT INTO desk_sessions (token_sha256, login, expires_at)"
+               " VALUES ('old', 'guessed', now() - '1 s'::interval) RETURNING 1")
+    for _ in range(3):
+        assert _post(stack, "/login", {"login": "guessed", "password": "wrong password"}, own)[0] == 401
+    # the right password, at once: refused unchecked until the delay (5 s) is over
+    assert _post(stack, "/login", {"login": "guessed", "password": "a long password"}, own)[0] == 429
+    assert stack.rows("SELECT 1 FROM desk_sessions WHERE token_sha256 = 'old'") != []
+    _officer(stack, "other")
+    assert _post(stack, "/login", {"login": "other", "password": "a long password"}, own)[0] == 303
+    assert stack.rows("SELECT 1 FROM desk_sessions WHERE token_sha256 = 'old'") == []
 
 
 def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at_most_once(stack: Stack) -> None:

@@ -65,3 +65,19 @@ def test_an_acknowledgement_token_cannot_be_guessed_or_altered() -> None:
     assert _token_delivery(secret, token[:-1] + ("0" if token[-1] != "0" else "1")) is None
     for junk in ("", "42", "x.y", "9" * 40 + "." + token.split(".")[1]):
         assert _token_delivery(secret, junk) is None
+
+
+def test_the_notifier_benchmark_prints_its_json_line_when_a_package_is_missing(tmp_path: Path) -> None:
+    """psycopg made unimportable (a package of that name that raises ImportError, first on the path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "psycopg").mkdir()
+    (tmp_path / "psycopg" / "__init__.py").write_text('raise ImportError("No module named psycopg")\n')
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "notifier.py"), "--alarms", "10"],
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    last = json.loads(run.stdout.strip().splitlines()[-1])
+    assert last["alarms"] == 10 and "psycopg" in last["error"], run.stderr

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -60,6 +61,21 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: ([_jsonable(d) for d in v] if k == "deliveries" else _iso(v)) for k, v in row.items()}
 
 
+def cross_site(request: Request) -> bool:
+    """A browser's request from another site: its Origin (or, without one, its Sec-Fetch-Site) is not the
+    desk's own. The session cookie is SameSite=Strict too; this refuses what an older browser would send."""
+    origin = request.headers.get("origin")
+    if origin is not None:
+        return urlsplit(origin).netloc != request.headers.get("host", "")
+    return request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none")
+
+
+def _forbidden(api: bool) -> Response:
+    if api:
+        return JSONResponse({"error": "a request from another site"}, status_code=403)
+    return HTMLResponse("A request from another site was refused.", status_code=403)
+
+
 def create_app(settings: DeskSettings) -> Starlette:
     """The desk's ASGI application."""
     templates = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")),
@@ -89,6 +105,8 @@ def create_app(settings: DeskSettings) -> Starlette:
         """Runs ``handler`` with the request's officer; without one: 401 (API, board) or the login page."""
 
         async def endpoint(request: Request) -> Response:
+            if request.method == "POST" and "authorization" not in request.headers and cross_site(request):
+                return _forbidden(api)  # a cookie sent along by a page of another site
             async with connect() as conn:
                 officer = await officer_of(request, conn)
                 if officer is None:
@@ -104,11 +122,38 @@ def create_app(settings: DeskSettings) -> Starlette:
     async def login_form(request: Request) -> Response:
         return page("login.html")
 
+    throttle = auth.LoginThrottle()
+
+    async def checked_login(conn: psycopg.AsyncConnection[Any], login: str, password: str) -> auth.Officer | float:
+        """The officer, or the seconds to wait before this login may be tried again (0 after a wrong one)."""
+        wait = throttle.wait_s(login)
+        if wait > 0:
+            return wait
+        officer = await auth.check_login(conn, login, password)
+        if officer is None:
+            throttle.failed(login)
+            return 0.0
+        throttle.succeeded(login)
+        return officer
+
+    def too_soon(wait: float, api: bool) -> Response:
+        retry = str(int(wait) + 1)
+        if api:
+            return JSONResponse({"error": "too many wrong passwords: try again later"}, 429,
+                                headers={"Retry-After": retry})
+        response = page("login.html", 429, error=f"Too many wrong passwords: try again in {retry} s.")
+        response.headers["Retry-After"] = retry
+        return response
+
     async def login(request: Request) -> Response:
+        if cross_site(request):
+            return _forbidden(False)
         form = await request.form()
         async with connect() as conn:
-            officer = await auth.check_login(conn, str(form.get("login", "")), str(form.get("password", "")))
-            if officer is None:
+            officer = await checked_login(conn, str(form.get("login", "")), str(form.get("password", "")))
+            if isinstance(officer, float):
+                if officer > 0:
+                    return too_soon(officer, False)
                 return page("login.html", 401, error="Wrong login or password.")
             token = await auth.start_session(conn, officer)
         response = RedirectResponse("/", status_code=303)
@@ -117,6 +162,8 @@ def create_app(settings: DeskSettings) -> Starlette:
         return response
 
     async def logout(request: Request) -> Response:
+        if cross_site(request):
+            return _forbidden(False)
         async with connect() as conn:
             await auth.end_session(conn, request.cookies.get(COOKIE))
         response = RedirectResponse("/login", status_code=303)
@@ -129,8 +176,10 @@ def create_app(settings: DeskSettings) -> Starlette:
         except ValueError:
             return JSONResponse({"error": "a JSON body {login, password} is expected"}, status_code=400)
         async with connect() as conn:
-            officer = await auth.check_login(conn, str(body.get("login", "")), str(body.get("password", "")))
-            if officer is None:
+            officer = await checked_login(conn, str(body.get("login", "")), str(body.get("password", "")))
+            if isinstance(officer, float):
+                if officer > 0:
+                    return too_soon(officer, True)
                 return JSONResponse({"error": "wrong login or password"}, status_code=401)
             token = await auth.start_session(conn, officer)
         return JSONResponse({"token": token, "community": officer.community, "name": officer.name})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-__all__ = ["SCHEMA", "Officer", "add_officer", "check_login", "end_session", "officer_for", "start_session"]
+__all__ = ["SCHEMA", "LoginThrottle", "Officer", "add_officer", "check_login", "end_session", "officer_for",
+           "start_session"]
 
 #: Eight hours: one duty shift.
 SESSION_S = 8 * 3600
@@ -45,6 +47,36 @@ class Officer:
     login: str
     community: str
     name: str
+
+
+class LoginThrottle:
+    """Per login: after :attr:`FREE` failures in a row, each further attempt waits a doubling delay (5 s, 10 s …
+    5 min) before its password is even checked; a success forgets the failures."""
+
+    FREE = 3
+    FIRST_S = 5.0
+    MAX_S = 300.0
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self._failures: dict[str, tuple[int, float]] = {}  # login → (failures in a row, when the last was)
+
+    def wait_s(self, login: str) -> float:
+        """Seconds before ``login`` may be tried again (0: now)."""
+        failures, last = self._failures.get(login, (0, 0.0))
+        if failures < self.FREE:
+            return 0.0
+        delay = min(self.MAX_S, self.FIRST_S * 2.0 ** (failures - self.FREE))
+        return float(max(0.0, last + delay - time.monotonic()))
+
+    def failed(self, login: str) -> None:
+        now = time.monotonic()
+        if len(self._failures) >= self.KEEP:  # forget the logins whose delay is over
+            self._failures = {k: v for k, v in self._failures.items() if now - v[1] < self.MAX_S}
+        self._failures[login] = (self._failures.get(login, (0, 0.0))[0] + 1, now)
+
+    def succeeded(self, login: str) -> None:
+        self._failures.pop(login, None)
 
 
 def _sha(token: str) -> str:
@@ -79,6 +111,7 @@ async def check_login(conn: psycopg.AsyncConnection[Any], login: str, password: 
 async def start_session(conn: psycopg.AsyncConnection[Any], officer: Officer) -> str:
     """A new session token for ``officer``."""
     token = secrets.token_urlsafe(32)
+    await conn.execute("DELETE FROM desk_sessions WHERE expires_at <= clock_timestamp()")
     await conn.execute("INSERT INTO desk_sessions (token_sha256, login, expires_at) VALUES "
                        "(%s, %s, clock_timestamp() + make_interval(secs => %s))", (_sha(token), officer.login,
                                                                                    SESSION_S))
