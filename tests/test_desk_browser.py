@@ -74,6 +74,7 @@ def test_the_duty_desk_in_a_browser(tmp_path: Path) -> None:
     _require(find_pg_bin() is not None and (os.geteuid() != 0 or shutil.which("runuser") is not None),
              "PostgreSQL server binaries (apt-get install postgresql)")
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
@@ -141,8 +142,27 @@ def test_the_duty_desk_in_a_browser(tmp_path: Path) -> None:
             driver.find_element(By.ID, "password").send_keys(password)
             driver.find_element(By.ID, "login-button").click()
 
+        def shown(by: str, what: str) -> str:
+            """An element's text, or "" while the page is being replaced (a navigation or the board's refresh
+            swaps the element out between finding it and reading it): the waits below then look again."""
+            try:
+                return str(driver.find_element(by, what).text)
+            except (NoSuchElementException, StaleElementReferenceException):
+                return ""
+
         def text() -> str:
-            return str(driver.find_element(By.TAG_NAME, "body").text)
+            return shown(By.TAG_NAME, "body")
+
+        def click(selector: str) -> None:
+            """A real click on what ``selector`` finds, found again if the board's refresh replaced it first."""
+            def clicked() -> bool:
+                try:
+                    driver.find_element(By.CSS_SELECTOR, selector).click()
+                except (NoSuchElementException, StaleElementReferenceException):
+                    return False
+                return True
+
+            wait_until(clicked, timeout=10, message=f"nothing to click at {selector}")
 
         # A new user's first mistake: the wrong password. Still the login page, and nothing shown.
         log_in("ana", "not-the-password")
@@ -151,7 +171,7 @@ def test_the_duty_desk_in_a_browser(tmp_path: Path) -> None:
         wait_until(lambda: "Duty desk · c1" in text(), timeout=10, message=lambda: text())
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, '.offline-gateway[data-gateway="c1-b2"]'),
                    timeout=10, message="b2's planned stop is not listed as offline")
-        assert "planned stop" in driver.find_element(By.ID, "offline").text
+        assert "planned stop" in shown(By.ID, "offline")
         driver.execute_script("window.sameDocument = 'yes';")  # gone if the page reloads
 
         # An alarm from the simulated gateway appears within 2 s, without a reload.
@@ -167,14 +187,15 @@ def test_the_duty_desk_in_a_browser(tmp_path: Path) -> None:
         event_id = article.get_attribute("data-event")
         assert "gas alarm (high)" in article.text and "b1" in article.text and "u1-101" in article.text
         # Who was told, how, when, whether delivered: step 1 shows up as sent.
-        wait_until(lambda: "sent" in driver.find_element(By.CSS_SELECTOR, selector).text, timeout=10,
-                   message=lambda: driver.find_element(By.CSS_SELECTOR, selector).text)
-        assert "Relative 0 of b1 u1-101" in driver.find_element(By.CSS_SELECTOR, selector).text
+        wait_until(lambda: "sent" in shown(By.CSS_SELECTOR, selector), timeout=10,
+                   message=lambda: shown(By.CSS_SELECTOR, selector))
+        assert "Relative 0 of b1 u1-101" in shown(By.CSS_SELECTOR, selector)
 
         # Acknowledge with a click: the page shows who, everyone told is told, the ladder stops.
-        driver.find_element(By.CSS_SELECTOR, f"{selector} button.ack").click()
+        click(f"{selector} button.ack")
         wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, f"{selector} .acked-by"), timeout=10)
-        assert "Ana Li (duty desk)" in driver.find_element(By.CSS_SELECTOR, f"{selector} .acked-by").text
+        wait_until(lambda: "Ana Li (duty desk)" in shown(By.CSS_SELECTOR, f"{selector} .acked-by"), timeout=10,
+                   message=lambda: shown(By.CSS_SELECTOR, selector))
         receiver.wait_for(lambda _: {m.path for m in receiver.about(event_id, "ack")} >= {
             "/to/rel0-b1-u1-101", "/to/head-b1-u1"}, timeout=10, what="the acknowledgement told to step 1")
         with psycopg.connect(pg.dsn, autocommit=True) as c:
@@ -187,20 +208,21 @@ def test_the_duty_desk_in_a_browser(tmp_path: Path) -> None:
         assert "/to/head-b1" not in {m.path for m in receiver.about(event_id)}
 
         # One household's history, a click away.
-        driver.find_element(By.CSS_SELECTOR, f'{selector} a[href="/households/b1/u1-101"]').click()
+        click(f'{selector} a[href="/households/b1/u1-101"]')
         wait_until(lambda: "Household u1-101" in text(), timeout=10)
-        assert "alarm" in driver.find_element(By.ID, "history").text
-        assert "Ana Li (duty desk)" in driver.find_element(By.ID, "history").text
+        assert "alarm" in shown(By.ID, "history")
+        assert "Ana Li (duty desk)" in shown(By.ID, "history")
 
         # Another community's officer: sees none of it and cannot act on it.
-        driver.find_element(By.CSS_SELECTOR, "header form button").click()
+        click("header form button")
         log_in("bo", "bo-password-123")
         wait_until(lambda: "Duty desk · c2" in text(), timeout=10)
-        marks = [driver.find_element(By.ID, "refreshed").text]
+        wait_until(lambda: shown(By.ID, "refreshed"), timeout=10)
+        marks = [shown(By.ID, "refreshed")]
 
         def refreshed_twice() -> bool:  # two refreshes of the board after the page came
-            mark = driver.find_element(By.ID, "refreshed").text
-            if mark != marks[-1]:
+            mark = shown(By.ID, "refreshed")
+            if mark and mark != marks[-1]:
                 marks.append(mark)
             return len(marks) >= 3
 
