@@ -525,6 +525,45 @@ async def test_status_at_start_then_periodically_with_link_quality(
     assert status["storage"]["history"] >= 1  # delivered events kept for inspection
 
 
+def test_status_and_birth_carry_the_second_path_by_named_fields_only() -> None:
+    from gateway.panel.core import Annunciation
+    from gateway.uplink.contract import StatusReporter, UplinkFigures, birth_message
+
+    snapshot = {"devices": [], "annunciation": Annunciation()}
+    path = {"path": "down", "down_for_s": 95.2, "down_reason": "broker unreachable", "waiting": 2,
+            "oldest_waiting_s": 21.5, "ack_deadline_s": 20.0, "path_down_s": 90.0,
+            "fault": "2 urgent events without acknowledgement for 21 s"}
+    modem = {"problem": "no signal", "sim": "ready", "registered": True, "network": "HomeNetwork",
+             "operator": "CHINA MOBILE", "signal_percent": 0, "manufacturer": "Quectel", "model": "EC25",
+             "device": "/dev/ttyUSB2", "imsi": "460001234567890"}
+    sms = {"configured": True, "process": "up", "owed": 1, "pending": 3, "sent": 7, "held_back": 2,
+           "last_sent": 1.0, "mode": "fallback", "contacts": {"relatives": 2}, "recipient": "+8613900000101",
+           "modem": modem}
+    status = StatusReporter(gateway="g", community="c1", building="b1", software="1").build(
+        session=1, uplink=UplinkFigures(rtt_ms=None, connections=1, delivered=0, rejected=0, inflight=0),
+        backlog=(0, None), snapshot=snapshot, buses=[], transmission=path, sms=sms)
+    assert status["transmission"] == {k: path[k] for k in ("path", "down_for_s", "down_reason", "waiting",
+                                                              "oldest_waiting_s", "fault")}
+    assert status["sms"] == {"configured": True, "process": "up", "owed": 1, "pending": 3, "sent": 7,
+                             "held_back": 2, "modem": {k: v for k, v in modem.items() if k not in ("device", "imsi")}}
+    birth = birth_message(gateway="g", community="c1", building="b1", session=1, software="1",
+                          config={"units": [], "households": 0, "devices": 0, "buses": []}, snapshot=snapshot,
+                          install=INSTALL, sms=sms)
+    assert birth["sms"] == {"configured": True, "process": "up", "modem": status["sms"]["modem"]}
+    down = StatusReporter(gateway="g", community="c1", building="b1", software="1").build(
+        session=1, uplink=UplinkFigures(rtt_ms=None, connections=1, delivered=0, rejected=0, inflight=0),
+        backlog=(0, None), snapshot=snapshot, buses=[], sms={"configured": True, "process": "down",
+                                                            "reason": "the sms process did not answer"})
+    assert down["sms"] == {"configured": True, "process": "down", "reason": "the sms process did not answer"}
+    assert "transmission" not in down  # an older panel without the figures: the field stays out
+    for message in ({**status, "install": INSTALL}, {**down, "install": INSTALL}):
+        assert validator("status").is_valid(message), list(validator("status").iter_errors(message))
+    assert validator("birth").is_valid(birth), list(validator("birth").iter_errors(birth))
+    assert "8613900000101" not in json.dumps([status, birth]) and "460001234567890" not in json.dumps(status)
+    assert not validator("status").is_valid({**status, "install": INSTALL,
+                                             "sms": {**status["sms"], "recipient": "+8613900000101"}})
+
+
 # ------------------------------------------------------------------------------------------- operator actions
 
 

@@ -25,12 +25,15 @@ from typing import Any
 import pytest
 
 from drivers.simulated import VirtualNullModem
+from gateway.config import load_config
 from gateway.panel.process import PanelProcess
+from gateway.uplink.contract import validator
+from gateway.uplink.topics import Topics
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.modem import SimulatedModem
 from tests.support.site import build_site
-from tests.support.sms import RELATIVES, TECHNICIAN, UNIT_HEAD, by_number, sms_site
+from tests.support.sms import BUILDING_HEAD, RELATIVES, TECHNICIAN, UNIT_HEAD, by_number, sms_site
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # each runs the whole service for 30–90 s
@@ -167,6 +170,62 @@ async def test_a_killed_uplink_process_does_not_hold_back_the_sms(
                              message="no SMS while the uplink process was being killed")
             got = by_number(modem.submitted_pdus())
             assert all(len(got[n]) == 1 for n in alarm_recipients()), got
+
+
+async def test_status_and_birth_carry_the_sms_path_and_the_transmission_path_never_a_number(
+    tmp_path: Path, bus: VirtualNullModem, modem: SimulatedModem, broker: MosquittoBroker, mock_pins: Any,
+    mqtt_recorder_factory: Any,
+) -> None:
+    spec = build_site(bus_port=bus.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                      socket_path=tmp_path / "control.sock", households=1)
+    site = sms_site(tmp_path, spec, modem.port, extra="[transmission]\npath_down_s = 2\n")
+    config = Path(site.cfg.source)
+    config.write_text(config.read_text().replace("[mqtt]\n", "[mqtt]\nstatus_interval_s = 0.5\n", 1))
+    cfg = load_config(config)
+    topics = Topics(spec.topic_prefix, spec.community, spec.building)
+    recorder = mqtt_recorder_factory(topics=[topics.status, topics.birth])
+    numbers = (*RELATIVES, UNIT_HEAD, TECHNICIAN, BUILDING_HEAD)
+
+    def last(topic: str, check: Any) -> dict[str, Any] | None:
+        return next((m.json for m in reversed(recorder.messages(topic)) if check(m.json)), None)
+
+    def modem_known(message: dict[str, Any]) -> bool:
+        sms = message.get("sms") or {}
+        return sms.get("process") == "up" and (sms.get("modem") or {}).get("operator") is not None
+
+    with simulated_detectors(bus.device_port, spec.detectors):
+        async with running_gateway(cfg) as gateway:
+            await eventually(lambda: gateway.uplink_connected, timeout=30)
+            await modem_ready(gateway)
+            status = await eventually(lambda: last(topics.status, modem_known), timeout=30,
+                                      message="no status with the modem's operator")
+            await gateway.storage("rebirth")
+            birth = await eventually(lambda: last(topics.birth, modem_known), timeout=30,
+                                     message="no birth with the modem's operator")
+            broker.kill()
+            await eventually(lambda: active(gateway, "fault:transmission"), timeout=30)
+            killed_at = len(recorder.messages(topics.status))
+            broker.start()
+            await eventually(lambda: not active(gateway, "fault:transmission"), timeout=40, message="fault cleared")
+
+            def path_up_again() -> dict[str, Any] | None:
+                after = [m.json for m in recorder.messages(topics.status)[killed_at:]]
+                return next((s for s in after if s["transmission"]["path"] == "up"
+                             and s["transmission"]["fault"] is None), None)
+
+            again = await eventually(path_up_again, timeout=30, message="no status with the path up again")
+    sms = status["sms"]
+    assert sms["modem"]["problem"] is None and 0 <= sms["modem"]["signal_percent"] <= 100, sms
+    assert {k: sms[k] for k in ("owed", "pending", "sent", "held_back")} == dict.fromkeys(
+        ("owed", "pending", "sent", "held_back"), 0), sms
+    assert status["transmission"]["path"] == "up" and status["transmission"]["waiting"] == 0, status
+    assert birth["sms"]["modem"]["operator"] == sms["modem"]["operator"] and "owed" not in birth["sms"], birth
+    assert again["transmission"]["waiting"] == 0 and again["transmission"]["down_for_s"] is None, again
+    published = recorder.messages(topics.status) + recorder.messages(topics.birth)
+    assert all(validator(m.topic.rsplit("/", 1)[1]).is_valid(m.json) for m in published)
+    assert all("transmission" in m.json and "sms" in m.json for m in recorder.messages(topics.status))
+    for number in numbers:
+        assert not any(number[1:] in m.text for m in published), f"a phone number in {number}"
 
 
 def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:

@@ -61,6 +61,8 @@ STOP_STORE_TIMEOUT_S = 8.0
 #: How long the storage process may take to flush to the broker and exit before it is killed.
 STOP_STORAGE_TIMEOUT_S = 12.0
 STORAGE_REQUEST_TIMEOUT_S = 10.0
+#: The SMS process's answer for a status or birth (the storage process asks for the panel's view every second).
+SMS_VIEW_TIMEOUT_S = 3.0
 #: How long a planned stop waits for the SMS process to commit what it is owed.
 STOP_SMS_STORE_TIMEOUT_S = 3.0
 #: Event kinds the SMS process is handed: those that may be owed a message, and resets (an episode ends).
@@ -447,6 +449,13 @@ class PanelProcess:
         """Queue a test message to ``number`` and wait briefly for the modem's answer."""
         return await self._sms_request("sms_test", {"number": number})
 
+    async def _sms_view(self) -> dict[str, Any]:
+        """The SMS path for the storage process's status and birth: answered well inside its request's wait."""
+        try:
+            return await asyncio.wait_for(self.sms_status(), SMS_VIEW_TIMEOUT_S)
+        except TimeoutError:
+            return {"configured": True, "process": "down", "reason": "the sms process did not answer"}
+
     def transmission_figures(self) -> dict[str, Any]:
         """The transmission path for ``gatewayctl status``."""
         return self.transmission.figures()
@@ -466,7 +475,7 @@ class PanelProcess:
 
         async def run() -> dict[str, Any]:
             if name == "panel":
-                return self.panel_view()
+                return {**self.panel_view(), "sms": await self._sms_view()}
             if name == "command":
                 result = await self.commands.handle(str(args.get("command")), args.get("args") or {},
                                                     source=str(args.get("source", "mqtt")))
@@ -491,6 +500,7 @@ class PanelProcess:
                        "errors_by_kind": dict(p.errors_by_kind)}
                       for bus_id, p in self.buses.items()],
             "hold": self.hold_figures(),
+            "transmission": self.transmission_figures(),
         }
 
     def summary(self) -> str:

@@ -164,12 +164,15 @@ def birth_message(
     *, gateway: str, community: str, building: str, session: int, software: str, config: Mapping[str, Any],
     snapshot: Mapping[str, Any], wall: float | None = None, install: str | None = None,
     last_seq: int | None = None, sessions: Sequence[tuple[int, int]] = (),
+    sms: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Full current state: every device (``snapshot`` from ``AlarmPanel.snapshot()``) and a config summary;
     where each session ended: ``last_seq`` of this one so far, ``sessions`` the (session, last seq) of earlier
     ones still held (docs/mqtt.md, "Filling a gap").
 
-    ``install`` may be left out here: the uplink adds its outbox's identity to every message it publishes.
+    ``sms``: the SMS path as the panel reports it (``gatewayctl status --json``); the birth keeps its modem
+    (identity, operator, signal), never a phone number. ``install`` may be left out here: the uplink adds its
+    outbox's identity to every message it publishes.
     """
     ends: dict[str, Any] = {} if last_seq is None else {
         "last_seq": last_seq, "sessions": [{"session": s, "last_seq": last} for s, last in sessions]}
@@ -180,7 +183,35 @@ def birth_message(
         "config": dict(config),
         "devices": [device_state(d) for d in snapshot["devices"]],
         "annunciator": {"sound": snapshot["annunciation"].sound.name.lower()},
+        **({} if sms is None else {"sms": {k: v for k, v in _sms_block(sms).items() if k in _SMS_BIRTH}}),
     }
+
+
+#: The transmission path's figures a status message carries (gateway/panel/transmission.py).
+_TRANSMISSION = ("path", "down_for_s", "down_reason", "waiting", "oldest_waiting_s", "fault")
+#: What the modem said when last asked (gateway/sms/modem.py, ``ModemHealth``): no number, no IMSI.
+_MODEM = ("problem", "sim", "registered", "network", "operator", "signal_percent", "manufacturer", "model")
+_SMS_COUNTS = ("owed", "pending", "sent", "held_back")
+_SMS_BIRTH = ("configured", "process", "reason", "modem")
+
+
+def _transmission_block(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """The transmission path for the status message: up or down, urgent events waiting for their PUBACK."""
+    return {key: figures.get(key) for key in _TRANSMISSION}
+
+
+def _sms_block(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The SMS path for status and birth: configured, process up or down, the modem's health and the queue's
+    counts. Only named fields are copied, so a phone number never leaves the gateway."""
+    if not status.get("configured"):
+        return {"configured": False}
+    out: dict[str, Any] = {"configured": True, "process": "up" if status.get("process") == "up" else "down"}
+    if out["process"] == "down":
+        return {**out, "reason": str(status.get("reason") or "the sms process is down")}
+    modem = status.get("modem") or {}
+    out["modem"] = {key: modem.get(key) for key in _MODEM}
+    out.update({key: int(status.get(key) or 0) for key in _SMS_COUNTS})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +261,10 @@ class StatusReporter:
         self, *, session: int, uplink: UplinkFigures, backlog: tuple[int, float | None],
         snapshot: Mapping[str, Any], buses: Sequence[BusCounters], wall: float | None = None,
         storage: Mapping[str, Any] | None = None, last_seq: int | None = None,
+        transmission: Mapping[str, Any] | None = None, sms: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One status message (advances the link-quality window); ``last_seq``: the last seq stored in
-        this session."""
+        this session; ``transmission`` and ``sms``: the second path as ``gatewayctl status --json`` has it."""
         now_wall = time.time() if wall is None else wall
         now = self._clock()
         waiting, oldest = backlog
@@ -286,6 +318,10 @@ class StatusReporter:
                 "used_bytes": int(storage.get("used_bytes", 0)),
                 "max_bytes": int(storage.get("max_bytes", 0)),
             }
+        if transmission is not None:
+            message["transmission"] = _transmission_block(transmission)
+        if sms is not None:
+            message["sms"] = _sms_block(sms)
         return message
 
 

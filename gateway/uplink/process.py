@@ -344,6 +344,7 @@ class StorageProcess:
                     "devices": len(cfg.devices), "buses": [b.id for b in cfg.buses],
                     "bus_timing": [{"bus": b["id"], "floor_ms": _ms(b.get("floor_s")),
                                     "cycle_ms": _ms(b.get("cycle_s"))} for b in view.get("buses", [])]},
+            sms=view.get("sms"),
         )
 
     async def status_message(self) -> dict[str, Any]:
@@ -359,6 +360,7 @@ class StorageProcess:
                                bool(b.get("paused", False)), b.get("errors_by_kind"))
                    for b in view.get("buses", [])],
             storage={**await self.outbox.stats(), **self.writer.stats(), **view.get("hold", {})},
+            transmission=view.get("transmission"), sms=view.get("sms"),
         )
 
     async def _publish_status(self) -> None:
