@@ -14,8 +14,8 @@ import pytest
 from gateway.ops.cli import build_parser
 from gateway.ops.shell import completion, manpage
 
-COMMANDS = ["status", "events", "silence", "reset", "test", "buzzer-test", "relay-test", "read", "scan", "config",
-            "doctor"]
+COMMANDS = ["status", "events", "silence", "reset", "test", "buzzer-test", "relay-test", "read", "scan", "sms",
+            "config", "doctor"]
 
 
 def _generated(what: str) -> str:
