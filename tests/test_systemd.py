@@ -391,7 +391,7 @@ def install_sh(*args: str) -> subprocess.CompletedProcess[str]:
 
 def actions(output: str) -> list[str]:
     lines = output.splitlines()
-    assert all(line.startswith(("would: ", "keep: ", "next: ")) for line in lines), lines
+    assert all(line.startswith(("would: ", "keep: ", "next: ", "lgpio: ")) for line in lines), lines
     return [line.removeprefix("would: ") for line in lines if line.startswith("would: ")]
 
 
@@ -404,7 +404,9 @@ def test_dry_run_install_changes_nothing(untouched: Path) -> None:
     assert "systemd-tmpfiles --create /etc/tmpfiles.d/gateway.conf" in done
     venv = [a for a in done if re.fullmatch(rf"\S*python3?\S* -m venv {re.escape(str(untouched))}/venv", a)]
     assert venv, done
-    assert f"{untouched}/venv/bin/pip install --disable-pip-version-check {ROOT}" in done
+    # every runtime dependency at its locked version (constraints/runtime.txt, scripts/lock)
+    assert (f"env PYPI=1 {untouched}/venv/bin/pip install --disable-pip-version-check "
+            f"--constraint {ROOT}/constraints/runtime.txt {ROOT}") in done
     # the unit's python -OO bytecode, compiled once: the service cannot write into the venv
     assert f"{untouched}/venv/bin/python -m compileall -q -o 2 {untouched}/venv/lib" in done
     assert "install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service" in done
