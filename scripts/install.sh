@@ -11,6 +11,9 @@ readonly UNIT_DEST=/etc/systemd/system/$UNIT
 readonly SYSUSERS_DEST=/etc/sysusers.d/gateway.conf
 readonly TMPFILES_DEST=/etc/tmpfiles.d/gateway.conf
 readonly UDEV_DEST=/etc/udev/rules.d/99-gateway-rs485.rules
+readonly MODULES_DEST=/etc/modules-load.d/gateway-serial.conf
+# systemd >= 254 backs off between restarts (RestartSteps=); older ones do not know the setting.
+readonly BACKOFF_DEST=/etc/systemd/system/$UNIT.d/restart-backoff.conf
 readonly CONFIG_DIR=/etc/gateway
 readonly CONFIG=$CONFIG_DIR/building.toml
 readonly DATA_DIR=/var/lib/gateway
@@ -89,6 +92,36 @@ reload_udev() {
     run udevadm control --reload
     if [[ ${1:-} == trigger ]]; then
         run udevadm trigger --subsystem-match=tty --action=add
+    fi
+}
+
+# The serial drivers whose device classes the unit allows must be loaded before it starts (systemd drops a class
+# it does not know yet); at boot systemd-modules-load does it, now modprobe does.
+load_serial_drivers() {
+    local modules
+    mapfile -t modules < <(grep -Ev '^[[:space:]]*(#|$)' systemd/gateway-serial.conf)
+    if ((!DRY_RUN)) && ! command -v modprobe >/dev/null; then
+        keep "serial drivers ${modules[*]} (no modprobe here: loaded at the next boot)"
+        return
+    fi
+    if ! run modprobe -q -a "${modules[@]}"; then
+        keep "serial drivers: not every one of ${modules[*]} loads on this kernel (those it has load at boot)"
+    fi
+}
+
+# Backing off between restarts (1 s growing to 30 s) where systemd knows RestartSteps= (>= 254).
+install_backoff() {
+    local version
+    version=$(systemctl --version 2>/dev/null | awk 'NR == 1 { print $2 + 0 }')
+    if ((${version:-0} >= 254)); then
+        run install -D -m 0644 /dev/stdin "$BACKOFF_DEST" <<'EOF'
+# Installed by scripts/install.sh on systemd >= 254: restarts back off from 1 s to 30 s (docs/deploy.md).
+[Service]
+RestartSteps=5
+RestartMaxDelaySec=30s
+EOF
+    elif [[ -e $BACKOFF_DEST ]]; then
+        run rm -f -- "$BACKOFF_DEST"
     fi
 }
 
@@ -290,6 +323,9 @@ install_all() {
         run sed -i "s|$DEFAULT_PREFIX/|$PREFIX/|g" "$UNIT_DEST"
     fi
     run install -D -m 0644 systemd/99-gateway-rs485.rules "$UDEV_DEST"
+    run install -D -m 0644 systemd/gateway-serial.conf "$MODULES_DEST"
+    load_serial_drivers
+    install_backoff
 
     run systemctl daemon-reload
     reload_udev trigger
@@ -332,11 +368,16 @@ uninstall_all() {
         run systemctl disable --now "$UNIT"
     fi
     run rm -f -- "$UNIT_DEST"
+    run rm -f -- "$BACKOFF_DEST" "$MODULES_DEST"
+    if [[ -d $(dirname -- "$BACKOFF_DEST") ]]; then
+        run rmdir --ignore-fail-on-non-empty -- "$(dirname -- "$BACKOFF_DEST")"
+    fi
     run systemctl daemon-reload
     run rm -f -- "$UDEV_DEST"
     reload_udev
     run rm -f -- "$TMPFILES_DEST"
-    remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")"
+    remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")" \
+        "$(dirname -- "$MODULES_DEST")"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
     run rm -f -- "$PREFIX/share/building.example.toml"
