@@ -42,7 +42,6 @@ from pathlib import Path
 import pytest
 
 from tests.test_install_rehearsal import (
-    CACHE,
     CONTAINER_ENV,
     cached_root,
     checkout_copy,
@@ -155,7 +154,8 @@ class Chroot:
         enter = ["nsenter", f"--mount=/proc/{self.pid}/ns/mnt"]
         if net is not None:
             enter.append(f"--net=/proc/{net}/ns/net")
-        env = [f"{key}={value}" for key, value in CONTAINER_ENV.items()]
+        # SYSTEMD_OFFLINE=1: what systemctl does in a chroot it recognises (PID 1's root is not readable here)
+        env = [f"{key}={value}" for key, value in {**CONTAINER_ENV, "SYSTEMD_OFFLINE": "1"}.items()]
         return [*enter, "--", "chroot", str(self.root), "/usr/bin/env", "-i", *env, *args]
 
     def run(self, *args: str, check: bool = True, timeout: float = 1800.0, net: int | None = None,
@@ -371,7 +371,7 @@ time.sleep(900)
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_mounts() -> Iterator[None]:
+def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
     """The overlay lives in the namespace that dies with its holder: nothing stays mounted on the host."""
     yield
-    assert str(CACHE) not in Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()

@@ -532,7 +532,8 @@ def test_install_rehearsal(tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_mounts() -> Iterator[None]:
-    """The overlay lives in the namespace that dies with its systemd: nothing stays mounted on the host."""
+def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    """The overlay lives in the namespace that dies with its systemd: nothing stays mounted on the host (of this
+    test's; a debootstrap running beside it mounts into its own partial root)."""
     yield
-    assert "gateway-rehearsal" not in Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()
