@@ -189,25 +189,28 @@ parse_args() {
 }
 
 # How lgpio (gpiozero's backend) gets here, decided from this machine and Python before anything changes:
-# "wheel" where PyPI has one (aarch64 and x86_64 with CPython 3.11 and 3.12) or DIR of --wheels holds one,
-# "build" from the pinned source elsewhere (CPython 3.13 on Trixie, every 32-bit Pi). docs/deploy.md, "Targets".
+# "wheel" where PyPI has one (aarch64, x86_64 and armv7l with CPython 3.11 and 3.12) or DIR of --wheels holds one,
+# "build" from the pinned source elsewhere (CPython 3.13 on Trixie, armv6l boards). docs/deploy.md, "Targets".
 # A platform the gateway cannot serve is refused here, in one line.
 LGPIO_FROM=""
+MACHINE=""
 check_platform() {
     local machine pyver
-    machine=$(uname -m)
     [[ $(uname -s) == Linux ]] || die "unsupported platform: $(uname -s) (the gateway runs on Linux, on a Raspberry Pi)"
+    # the interpreter's, not the kernel's: 32-bit Raspberry Pi OS runs a 64-bit kernel on a Pi 4
+    machine=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_platform().rsplit("-", 1)[-1])')
     pyver=$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')
     case $machine in
-        aarch64 | x86_64)
+        aarch64 | x86_64 | armv7l)
             case $pyver in
                 311 | 312) LGPIO_FROM=wheel ;;
                 *) LGPIO_FROM=build ;;
             esac
             ;;
-        armv7l | armv6l) LGPIO_FROM=build ;;
+        armv6l) LGPIO_FROM=build ;;
         *) die "unsupported platform: $machine (the gateway runs on a Raspberry Pi: aarch64, armv7l or armv6l)" ;;
     esac
+    MACHINE=$machine
     if [[ $LGPIO_FROM == wheel ]] || [[ -n $(lgpio_wheel_in "$WHEELS" "$pyver" "$machine") ]]; then
         LGPIO_FROM=wheel
         return
@@ -288,7 +291,7 @@ install_all() {
     if [[ $LGPIO_FROM == build,* ]]; then
         run apt-get install -y --no-install-recommends "${LGPIO_BUILD_DEPS[@]}"
     fi
-    printf 'lgpio: %s (%s, Python %s)\n' "${LGPIO_FROM%%,*}" "$(uname -m)" \
+    printf 'lgpio: %s (%s, Python %s)\n' "${LGPIO_FROM%%,*}" "$MACHINE" \
         "$("$PYTHON" -c 'import platform; print(platform.python_version())')"
     # A local directory is always rebuilt and reinstalled, so this also upgrades. PYPI=1 makes lgpio's source
     # build link its C library in statically, as its PyPI wheels do: nothing else to install from apt.

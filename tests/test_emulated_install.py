@@ -86,7 +86,7 @@ class Target:
 TARGETS = [
     Target("trixie-arm64", "trixie", "arm64", "aarch64", "3.13", "2.41", "build", always=True),
     Target("bookworm-arm64", "bookworm", "arm64", "aarch64", "3.11", "2.36", "wheel", always=True),
-    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "build", always=False),
+    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "wheel", always=False),
 ]
 
 HOLD = r"""
