@@ -132,7 +132,7 @@ def cached_root(name: str = "bookworm", command: list[str] = DEBOOTSTRAP) -> tup
     CACHE.mkdir(parents=True, exist_ok=True)
     rootfs, done = CACHE / name, CACHE / f"{name}.done"
     recipe = " ".join(command) + "\n"
-    with open(CACHE / ".lock", "w") as lock:
+    with open(CACHE / f".lock-{name}", "w") as lock:  # one per root: a cold one does not hold up the others
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (rootfs / "usr/bin/python3").exists() and done.exists() and done.read_text() == recipe:
             return rootfs, False
