@@ -460,14 +460,15 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         #    operator reads and is refused actions; an operator acts
         assert booted.run("stat", "-c", "%G %a", "/run/gateway/control.sock").stdout.split() == ["gateway", "660"]
         booted.run("groupadd", "--system", "gateway-ops")
-        booted.run("useradd", "--no-create-home", "--groups", "gateway", "reader")
-        booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "operator")
-        read = booted.run("runuser", "-u", "reader", "--", "gatewayctl", "status", check=False)
+        booted.run("useradd", "--no-create-home", "--groups", "gateway", "tech-reader")
+        booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "tech-operator")
+        read = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "status", check=False)
         assert read.returncode == 0, read.stdout + read.stderr
-        refused = booted.run("runuser", "-u", "reader", "--", "gatewayctl", "buzzer-test", check=False)
+        refused = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "buzzer-test", check=False)
         assert refused.returncode == 4, refused.stdout + refused.stderr
         assert "permission denied: it needs the operator role" in refused.stdout + refused.stderr
-        acted = booted.run("runuser", "-u", "operator", "--", "gatewayctl", "buzzer-test", check=False, timeout=120)
+        acted = booted.run("runuser", "-u", "tech-operator", "--", "gatewayctl", "buzzer-test", check=False,
+                           timeout=120)
         assert acted.returncode == 0, acted.stdout + acted.stderr
         journal = booted.run("journalctl", "-u", "gatewayd", "--no-pager", "-o", "cat").stdout
         assert "control socket group not set" not in journal
@@ -516,8 +517,8 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         booted.run("systemctl", "stop", "rehearsal-bus")
         booted.run("rm", "-f", "/etc/systemd/system/gatewayd.service.d/rehearsal.conf",
                    "/etc/systemd/system/gatewayd.service.d/mock-pins.conf")
-        booted.run("userdel", "reader")
-        booted.run("userdel", "operator")
+        booted.run("userdel", "tech-reader")
+        booted.run("userdel", "tech-operator")
         booted.run("groupdel", "gateway-ops")
         purge = booted.run("bash", "/root/gateway/scripts/install.sh", "--uninstall", "--purge")
         assert booted.show("gatewayd", "LoadState")["LoadState"] == "not-found", purge.stdout
