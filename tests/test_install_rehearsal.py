@@ -369,6 +369,10 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         # 4. an edited site on a board without a GPIO chip: a crash loop that ends in "failed" within a minute,
         #    its reason in `systemctl status` meanwhile and after, and doctor FAIL with a fix that works as written
         booted.write("/etc/systemd/system/gatewayd.service.d/rehearsal.conf", DROP_IN)
+        # the technicians of step 7, before the daemon reads its groups at start
+        booted.run("groupadd", "--system", "gateway-ops")
+        booted.run("useradd", "--no-create-home", "--groups", "gateway", "tech-reader")
+        booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "tech-operator")
         booted.run("systemd-run", "--unit=rehearsal-bus", "--working-directory=/root/gateway",
                    "/opt/gateway/venv/bin/python", "/root/simbus.py")
         wait_until(lambda: booted.run("test", "-e", "/run/rehearsal/ready", check=False).returncode == 0, 60,
@@ -459,9 +463,6 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         # 7. the roles under the shipped unit: the socket carries [control] group; a member of it who is not an
         #    operator reads and is refused actions; an operator acts
         assert booted.run("stat", "-c", "%G %a", "/run/gateway/control.sock").stdout.split() == ["gateway", "660"]
-        booted.run("groupadd", "--system", "gateway-ops")
-        booted.run("useradd", "--no-create-home", "--groups", "gateway", "tech-reader")
-        booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "tech-operator")
         read = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "status", check=False)
         assert read.returncode == 0, read.stdout + read.stderr
         refused = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "buzzer-test", check=False)
