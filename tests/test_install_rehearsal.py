@@ -478,7 +478,7 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         # 8. serial ports created after the start: the device classes are granted by major, so a new node of a
         #    class whose driver was loaded at start passes the unit's device filter; a class whose driver was
         #    not loaded then cannot be granted (hence the drivers loaded at boot, /etc/modules-load.d)
-        allowed = booted.show("gatewayd", "DeviceAllow")["DeviceAllow"]
+        allowed = booted.run("systemctl", "show", "-p", "DeviceAllow", "gatewayd").stdout  # one line per entry
         assert "char-ttySC rw" in allowed and "char-ttyUSB rw" in allowed, allowed
         modules = booted.run("cat", "/etc/modules-load.d/gateway-serial.conf").stdout.split()
         assert {"usbserial", "cdc_acm", "sc16is7xx"} <= set(modules)
