@@ -230,7 +230,7 @@ def gateway_pids() -> list[int]:
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "gatewayd --demo" in cmd or "gateway.uplink.process" in cmd:
+            if "qemu" in cmd and ("gatewayd --demo" in cmd or "gateway.uplink.process" in cmd):
                 found.append(int(entry.name))
     return found
 
