@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import stat
+import sys
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -271,6 +272,9 @@ class StorageConfig:
 
 
 DEFAULT_SOCKET = "/run/gateway/control.sock"
+#: The shipped example as scripts/install.sh copies it, beside the virtualenv (/opt/gateway/share/...): the unit
+#: passes it to ``gatewayd --unedited-example``, and an installed gateway has no checkout's examples/ to read.
+INSTALLED_EXAMPLE = Path(sys.prefix).parent / "share" / "building.example.toml"
 
 
 @dataclass(frozen=True, slots=True)

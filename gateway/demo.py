@@ -26,13 +26,15 @@ from gpiozero import Device
 from drivers.gpio import ContactInput
 from drivers.mockpins import mock_pin_factory
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.config import SiteConfig, load_config
+from gateway.config import INSTALLED_EXAMPLE, SiteConfig, load_config
 from gateway.panel.process import PanelProcess
 
 __all__ = ["demo_config", "gatewayctl_line", "main", "run_demo"]
 
 log = structlog.get_logger()
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "building.toml"
+#: The example building: the checkout's, or, in an installed gateway, the installer's copy of it.
+_CHECKOUT_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "building.toml"
+EXAMPLE = _CHECKOUT_EXAMPLE if _CHECKOUT_EXAMPLE.exists() else INSTALLED_EXAMPLE
 LEAK_HOUSEHOLD = "u1-201"
 
 

@@ -321,8 +321,14 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 seen = chroot.upper / "root/alarm-seen"
-                wait_until(lambda: seen.exists() and "high_alarm" in seen.read_text(), 600,
-                           "the demo's alarm never reached the broker")
+
+                def alarm_at_the_broker() -> bool:
+                    if demo.poll() is not None and not seen.exists():
+                        raise AssertionError(f"the demo ended ({demo.returncode}) with no alarm at the broker: "
+                                             f"{demo.stderr.read()[-3000:] if demo.stderr else ''}")
+                    return seen.exists() and "high_alarm" in seen.read_text()
+
+                wait_until(alarm_at_the_broker, 600, "the demo's alarm never reached the broker")
                 demo_pss = pss_kb(gateway_pids())
                 _, err = demo.communicate(timeout=600)
                 assert demo.returncode == 0, err[-3000:]

@@ -103,10 +103,11 @@ JQ_RECIPE = "journalctl -u gatewayd -o cat --no-pager | jq -R -c 'fromjson? // e
 #: The recipe as it was, which stopped at the first line that is not JSON.
 JQ_OLD = "journalctl -u gatewayd -o cat --no-pager | jq -c 'select(.level != \"info\")'"
 
-# Paths a booted system changes by itself; anything else new after --uninstall --purge is left behind.
+# Paths a booted system changes by itself (and the backups useradd makes for the technicians of step 7);
+# anything else new after --uninstall --purge is left behind.
 SYSTEM_CHURN = ("/var/log/", "/var/lib/systemd/", "/var/lib/dbus/", "/var/cache/", "/var/tmp/", "/tmp/", "/root/",
-                "/etc/machine-id", "/etc/.pwd.lock", "/etc/mtab", "/var/lib/private/", "/run/", "/dev/", "/proc/",
-                "/sys/")
+                "/etc/machine-id", "/etc/.pwd.lock", "/etc/subuid-", "/etc/subgid-", "/etc/mtab", "/var/lib/private/",
+                "/run/", "/dev/", "/proc/", "/sys/")
 
 
 def _skip_reason() -> str | None:

@@ -17,7 +17,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.clock import TIME_ERROR, TIMESYNC_FLAG, adjtimex_state
-from gateway.config import BusConfig, ConfigError, SiteConfig, load_config
+from gateway.config import INSTALLED_EXAMPLE, BusConfig, ConfigError, SiteConfig, load_config
 
 __all__ = [
     "Check",
@@ -46,9 +45,6 @@ __all__ = [
 Status = Literal["ok", "warn", "FAIL"]
 NET_TIMEOUT_S = 5.0
 UNIT = "gatewayd.service"
-#: The installer's copy of the shipped example, beside the virtualenv (/opt/gateway/share/...): the unit passes
-#: the same file to ``gatewayd --unedited-example``, which refuses to start a site that is still it.
-INSTALLED_EXAMPLE = Path(sys.prefix).parent / "share" / "building.example.toml"
 #: The board's name on a Raspberry Pi (and other device-tree boards); absent on a PC.
 BOARD_MODEL = Path("/proc/device-tree/model")
 #: How a technician who may not read the site file gets to: the file is root:gateway 0640.
