@@ -5,9 +5,10 @@ architecture is the base of that Pi OS), made by debootstrap once and cached in 
 like the Bookworm root of tests/test_install_rehearsal.py; each run writes into an overlay of it. Foreign code
 runs through binfmt_misc and Debian's qemu-user-static.
 
-systemd is not booted under emulation: qemu-user cannot apply the arm64 or armhf system-call filters that
-systemd's own services and the gateway's unit install, so the root is entered as a chroot in a private mount
-namespace instead (docs/deploy.md, "Targets"). systemctl and udevadm see the chroot and only do what works
+systemd is not booted under emulation: tried here, the arm64 Trixie root's systemd boots as PID 1 under
+qemu-user (to "degraded"), but every service it starts fails to spawn (``Result=resources``: journald, sysusers,
+tmpfiles), so the gateway's unit could not run there either. The root is entered as a chroot in a private mount
+namespace instead (docs/deploy.md, "Targets"), with ``SYSTEMD_OFFLINE=1`` so that systemctl does only what works
 offline (``systemctl enable``); the unit itself is rehearsed under a real systemd in
 tests/test_install_rehearsal.py. In each target:
 
