@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -153,10 +154,22 @@ def cached_root(name: str = "bookworm", command: list[str] = DEBOOTSTRAP) -> tup
 
 def wheelhouse(into: Path, *target: str) -> None:
     """The wheels a building's install needs, for ``target`` (scripts/wheelhouse's options; none: this
-    machine), fetched on the host: the root has no index to reach."""
-    result = subprocess.run(["bash", str(ROOT / "scripts/wheelhouse"), str(into), *target], capture_output=True,
-                            text=True, timeout=900, check=False, env={**os.environ, "PYTHON": sys.executable})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    machine), fetched on the host: the root has no index to reach. Kept in the cache by the lock and the script
+    they were fetched with, so a warm run fetches nothing."""
+    recipe = (ROOT / "constraints/runtime.txt").read_bytes() + (ROOT / "scripts/wheelhouse").read_bytes()
+    key = hashlib.sha256(recipe + " ".join([sys.version, *target]).encode()).hexdigest()[:16]
+    kept = CACHE / f"wheels-{key}"
+    if not kept.is_dir():
+        partial = CACHE / f"wheels-{key}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run(["bash", str(ROOT / "scripts/wheelhouse"), str(partial), *target],
+                                capture_output=True, text=True, timeout=900, check=False,
+                                env={**os.environ, "PYTHON": sys.executable})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        with contextlib.suppress(OSError):  # another run made it meanwhile
+            partial.rename(kept)
+        shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(kept, into)
 
 
 def locked_pins() -> dict[str, str]:
