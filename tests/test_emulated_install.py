@@ -212,7 +212,12 @@ def broker_namespace(tmp_path: Path) -> Iterator[int]:
             assert holder.poll() is None, holder.stderr.read().decode() if holder.stderr else ""
             return 0
 
-        yield int(wait_until(listening, 60, "mosquitto never listened in its namespace"))  # type: ignore[arg-type]
+        broker = int(wait_until(listening, 60, "mosquitto never listened in its namespace"))  # type: ignore[arg-type]
+        try:
+            yield broker
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(broker, 9)  # unshare's child: killing unshare alone leaves it running
     finally:
         holder.kill()
         holder.wait(30)
