@@ -135,7 +135,8 @@ def make_pin_factory(name: str) -> Any:
         lgpio = load_lgpio()
         from gpiozero.pins.lgpio import LGPIOFactory
     except ImportError as exc:
-        raise GpioUnavailable(f"gpio: the lgpio module does not load ({exc}); reinstall: pip install lgpio") from exc
+        raise GpioUnavailable(f"gpio: the lgpio module does not load ({exc}); reinstall the gateway, which "
+                              "installs it: sudo scripts/install.sh (docs/deploy.md)") from exc
     chip = lgpio_chip()
     path = f"/dev/gpiochip{chip}"
     try:

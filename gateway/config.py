@@ -16,6 +16,7 @@ import math
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
@@ -357,6 +358,9 @@ class StorageConfig:
 
 
 DEFAULT_SOCKET = "/run/gateway/control.sock"
+#: The shipped example as scripts/install.sh copies it, beside the virtualenv (/opt/gateway/share/...): the unit
+#: passes it to ``gatewayd --unedited-example``, and an installed gateway has no checkout's examples/ to read.
+INSTALLED_EXAMPLE = Path(sys.prefix).parent / "share" / "building.example.toml"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import structlog
 from gateway import __version__
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, bus_floor_warnings, load_config
 from gateway.logs import configure_logging
+from gateway.notify import Notifier
 from gateway.panel.process import PanelProcess, PanelStartError
 from gateway.realtime import raise_priority
 
@@ -33,11 +34,19 @@ def run_panel(cfg: SiteConfig, config_path: str, *, duration: float | None = Non
     try:
         panel.open()
     except PanelStartError as exc:
-        print(f"gatewayd: {exc.line}", file=sys.stderr)
+        _start_failed(exc.line)
         log.error("the panel cannot start", reason=exc.line, exit_code=exc.code)
         log.debug("start failure", exc_info=exc.__cause__ or exc)
         return exc.code
     return asyncio.run(panel.serve(duration=duration))
+
+
+def _start_failed(line: str) -> None:
+    """Why the panel cannot start, in one line: on stderr (the journal) and as the unit's ``STATUS=``, which
+    ``systemctl status`` keeps showing while the unit waits to restart or has failed (the journal lines of an
+    earlier start are not there)."""
+    print(f"gatewayd: {line}", file=sys.stderr)
+    Notifier().status(f"cannot start: {line}")
 
 
 def _refuse_unedited(config: str, example: str | None) -> None:
@@ -74,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_unedited(args.config, args.unedited_example)
         cfg = load_config(args.config)
     except ConfigError as exc:
-        for line in exc.lines():
+        lines = exc.lines()
+        for line in lines[1:]:
             print(f"gatewayd: config error: {line}", file=sys.stderr)
+        _start_failed(f"config error: {lines[0]}" + (f" (and {len(lines) - 1} more above)" if len(lines) > 1 else ""))
         log.error("config error", key=exc.path, reason=exc.reason, line=exc.line,
                   errors=len(getattr(exc, "errors", [exc])))
         return EX_CONFIG

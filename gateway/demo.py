@@ -36,14 +36,16 @@ from gpiozero import Device
 from drivers.gpio import ContactInput
 from drivers.mockpins import mock_pin_factory
 from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
-from gateway.config import SiteConfig, load_config, parse_endpoint
+from gateway.config import INSTALLED_EXAMPLE, SiteConfig, load_config, parse_endpoint
 from gateway.panel.process import PanelProcess
 
 __all__ = ["DemoBroker", "demo_config", "gatewayctl_line", "main", "run_demo"]
 
 log = structlog.get_logger()
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "building.toml"
+#: The example building: the checkout's, or, in an installed gateway, the installer's copy of it.
+_CHECKOUT_EXAMPLE = ROOT / "examples" / "building.toml"
+EXAMPLE = _CHECKOUT_EXAMPLE if _CHECKOUT_EXAMPLE.exists() else INSTALLED_EXAMPLE
 #: The wrapper a source checkout ships: gatewayctl from .venv, with nothing to activate.
 WRAPPER = ROOT / "scripts" / "gatewayctl"
 LEAK_HOUSEHOLD = "u1-201"

@@ -12,6 +12,9 @@ readonly SYSUSERS_DEST=/etc/sysusers.d/gateway.conf
 readonly TMPFILES_DEST=/etc/tmpfiles.d/gateway.conf
 readonly UDEV_DEST=/etc/udev/rules.d/99-gateway-rs485.rules
 readonly UDEV_MODEM_DEST=/etc/udev/rules.d/99-gateway-modem.rules
+readonly MODULES_DEST=/etc/modules-load.d/gateway-serial.conf
+# systemd >= 254 backs off between restarts (RestartSteps=); older ones do not know the setting.
+readonly BACKOFF_DEST=/etc/systemd/system/$UNIT.d/restart-backoff.conf
 readonly CONFIG_DIR=/etc/gateway
 readonly CONFIG=$CONFIG_DIR/building.toml
 readonly DATA_DIR=/var/lib/gateway
@@ -19,12 +22,19 @@ readonly EXAMPLE=examples/building.toml
 # gatewayd and gatewayctl are linked here so that `sudo gatewayctl doctor` works as docs/cli.md says.
 readonly BIN_DIR=/usr/local/bin
 readonly COMMANDS=(gatewayd gatewayctl)
+# Every runtime dependency pinned (scripts/lock); pip installs nothing else.
+readonly LOCK=constraints/runtime.txt
+# Where pip looks when there is no --wheels; probed before anything changes.
+readonly INDEX_URL=${PIP_INDEX_URL:-https://pypi.org/simple/}
+# apt packages that build lgpio from its pinned source where PyPI has no wheel for this Python and machine.
+readonly LGPIO_BUILD_DEPS=(swig gcc libc6-dev python3-dev)
 
 PREFIX=$DEFAULT_PREFIX
 PYTHON=python3
 DRY_RUN=0
 UNINSTALL=0
 PURGE=0
+WHEELS=""
 
 usage() {
     cat <<EOF
@@ -39,6 +49,8 @@ next steps are printed. Run again to upgrade.
 Options:
   --prefix DIR   where the virtualenv and docs go (default $DEFAULT_PREFIX)
   --python EXE   Python >= 3.11 used to create the virtualenv (default python3)
+  --wheels DIR   install offline, from the wheels in DIR only (scripts/wheelhouse makes them;
+                 docs/deploy.md, "Offline install")
   --uninstall    stop and remove the service, unit, rules and virtualenv; keep data and config
   --purge        with --uninstall: also delete $DATA_DIR (event history, outbox), $CONFIG_DIR
                  and the 'gateway' user
@@ -84,6 +96,36 @@ reload_udev() {
     fi
 }
 
+# The serial drivers whose device classes the unit allows must be loaded before it starts (systemd drops a class
+# it does not know yet); at boot systemd-modules-load does it, now modprobe does.
+load_serial_drivers() {
+    local modules
+    mapfile -t modules < <(grep -Ev '^[[:space:]]*(#|$)' systemd/gateway-serial.conf)
+    if ((!DRY_RUN)) && ! command -v modprobe >/dev/null; then
+        keep "serial drivers ${modules[*]} (no modprobe here: loaded at the next boot)"
+        return
+    fi
+    if ! run modprobe -q -a "${modules[@]}"; then
+        keep "serial drivers: not every one of ${modules[*]} loads on this kernel (those it has load at boot)"
+    fi
+}
+
+# Backing off between restarts (1 s growing to 30 s) where systemd knows RestartSteps= (>= 254).
+install_backoff() {
+    local version
+    version=$(systemctl --version 2>/dev/null | awk 'NR == 1 { print $2 + 0 }')
+    if ((${version:-0} >= 254)); then
+        run install -D -m 0644 /dev/stdin "$BACKOFF_DEST" <<'EOF'
+# Installed by scripts/install.sh on systemd >= 254: restarts back off from 1 s to 30 s (docs/deploy.md).
+[Service]
+RestartSteps=5
+RestartMaxDelaySec=30s
+EOF
+    elif [[ -e $BACKOFF_DEST ]]; then
+        run rm -f -- "$BACKOFF_DEST"
+    fi
+}
+
 # Directories that `install -D` made for our files, once empty; never one that a package owns (on a Pi,
 # /etc/udev/rules.d belongs to udev and stays).
 remove_empty_dirs() {
@@ -115,6 +157,12 @@ parse_args() {
                 shift
                 ;;
             --python=*) PYTHON=${1#--python=} ;;
+            --wheels)
+                (($# >= 2)) || die "--wheels needs a directory"
+                WHEELS=$2
+                shift
+                ;;
+            --wheels=*) WHEELS=${1#--wheels=} ;;
             --uninstall) UNINSTALL=1 ;;
             --purge) PURGE=1 ;;
             --dry-run) DRY_RUN=1 ;;
@@ -135,6 +183,71 @@ parse_args() {
     if ((PURGE && !UNINSTALL)); then
         die "--purge only goes with --uninstall"
     fi
+    if [[ -n $WHEELS ]]; then
+        [[ -d $WHEELS ]] || die "--wheels: no directory '$WHEELS'"
+        WHEELS=$(cd -- "$WHEELS" && pwd)
+    fi
+}
+
+# How lgpio (gpiozero's backend) gets here, decided from this machine and Python before anything changes:
+# "wheel" where PyPI has one (aarch64, x86_64 and armv7l with CPython 3.11 and 3.12) or DIR of --wheels holds one,
+# "build" from the pinned source elsewhere (CPython 3.13 on Trixie, armv6l boards). docs/deploy.md, "Targets".
+# A platform the gateway cannot serve is refused here, in one line.
+LGPIO_FROM=""
+MACHINE=""
+check_platform() {
+    local machine pyver
+    [[ $(uname -s) == Linux ]] || die "unsupported platform: $(uname -s) (the gateway runs on Linux, on a Raspberry Pi)"
+    # the interpreter's, not the kernel's: 32-bit Raspberry Pi OS runs a 64-bit kernel on a Pi 4
+    machine=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_platform().rsplit("-", 1)[-1])')
+    pyver=$("$PYTHON" -c 'import sys; print("%d%d" % sys.version_info[:2])')
+    case $machine in
+        aarch64 | x86_64 | armv7l)
+            case $pyver in
+                311 | 312) LGPIO_FROM=wheel ;;
+                *) LGPIO_FROM=build ;;
+            esac
+            ;;
+        armv6l) LGPIO_FROM=build ;;
+        *) die "unsupported platform: $machine (the gateway runs on a Raspberry Pi: aarch64, armv7l or armv6l)" ;;
+    esac
+    MACHINE=$machine
+    if [[ $LGPIO_FROM == wheel ]] || [[ -n $(lgpio_wheel_in "$WHEELS" "$pyver" "$machine") ]]; then
+        LGPIO_FROM=wheel
+        return
+    fi
+    local missing=()
+    command -v swig >/dev/null || missing+=(swig)
+    command -v gcc >/dev/null || missing+=(gcc)
+    "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' ||
+        missing+=(python3-dev)
+    if ((${#missing[@]})); then
+        [[ -z $WHEELS ]] || die "lgpio must be built here ($machine, Python ${pyver:0:1}.${pyver:1}) and ${missing[*]} missing: apt install ${LGPIO_BUILD_DEPS[*]}, or put an lgpio wheel built on such a Pi in $WHEELS"
+        LGPIO_FROM="build, after: apt-get install ${LGPIO_BUILD_DEPS[*]}"
+    fi
+}
+
+# A wheel of lgpio in DIR ($1) that this Python ($2) and machine ($3) can install.
+lgpio_wheel_in() {
+    [[ -n $1 ]] || return 0
+    compgen -G "$1/lgpio-*-cp$2-cp$2-*$3.whl" | head -n 1 || true
+}
+
+# Without --wheels the Python packages come from the index: say so in one line before changing anything.
+check_sources() {
+    [[ -z $WHEELS ]] || return 0
+    [[ -z ${PIP_NO_INDEX:-} ]] || return 0
+    local reason
+    if ! reason=$("$PYTHON" -c '
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1], timeout=10).close()
+except Exception as exc:
+    print(getattr(exc, "reason", None) or exc)
+    sys.exit(1)
+' "$INDEX_URL" 2>&1); then
+        die "no network: cannot reach $INDEX_URL (${reason//$'\n'/ }); nothing was changed. Install offline instead: sudo scripts/install.sh --wheels DIR (docs/deploy.md, \"Offline install\")"
+    fi
 }
 
 preflight() {
@@ -153,15 +266,18 @@ install_all() {
     command -v "$PYTHON" >/dev/null || die "no $PYTHON; install python3 and python3-venv"
     "$PYTHON" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' ||
         die "$PYTHON must be Python >= 3.11 with the venv module (apt install python3-venv)"
+    check_platform
     # Check every source file before changing anything, so a broken checkout stops here, not halfway.
     local f
     for f in systemd/gateway.sysusers systemd/gateway.tmpfiles systemd/gatewayd.service \
-        systemd/99-gateway-rs485.rules systemd/99-gateway-modem.rules docs/deploy.md "$EXAMPLE" pyproject.toml; do
+        systemd/99-gateway-rs485.rules systemd/99-gateway-modem.rules docs/deploy.md "$EXAMPLE" pyproject.toml \
+        "$LOCK"; do
         if [[ ! -f $f ]]; then
             ((DRY_RUN)) || die "$f missing from $REPO"
             echo "install.sh: warning: $f missing from $REPO" >&2
         fi
     done
+    check_sources
 
     # The user first: everything after it is owned by or readable for group gateway.
     run install -D -m 0644 systemd/gateway.sysusers "$SYSUSERS_DEST"
@@ -174,8 +290,18 @@ install_all() {
     else
         run "$PYTHON" -m venv "$PREFIX/venv"
     fi
-    # A local directory is always rebuilt and reinstalled, so this also upgrades.
-    run "$PREFIX/venv/bin/pip" install --disable-pip-version-check "$REPO"
+    if [[ $LGPIO_FROM == build,* ]]; then
+        run apt-get install -y --no-install-recommends "${LGPIO_BUILD_DEPS[@]}"
+    fi
+    printf 'lgpio: %s (%s, Python %s)\n' "${LGPIO_FROM%%,*}" "$MACHINE" \
+        "$("$PYTHON" -c 'import platform; print(platform.python_version())')"
+    # A local directory is always rebuilt and reinstalled, so this also upgrades. PYPI=1 makes lgpio's source
+    # build link its C library in statically, as its PyPI wheels do: nothing else to install from apt.
+    local sources=()
+    [[ -z $WHEELS ]] || sources=(--no-index --find-links "$WHEELS")
+    run env PYPI=1 "$PREFIX/venv/bin/pip" install --disable-pip-version-check --constraint "$REPO/$LOCK" \
+        "${sources[@]}" "$REPO" ||
+        die "pip could not install the gateway (the error is above); the service was not changed. Fix it and run again${WHEELS:+ (does $WHEELS hold every wheel of $LOCK? scripts/wheelhouse makes them)}"
     # The unit runs Python with PYTHONOPTIMIZE=2, whose bytecode pip does not write; the service cannot write
     # into the venv, so without this it would compile every module at every start.
     run "$PREFIX/venv/bin/python" -m compileall -q -o 2 "$PREFIX/venv/lib"
@@ -205,6 +331,9 @@ install_all() {
     fi
     run install -D -m 0644 systemd/99-gateway-rs485.rules "$UDEV_DEST"
     run install -D -m 0644 systemd/99-gateway-modem.rules "$UDEV_MODEM_DEST"
+    run install -D -m 0644 systemd/gateway-serial.conf "$MODULES_DEST"
+    load_serial_drivers
+    install_backoff
 
     run systemctl daemon-reload
     reload_udev trigger
@@ -247,12 +376,17 @@ uninstall_all() {
         run systemctl disable --now "$UNIT"
     fi
     run rm -f -- "$UNIT_DEST"
+    run rm -f -- "$BACKOFF_DEST" "$MODULES_DEST"
+    if [[ -d $(dirname -- "$BACKOFF_DEST") ]]; then
+        run rmdir --ignore-fail-on-non-empty -- "$(dirname -- "$BACKOFF_DEST")"
+    fi
     run systemctl daemon-reload
     run rm -f -- "$UDEV_DEST"
     run rm -f -- "$UDEV_MODEM_DEST"
     reload_udev
     run rm -f -- "$TMPFILES_DEST"
-    remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")"
+    remove_empty_dirs "$(dirname -- "$UDEV_DEST")" "$(dirname -- "$(dirname -- "$UDEV_DEST")")" \
+        "$(dirname -- "$MODULES_DEST")"
     run rm -rf -- "$PREFIX/venv"
     run rm -f -- "$PREFIX/docs/deploy.md"
     run rm -f -- "$PREFIX/share/building.example.toml"

@@ -31,8 +31,10 @@ from gateway.ops.doctor import (
     Daemon,
     check_broker,
     check_clock,
+    check_config,
     check_gpio,
     check_group,
+    check_platform,
     check_serial,
     check_service,
     check_storage,
@@ -170,9 +172,48 @@ def test_doctor_config_fails_and_stops_there(tmp_path: Path) -> None:
     result = gatewayctl("--config", str(path), "doctor")
     assert result.returncode == 1
     lines = result.stdout.splitlines()
-    assert len(lines) == 1
-    assert lines[0].startswith("FAIL  config ")
-    assert f"— fix: edit {path} at site.building" in lines[0]
+    assert len(lines) == 2
+    assert lines[0].startswith("ok    platform ")
+    assert lines[1].startswith("FAIL  config ")
+    assert f"— fix: edit {path} at site.building" in lines[1]
+
+
+def test_doctor_fails_on_the_unedited_example(tmp_path: Path) -> None:
+    """The shipped example validates, but the service refuses it: the doctor says so instead of ``ok``."""
+    example = ROOT / "examples/building.toml"
+    site = tmp_path / "building.toml"
+    shutil.copy(example, site)
+    check, cfg = check_config(str(site), example)
+    assert (check.status, cfg) == ("FAIL", None)
+    assert check.detail == f"{site} is still the shipped example, unchanged: the service refuses to start it"
+    assert check.fix == f"sudoedit {site} for this building (docs/config.md), then: gatewayctl config check {site}"
+    site.write_text(example.read_text().replace("\n", "\n# edited for this building\n", 1))
+    assert check_config(str(site), example)[0].status == "ok"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_doctor_on_an_unreadable_site_says_sudo_or_join_the_group(tmp_path: Path) -> None:
+    site = tmp_path / "building.toml"
+    shutil.copy(ROOT / "examples/building.toml", site)
+    site.chmod(0o600)
+    tmp_path.chmod(0o755)
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", GATEWAYCTL,
+                             "--config", str(site), "doctor"], capture_output=True, text=True, timeout=120,
+                            check=False, env={**os.environ, "NO_COLOR": "1"})
+    assert result.returncode == 1, result.stderr
+    line = result.stdout.splitlines()[1]
+    assert line == (f"FAIL  config         {site}: permission denied — fix: use sudo (sudo gatewayctl doctor), "
+                    "or join group gateway: sudo usermod -aG gateway $USER, then log in again")
+
+
+def test_doctor_platform_names_the_board(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 4 Model B Rev 1.4\0")
+    check = check_platform(model)
+    assert check.status == "ok"
+    assert check.detail.startswith("Raspberry Pi 4 Model B Rev 1.4; ")
+    assert f"Python {sys.version_info.major}.{sys.version_info.minor}." in check.detail
+    assert check_platform(tmp_path / "absent").detail.startswith("not a Raspberry Pi")
 
 
 def test_doctor_config_ok_and_json(tmp_path: Path, modem: VirtualNullModem) -> None:
@@ -198,6 +239,25 @@ def test_doctor_gpio_ok_on_mock_pins(tmp_path: Path, monkeypatch: pytest.MonkeyP
     cfg = plain_site(tmp_path, "/dev/null", **{"gc_freeze = false": 'gc_freeze = false\npin_factory = "mock"'})
     check = check_gpio(cfg, Daemon(cfg.control.socket))
     assert (check.status, check.detail) == ("ok", "mock: 1 pins, nothing to hold them")
+
+
+def test_doctor_gpio_fails_on_mock_pins_on_a_pi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Judged from the file even while a daemon runs: mock pins on a Pi mean a silent buzzer."""
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    model = tmp_path / "model"
+    model.write_bytes(b"Raspberry Pi 5 Model B Rev 1.0\0")
+    cfg = plain_site(tmp_path, "/dev/null", **{"gc_freeze = false": 'gc_freeze = false\npin_factory = "mock"'})
+
+    class Running(Daemon):
+        running = True  # type: ignore[assignment]
+
+    for daemon in (Daemon(cfg.control.socket), Running(cfg.control.socket)):
+        check = check_gpio(cfg, daemon, model)
+        assert check.status == "FAIL"
+        assert check.detail.startswith("mock pins on a Raspberry Pi 5 Model B Rev 1.0, from 'mock' in the site file")
+        assert check.fix == ('[runtime] pin_factory = "lgpio" in the site file (sudoedit it), '
+                             "then: sudo systemctl restart gatewayd")
+    assert check_gpio(cfg, Daemon(cfg.control.socket), tmp_path / "absent").status == "ok"
 
 
 @pytest.mark.skipif(Path("/dev/gpiochip0").exists(), reason="this machine has a real /dev/gpiochip0")
@@ -450,7 +510,7 @@ def test_doctor_asks_a_running_daemon_for_the_bus(tmp_path: Path, modem: Virtual
             daemon.terminate()
             daemon.wait(30)
     checks = {c["name"]: c for c in json.loads(result.stdout)["data"]["checks"]}
-    assert checks["gpio"]["detail"] == "1 pins held by the running daemon"
+    assert checks["gpio"]["detail"] == "mock: 1 pins held by the running daemon"
     serial = checks["serial bus1"]
     if address == 1:
         assert serial["status"] == "ok", serial

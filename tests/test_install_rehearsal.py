@@ -4,15 +4,15 @@ A Bookworm root made by debootstrap (minbase, with systemd, dbus and python3-ven
 checkout, in /var/cache/gateway-rehearsal (``GATEWAY_REHEARSAL_CACHE``), and reused; each run writes into an
 overlay of it, so the cached root stays as debootstrap left it. systemd boots as PID 1 in private PID, mount,
 UTS and IPC namespaces (``unshare``, then ``pivot_root``) and the test reaches it with ``nsenter``. The real
-installer runs inside against a copy of the committed checkout, with the project's wheels built outside and
-passed by ``PIP_FIND_LINKS``. Everything is judged by systemd's own view (``systemctl show``, ``journalctl``,
-``systemd-analyze``), never by the daemon's internals.
+installer runs inside against a copy of the committed checkout, offline, with the wheels fetched outside
+(``install.sh --wheels``, from scripts/wheelhouse). Everything is judged by systemd's own view
+(``systemctl show``, ``systemctl status``, ``journalctl``, ``systemd-analyze``), never by the daemon's internals.
 
 What stands in for the hardware, and why:
 
-- **GPIO chip**: there is no /dev/gpiochip* on a build machine, so a drop-in sets
-  ``GPIOZERO_PIN_FACTORY=mock`` (gpiozero's MockFactory; the site also says ``pin_factory = "mock"``). With
-  lgpio the daemon would stop at once with ``gpio: cannot open /dev/gpiochip0`` (tests/test_gpio.py).
+- **GPIO chip**: there is no /dev/gpiochip* on a build machine. The site asks for lgpio first, and the unit
+  must end in ``failed`` with ``gpio: cannot open /dev/gpiochip0`` as its status; then a drop-in sets
+  ``GPIOZERO_PIN_FACTORY=mock`` (gpiozero's MockFactory) in place of a chip that came back.
 - **RS-485 adapter**: a pseudo-terminal pair with pymodbus's own server behind it (drivers/simulated.py,
   run as a transient unit inside the booted system). A pty is not a ``ttyUSB``/``ttyAMA`` node, so the same
   drop-in adds ``DeviceAllow=char-pts rw`` to the unit's closed device policy; nothing else of the unit changes.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -52,8 +53,8 @@ ROOTFS = CACHE / "bookworm"
 #: a directory that does not exist in there, and lgpio then failed to load (BAD_PATHNAME, ``.lgd-nfy-3``).
 CONTAINER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
                  "LANG": "C.UTF-8"}
-DEBOOTSTRAP = ["debootstrap", "--variant=minbase", "--include=systemd,systemd-sysv,dbus,python3,python3-venv",
-               "bookworm"]
+DEBOOTSTRAP = ["debootstrap", "--variant=minbase",
+               "--include=systemd,systemd-sysv,dbus,python3,python3-venv,jq,sudo", "bookworm"]
 MAX_EXPOSURE = 2.0
 
 BOOT = r"""
@@ -89,15 +90,25 @@ with VirtualNullModem("/run/rehearsal") as modem:
 
 DROP_IN = """[Service]
 # Stand-ins for the hardware in the install rehearsal (tests/test_install_rehearsal.py).
-Environment=GPIOZERO_PIN_FACTORY=mock
 Environment=GATEWAY_FAILPOINTS=bus_hang=bus1@/run/rehearsal/hang
 DeviceAllow=char-pts rw
 """
+#: The GPIO chip that "came back": mock pins from here on.
+MOCK_PINS = """[Service]
+Environment=GPIOZERO_PIN_FACTORY=mock
+"""
+#: What the site adds for the roles: readers in group gateway, actors in gateway-ops.
+CONTROL_ROLES = 'socket = "/run/gateway/control.sock"\ngroup = "gateway"\noperator_group = "gateway-ops"'
+#: The log recipe of docs/deploy.md ("Logs and status"), which must survive the lines that are not JSON.
+JQ_RECIPE = "journalctl -u gatewayd -o cat --no-pager | jq -R -c 'fromjson? // empty | select(.level != \"info\")'"
+#: The recipe as it was, which stopped at the first line that is not JSON.
+JQ_OLD = "journalctl -u gatewayd -o cat --no-pager | jq -c 'select(.level != \"info\")'"
 
-# Paths a booted system changes by itself; anything else new after --uninstall --purge is left behind.
+# Paths a booted system changes by itself (and the backups useradd makes for the technicians of step 7);
+# anything else new after --uninstall --purge is left behind.
 SYSTEM_CHURN = ("/var/log/", "/var/lib/systemd/", "/var/lib/dbus/", "/var/cache/", "/var/tmp/", "/tmp/", "/root/",
-                "/etc/machine-id", "/etc/.pwd.lock", "/etc/mtab", "/var/lib/private/", "/run/", "/dev/", "/proc/",
-                "/sys/")
+                "/etc/machine-id", "/etc/.pwd.lock", "/etc/subuid-", "/etc/subgid-", "/etc/mtab", "/var/lib/private/",
+                "/run/", "/dev/", "/proc/", "/sys/")
 
 
 def _skip_reason() -> str | None:
@@ -116,26 +127,68 @@ def ensure_debootstrap() -> None:
         pytest.skip("debootstrap is not installed and apt-get could not install it")
 
 
-def cached_root() -> tuple[Path, bool]:
-    """The Bookworm root, made once (under a lock, so parallel runs wait for one debootstrap); ``cold`` tells
-    whether this call made it."""
+def cached_root(name: str = "bookworm", command: list[str] = DEBOOTSTRAP) -> tuple[Path, bool]:
+    """The root ``CACHE/name`` that ``command`` (debootstrap, less its target) makes, made once (under a lock, so
+    parallel runs wait for one debootstrap) and made again when the command changed; ``cold`` tells whether this
+    call made it."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
+    rootfs, done = CACHE / name, CACHE / f"{name}.done"
+    recipe = " ".join(command) + "\n"
+    with open(CACHE / f".lock-{name}", "w") as lock:  # one per root: a cold one does not hold up the others
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (ROOTFS / "usr/bin/python3").exists() and (CACHE / "bookworm.done").exists():
-            return ROOTFS, False
+        if (rootfs / "usr/bin/python3").exists() and done.exists() and done.read_text() == recipe:
+            return rootfs, False
         ensure_debootstrap()
-        partial = CACHE / f"bookworm.partial-{os.getpid()}"
+        partial = CACHE / f"{name}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(ROOTFS, ignore_errors=True)
-        result = subprocess.run([*DEBOOTSTRAP, str(partial)], capture_output=True, text=True, timeout=1500,
+        shutil.rmtree(rootfs, ignore_errors=True)
+        result = subprocess.run([*command, str(partial)], capture_output=True, text=True, timeout=2400,
                                 check=False)
         if result.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
-            pytest.fail(f"debootstrap failed: {result.stderr[-2000:]}")
-        partial.rename(ROOTFS)
-        (CACHE / "bookworm.done").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-        return ROOTFS, True
+            pytest.fail(f"debootstrap failed: {result.stdout[-1500:]} {result.stderr[-1500:]}")
+        partial.rename(rootfs)
+        done.write_text(recipe)
+        return rootfs, True
+
+
+def wheelhouse(into: Path, *target: str) -> None:
+    """The wheels a building's install needs, for ``target`` (scripts/wheelhouse's options; none: this
+    machine), fetched on the host: the root has no index to reach. Kept in the cache by the lock and the script
+    they were fetched with, so a warm run fetches nothing."""
+    recipe = (ROOT / "constraints/runtime.txt").read_bytes() + (ROOT / "scripts/wheelhouse").read_bytes()
+    key = hashlib.sha256(recipe + " ".join([sys.version, *target]).encode()).hexdigest()[:16]
+    kept = CACHE / f"wheels-{key}"
+    if not kept.is_dir():
+        partial = CACHE / f"wheels-{key}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run(["bash", str(ROOT / "scripts/wheelhouse"), str(partial), *target],
+                                capture_output=True, text=True, timeout=900, check=False,
+                                env={**os.environ, "PYTHON": sys.executable})
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        with contextlib.suppress(OSError):  # another run made it meanwhile
+            partial.rename(kept)
+        shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(kept, into)
+
+
+def locked_pins() -> dict[str, str]:
+    """constraints/runtime.txt as name → version (canonical names), markers aside."""
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / "constraints/runtime.txt").read_text().splitlines()
+    pins = (line.split(";")[0].strip().split("==") for line in lines if "==" in line and not line.startswith("#"))
+    return {canonicalize_name(name): version for name, version in pins}
+
+
+def installed(run: Callable[..., subprocess.CompletedProcess[str]], python: str) -> dict[str, str]:
+    """What ``python``'s environment has installed, name → version (canonical names)."""
+    from packaging.utils import canonicalize_name
+
+    out = run(python, "-c", "import importlib.metadata as m; "
+              "print('\\n'.join(d.metadata['Name'] + '==' + d.version for d in m.distributions()))").stdout
+    pairs = (line.split("==") for line in out.splitlines() if "==" in line)
+    return {canonicalize_name(name): version for name, version in pairs}
 
 
 class Booted:
@@ -202,6 +255,34 @@ class Booted:
         self.unshare.wait(60)
 
 
+DEVICE_PROBE = r"""
+set -eu
+cgroup=$(find /sys/fs/cgroup/devices /sys/fs/cgroup -maxdepth 8 -type d -name gatewayd.service 2>/dev/null | head -n 1)
+[ -n "$cgroup" ] || { echo "no cgroup for gatewayd.service" >&2; exit 2; }
+mkdir -p /root/late
+mknod /root/late/ttyS77 c 4 77
+mknod /root/late/ttyUSB9 c 188 9
+echo $$ > "$cgroup/cgroup.procs"
+exec python3 -c '
+import errno, os
+for name in ("ttyS", "ttyUSB"):
+    path = "/root/late/" + name + ("77" if name == "ttyS" else "9")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK))
+        print(name, "opened")
+    except OSError as exc:
+        print(name, errno.errorcode[exc.errno])
+'
+"""
+
+
+def device_probe(booted: Booted) -> dict[str, str]:
+    """How opening a serial node made after the unit started ends for a process in the unit's cgroup (and so
+    under its device filter): ``opened`` or the errno's name, per class (major 4 ttyS, major 188 ttyUSB)."""
+    out = booted.run("sh", "-c", DEVICE_PROBE).stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
 def wait_until(condition: Callable[[], object], timeout: float, message: str) -> object:
     deadline = time.monotonic() + timeout
     while True:
@@ -243,12 +324,8 @@ def test_install_rehearsal(tmp_path: Path) -> None:
     booted = Booted(lower, tmp_path)
     checkout_copy(booted.upper / "root/gateway")
     wheels = booted.upper / "root/wheels"
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-                             "-w", str(wheels), str(booted.upper / "root/gateway"), "setuptools>=68", "wheel"],
-                            capture_output=True, text=True, timeout=900, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert any(p.name.startswith("lgpio-") for p in wheels.iterdir())
-    shutil.rmtree(booted.upper / "root/gateway/build", ignore_errors=True)
+    wheelhouse(wheels)
+    assert any(p.name.startswith("lgpio-") and p.name.endswith(".whl") for p in wheels.iterdir())
     (booted.upper / "root/simbus.py").write_text(SIMULATED_BUS)
     lap("checkout and wheels")
 
@@ -256,34 +333,104 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         booted.boot()
         lap("boot")
         before = files_of(booted)
-        pip_env = ["env", "PIP_NO_INDEX=1", "PIP_FIND_LINKS=/root/wheels"]
+        install = ["bash", "/root/gateway/scripts/install.sh", "--wheels", "/root/wheels"]
 
-        # 1. the installer: enabled, not started on the shipped example, commands on PATH
-        first = booted.run(*pip_env, "bash", "/root/gateway/scripts/install.sh")
+        # 1. with no network and no wheelhouse: one line, within seconds, and nothing changed
+        offline = booted.run("unshare", "--net", "bash", "/root/gateway/scripts/install.sh", check=False,
+                             timeout=120)
+        assert offline.returncode == 1, offline.stdout[-2000:]
+        assert offline.stderr.startswith("install.sh: no network: cannot reach https://pypi.org/simple/ ("), \
+            offline.stderr
+        assert len(offline.stderr.splitlines()) == 1, offline.stderr
+        assert "nothing was changed. Install offline instead: sudo scripts/install.sh --wheels DIR" in offline.stderr
+        assert "+ " not in offline.stdout
+        assert booted.run("getent", "passwd", "gateway", check=False).returncode != 0
+        assert booted.run("test", "-e", "/opt/gateway", check=False).returncode != 0
+
+        # 2. the installer, offline from the wheelhouse: enabled, not started on the shipped example, commands on
+        #    PATH, every runtime dependency at its locked version
+        first = booted.run(*install)
         lap("install")
         assert "keep: gatewayd.service not started: /etc/gateway/building.toml is the shipped example, unchanged" \
             in first.stdout, first.stdout[-3000:]
+        assert "lgpio: wheel (x86_64, Python 3.11." in first.stdout
         assert "next: run: gatewayctl doctor" in first.stdout
         assert booted.run("systemctl", "is-enabled", "gatewayd").stdout.strip() == "enabled"
         assert booted.show("gatewayd", "ActiveState")["ActiveState"] == "inactive"
         assert booted.run("gatewayctl", "--version").stdout.startswith("gatewayctl ")
         booted.run("/opt/gateway/venv/bin/python", "-c", "from drivers.gpio import load_lgpio; load_lgpio()")
+        have = installed(booted.run, "/opt/gateway/venv/bin/python")
+        assert {name: have.get(name) for name in locked_pins()} == locked_pins()
+        assert booted.run("/opt/gateway/venv/bin/python", "-c", "import fleet", check=False).returncode != 0
 
-        # 2. the hardware's stand-ins and an edited site; the installer run again starts it
+        # 3. the unedited example, started anyway: "failed" at once (no restart), the reason in `systemctl status`,
+        #    and the doctor says FAIL with a fix
+        booted.run("systemctl", "start", "gatewayd", check=False, timeout=120)
+        wait_until(lambda: booted.show("gatewayd", "ActiveState")["ActiveState"] == "failed", 60,
+                   "the unedited example did not end in failed")
+        state = booted.show("gatewayd", "NRestarts", "ExecMainStatus", "StatusText")
+        assert (state["NRestarts"], state["ExecMainStatus"]) == ("0", "78"), state
+        assert "is still the shipped example, unchanged" in state["StatusText"]
+        status = booted.run("systemctl", "status", "--no-pager", "gatewayd", check=False).stdout
+        assert "is still the shipped example, unchanged" in status, status
+        doctor = json.loads(booted.run("gatewayctl", "doctor", "--json", check=False).stdout)
+        checks = {c["name"]: c for c in doctor["data"]["checks"]}
+        assert checks["config"]["status"] == "FAIL"
+        assert "still the shipped example" in checks["config"]["detail"]
+        assert "Debian GNU/Linux 12 (bookworm); x86_64; Python 3.11." in checks["platform"]["detail"]
+        lap("unedited example")
+
+        # 4. an edited site on a board without a GPIO chip: a crash loop that ends in "failed" within a minute,
+        #    its reason in `systemctl status` meanwhile and after, and doctor FAIL with a fix that works as written
         booted.write("/etc/systemd/system/gatewayd.service.d/rehearsal.conf", DROP_IN)
+        # the technicians of step 7, before the daemon reads its groups at start
+        booted.run("groupadd", "--system", "gateway-ops")
+        booted.run("useradd", "--no-create-home", "--groups", "gateway", "tech-reader")
+        booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "tech-operator")
         booted.run("systemd-run", "--unit=rehearsal-bus", "--working-directory=/root/gateway",
                    "/opt/gateway/venv/bin/python", "/root/simbus.py")
         wait_until(lambda: booted.run("test", "-e", "/run/rehearsal/ready", check=False).returncode == 0, 60,
                    "the simulated bus never came up")
         site = build_site(bus_port="/run/rehearsal/ttyGW0", db_path="/var/lib/gateway/events.db",
                           broker_port=free_port(), socket_path="/run/gateway/control.sock", building="b42")
-        booted.write("/etc/gateway/building.toml", site.toml.replace("gc_freeze = false",
-                                                                     'gc_freeze = false\npin_factory = "mock"'),
+        booted.write("/etc/gateway/building.toml",
+                     site.toml.replace('socket = "/run/gateway/control.sock"', CONTROL_ROLES),
                      mode="0640", owner="root:gateway")
-        second = booted.run(*pip_env, "bash", "/root/gateway/scripts/install.sh")
-        assert "+ systemctl start gatewayd.service" in second.stdout, second.stdout[-3000:]
+        booted.run("systemctl", "daemon-reload")
+        booted.run("systemctl", "reset-failed", "gatewayd")
+        booted.run("systemctl", "start", "--no-block", "gatewayd")
+        looping_samples: list[str] = []
 
-        # 3. it starts and sends READY: Type=notify is "active (running)" only after READY=1
+        def failed_sampling() -> bool:
+            shown = booted.show("gatewayd", "ActiveState", "SubState")
+            if shown["SubState"] == "auto-restart":
+                looping_samples.append(booted.run("systemctl", "status", "--no-pager", "gatewayd",
+                                                  check=False).stdout)
+            return shown["ActiveState"] == "failed"
+
+        wait_until(failed_sampling, 60, "a missing GPIO chip did not end in failed within a minute")
+        state = booted.show("gatewayd", "NRestarts", "ExecMainStatus", "StatusText", "Result")
+        assert state["ExecMainStatus"] == "69", state
+        reason = "gpio: cannot open /dev/gpiochip0 (lgpio)"
+        assert reason in state["StatusText"], state
+        assert reason in booted.run("systemctl", "status", "--no-pager", "gatewayd", check=False).stdout
+        # judged by the state the sample itself shows: the next start may have begun since `systemctl show`
+        waiting = [sample for sample in looping_samples if "activating (auto-restart)" in sample]
+        assert waiting, looping_samples
+        assert all(reason in sample for sample in waiting), waiting
+        doctor = json.loads(booted.run("gatewayctl", "doctor", "--json", check=False).stdout)
+        service = {c["name"]: c for c in doctor["data"]["checks"]}["service"]
+        assert service["status"] == "FAIL", service
+        assert reason in service["detail"]
+        fix = service["fix"].split("then: ", 1)[1]
+        assert fix == "sudo systemctl reset-failed gatewayd.service && sudo systemctl restart gatewayd.service"
+        # the chip is back (mock pins stand in for it); the doctor's fix, run as it is written
+        booted.write("/etc/systemd/system/gatewayd.service.d/mock-pins.conf", MOCK_PINS)
+        booted.run("systemctl", "daemon-reload")
+        booted.run("sh", "-c", fix, timeout=120)
+        lap(f"crash loop to failed ({state['NRestarts']} restarts, {len(waiting)} samples while waiting)")
+
+        # 5. it starts and sends READY: Type=notify is "active (running)" only after READY=1
         wait_until(lambda: booted.show("gatewayd", "SubState")["SubState"] == "running", 120,
                    "gatewayd never reported READY")
         state = booted.show("gatewayd", "ActiveState", "SubState", "StatusText", "WatchdogUSec", "NRestarts")
@@ -292,14 +439,14 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         assert state["StatusText"], "no STATUS= from the daemon"
         lap("start to READY")
 
-        # 4. the sandbox as systemd scores it on the booted system
+        # 6. the sandbox as systemd scores it on the booted system
         report = booted.run("systemd-analyze", "security", "--no-pager", "gatewayd.service").stdout
         match = re.search(r"Overall exposure level for gatewayd\.service: (\d+(?:\.\d+)?)", report)
         assert match, report[-2000:]
         exposure = float(match.group(1))
         assert exposure <= MAX_EXPOSURE, report
 
-        # 5. journald records the daemon's structured fields: one field per key of each event (gateway/logs.py),
+        # 6b. journald records the daemon's structured fields: one field per key of each event (gateway/logs.py),
         #    queryable by field, with the JSON line as the message and the unit's own metadata
         def started_entries() -> list[dict[str, str]]:
             out = booted.run("journalctl", "-u", "gatewayd", "-o", "json", "--no-pager",
@@ -314,7 +461,7 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         assert entry["GATEWAY_DEVICES"] == "1"
         assert json.loads(entry["MESSAGE"])["event"] == "panel started"
 
-        # 6. gatewayctl doctor beside the running daemon: systemd's view of the service, both ways
+        # 6c. gatewayctl doctor beside the running daemon: systemd's view of the service, both ways
         doctor = json.loads(booted.run("gatewayctl", "doctor", "--json", check=False).stdout)
         checks = {c["name"]: c for c in doctor["data"]["checks"]}
         assert checks["service"]["status"] == "ok", checks["service"]
@@ -327,7 +474,43 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         assert {c["name"]: c["status"] for c in missing["data"]["checks"]}["service"] == "FAIL"
         lap("checks while running")
 
-        # 7. a hung bus thread: the watchdog kills the daemon and systemd starts it again
+        # 7. the roles under the shipped unit: the socket carries [control] group; a member of it who is not an
+        #    operator reads and is refused actions; an operator acts
+        assert booted.run("stat", "-c", "%G %a", "/run/gateway/control.sock").stdout.split() == ["gateway", "660"]
+        read = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "status", check=False)
+        assert read.returncode == 0, read.stdout + read.stderr
+        refused = booted.run("runuser", "-u", "tech-reader", "--", "gatewayctl", "buzzer-test", check=False)
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "permission denied: it needs the operator role" in refused.stdout + refused.stderr
+        acted = booted.run("runuser", "-u", "tech-operator", "--", "gatewayctl", "buzzer-test", check=False,
+                           timeout=120)
+        assert acted.returncode == 0, acted.stdout + acted.stderr
+        journal = booted.run("journalctl", "-u", "gatewayd", "--no-pager", "-o", "cat").stdout
+        assert "control socket group not set" not in journal
+        lap("roles")
+
+        # 8. serial ports created after the start: the device classes are granted by major, so a new node of a
+        #    class whose driver was loaded at start passes the unit's device filter; a class whose driver was
+        #    not loaded then cannot be granted (hence the drivers loaded at boot, /etc/modules-load.d)
+        allowed = booted.run("systemctl", "show", "-p", "DeviceAllow", "gatewayd").stdout  # one line per entry
+        assert "char-ttySC rw" in allowed and "char-ttyUSB rw" in allowed, allowed
+        modules = booted.run("cat", "/etc/modules-load.d/gateway-serial.conf").stdout.split()
+        assert {"usbserial", "cdc_acm", "sc16is7xx"} <= set(modules)
+        errors = device_probe(booted)
+        assert errors["ttyS"] not in ("EPERM", "EACCES"), errors  # major 4, a port that does not exist: ENXIO/EIO
+        registered = Path("/proc/devices").read_text()
+        if " ttyUSB\n" not in registered:
+            assert errors["ttyUSB"] == "EPERM", errors  # major 188 unknown at start: refused by the cgroup
+        lap("device access")
+
+        # 9. the log recipes of docs/deploy.md survive the lines that are not JSON (the start failures above)
+        old = booted.run("sh", "-c", JQ_OLD, check=False)
+        assert old.returncode != 0, "the old recipe no longer meets a line that is not JSON: the test proves nothing"
+        recipe = booted.run("sh", "-c", JQ_RECIPE)
+        errors_logged = [json.loads(line) for line in recipe.stdout.splitlines()]
+        assert any(e.get("event") == "the panel cannot start" for e in errors_logged), recipe.stdout[-2000:]
+
+        # 10. a hung bus thread: the watchdog kills the daemon and systemd starts it again
         restarts = int(state["NRestarts"])
         booted.run("touch", "/run/rehearsal/hang")
         wait_until(lambda: int(booted.show("gatewayd", "NRestarts")["NRestarts"]) > restarts, 180,
@@ -339,15 +522,19 @@ def test_install_rehearsal(tmp_path: Path) -> None:
                    "gatewayd did not come back after the watchdog")
         lap("watchdog restart")
 
-        # 8. a planned stop ends within TimeoutStopSec: systemd says success, not timeout
+        # 11. a planned stop ends within TimeoutStopSec: systemd says success, not timeout
         booted.run("systemctl", "stop", "gatewayd", timeout=120)
         after_stop = booted.show("gatewayd", "ActiveState", "Result")
         assert after_stop == {"ActiveState": "inactive", "Result": "success"}, after_stop
         lap("stop")
 
-        # 9. --uninstall --purge leaves nothing of the gateway behind
+        # 12. --uninstall --purge leaves nothing of the gateway behind
         booted.run("systemctl", "stop", "rehearsal-bus")
-        booted.run("rm", "-rf", "/etc/systemd/system/gatewayd.service.d")
+        booted.run("rm", "-f", "/etc/systemd/system/gatewayd.service.d/rehearsal.conf",
+                   "/etc/systemd/system/gatewayd.service.d/mock-pins.conf")
+        booted.run("userdel", "tech-reader")
+        booted.run("userdel", "tech-operator")
+        booted.run("groupdel", "gateway-ops")
         purge = booted.run("bash", "/root/gateway/scripts/install.sh", "--uninstall", "--purge")
         assert booted.show("gatewayd", "LoadState")["LoadState"] == "not-found", purge.stdout
         assert booted.run("getent", "passwd", "gateway", check=False).returncode != 0
@@ -363,7 +550,8 @@ def test_install_rehearsal(tmp_path: Path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_mounts() -> Iterator[None]:
-    """The overlay lives in the namespace that dies with its systemd: nothing stays mounted on the host."""
+def _no_leftover_mounts(tmp_path: Path) -> Iterator[None]:
+    """The overlay lives in the namespace that dies with its systemd: nothing stays mounted on the host (of this
+    test's; a debootstrap running beside it mounts into its own partial root)."""
     yield
-    assert "gateway-rehearsal" not in Path("/proc/self/mountinfo").read_text()
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text()

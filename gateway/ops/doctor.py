@@ -11,6 +11,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import platform
 import shutil
 import socket
 import sqlite3
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.clock import ASSUME_ENV, TIME_ERROR, TIMESYNC_FLAG, adjtimex_state
-from gateway.config import BusConfig, ConfigError, SiteConfig, load_config
+from gateway.config import INSTALLED_EXAMPLE, BusConfig, ConfigError, SiteConfig, load_config
 
 __all__ = [
     "Check",
@@ -34,6 +35,7 @@ __all__ = [
     "check_config",
     "check_gpio",
     "check_group",
+    "check_platform",
     "check_serial",
     "check_service",
     "check_storage",
@@ -44,6 +46,11 @@ __all__ = [
 Status = Literal["ok", "warn", "FAIL"]
 NET_TIMEOUT_S = 5.0
 UNIT = "gatewayd.service"
+#: The board's name on a Raspberry Pi (and other device-tree boards); absent on a PC.
+BOARD_MODEL = Path("/proc/device-tree/model")
+#: How a technician who may not read the site file gets to: the file is root:gateway 0640.
+NOT_ALLOWED_FIX = "use sudo (sudo gatewayctl doctor), or join group gateway: sudo usermod -aG gateway $USER, " \
+                  "then log in again"
 
 
 @dataclass(frozen=True)
@@ -119,12 +126,48 @@ class Daemon:
 # ------------------------------------------------------------------------------------------- checks
 
 
-def check_config(path: str) -> tuple[Check, SiteConfig | None]:
-    """The site file loads and validates (the same rules as ``gatewayctl config check``)."""
+def board_model(model_file: Path = BOARD_MODEL) -> str | None:
+    """The board's name from the device tree (``Raspberry Pi 4 Model B Rev 1.4``); None off such a board."""
+    try:
+        return model_file.read_bytes().rstrip(b"\0").decode(errors="replace").strip() or None
+    except OSError:
+        return None
+
+
+def on_a_pi(model_file: Path = BOARD_MODEL) -> bool:
+    return "Raspberry Pi" in (board_model(model_file) or "")
+
+
+def check_platform(model_file: Path = BOARD_MODEL) -> Check:
+    """What this runs on: the board, the OS release, the machine and the Python of the installed gateway."""
+    try:
+        release = platform.freedesktop_os_release().get("PRETTY_NAME", "unknown OS")
+    except OSError:
+        release = "unknown OS"
+    board = board_model(model_file) or "not a Raspberry Pi (no device-tree model)"
+    return ok("platform", f"{board}; {release}; {platform.machine()}; Python {platform.python_version()}")
+
+
+def check_config(path: str, example: Path | None = INSTALLED_EXAMPLE) -> tuple[Check, SiteConfig | None]:
+    """The site file on disk loads and validates (the same rules as ``gatewayctl config check``) and is no longer
+    the shipped ``example``, which the service refuses to start."""
+    try:
+        Path(path).open("rb").close()
+    except PermissionError:
+        return fail("config", f"{path}: permission denied", NOT_ALLOWED_FIX), None
+    except OSError:
+        pass  # missing, or not a file: load_config names it
     try:
         cfg = load_config(path)
     except ConfigError as exc:
         return fail("config", str(exc), f"edit {path} at {exc.path}, then: gatewayctl config check {path}"), None
+    try:
+        unedited = example is not None and Path(path).read_bytes() == example.read_bytes()
+    except OSError:
+        unedited = False
+    if unedited:
+        return fail("config", f"{path} is still the shipped example, unchanged: the service refuses to start it",
+                    f"sudoedit {path} for this building (docs/config.md), then: gatewayctl config check {path}"), None
     return ok("config", f"{path}: {cfg.gateway_id}, {len(cfg.devices)} devices, {len(cfg.buses)} buses"), cfg
 
 
@@ -140,15 +183,22 @@ def _configured_pins(cfg: SiteConfig) -> list[tuple[str, str]]:
     return pins
 
 
-def check_gpio(cfg: SiteConfig, daemon: Daemon) -> Check:
-    """The backend loads and opens its chip; no configured pin is held by something else."""
+def check_gpio(cfg: SiteConfig, daemon: Daemon, model_file: Path = BOARD_MODEL) -> Check:
+    """The backend loads and opens its chip; no configured pin is held by something else. Mock pins on a
+    Raspberry Pi fail: the buzzer, the LEDs and the relays would do nothing."""
     from drivers.gpio import GpioUnavailable, choose_pin_factory, make_pin_factory
 
     pins = _configured_pins(cfg)
+    choice = choose_pin_factory(cfg.runtime.pin_factory)
+    if choice.name == "mock" and on_a_pi(model_file):
+        where = ("the environment (GPIOZERO_PIN_FACTORY)" if choice.source != "config"
+                 else f"{cfg.runtime.pin_factory!r} in the site file")
+        return fail("gpio", f"mock pins on a {board_model(model_file)}, from {where}: the buzzer, LEDs and relays "
+                    "do nothing", '[runtime] pin_factory = "lgpio" in the site file (sudoedit it), '
+                    "then: sudo systemctl restart gatewayd")
     if daemon.running:
-        return ok("gpio", f"{len(pins)} pins held by the running daemon")
+        return ok("gpio", f"{choice.name}: {len(pins)} pins held by the running daemon")
     try:
-        choice = choose_pin_factory(cfg.runtime.pin_factory)
         factory = make_pin_factory(choice.name)
     except GpioUnavailable as exc:
         return fail("gpio", exc.line, "on a Pi: is the user in group gpio, is it a Pi at all? off a Pi: "
@@ -446,7 +496,8 @@ def check_service(unit: str = UNIT) -> Check:
     name = "service"
     if shutil.which("systemctl") is None:
         return warn(name, "no systemctl here: the service is not checked", "install with scripts/install.sh on the Pi")
-    props = ("LoadState", "ActiveState", "SubState", "WatchdogUSec", "NRestarts", "MainPID")
+    props = ("LoadState", "ActiveState", "SubState", "WatchdogUSec", "NRestarts", "MainPID", "Result",
+             "ExecMainStatus", "StatusText")
     try:
         out = subprocess.run(["systemctl", "show", unit, *(f"--property={p}" for p in props)],
                              capture_output=True, text=True, timeout=15, check=False)
@@ -459,6 +510,16 @@ def check_service(unit: str = UNIT) -> Check:
     if values.get("LoadState") != "loaded":
         return fail(name, f"{unit} is {values.get('LoadState')}", "install it: sudo scripts/install.sh")
     state = f"{values['ActiveState']} ({values.get('SubState')})"
+    why = values.get("StatusText") or "journalctl -u gatewayd -b -o cat says why"
+    exit_status = values.get("ExecMainStatus", "?")
+    again = f"sudo systemctl reset-failed {unit} && sudo systemctl restart {unit}"
+    if values["ActiveState"] == "failed":
+        return fail(name, f"{unit} has failed ({values.get('Result')}, exit status {exit_status}): {why}",
+                    f"fix what it names (gatewayctl doctor, the lines above), then: {again}")
+    if values.get("SubState") == "auto-restart" or (values["ActiveState"] == "activating"
+                                                    and int(values.get("NRestarts") or 0) > 0):
+        return fail(name, f"{unit} is in a crash loop: {values.get('NRestarts')} restarts, last exit status "
+                    f"{exit_status}: {why}", f"fix what it names (gatewayctl doctor, the lines above), then: {again}")
     if values["ActiveState"] != "active":
         return warn(name, f"{unit} is {state}", f"once the checks above are ok: sudo systemctl start {unit}")
     watchdog = values.get("WatchdogUSec", "0")
@@ -599,11 +660,12 @@ _MODEM_FIX = {
 }
 
 
-def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None, unit: str = UNIT) -> list[Check]:
-    """Every check for the site at ``config_path``, in the order a technician fixes them; ``connect`` opens the
-    control socket (gatewayctl passes its ``ControlClient``)."""
-    first, cfg = check_config(config_path)
-    checks = [first]
+def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None, unit: str = UNIT,
+               example: Path | None = INSTALLED_EXAMPLE) -> list[Check]:
+    """Every check for the site file at ``config_path`` as it is on disk, in the order a technician fixes them;
+    ``connect`` opens the control socket (gatewayctl passes its ``ControlClient``)."""
+    first, cfg = check_config(config_path, example)
+    checks = [check_platform(), first]
     if cfg is None:
         return checks
     daemon = Daemon(cfg.control.socket, connect)
