@@ -26,6 +26,7 @@ import pytest
 
 from tests.support.broker import MosquittoBroker
 from tests.support.mqtt import MqttRecorder
+from tests.support.wait import kill_demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -95,8 +96,7 @@ def test_json_off_a_terminal_gatewayctl_line_and_ctrl_c(tmp_path: Path) -> None:
         code, err = ctrl_c(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_demo(proc)
     assert code == 0, err[-2000:]
     assert "Traceback" not in err
     assert (workdir / "building.toml").exists() and (workdir / "events.db").exists()
@@ -114,8 +114,7 @@ def test_keep_keeps_the_directory_and_database(keep: bool) -> None:
         code, err = ctrl_c(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_demo(proc)
     assert code == 0, err[-2000:]
     try:
         assert (directory / "events.db").exists() == keep
@@ -136,8 +135,7 @@ def test_a_narrative_on_a_terminal() -> None:
         code, err = ctrl_c(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_demo(proc)
         os.close(master)
     assert code == 0, err[-2000:]
     assert "Traceback" not in err
@@ -179,8 +177,7 @@ def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) 
                 code, err = ctrl_c(proc)
             finally:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    kill_demo(proc)
             assert code == 0, err[-2000:]
             assert heard.messages() == []
             with contextlib.suppress(OSError):  # its own broker stopped with it

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.wait import wait_until
+from tests.support.wait import kill_demo, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -185,5 +185,4 @@ def test_every_example_in_docs_cli_md_against_a_demo(tmp_path: Path) -> None:
         assert ran == len(examples()) - len(NOT_RUN)
     finally:
         if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait()
+            kill_demo(demo)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = ["wait_until"]
 
@@ -36,3 +40,20 @@ def wait_until(
         return result
     text = message() if callable(message) else message
     raise AssertionError(f"{text} (after {timeout}s)")
+
+
+def kill_demo(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a demo started in its own process group, and what it started in sessions of their own (its
+    mosquitto, which a planned stop ends and a SIGKILL would leave behind)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
