@@ -34,6 +34,7 @@ from typing import Any, ClassVar, NoReturn, TextIO
 from gateway import __version__
 from gateway.config import DEFAULT_SOCKET, ConfigError, StorageConfig, bus_floor_warnings, load_config
 from gateway.events import KIND_PRIORITY
+from gateway.uplink.history import history_filters
 
 __all__ = ["ControlClient", "DaemonUnavailable", "main"]
 
@@ -620,18 +621,8 @@ def export_rows(database: str, *, limit: int | None = None, since: float | None 
     """
     if not Path(database).exists():
         raise CliError(f"there is no database at {database}")
-    where: list[str] = ["1"]
-    args: list[Any] = []
-    for column, value in (("device", device), ("household", household), ("kind", kind)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if since is not None:
-        where.append("wall >= ?")
-        args.append(since)
-    if until is not None:
-        where.append("wall < ?")
-        args.append(until)
+    filters, args = history_filters(device=device, household=household, kind=kind, since=since, until=until)
+    where = ["1", *filters]
     try:
         db = sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
     except sqlite3.Error as exc:

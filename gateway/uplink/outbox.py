@@ -39,6 +39,7 @@ import structlog
 from gateway.clock import clock_synchronised
 from gateway.events import Event, Priority
 from gateway.failpoints import failpoint
+from gateway.uplink.history import history_filters
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -802,16 +803,9 @@ async def query_history(
     if ranged:
         where.append("session = ? AND session_seq BETWEEN ? AND ?")
         args += [session, max(1, from_seq or 1), to_seq if to_seq is not None else 2**62]
-    for column, value in (("device", device), ("household", household), ("kind", kind)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            args.append(value)
-    if since is not None:
-        where.append("wall >= ?")
-        args.append(since)
-    if until is not None:
-        where.append("wall < ?")
-        args.append(until)
+    filters, filter_args = history_filters(device=device, household=household, kind=kind, since=since, until=until)
+    where += filters
+    args += filter_args
     cur = await db.execute(
         f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
         f" ORDER BY {'session_seq' if ranged else 'seq DESC'} LIMIT ?",
