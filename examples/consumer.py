@@ -53,6 +53,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+# Run from a checkout (``python examples/consumer.py``): fleet/ is the central side's reference code, used from the
+# checkout and never installed on a gateway (pyproject.toml), so its root is put on the path here.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fleet.contacts import Contacts
 
 SEEN_IDS_KEPT = 100_000

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         lines = exc.lines()
+        _start_failed(f"config error: {lines[0]}" + (f" (and {len(lines) - 1} more below)" if len(lines) > 1 else ""))
         for line in lines[1:]:
             print(f"gatewayd: config error: {line}", file=sys.stderr)
-        _start_failed(f"config error: {lines[0]}" + (f" (and {len(lines) - 1} more above)" if len(lines) > 1 else ""))
         log.error("config error", key=exc.path, reason=exc.reason, line=exc.line,
                   errors=len(getattr(exc, "errors", [exc])))
         return EX_CONFIG

@@ -161,7 +161,13 @@ async def test_broker_killed_under_an_alarm_gives_the_fault_in_time_and_it_clear
 
             broker.start()
             await eventually(lambda: not transmission_active(gateway), timeout=40, message="fault cleared")
-            rows = read_events(cfg.storage.path, "kind = 'fault' AND json_extract(payload, '$.code') = 'transmission'")
+
+            def fault_rows() -> list[dict[str, Any]] | None:  # the clear is stored after the panel shows it
+                rows = read_events(cfg.storage.path,
+                                   "kind = 'fault' AND json_extract(payload, '$.code') = 'transmission'")
+                return rows if len(rows) >= 2 else None
+
+            rows = await eventually(fault_rows, timeout=20, message="the fault's clear stored")
             assert [r["action"] for r in rows] == ["raised", "cleared"], rows
             assert read_events(cfg.storage.path, f"seq = {alarm['seq']} AND delivered = 1"), "alarm not delivered"
 
