@@ -460,6 +460,10 @@ remove_shell_files() {
     for item in "${SHELL_FILES[@]}"; do
         run rm -f -- "${item#*:}"
     done
+    # the folders install -D made for them, deepest first (not /usr/local/share/man: Debian makes it);
+    # remove_empty_dirs keeps any that is not empty or that a package owns
+    remove_empty_dirs /usr/local/share/bash-completion/completions /usr/local/share/bash-completion \
+        /usr/local/share/zsh/site-functions /usr/local/share/zsh /usr/local/share/man/man1
 }
 
 main() {
