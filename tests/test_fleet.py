@@ -97,6 +97,8 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     # alarm cleared before its message went out has that message cancelled instead. The one way to a second copy
     # left is an attempt the receiver took but answered too late for Apprise (a failed attempt, tried again).
     assert n["first_step_sent"] > 0 and n["first_step_missing"] == 0, n
-    assert n["first_step_sent"] + n["first_step_cancelled"] == 2 * result.notifications["alarms_raised"], n
+    # An alarm whose clear was handled before its episode opened (fleet/notifier.py) opens closed: nobody is told.
+    assert n["first_step_sent"] + n["first_step_cancelled"] + 2 * n["opened_closed"] == \
+        2 * result.notifications["alarms_raised"], n
     assert n["duplicates"] <= n["failed_attempts"], n
     assert n["statuses"].get("failed", 0) == 0 and n["statuses"].get("pending", 0) == 0, n

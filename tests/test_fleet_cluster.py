@@ -671,7 +671,11 @@ async def test_the_inbox_closes_every_kind_of_gap_and_hears_alarms_at_once_throu
     print(f"\nafter the loss of {victim.name}: first notice {[round(a[0], 2) for a in after]} s, durable record "
           f"{[round(a[1], 2) for a in after]} s, fast path {[a[2] for a in after]}")
     assert len(after) == 5
-    assert all(first <= 5.0 for first, _, _ in after), after
+    # Within 5 s when the gateway's own node survived; when the lost leader was its own node it can publish
+    # nothing until it is connected again, which waits for the session stream's leader (docs/fleet.md): 60 s, as
+    # tests/test_fleet.py allows the lost node's buildings.
+    bound = 60.0 if c.nodes.index(victim) == 0 else 5.0
+    assert all(first <= bound for first, _, _ in after), (bound, after)
     assert all(durable <= 60.0 for _, durable, _ in after), after
 
 

@@ -336,6 +336,10 @@ class NotifierRig:
             rows = c.execute("SELECT event_id, step, status, extract(epoch FROM due_at) FROM deliveries "
                              "WHERE purpose = 'alarm'").fetchall()
             failed = c.execute("SELECT count(*) FROM attempts WHERE outcome = 'failed'").fetchone()
+            # alarms whose clear was handled before their episode opened: opened closed, nobody told
+            opened_closed = c.execute(
+                "SELECT count(*) FROM episodes e WHERE e.kind = 'alarm' AND e.cleared_by IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event_id = e.event_id AND d.purpose = 'alarm')").fetchone()
         due = {(e, int(s)): float(d) for e, s, _, d in rows}
         sent_first = Counter(e for e, s, st, _ in rows if s == 1 and st == "sent")
         cancelled_first = sum(1 for _, s, st, _ in rows if s == 1 and st == "cancelled")
@@ -372,6 +376,7 @@ class NotifierRig:
         missing = sum(max(0, n - first_paths.get(ref, 0)) for ref, n in sent_first.items())
         on_time = all(-0.05 <= x <= 1.0 for x in lateness)
         return {"first_step_sent": sum(sent_first.values()), "first_step_cancelled": cancelled_first,
+                "opened_closed": int(opened_closed[0]) if opened_closed else 0,
                 "first_step_missing": missing,
                 "notified_outside": outside, "notified_inside": inside, "duplicates": duplicates,
                 "escalation_on_time": on_time, "escalated_messages": len(lateness),
