@@ -27,9 +27,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import ConfigError, MqttConfig, parse_config
 from gateway.events import Event
-from gateway.uplink.mqtt import COMMAND_QOS, URGENT_RETRY_MAX_S, Uplink, event_window
+from gateway.uplink.mqtt import COMMAND_QOS, Uplink
 from gateway.uplink.outbox import Outbox
+from gateway.uplink.retry import URGENT_RETRY_MAX_S
 from gateway.uplink.topics import Topics
+from gateway.uplink.transport import event_window
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually
 from tests.support.mqtt import RecordedMessage
@@ -277,7 +279,7 @@ async def test_a_refused_puback_keeps_the_row_and_it_is_sent_again(
             await asyncio.to_thread(recorder.wait_for_count, None, 2, 30)
             await eventually(lambda: up.rejected_total >= 2, timeout=30, message="the refusal was not retried")
             await eventually(lambda: up.delivered_total == 2, timeout=30)
-            await up._flush_acks()
+            await up.acks.flush()
             cur = await ob.connection.execute("SELECT event_id FROM events WHERE delivered = 0")
             assert await cur.fetchall() == [(alarm,)], "0x87 not authorized is not a delivery"
             acl.write_text(acl.read_text() + f"topic write {TOPICS.base}/event/alarm\n")
@@ -386,7 +388,7 @@ async def test_a_failure_while_reading_the_socket_drops_the_link_and_loses_nothi
     recorder = mqtt_recorder_factory(broker, EVENTS)
     failed: list[int] = []
     async with forwarding(tmp_path, broker, max_inflight=4, start=False) as (ob, up):
-        wire = up._wire_payload
+        wire = up.forwarder.wire_payload
 
         def failing_once_inside_a_read(row: Any, resend: bool = False) -> str:
             if not failed and any(frame.function == "loop_read" for frame in inspect.stack(0)):
@@ -394,7 +396,7 @@ async def test_a_failure_while_reading_the_socket_drops_the_link_and_loses_nothi
                 raise RuntimeError("injected")
             return wire(row, resend)
 
-        up._wire_payload = failing_once_inside_a_read  # type: ignore[method-assign]
+        up.forwarder.wire_payload = failing_once_inside_a_read  # type: ignore[method-assign]
         ids = await ob.append([ev("telemetry", i) for i in range(20)])
         await all_delivered(ob)
         assert failed, "the failure was never injected"
@@ -629,7 +631,7 @@ def two_brokers(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, MosquittoBrok
 
 def drop_link(up: Uplink) -> None:
     """The network under the uplink's connection fails: the socket is shut down, no DISCONNECT is sent."""
-    client = up._client
+    client = up.transport.client
     assert client is not None
     sock = client.socket()
     assert sock is not None
