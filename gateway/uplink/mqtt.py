@@ -32,7 +32,7 @@ from gateway.uplink.forward import ACK_TIMEOUT_S, PREFETCH_ROWS, URGENT_PRIORITY
 from gateway.uplink.outbox import Outbox, PendingEvent
 from gateway.uplink.retry import URGENT_RETRY_MAX_S, RetryDelay, RetryPolicy, subscribe_retry_s
 from gateway.uplink.topics import Topics
-from gateway.uplink.transport import NodeAttempt, Transport, UplinkError
+from gateway.uplink.transport import Transport, UplinkError
 
 __all__ = ["COMMAND_QOS", "Uplink"]
 
@@ -101,29 +101,9 @@ class Uplink:
         return self.transport.connections
 
     @property
-    def attempts(self) -> deque[NodeAttempt]:
-        """Every connection attempt and its node, newest last."""
-        return self.transport.attempts
-
-    @property
-    def nodes(self) -> tuple[tuple[str, int], ...]:
-        """The broker's nodes, ``mqtt.hosts`` in order (one node: ``mqtt.host``/``mqtt.port``)."""
-        return self.transport.nodes
-
-    @property
-    def node_index(self) -> int:
-        """The node connected to, or the one the next attempt goes to."""
-        return self.policy.node
-
-    @property
     def broker(self) -> str:
         """host:port of the node connected to (or tried next)."""
         return self.policy.node_name
-
-    @property
-    def window_limit(self) -> int:
-        """Events allowed in flight on the current connection (see :func:`~gateway.uplink.transport.event_window`)."""
-        return self.transport.window_limit
 
     @property
     def inflight(self) -> int:
@@ -141,10 +121,6 @@ class Uplink:
     @property
     def resent_total(self) -> int:
         return self.forwarder.resent_total
-
-    @property
-    def outcome_unknown_total(self) -> int:
-        return self.forwarder.outcome_unknown_total
 
     @property
     def rtt_ms(self) -> float | None:

@@ -47,7 +47,7 @@ class UplinkError(Exception):
 
 
 class NodeAttempt(NamedTuple):
-    """One connection attempt and the node it went to (``Uplink.attempts``)."""
+    """One connection attempt and the node it went to (``Transport.attempts``)."""
 
     started_at: float
     """Monotonic time the attempt began."""
