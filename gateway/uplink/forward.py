@@ -143,14 +143,17 @@ class Forwarder:
         on_delivered: Callable[[list[PendingEvent]], None] | None = None,
         ack_timeout_s: float = ACK_TIMEOUT_S,
         prefetch: int = PREFETCH_ROWS,
+        was_copied: Callable[[str], bool] | None = None,
     ) -> None:
         """``topic``: an event kind's topic. ``on_delivered``: told of each alarm, supervisory and fault row
-        the broker acknowledged (transmission supervision)."""
+        the broker acknowledged (transmission supervision). ``was_copied``: whether the standby connection
+        sent a copy of an event id (gateway/uplink/standby.py)."""
         self.outbox = outbox
         self.acks = acks
         self._topic = topic
         self._beat = heartbeat
         self._on_delivered = on_delivered
+        self._was_copied = was_copied
         self.ack_timeout_s = ack_timeout_s
         self.rejected_retry_s = REJECTED_RETRY_S
         self.prefetch = max(1, prefetch)
@@ -279,13 +282,15 @@ class Forwarder:
     def wire_payload(self, row: PendingEvent, resend: bool = False) -> str:
         """The stored JSON plus ``historical``, ``sent`` and ``age_s``.
 
-        ``historical`` is true only for a copy sent again or an event of an earlier session: an alarm raised in
-        this session before the link came up is sent for the first time, and is live — ``age_s`` says how long
-        it waited. The age comes from the monotonic clock for events of this boot (a wall clock set by NTP
-        meanwhile does not change it), from the wall clock for events from before a reboot.
+        ``historical`` is true only for a copy sent again (a standby copy went first, too) or an event of an
+        earlier session: an alarm raised in this session before the link came up is sent for the first time, and
+        is live — ``age_s`` says how long it waited. The age comes from the monotonic clock for events of this
+        boot (a wall clock set by NTP meanwhile does not change it), from the wall clock for events from before a
+        reboot.
         """
         now = time.time()
-        historical = resend or row.session != self.outbox.session
+        historical = (resend or row.session != self.outbox.session
+                      or (self._was_copied is not None and self._was_copied(row.event_id)))
         age = time.monotonic() - row.mono if row.session in self.outbox.sessions_this_boot else now - row.wall
         return (f'{row.payload[:-1]},"historical":{"true" if historical else "false"},"sent":"{iso_time(now)}",'
                 f'"age_s":{max(0.0, round(age, 3))}}}')

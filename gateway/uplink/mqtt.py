@@ -6,7 +6,9 @@ wait (pure), :mod:`~gateway.uplink.forward` sends the rows in order through the 
 :mod:`~gateway.uplink.acks` marks them delivered — a row leaves the outbox only on its own PUBACK. Here: the
 retained ``online`` and birth on each connection, the command subscription (asked for again when refused),
 each command handed to the command handler, the waits between attempts (cut short when an urgent event is
-stored meanwhile) and the planned stop (flush, a retained ``offline``, DISCONNECT).
+stored meanwhile) and the planned stop (flush, a retained ``offline``, DISCONNECT). With several nodes, the
+:mod:`~gateway.uplink.standby` connection is told when the main one is up or down and given the urgent rows to
+copy while it is down.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from gateway.uplink.contract import availability_message
 from gateway.uplink.forward import ACK_TIMEOUT_S, PREFETCH_ROWS, URGENT_PRIORITY, Forwarder
 from gateway.uplink.outbox import Outbox, PendingEvent
 from gateway.uplink.retry import URGENT_RETRY_MAX_S, RetryDelay, RetryPolicy, subscribe_retry_s
+from gateway.uplink.standby import Standby
 from gateway.uplink.topics import Topics
 from gateway.uplink.transport import Transport, UplinkError
 
@@ -71,11 +74,19 @@ class Uplink:
         self._heartbeat = heartbeat
         self._connect_timeout = connect_timeout_s
         self.acks = AckStore(outbox)
+        self.standby: Standby | None = None
+        """With several nodes: the second connection that carries urgent events while this one is down."""
+        if len(mqtt_cfg.endpoints) > 1:
+            self.standby = Standby(mqtt_cfg, topics.event, lambda row: self.forwarder.wire_payload(row),
+                                   on_connect=self._standby_connected)
         self.forwarder = Forwarder(outbox, self.acks, topics.event, heartbeat=self._beat, on_delivered=on_delivered,
-                                   ack_timeout_s=ack_timeout_s, prefetch=prefetch)
+                                   ack_timeout_s=ack_timeout_s, prefetch=prefetch,
+                                   was_copied=None if self.standby is None else self.standby.was_copied)
         self.transport = Transport(mqtt_cfg, on_publish=self.forwarder.published, on_message=self._message,
                                    on_subscribe=self._subscribed, on_lost=self._lost)
         self.policy = RetryPolicy(self.transport.node_names())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._copy_tasks: set[asyncio.Future[None]] = set()
         self._sleep_wake = asyncio.Event()  # stop, or an urgent event stored during a backoff
         self._urgent_stored = False
         self._stopping = False
@@ -130,6 +141,9 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, forward, reconnect — until :meth:`stop`. Nothing that goes wrong ends this loop."""
+        self._loop = asyncio.get_running_loop()
+        if self.standby is not None:
+            self.standby.start()
         while not self._stopping:
             self._beat()
             try:
@@ -146,6 +160,8 @@ class Uplink:
                 await self._sleep(wait)
                 continue
             connected_at = time.monotonic()
+            if self.standby is not None:
+                self.standby.primary_up(self.policy.node)
             try:
                 await self._forward(client)
             except Exception as exc:  # a bug or storage trouble must not stall the uplink: reconnect
@@ -154,6 +170,7 @@ class Uplink:
             finally:
                 await self._drop(client)
             if not self._stopping:
+                self._primary_down()  # the node may be gone; every node of the cluster serves the same
                 urgent = await self._urgent()
                 wait = self._chose(self.policy.connection_lost(connected_at=connected_at, now=time.monotonic(),
                                                                urgent=urgent))
@@ -166,6 +183,8 @@ class Uplink:
         await self.forwarder.drain(flush_timeout_s, lambda: self.connected)
         self._stopping = self.forwarder.stopping = True
         self._sleep_wake.set()
+        if self.standby is not None:
+            self.standby.stop()
         await self.transport.disconnect((self.topics.availability, self._availability("offline", "planned stop")))
         self.forwarder.progress.set()
 
@@ -191,6 +210,8 @@ class Uplink:
     def _lost(self, reason: str) -> None:
         self.last_error = reason
         self.forwarder.progress.set()
+        if not self._stopping:
+            self._primary_down()
 
     def _subscribed(self, client: mqtt.Client, codes: list[ReasonCode]) -> None:
         self.command_subscription = [int(rc.value) for rc in codes]
@@ -232,6 +253,8 @@ class Uplink:
         if not self.connected and any(r.priority >= URGENT_PRIORITY for r in rows):
             self._urgent_stored = True
             self._sleep_wake.set()
+            if self.standby is not None:
+                self.standby.copy(r for r in rows if r.priority >= URGENT_PRIORITY)
         self.forwarder.appended(rows)
 
     def _message(self, msg: mqtt.MQTTMessage) -> None:
@@ -258,6 +281,40 @@ class Uplink:
                                     building=self.topics.building, state=state, session=self.outbox.session,
                                     reason=reason, install=self.outbox.install or None)
         return json.dumps(body, separators=(",", ":"))
+
+    # ------------------------------------------------------------------------------ standby copies
+
+    def _primary_down(self) -> None:
+        """The main connection is down: urgent events waiting go out on the standby connection as copies."""
+        if self.standby is not None:
+            self.standby.primary_down()
+            self._copy_urgent_soon()
+
+    def _standby_connected(self) -> None:
+        """On paho's thread: the standby connection came up; copy what waits if the main one is down."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(self._copy_urgent_soon)
+
+    def _copy_urgent_soon(self) -> None:
+        """Copy every urgent event still waiting for its PUBACK over the standby connection, in a task."""
+        if self.standby is not None and self.standby.copying and not self._stopping:
+            task = asyncio.ensure_future(self._copy_urgent())
+            self._copy_tasks.add(task)
+            task.add_done_callback(self._copy_tasks.discard)
+
+    async def _copy_urgent(self) -> None:
+        standby = self.standby
+        if standby is None:
+            return
+        try:
+            rows = await self.outbox.urgent_pending(limit=self.forwarder.prefetch)
+        except Exception as exc:  # storage trouble must not end the uplink; the durable path still sends them
+            log.warning("could not read urgent events for the standby connection", error=repr(exc))
+            return
+        if not self.connected:
+            standby.copy(rows)
 
     # ------------------------------------------------------------------------------ between connections
 

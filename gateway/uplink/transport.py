@@ -35,7 +35,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.config import MqttConfig, is_loopback
 
-__all__ = ["CONTROL_INFLIGHT", "NodeAttempt", "Transport", "UplinkError", "event_window", "node_name"]
+__all__ = ["CONTROL_INFLIGHT", "NodeAttempt", "Transport", "UplinkError", "apply_credentials", "event_window",
+           "node_name"]
 
 log = structlog.get_logger()
 #: Messages in flight kept free beside the events for availability, birth, status and command results.
@@ -307,15 +308,7 @@ class Transport:
         )
         will_topic, will_payload = will
         client.will_set(will_topic, will_payload, qos=1, retain=True)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.tls or cfg.tls_ca_file or cfg.tls_cert_file:
-            # The broker's certificate chain is always verified (the system CAs when no ca_file is given);
-            # mqtt.tls.insecure only skips the host name check.
-            client.tls_set(ca_certs=cfg.tls_ca_file, certfile=cfg.tls_cert_file, keyfile=cfg.tls_key_file,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            if cfg.tls_insecure:
-                client.tls_insecure_set(True)
+        apply_credentials(client, cfg)
         # Room beyond the event window for availability, birth, status and command results (lowered to the
         # broker's Receive Maximum once CONNACK states one).
         client.max_inflight_messages_set(cfg.max_inflight + CONTROL_INFLIGHT)
@@ -362,6 +355,19 @@ class Transport:
                 await asyncio.wait_for(asyncio.to_thread(info.wait_for_publish, 2.0), timeout=3.0)
             client.disconnect()
         self.lost.set()
+
+
+def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
+    """Username, password and TLS from ``[mqtt]`` (the main and the standby connection alike). The broker's
+    certificate chain is always verified (the system CAs when no ca_file is given); ``mqtt.tls.insecure`` only
+    skips the host name check."""
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls or cfg.tls_ca_file or cfg.tls_cert_file:
+        client.tls_set(ca_certs=cfg.tls_ca_file, certfile=cfg.tls_cert_file, keyfile=cfg.tls_key_file,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        if cfg.tls_insecure:
+            client.tls_insecure_set(True)
 
 
 def warn_if_unprotected(cfg: MqttConfig) -> None:
