@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway_sim import SimulatedBus, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 

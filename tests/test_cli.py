@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from gateway_sim import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import SiteSpec
 from tests.support.wait import wait_until

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway_sim import SimulatedBus, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 

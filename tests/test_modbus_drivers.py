@@ -10,7 +10,7 @@ from pymodbus.client import ModbusSerialClient
 
 from drivers.modbus import CommError, ExtinguisherStation, GasDetector, read_block
 from drivers.profiles import PROFILE_A, PROFILE_B, STATION_IO_4DI, BitPoint, DetectorProfile, StationProfile
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, SimulatedIOStation, VirtualNullModem
+from gateway_sim import SimulatedBus, SimulatedGasDetector, SimulatedIOStation, VirtualNullModem
 
 pytestmark = pytest.mark.timeout(120)
 

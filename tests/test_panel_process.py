@@ -34,13 +34,13 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway import link
 from gateway.config import load_config
 from gateway.events import Event, Priority
 from gateway.panel.handover import Handover, Hold, UplinkSupervisor
 from gateway.panel.process import SUPPORT_PRIORITY
 from gateway.panel.state import state_path
+from gateway_sim import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site

@@ -24,7 +24,7 @@ from drivers.profiles import (
     parse_detector_profile,
     parse_station_profile,
 )
-from drivers.simulated import (
+from gateway_sim import (
     PROFILE_A_STATUS_CODES,
     PROFILE_B_ALARM_BITS,
     SimulatedBus,

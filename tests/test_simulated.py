@@ -13,7 +13,7 @@ import serial
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 
-from drivers.simulated import (
+from gateway_sim import (
     PROFILE_A_STATUS_CODES,
     SimulatedBus,
     SimulatedGasDetector,

@@ -18,9 +18,10 @@ from typing import Any
 import structlog
 
 from drivers.profiles import GasReading, StationReading
+from gateway.annunciation import Annunciation
 from gateway.events import Event
 from gateway.panel.annunciator import Annunciator
-from gateway.panel.core import AlarmCore, Annunciation, ResetResult, WalkTestResult
+from gateway.panel.core import AlarmCore, ResetResult, WalkTestResult
 
 __all__ = ["AlarmPanel"]
 
