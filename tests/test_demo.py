@@ -199,7 +199,7 @@ def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) 
 
 def test_without_mosquitto_the_demo_has_no_broker_and_points_at_nothing(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import demo
+    from gateway_sim import demo
 
     monkeypatch.setattr(demo, "_find_mosquitto", lambda: None)
     assert demo.DemoBroker(tmp_path).start() is False
