@@ -4,6 +4,7 @@ building installs carries the daemon, the CLI and the drivers only: no simulator
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -79,10 +80,14 @@ def test_install_sh_installs_with_the_lock() -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel a building installs, built from this checkout."""
+    """The wheel a building installs, built from a copy of this checkout as a fresh clone has it: setuptools puts
+    whatever an earlier build left in build/lib into the wheel (scripts/install.sh clears it first, too)."""
+    source = tmp_path_factory.mktemp("source") / "checkout"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "var"))
     out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                             "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300, check=False)
+                             "-w", str(out), str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     return next(out.glob("building_safety_gateway-*.whl"))
 
