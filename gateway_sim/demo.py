@@ -37,7 +37,9 @@ from drivers.gpio import ContactInput
 from drivers.mockpins import mock_pin_factory
 from gateway.config import INSTALLED_EXAMPLE, SiteConfig, load_config, parse_endpoint
 from gateway.panel.process import PanelProcess
-from gateway_sim import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 
 __all__ = ["DemoBroker", "demo_config", "gatewayctl_line", "main", "run_demo"]
 

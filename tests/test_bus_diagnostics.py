@@ -24,7 +24,9 @@ from gateway.config import BusConfig, load_config
 from gateway.control.commands import _probe
 from gateway.ops.cli import Style, error_kind_label, render_status
 from gateway.panel.buses import open_client
-from gateway_sim import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import CountingHeartbeats, TimedMockPin, eventually, read_events, running_gateway
 from tests.support.fuzz import FuzzingDevice, valid_answer

@@ -47,7 +47,7 @@ from gateway.uplink.contract import (
     validator,
 )
 from gateway.uplink.topics import Topics
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

@@ -19,7 +19,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.uplink.topics import Topics
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

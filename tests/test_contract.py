@@ -42,7 +42,8 @@ from gateway.uplink.contract import (
     validator,
 )
 from gateway.uplink.topics import Topics
-from gateway_sim import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder, RecordedMessage

@@ -38,7 +38,7 @@ from gateway.ops.doctor import (
     check_service,
     check_storage,
 )
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import simulated_detectors
 from tests.support.other_user import SYSTEM_PYTHON, readable_copy, system_python_ok

@@ -22,7 +22,7 @@ import pytest
 
 from gateway.config import EX_CONFIG, SiteConfig, load_config
 from gateway.panel.process import PanelProcess
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import (
     TimedMockPin,

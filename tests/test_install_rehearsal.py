@@ -76,7 +76,8 @@ exec /usr/bin/env -i container=gateway-rehearsal /lib/systemd/systemd --system
 
 SIMULATED_BUS = """
 import os, signal
-from gateway_sim import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 
 os.makedirs("/run/rehearsal", exist_ok=True)
 with VirtualNullModem("/run/rehearsal") as modem:

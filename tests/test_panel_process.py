@@ -40,7 +40,9 @@ from gateway.events import Event, Priority
 from gateway.panel.handover import Handover, Hold, UplinkSupervisor
 from gateway.panel.process import SUPPORT_PRIORITY
 from gateway.panel.state import state_path
-from gateway_sim import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site

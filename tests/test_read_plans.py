@@ -29,7 +29,8 @@ from gateway.config import BusConfig, SiteConfig, load_config
 from gateway.control.discover import find_controller, profile_sketch
 from gateway.panel.buses import BusPoller, open_client
 from gateway.uplink.topics import Topics
-from gateway_sim import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway
 from tests.support.mqtt import MqttRecorder

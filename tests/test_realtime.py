@@ -32,7 +32,8 @@ from gateway.panel.annunciator import Annunciator
 from gateway.panel.core import AlarmCore
 from gateway.panel.process import PanelProcess
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
-from gateway_sim import SimulatedGasDetector, VirtualNullModem
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import ContactSpec, SiteSpec, build_site

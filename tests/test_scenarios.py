@@ -17,7 +17,7 @@ import pytest
 
 from gateway.config import SiteConfig, load_config
 from gateway.panel.process import PanelProcess
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import (
     CountingHeartbeats,

@@ -28,7 +28,7 @@ from gateway.config import load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import validator
 from gateway.uplink.topics import Topics
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.modem import SimulatedModem

@@ -34,7 +34,7 @@ from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors, uplink_records
 from tests.support.mqtt import MqttRecorder

@@ -25,7 +25,7 @@ from gateway.config import ConfigError, TransmissionConfig, load_config, parse_c
 from gateway.events import Event, delivery_key, event_delivery_key
 from gateway.panel.process import PanelProcess
 from gateway.panel.transmission import TransmissionWatch
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import build_site

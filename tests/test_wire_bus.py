@@ -21,7 +21,9 @@ from drivers.profiles import PROFILE_A, PROFILE_B, GasReading
 from drivers.wire import LineFormat, bus_floor_s, read_answer_bytes, transaction_s
 from gateway.config import BusConfig
 from gateway.panel.buses import BusPoller, open_client
-from gateway_sim import SimulatedBus, VirtualNullModem, WireSpec
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
+from gateway_sim.wireline import WireSpec
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -26,7 +26,7 @@ from gateway.annunciation import Annunciation
 from gateway.config import bus_floor_s as config_bus_floor_s
 from gateway.config import bus_floor_warnings, load_config
 from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema, validator
-from gateway_sim import VirtualNullModem
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.site import build_site
