@@ -695,3 +695,14 @@ async def test_the_storage_loop_busy_fail_point_burns_the_childs_cpu_only_while_
                 await eventually(lambda: panel.panel.snapshot()["active"], timeout=30, message="no alarm")
                 flag.unlink()
     assert idle < 1.0, idle
+
+
+def test_the_storage_process_loads_no_part_of_the_panel() -> None:
+    """The child imports the link, which carries the panel's snapshot, but not the alarm core, the bus threads,
+    the pins or the command handler: what the link reads of the panel lives in gateway/annunciation.py."""
+    code = ("import sys, gateway.uplink.process; print(' '.join(sorted(m for m in sys.modules if m.startswith(("
+            "'gateway.panel', 'gateway.control', 'gateway.ops', 'gateway_sim', 'gpiozero', 'pymodbus')))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == []
