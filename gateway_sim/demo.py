@@ -1,5 +1,5 @@
-"""``gatewayd --demo`` (or ``python -m gateway_sim.demo``): the example building on a simulated bus and mock pins,
-playing a gas leak.
+"""``scripts/demo`` (``python -m gateway_sim.demo``, or ``gatewayd --demo`` from a checkout): the example building on
+a simulated bus and mock pins, playing a gas leak.
 
 A technician's sandbox: the site file goes into the demo's working directory beside its database and control
 socket, and the exact ``gatewayctl --config ...`` line to talk to it is printed (through ``scripts/gatewayctl``
