@@ -498,8 +498,8 @@ async def test_a_gateway_delivers_through_the_cluster_and_moves_on_when_its_node
     """The in-process panel and its real storage/uplink child, ``mqtt.hosts`` = the three nodes: an alarm
     arrives at the server; the gateway's node is killed (SIGKILL) and a second alarm is raised; it arrives
     through another node, and every wait the uplink chose meanwhile was at most 5 s (its own log records)."""
-    from drivers.simulated import VirtualNullModem
     from gateway.config import load_config
+    from gateway_sim.nullmodem import VirtualNullModem
     from tests.support.building import eventually, running_gateway, simulated_detectors, uplink_records
 
     c = Cluster(tmp_path / "cluster", COMMUNITY).start()

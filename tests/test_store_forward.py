@@ -33,8 +33,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
