@@ -1,12 +1,13 @@
-"""The uplink: connect, announce the gateway (availability, birth), forward the outbox, take commands, reconnect.
+"""The uplink's glue: the gateway announced on each connection (availability, birth) and its commands taken in.
 
-This module is the glue; each job has its own module. :mod:`~gateway.uplink.transport` holds the connection
-(paho-mqtt on the asyncio loop), :mod:`~gateway.uplink.retry` decides which node comes next and how long to
-wait (pure), :mod:`~gateway.uplink.forward` sends the rows in order through the in-flight window, and
+``Uplink`` connects, forwards, takes commands and reconnects by wiring the parts, each with its own module.
+:mod:`~gateway.uplink.transport` holds the connection (paho-mqtt on the asyncio loop),
+:mod:`~gateway.uplink.retry` decides which node comes next and how long to wait (pure),
+:mod:`~gateway.uplink.forward` sends the rows in order through the in-flight window, and
 :mod:`~gateway.uplink.acks` marks them delivered — a row leaves the outbox only on its own PUBACK. Here: the
-retained ``online`` and birth on each connection, the command subscription (asked for again when refused),
-each command handed to the command handler, the waits between attempts (cut short when an urgent event is
-stored meanwhile) and the planned stop (flush, a retained ``offline``, DISCONNECT). With several nodes, the
+retained ``online`` and birth on each connection, the command subscription (asked for again when refused), each
+command handed to the command handler, the waits between attempts (cut short when an urgent event is stored
+meanwhile) and the planned stop (flush, a retained ``offline``, DISCONNECT). With several nodes, the
 :mod:`~gateway.uplink.standby` connection is told when the main one is up or down and given the urgent rows to
 copy while it is down.
 """
