@@ -35,10 +35,11 @@ Text = Annotated[str, Meta(min_length=1, max_length=200)]
 Seq = Annotated[int, Meta(ge=1, le=2**53)]
 Instant = Annotated[float, Meta(ge=0)] | str
 #: An id in the MQTT contract (a device, household, bus or relay).
-RemoteId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\u0000-\u001f/+#]+$")]
+RemoteId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[^\u0000-\u001f/+#]+$",
+                               description="an id of 1-64 characters without control characters, '/', '+' or '#'")]
 #: A time in the MQTT contract: RFC 3339 with seconds.
 TIME_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})$")
-RemoteTime = Annotated[str, Meta(pattern=TIME_PATTERN)]
+RemoteTime = Annotated[str, Meta(pattern=TIME_PATTERN, description="an RFC 3339 time (2026-01-31T12:00:00Z)")]
 #: Longest pattern of a buzzer test, longest relay test.
 BUZZER_TEST_MAX_S = 5.0
 RELAY_TEST_MAX_S = 60.0
@@ -145,9 +146,9 @@ class RemoteEventsArgs(Args):
     kind: Literal["alarm", "fault", "supervisory", "telemetry", "test", "reset", "silence", "relay",
                   "system"] | UnsetType = msgspec.UNSET
     install: Annotated[str, Meta(pattern="^[0-9a-f]{16}$")] | UnsetType = msgspec.UNSET
-    session: Annotated[int, Meta(ge=1)] | UnsetType = msgspec.UNSET
-    from_seq: Annotated[int, Meta(ge=1)] | UnsetType = msgspec.UNSET
-    to_seq: Annotated[int, Meta(ge=1)] | UnsetType = msgspec.UNSET
+    session: Seq | UnsetType = msgspec.UNSET
+    from_seq: Seq | UnsetType = msgspec.UNSET
+    to_seq: Seq | UnsetType = msgspec.UNSET
 
     def __post_init__(self) -> None:
         _session_rules(_given(self.install), _given(self.session), _given(self.from_seq), _given(self.to_seq))

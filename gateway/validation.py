@@ -64,9 +64,14 @@ class Problem(Exception):
         if self.kind == "rule":
             return self.text
         expected = _plain(self.expected)
+        described = None
+        if isinstance(expected, mi.Metadata):
+            described = (expected.extra_json_schema or {}).get("description")
+            expected = expected.type
         if isinstance(expected, mi.LiteralType):
-            listed = ", ".join(repr(v) for v in expected.values)
-            return f"must be one of {listed}, got {self.value!r}"
+            listed = ", ".join(_literal(v) for v in expected.values)
+            return f"must be {listed}, got {_literal(self.value)}" if len(expected.values) == 1 else \
+                f"must be one of {listed}, got {_literal(self.value)}"
         if self.kind == "bound" and isinstance(expected, mi.IntType | mi.FloatType):
             lo, hi = expected.ge, expected.le
             shown = f"{self.value:g}" if isinstance(expected, mi.FloatType) else f"{self.value}"
@@ -80,9 +85,13 @@ class Problem(Exception):
             if self.kind == "bound" and expected.max_length is not None and isinstance(self.value, str) \
                     and len(self.value) > expected.max_length:
                 return f"is longer than {expected.max_length} characters"
+            if described is not None and isinstance(self.value, str):
+                return f"must be {described}, got {self.value[:40]!r}"
             if self.kind == "bound" and expected.pattern is not None and isinstance(self.value, str) and self.value:
-                return f"{self.value[:40]!r} is not of the form {expected.pattern}"
-            return f"must be a non-empty string, got {typename(self.value)}"
+                return f"{self.value[:40]!r} does not match {expected.pattern}"
+            if expected.min_length:
+                return f"must be a non-empty string, got {typename(self.value)}"
+            return f"must be a string, got {typename(self.value)}"
         return f"must be {_noun(expected)}, got {typename(self.value)}"
 
 
@@ -153,13 +162,23 @@ def _type_at(info: mi.Type, path: list[str | int]) -> mi.Type | None:
 
 def _container(info: mi.Type | None) -> mi.Type | None:
     """The struct, list or dict inside an optional or a union (the one a path can step into)."""
+    if isinstance(info, mi.Metadata):
+        info = info.type
     if isinstance(info, mi.UnionType):
-        return next((t for t in info.types if not isinstance(t, mi.NoneType)), None)
+        return next((_container(t) for t in info.types
+                     if isinstance(_container(t), mi.StructType | mi.DataclassType | mi.ListType | mi.DictType)),
+                    None)
     return info
+
+
+def _literal(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else repr(value)
 
 
 def _plain(info: mi.Type | None) -> mi.Type | None:
     """An optional's type without its None."""
+    if isinstance(info, mi.Metadata) and isinstance(info.type, mi.UnionType):
+        info = info.type
     if isinstance(info, mi.UnionType):
         types = [t for t in info.types if not isinstance(t, mi.NoneType)]
         if len(types) == 1:
