@@ -116,10 +116,9 @@ def schema(name: str) -> dict[str, Any]:
 
 @functools.cache
 def validator(name: str) -> Any:
-    """A checked ``jsonschema`` Draft 2020-12 validator for message ``name``.
-
-    jsonschema is imported here, on first use, not with the module: it costs ~3 MB of resident memory that
-    a gateway which never receives a command should not pay (docs/performance.md).
+    """A checked ``jsonschema`` Draft 2020-12 validator for message ``name``, for tests and tools that hold
+    messages to the published contract. jsonschema is a test dependency: the gateway itself checks commands
+    with :class:`CommandMessage` and never imports it.
     """
     from jsonschema import Draft202012Validator
 
