@@ -22,7 +22,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import inspect as mi
 
 from drivers.profiles import (
     BUILTIN_DETECTOR_PROFILES,
@@ -37,6 +40,7 @@ from drivers.profiles import (
 from drivers.profiles import toml_type_name as _typename
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat
 from drivers.wire import bus_floor_s as wire_floor_s
+from gateway.validation import Problem, convert
 
 __all__ = [
     "CONTACT_KINDS",
@@ -584,6 +588,84 @@ class _Table:
         if unknown:
             absent = self.seen - set(self.data)
             _record([ConfigError(self.key(k), f"unknown key{_hint(k, absent)}") for k in unknown])
+
+
+#: A table of the file as a msgspec struct: unknown keys are read by :func:`_read` (all of them, with hints).
+class _Shape(msgspec.Struct, kw_only=True):
+    pass
+
+
+_S = TypeVar("_S", bound=_Shape)
+#: Text: not empty, not only blanks. Id: letters, digits, '-', '_' and '.'.
+Text = Annotated[str, msgspec.Meta(pattern=r"\S")]
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[\w.-]+$")]
+
+
+def _read(data: Any, path: str, kind: type[_S]) -> _S:
+    """The table ``data`` at ``path`` as struct ``kind`` (its types, bounds and defaults); a wrong value raises
+    its :class:`ConfigError`, an unknown key is recorded (with a hint when it is close to a key the table lacks)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
+    known = {f.encode_name for f in msgspec.structs.fields(kind)}
+    for name, value in data.items():  # inf and nan would pass a one-sided bound
+        if isinstance(value, float) and not math.isfinite(value) and name in known:
+            raise ConfigError(_key(path, name), "must be a finite number")
+    try:
+        table = convert(data, kind)
+    except Problem as problem:
+        raise _config_error(problem, path, data, known) from None
+    unknown = sorted(set(data) - known)
+    if unknown:
+        absent = known - set(data)
+        _record([ConfigError(_key(path, k), f"unknown key{_hint(k, absent)}") for k in unknown])
+    return table
+
+
+def _key(path: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else name
+
+
+def _config_error(problem: Problem, path: str, data: Mapping[str, Any], known: set[str]) -> ConfigError:
+    """msgspec's refusal in the site file's words: the key path and the reason."""
+    where = path
+    for part in problem.path:
+        where = _key(where, part)
+    name = problem.path[-1] if problem.path else ""
+    value = problem.value
+    expected = problem.expected
+    if isinstance(expected, mi.UnionType):
+        expected = next((t for t in expected.types if not isinstance(t, mi.NoneType)), expected)
+    if problem.kind == "missing":
+        typo = difflib.get_close_matches(str(name), sorted(set(data) - known), n=1, cutoff=0.8)
+        if typo and len(problem.path) == 1:  # `adress = 5`: the typo is the error, not the missing key
+            return ConfigError(_key(path, typo[0]), f"unknown key{_hint(typo[0], [str(name)])}")
+        return ConfigError(where, "is required")
+    if problem.kind == "rule":  # a struct's own rule: "key: reason" or the table's reason
+        key, _, reason = problem.text.partition(": ")
+        if key in known and reason:
+            return ConfigError(_key(where, key), reason)
+        return ConfigError(where, problem.text)
+    if isinstance(expected, mi.LiteralType):
+        listed = ", ".join(repr(c) for c in expected.values)
+        return ConfigError(where, f"must be one of {listed}, got {value!r}")
+    if isinstance(expected, mi.StrType):
+        if problem.kind == "type":
+            return ConfigError(where, f"must be a string, got {_typename(value)}")
+        if not str(value).strip():
+            return ConfigError(where, "must not be empty")
+        return ConfigError(where, f"{value!r} may contain only letters, digits, '-', '_' and '.'")
+    if problem.kind == "bound" and isinstance(expected, mi.IntType | mi.FloatType):
+        lo = expected.ge if expected.ge is not None else expected.gt
+        if lo is not None and value < lo:
+            return ConfigError(where, f"must be ≥ {lo:g}, got {value:g}")
+        return ConfigError(where, f"must be ≤ {expected.le:g}, got {value:g}")
+    nouns: dict[type[mi.Type], str] = {mi.IntType: "an integer", mi.FloatType: "a number", mi.BoolType: "true or false"}
+    noun = None if expected is None else nouns.get(type(expected))
+    if noun is not None:
+        return ConfigError(where, f"must be {noun}, got {_typename(value)}")
+    return ConfigError(where, f"must be a table, got {_typename(value)}")
 
 
 def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
@@ -1488,32 +1570,42 @@ def _check_private(path: str, key: str) -> None:
         )
 
 
+_STORAGE, _TRANSMISSION = StorageConfig(), TransmissionConfig()
+
+
+class _StorageTable(_Shape):
+    path: Text = _STORAGE.path
+    max_mb: Annotated[float, msgspec.Meta(ge=1.0, le=100_000.0)] = _STORAGE.max_mb
+    min_free_mb: Annotated[float, msgspec.Meta(ge=0.0)] = _STORAGE.min_free_mb
+    history_days: Annotated[float, msgspec.Meta(ge=30.0)] = _STORAGE.history_days
+    history_min_events: Annotated[int, msgspec.Meta(ge=999)] = _STORAGE.history_min_events
+    telemetry_batch_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = _STORAGE.telemetry_batch_s
+    memory_events: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = _STORAGE.memory_events
+
+
 def _parse_storage(root: _Table, base: Path) -> StorageConfig:
-    t = root.table("storage")
-    if t is None:
+    data = root.raw("storage")
+    if data is None:
         return StorageConfig()
-    d = StorageConfig()
-    cfg = StorageConfig(
-        path=_resolve(base, t.text("path", d.path)) or d.path,
-        max_mb=t.num("max_mb", d.max_mb, lo=1.0, hi=100_000.0),
-        min_free_mb=t.num("min_free_mb", d.min_free_mb, lo=0.0),
-        history_days=t.num("history_days", d.history_days, lo=30.0),
-        history_min_events=t.integer("history_min_events", d.history_min_events, lo=999),
-        telemetry_batch_s=t.num("telemetry_batch_s", d.telemetry_batch_s, lo=0.0, hi=10.0),
-        memory_events=t.integer("memory_events", d.memory_events, lo=100, hi=1_000_000),
-    )
-    t.done()
-    return cfg
+    t = _read(data, "storage", _StorageTable)
+    return StorageConfig(path=_resolve(base, t.path) or t.path, max_mb=t.max_mb, min_free_mb=t.min_free_mb,
+                         history_days=t.history_days, history_min_events=t.history_min_events,
+                         telemetry_batch_s=t.telemetry_batch_s, memory_events=t.memory_events)
+
+
+class _ControlTable(_Shape):
+    socket: Text = DEFAULT_SOCKET
+    group: Text | None = None
+    operator_group: Text | None = None
 
 
 def _parse_control(root: _Table, base: Path) -> ControlConfig:
-    t = root.table("control")
-    if t is None:
+    data = root.raw("control")
+    if data is None:
         return ControlConfig()
-    cfg = ControlConfig(socket=_resolve(base, t.text("socket", DEFAULT_SOCKET)) or DEFAULT_SOCKET,
-                        group=t.text("group"), operator_group=t.text("operator_group"))
-    t.done()
-    return cfg
+    t = _read(data, "control", _ControlTable)
+    return ControlConfig(socket=_resolve(base, t.socket) or DEFAULT_SOCKET, group=t.group,
+                         operator_group=t.operator_group)
 
 
 #: Values of ``[runtime] pin_factory``; the same list as drivers.gpio.PIN_FACTORIES (gpiozero's ``native`` is
@@ -1530,60 +1622,65 @@ REMOVED_RUNTIME_KEYS = {
 }
 
 
+class _RuntimeTable(_Shape):
+    realtime_priority: Annotated[int, msgspec.Meta(ge=0, le=99)] = 0
+    gc_freeze: bool = True
+    pin_factory: Literal["lgpio", "mock"] = "lgpio"
+
+
 def _parse_runtime(root: _Table) -> RuntimeConfig:
-    t = root.table("runtime")
-    if t is None:
+    data = root.raw("runtime")
+    if data is None:
         return RuntimeConfig()
     for key, reason in REMOVED_RUNTIME_KEYS.items():
-        if t.has(key):
-            raise ConfigError(t.key(key), reason)
-    cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True),
-                        pin_factory=t.choice("pin_factory", PIN_FACTORIES, "lgpio"))
-    t.done()
-    return cfg
+        if isinstance(data, Mapping) and key in data:
+            raise ConfigError(f"runtime.{key}", reason)
+    t = _read(data, "runtime", _RuntimeTable)
+    return RuntimeConfig(realtime_priority=t.realtime_priority, gc_freeze=t.gc_freeze, pin_factory=t.pin_factory)
+
+
+class _TransmissionTable(_Shape):
+    ack_deadline_s: Annotated[float, msgspec.Meta(ge=1.0, le=MAX_ACK_DEADLINE_S)] = _TRANSMISSION.ack_deadline_s
+    path_down_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _TRANSMISSION.path_down_s
 
 
 def _parse_transmission(root: _Table) -> TransmissionConfig:
-    t = root.table("transmission")
-    if t is None:
+    data = root.raw("transmission")
+    if data is None:
         return TransmissionConfig()
-    d = TransmissionConfig()
-    cfg = TransmissionConfig(
-        ack_deadline_s=t.num("ack_deadline_s", d.ack_deadline_s, lo=1.0, hi=MAX_ACK_DEADLINE_S),
-        path_down_s=t.num("path_down_s", d.path_down_s, lo=1.0, hi=3600.0),
-    )
-    t.done()
-    return cfg
+    t = _read(data, "transmission", _TransmissionTable)
+    return TransmissionConfig(ack_deadline_s=t.ack_deadline_s, path_down_s=t.path_down_s)
+
+
+class _SmsTable(_Shape):
+    device: Text
+    contacts: Text
+    mode: Literal["fallback", "always"] = "fallback"
+    after_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 30.0
+    language: Literal["zh", "en"] = "zh"
+    max_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    pin: Any = None
+    queue: Text = "/var/lib/gateway/sms.db"
+    connection: Text = "at115200"
+    check_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
+    smsc: Text | None = None
+
+    def __post_init__(self) -> None:
+        pin = self.pin
+        if pin is not None and (not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 8):
+            raise ValueError("pin: must be the SIM PIN as a string of 4 to 8 digits")
+        if not self.connection.startswith("at"):
+            raise ValueError(f"connection: {self.connection!r} is not one of Gammu's AT connections "
+                             "(at, at115200, ...)")
 
 
 def _parse_sms(root: _Table, base: Path) -> SmsConfig | None:
-    t = root.table("sms")
-    if t is None:
+    data = root.raw("sms")
+    if data is None:
         return None
-    device = t.req_str("device")
-    contacts = _resolve(base, t.req_str("contacts"))
+    t = _read(data, "sms", _SmsTable)
+    contacts = _resolve(base, t.contacts)
     assert contacts is not None
-    d = SmsConfig(device=device, contacts=contacts)
-    connection = t.text("connection", d.connection) or d.connection
-    if not connection.startswith("at"):
-        raise ConfigError(t.key("connection"),
-                          f"{connection!r} is not one of Gammu's AT connections (at, at115200, ...)")
-    pin = t.raw("pin")
-    if pin is not None and (not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 8):
-        raise ConfigError(t.key("pin"), "must be the SIM PIN as a string of 4 to 8 digits")
-    cfg = SmsConfig(
-        device=device,
-        contacts=contacts,
-        mode=t.choice("mode", SMS_MODES, d.mode),
-        after_s=t.num("after_s", d.after_s, lo=0.0, hi=600.0),
-        language=t.choice("language", SMS_LANGUAGES, d.language),
-        max_per_hour=t.integer("max_per_hour", d.max_per_hour, lo=1, hi=1000),
-        pin=pin,
-        queue=_resolve(base, t.text("queue", d.queue)) or d.queue,
-        connection=connection,
-        check_interval_s=t.num("check_interval_s", d.check_interval_s, lo=1.0, hi=3600.0),
-        smsc=t.text("smsc"),
-    )
-    t.done()
-    return cfg
+    return SmsConfig(device=t.device, contacts=contacts, mode=t.mode, after_s=t.after_s, language=t.language,
+                     max_per_hour=t.max_per_hour, pin=t.pin, queue=_resolve(base, t.queue) or t.queue,
+                     connection=t.connection, check_interval_s=t.check_interval_s, smsc=t.smsc)
