@@ -1081,35 +1081,35 @@ def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str,
     return detectors, stations
 
 
+_ALARM = AlarmSettings()
+
+
+class _AlarmTable(_Shape):
+    offline_after_failures: Annotated[int, msgspec.Meta(ge=1, le=10)] = _ALARM.offline_after_failures
+    offline_ceiling_s: Annotated[float, msgspec.Meta(ge=1.0, le=100.0)] = _ALARM.offline_ceiling_s
+    offline_clear_polls: Annotated[int, msgspec.Meta(ge=1, le=100)] = _ALARM.offline_clear_polls
+    degraded_window_polls: Annotated[int, msgspec.Meta(ge=10, le=1000)] = _ALARM.degraded_window_polls
+    degraded_percent: Annotated[float, msgspec.Meta(ge=1.0, le=90.0)] = _ALARM.degraded_percent
+    degraded_clear_percent: Annotated[float, msgspec.Meta(ge=0.0, le=90.0)] = _ALARM.degraded_clear_percent
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = _ALARM.door_open_s
+    trouble_chirp_interval_s: Annotated[float, msgspec.Meta(ge=30.0, le=60.0)] = _ALARM.trouble_chirp_interval_s
+    telemetry_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _ALARM.telemetry_interval_s
+    telemetry_deadband: Annotated[float, msgspec.Meta(ge=0.0)] = _ALARM.telemetry_deadband
+    walk_test_s: Annotated[float, msgspec.Meta(ge=30.0, le=3600.0)] = _ALARM.walk_test_s
+
+    def __post_init__(self) -> None:
+        """``comms_degraded`` clears below the share that raises it."""
+        if self.degraded_clear_percent >= self.degraded_percent:
+            raise ValueError(f"degraded_clear_percent: must be below degraded_percent ({self.degraded_percent:g}), "
+                             f"got {self.degraded_clear_percent:g}: the fault would clear as it rose")
+
+
 def _parse_alarm(root: _Table) -> AlarmSettings:
-    t = root.table("alarm")
-    if t is None:
+    data = root.raw("alarm")
+    if data is None:
         return AlarmSettings()
-    d = AlarmSettings()
-    settings = AlarmSettings(
-        offline_after_failures=t.integer("offline_after_failures", d.offline_after_failures, lo=1, hi=10),
-        offline_ceiling_s=t.num("offline_ceiling_s", d.offline_ceiling_s, lo=1.0, hi=100.0),
-        offline_clear_polls=t.integer("offline_clear_polls", d.offline_clear_polls, lo=1, hi=100),
-        **_parse_degraded(t, d),
-        door_open_s=t.num("door_open_s", d.door_open_s, lo=0.0, hi=3600.0),
-        trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
-        telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
-        telemetry_deadband=t.num("telemetry_deadband", d.telemetry_deadband, lo=0.0),
-        walk_test_s=t.num("walk_test_s", d.walk_test_s, lo=30.0, hi=3600.0),
-    )
-    t.done()
-    return settings
-
-
-def _parse_degraded(t: _Table, d: AlarmSettings) -> dict[str, Any]:
-    """The ``comms_degraded`` keys of ``[alarm]``; the clear share must lie below the raise share."""
-    window = t.integer("degraded_window_polls", d.degraded_window_polls, lo=10, hi=1000)
-    percent = t.num("degraded_percent", d.degraded_percent, lo=1.0, hi=90.0)
-    clear = t.num("degraded_clear_percent", d.degraded_clear_percent, lo=0.0, hi=90.0)
-    if clear >= percent:
-        raise ConfigError(f"{t.path}.degraded_clear_percent", f"must be below degraded_percent ({percent:g}), "
-                                                               f"got {clear:g}: the fault would clear as it rose")
-    return {"degraded_window_polls": window, "degraded_percent": percent, "degraded_clear_percent": clear}
+    t = _read(data, "alarm", _AlarmTable)
+    return AlarmSettings(**msgspec.structs.asdict(t))
 
 
 def _parse_devices(
@@ -1412,61 +1412,91 @@ def _resolve(base: Path, value: str | None) -> str | None:
     return str(p if p.is_absolute() else (base / p))
 
 
+_MQTT = MqttConfig()
+
+
+class _TlsTable(_Shape):
+    ca_file: Text | None = None
+    cert_file: Text | None = None
+    key_file: Text | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(f"{'cert_file' if self.cert_file is None else 'key_file'}: client certificate and key "
+                             "must be given together")
+
+
+class _MqttTable(_Shape):
+    host: Text | None = None
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    hosts: Any = None  # "host:port" strings, each checked by _parse_hosts
+    client_id: Text | None = None
+    topic_prefix: Text = _MQTT.topic_prefix
+    protocol: Literal[5, 311] = 5
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = _MQTT.keepalive_s
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = _MQTT.max_inflight
+    status_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=86_400)] = _MQTT.status_interval_s
+    tls: Any = None  # a table: _TlsTable
+    credentials_file: Text | None = None
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        prefix = self.topic_prefix
+        if any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+            raise ValueError(f"topic_prefix: must be a plain topic path without wildcards, got {prefix!r}")
+        if self.hosts is not None:
+            for other in ("host", "port"):
+                if getattr(self, other) is not None:
+                    raise ValueError(f"{other}: give either mqtt.hosts (the nodes of one cluster) or mqtt.host and "
+                                     "mqtt.port (one node), not both; list every node in mqtt.hosts")
+
+
 def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConfig:
-    t = root.table("mqtt")
-    if t is None:
+    data = root.raw("mqtt")
+    if data is None:
         return MqttConfig(client_id=default_client_id)
-    d = MqttConfig()
-    prefix = t.text("topic_prefix", d.topic_prefix) or d.topic_prefix
-    if any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
-        raise ConfigError(t.key("topic_prefix"), f"must be a plain topic path without wildcards, got {prefix!r}")
-    tls = t.table("tls")
+    t = _read(data, "mqtt", _MqttTable)
     ca = cert = key = None
     insecure = False
-    if tls is not None:
-        ca = _resolve(base, tls.text("ca_file"))
-        cert = _resolve(base, tls.text("cert_file"))
-        key = _resolve(base, tls.text("key_file"))
-        insecure = tls.flag("insecure", False)
-        if (cert is None) != (key is None):
-            raise ConfigError(tls.key("cert_file" if cert is None else "key_file"),
-                              "client certificate and key must be given together")
+    if t.tls is not None:
+        tls = _read(t.tls, "mqtt.tls", _TlsTable)
+        ca, cert, key = (_resolve(base, tls.ca_file), _resolve(base, tls.cert_file), _resolve(base, tls.key_file))
+        insecure = tls.insecure
         for name, value in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
             if value is not None and not Path(value).is_file():
-                raise ConfigError(tls.key(name), f"file not found: {value}")
+                raise ConfigError(f"mqtt.tls.{name}", f"file not found: {value}")
         if key is not None:
-            _check_private(key, tls.key("key_file"))
-        tls.done()
-    credentials = _resolve(base, t.text("credentials_file"))
+            _check_private(key, "mqtt.tls.key_file")
+    credentials = _resolve(base, t.credentials_file)
     username = password = None
     if credentials is not None:
-        username, password = read_credentials(credentials, t.key("credentials_file"))
-    default_port = 8883 if tls is not None else d.port
-    hosts = _parse_hosts(t, default_port)
+        username, password = read_credentials(credentials, "mqtt.credentials_file")
+    default_port = 8883 if t.tls is not None else _MQTT.port
+    hosts = _parse_hosts(t.hosts, default_port)
     if hosts:
         host, port = parse_endpoint(hosts[0], default_port)
     else:
-        host = t.text("host", d.host) or d.host
-        port = t.integer("port", default_port, lo=1, hi=65535)
-    allow_plaintext = t.flag("allow_plaintext", False)
+        host = t.host or _MQTT.host
+        port = default_port if t.port is None else t.port
     # mqtt.hosts holds "host:port" strings; mqtt.host is a bare host name or address (an IPv6 one unbracketed)
     nodes = [parse_endpoint(name, default_port)[0] for name in hosts] if hosts else [host]
     for node in nodes:
-        if tls is None and not allow_plaintext and not is_loopback(node):
-            raise ConfigError(t.key("allow_plaintext"),
+        if t.tls is None and not t.allow_plaintext and not is_loopback(node):
+            raise ConfigError("mqtt.allow_plaintext",
                               f"plain MQTT to {node!r} (not this host) would send events, commands and credentials "
                               "in clear: add an [mqtt.tls] table, or set mqtt.allow_plaintext = true to accept that")
-    cfg = MqttConfig(
+    return MqttConfig(
         host=host,
         port=port,
         hosts=hosts,
-        client_id=t.text("client_id") or default_client_id,
-        topic_prefix=prefix,
-        protocol=t.choice("protocol", (5, 311), 5),
-        keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=3600),
-        max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=1000),
-        status_interval_s=t.num("status_interval_s", d.status_interval_s, lo=0.1, hi=86_400),
-        tls=tls is not None,
+        client_id=t.client_id or default_client_id,
+        topic_prefix=t.topic_prefix,
+        protocol=t.protocol,
+        keepalive_s=t.keepalive_s,
+        max_inflight=t.max_inflight,
+        status_interval_s=t.status_interval_s,
+        tls=t.tls is not None,
         tls_ca_file=ca,
         tls_cert_file=cert,
         tls_key_file=key,
@@ -1474,28 +1504,21 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         credentials_file=credentials,
         username=username,
         password=password,
-        allow_plaintext=allow_plaintext,
+        allow_plaintext=t.allow_plaintext,
     )
-    t.done()
-    return cfg
 
 
-def _parse_hosts(t: _Table, default_port: int) -> tuple[str, ...]:
-    """``mqtt.hosts``: the nodes of one cluster; it replaces ``host`` and ``port``, which must then be absent."""
-    if not t.has("hosts"):
+def _parse_hosts(value: Any, default_port: int) -> tuple[str, ...]:
+    """``mqtt.hosts``: the nodes of one cluster; it replaces ``host`` and ``port`` (the struct refuses both)."""
+    if value is None:
         return ()
-    for other in ("host", "port"):
-        if t.has(other):
-            raise ConfigError(t.key(other), "give either mqtt.hosts (the nodes of one cluster) or mqtt.host and "
-                                            "mqtt.port (one node), not both; list every node in mqtt.hosts")
-    value = t.raw("hosts")
     if not isinstance(value, list):
-        raise ConfigError(t.key("hosts"), f'must be an array of "host:port" strings, got {_typename(value)}')
+        raise ConfigError("mqtt.hosts", f'must be an array of "host:port" strings, got {_typename(value)}')
     if not value:
-        raise ConfigError(t.key("hosts"), 'must list at least one "host:port"')
+        raise ConfigError("mqtt.hosts", 'must list at least one "host:port"')
     seen: dict[tuple[str, int], int] = {}
     for i, item in enumerate(value):
-        key = f"{t.key('hosts')}[{i}]"
+        key = f"mqtt.hosts[{i}]"
         if not isinstance(item, str):
             raise ConfigError(key, f'must be a "host:port" string, got {_typename(item)}')
         try:
