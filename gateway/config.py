@@ -11,6 +11,7 @@ close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exi
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import math
 import os
@@ -930,37 +931,78 @@ def _unique(path: str, ids: dict[str, str], value: str) -> None:
     ids[value] = path
 
 
+def _entries(root: _Table, name: str) -> list[tuple[str, Any]]:
+    """The tables of the array ``[[name]]``, each with its key path (``devices[3]``)."""
+    value = root.raw(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(name, f"must be an array of tables ([[{name}]]), got {_typename(value)}")
+    return [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _each_entry(entries: list[tuple[str, Any]], parse: Callable[[str, Any], None]) -> None:
+    """``parse(path, table)`` for every entry; one with an error is recorded and left out, the next one read."""
+    for path, item in entries:
+        _part(functools.partial(parse, path, item), None)
+
+
+class _UnitTable(_Shape):
+    id: Ident
+    name: Text | None = None
+
+
 def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
     units: list[UnitConfig] = []
     seen: dict[str, str] = {}
 
-    def unit(t: _Table) -> None:
-        uid = t.ident("id")
-        _unique(t.key("id"), seen, uid)
-        units.append(UnitConfig(id=uid, name=t.text("name") or uid))
-        t.done()
+    def unit(path: str, data: Any) -> None:
+        t = _read(data, path, _UnitTable)
+        _unique(f"{path}.id", seen, t.id)
+        units.append(UnitConfig(id=t.id, name=t.name or t.id))
 
-    _each(root.tables("units"), unit)
-    if not units and not root.tables("units"):
+    entries = _entries(root, "units")
+    _each_entry(entries, unit)
+    if not units and not entries:
         raise ConfigError("units", "at least one unit is required")
     return tuple(units)
+
+
+class _HouseholdTable(_Shape):
+    id: Ident
+    unit: Text
+    name: Text | None = None
 
 
 def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
     households: list[HouseholdConfig] = []
     seen: dict[str, str] = {}
 
-    def household(t: _Table) -> None:
-        hid = t.ident("id")
-        _unique(t.key("id"), seen, hid)
-        unit = t.req_str("unit")
-        if unit not in unit_ids:
-            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
-        households.append(HouseholdConfig(id=hid, unit=unit, name=t.text("name") or hid))
-        t.done()
+    def household(path: str, data: Any) -> None:
+        t = _read(data, path, _HouseholdTable)
+        _unique(f"{path}.id", seen, t.id)
+        if t.unit not in unit_ids:
+            raise ConfigError(f"{path}.unit", f"unknown unit {t.unit!r}")
+        households.append(HouseholdConfig(id=t.id, unit=t.unit, name=t.name or t.id))
 
-    _each(root.tables("households"), household)
+    _each_entry(_entries(root, "households"), household)
     return tuple(households)
+
+
+class _BusTable(_Shape):
+    id: Ident
+    port: Text
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: int = 8
+    timeout_s: Annotated[float, msgspec.Meta(ge=0.05, le=10.0)] = 0.5
+    #: A detector's alarm must reach the gateway within 30 s (GB/T 45839 §5.4.1).
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=MAX_POLL_CYCLE_S)] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bytesize != 8:
+            raise ValueError(f"bytesize: Modbus RTU frames carry 8 data bits, got {self.bytesize}")
 
 
 def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
@@ -968,34 +1010,19 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
     seen: dict[str, str] = {}
     ports: dict[str, tuple[str, str]] = {}  # real path → (first bus's key path, its port as written)
 
-    def bus(t: _Table) -> None:
-        bid = t.ident("id")
-        _unique(t.key("id"), seen, bid)
-        port = t.req_str("port")
-        real = real_port(port)
+    def bus(path: str, data: Any) -> None:
+        t = _read(data, path, _BusTable)
+        _unique(f"{path}.id", seen, t.id)
+        real = real_port(t.port)
         if real in ports:
             first, written = ports[real]
-            both = "" if port == written == real else f" ({port!r} and {written!r} are both {real})"
-            raise ConfigError(t.key("port"), f"port {port!r} is already used by {first}{both}: one bus per port")
-        ports[real] = (t.path, port)
-        buses.append(
-            BusConfig(
-                id=bid,
-                port=port,
-                baudrate=t.choice(
-                    "baudrate", (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), 9600
-                ),
-                parity=t.choice("parity", ("N", "E", "O"), "N"),
-                stopbits=t.choice("stopbits", (1, 2), 1),
-                bytesize=_rtu_bytesize(t),
-                timeout_s=t.num("timeout_s", 0.5, lo=0.05, hi=10.0),
-                # A detector's alarm must reach the gateway within 30 s (GB/T 45839 §5.4.1).
-                poll_interval_s=t.num("poll_interval_s", 1.0, lo=0.1, hi=MAX_POLL_CYCLE_S),
-            )
-        )
-        t.done()
+            both = "" if t.port == written == real else f" ({t.port!r} and {written!r} are both {real})"
+            raise ConfigError(f"{path}.port", f"port {t.port!r} is already used by {first}{both}: one bus per port")
+        ports[real] = (path, t.port)
+        buses.append(BusConfig(id=t.id, port=t.port, baudrate=t.baudrate, parity=t.parity, stopbits=t.stopbits,
+                               bytesize=t.bytesize, timeout_s=t.timeout_s, poll_interval_s=t.poll_interval_s))
 
-    _each(root.tables("buses"), bus)
+    _each_entry(_entries(root, "buses"), bus)
     return tuple(buses)
 
 
@@ -1003,13 +1030,6 @@ def real_port(port: str) -> str:
     """The device a port name reaches: symlinks followed (``/dev/serial0``, udev ``by-id`` and rule names) and
     ``.``/``..`` removed. A Pi names one port several ways; two buses on one device would fight for it."""
     return os.path.realpath(port)
-
-
-def _rtu_bytesize(t: _Table) -> int:
-    bytesize: int = t.integer("bytesize", 8)
-    if bytesize != 8:
-        raise ConfigError(t.key("bytesize"), f"Modbus RTU frames carry 8 data bits, got {bytesize}")
-    return bytesize
 
 
 def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...],
@@ -1385,24 +1405,28 @@ def _parse_linkage(
     relay_ids = {r.id for r in outputs.relays} | _written_ids(root.data, "outputs.relays")
     rules: list[LinkageRule] = []
 
-    def rule(t: _Table) -> None:
-        signal = t.choice("signal", LINKAGE_SIGNALS, None)
-        scope = t.text("scope", "building") or "building"
-        kind, _, ref = scope.partition(":")
-        if scope != "building":
+    def rule(path: str, data: Any) -> None:
+        t = _read(data, path, _LinkageTable)
+        kind, _, ref = t.scope.partition(":")
+        if t.scope != "building":
             if kind not in ("unit", "household") or not ref:
-                raise ConfigError(t.key("scope"),
-                                  f"must be 'building', 'unit:<id>' or 'household:<id>', got {scope!r}")
+                raise ConfigError(f"{path}.scope",
+                                  f"must be 'building', 'unit:<id>' or 'household:<id>', got {t.scope!r}")
             if ref not in (unit_ids if kind == "unit" else household_ids):
-                raise ConfigError(t.key("scope"), f"unknown {kind} {ref!r}")
-        output = t.req_str("output")
-        if output not in relay_ids:
-            raise ConfigError(t.key("output"), f"unknown relay {output!r}")
-        rules.append(LinkageRule(signal=signal, scope=scope, output=output))
-        t.done()
+                raise ConfigError(f"{path}.scope", f"unknown {kind} {ref!r}")
+        if t.output not in relay_ids:
+            raise ConfigError(f"{path}.output", f"unknown relay {t.output!r}")
+        rules.append(LinkageRule(signal=t.signal, scope=t.scope, output=t.output))
 
-    _each(root.tables("linkage"), rule)
+    _each_entry(_entries(root, "linkage"), rule)
     return tuple(rules)
+
+
+class _LinkageTable(_Shape):
+    signal: Literal["any_alarm", "fault", "fire", "gas_high", "gas_low", "supervisory"]
+    output: Text
+    scope: Text = "building"
+
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
