@@ -31,7 +31,6 @@ from msgspec import inspect as mi
 from drivers.profiles import (
     BUILTIN_DETECTOR_PROFILES,
     BUILTIN_STATION_PROFILES,
-    MEASURES,
     DetectorProfile,
     ProfileError,
     StationProfile,
@@ -602,9 +601,10 @@ Text = Annotated[str, msgspec.Meta(pattern=r"\S")]
 Ident = Annotated[str, msgspec.Meta(pattern=r"^[\w.-]+$")]
 
 
-def _read(data: Any, path: str, kind: type[_S]) -> _S:
+def _read(data: Any, path: str, kind: type[_S], *, known_only: bool = False) -> _S:
     """The table ``data`` at ``path`` as struct ``kind`` (its types, bounds and defaults); a wrong value raises
-    its :class:`ConfigError`, an unknown key is recorded (with a hint when it is close to a key the table lacks)."""
+    its :class:`ConfigError`, an unknown key is recorded (with a hint when it is close to a key the table lacks).
+    ``known_only``: read the keys ``kind`` has and leave the others to a later read."""
     if not isinstance(data, Mapping):
         raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
     known = {f.encode_name for f in msgspec.structs.fields(kind)}
@@ -615,7 +615,7 @@ def _read(data: Any, path: str, kind: type[_S]) -> _S:
         table = convert(data, kind)
     except Problem as problem:
         raise _config_error(problem, path, data, known) from None
-    unknown = sorted(set(data) - known)
+    unknown = [] if known_only else sorted(set(data) - known)
     if unknown:
         absent = known - set(data)
         _record([ConfigError(_key(path, k), f"unknown key{_hint(k, absent)}") for k in unknown])
@@ -685,15 +685,13 @@ _HEADER_TO_BCM: dict[int, int] = {
 _UART_PORTS = frozenset({"/dev/serial0", "/dev/ttyAMA0", "/dev/ttyS0"})
 
 
-def _pin(table: _Table, name: str, default: str | None = None) -> str | None:
-    """A GPIO pin, normalised to ``GPIOn`` so two spellings of one pin are seen as one.
+def _pin(value: Any, key: str) -> str | None:
+    """A GPIO pin (None: not given) at ``key``, normalised to ``GPIOn`` so two spellings of one pin are seen as one.
 
     Accepted: a BCM number (``17``), ``"GPIO17"``, ``"BCM17"``, ``"17"``, or a header pin ``"BOARD11"``/``"J8:11"``.
     """
-    value = table.raw(name)
     if value is None:
-        return default
-    key = table.key(name)
+        return None
     if isinstance(value, str):
         text = value.strip().upper()
         for prefix in ("GPIO", "BCM", ""):
@@ -931,14 +929,13 @@ def _unique(path: str, ids: dict[str, str], value: str) -> None:
     ids[value] = path
 
 
-def _entries(root: _Table, name: str) -> list[tuple[str, Any]]:
-    """The tables of the array ``[[name]]``, each with its key path (``devices[3]``)."""
-    value = root.raw(name)
+def _entries(value: Any, path: str) -> list[tuple[str, Any]]:
+    """The tables of the array of tables ``value`` at ``path``, each with its key path (``devices[3]``)."""
     if value is None:
         return []
     if not isinstance(value, list):
-        raise ConfigError(name, f"must be an array of tables ([[{name}]]), got {_typename(value)}")
-    return [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        raise ConfigError(path, f"must be an array of tables ([[{path}]]), got {_typename(value)}")
+    return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
 
 
 def _each_entry(entries: list[tuple[str, Any]], parse: Callable[[str, Any], None]) -> None:
@@ -947,7 +944,7 @@ def _each_entry(entries: list[tuple[str, Any]], parse: Callable[[str, Any], None
         _part(functools.partial(parse, path, item), None)
 
 
-class _UnitTable(_Shape):
+class _UnitTable(_Shape, kw_only=True):
     id: Ident
     name: Text | None = None
 
@@ -961,14 +958,14 @@ def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
         _unique(f"{path}.id", seen, t.id)
         units.append(UnitConfig(id=t.id, name=t.name or t.id))
 
-    entries = _entries(root, "units")
+    entries = _entries(root.raw("units"), "units")
     _each_entry(entries, unit)
     if not units and not entries:
         raise ConfigError("units", "at least one unit is required")
     return tuple(units)
 
 
-class _HouseholdTable(_Shape):
+class _HouseholdTable(_Shape, kw_only=True):
     id: Ident
     unit: Text
     name: Text | None = None
@@ -985,11 +982,11 @@ def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig
             raise ConfigError(f"{path}.unit", f"unknown unit {t.unit!r}")
         households.append(HouseholdConfig(id=t.id, unit=t.unit, name=t.name or t.id))
 
-    _each_entry(_entries(root, "households"), household)
+    _each_entry(_entries(root.raw("households"), "households"), household)
     return tuple(households)
 
 
-class _BusTable(_Shape):
+class _BusTable(_Shape, kw_only=True):
     id: Ident
     port: Text
     baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
@@ -1022,7 +1019,7 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
         buses.append(BusConfig(id=t.id, port=t.port, baudrate=t.baudrate, parity=t.parity, stopbits=t.stopbits,
                                bytesize=t.bytesize, timeout_s=t.timeout_s, poll_interval_s=t.poll_interval_s))
 
-    _each_entry(_entries(root, "buses"), bus)
+    _each_entry(_entries(root.raw("buses"), "buses"), bus)
     return tuple(buses)
 
 
@@ -1104,7 +1101,7 @@ def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str,
 _ALARM = AlarmSettings()
 
 
-class _AlarmTable(_Shape):
+class _AlarmTable(_Shape, kw_only=True):
     offline_after_failures: Annotated[int, msgspec.Meta(ge=1, le=10)] = _ALARM.offline_after_failures
     offline_ceiling_s: Annotated[float, msgspec.Meta(ge=1.0, le=100.0)] = _ALARM.offline_ceiling_s
     offline_clear_polls: Annotated[int, msgspec.Meta(ge=1, le=100)] = _ALARM.offline_clear_polls
@@ -1132,6 +1129,57 @@ def _parse_alarm(root: _Table) -> AlarmSettings:
     return AlarmSettings(**msgspec.structs.asdict(t))
 
 
+class _DeviceHead(_Shape, kw_only=True):
+    """What every device has; the rest depends on its kind (:class:`_ModbusDevice`, :class:`_ContactDevice`)."""
+
+    id: Ident
+    kind: Literal["cabinet_door", "extinguisher_presence", "extinguisher_station", "fire_contact", "gas_detector",
+                  "gas_relay", "obstruction", "pressure_switch"]
+    household: Text | None = None
+    unit: Text | None = None
+    name: Text | None = None
+
+
+#: A gas detector's keys (a controller's entry sets them for all of its channels; a channel for itself).
+Gas = Literal["CH4", "LPG", "H2", "CO"] | None
+Measure = Literal["%LEL", "ppm", "%VOL"] | None
+Threshold = Annotated[float, msgspec.Meta(ge=0.0)] | None
+
+
+class _ModbusDevice(_DeviceHead, kw_only=True):
+    gas: Gas = None
+    measure: Measure = None
+    low: Threshold = None
+    high: Threshold = None
+    hysteresis: Threshold = None
+    bus: Text
+    address: Annotated[int, msgspec.Meta(ge=1, le=247)]
+    profile: Text
+    channels: Any = None  # [[devices.channels]]: _Channel each
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] | None = None
+
+
+class _ContactDevice(_DeviceHead, kw_only=True):
+    pin: Any  # _pin reads its spellings
+    contact: Literal["NO", "NC"] | None = None
+    pull_up: bool = True
+    bounce_ms: Annotated[int, msgspec.Meta(ge=0, le=5000)] = 50
+    supervision_pin: Any = None
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] | None = None
+
+
+class _Channel(_Shape, kw_only=True):
+    gas: Gas = None
+    measure: Measure = None
+    low: Threshold = None
+    high: Threshold = None
+    hysteresis: Threshold = None
+    channel: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    household: Text | None = None
+    unit: Text | None = None
+    name: Text | None = None
+
+
 def _parse_devices(
     root: _Table,
     units: tuple[UnitConfig, ...],
@@ -1148,79 +1196,73 @@ def _parse_devices(
     seen: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
 
-    def device(t: _Table) -> None:
-        did = t.ident("id")
-        _unique(t.key("id"), seen, did)
-        kind = t.choice("kind", ALL_KINDS, None)
-        household = t.text("household")
-        unit = t.text("unit")
+    def device(path: str, data: Any) -> None:
+        head = _read(data, path, _DeviceHead, known_only=True)
+        did, kind = head.id, head.kind
+        _unique(f"{path}.id", seen, did)
+        modbus = kind in MODBUS_KINDS
+        for key in ("pin",) if modbus else ("bus", "address", "profile"):
+            if key in data:
+                raise ConfigError(f"{path}.{key}", f"a {kind} is polled on a bus; use 'bus' and 'address'" if modbus
+                                  else f"a {kind} is a GPIO contact; use 'pin' and 'contact'")
+        t: _ModbusDevice | _ContactDevice = (_read(data, path, _ModbusDevice) if modbus
+                                             else _read(data, path, _ContactDevice))
+        household, unit = t.household, t.unit
         if household is not None:
             if household not in household_unit:
-                raise ConfigError(t.key("household"), f"unknown household {household!r}")
+                raise ConfigError(f"{path}.household", f"unknown household {household!r}")
             if unit is not None and unit != household_unit[household]:
                 raise ConfigError(
-                    t.key("unit"), f"household {household!r} is in unit {household_unit[household]!r}, not {unit!r}"
+                    f"{path}.unit", f"household {household!r} is in unit {household_unit[household]!r}, not {unit!r}"
                 )
             unit = household_unit[household]
         elif unit is None:
-            raise ConfigError(t.path, "needs a 'household' or a 'unit'")
+            raise ConfigError(path, "needs a 'household' or a 'unit'")
         elif unit not in unit_ids:
-            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
-        name = t.text("name") or did
-        if kind in MODBUS_KINDS:
-            if t.has("pin"):
-                raise ConfigError(t.key("pin"), f"a {kind} is polled on a bus; use 'bus' and 'address'")
-            bus = t.req_str("bus")
+            raise ConfigError(f"{path}.unit", f"unknown unit {unit!r}")
+        name = t.name or did
+        if kind in ("cabinet_door", "extinguisher_station") or t.door_open_s is None:
+            door_open_s = t.door_open_s
+        else:
+            raise ConfigError(f"{path}.door_open_s", f"only a cabinet_door or an extinguisher_station has a door, "
+                                                     f"not a {kind}")
+        if isinstance(t, _ModbusDevice):
+            bus, address = t.bus, t.address
             if bus not in bus_ids:
-                raise ConfigError(t.key("bus"), f"unknown bus {bus!r}")
-            address = t.integer("address", lo=1, hi=247)
+                raise ConfigError(f"{path}.bus", f"unknown bus {bus!r}")
             if (bus, address) in addresses:
                 raise ConfigError(
-                    t.key("address"), f"address {address} on bus {bus!r} is already used by {addresses[bus, address]}"
+                    f"{path}.address", f"address {address} on bus {bus!r} is already used by {addresses[bus, address]}"
                 )
             addresses[bus, address] = did
-            profile_name = t.req_str("profile")
             if kind == "gas_detector":
-                if profile_name not in detector_profiles:
-                    raise ConfigError(t.key("profile"), f"unknown gas detector profile {profile_name!r}")
-                profile = detector_profiles[profile_name]
-                if t.has("channels") or profile.channels > 1:
-                    devices.extend(_channels(t, did, name, (unit, household), bus, address, profile,
-                                         household_unit, unit_ids, seen))
+                if t.profile not in detector_profiles:
+                    raise ConfigError(f"{path}.profile", f"unknown gas detector profile {t.profile!r}")
+                profile = detector_profiles[t.profile]
+                if t.channels is not None or profile.channels > 1:
+                    devices.extend(_channels(path, data, t, name, (unit, household), profile, household_unit,
+                                             unit_ids, seen))
                 else:
-                    devices.append(_gas_detector(t, did, name, unit, household, bus, address, profile))
+                    devices.append(_gas_detector(path, t, did, name, unit, household, bus, address, profile))
             else:
-                if profile_name not in station_profiles:
-                    raise ConfigError(t.key("profile"), f"unknown extinguisher station profile {profile_name!r}")
+                if t.profile not in station_profiles:
+                    raise ConfigError(f"{path}.profile", f"unknown extinguisher station profile {t.profile!r}")
                 devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household,
-                                            bus=bus, address=address,
-                                            station_profile=station_profiles[profile_name],
-                                            door_open_s=_door_open_s(t, kind)))
+                                            bus=bus, address=address, station_profile=station_profiles[t.profile],
+                                            door_open_s=door_open_s))
         else:
-            for key in ("bus", "address", "profile"):
-                if t.has(key):
-                    raise ConfigError(t.key(key), f"a {kind} is a GPIO contact; use 'pin' and 'contact'")
-            pin = _pin(t, "pin")
+            pin = _pin(t.pin, f"{path}.pin")
             if pin is None:
-                raise ConfigError(t.key("pin"), "is required")
-            devices.append(
-                DeviceConfig(
-                    id=did,
-                    kind=kind,
-                    name=name,
-                    unit=unit,
-                    household=household,
-                    pin=pin,
-                    contact=t.choice("contact", ("NO", "NC"), "NC" if kind == "extinguisher_presence" else "NO"),
-                    pull_up=t.flag("pull_up", True),
-                    bounce_ms=t.integer("bounce_ms", 50, lo=0, hi=5000),
-                    supervision_pin=_pin(t, "supervision_pin"),
-                    door_open_s=_door_open_s(t, kind),
-                )
-            )
-        t.done()
+                raise ConfigError(f"{path}.pin", "is required")
+            contact: Literal["NO", "NC"] = "NC" if kind == "extinguisher_presence" else "NO"
+            if t.contact is not None:
+                contact = t.contact
+            devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household, pin=pin,
+                                        contact=contact, pull_up=t.pull_up, bounce_ms=t.bounce_ms,
+                                        supervision_pin=_pin(t.supervision_pin, f"{path}.supervision_pin"),
+                                        door_open_s=door_open_s))
 
-    _each(root.tables("devices"), device)
+    _each_entry(_entries(root.raw("devices"), "devices"), device)
     return tuple(devices)
 
 
@@ -1229,89 +1271,82 @@ _CHANNEL_SHARED = ("gas", "measure", "low", "high", "hysteresis")
 
 
 def _channels(
-    t: _Table, did: str, name: str, place: tuple[str, str | None], bus: str, address: int,
+    path: str, data: Mapping[str, Any], t: _ModbusDevice, name: str, place: tuple[str, str | None],
     profile: DetectorProfile, household_unit: dict[str, str], unit_ids: set[str], seen: dict[str, str],
 ) -> list[DeviceConfig]:
     """The channels of a multi-channel controller (``[[devices.channels]]``), each a detector of its own:
     id ``<id>.ch<n>``, its own household (or unit), thresholds and alarm state, the controller's address."""
     if profile.channels < 2:
-        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has one channel; a multi-channel "
-                                             "profile sets channels and stride ([profiles.<name>])")
-    tables = t.tables("channels")
+        raise ConfigError(f"{path}.channels", f"profile {profile.name!r} has one channel; a multi-channel "
+                                              "profile sets channels and stride ([profiles.<name>])")
+    tables = _entries(t.channels, f"{path}.channels")
     if not tables:
-        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has {profile.channels} channels: "
-                                             "bind each one in use with a [[devices.channels]] table")
-    shared = {k: t.raw(k) for k in _CHANNEL_SHARED if t.has(k)}
+        raise ConfigError(f"{path}.channels", f"profile {profile.name!r} has {profile.channels} channels: "
+                                              "bind each one in use with a [[devices.channels]] table")
+    shared = {k: data[k] for k in _CHANNEL_SHARED if k in data}
     used: dict[int, str] = {}
     out: list[DeviceConfig] = []
-    for i, raw in enumerate(tables):
-        c = _Table({**shared, **raw.data}, raw.path)
-        number = c.integer("channel", i + 1, lo=1, hi=profile.channels)
+    for i, (where, raw) in enumerate(tables):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, f"must be a table, got {_typename(raw)}")
+        c = _read({**shared, **raw}, where, _Channel)
+        number = i + 1 if c.channel is None else c.channel
+        if number > profile.channels:
+            raise ConfigError(f"{where}.channel", f"must be ≤ {profile.channels}, got {number}")
         if number in used:
-            raise ConfigError(c.key("channel"), f"channel {number} is already bound at {used[number]}")
-        used[number] = c.path
-        cid = f"{did}.ch{number}"
-        _unique(c.key("channel"), seen, cid)
+            raise ConfigError(f"{where}.channel", f"channel {number} is already bound at {used[number]}")
+        used[number] = where
+        cid = f"{t.id}.ch{number}"
+        _unique(f"{where}.channel", seen, cid)
         unit, household = place
-        own_household, own_unit = c.text("household"), c.text("unit")
-        if own_household is not None:
-            if own_household not in household_unit:
-                raise ConfigError(c.key("household"), f"unknown household {own_household!r}")
-            if own_unit is not None and own_unit != household_unit[own_household]:
-                raise ConfigError(c.key("unit"), f"household {own_household!r} is in unit "
-                                                 f"{household_unit[own_household]!r}, not {own_unit!r}")
-            unit, household = household_unit[own_household], own_household
-        elif own_unit is not None:
-            if own_unit not in unit_ids:
-                raise ConfigError(c.key("unit"), f"unknown unit {own_unit!r}")
-            unit, household = own_unit, None
-        channel_name = c.text("name") or f"{name} channel {number}"
-        device = _gas_detector(c, cid, channel_name, unit, household, bus, address, profile.for_channel(number))
-        out.append(replace(device, controller=did, channel=number))
-        c.done()
+        if c.household is not None:
+            if c.household not in household_unit:
+                raise ConfigError(f"{where}.household", f"unknown household {c.household!r}")
+            if c.unit is not None and c.unit != household_unit[c.household]:
+                raise ConfigError(f"{where}.unit", f"household {c.household!r} is in unit "
+                                                   f"{household_unit[c.household]!r}, not {c.unit!r}")
+            unit, household = household_unit[c.household], c.household
+        elif c.unit is not None:
+            if c.unit not in unit_ids:
+                raise ConfigError(f"{where}.unit", f"unknown unit {c.unit!r}")
+            unit, household = c.unit, None
+        channel_name = c.name or f"{name} channel {number}"
+        device = _gas_detector(where, c, cid, channel_name, unit, household, t.bus, t.address,
+                               profile.for_channel(number))
+        out.append(replace(device, controller=t.id, channel=number))
     return out
 
 
-def _door_open_s(t: _Table, kind: str) -> float | None:
-    """Per-device override of ``[alarm] door_open_s`` (a cabinet door contact or a station's door point)."""
-    value = t.opt_num("door_open_s", lo=0.0, hi=3600.0)
-    if value is not None and kind not in ("cabinet_door", "extinguisher_station"):
-        raise ConfigError(t.key("door_open_s"), f"only a cabinet_door or an extinguisher_station has a door, "
-                                                f"not a {kind}")
-    return value
-
-
 def _gas_detector(
-    t: _Table, did: str, name: str, unit: str, household: str | None, bus: str, address: int,
-    profile: DetectorProfile,
+    path: str, t: _ModbusDevice | _Channel, did: str, name: str, unit: str, household: str | None, bus: str,
+    address: int, profile: DetectorProfile,
 ) -> DeviceConfig:
-    gas = t.choice("gas", tuple(GAS_UNITS), profile.default_gas)
+    gas = t.gas or profile.default_gas
     fixed = profile.measure if isinstance(profile.measure, str) else None
-    measure_given = t.has("measure")
-    measure = t.choice("measure", MEASURES, fixed or GAS_UNITS[gas])
+    measure = t.measure or fixed or GAS_UNITS[gas]
     if fixed is not None and measure != fixed:
-        raise ConfigError(t.key("measure"), f"profile {profile.name!r} reports in {fixed}, not {measure}")
+        raise ConfigError(f"{path}.measure", f"profile {profile.name!r} reports in {fixed}, not {measure}")
     if gas == "CO" and measure != "ppm":
-        raise ConfigError(t.key("measure" if measure_given else "gas"),
+        raise ConfigError(f"{path}.{'measure' if t.measure is not None else 'gas'}",
                           f"CO is measured in ppm, but profile {profile.name!r} reports in {measure}")
     d_low, d_high, d_hyst = DEFAULT_THRESHOLDS[measure]
     from_profile = profile.thresholds
-    low = t.num("low", from_profile.get("low", d_low), lo=0.0)
-    high = t.num("high", from_profile.get("high", d_high), lo=0.0)
-    hysteresis = t.num("hysteresis", from_profile.get("hysteresis", d_hyst), lo=0.0)
+    low = from_profile.get("low", d_low) if t.low is None else t.low
+    high = from_profile.get("high", d_high) if t.high is None else t.high
+    hysteresis = from_profile.get("hysteresis", d_hyst) if t.hysteresis is None else t.hysteresis
     low_cap, high_cap, why = THRESHOLD_CAPS[measure]
     if low <= 0.0:
-        raise ConfigError(t.key("low"), f"must be > 0, got {low:g}")
+        raise ConfigError(f"{path}.low", f"must be > 0, got {low:g}")
     if low_cap is not None and low > low_cap:
-        raise ConfigError(t.key("low"), f"level 1 must be ≤ {low_cap:g} {measure} ({why}), got {low:g}")
+        raise ConfigError(f"{path}.low", f"level 1 must be ≤ {low_cap:g} {measure} ({why}), got {low:g}")
     if high > high_cap:
-        raise ConfigError(t.key("high"), f"level 2 must be ≤ {high_cap:g} {measure} ({why}), got {high:g}")
+        raise ConfigError(f"{path}.high", f"level 2 must be ≤ {high_cap:g} {measure} ({why}), got {high:g}")
     if low >= high:
-        raise ConfigError(t.key("low"), f"must be below high ({high:g} {measure}), got {low:g}")
+        raise ConfigError(f"{path}.low", f"must be below high ({high:g} {measure}), got {low:g}")
     if hysteresis >= low:
-        raise ConfigError(t.key("hysteresis"), f"must be below low ({low:g} {measure}), got {hysteresis:g}")
+        raise ConfigError(f"{path}.hysteresis", f"must be below low ({low:g} {measure}), got {hysteresis:g}")
     if hysteresis >= high - low:
-        raise ConfigError(t.key("hysteresis"),
+        raise ConfigError(f"{path}.hysteresis",
                           f"must be below high − low ({high - low:g} {measure}) so the two levels stay apart, "
                           f"got {hysteresis:g}")
     return DeviceConfig(id=did, kind="gas_detector", name=name, unit=unit, household=household, bus=bus,
@@ -1319,51 +1354,73 @@ def _gas_detector(
                         hysteresis=hysteresis)
 
 
-def _output_pin(t: _Table, name: str) -> OutputPin | None:
-    value = t.raw(name)
+class _PinTable(_Shape, kw_only=True):
+    pin: Any  # _pin reads its spellings
+    active_high: bool = True
+
+
+class _LedsTable(_Shape, kw_only=True):
+    alarm: Any = None
+    supervisory: Any = None
+    fault: Any = None
+    power: Any = None
+
+
+class _RelayTable(_Shape, kw_only=True):
+    id: Ident
+    pin: Any
+    active_high: bool = True
+    name: Text | None = None
+
+
+class _OutputsTable(_Shape, kw_only=True):
+    buzzer: Any = None
+    leds: Any = None
+    relays: Any = None
+
+
+def _output_pin(value: Any, key: str) -> OutputPin | None:
+    """An output: a pin, or a table with ``pin`` and ``active_high``."""
     if value is None:
         return None
     if isinstance(value, Mapping):
-        sub = _Table(value, t.key(name))
-        pin = _pin(sub, "pin")
+        t = _read(value, key, _PinTable)
+        pin = _pin(t.pin, f"{key}.pin")
         if pin is None:
-            raise ConfigError(sub.key("pin"), "is required")
-        out = OutputPin(pin=pin, active_high=sub.flag("active_high", True))
-        sub.done()
-        return out
-    pin = _pin(t, name)
+            raise ConfigError(f"{key}.pin", "is required")
+        return OutputPin(pin=pin, active_high=t.active_high)
+    pin = _pin(value, key)
     assert pin is not None
     return OutputPin(pin=pin)
 
 
 def _parse_outputs(root: _Table) -> OutputsConfig:
-    t = root.table("outputs", required=True)
-    assert t is not None
-    buzzer = _output_pin(t, "buzzer")
+    data = root.raw("outputs")
+    if data is None:
+        raise ConfigError("outputs", "is required")
+    t = _read(data, "outputs", _OutputsTable)
+    buzzer = _output_pin(t.buzzer, "outputs.buzzer")
     if buzzer is None:
-        raise ConfigError(t.key("buzzer"), "is required (the local sounder)")
+        raise ConfigError("outputs.buzzer", "is required (the local sounder)")
     leds: dict[str, OutputPin] = {}
-    led_table = t.table("leds")
-    if led_table is not None:
+    if t.leds is not None:
+        led_table = _read(t.leds, "outputs.leds", _LedsTable)
         for colour in ("alarm", "supervisory", "fault", "power"):
-            led = _output_pin(led_table, colour)
+            led = _output_pin(getattr(led_table, colour), f"outputs.leds.{colour}")
             if led is not None:
                 leds[colour] = led
-        led_table.done()
     relays: list[RelayConfig] = []
     seen: dict[str, str] = {}
 
-    def relay(r: _Table) -> None:
-        rid = r.ident("id")
-        _unique(r.key("id"), seen, rid)
-        pin = _pin(r, "pin")
+    def relay(path: str, data: Any) -> None:
+        r = _read(data, path, _RelayTable)
+        _unique(f"{path}.id", seen, r.id)
+        pin = _pin(r.pin, f"{path}.pin")
         if pin is None:
-            raise ConfigError(r.key("pin"), "is required")
-        relays.append(RelayConfig(id=rid, pin=pin, active_high=r.flag("active_high", True), name=r.text("name") or rid))
-        r.done()
+            raise ConfigError(f"{path}.pin", "is required")
+        relays.append(RelayConfig(id=r.id, pin=pin, active_high=r.active_high, name=r.name or r.id))
 
-    _each(t.tables("relays"), relay)
-    t.done()
+    _each_entry(_entries(t.relays, "outputs.relays"), relay)
     return OutputsConfig(buzzer=buzzer, leds=leds, relays=tuple(relays))
 
 
@@ -1418,11 +1475,11 @@ def _parse_linkage(
             raise ConfigError(f"{path}.output", f"unknown relay {t.output!r}")
         rules.append(LinkageRule(signal=t.signal, scope=t.scope, output=t.output))
 
-    _each_entry(_entries(root, "linkage"), rule)
+    _each_entry(_entries(root.raw("linkage"), "linkage"), rule)
     return tuple(rules)
 
 
-class _LinkageTable(_Shape):
+class _LinkageTable(_Shape, kw_only=True):
     signal: Literal["any_alarm", "fault", "fire", "gas_high", "gas_low", "supervisory"]
     output: Text
     scope: Text = "building"
@@ -1439,7 +1496,7 @@ def _resolve(base: Path, value: str | None) -> str | None:
 _MQTT = MqttConfig()
 
 
-class _TlsTable(_Shape):
+class _TlsTable(_Shape, kw_only=True):
     ca_file: Text | None = None
     cert_file: Text | None = None
     key_file: Text | None = None
@@ -1451,7 +1508,7 @@ class _TlsTable(_Shape):
                              "must be given together")
 
 
-class _MqttTable(_Shape):
+class _MqttTable(_Shape, kw_only=True):
     host: Text | None = None
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
     hosts: Any = None  # "host:port" strings, each checked by _parse_hosts
@@ -1620,7 +1677,7 @@ def _check_private(path: str, key: str) -> None:
 _STORAGE, _TRANSMISSION = StorageConfig(), TransmissionConfig()
 
 
-class _StorageTable(_Shape):
+class _StorageTable(_Shape, kw_only=True):
     path: Text = _STORAGE.path
     max_mb: Annotated[float, msgspec.Meta(ge=1.0, le=100_000.0)] = _STORAGE.max_mb
     min_free_mb: Annotated[float, msgspec.Meta(ge=0.0)] = _STORAGE.min_free_mb
@@ -1640,7 +1697,7 @@ def _parse_storage(root: _Table, base: Path) -> StorageConfig:
                          telemetry_batch_s=t.telemetry_batch_s, memory_events=t.memory_events)
 
 
-class _ControlTable(_Shape):
+class _ControlTable(_Shape, kw_only=True):
     socket: Text = DEFAULT_SOCKET
     group: Text | None = None
     operator_group: Text | None = None
@@ -1669,7 +1726,7 @@ REMOVED_RUNTIME_KEYS = {
 }
 
 
-class _RuntimeTable(_Shape):
+class _RuntimeTable(_Shape, kw_only=True):
     realtime_priority: Annotated[int, msgspec.Meta(ge=0, le=99)] = 0
     gc_freeze: bool = True
     pin_factory: Literal["lgpio", "mock"] = "lgpio"
@@ -1686,7 +1743,7 @@ def _parse_runtime(root: _Table) -> RuntimeConfig:
     return RuntimeConfig(realtime_priority=t.realtime_priority, gc_freeze=t.gc_freeze, pin_factory=t.pin_factory)
 
 
-class _TransmissionTable(_Shape):
+class _TransmissionTable(_Shape, kw_only=True):
     ack_deadline_s: Annotated[float, msgspec.Meta(ge=1.0, le=MAX_ACK_DEADLINE_S)] = _TRANSMISSION.ack_deadline_s
     path_down_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _TRANSMISSION.path_down_s
 
@@ -1699,7 +1756,7 @@ def _parse_transmission(root: _Table) -> TransmissionConfig:
     return TransmissionConfig(ack_deadline_s=t.ack_deadline_s, path_down_s=t.path_down_s)
 
 
-class _SmsTable(_Shape):
+class _SmsTable(_Shape, kw_only=True):
     device: Text
     contacts: Text
     mode: Literal["fallback", "always"] = "fallback"
