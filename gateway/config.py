@@ -19,7 +19,7 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -169,12 +169,6 @@ def _part(parse: Callable[[], _T], fallback: _T) -> _T:
     except ConfigError as exc:
         _record([exc])
         return fallback
-
-
-def _each(tables: list[_Table], parse: Callable[[_Table], None]) -> None:
-    """``parse(t)`` for every table; one with an error is recorded and left out, and the next one is read."""
-    for t in tables:
-        _part(lambda t=t: parse(t), None)  # type: ignore[misc]
 
 
 def _hint(key: str, known: Iterable[str]) -> str:
@@ -466,130 +460,6 @@ class SiteConfig:
 # --------------------------------------------------------------------------------------------- reader
 
 
-class _Table:
-    """A TOML table being read, tracking the key path and unknown keys."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
-        self.data: Mapping[str, Any] = data
-        self.path = path
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        self.seen.add(name)
-        return self.data.get(name, default)
-
-    def _get(self, name: str, required: bool) -> Any:
-        self.seen.add(name)
-        if name not in self.data:
-            if required:
-                typo = difflib.get_close_matches(name, sorted(set(self.data) - self.seen), n=1, cutoff=0.8)
-                if typo:  # `adress = 5`: the typo is the error, not the missing key
-                    self.seen.add(typo[0])
-                    raise ConfigError(self.key(typo[0]), f"unknown key{_hint(typo[0], [name])}")
-                raise ConfigError(self.key(name), "is required")
-            return None
-        return self.data[name]
-
-    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
-        value = self._get(name, required and default is None)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise ConfigError(self.key(name), f"must be a string, got {_typename(value)}")
-        if not value.strip():
-            raise ConfigError(self.key(name), "must not be empty")
-        return value
-
-    def req_str(self, name: str) -> str:
-        value = self.text(name, required=True)
-        assert value is not None
-        return value
-
-    def ident(self, name: str) -> str:
-        value = self.req_str(name)
-        if not all(c.isalnum() or c in "-_." for c in value):
-            raise ConfigError(self.key(name), f"{value!r} may contain only letters, digits, '-', '_' and '.'")
-        return value
-
-    def integer(self, name: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None) -> int:
-        value = self._get(name, default is None)
-        if value is None:
-            assert default is not None
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(name), f"must be an integer, got {_typename(value)}")
-        _check_range(self.key(name), value, lo, hi)
-        return value
-
-    def num(
-        self, name: str, default: float | None = None, *, lo: float | None = None, hi: float | None = None
-    ) -> float:
-        value = self._get(name, default is None)
-        if value is None:
-            assert default is not None
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(self.key(name), f"must be a number, got {_typename(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(self.key(name), "must be a finite number")
-        _check_range(self.key(name), float(value), lo, hi)
-        return float(value)
-
-    def opt_num(self, name: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
-        if name not in self.data:
-            self.seen.add(name)
-            return None
-        return self.num(name, lo=lo, hi=hi)
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self._get(name, False)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"must be true or false, got {_typename(value)}")
-        return value
-
-    def choice(self, name: str, choices: Iterator[Any] | frozenset[Any] | tuple[Any, ...], default: Any) -> Any:
-        value = self._get(name, default is None)
-        if value is None:
-            return default
-        options = tuple(sorted(choices, key=str)) if isinstance(choices, frozenset) else tuple(choices)
-        # Exact type: 9600.0 or true must not pass for 9600 or 1.
-        if not any(type(value) is type(option) and value == option for option in options):
-            listed = ", ".join(repr(c) for c in options)
-            raise ConfigError(self.key(name), f"must be one of {listed}, got {value!r}")
-        return value
-
-    def table(self, name: str, *, required: bool = False) -> _Table | None:
-        value = self._get(name, required)
-        if value is None:
-            return None
-        return _Table(value, self.key(name))
-
-    def tables(self, name: str) -> list[_Table]:
-        value = self._get(name, False)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]]), got {_typename(value)}")
-        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
-
-    def done(self) -> None:
-        """Every key not read is an unknown key; one close to a key this table has is given a hint."""
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            absent = self.seen - set(self.data)
-            _record([ConfigError(self.key(k), f"unknown key{_hint(k, absent)}") for k in unknown])
-
-
 #: A table of the file as a msgspec struct: unknown keys are read by :func:`_read` (all of them, with hints).
 class _Shape(msgspec.Struct, kw_only=True):
     pass
@@ -615,11 +485,18 @@ def _read(data: Any, path: str, kind: type[_S], *, known_only: bool = False) -> 
         table = convert(data, kind)
     except Problem as problem:
         raise _config_error(problem, path, data, known) from None
-    unknown = [] if known_only else sorted(set(data) - known)
+    if not known_only:
+        _record_unknown(data, path, kind)
+    return table
+
+
+def _record_unknown(data: Mapping[str, Any], path: str, kind: type[_Shape]) -> None:
+    """Record every key of ``data`` that ``kind`` lacks, with a hint when it is close to one ``data`` lacks."""
+    known = {f.encode_name for f in msgspec.structs.fields(kind)}
+    unknown = sorted(set(data) - known)
     if unknown:
         absent = known - set(data)
         _record([ConfigError(_key(path, k), f"unknown key{_hint(k, absent)}") for k in unknown])
-    return table
 
 
 def _key(path: str, name: str | int) -> str:
@@ -667,13 +544,6 @@ def _config_error(problem: Problem, path: str, data: Mapping[str, Any], known: s
     if noun is not None:
         return ConfigError(where, f"must be {noun}, got {_typename(value)}")
     return ConfigError(where, f"must be a table, got {_typename(value)}")
-
-
-def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
-    if lo is not None and value < lo:
-        raise ConfigError(path, f"must be ≥ {lo:g}, got {value:g}")
-    if hi is not None and value > hi:
-        raise ConfigError(path, f"must be ≤ {hi:g}, got {value:g}")
 
 
 #: Physical pin of the 40-pin header (BOARDn, J8:n) → BCM GPIO number; the others are power and ground.
@@ -838,18 +708,42 @@ def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | 
     return cfg
 
 
+class _SiteFile(_Shape, kw_only=True):
+    """The file's top-level tables, each read by its own part."""
+
+    site: Any = None
+    units: Any = None
+    households: Any = None
+    buses: Any = None
+    profiles: Any = None
+    alarm: Any = None
+    devices: Any = None
+    outputs: Any = None
+    linkage: Any = None
+    mqtt: Any = None
+    storage: Any = None
+    control: Any = None
+    runtime: Any = None
+    transmission: Any = None
+    sms: Any = None
+
+
+class _SiteTable(_Shape, kw_only=True):
+    community: Ident
+    building: Ident
+    gateway_id: Ident | None = None
+
+
 def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig | None:
     """Every part of the site, each checked even when an earlier one had errors (None then)."""
-    root = _Table(data, "")
+    top = _read(data, "", _SiteFile, known_only=True)  # its unknown keys are reported last
+    root = data
 
     def ids() -> tuple[str, str, str]:
-        site = root.table("site", required=True)
-        assert site is not None
-        community = site.ident("community")
-        building = site.ident("building")
-        gateway_id = site.ident("gateway_id") if site.has("gateway_id") else f"{community}-{building}"
-        site.done()
-        return community, building, gateway_id
+        if top.site is None:
+            raise ConfigError("site", "is required")
+        site = _read(top.site, "site", _SiteTable)
+        return site.community, site.building, site.gateway_id or f"{site.community}-{site.building}"
 
     community, building, gateway_id = _part(ids, ("", "", ""))
     units: tuple[UnitConfig, ...] = _part(lambda: _parse_units(root), ())
@@ -875,7 +769,7 @@ def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig 
     runtime = _part(lambda: _parse_runtime(root), RuntimeConfig())
     transmission = _part(lambda: _parse_transmission(root), TransmissionConfig())
     sms = _part(lambda: _parse_sms(root, base), None)
-    root.done()
+    _record_unknown(data, "", _SiteFile)
     if _collected.get():
         return None
     assert outputs is not None
@@ -949,7 +843,7 @@ class _UnitTable(_Shape, kw_only=True):
     name: Text | None = None
 
 
-def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
+def _parse_units(root: Mapping[str, Any]) -> tuple[UnitConfig, ...]:
     units: list[UnitConfig] = []
     seen: dict[str, str] = {}
 
@@ -958,7 +852,7 @@ def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
         _unique(f"{path}.id", seen, t.id)
         units.append(UnitConfig(id=t.id, name=t.name or t.id))
 
-    entries = _entries(root.raw("units"), "units")
+    entries = _entries(root.get("units"), "units")
     _each_entry(entries, unit)
     if not units and not entries:
         raise ConfigError("units", "at least one unit is required")
@@ -971,7 +865,7 @@ class _HouseholdTable(_Shape, kw_only=True):
     name: Text | None = None
 
 
-def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
+def _parse_households(root: Mapping[str, Any], unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
     households: list[HouseholdConfig] = []
     seen: dict[str, str] = {}
 
@@ -982,7 +876,7 @@ def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig
             raise ConfigError(f"{path}.unit", f"unknown unit {t.unit!r}")
         households.append(HouseholdConfig(id=t.id, unit=t.unit, name=t.name or t.id))
 
-    _each_entry(_entries(root.raw("households"), "households"), household)
+    _each_entry(_entries(root.get("households"), "households"), household)
     return tuple(households)
 
 
@@ -1002,7 +896,7 @@ class _BusTable(_Shape, kw_only=True):
             raise ValueError(f"bytesize: Modbus RTU frames carry 8 data bits, got {self.bytesize}")
 
 
-def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
+def _parse_buses(root: Mapping[str, Any]) -> tuple[BusConfig, ...]:
     buses: list[BusConfig] = []
     seen: dict[str, str] = {}
     ports: dict[str, tuple[str, str]] = {}  # real path → (first bus's key path, its port as written)
@@ -1019,7 +913,7 @@ def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
         buses.append(BusConfig(id=t.id, port=t.port, baudrate=t.baudrate, parity=t.parity, stopbits=t.stopbits,
                                bytesize=t.bytesize, timeout_s=t.timeout_s, poll_interval_s=t.poll_interval_s))
 
-    _each_entry(_entries(root.raw("buses"), "buses"), bus)
+    _each_entry(_entries(root.get("buses"), "buses"), bus)
     return tuple(buses)
 
 
@@ -1072,29 +966,35 @@ def bus_floor_warnings(cfg: SiteConfig) -> list[str]:
     return warnings
 
 
-def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
+class _ProfileHead(_Shape, kw_only=True):
+    """A profile's kind; the rest of its table is read by drivers.profiles."""
+
+    kind: Literal["gas_detector", "extinguisher_station"]
+
+
+def _parse_profiles(root: Mapping[str, Any]) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
     detectors = dict(BUILTIN_DETECTOR_PROFILES)
     stations = dict(BUILTIN_STATION_PROFILES)
-    profiles = root.table("profiles")
+    profiles = root.get("profiles")
     if profiles is None:
         return detectors, stations
-    for name in profiles.data:
-        t = profiles.table(name)
-        assert t is not None
+    if not isinstance(profiles, Mapping):
+        raise ConfigError("profiles", f"must be a table, got {_typename(profiles)}")
+    for name, data in profiles.items():
+        path = f"profiles.{name}"
+        head = _read(data, path, _ProfileHead, known_only=True)
         if name in detectors or name in stations:
-            raise ConfigError(t.path, f"profile {name!r} already exists (built-in or defined twice)")
+            raise ConfigError(path, f"profile {name!r} already exists (built-in or defined twice)")
         if not all(c.isalnum() or c in "-_." for c in name):
-            raise ConfigError(t.path, f"profile name {name!r} may contain only letters, digits, '-', '_' and '.'")
-        kind = t.choice("kind", ("gas_detector", "extinguisher_station"), None)
-        body = {k: v for k, v in t.data.items() if k != "kind"}
+            raise ConfigError(path, f"profile name {name!r} may contain only letters, digits, '-', '_' and '.'")
+        body = {k: v for k, v in data.items() if k != "kind"}
         try:
-            if kind == "gas_detector":
+            if head.kind == "gas_detector":
                 detectors[name] = parse_detector_profile(name, body)
             else:
                 stations[name] = parse_station_profile(name, body)
         except ProfileError as exc:
-            raise ConfigError(f"{t.path}.{exc.key}" if exc.key else t.path, exc.reason) from None
-    profiles.done()
+            raise ConfigError(f"{path}.{exc.key}" if exc.key else path, exc.reason) from None
     return detectors, stations
 
 
@@ -1121,8 +1021,8 @@ class _AlarmTable(_Shape, kw_only=True):
                              f"got {self.degraded_clear_percent:g}: the fault would clear as it rose")
 
 
-def _parse_alarm(root: _Table) -> AlarmSettings:
-    data = root.raw("alarm")
+def _parse_alarm(root: Mapping[str, Any]) -> AlarmSettings:
+    data = root.get("alarm")
     if data is None:
         return AlarmSettings()
     t = _read(data, "alarm", _AlarmTable)
@@ -1181,7 +1081,7 @@ class _Channel(_Shape, kw_only=True):
 
 
 def _parse_devices(
-    root: _Table,
+    root: Mapping[str, Any],
     units: tuple[UnitConfig, ...],
     households: tuple[HouseholdConfig, ...],
     buses: tuple[BusConfig, ...],
@@ -1189,9 +1089,9 @@ def _parse_devices(
     station_profiles: dict[str, StationProfile],
 ) -> tuple[DeviceConfig, ...]:
     # an entry the file has but that has errors of its own counts as known: its errors are reported, not these
-    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
-    household_unit = {**_written_ids(root.data, "households", "unit"), **{h.id: h.unit for h in households}}
-    bus_ids = {b.id for b in buses} | _written_ids(root.data, "buses")
+    unit_ids = {u.id for u in units} | _written_ids(root, "units")
+    household_unit = {**_written_ids(root, "households", "unit"), **{h.id: h.unit for h in households}}
+    bus_ids = {b.id for b in buses} | _written_ids(root, "buses")
     devices: list[DeviceConfig] = []
     seen: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
@@ -1262,7 +1162,7 @@ def _parse_devices(
                                         supervision_pin=_pin(t.supervision_pin, f"{path}.supervision_pin"),
                                         door_open_s=door_open_s))
 
-    _each_entry(_entries(root.raw("devices"), "devices"), device)
+    _each_entry(_entries(root.get("devices"), "devices"), device)
     return tuple(devices)
 
 
@@ -1394,8 +1294,8 @@ def _output_pin(value: Any, key: str) -> OutputPin | None:
     return OutputPin(pin=pin)
 
 
-def _parse_outputs(root: _Table) -> OutputsConfig:
-    data = root.raw("outputs")
+def _parse_outputs(root: Mapping[str, Any]) -> OutputsConfig:
+    data = root.get("outputs")
     if data is None:
         raise ConfigError("outputs", "is required")
     t = _read(data, "outputs", _OutputsTable)
@@ -1455,11 +1355,12 @@ def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses
 
 
 def _parse_linkage(
-    root: _Table, units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...], outputs: OutputsConfig
+    root: Mapping[str, Any], units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...],
+    outputs: OutputsConfig,
 ) -> tuple[LinkageRule, ...]:
-    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
-    household_ids = {h.id for h in households} | _written_ids(root.data, "households")
-    relay_ids = {r.id for r in outputs.relays} | _written_ids(root.data, "outputs.relays")
+    unit_ids = {u.id for u in units} | _written_ids(root, "units")
+    household_ids = {h.id for h in households} | _written_ids(root, "households")
+    relay_ids = {r.id for r in outputs.relays} | _written_ids(root, "outputs.relays")
     rules: list[LinkageRule] = []
 
     def rule(path: str, data: Any) -> None:
@@ -1475,7 +1376,7 @@ def _parse_linkage(
             raise ConfigError(f"{path}.output", f"unknown relay {t.output!r}")
         rules.append(LinkageRule(signal=t.signal, scope=t.scope, output=t.output))
 
-    _each_entry(_entries(root.raw("linkage"), "linkage"), rule)
+    _each_entry(_entries(root.get("linkage"), "linkage"), rule)
     return tuple(rules)
 
 
@@ -1533,8 +1434,8 @@ class _MqttTable(_Shape, kw_only=True):
                                      "mqtt.port (one node), not both; list every node in mqtt.hosts")
 
 
-def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConfig:
-    data = root.raw("mqtt")
+def _parse_mqtt(root: Mapping[str, Any], base: Path, *, default_client_id: str) -> MqttConfig:
+    data = root.get("mqtt")
     if data is None:
         return MqttConfig(client_id=default_client_id)
     t = _read(data, "mqtt", _MqttTable)
@@ -1687,8 +1588,8 @@ class _StorageTable(_Shape, kw_only=True):
     memory_events: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = _STORAGE.memory_events
 
 
-def _parse_storage(root: _Table, base: Path) -> StorageConfig:
-    data = root.raw("storage")
+def _parse_storage(root: Mapping[str, Any], base: Path) -> StorageConfig:
+    data = root.get("storage")
     if data is None:
         return StorageConfig()
     t = _read(data, "storage", _StorageTable)
@@ -1703,8 +1604,8 @@ class _ControlTable(_Shape, kw_only=True):
     operator_group: Text | None = None
 
 
-def _parse_control(root: _Table, base: Path) -> ControlConfig:
-    data = root.raw("control")
+def _parse_control(root: Mapping[str, Any], base: Path) -> ControlConfig:
+    data = root.get("control")
     if data is None:
         return ControlConfig()
     t = _read(data, "control", _ControlTable)
@@ -1732,8 +1633,8 @@ class _RuntimeTable(_Shape, kw_only=True):
     pin_factory: Literal["lgpio", "mock"] = "lgpio"
 
 
-def _parse_runtime(root: _Table) -> RuntimeConfig:
-    data = root.raw("runtime")
+def _parse_runtime(root: Mapping[str, Any]) -> RuntimeConfig:
+    data = root.get("runtime")
     if data is None:
         return RuntimeConfig()
     for key, reason in REMOVED_RUNTIME_KEYS.items():
@@ -1748,8 +1649,8 @@ class _TransmissionTable(_Shape, kw_only=True):
     path_down_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _TRANSMISSION.path_down_s
 
 
-def _parse_transmission(root: _Table) -> TransmissionConfig:
-    data = root.raw("transmission")
+def _parse_transmission(root: Mapping[str, Any]) -> TransmissionConfig:
+    data = root.get("transmission")
     if data is None:
         return TransmissionConfig()
     t = _read(data, "transmission", _TransmissionTable)
@@ -1778,8 +1679,8 @@ class _SmsTable(_Shape, kw_only=True):
                              "(at, at115200, ...)")
 
 
-def _parse_sms(root: _Table, base: Path) -> SmsConfig | None:
-    data = root.raw("sms")
+def _parse_sms(root: Mapping[str, Any], base: Path) -> SmsConfig | None:
+    data = root.get("sms")
     if data is None:
         return None
     t = _read(data, "sms", _SmsTable)
