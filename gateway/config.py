@@ -1,7 +1,9 @@
 """Site configuration: TOML → a typed, validated site model.
 
-Everything is checked before anything starts. Every error names the key path (``devices[3].address``)
-and the reason; :class:`ConfigError` carries both, and from a file also the line and the id of the device,
+Everything is checked before anything starts. Each table of the file is a msgspec struct (its keys, types,
+bounds and defaults; rules across keys in its ``__post_init__``), read by :func:`_read`; rules that need other
+tables (a known unit, a free pin, a bus's cycle) are checked in code beside them. Every error names the key
+path (``devices[3].address``) and the reason; :class:`ConfigError` carries both, and from a file also the line and the id of the device,
 household, unit, bus or relay it is in. One check reports every error it finds (:class:`ConfigErrors`, at
 most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one is read. An unknown key
 close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78 (EX_CONFIG) on it and
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import msgspec
 from msgspec import inspect as mi
@@ -83,10 +85,14 @@ MODBUS_KINDS = frozenset({"gas_detector", "extinguisher_station"})
 CONTACT_KINDS = frozenset(
     {"gas_relay", "fire_contact", "extinguisher_presence", "pressure_switch", "cabinet_door", "obstruction"}
 )
-ALL_KINDS = MODBUS_KINDS | CONTACT_KINDS
+DeviceKind = Literal["cabinet_door", "extinguisher_presence", "extinguisher_station", "fire_contact", "gas_detector",
+                     "gas_relay", "obstruction", "pressure_switch"]
+ALL_KINDS = frozenset(get_args(DeviceKind))
+assert ALL_KINDS == MODBUS_KINDS | CONTACT_KINDS
 
 #: Signals a linkage rule may react to.
-LINKAGE_SIGNALS = frozenset({"gas_low", "gas_high", "fire", "supervisory", "fault", "any_alarm"})
+LinkageSignal = Literal["any_alarm", "fault", "fire", "gas_high", "gas_low", "supervisory"]
+LINKAGE_SIGNALS = frozenset(get_args(LinkageSignal))
 
 #: Default gas alarm thresholds per measuring unit (low, high, clearing hysteresis).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
@@ -395,8 +401,9 @@ class TransmissionConfig:
 
 #: Longest ``transmission.ack_deadline_s``: EN 54-21's limit for the receiving end's acknowledgement.
 MAX_ACK_DEADLINE_S = 100.0
-SMS_MODES = ("fallback", "always")
-SMS_LANGUAGES = ("zh", "en")
+SmsMode = Literal["fallback", "always"]
+SmsLanguage = Literal["zh", "en"]
+SMS_MODES, SMS_LANGUAGES = get_args(SmsMode), get_args(SmsLanguage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1033,8 +1040,7 @@ class _DeviceHead(_Shape, kw_only=True):
     """What every device has; the rest depends on its kind (:class:`_ModbusDevice`, :class:`_ContactDevice`)."""
 
     id: Ident
-    kind: Literal["cabinet_door", "extinguisher_presence", "extinguisher_station", "fire_contact", "gas_detector",
-                  "gas_relay", "obstruction", "pressure_switch"]
+    kind: DeviceKind
     household: Text | None = None
     unit: Text | None = None
     name: Text | None = None
@@ -1381,7 +1387,7 @@ def _parse_linkage(
 
 
 class _LinkageTable(_Shape, kw_only=True):
-    signal: Literal["any_alarm", "fault", "fire", "gas_high", "gas_low", "supervisory"]
+    signal: LinkageSignal
     output: Text
     scope: Text = "building"
 
@@ -1615,7 +1621,8 @@ def _parse_control(root: Mapping[str, Any], base: Path) -> ControlConfig:
 
 #: Values of ``[runtime] pin_factory``; the same list as drivers.gpio.PIN_FACTORIES (gpiozero's ``native`` is
 #: left out: it needs /dev/gpiomem, which a Pi 5 lacks and the unit's device policy does not allow).
-PIN_FACTORIES = ("lgpio", "mock")
+PinFactory = Literal["lgpio", "mock"]
+PIN_FACTORIES = get_args(PinFactory)
 
 
 #: Keys that once existed, and what replaced them: a site file that still sets one is told so.
@@ -1630,7 +1637,7 @@ REMOVED_RUNTIME_KEYS = {
 class _RuntimeTable(_Shape, kw_only=True):
     realtime_priority: Annotated[int, msgspec.Meta(ge=0, le=99)] = 0
     gc_freeze: bool = True
-    pin_factory: Literal["lgpio", "mock"] = "lgpio"
+    pin_factory: PinFactory = "lgpio"
 
 
 def _parse_runtime(root: Mapping[str, Any]) -> RuntimeConfig:
@@ -1660,9 +1667,9 @@ def _parse_transmission(root: Mapping[str, Any]) -> TransmissionConfig:
 class _SmsTable(_Shape, kw_only=True):
     device: Text
     contacts: Text
-    mode: Literal["fallback", "always"] = "fallback"
+    mode: SmsMode = "fallback"
     after_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 30.0
-    language: Literal["zh", "en"] = "zh"
+    language: SmsLanguage = "zh"
     max_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
     pin: Any = None
     queue: Text = "/var/lib/gateway/sms.db"
