@@ -4,10 +4,10 @@ Everything is checked before anything starts. Each table of the file is a msgspe
 bounds and defaults; rules across keys in its ``__post_init__``), read by :func:`_read`; rules that need other
 tables (a known unit, a free pin, a bus's cycle) are checked in code beside them. Every error names the key
 path (``devices[3].address``) and the reason; :class:`ConfigError` carries both, and from a file also the
-line and the id of the device, household, unit, bus or relay it is in. One check reports every error it finds (:class:`ConfigErrors`, at
-most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one is read. An unknown key
-close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78 (EX_CONFIG) on it and
-``gatewayctl config check`` exits 1 with the same lines.
+line and the id of the device, household, unit, bus or relay it is in. One check reports every error it finds
+(:class:`ConfigErrors`, at most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one
+is read. An unknown key close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78
+(EX_CONFIG) on it and ``gatewayctl config check`` exits 1 with the same lines.
 """
 
 from __future__ import annotations
