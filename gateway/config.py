@@ -484,7 +484,7 @@ def _read(data: Any, path: str, kind: type[_S], *, known_only: bool = False) -> 
     ``known_only``: read the keys ``kind`` has and leave the others to a later read."""
     if not isinstance(data, Mapping):
         raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
-    known = {f.encode_name for f in msgspec.structs.fields(kind)}
+    known = set(kind.__struct_encode_fields__)
     for name, value in data.items():  # inf and nan would pass a one-sided bound
         if isinstance(value, float) and not math.isfinite(value) and name in known:
             raise ConfigError(_key(path, name), "must be a finite number")
@@ -499,7 +499,7 @@ def _read(data: Any, path: str, kind: type[_S], *, known_only: bool = False) -> 
 
 def _record_unknown(data: Mapping[str, Any], path: str, kind: type[_Shape]) -> None:
     """Record every key of ``data`` that ``kind`` lacks, with a hint when it is close to one ``data`` lacks."""
-    known = {f.encode_name for f in msgspec.structs.fields(kind)}
+    known = set(kind.__struct_encode_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
         absent = known - set(data)
