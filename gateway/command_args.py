@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct, UnsetType
 
+from drivers.profiles import toml_type_name
 from gateway.validation import Problem
 
 __all__ = ["EVENTS_MAX", "LOCAL", "REMOTE", "Args", "EventsArgs", "ReadArgs", "RelayTestArgs", "ScanArgs", "reason",
@@ -205,19 +206,9 @@ def reason(command: str, problem: Problem, kind: type[Args] | None = None) -> st
 
 
 def typename(value: Any) -> str:
-    """A value's JSON type as a person says it (``an integer``, ``null``)."""
+    """A value's JSON type as a person says it (``an integer``, ``null``, ``an object``)."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
     if isinstance(value, Mapping):
         return "an object"
-    return type(value).__name__
+    return toml_type_name(value)
