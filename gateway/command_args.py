@@ -196,7 +196,7 @@ def reason(command: str, problem: Problem, kind: type[Args] | None = None) -> st
         return f"{command}: args must be an object, got {typename(problem.value)}"
     key = str(problem.path[0])
     if problem.kind == "unknown":
-        allowed = sorted(f.encode_name for f in msgspec.structs.fields(kind or LOCAL.get(command, Args)))
+        allowed = sorted((kind or LOCAL.get(command, Args)).__struct_encode_fields__)
         return f"{command}: unknown argument {key[:40]!r} (allowed: {', '.join(allowed) or 'none'})"
     if problem.kind == "rule":
         return f"{command}: {problem.text}"

@@ -1,11 +1,12 @@
 """Typed data from outside, refused with its path: msgspec structs, and the one reading of their errors.
 
-The operator commands (MQTT and the control socket, :mod:`gateway.ops.commands`), the command envelope
-(:mod:`gateway.uplink.contract`) and the messages between the processes (:mod:`gateway.link`) are msgspec
-structs. msgspec refuses with ``Expected `int` <= 247 - at `$.args.to```; :func:`problem` reads that into a
-:class:`Problem` (the key path, what is wrong, the value found, the type expected with its bounds), from which
-each boundary words its reason as it always has (:meth:`Problem.reason`). Rules across fields live in the
-structs' ``__post_init__`` (a ``ValueError`` there is a ``rule`` problem, its text kept as written).
+The site file's tables (:mod:`gateway.config`), the operator commands from MQTT and the control socket
+(:mod:`gateway.command_args`, :mod:`gateway.uplink.contract`, :mod:`gateway.ops.control`) and the messages
+between the processes (:mod:`gateway.link`) are msgspec structs. msgspec refuses with ``Expected `int` <= 247
+- at `$.args.to```; :func:`problem` reads that into a :class:`Problem` (the key path, what is wrong, the value
+found, the type expected with its bounds), from which each boundary words its reason as it always has
+(:meth:`Problem.reason`, or its own wording from the same fields). Rules across fields live in the structs'
+``__post_init__`` (a ``ValueError`` there is a ``rule`` problem, its text kept as written).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from msgspec import inspect as mi
 
-__all__ = ["Problem", "convert", "json_type", "problem"]
+__all__ = ["Problem", "convert", "problem"]
 
 _T = TypeVar("_T")
 Kind = Literal["missing", "unknown", "type", "bound", "rule"]
@@ -30,7 +31,7 @@ _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<name>[^`]*)`$")
 _TYPE = re.compile(r"^Expected `[^`]*`, got `[^`]*`$")
 _BOUND = re.compile(r"^Expected `[^`]*` (?:[<>]=?|of length|matching regex)")
 _CHOICE = re.compile(r"^Invalid (?:enum )?value ")
-#: Where a value's key cannot be told (a dict key, an unknown one).
+#: No value at a path (a dict key msgspec does not name, a missing key).
 _NOWHERE = object()
 
 
@@ -53,10 +54,10 @@ class Problem(Exception):
             out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
         return out
 
-    def reason(self, typename: Callable[[Any], str], *, span: str = "{lo}–{hi}") -> str:
+    def reason(self, typename: Callable[[Any], str]) -> str:
         """The reason in the project's words: ``is required``, ``must be an integer, got a string``,
         ``must be 1–247, got 300``, ``must be one of 'a', 'b', got 'c'``; a rule's own text. ``typename`` names
-        the type of the value found; ``span`` words a range with both bounds."""
+        the type of the value found."""
         if self.kind == "missing":
             return "is required"
         if self.kind == "unknown":
@@ -76,7 +77,7 @@ class Problem(Exception):
             lo, hi = expected.ge, expected.le
             shown = f"{self.value:g}" if isinstance(expected, mi.FloatType) else f"{self.value}"
             if lo is not None and hi is not None:
-                return f"must be {span.format(lo=_g(lo), hi=_g(hi))}, got {shown}"
+                return f"must be {_g(lo)}–{_g(hi)}, got {shown}"
             if lo is not None:
                 return f"must be ≥ {_g(lo)}, got {shown}"
             if hi is not None:
@@ -104,8 +105,7 @@ def convert(data: Any, kind: type[_T]) -> _T:
 
 
 def problem(exc: msgspec.ValidationError, data: Any, kind: Any) -> Problem:
-    """Read msgspec's ``exc`` (refusing ``data`` as ``kind``; ``data`` may be _NOWHERE-free raw values, or
-    None when only the bytes were seen) into a :class:`Problem`."""
+    """Read msgspec's ``exc``, its refusal of the plain values ``data`` as ``kind``, into a :class:`Problem`."""
     text = str(exc)
     at = _AT.search(text)
     path: list[str | int] = []
@@ -127,12 +127,6 @@ def problem(exc: msgspec.ValidationError, data: Any, kind: Any) -> Problem:
     value = _value_at(data, path)
     expected = _type_at(mi.type_info(kind), path)
     return Problem(tuple(path), what, None if value is _NOWHERE else value, expected, text)
-
-
-def json_type(text: str) -> str:
-    """The JSON type msgspec names in ``Expected `int`, got `str``` (the second one), or ""."""
-    found = re.search(r"got `([^`]*)`", text)
-    return found.group(1) if found else ""
 
 
 def _value_at(data: Any, path: list[str | int]) -> Any:

@@ -36,7 +36,6 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import msgspec
 import structlog
 
 from drivers.modbus import (
@@ -85,7 +84,7 @@ log = structlog.get_logger()
 
 #: Every command and the arguments it accepts (their types and bounds: :data:`gateway.command_args.LOCAL`).
 COMMAND_ARGS: dict[str, frozenset[str]] = {
-    name: frozenset(f.encode_name for f in msgspec.structs.fields(kind)) for name, kind in LOCAL.items()
+    name: frozenset(kind.__struct_encode_fields__) for name, kind in LOCAL.items()
 }
 COMMANDS = frozenset(COMMAND_ARGS)
 #: Sounder patterns played by ``buzzer_test``, in this order.
