@@ -16,7 +16,6 @@ import socket
 import struct
 import sys
 import threading
-import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,6 +74,8 @@ class Logger:
     def _log(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if _LEVELS[level] >= _OUT.level:
             if fields.pop("exc_info", False):
+                import traceback  # only when there is one to write
+
                 fields["exception"] = traceback.format_exc().rstrip("\n")
             _OUT.write(level, event, fields)
 
