@@ -33,12 +33,16 @@ class _Output:
         self.level = _LEVELS["info"]
         self.context: dict[str, Any] = {}
         self.journal: socket.socket | None = None
+        self.journal_path = JOURNAL_SOCKET
         self.narrative = False
         self.lock = threading.Lock()
 
     def write(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        exception = fields.pop("exception", None)
         entry = {**fields, "event": event, **self.context, "level": level,
                  "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")}
+        if exception is not None:
+            entry["exception"] = exception  # last, as structlog's format_exc_info puts it
         line = json.dumps(entry, default=repr)
         if self.journal is not None and self._to_journal(self.journal, line, entry):
             return
@@ -50,8 +54,7 @@ class _Output:
             except (OSError, ValueError):
                 pass  # a closed stdout loses the line, never the SMS
 
-    @staticmethod
-    def _to_journal(journal: socket.socket, line: str, entry: dict[str, Any]) -> bool:
+    def _to_journal(self, journal: socket.socket, line: str, entry: dict[str, Any]) -> bool:
         parts = [_journal_field("MESSAGE", line), _journal_field("PRIORITY", str(_PRIORITY.get(entry["level"], 6))),
                  _journal_field("SYSLOG_IDENTIFIER", "gatewayd")]
         for key, value in entry.items():
@@ -59,7 +62,7 @@ class _Output:
             text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
             parts.append(_journal_field(name, text))
         try:
-            journal.sendto(b"".join(parts), JOURNAL_SOCKET)
+            journal.sendto(b"".join(parts), self.journal_path)
         except OSError:
             return False  # too large or no journal: the JSON line on stdout, which journald keeps too
         return True
