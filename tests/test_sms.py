@@ -225,6 +225,30 @@ def test_a_refused_submission_is_an_error_and_the_next_one_goes(sim: SimulatedMo
     assert reassemble(sim.submitted_pdus()[before:])[0]["Text"] == "hello"
 
 
+def break_modem(sim: SimulatedModem, fail: str) -> None:
+    """Make the simulated modem fail in one of the ways a real one does (:data:`MODEM_FAILURES`)."""
+    if fail in ("locked", "missing"):
+        sim.sim = fail
+    elif fail == "unregistered":
+        sim.registered = False
+    elif fail == "no_signal":
+        sim.csq = 99
+    elif fail == "silent":
+        sim.silent = True
+    else:
+        sim.unplug()
+
+
+def mend_modem(sim: SimulatedModem) -> None:
+    """Undo :func:`break_modem`: a ready SIM, registered, signal 60 %, answering, plugged in."""
+    sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
+    sim.plug()
+
+
+#: Each failure the simulated modem offers for the modem's health (``+CMS ERROR`` refuses one message instead).
+MODEM_FAILURES = ("locked", "missing", "unregistered", "no_signal", "unplugged", "silent")
+
+
 @pytest.mark.parametrize(("fail", "problem"), [
     ("locked", "SIM locked (PIN needed)"),
     ("missing", "SIM missing"),
@@ -237,22 +261,12 @@ def test_each_modem_failure_names_its_problem_and_clears_when_it_goes(
     sim: SimulatedModem, modem: Modem, fail: str, problem: str,
 ) -> None:
     assert modem.check().problem is None
-    if fail in ("locked", "missing"):
-        sim.sim = fail
-    elif fail == "unregistered":
-        sim.registered = False
-    elif fail == "no_signal":
-        sim.csq = 99
-    elif fail == "silent":
-        sim.silent = True
-    else:
-        sim.unplug()
+    break_modem(sim, fail)
     try:
         health = modem.check()
         assert health.problem is not None and health.problem.startswith(problem), health
     finally:
-        sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
-        sim.plug()
+        mend_modem(sim)
     health = modem.check()
     assert health.problem is None and health.operator == "CHINA MOBILE" and health.signal_percent == 60, health
 

@@ -3,7 +3,9 @@
 The panel starts it (``python -m gateway.sms.process --config SITE --link-fd N``) when ``[sms]`` is configured,
 restarts it when it ends, and hands it — over the same named messages as the storage process
 (:mod:`gateway.link`) — every alarm, supervisory and fault event, the PUBACKs the uplink reported
-(``delivered``) and the ``transmission`` fault. So it works while the MQTT process is dead or restarting.
+(``delivered``) and the ``transmission`` fault. So it works while the MQTT process is dead or restarting. Its
+settings come from the panel, which validated the site file (:mod:`gateway.sms.settings`), and it logs through
+:mod:`gateway.sms.logger`: it imports neither the config machinery nor structlog, for memory.
 
 Three threads: the link reader; the *queue* thread, which owns the rule (:class:`~gateway.sms.policy.SmsPolicy`),
 commits what is owed (and the hand-over mark) before the panel is told it is stored, and turns due events into
