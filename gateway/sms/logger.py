@@ -26,6 +26,13 @@ _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
+def _tty() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return False
+
+
 class _Output:
     """Where lines go and from which level (:func:`configure`)."""
 
@@ -34,7 +41,7 @@ class _Output:
         self.context: dict[str, Any] = {}
         self.journal: socket.socket | None = None
         self.journal_path = JOURNAL_SOCKET
-        self.narrative = False
+        self.narrative = _tty()  # gatewayctl doctor's modem lines, unconfigured, read like a person's
         self.lock = threading.Lock()
 
     def write(self, level: str, event: str, fields: dict[str, Any]) -> None:
@@ -112,7 +119,7 @@ def configure(*, level: str = "info", **context: Any) -> None:
     (``process="sms"``). Journald's native entries when stdout is its stream, a narrative on a terminal."""
     _OUT.level = _LEVELS.get(level.lower(), _LEVELS["info"])
     _OUT.context = dict(context)
-    _OUT.narrative = sys.stdout.isatty()
+    _OUT.narrative = _tty()
     if _journal_attached():
         _OUT.journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
