@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 import tests.test_sms_path
-from drivers.simulated import VirtualNullModem
 from gateway.ops.cli import ControlClient
 from gateway.ops.doctor import Daemon, check_sms
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.modem import SimulatedModem
