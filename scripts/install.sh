@@ -96,8 +96,8 @@ reload_udev() {
     fi
 }
 
-# The serial drivers whose device classes the unit allows must be loaded before it starts (systemd drops a class
-# it does not know yet); at boot systemd-modules-load does it, now modprobe does.
+# The serial driver whose device class the unit can only name (ttySC: no fixed major) must be loaded before it
+# starts (systemd drops a class it does not know yet); at boot systemd-modules-load does it, now modprobe does.
 load_serial_drivers() {
     local modules
     mapfile -t modules < <(grep -Ev '^[[:space:]]*(#|$)' systemd/gateway-serial.conf)
