@@ -13,7 +13,8 @@ offline (``systemctl enable``); the unit itself is rehearsed under a real system
 tests/test_install_rehearsal.py. In each target:
 
 - ``scripts/install.sh --wheels`` as a technician runs it, offline, from wheels fetched on the host for that
-  platform (scripts/wheelhouse) and the distribution's own packages (the build tools where lgpio is built);
+  platform (scripts/wheelhouse) and the distribution's own packages (the build tools where lgpio is built, and
+  libgammu-dev with them where python-gammu is, on armhf); lgpio, orjson, rpds-py and gammu import;
 - every runtime dependency at the lock's version; ``gatewayctl config check`` passes on an edited site and
   ``gatewayctl doctor`` names the platform;
 - ``gatewayd`` with ``pin_factory = "lgpio"`` exits 69 in one line: there is no gpiochip under emulation;
@@ -79,6 +80,7 @@ class Target:
     python: str
     glibc: str
     lgpio: str  # how install.sh gets lgpio there: "wheel" or "build"
+    gammu: str  # and python-gammu: "wheel" (bundles libGammu) or "build" (against Debian's libgammu-dev)
     always: bool  # False: only with GATEWAY_REHEARSE_ALL=1 (every target today: see the module's docstring)
     #: whether the tests inside the root run without GATEWAY_REHEARSE_ALL=1 (about 11 minutes under emulation)
     tests_always: bool = False
@@ -88,14 +90,18 @@ class Target:
         packages = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "mosquitto"]
         if self.lgpio == "build":
             packages += ["python3-dev", "gcc", "libc6-dev", "swig"]
+        if self.gammu == "build":
+            packages += ["libgammu-dev", "pkg-config", "gcc", "python3-dev"]
+        packages = list(dict.fromkeys(packages))
         return ["debootstrap", f"--arch={self.arch}", "--variant=minbase", f"--include={','.join(packages)}",
                 self.suite]
 
 
 TARGETS = [
-    Target("trixie-arm64", "trixie", "arm64", "aarch64", "3.13", "2.41", "build", always=False, tests_always=True),
-    Target("bookworm-arm64", "bookworm", "arm64", "aarch64", "3.11", "2.36", "wheel", always=False),
-    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "wheel", always=False),
+    Target("trixie-arm64", "trixie", "arm64", "aarch64", "3.13", "2.41", "build", "wheel", always=False,
+           tests_always=True),
+    Target("bookworm-arm64", "bookworm", "arm64", "aarch64", "3.11", "2.36", "wheel", "wheel", always=False),
+    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "wheel", "build", always=False),
 ]
 
 HOLD = r"""
@@ -324,8 +330,13 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         have = installed(chroot.run, "/opt/gateway/venv/bin/python")
         assert {n: have[n] for n in locked_pins() if n in have} == {n: v for n, v in locked_pins().items()
                                                                        if n in have}
-        assert {"lgpio", "orjson", "rpds-py", "gpiozero", "pymodbus"} <= set(have), sorted(have)
-        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, orjson, rpds")
+        assert f"python-gammu: {target.gammu} ({target.machine}, Python {target.python}." in install.stdout, \
+            install.stdout[-3000:]
+        assert {"lgpio", "orjson", "rpds-py", "gpiozero", "pymodbus", "python-gammu"} <= set(have), sorted(have)
+        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, orjson, rpds, gammu")
+        if target.gammu == "build":  # linked against Debian's shared libGammu, not a copy bundled in a wheel
+            linked = chroot.run("sh", "-c", "ldd /opt/gateway/venv/lib/python3*/site-packages/gammu/_gammu*.so").stdout
+            assert "libGammu.so" in linked and "/usr/lib/" in linked, linked
 
         # 2. an edited site passes config check; doctor names the platform
         example = (ROOT / "examples/building.toml").read_text()
@@ -396,6 +407,7 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         chroot.stop()
 
     print(f"\nemulated install {target.name} ({'cold' if cold else 'cached root'}, lgpio {lgpio_from}, "
+          f"python-gammu {target.gammu}, "
           f"under emulation): {round(time.monotonic() - started, 1)} s; demo PSS {demo_pss} kB (qemu included); "
           f"tests: {passed}; "
           + ", ".join(f"{k} {v} s" for k, v in timings.items()))
