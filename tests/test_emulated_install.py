@@ -19,8 +19,9 @@ tests/test_install_rehearsal.py. In each target:
   ``gatewayctl doctor`` names the platform;
 - ``gatewayd`` with ``pin_factory = "lgpio"`` exits 69 in one line: there is no gpiochip under emulation;
 - ``gatewayd --demo`` refuses in one line (exit 78): the install carries no simulator; with the checkout's
-  ``gateway_sim/`` alone on ``PYTHONPATH`` it runs, and its alarm reaches a mosquitto started by the test (host
-  binary, in a network namespace of its own, on the port the example site names);
+  ``gateway_sim/`` alone on ``PYTHONPATH`` the demo runs (``python -m gateway_sim.demo --broker``, since
+  ``gatewayd --demo`` would start a mosquitto of its own), and its high alarm reaches a mosquitto started by the
+  test (host binary, in a network namespace of its own);
 - the pure alarm core's tests and the panel-process tests pass inside the root.
 
 Timing under emulation means nothing: nothing here asserts one. The wall time of each part and the PSS of the
@@ -198,8 +199,8 @@ class Chroot:
 
 @contextlib.contextmanager
 def broker_namespace(tmp_path: Path) -> Iterator[int]:
-    """A network namespace with its loopback up and a mosquitto (the host's) on 1883, the port of the example
-    site that ``gatewayd --demo`` publishes to; yields the pid that holds the namespace."""
+    """A network namespace with its loopback up and a mosquitto (the host's) on 1883, the port the
+    demo is sent to (``--broker``); yields the pid that holds the namespace."""
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(mosquitto).exists():
         pytest.fail("mosquitto is needed on the host: apt-get install mosquitto")
@@ -250,7 +251,7 @@ def gateway_pids() -> list[int]:
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "qemu" in cmd and ("gatewayd --demo" in cmd or "gateway.uplink.process" in cmd):
+            if "qemu" in cmd and ("-m gateway_sim.demo" in cmd or "gateway.uplink.process" in cmd):
                 found.append(int(entry.name))
     return found
 
@@ -367,7 +368,9 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         with broker_namespace(tmp_path) as net:
             listen = subprocess.Popen(chroot.argv("/opt/gateway/venv/bin/python", "-c", SUBSCRIBER, net=net),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            demo = subprocess.Popen(chroot.argv("PYTHONPATH=/root/sim", "gatewayd", "--demo", "--duration", "40",
+            # the demo forwards to the broker it is given (gatewayd --demo would start a mosquitto of its own)
+            demo = subprocess.Popen(chroot.argv("PYTHONPATH=/root/sim", "/opt/gateway/venv/bin/python", "-m",
+                                                "gateway_sim.demo", "--duration", "40", "--broker", "127.0.0.1:1883",
                                                 net=net),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
@@ -377,7 +380,7 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
                     if demo.poll() is not None and not seen.exists():
                         raise AssertionError(f"the demo ended ({demo.returncode}) with no alarm at the broker: "
                                              f"{demo.stderr.read()[-3000:] if demo.stderr else ''}")
-                    return seen.exists() and "high_alarm" in seen.read_text()
+                    return seen.exists() and '"level": "high"' in seen.read_text().replace('":"', '": "')
 
                 wait_until(alarm_at_the_broker, 600, "the demo's alarm never reached the broker")
                 demo_pss = pss_kb(gateway_pids())
@@ -413,17 +416,16 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
           + ", ".join(f"{k} {v} s" for k, v in timings.items()))
 
 
-#: Inside the root, on the broker's network: every message of the demo's building, until an alarm shows.
+#: Inside the root, on the broker's network: the demo's building's messages, until its high alarm event shows.
 SUBSCRIBER = r"""
+import json, time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-import time
 
 def on_message(client, userdata, message):
-    text = message.topic + " " + message.payload.decode(errors="replace")
-    if "high_alarm" in text:
+    if message.topic.endswith("/event/alarm") and json.loads(message.payload).get("level") == "high":
         with open("/root/alarm-seen", "w") as out:
-            out.write(text)
+            out.write(message.topic + " " + message.payload.decode())
 
 client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rehearsal-listener")
 client.on_message = on_message
