@@ -395,8 +395,10 @@ def test_install_rehearsal(tmp_path: Path) -> None:
         booted.run("groupadd", "--system", "gateway-ops")
         booted.run("useradd", "--no-create-home", "--groups", "gateway", "tech-reader")
         booted.run("useradd", "--no-create-home", "--groups", "gateway,gateway-ops", "tech-operator")
+        # the install carries no simulator: the checkout's gateway_sim/, alone on the path beside the installed gateway
+        booted.run("sh", "-c", "mkdir -p /root/sim && ln -sfn /root/gateway/gateway_sim /root/sim/gateway_sim")
         booted.run("systemd-run", "--unit=rehearsal-bus", "--working-directory=/root/gateway",
-                   "/opt/gateway/venv/bin/python", "/root/simbus.py")
+                   "--setenv=PYTHONPATH=/root/sim", "/opt/gateway/venv/bin/python", "/root/simbus.py")
         wait_until(lambda: booted.run("test", "-e", "/run/rehearsal/ready", check=False).returncode == 0, 60,
                    "the simulated bus never came up")
         site = build_site(bus_port="/run/rehearsal/ttyGW0", db_path="/var/lib/gateway/events.db",
