@@ -4,11 +4,13 @@ A private PostgreSQL holds ``--alarms`` alarms, each routed to a relative and a 
 ``--instances`` notifier processes (fleet/notifier.py) send them all through Apprise's ``json://`` to a local
 HTTP receiver (its own process). Reported (one JSON line last): ``messages``, ``seconds`` (first message
 received → last), ``messages_per_s`` with 1 and with ``--instances`` instances, ``apprise_alone_per_s`` (one
-process sending the same number of messages through Apprise to the same receiver, no database: the floor the
-notifier adds its bookkeeping to), and the notifier processes' CPU seconds per message. Without PostgreSQL,
+process sending the same number of messages through Apprise to the same receiver, one ``Apprise()`` each, no
+database), and the notifier processes' CPU per message once started (``cpu_ms_per_message``, user and system;
+the start, Apprise's plugins loading, is left out) with the machine's load average. ``--in-flight`` sets the
+notifier's ``in_flight`` (messages one instance sends at once; its default when not given). Without PostgreSQL,
 Apprise or another package it needs, the line says why in ``error`` (with what was measured before).
 
-``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2]``
+``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2] [--in-flight N]``
 """
 
 from __future__ import annotations
@@ -66,7 +68,12 @@ def _apprise_alone(port: int, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any) -> dict[str, Any]:
+def _cpu(procs: list[Any]) -> tuple[float, float]:
+    times = [p.cpu_times() for p in procs]
+    return sum(t.user for t in times), sum(t.system for t in times)
+
+
+def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_flight: int | None) -> dict[str, Any]:
     households = {f"u1-{i:03d}": {"relatives": 1} for i in range(100)}
     buildings = {f"b{j}": {"units": ["u1"], "households": households} for j in range((alarms + 99) // 100)}
 
@@ -77,6 +84,10 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any) -> d
     write_contacts(workdir / "contacts.toml", At(), "c1", buildings)  # type: ignore[arg-type]
     write_notifier_config(workdir / "notifier.toml", community="c1", public_url="http://127.0.0.1:9",
                           escalate_after_s=3600)
+    if in_flight is not None:
+        text = (workdir / "notifier.toml").read_text(encoding="utf-8")
+        (workdir / "notifier.toml").write_text(text.replace("[notifier]\n", f"[notifier]\nin_flight = {in_flight}\n"),
+                                               encoding="utf-8")
     with PostgresServer() as pg:
         events = [event("c1", b, "alarm", "raised", unit="u1", household=h, device=f"gas-{b}-{h}")
                   for b in buildings for h in households][:alarms]
@@ -84,6 +95,7 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any) -> d
         before = count.value
         procs = [start_notifier(workdir, pg.dsn, f"notifier-{i + 1}") for i in range(instances)]
         watched = [psutil.Process(p.proc.pid) for p in procs]
+        user0, system0 = _cpu(watched)
         t0 = time.perf_counter()
         first = None
         while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
@@ -91,20 +103,24 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any) -> d
                 first = time.perf_counter()
             time.sleep(0.01)
         seconds = time.perf_counter() - (first or t0)
-        cpu = sum(sum(p.cpu_times()[:2]) for p in watched)
+        user, system = _cpu(watched)
         for p in procs:
             p.stop(signal.SIGTERM, timeout=20)
     sent = count.value - before
+    per = 1000 / max(1, sent)
     return {"messages": sent, "seconds": round(seconds, 2), "messages_per_s": round(sent / seconds, 1),
-            "cpu_ms_per_message": round(1000 * cpu / max(1, sent), 2)}
+            "cpu_ms_per_message": round(per * (user - user0 + system - system0), 2),
+            "user_ms_per_message": round(per * (user - user0), 2),
+            "system_ms_per_message": round(per * (system - system0), 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alarms", type=int, default=1000)
     parser.add_argument("--instances", type=int, default=2)
+    parser.add_argument("--in-flight", type=int, help="the notifier's in_flight (its default when not given)")
     args = parser.parse_args()
-    result: dict[str, Any] = {"alarms": args.alarms}
+    result: dict[str, Any] = {"alarms": args.alarms, "in_flight": args.in_flight}
     try:
         if MISSING is not None:
             raise MISSING
@@ -124,9 +140,9 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
             for name in ("one", "many"):
                 (Path(tmp) / name).mkdir()
-            result["one_instance"] = _run(Path(tmp) / "one", args.alarms, 1, port.value, count)
+            result["one_instance"] = _run(Path(tmp) / "one", args.alarms, 1, port.value, count, args.in_flight)
             result[f"{args.instances}_instances"] = _run(Path(tmp) / "many", args.alarms, args.instances, port.value,
-                                                         count)
+                                                         count, args.in_flight)
         result["apprise_alone_per_s"] = round(_apprise_alone(port.value, 2 * args.alarms), 1)
         result["load_average"] = psutil.getloadavg()
     finally:
