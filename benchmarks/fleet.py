@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
     parser.add_argument("--notifiers", type=int, default=2, help="notifier instances (fleet/notifier.py)")
     parser.add_argument("--escalate-after", type=float, default=20.0, help="the ladder's step, seconds")
+    parser.add_argument("--notifier-in-flight", type=int,
+                        help="each notifier instance's in_flight (messages sent at once; its default when not given)")
     parser.add_argument("--keep-notifiers", action="store_true",
                         help="do not SIGKILL a notifier instance 2 s after the node's kill")
     args = parser.parse_args()
@@ -82,7 +84,8 @@ def main() -> None:
                                  telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
                                  burst_s=args.burst_s, restart_after_s=args.restart_after,
                                  after_s=args.restart_after + 2.0, kill=args.kill, notifiers=args.notifiers,
-                                 escalate_after_s=args.escalate_after, kill_notifier=not args.keep_notifiers,
+                                 escalate_after_s=args.escalate_after, notifier_in_flight=args.notifier_in_flight,
+                                 kill_notifier=not args.keep_notifiers,
                                  log=lambda text: print(text, file=sys.stderr, flush=True))
         result = scenario.run()
     outside, inside = result.latencies()

@@ -6,7 +6,8 @@ HTTP receiver (its own process). Reported (one JSON line last): ``messages``, ``
 received → last), ``messages_per_s`` with 1 and with ``--instances`` instances, ``apprise_alone_per_s`` (one
 process sending the same number of messages through Apprise to the same receiver, one ``Apprise()`` each, no
 database), and the notifier processes' CPU per message once started (``cpu_ms_per_message``, user and system;
-the start, Apprise's plugins loading, is left out) with the machine's load average. ``--in-flight`` sets the
+the start, Apprise's plugins loading, is left out), PostgreSQL's and the receiver's CPU per message, and the
+machine's load average. ``--in-flight`` sets the
 notifier's ``in_flight`` (messages one instance sends at once; its default when not given). Without PostgreSQL,
 Apprise or another package it needs, the line says why in ``error`` (with what was measured before).
 
@@ -73,7 +74,24 @@ def _cpu(procs: list[Any]) -> tuple[float, float]:
     return sum(t.user for t in times), sum(t.system for t in times)
 
 
-def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_flight: int | None) -> dict[str, Any]:
+def _tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of a process and of each of its children (PostgreSQL's server and backends), by pid."""
+    root = psutil.Process(pid)
+    found = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            found[p.pid] = sum(p.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
+
+
+def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_flight: int | None,
+         receiver_pid: int) -> dict[str, Any]:
     households = {f"u1-{i:03d}": {"relatives": 1} for i in range(100)}
     buildings = {f"b{j}": {"units": ["u1"], "households": households} for j in range((alarms + 99) // 100)}
 
@@ -83,11 +101,7 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
 
     write_contacts(workdir / "contacts.toml", At(), "c1", buildings)  # type: ignore[arg-type]
     write_notifier_config(workdir / "notifier.toml", community="c1", public_url="http://127.0.0.1:9",
-                          escalate_after_s=3600)
-    if in_flight is not None:
-        text = (workdir / "notifier.toml").read_text(encoding="utf-8")
-        (workdir / "notifier.toml").write_text(text.replace("[notifier]\n", f"[notifier]\nin_flight = {in_flight}\n"),
-                                               encoding="utf-8")
+                          escalate_after_s=3600, in_flight=in_flight)
     with PostgresServer() as pg:
         events = [event("c1", b, "alarm", "raised", unit="u1", household=h, device=f"gas-{b}-{h}")
                   for b in buildings for h in households][:alarms]
@@ -95,7 +109,9 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
         before = count.value
         procs = [start_notifier(workdir, pg.dsn, f"notifier-{i + 1}") for i in range(instances)]
         watched = [psutil.Process(p.proc.pid) for p in procs]
+        server_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         user0, system0 = _cpu(watched)
+        server0, receiver0 = _tree_cpu(server_pid), _tree_cpu(receiver_pid)
         t0 = time.perf_counter()
         first = None
         while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
@@ -104,6 +120,7 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
             time.sleep(0.01)
         seconds = time.perf_counter() - (first or t0)
         user, system = _cpu(watched)
+        server, receiver = _spent(server0, _tree_cpu(server_pid)), _spent(receiver0, _tree_cpu(receiver_pid))
         for p in procs:
             p.stop(signal.SIGTERM, timeout=20)
     sent = count.value - before
@@ -111,7 +128,9 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
     return {"messages": sent, "seconds": round(seconds, 2), "messages_per_s": round(sent / seconds, 1),
             "cpu_ms_per_message": round(per * (user - user0 + system - system0), 2),
             "user_ms_per_message": round(per * (user - user0), 2),
-            "system_ms_per_message": round(per * (system - system0), 2)}
+            "system_ms_per_message": round(per * (system - system0), 2),
+            "postgres_cpu_ms_per_message": round(per * server, 2),
+            "receiver_cpu_ms_per_message": round(per * receiver, 2)}
 
 
 def main() -> None:
@@ -140,9 +159,10 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
             for name in ("one", "many"):
                 (Path(tmp) / name).mkdir()
-            result["one_instance"] = _run(Path(tmp) / "one", args.alarms, 1, port.value, count, args.in_flight)
+            result["one_instance"] = _run(Path(tmp) / "one", args.alarms, 1, port.value, count, args.in_flight,
+                                          server.pid)
             result[f"{args.instances}_instances"] = _run(Path(tmp) / "many", args.alarms, args.instances, port.value,
-                                                         count, args.in_flight)
+                                                         count, args.in_flight, server.pid)
         result["apprise_alone_per_s"] = round(_apprise_alone(port.value, 2 * args.alarms), 1)
         result["load_average"] = psutil.getloadavg()
     finally:

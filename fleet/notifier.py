@@ -283,7 +283,7 @@ class NotifierSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     contacts: Contacts = field(default_factory=Contacts)
     poll_s: float = 0.1
-    in_flight: int = 4
+    in_flight: int = 1
     """Messages one instance sends at once, each on a sending lane of its own (a thread and a connection)."""
     name: str = "notifier"
 
@@ -321,7 +321,7 @@ def load_settings(path: str | Path, *, dsn: str, contacts: Contacts, name: str) 
                              max_attempts=int(retry.get("max_attempts", 8)))
         ttl = float(n.get("ack_link_ttl_s", 24 * 3600.0))
         poll = float(n.get("poll_s", 0.1))
-        in_flight = int(n.get("in_flight", 4))
+        in_flight = int(n.get("in_flight", 1))
     except LadderError as exc:
         raise SettingsError(str(exc)) from None
     except (TypeError, ValueError) as exc:
