@@ -4,14 +4,17 @@ Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes 
 each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
-* **deliver** — claims one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise
-  inside that same transaction and commits its outcome (an ``attempts`` row) with its new status; then the next.
-  An instance killed mid-send loses nothing: its transaction rolls back, the row is free again, and another
-  instance sends it. The one message in flight may have left before the kill: **at most one duplicate per
-  instance killed**, so at most one per person. Throughput comes from running more instances, not from more
-  messages in flight in one. A failed attempt is tried again after a backoff (fleet/ladder.py).
-* **escalate** — takes the episodes whose next step is due (``FOR UPDATE SKIP LOCKED``) and creates that
-  step's deliveries in the same transaction as the step count, so a step is never skipped nor created twice.
+* **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 1 by default). A lane claims
+  one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise while holding it, and
+  commits its outcome (an ``attempts`` row) with its new status in that same transaction; the outcome, the commit
+  and the next claim go to PostgreSQL in one round trip (a pipeline), and the commit is confirmed before the next
+  message leaves. An instance killed mid-send loses nothing: its transactions roll back, the rows are free again,
+  and another instance sends them. The messages in flight may have left before the kill: **at most
+  ``in_flight`` duplicates per instance killed, each of a different message** (one with the default). A failed
+  attempt is tried again after a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance.
+* **escalate** — on a loop and a connection of its own, every ``poll_s``: takes the episodes whose next step is
+  due (``FOR UPDATE SKIP LOCKED``) and creates that step's deliveries in the same transaction as the step count,
+  so a step is never skipped nor created twice, nor held back by a burst being opened or cleared.
 * **clear** — an alarm cleared (or reset at the panel), a supervisory signal or a fault cleared closes the
   gateway's open episode of that device (or code): pending alarm messages are cancelled, everyone told gets the
   all-clear.
@@ -43,7 +46,7 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -527,34 +530,55 @@ class Notifier:
         for lane in lanes:
             lane.start()
         _emit("notifier", name=self.s.name, community=self.s.community, in_flight=self.s.in_flight)
+        # The ladder on a connection and a loop of its own: a tick busy opening a burst's episodes or handling
+        # its clears does not hold a step back.
+        loops = [asyncio.create_task(self._loop(self.tick, conn, report=True)),
+                 asyncio.create_task(self._loop(self.escalate))]
+        try:
+            await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self._stop.set()  # one loop failing stops the instance, as it should be seen to
+            self._halt.set()
+            self._wake_lanes()
+            for lane in lanes:  # each ends with the message it is sending recorded
+                await asyncio.to_thread(lane.join)
+            for task in loops:
+                await task
+
+    async def _loop(self, job: Callable[[psycopg.AsyncConnection[Any]], Awaitable[int | bool]],
+                    conn: psycopg.AsyncConnection[Any] | None = None, *, report: bool = False) -> None:
+        """Run ``job`` until :meth:`stop`, again at once while it finds work, else every ``poll_s``; new
+        deliveries wake the lanes. A lost database is connected again; a statement refused is reported."""
         last_report = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
-                    busy = await self.tick(conn)
+                    if conn is None:
+                        conn = await self._connect()
+                    busy = await job(conn)
                 except psycopg.OperationalError as exc:
                     _emit("database_lost", error=repr(exc))
                     await asyncio.sleep(1.0)
-                    with contextlib.suppress(psycopg.Error):
-                        await conn.close()
+                    if conn is not None:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.close()
                     conn = await self._reconnect()
                     continue
                 except psycopg.Error as exc:
-                    _emit("tick_failed", error=repr(exc))
+                    _emit("tick_failed", job=getattr(job, "__name__", "?"), error=repr(exc))
                     busy = False
-                if time.monotonic() - last_report > 5.0:
+                if busy:
+                    self._wake_lanes()
+                if report and time.monotonic() - last_report > 5.0:
                     last_report = time.monotonic()
                     _emit("delivered", name=self.s.name, sent=self.sent, failed=self.failed)
                 if not busy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), self.s.poll_s)
         finally:
-            self._halt.set()
-            self._wake_lanes()
-            for lane in lanes:  # each ends with the message it is sending recorded
-                await asyncio.to_thread(lane.join)
-            with contextlib.suppress(psycopg.Error):
-                await conn.close()
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    await conn.close()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
@@ -576,18 +600,15 @@ class Notifier:
             await asyncio.sleep(0.5)
 
     async def tick(self, conn: psycopg.AsyncConnection[Any]) -> bool:
-        """One round of every job but delivering (the lanes' own); True when there was work (so the next round
-        comes without a pause). New deliveries wake the lanes at once."""
+        """One round of opening and closing episodes; True when there was work (so the next round comes without a
+        pause)."""
         sweep = time.monotonic() - self._last_sweep >= SWEEP_S
         window = LOOKBACK_S if sweep else RECENT_S
         opened = await self.open_episodes(conn, window)
         closed = await self.close_episodes(conn, window)
         if sweep:
             self._last_sweep = time.monotonic()
-        escalated = await self.escalate(conn)
-        if opened or closed or escalated:
-            self._wake_lanes()
-        return bool(opened or closed or escalated)
+        return bool(opened or closed)
 
     # ------------------------------------------------------------------------------ opening
 
