@@ -487,7 +487,14 @@ def _subject(e: Mapping[str, Any]) -> str:
 
 
 def _emit(kind: str, **fields: Any) -> None:
-    print(json.dumps({"event": kind, "time": time.time(), **fields}, default=str), flush=True)
+    """One JSON line on stdout, written whole (the lanes' threads write too)."""
+    line = json.dumps({"event": kind, "time": time.time(), **fields}, default=str) + "\n"
+    with _EMIT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
+_EMIT_LOCK = threading.Lock()
 
 
 async def ensure_schema(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -811,10 +818,11 @@ class Notifier:
             try:
                 if conn is None:
                     conn = psycopg.Connection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
+                wake.clear()  # a wake-up from here on ends the wait below at once
                 if not self._deliver(conn):
                     wake.wait(self.s.poll_s)
-                    wake.clear()
-            except psycopg.Error as exc:  # database lost, or a statement refused: a new connection in a moment
+            except Exception as exc:  # database lost, a statement refused, a row it cannot read: the row is freed
+                # (its transaction rolls back with the connection), and the lane goes on with a new one
                 _emit("lane_failed", name=self.s.name, error=repr(exc))
                 if conn is not None:
                     with contextlib.suppress(psycopg.Error):
