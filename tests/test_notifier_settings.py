@@ -23,7 +23,7 @@ def test_the_example_file_loads(tmp_path: Path) -> None:
     s = load_settings(_write(tmp_path, example.read_text(encoding="utf-8")), dsn="", contacts=Contacts(), name="n")
     assert s.ladder.steps == (("relative", "unit head"), ("building head", "grid worker"), ("duty desk",))
     assert (s.ladder.escalate_after_s, s.ladder.alone_escalate_after_s, s.retry.max_attempts) == (120.0, 60.0, 8)
-    assert s.in_flight == 1
+    assert s.in_flight == 4
 
 
 @pytest.mark.parametrize(("text", "key"), [
