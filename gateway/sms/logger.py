@@ -10,20 +10,17 @@ terminal, journald's native entry (``GATEWAY_<KEY>`` fields) under systemd, a sh
 from __future__ import annotations
 
 import json
-import os
-import re
 import socket
-import struct
 import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any
 
+from gateway.journal import JOURNAL_SOCKET, journal_attached, journal_entry
+
 __all__ = ["Logger", "configure", "get_logger"]
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 def _tty() -> bool:
@@ -62,14 +59,8 @@ class _Output:
                 pass  # a closed stdout loses the line, never the SMS
 
     def _to_journal(self, journal: socket.socket, line: str, entry: dict[str, Any]) -> bool:
-        parts = [_journal_field("MESSAGE", line), _journal_field("PRIORITY", str(_PRIORITY.get(entry["level"], 6))),
-                 _journal_field("SYSLOG_IDENTIFIER", "gatewayd")]
-        for key, value in entry.items():
-            name = "GATEWAY_" + re.sub(r"[^A-Z0-9_]", "_", str(key).upper())[:55]
-            text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-            parts.append(_journal_field(name, text))
         try:
-            journal.sendto(b"".join(parts), self.journal_path)
+            journal.sendto(journal_entry(line, entry, identifier="gatewayd"), self.journal_path)
         except OSError:
             return False  # too large or no journal: the JSON line on stdout, which journald keeps too
         return True
@@ -120,25 +111,10 @@ def configure(*, level: str = "info", **context: Any) -> None:
     _OUT.level = _LEVELS.get(level.lower(), _LEVELS["info"])
     _OUT.context = dict(context)
     _OUT.narrative = _tty()
-    if _journal_attached():
+    if journal_attached():
         _OUT.journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
 
-def _journal_attached() -> bool:
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stdout.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-def _journal_field(name: str, value: str) -> bytes:
-    data = value.encode("utf-8", "replace")
-    if b"\n" in data:
-        return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-    return name.encode() + b"=" + data + b"\n"
 
 
 def _narrative(entry: dict[str, Any]) -> str:
