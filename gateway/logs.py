@@ -4,21 +4,18 @@ under systemd native journal entries whose fields are the event's keys (``journa
 
 from __future__ import annotations
 
-import json as jsonlib
 import logging
 import os
-import re
 import socket
-import struct
 import sys
 from typing import Any
 
 import structlog
 
+from gateway.journal import JOURNAL_SOCKET, journal_attached, journal_entry
+
 __all__ = ["JournalRenderer", "NarrativeRenderer", "configure_logging", "journal_attached"]
 
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
-_PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 
 
 #: Fields a person at a terminal does not need on every line (they stay in the JSON lines journald keeps).
@@ -53,14 +50,6 @@ class NarrativeRenderer:
         return f"{line}\n{exc}" if exc else line
 
 
-def _journal_field(name: str, value: str) -> bytes:
-    """One field of journald's native protocol; a value with a newline goes length-prefixed."""
-    data = value.encode("utf-8", "replace")
-    if b"\n" in data:
-        return name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-    return name.encode() + b"=" + data + b"\n"
-
-
 class JournalRenderer:
     """Sends each event to journald as a native entry: ``MESSAGE`` is the same JSON line as off a terminal (so
     ``journalctl -o cat | jq`` keeps working), ``PRIORITY`` follows the level, and every key of the event is a
@@ -75,29 +64,11 @@ class JournalRenderer:
     def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> str:
         fields = dict(event_dict)
         line = str(self.json(logger, name, event_dict))
-        entry = [_journal_field("MESSAGE", line),
-                 _journal_field("PRIORITY", str(_PRIORITY.get(str(fields.get("level")), 6))),
-                 _journal_field("SYSLOG_IDENTIFIER", self.identifier)]
-        for key, value in fields.items():
-            field = "GATEWAY_" + re.sub(r"[^A-Z0-9_]", "_", str(key).upper())[:55]
-            text = value if isinstance(value, str) else jsonlib.dumps(value, default=str, ensure_ascii=False)
-            entry.append(_journal_field(field, text))
         try:
-            self.sock.sendto(b"".join(entry), self.path)
+            self.sock.sendto(journal_entry(line, fields, identifier=self.identifier), self.path)
         except OSError:
             return line  # too large or no journal: the JSON line on stdout, which journald keeps too
         raise structlog.DropEvent
-
-
-def journal_attached() -> bool:
-    """Whether stdout is systemd's journal stream (``$JOURNAL_STREAM`` names its device and inode)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(sys.stdout.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 def configure_logging(*, level: str = "info", json: bool | None = None) -> None:
