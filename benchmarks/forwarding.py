@@ -43,9 +43,10 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from gateway.config import MqttConfig  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.logs import configure_logging  # noqa: E402
-from gateway.uplink.mqtt import CONTROL_INFLIGHT, Uplink  # noqa: E402
+from gateway.uplink.mqtt import Uplink  # noqa: E402
 from gateway.uplink.outbox import Outbox  # noqa: E402
 from gateway.uplink.topics import Topics  # noqa: E402
+from gateway.uplink.transport import CONTROL_INFLIGHT  # noqa: E402
 from tests.support.broker import MosquittoBroker  # noqa: E402
 
 TOPICS = Topics("safety", "bench", "b01")

@@ -27,9 +27,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import ConfigError, MqttConfig, parse_config
 from gateway.events import Event
-from gateway.uplink.mqtt import COMMAND_QOS, URGENT_RETRY_MAX_S, Uplink, event_window
+from gateway.uplink.mqtt import COMMAND_QOS, Uplink
 from gateway.uplink.outbox import Outbox
+from gateway.uplink.retry import URGENT_RETRY_MAX_S
 from gateway.uplink.topics import Topics
+from gateway.uplink.transport import event_window
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually
 from tests.support.mqtt import RecordedMessage
@@ -248,7 +250,7 @@ async def test_the_window_stays_within_the_brokers_receive_maximum(
     try:
         recorder = mqtt_recorder_factory(broker, EVENTS)
         async with forwarding(tmp_path, broker, max_inflight=32) as (ob, up):
-            assert up.window_limit == event_window(32, 12) == 9  # 3 kept for status and command results
+            assert up.transport.window_limit == event_window(32, 12) == 9  # 3 kept for status and command results
             with stopped(broker):
                 ids = await ob.append([ev("telemetry", i) for i in range(40)])
                 await eventually(lambda: up.inflight == 9, timeout=10)
@@ -272,12 +274,12 @@ async def test_a_refused_puback_keeps_the_row_and_it_is_sent_again(
     try:
         recorder = mqtt_recorder_factory(broker, EVENTS)
         async with forwarding(tmp_path, broker) as (ob, up):
-            up.rejected_retry_s = 0.3
+            up.forwarder.rejected_retry_s = 0.3
             first, alarm, last = await ob.append([ev("telemetry", 1), ev("alarm", 2), ev("telemetry", 3)])
             await asyncio.to_thread(recorder.wait_for_count, None, 2, 30)
             await eventually(lambda: up.rejected_total >= 2, timeout=30, message="the refusal was not retried")
             await eventually(lambda: up.delivered_total == 2, timeout=30)
-            await up._flush_acks()
+            await up.acks.flush()
             cur = await ob.connection.execute("SELECT event_id FROM events WHERE delivered = 0")
             assert await cur.fetchall() == [(alarm,)], "0x87 not authorized is not a delivery"
             acl.write_text(acl.read_text() + f"topic write {TOPICS.base}/event/alarm\n")
@@ -319,7 +321,7 @@ async def test_a_disconnect_means_outcome_unknown_and_the_same_ids_go_again(tmp_
                 broker.kill()
                 # The PUBACK wait wakes on the disconnect itself, not on the (600 s) ack timeout.
                 await eventually(lambda: not up.connected and up.inflight == 0, timeout=20)
-            assert up.outcome_unknown_total >= 8
+            assert up.forwarder.outcome_unknown_total >= 8
             assert await undelivered(ob) == 20
             broker.start()
             got = await asyncio.to_thread(recorder.wait_ids, set(ids), 60)
@@ -356,7 +358,7 @@ async def test_a_broker_that_stops_acknowledging_is_left_and_the_rows_sent_again
     async with forwarding(tmp_path, broker, ack_timeout_s=1.0) as (ob, up):
         with stopped(broker):
             ids = await ob.append([ev("telemetry", i) for i in range(5)])
-            await eventually(lambda: up.outcome_unknown_total >= 5, timeout=20,
+            await eventually(lambda: up.forwarder.outcome_unknown_total >= 5, timeout=20,
                              message="the uplink kept waiting on a broker that does not answer")
             assert up.last_error is not None
         for event_id in ids:  # duplicates (same id) are allowed: the stalled broker may wake up with them
@@ -386,7 +388,7 @@ async def test_a_failure_while_reading_the_socket_drops_the_link_and_loses_nothi
     recorder = mqtt_recorder_factory(broker, EVENTS)
     failed: list[int] = []
     async with forwarding(tmp_path, broker, max_inflight=4, start=False) as (ob, up):
-        wire = up._wire_payload
+        wire = up.forwarder.wire_payload
 
         def failing_once_inside_a_read(row: Any, resend: bool = False) -> str:
             if not failed and any(frame.function == "loop_read" for frame in inspect.stack(0)):
@@ -394,7 +396,7 @@ async def test_a_failure_while_reading_the_socket_drops_the_link_and_loses_nothi
                 raise RuntimeError("injected")
             return wire(row, resend)
 
-        up._wire_payload = failing_once_inside_a_read  # type: ignore[method-assign]
+        up.forwarder.wire_payload = failing_once_inside_a_read  # type: ignore[method-assign]
         ids = await ob.append([ev("telemetry", i) for i in range(20)])
         await all_delivered(ob)
         assert failed, "the failure was never injected"
@@ -629,7 +631,7 @@ def two_brokers(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, MosquittoBrok
 
 def drop_link(up: Uplink) -> None:
     """The network under the uplink's connection fails: the socket is shut down, no DISCONNECT is sent."""
-    client = up._client
+    client = up.transport.client
     assert client is not None
     sock = client.socket()
     assert sock is not None
@@ -661,7 +663,8 @@ async def test_an_alarm_waiting_when_its_node_goes_away_arrives_through_the_next
     first, second = two_brokers
     recorder = mqtt_recorder_factory(second, EVENTS)
     async with forwarding(tmp_path, first, hosts=(node(first), node(second))) as (ob, up):
-        assert up.broker == node(first) and [(a.node, a.connected) for a in up.attempts] == [(node(first), True)]
+        assert up.broker == node(first)
+        assert [(a.node, a.connected) for a in up.transport.attempts] == [(node(first), True)]
         assert not up.retry_delays
         first.stop()
         await eventually(lambda: not up.connected or up.broker == node(second), timeout=30,  # it may be there at once
@@ -670,7 +673,7 @@ async def test_an_alarm_waiting_when_its_node_goes_away_arrives_through_the_next
         [got] = await asyncio.to_thread(recorder.wait_for_count, lambda m: m.json["event_id"] == alarm_id, 1, 30)
         await all_delivered(ob)
         assert up.connected and up.broker == node(second)
-        attempts, delays = list(up.attempts)[1:], list(up.retry_delays)
+        attempts, delays = list(up.transport.attempts)[1:], list(up.retry_delays)
     assert got.json["kind"] == "alarm"
     assert attempts and attempts[0].node == node(second) and attempts[0].connected, attempts
     assert all(a.node == node(second) for a in attempts), "never back to the stopped node first"
@@ -697,7 +700,7 @@ async def test_nodes_are_tried_in_turn_and_the_waits_stay_within_5_s_while_an_al
         recorder = mqtt_recorder_factory(second, EVENTS)
         await asyncio.to_thread(recorder.wait_for_count, lambda m: m.json["event_id"] == alarm_id, 1, 60)
         await all_delivered(ob)
-        attempts = [a for a in up.attempts if a.started_at >= raised]
+        attempts = [a for a in up.transport.attempts if a.started_at >= raised]
         delays = [d for d in up.retry_delays if d.chosen_at >= raised]
     assert up.broker == node(second)
     failed = [a for a in attempts if not a.connected]
@@ -736,8 +739,8 @@ async def test_the_will_birth_and_availability_go_to_the_node_connected(
                 recorder.wait_for, lambda m: m.topic == TOPICS.availability and m.json["state"] == "offline", 30)
             assert will.json["reason"] == "connection lost" and will.retain is False  # live, not a retained copy
             await eventually(lambda b=broker: up.broker != node(b), timeout=30)  # type: ignore[misc]
-    connected = [a.node for a in up.attempts if a.connected]
-    assert connected[:3] == [node(first), node(second), node(first)], up.attempts
+    connected = [a.node for a in up.transport.attempts if a.connected]
+    assert connected[:3] == [node(first), node(second), node(first)], up.transport.attempts
 
 
 def test_mqtt_hosts_parse_with_key_paths(tmp_path: Path) -> None:
@@ -791,7 +794,7 @@ async def test_with_an_alarm_waiting_a_node_that_never_answers_gets_5_s_before_t
             # the record (QoS 1): the standby connection, up on the second node, has sent it already as a copy
             await asyncio.to_thread(recorder.wait_for_count,
                                     lambda m: m.json["event_id"] == alarm_id and m.qos == 1, 1, 60)
-            attempts = list(up.attempts)
+            attempts = list(up.transport.attempts)
     assert attempts[0].node == node(first) and not attempts[0].connected, attempts
     assert attempts[0].timeout_s == URGENT_RETRY_MAX_S, attempts
     assert attempts[1].node == node(second) and attempts[1].connected, attempts

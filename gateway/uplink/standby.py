@@ -18,7 +18,6 @@ subscription; paho's own network thread runs it and reconnects it.
 from __future__ import annotations
 
 import contextlib
-import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,8 +28,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.uplink.outbox import PendingEvent
+from gateway.uplink.transport import apply_credentials
 
-__all__ = ["STANDBY_SUFFIX", "Standby", "apply_credentials", "standby_node"]
+__all__ = ["STANDBY_SUFFIX", "Standby", "standby_node"]
 
 log = structlog.get_logger()
 STANDBY_SUFFIX = "-standby"
@@ -38,18 +38,6 @@ RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 5
 #: Copies remembered per outage (each urgent event is copied once per outage).
 COPIED_LIMIT = 10_000
-
-
-def apply_credentials(client: mqtt.Client, cfg: MqttConfig) -> None:
-    """Username, password and TLS from ``[mqtt]``: the broker's chain is always verified; ``tls_insecure`` only
-    skips the host name check."""
-    if cfg.username is not None:
-        client.username_pw_set(cfg.username, cfg.password)
-    if cfg.tls or cfg.tls_ca_file or cfg.tls_cert_file:
-        client.tls_set(ca_certs=cfg.tls_ca_file, certfile=cfg.tls_cert_file, keyfile=cfg.tls_key_file,
-                       cert_reqs=ssl.CERT_REQUIRED)
-        if cfg.tls_insecure:
-            client.tls_insecure_set(True)
 
 
 def standby_node(primary: int, nodes: int) -> int:
