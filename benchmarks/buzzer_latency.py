@@ -79,7 +79,7 @@ from gateway.panel.buses import BusPoller
 from gateway.panel.core import Sound
 from gateway.panel.process import PanelProcess
 from gateway.panel.side import bus_drivers
-from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, release_startup_heap, settle_startup
+from gateway.realtime import raise_priority
 from tests.support.broker import MosquittoBroker
 
 TRIAL_BUS, FIELD_BUS = "trial", "field"
@@ -539,10 +539,12 @@ class Trials:
 
 # ----------------------------------------------------------------------------------------------- tricks
 
-#: CPython's own switch interval, the switch_interval trick's "off".
+#: CPython's own switch interval (the panel's), and the shorter one the panel once set (the switch_interval trick).
 CPYTHON_SWITCH_INTERVAL_S = 0.005
-#: The tricks of the panel process, each measured on and off (:class:`Tricks`), and whether the panel applies it.
-TRICKS = {"bus_client": True, "switch_interval": True, "gc_freeze": True, "malloc_trim": True, "sched_fifo": True}
+SHORT_SWITCH_INTERVAL_S = 0.00025
+#: The tricks measured on and off (:class:`Tricks`), and whether the panel applies it: those it does not were
+#: measured and removed (docs/performance.md, "Tricks"), and are applied here only for their "on" blocks.
+TRICKS = {"bus_client": True, "switch_interval": False, "gc_freeze": False, "malloc_trim": False, "sched_fifo": True}
 
 
 def stock_client(bus: BusConfig) -> Any:
@@ -573,9 +575,9 @@ class Tricks:
 
     * ``bus_client``: the bus client (:func:`gateway.panel.buses.open_client`: prompt receive, libc I/O keeping
       the GIL) against pymodbus's stock serial client, on a second trial detector of its own (:data:`STOCK_BUS`);
-    * ``switch_interval``: :data:`gateway.realtime.SWITCH_INTERVAL_S` against CPython's 5 ms;
-    * ``gc_freeze``: the start-up objects frozen (``gc.collect()``, ``gc.freeze()``) against ``gc.unfreeze()``;
-    * ``malloc_trim``: the heap handed back (:func:`gateway.realtime.release_startup_heap`) before a block, or not;
+    * ``switch_interval``: a GIL switch interval of 0.25 ms against CPython's 5 ms;
+    * ``gc_freeze``: the objects alive frozen (``gc.collect()``, ``gc.freeze()``) against ``gc.unfreeze()``;
+    * ``malloc_trim``: the free heap handed back to the OS (glibc's ``malloc_trim(0)``) before a block, or not;
     * ``sched_fifo``: the panel's threads at their SCHED_FIFO priorities against all of them SCHED_OTHER.
 
     Every trick not being measured stays as the panel has it (:data:`TRICKS`).
@@ -593,7 +595,7 @@ class Tricks:
             self.panel.buses[STOCK_BUS].pause(on)
             self.panel.buses[TRIAL_BUS].pause(not on)
         elif name == "switch_interval":
-            sys.setswitchinterval(SWITCH_INTERVAL_S if on else CPYTHON_SWITCH_INTERVAL_S)
+            sys.setswitchinterval(SHORT_SWITCH_INTERVAL_S if on else CPYTHON_SWITCH_INTERVAL_S)
         elif name == "gc_freeze":
             if on:
                 gc.collect()
@@ -602,7 +604,10 @@ class Tricks:
                 gc.unfreeze()
         elif name == "malloc_trim":
             if on:
-                release_startup_heap()
+                import ctypes
+
+                with contextlib.suppress(OSError, AttributeError):  # not glibc
+                    ctypes.CDLL(None).malloc_trim(0)
         elif name == "sched_fifo":
             self._schedule(on)
         else:
@@ -799,7 +804,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await panel.start_services()  # the storage process, the control socket, the self-check
             add_stock_bus(panel)
-            settle_startup(cfg.runtime.gc_freeze)  # as gatewayd does once it serves
             if args.switch_interval_ms:
                 sys.setswitchinterval(args.switch_interval_ms / 1000)
             factory = Device.pin_factory
