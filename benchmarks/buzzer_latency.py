@@ -34,10 +34,20 @@ panel at once:
 * the uplink down: the broker stopped and its port alternately black-holed (a socket that listens but never
   accepts: connects go unanswered) and refused (nothing listening), switching every 3–8 s.
 
+The platform's floor: each serial trial has a floor trial beside it (before or after, at random), under the
+same conditions — a frame of the same kind down a cable of the same kind to :mod:`floor`, a process with one
+thread blocked in ``read()`` that drives a mock pin high. ``overhead_*_p99_ms`` is the gateway's serial p99
+minus the floor's, same phase: the part the gateway's code can change.
+
+The tricks: in the stressed phase, after the trials above, each trick of the panel is switched off and on in
+place, in alternating blocks of serial and floor trials (:class:`Tricks`); the JSON line's ``tricks`` gives
+each one's stressed overhead p99 on and off (docs/performance.md, "Tricks").
+
 Between trials the alarm is reset through the panel. Prints a table and, last, one JSON line; saves a
 histogram PNG under ``benchmarks/out/`` when matplotlib is installed.
 
     .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--loop-block panel-cpu]
+                                                  [--trick-rounds 12] [--trick-block 25]
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ from common import (
     percentile,
     realtime_neighbours,
     site_toml,
+    stop_service,
 )
 from simbus import SimBuses
 
@@ -375,12 +386,7 @@ class Floor:
                 return t
 
     def stop(self) -> None:
-        self._proc.terminate()
-        try:
-            self._proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait(5)
+        stop_service(self._proc)
 
 
 # ----------------------------------------------------------------------------------------------- trials
@@ -949,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-block", choices=("storage", "panel-cpu", "panel-sleep"), default="storage",
                         help="which loop is kept busy under stress: the storage process's (as deployed, the "
                              "default), or the panel's own, by Python work holding the GIL or by a blocking call")
-    parser.add_argument("--trick-rounds", type=int, default=8,
+    parser.add_argument("--trick-rounds", type=int, default=12,
                         help="rounds of the tricks' on/off blocks under stress (0 = do not measure the tricks)")
     parser.add_argument("--trick-block", type=int, default=25, help="serial trials per trick, state and round")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
