@@ -34,10 +34,20 @@ panel at once:
 * the uplink down: the broker stopped and its port alternately black-holed (a socket that listens but never
   accepts: connects go unanswered) and refused (nothing listening), switching every 3–8 s.
 
+The platform's floor: each serial trial has a floor trial beside it (before or after, at random), under the
+same conditions — a frame of the same kind down a cable of the same kind to :mod:`floor`, a process with one
+thread blocked in ``read()`` that drives a mock pin high. ``overhead_*_p99_ms`` is the gateway's serial p99
+minus the floor's, same phase: the part the gateway's code can change.
+
+The tricks: in the stressed phase, after the trials above, each trick of the panel is switched off and on in
+place, in alternating blocks of serial and floor trials (:class:`Tricks`); the JSON line's ``tricks`` gives
+each one's stressed overhead p99 on and off (docs/performance.md, "Tricks").
+
 Between trials the alarm is reset through the panel. Prints a table and, last, one JSON line; saves a
 histogram PNG under ``benchmarks/out/`` when matplotlib is installed.
 
     .venv/bin/python benchmarks/buzzer_latency.py [--trials 1000] [--realtime-priority 0] [--loop-block panel-cpu]
+                                                  [--trick-rounds 12] [--trick-block 25]
 """
 
 from __future__ import annotations
@@ -69,17 +79,22 @@ from common import (
     percentile,
     realtime_neighbours,
     site_toml,
+    stop_service,
 )
 from simbus import SimBuses
 
+from drivers.modbus import StrictSerialClient
 from drivers.profiles import PROFILE_A, GasReading
 from gateway.annunciation import Sound
-from gateway.config import SiteConfig, load_config
+from gateway.config import BusConfig, SiteConfig, load_config
+from gateway.panel.buses import BusPoller
 from gateway.panel.process import PanelProcess
-from gateway.realtime import raise_priority, settle_startup
+from gateway.panel.side import bus_drivers
+from gateway.realtime import raise_priority
 from tests.support.broker import MosquittoBroker
 
 TRIAL_BUS, FIELD_BUS = "trial", "field"
+STOCK_BUS = "stock"  # the trial detector's twin, polled by pymodbus's stock client (the bus_client trick off)
 SERIAL_DEVICE = f"gas-{TRIAL_BUS}-1"
 DECODE_DEVICE = f"gas-{FIELD_BUS}-1"
 GPIO_DEVICE, GPIO_PIN = "relay-gpio", 5
@@ -344,6 +359,36 @@ class Stress:
                 st.uplink_errors.append(str(error))
 
 
+# ----------------------------------------------------------------------------------------------- floor
+
+
+class Floor:
+    """The floor process (:mod:`floor`): one thread blocked in ``read()`` on its own pty, fed by the simulator's
+    floor cable, that drives a mock pin high. Started and stopped here; its pin's moments come on its stdout."""
+
+    def __init__(self, port: str, priority: int) -> None:
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor.py")), port, str(priority)],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        self._out = self._proc.stdout
+        self.scheduling = self._out.readline().strip()
+        if not self.scheduling:
+            raise RuntimeError(f"the floor process did not start (exit status {self._proc.poll()})")
+
+    def rise_after(self, t0: float) -> float:
+        """The first moment the floor's pin went high after ``t0`` (a frame read in two pieces toggles twice:
+        the extra moment is skipped the next time)."""
+        while True:
+            line = self._out.readline()
+            if not line:
+                raise RuntimeError(f"the floor process ended (exit status {self._proc.poll()})")
+            if (t := float(line)) >= t0:
+                return t
+
+    def stop(self) -> None:
+        stop_service(self._proc)
+
+
 # ----------------------------------------------------------------------------------------------- trials
 
 
@@ -355,10 +400,13 @@ class Trials:
     as the daemon raises them (the callback thread on its first edge, :mod:`gateway.panel.side`).
     """
 
-    def __init__(self, panel: PanelProcess, sim: SimBuses, watch: EdgeWatch, contact_pin: Any,
+    def __init__(self, panel: PanelProcess, sim: SimBuses, floor: Floor, watch: EdgeWatch, contact_pin: Any,
                  priority: int = 0) -> None:
         self.gw = panel
         self.sim = sim
+        self.floor = floor
+        self.floor_samples: list[float] = []
+        """The floor's trials of the last :meth:`serial`, interleaved with the gateway's."""
         self.watch = watch
         self.contact_pin = contact_pin
         self.priority = priority
@@ -392,8 +440,9 @@ class Trials:
             time.sleep(0.002)
         self.watch.wait_state(False)
 
-    def serial(self, n: int) -> list[float]:
-        """The response frame carrying the alarm value reaches the gateway's port → buzzer high.
+    def serial(self, n: int, bus: str = TRIAL_BUS) -> list[float]:
+        """The response frame carrying the alarm value reaches the gateway's port → buzzer high; each trial
+        followed or preceded (at random) by one of the floor's, kept in :attr:`floor_samples`.
 
         Timed from the null modem beginning to write the frame to the gateway's side of the cable (so the
         gateway cannot have seen it earlier), as a UART holds a frame once its last character has come. The
@@ -403,24 +452,45 @@ class Trials:
         self._as_alarm_thread()
         out: list[float] = []
         self.serial_from_detector = []
+        self.floor_samples = []
         for _ in range(n):
-            self._pause(0.0, 0.02)
-            armed_at = time.perf_counter()
-            token = self.sim.set(TRIAL_BUS, 1, ALARM.value, arm=True)
-            assert token is not None
-            rise = self.watch.first_rise_after(armed_at)  # only then ask the simulator when it answered
-            frame = self.sim.report(token)
-            if not frame.handed_over <= rise:
-                self.anomalies.append(f"serial: buzzer high {1000 * (frame.handed_over - rise):.3f} ms before the "
-                                      "frame reached the port")
-            out.append(rise - frame.handed_over)
-            self.serial_from_detector.append(rise - frame.response)
-            self._check_sound("serial")
-            token = self.sim.set(TRIAL_BUS, 1, CLEAN.value, arm=True)
-            assert token is not None
-            self.sim.report(token)
-            self._reset(SERIAL_DEVICE)
+            floor_first = random.random() < 0.5
+            if floor_first:
+                self.floor_samples.append(self._floor_trial(bus))
+            out.append(self._serial_trial(bus))
+            if not floor_first:
+                self.floor_samples.append(self._floor_trial(bus))
         return out
+
+    def _serial_trial(self, bus: str) -> float:
+        self._pause(0.0, 0.02)
+        armed_at = time.perf_counter()
+        token = self.sim.set(bus, 1, ALARM.value, arm=True)
+        assert token is not None
+        rise = self.watch.first_rise_after(armed_at)  # only then ask the simulator when it answered
+        frame = self.sim.report(token)
+        if not frame.handed_over <= rise:
+            self.anomalies.append(f"serial: buzzer high {1000 * (frame.handed_over - rise):.3f} ms before the "
+                                  "frame reached the port")
+        self.serial_from_detector.append(rise - frame.response)
+        self._check_sound("serial")
+        token = self.sim.set(bus, 1, CLEAN.value, arm=True)
+        assert token is not None
+        self.sim.report(token)
+        self._reset(f"gas-{bus}-1")
+        return rise - frame.handed_over
+
+    def _floor_trial(self, bus: str) -> float:
+        """The same kind of frame down the floor's own cable → the floor process's pin high."""
+        self._pause(0.0, 0.02)
+        sent_at = time.perf_counter()
+        token = self.sim.floor_send(bus)
+        rise = self.floor.rise_after(sent_at)
+        frame = self.sim.report(token)
+        if not frame.handed_over <= rise:
+            self.anomalies.append(f"floor: pin high {1000 * (frame.handed_over - rise):.3f} ms before the "
+                                  "frame reached the port")
+        return rise - frame.handed_over
 
     def decode(self, n: int) -> list[float]:
         """A decoded reading enters the panel → buzzer high."""
@@ -470,6 +540,133 @@ class Trials:
         out = []
         for _ in range(n):
             out.append(poller.submit(read).result(timeout=10))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- tricks
+
+#: CPython's own switch interval (the panel's), and the shorter one the panel once set (the switch_interval trick).
+CPYTHON_SWITCH_INTERVAL_S = 0.005
+SHORT_SWITCH_INTERVAL_S = 0.00025
+#: The tricks measured on and off (:class:`Tricks`), and whether the panel applies it: those it does not were
+#: measured and removed (docs/performance.md, "Tricks"), and are applied here only for their "on" blocks.
+TRICKS = {"bus_client": True, "switch_interval": False, "gc_freeze": False, "malloc_trim": False, "sched_fifo": True}
+
+
+def stock_client(bus: BusConfig) -> Any:
+    """pymodbus's stock serial client, strict about frame length as the bus client is (the bus_client trick off)."""
+    from pymodbus import FramerType
+
+    return StrictSerialClient(port=bus.port, framer=FramerType.RTU, baudrate=bus.baudrate, bytesize=bus.bytesize,
+                              parity=bus.parity, stopbits=bus.stopbits, timeout=bus.timeout_s, retries=0)
+
+
+def add_stock_bus(panel: PanelProcess) -> None:
+    """Poll the second trial detector with :func:`stock_client` instead of the bus client, paused until the
+    bus_client trick is switched off."""
+    side = panel.side
+    side.buses[STOCK_BUS].stop()
+    bus = next(b for b in panel.cfg.buses if b.id == STOCK_BUS)
+    poller = BusPoller(bus, bus_drivers(panel.cfg, STOCK_BUS), side.panel, client_factory=stock_client,
+                       heartbeat=lambda: side.heartbeats.beat(f"bus:{STOCK_BUS}"),
+                       realtime_priority=panel.cfg.runtime.realtime_priority)
+    poller.pause(True)
+    side.buses[STOCK_BUS] = poller
+    poller.start()
+
+
+class Tricks:
+    """Each trick of the panel process switched off and on again in place, so that both are measured in one
+    run, under the same stress, in alternating blocks of serial trials (each with its floor trial):
+
+    * ``bus_client``: the bus client (:func:`gateway.panel.buses.open_client`: prompt receive, libc I/O keeping
+      the GIL) against pymodbus's stock serial client, on a second trial detector of its own (:data:`STOCK_BUS`);
+    * ``switch_interval``: a GIL switch interval of 0.25 ms against CPython's 5 ms;
+    * ``gc_freeze``: the objects alive frozen (``gc.collect()``, ``gc.freeze()``) against ``gc.unfreeze()``;
+    * ``malloc_trim``: the free heap handed back to the OS (glibc's ``malloc_trim(0)``) before a block, or not;
+    * ``sched_fifo``: the panel's threads at their SCHED_FIFO priorities against all of them SCHED_OTHER.
+
+    Every trick not being measured stays as the panel has it (:data:`TRICKS`).
+    """
+
+    def __init__(self, panel: PanelProcess, trials: Trials) -> None:
+        self.panel = panel
+        self.trials = trials
+        self.bus = TRIAL_BUS
+        self._policies: dict[int, tuple[int, int]] = {}
+
+    def set(self, name: str, on: bool) -> None:
+        if name == "bus_client":
+            self.bus = TRIAL_BUS if on else STOCK_BUS
+            self.panel.buses[STOCK_BUS].pause(on)
+            self.panel.buses[TRIAL_BUS].pause(not on)
+        elif name == "switch_interval":
+            sys.setswitchinterval(SHORT_SWITCH_INTERVAL_S if on else CPYTHON_SWITCH_INTERVAL_S)
+        elif name == "gc_freeze":
+            if on:
+                gc.collect()
+                gc.freeze()
+            else:
+                gc.unfreeze()
+        elif name == "malloc_trim":
+            if on:
+                import ctypes
+
+                with contextlib.suppress(OSError, AttributeError):  # not glibc
+                    ctypes.CDLL(None).malloc_trim(0)
+        elif name == "sched_fifo":
+            self._schedule(on)
+        else:
+            raise ValueError(name)
+
+    def _schedule(self, on: bool) -> None:
+        """Every thread of this process back to the policy it had, or all of them SCHED_OTHER."""
+        if on:
+            for tid, (policy, priority) in self._policies.items():
+                with contextlib.suppress(OSError):  # a thread gone meanwhile
+                    os.sched_setscheduler(tid, policy, os.sched_param(priority))
+            self._policies = {}
+            return
+        for entry in os.listdir("/proc/self/task"):
+            tid = int(entry)
+            with contextlib.suppress(OSError):
+                self._policies[tid] = (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority)
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+
+    def measure(self, rounds: int, block: int) -> dict[str, Any]:
+        """``rounds`` rounds; in each, every trick in random order, off and on in random order, ``block`` serial
+        trials and as many floor trials each. Runs in one thread (the trial driver), which the trick's
+        scheduling reaches too."""
+        self.trials._as_alarm_thread()
+        samples: dict[tuple[str, bool], tuple[list[float], list[float]]] = {
+            (name, on): ([], []) for name in TRICKS for on in (True, False)}
+        for _ in range(rounds):
+            for name in random.sample(list(TRICKS), len(TRICKS)):
+                for on in random.sample([True, False], 2):
+                    gateway, floor = samples[(name, on)]
+                    self.set(name, on)
+                    try:
+                        for _ in range(block):
+                            if random.random() < 0.5:
+                                floor.append(self.trials._floor_trial(TRIAL_BUS))
+                                gateway.append(self.trials._serial_trial(self.bus))
+                            else:
+                                gateway.append(self.trials._serial_trial(self.bus))
+                                floor.append(self.trials._floor_trial(TRIAL_BUS))
+                    finally:
+                        self.set(name, TRICKS[name])
+        out: dict[str, Any] = {}
+        for name in TRICKS:
+            entry: dict[str, Any] = {"applied": TRICKS[name]}
+            for on in (True, False):
+                gateway, floor = samples[(name, on)]
+                key = "on" if on else "off"
+                entry[f"{key}_overhead_stress_p99_ms"] = round(_ms(gateway, 99) - _ms(floor, 99), 3)
+                entry[f"{key}_serial_stress_p99_ms"] = _ms(gateway, 99)
+                entry[f"{key}_floor_stress_p99_ms"] = _ms(floor, 99)
+            entry["gain_ms"] = round(entry["off_overhead_stress_p99_ms"] - entry["on_overhead_stress_p99_ms"], 3)
+            entry["trials_each"] = rounds * block
+            out[name] = entry
         return out
 
 
@@ -523,7 +720,7 @@ def _phase(gc_pauses: GcPauses, t0: float, t1: float) -> dict[str, Any]:
 
 def _start_peers(workdir: Path) -> tuple[SimBuses, MosquittoBroker]:
     """The simulated detectors (a child process) and a private broker, both running."""
-    sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]})
+    sim = SimBuses(workdir / "sim", {TRIAL_BUS: [1], STOCK_BUS: [1], FIELD_BUS: [1, *STORM_ADDRESSES]}, floor=True)
     sim.start()
     broker = MosquittoBroker(workdir / "broker")
     try:
@@ -542,14 +739,15 @@ def _site(sim: SimBuses, broker: MosquittoBroker, workdir: Path, args: argparse.
     storage process reads only the storage and MQTT settings, which are the file's.
     """
     ports = sim.ports
-    text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
+    text = site_toml(buses={TRIAL_BUS: (ports[TRIAL_BUS], [1]), STOCK_BUS: (ports[STOCK_BUS], [1]),
+                            FIELD_BUS: (ports[FIELD_BUS], [1, *STORM_ADDRESSES])},
                      mqtt_port=broker.port, db_path=workdir / "events.db", contacts=[(GPIO_DEVICE, GPIO_PIN)],
                      realtime_priority=args.realtime_priority)
     path = workdir / "site.toml"
     path.write_text(text, encoding="utf-8")
     cfg = load_config(path)
     return dataclasses.replace(cfg, buses=tuple(
-        dataclasses.replace(b, poll_interval_s=0.02) if b.id == TRIAL_BUS else b for b in cfg.buses))
+        dataclasses.replace(b, poll_interval_s=0.02) if b.id in (TRIAL_BUS, STOCK_BUS) else b for b in cfg.buses))
 
 
 async def _measure(args: argparse.Namespace, panel: PanelProcess, trials: Trials, broker: MosquittoBroker,
@@ -557,6 +755,7 @@ async def _measure(args: argparse.Namespace, panel: PanelProcess, trials: Trials
     """Idle, then stressed: each path's trials from a driver thread, while the panel's loop runs here."""
     results: dict[str, Any] = {}
     phases: dict[str, Any] = {}
+    measured: dict[str, Any] = {}
     for condition in ("idle", "stress"):
         stress = None
         if condition == "stress":
@@ -568,11 +767,15 @@ async def _measure(args: argparse.Namespace, panel: PanelProcess, trials: Trials
             trials.wake_lag = []
             n = args.trials
             results[f"serial_{condition}"] = await asyncio.to_thread(trials.serial, n)
+            results[f"floor_{condition}"] = list(trials.floor_samples)
             results[f"serial_detector_{condition}"] = list(trials.serial_from_detector)
             results[f"decode_{condition}"] = await asyncio.to_thread(trials.decode, n)
             results[f"gpio_{condition}"] = await asyncio.to_thread(trials.gpio, n)
             results[f"txn_{condition}"] = await asyncio.to_thread(trials.transactions, max(200, n // 3))
             results[f"wake_{condition}"] = list(trials.wake_lag)
+            if stress is not None and args.trick_rounds:
+                tricks = Tricks(panel, trials)
+                measured = await asyncio.to_thread(tricks.measure, args.trick_rounds, args.trick_block)
             t1 = time.perf_counter()
         finally:
             if stress is not None:
@@ -581,7 +784,7 @@ async def _measure(args: argparse.Namespace, panel: PanelProcess, trials: Trials
         if stress is not None:
             phase["stress"] = _stress_summary(stress.stats, t1 - t0)
         phases[condition] = phase
-    return {"samples": results, "phases": phases}
+    return {"samples": results, "phases": phases, "tricks": measured}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -595,7 +798,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sim, broker = _start_peers(workdir)
     gc_pauses = GcPauses()
     trials: Trials | None = None
+    floor: Floor | None = None
     try:
+        floor = Floor(sim.floor_port, args.realtime_priority)
         cfg = _site(sim, broker, workdir, args)
         gc.callbacks.append(gc_pauses)
         busy = f"loop_busy=storage@{Path(cfg.storage.path).with_name('storage-loop-busy')}"  # Stress.busy_flag
@@ -604,13 +809,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         panel.open()  # as gatewayd: realtime classes, switch interval, pins, buses
         try:
             await panel.start_services()  # the storage process, the control socket, the self-check
-            settle_startup(cfg.runtime.gc_freeze)  # as gatewayd does once it serves
+            add_stock_bus(panel)
             if args.switch_interval_ms:
                 sys.setswitchinterval(args.switch_interval_ms / 1000)
             factory = Device.pin_factory
             watch = EdgeWatch()
             factory.pin(cfg.outputs.buzzer.pin).watch = watch
-            trials = Trials(panel, sim, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
+            trials = Trials(panel, sim, floor, watch, factory.pin(f"GPIO{GPIO_PIN}"), cfg.runtime.realtime_priority)
             await _settle(panel, watch)
             outcome = await _measure(args, panel, trials, broker, gc_pauses)
         finally:
@@ -618,12 +823,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if gc_pauses in gc.callbacks:
             gc.callbacks.remove(gc_pauses)
+        if floor is not None:
+            floor.stop()
         sim.stop()
         broker.stop()
         logfile.close()
     assert trials is not None
+    assert floor is not None
     return {**outcome, "anomalies": trials.anomalies, "workdir": str(workdir),
-            "simulator_scheduling": sim.scheduling}
+            "simulator_scheduling": sim.scheduling, "floor_scheduling": floor.scheduling}
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -634,6 +842,11 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     s = data["samples"]
     txn_idle = _ms(s["txn_idle"], 50)
     line: dict[str, Any] = {
+        "floor_idle_p99_ms": _ms(s["floor_idle"], 99),
+        "floor_stress_p99_ms": _ms(s["floor_stress"], 99),
+        "overhead_idle_p99_ms": round(_ms(s["serial_idle"], 99) - _ms(s["floor_idle"], 99), 3),
+        "overhead_stress_p99_ms": round(_ms(s["serial_stress"], 99) - _ms(s["floor_stress"], 99), 3),
+        "tricks": data["tricks"],
         "serial_idle_p50_ms": _ms(s["serial_idle"], 50),
         "serial_idle_p99_ms": _ms(s["serial_idle"], 99),
         "serial_stress_p99_ms": _ms(s["serial_stress"], 99),
@@ -670,6 +883,7 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "gc_idle": data["phases"]["idle"]["gc"], "gc_stress": data["phases"]["stress"]["gc"],
         "stress": data["phases"]["stress"].get("stress"),
         "simulator_scheduling": data["simulator_scheduling"],
+        "floor_scheduling": data["floor_scheduling"],
         "anomalies": len(data["anomalies"]),
     })
     return line
@@ -677,7 +891,9 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def targets(line: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     """(key, value, target, met) of every target; the serial path's 2 ms come on top of one Modbus
-    transaction (the wire it needs to carry the frame at all)."""
+    transaction (the wire it needs to carry the frame at all), and its overhead above the floor is the
+    gateway's own share. The stress ÷ idle ratios are printed, not judged: they follow the machine's wake-up
+    jitter as much as the code (docs/performance.md)."""
     txn = line["modbus_transaction_idle_p50_ms"]
     checks: list[tuple[str, float, str, bool]] = []
     for key in ("decode_idle_p99_ms", "decode_stress_p99_ms", "gpio_idle_p99_ms", "gpio_stress_p99_ms"):
@@ -685,8 +901,8 @@ def targets(line: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     checks.append(("gpio_stress_max_ms", line["gpio_stress_max_ms"], "≤ 10", line["gpio_stress_max_ms"] <= 10))
     for key in ("serial_idle_p99_ms", "serial_stress_p99_ms"):
         checks.append((key, line[key], f"≤ {txn:.3f} + 2", line[key] <= txn + 2))
-    for key in ("stress_ratio_p99", "stress_ratio_serial", "stress_ratio_decode", "stress_ratio_gpio"):
-        checks.append((key, line[key], "≤ 1.3", line[key] <= 1.3))
+    checks.append(("overhead_stress_p99_ms", line["overhead_stress_p99_ms"], "≤ 0.5",
+                   line["overhead_stress_p99_ms"] <= 0.5))
     return checks
 
 
@@ -739,6 +955,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop-block", choices=("storage", "panel-cpu", "panel-sleep"), default="storage",
                         help="which loop is kept busy under stress: the storage process's (as deployed, the "
                              "default), or the panel's own, by Python work holding the GIL or by a blocking call")
+    parser.add_argument("--trick-rounds", type=int, default=12,
+                        help="rounds of the tricks' on/off blocks under stress (0 = do not measure the tricks)")
+    parser.add_argument("--trick-block", type=int, default=25, help="serial trials per trick, state and round")
     parser.add_argument("--telemetry-rate", type=int, default=1000, help="telemetry events/s under stress")
     parser.add_argument("--png", type=Path, default=OUT / "buzzer_latency.png")
     args = parser.parse_args(argv)

@@ -6,6 +6,10 @@ runs one :class:`~gateway_sim.nullmodem.VirtualNullModem` and :class:`~gateway_s
 in a child process and lets the parent set concentrations and *arm* a detector: the child then reports
 when the first response frame carrying the armed concentration was handed over (``time.perf_counter()``,
 which is CLOCK_MONOTONIC on Linux and so comparable across processes, plus ``time.time()``).
+
+With ``floor=True`` the child also runs a cable of the same kind for the platform's floor
+(:mod:`floor`): :meth:`SimBuses.floor_send` writes a bus's last answer frame into its device side, and the
+cable hands it over to :attr:`SimBuses.floor_port` as it hands a detector's answer to the gateway.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+import tty
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 __all__ = ["FrameReport", "SimBuses"]
 
 SIM_PRIORITY = 60  # above the gateway's alarm threads (runtime.realtime_priority, e.g. 50)
+FLOOR = "floor"  # the floor cable's name among the ports
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ def _misbehave(bus: Any, detector: Any, slave: int, stop: threading.Event) -> No
 
 
 def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
-           misbehaving: tuple[tuple[str, int], ...] = ()) -> None:
+           misbehaving: tuple[tuple[str, int], ...] = (), floor: bool = False) -> None:
     from gateway_sim.bus import SimulatedBus
     from gateway_sim.nullmodem import VirtualNullModem
 
@@ -113,6 +119,7 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
     pending: dict[str, list[tuple[int, int, int, bytes, float]]] = {}  # bus → frames awaiting hand-over
     reports: dict[int, FrameReport] = {}
     starts: dict[tuple[str, int], int] = {}  # (bus, slave) → first register of its last read request
+    last_frame: dict[str, bytes] = {}  # bus → its last answer frame that carried register 1
     cond = threading.Condition()
 
     for name, slaves in layout.items():
@@ -127,6 +134,7 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
             parsed = _regs_of(frame, starts.get((name, slave), 0))
             if parsed is None:
                 return
+            last_frame[name] = bytes(frame)
             with cond:
                 entry = armed.get((name, slave))
                 if entry is not None and entry[1] == parsed[1]:
@@ -163,12 +171,30 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
         modems[name] = modem
         buses[name] = bus
 
+    floor_token: list[int] = []  # the floor frame in flight on the floor cable
+
+    def on_floor_write(_data: bytes, t: float) -> None:
+        with cond:
+            if floor_token:
+                reports[floor_token.pop()] = FrameReport("floor", 0, 0, t, t, time.time())
+                cond.notify_all()
+
+    floor_modem = floor_fd = None
+    if floor:
+        floor_modem = VirtualNullModem(Path(workdir) / "floor", on_device_write=on_floor_write)
+        floor_modem.start()
+        floor_fd = os.open(floor_modem.device_port, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(floor_fd)
+
     stop_misbehaving = threading.Event()
     for bus_name, slave in misbehaving:
         threading.Thread(target=_misbehave, args=(buses[bus_name], detectors[(bus_name, slave)], slave,
                                                   stop_misbehaving), name=f"misbehave-{slave}", daemon=True).start()
 
-    conn.send(("ready", {name: m.gateway_port for name, m in modems.items()}, scheduling))
+    ports = {name: m.gateway_port for name, m in modems.items()}
+    if floor_modem is not None:
+        ports[FLOOR] = floor_modem.gateway_port
+    conn.send(("ready", ports, scheduling))
     try:
         while True:
             msg = conn.recv()
@@ -181,6 +207,13 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
                     detectors[(bus_name, slave)].set_concentration(value)
                     if token is not None:
                         armed[(bus_name, slave)] = (token, round(value * 10))
+            elif op == "floor":  # no reply either: the floor process is woken by the cable alone
+                _, bus_name, token = msg
+                with cond:
+                    floor_token[:] = [token]
+                    frame = last_frame[bus_name]
+                assert floor_fd is not None
+                os.write(floor_fd, frame)
             elif op == "report":
                 _, token, timeout = msg
                 with cond:
@@ -192,6 +225,9 @@ def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
             bus.stop()
         for modem in modems.values():
             modem.close()
+        if floor_modem is not None and floor_fd is not None:
+            os.close(floor_fd)
+            floor_modem.close()
         conn.send(("stopped", None))
 
 
@@ -204,11 +240,12 @@ class SimBuses:
     """
 
     def __init__(self, workdir: str | Path, layout: dict[str, list[int]],
-                 misbehaving: tuple[tuple[str, int], ...] = ()) -> None:
-        """``misbehaving``: (bus, slave) of detectors that cycle through :data:`MISBEHAVIOUR`."""
+                 misbehaving: tuple[tuple[str, int], ...] = (), *, floor: bool = False) -> None:
+        """``misbehaving``: (bus, slave) of detectors that cycle through :data:`MISBEHAVIOUR`; ``floor``: a
+        cable for the floor process as well (:attr:`floor_port`)."""
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._proc = ctx.Process(target=_child, args=(child_conn, str(workdir), layout, tuple(misbehaving)),
+        self._proc = ctx.Process(target=_child, args=(child_conn, str(workdir), layout, tuple(misbehaving), floor),
                                  name="simbus", daemon=True)
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
@@ -230,6 +267,19 @@ class SimBuses:
         token = next(self._tokens) if arm else None
         with self._lock:
             self._conn.send(("set", bus, slave, value, token))
+        return token
+
+    @property
+    def floor_port(self) -> str:
+        """The floor cable's far end, which the floor process reads (``floor=True``)."""
+        return self.ports[FLOOR]
+
+    def floor_send(self, bus: str) -> int:
+        """Send ``bus``'s last answer frame down the floor cable; a token for :meth:`report` (its hand-over to
+        :attr:`floor_port`)."""
+        token = next(self._tokens)
+        with self._lock:
+            self._conn.send(("floor", bus, token))
         return token
 
     def report(self, token: int, timeout: float = 10.0) -> FrameReport:

@@ -1,23 +1,21 @@
-"""Process tuning for the alarm path: SCHED_FIFO when permitted, the GIL switch interval, start-up heap."""
+"""Process tuning for the alarm path: SCHED_FIFO when permitted; the storage process's start-up objects frozen.
+
+The panel applies only what ``benchmarks/buzzer_latency.py`` shows lowering its overhead above the platform's
+floor under stress (docs/performance.md, "Tricks"): SCHED_FIFO did; a 0.25 ms GIL switch interval, ``gc.freeze``
+and ``malloc_trim`` did not, and are gone from the panel (``malloc_trim`` from both processes).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 
 import structlog
 
-__all__ = ["SWITCH_INTERVAL_S", "raise_priority", "release_startup_heap", "settle_startup"]
+__all__ = ["raise_priority", "settle_startup"]
 
 log = structlog.get_logger()
 _warned = False
-#: How long a thread that wants the interpreter waits before the running one must hand it over (CPython's
-#: default is 5 ms). Bus threads and GPIO callbacks wake from I/O and need it back at once. At 0.25 ms a
-#: busy loop adds about 1 ms at p99 to the serial alarm path instead of 30; the price, about 7 % of
-#: throughput, is paid only while two threads want the CPU at once (docs/performance.md).
-SWITCH_INTERVAL_S = 0.00025
-
 
 
 def raise_priority(priority: int, name: str) -> bool:
@@ -36,20 +34,11 @@ def raise_priority(priority: int, name: str) -> bool:
     return True
 
 
-def release_startup_heap() -> None:
-    """Hand the heap that start-up freed (imports, config parsing) back to the OS: about 1 MB of RSS (glibc)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def settle_startup(freeze: bool) -> int:
-    """Once a process has started everything (``runtime.gc_freeze``): collect, move every object left to the
-    permanent generation so that no collection walks the start-up objects again, and hand the freed heap back.
-    Returns how many objects are frozen."""
+    """Once the storage process has started everything (``runtime.gc_freeze``): collect, and move every object
+    left to the permanent generation so that no collection walks the start-up objects again. Returns how many
+    objects are frozen."""
     if freeze:
         gc.collect()
         gc.freeze()
-        release_startup_heap()
     return gc.get_freeze_count()

@@ -497,10 +497,10 @@ async def test_ten_thousand_hostile_commands_through_the_broker_and_the_daemon(
                     server.publish(topics.command("status"), original)
                 await eventually(lambda: sum(1 for m in server.messages(topics.reply)
                                              if m.json.get("status") == "accepted") == ORIGINALS, timeout=60)
-                # Freeze what is alive, as the panel does once it serves (runtime.gc_freeze; off in test sites,
-                # which share the test's process). Full collections then walk only what is new, not the whole
-                # test process with the panel in it: about 100 000 objects, 75–110 ms a collection, over the
-                # timeline's 10 ms tolerance. Before the alarm, so that this collection stalls no pattern.
+                # Freeze what is alive: full collections then walk only what is new, not the whole test process
+                # with the panel in it (pytest, hypothesis, the test's modules: about 100 000 objects, 75–110 ms
+                # a collection, over the timeline's 10 ms tolerance). Before the alarm, so that this collection
+                # stalls no pattern.
                 gc.collect()
                 gc.freeze()
                 sims[first.id].set_concentration(35.0)

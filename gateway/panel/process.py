@@ -43,7 +43,7 @@ from gateway.panel.side import AlarmSide
 from gateway.panel.state import StateSaver, load_state, state_path
 from gateway.panel.transmission import FAULT_CODE as TRANSMISSION_FAULT
 from gateway.panel.transmission import TransmissionMonitor
-from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, settle_startup
+from gateway.realtime import raise_priority
 from gateway.sms.settings import SmsSettings
 
 __all__ = [
@@ -231,7 +231,6 @@ class PanelProcess:
 
     def open(self) -> None:
         """Pins, outputs, saved state and buses; :class:`PanelStartError` when the panel cannot run."""
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         if self.cfg.runtime.realtime_priority > SUPPORT_PRIORITY:
             raise_priority(SUPPORT_PRIORITY, "panel")  # every thread started from here on inherits it
         self._check_ports()
@@ -283,8 +282,7 @@ class PanelProcess:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
-        frozen = settle_startup(self.cfg.runtime.gc_freeze)
-        log.info("panel serving", gc_frozen=frozen)
+        log.info("panel serving")
         notifier.ready()
         notifier.status(self.summary())
         watchdog.start()
