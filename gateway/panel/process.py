@@ -36,6 +36,7 @@ from gateway.control.commands import CommandHandler, StorageAway
 from gateway.control.server import ControlServer, ControlServerError
 from gateway.events import Event
 from gateway.health import Heartbeats
+from gateway.heap import release_startup_heap
 from gateway.notify import Notifier, Watchdog
 from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
@@ -282,7 +283,7 @@ class PanelProcess:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, stop.set)
-        log.info("panel serving")
+        log.info("panel serving", heap_trimmed=release_startup_heap())
         notifier.ready()
         notifier.status(self.summary())
         watchdog.start()

@@ -32,6 +32,7 @@ import orjson
 
 from gateway import link
 from gateway.events import delivery_key
+from gateway.heap import release_startup_heap
 from gateway.sms import logger
 from gateway.sms.contacts import Contacts, ContactsError, mask
 from gateway.sms.messages import event_text, technician_test_text
@@ -95,7 +96,7 @@ class SmsProcess:
         reader = threading.Thread(target=self._read, name="sms-link", daemon=True)
         reader.start()
         log.info("sms process started", pid=os.getpid(), mode=self.sms.mode, after_s=self.sms.after_s,
-                 contacts=self.contacts.counts(), owed=self.policy.owed())
+                 contacts=self.contacts.counts(), owed=self.policy.owed(), heap_trimmed=release_startup_heap())
         try:
             self._queue_loop(store)
         finally:

@@ -29,6 +29,7 @@ import structlog
 from gateway import __version__, failpoints, link
 from gateway.config import ConfigError, SiteConfig, load_config
 from gateway.events import Event, delivery_key
+from gateway.heap import release_startup_heap
 from gateway.logs import configure_logging
 from gateway.realtime import settle_startup
 from gateway.uplink.contract import (
@@ -127,7 +128,7 @@ class StorageProcess:
         if failpoints.configured("loop_busy", "storage"):
             self._tasks.append(asyncio.create_task(_busy_loop_failpoint(), name="loop-busy-failpoint"))
         log.info("storage process started", session=self.outbox.session, pid=os.getpid(),
-                 gc_frozen=settle_startup(cfg.runtime.gc_freeze))
+                 gc_frozen=settle_startup(cfg.runtime.gc_freeze), heap_trimmed=release_startup_heap())
         reading = asyncio.create_task(self._read(reader), name="link-reader")
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait([reading, stopping], return_when=asyncio.FIRST_COMPLETED)
