@@ -731,6 +731,8 @@ _MODEM_FIX = {
     "no signal": "check the antenna and its cable; move it away from the metal cabinet",
     "port lost": "check the modem's USB cable and power",
     "modem not answering": "power-cycle the modem; check that nothing else (ModemManager) uses the port",
+    "SMS refused": "check the SIM's credit and SMS service (send one from a phone with it) and the SMS centre "
+                   "number ([sms] smsc)",
 }
 
 
