@@ -326,8 +326,10 @@ class SmsProcess:
         return True
 
     def _check_modem(self) -> None:
-        self._modem.check()
-        self._set_fault(self._modem.health.problem)
+        problem = self._modem.check().problem
+        if problem is not None:  # it explains the refusals (not registered: +CMS ERROR 331); count afresh after
+            self._refused, self._refusal = 0, None
+        self._set_fault(problem)
 
     def _set_fault(self, health_problem: str | None) -> None:
         """The ``modem`` fault: the modem's health problem, else sends refused in a row (status shows which)."""
