@@ -235,6 +235,8 @@ def break_modem(sim: SimulatedModem, fail: str) -> None:
         sim.csq = 99
     elif fail == "silent":
         sim.silent = True
+    elif fail == "refused":  # every message refused (no credit): the modem fault once REFUSALS_FAULT in a row
+        sim.fail_next_sends(10**6, code=42)
     else:
         sim.unplug()
 
@@ -242,11 +244,14 @@ def break_modem(sim: SimulatedModem, fail: str) -> None:
 def mend_modem(sim: SimulatedModem) -> None:
     """Undo :func:`break_modem`: a ready SIM, registered, signal 60 %, answering, plugged in."""
     sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
+    sim.fail_next_sends(0)
     sim.plug()
 
 
-#: Each failure the simulated modem offers for the modem's health (``+CMS ERROR`` refuses one message instead).
+#: Each failure the simulated modem offers for the modem's health, which its check finds.
 MODEM_FAILURES = ("locked", "missing", "unregistered", "no_signal", "unplugged", "silent")
+#: Each failure :func:`break_modem` offers: those and ``+CMS ERROR`` on every message, which only sends find.
+ALL_MODEM_FAILURES = (*MODEM_FAILURES, "refused")
 
 
 @pytest.mark.parametrize(("fail", "problem"), [

@@ -1,7 +1,8 @@
 """Modem failures end to end: the real panel and its two children, a real mosquitto, a pymodbus detector on a pty,
-python-gammu against the simulated modem. Each failure the simulator offers for the modem's health gives the
-``modem`` fault and a clear ``doctor`` line, and neither the buzzer's Temporal-4 timeline (to ±10 ms) nor the MQTT
-path is disturbed.
+python-gammu against the simulated modem. Each failure the simulator offers — for the modem's health, and
+``+CMS ERROR`` on every message (the fault once REFUSALS_FAULT sends in a row are refused, never after one) —
+gives the ``modem`` fault and a clear ``doctor`` line with its own fix, and neither the buzzer's Temporal-4
+timeline (to ±10 ms) nor the MQTT path is disturbed.
 
 The timeline is checked as tests/test_annunciator.py and tests/test_command_fuzz.py check theirs. What made it
 fail at 10 ms was the test site's normal priority: the pattern threads waited for a CPU under a neighbour's load,
@@ -26,6 +27,8 @@ import pytest
 import tests.test_sms_path
 from gateway.ops.cli import ControlClient
 from gateway.ops.doctor import Daemon, check_sms
+from gateway.panel.process import PanelProcess
+from gateway.sms.process import REFUSALS_FAULT
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
@@ -34,7 +37,7 @@ from tests.support.site import build_site
 from tests.support.sms import sms_site
 from tests.test_annunciator import TOLERANCE_S, support_priority  # noqa: F401 - module-wide: SCHED_FIFO
 from tests.test_command_fuzz import REALTIME_PRIORITY, temporal4_problems
-from tests.test_sms import MODEM_FAILURES, break_modem, mend_modem
+from tests.test_sms import ALL_MODEM_FAILURES, break_modem, mend_modem
 from tests.test_sms_path import active, modem_ready
 
 bus, modem = tests.test_sms_path.bus, tests.test_sms_path.modem  # the same fixtures
@@ -55,8 +58,9 @@ async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_distu
         return read_events(site.cfg.storage.path, "kind = 'fault' AND json_extract(payload, '$.code') = 'modem'")
 
     failures = [("missing", "SIM missing"), ("locked", "SIM locked"), ("unregistered", "not registered"),
-                ("no_signal", "no signal"), ("unplugged", "no such device"), ("silent", "modem not answering")]
-    assert sorted(f for f, _ in failures) == sorted(MODEM_FAILURES)
+                ("no_signal", "no signal"), ("unplugged", "no such device"), ("silent", "modem not answering"),
+                ("refused", f"SMS refused: {REFUSALS_FAULT} sends in a row")]
+    assert sorted(f for f, _ in failures) == sorted(ALL_MODEM_FAILURES)
     phases: list[tuple[float, str]] = []  # when each failure began: where a late change falls
     try:
         with simulated_detectors(bus.device_port, spec.detectors) as (_, sims):
@@ -71,9 +75,18 @@ async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_distu
                 await eventually(lambda: gateway.annunciator.sound_pattern == "temporal-4", timeout=20)
                 start = time.monotonic() + 0.5
                 reconnects = gateway.supervisor.beat.get("connections")
+                # One refused message is not a fault (a passing hiccup): it goes on its retry.
+                modem.fail_next_sends(1, code=42)
+                before = len(modem.submitted_pdus())
+                await send_test_sms(gateway)
+                await eventually(lambda: len(modem.submitted_pdus()) > before, timeout=30,
+                                 message="the refused test SMS did not go on its retry")
+                assert not modem_events() and not active(gateway, "fault:modem")
                 for fail, problem in failures:
                     phases.append((round(time.monotonic(), 3), fail))
                     break_modem(modem, fail)
+                    for _ in range(REFUSALS_FAULT if fail == "refused" else 0):  # only sends find this one
+                        await send_test_sms(gateway)
                     await eventually(lambda: active(gateway, "fault:modem"), timeout=60,
                                      message=f"no modem fault for {fail}")
                     daemon = Daemon(str(tmp_path / "control.sock"), ControlClient)
@@ -82,6 +95,7 @@ async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_distu
                     finally:
                         daemon.close()
                     assert line.status == "FAIL" and problem in line.detail, (fail, line)
+                    assert "check the modem, its SIM and its antenna" not in (line.fix or ""), (fail, line)
                     mend_modem(modem)
                     await eventually(lambda: not active(gateway, "fault:modem"), timeout=60,
                                      message=f"the modem fault of {fail} did not clear")
@@ -96,3 +110,8 @@ async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_distu
                                  message=lambda: f"modem fault events not all delivered: {modem_events()}")
     finally:
         gc.unfreeze()
+
+
+async def send_test_sms(gateway: PanelProcess) -> None:
+    """``gatewayctl sms test``: one message for the modem, whatever it answers."""
+    await gateway.commands.handle("sms_test", {"number": "+8613700000009"}, source="cli")

@@ -30,10 +30,11 @@ from gateway.uplink.contract import validator
 from gateway.uplink.topics import Topics
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
-from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
+from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.modem import SimulatedModem
 from tests.support.site import build_site
 from tests.support.sms import BUILDING_HEAD, RELATIVES, TECHNICIAN, UNIT_HEAD, by_number, sms_site
+from tests.test_transmission import assert_fault_and_chirp_in_time
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]  # each runs the whole service for 30–90 s
@@ -80,7 +81,10 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
     after_s = 3.0
     spec = build_site(bus_port=bus.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
                       socket_path=tmp_path / "control.sock", households=1)
-    site = sms_site(tmp_path, spec, modem.port, after_s=after_s, extra="[transmission]\nack_deadline_s = 5\n")
+    deadline_s = 5.0
+    site = sms_site(tmp_path, spec, modem.port, after_s=after_s,
+                    extra=f"[transmission]\nack_deadline_s = {deadline_s}\n")
+    buzzer = mock_pins.pin(f"GPIO{spec.buzzer_pin}", pin_class=TimedMockPin)
     det = spec.detectors[0]
     with simulated_detectors(bus.device_port, spec.detectors) as (_, sims):
         async with running_gateway(site.cfg) as gateway:
@@ -104,6 +108,7 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
             alarm = await eventually(lambda: next(iter(read_events(site.cfg.storage.path, "kind = 'alarm'")), None),
                                      timeout=20, message="alarm stored")
             raised_at = float(alarm["mono"])
+            await assert_fault_and_chirp_in_time(gateway, site.cfg.storage.path, raised_at, deadline_s, buzzer)
 
             def alarm_sms() -> dict[str, list[dict[str, Any]]]:
                 got = by_number(modem.submitted_pdus())
@@ -119,7 +124,6 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
                 assert text.startswith("【报警】"), text
                 assert det.household in text and "单元" in text and "燃气浓度" in text, text
                 assert messages[0]["Parts"] == 1, "an alarm fits in one part"
-            await eventually(lambda: active(gateway, "fault:transmission"), timeout=15)
             await eventually(lambda: TECHNICIAN in by_number(modem.submitted_pdus()), timeout=20,
                              message="the technician was not told of the transmission fault")
             fault_text = by_number(modem.submitted_pdus())[TECHNICIAN][0]["Text"]

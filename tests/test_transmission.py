@@ -27,7 +27,7 @@ from gateway.panel.process import PanelProcess
 from gateway.panel.transmission import TransmissionWatch
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
-from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
+from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import build_site
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -120,6 +120,29 @@ def transmission_active(gateway: PanelProcess) -> bool:
     return any(c["what"] == "fault:transmission" for c in gateway.panel.snapshot()["active"])
 
 
+async def assert_fault_and_chirp_in_time(gateway: PanelProcess, events_db: str, raised_at: float,
+                                         deadline_s: float, buzzer: TimedMockPin) -> None:
+    """With the broker gone, the alarm raised at ``raised_at`` (its event's ``mono``) is silenced, and the
+    ``transmission`` fault (its event's time), its fault LED and its trouble chirp (the buzzer pin's record) come
+    within ``deadline_s`` + 2 s of the alarm."""
+    gateway.panel.silence("test")  # the gas sound is muted: the fault raised later chirps
+    muted_at = time.monotonic() + 0.5  # the pattern thread has let go of the pin by then
+    await eventually(lambda: transmission_active(gateway), timeout=deadline_s + 10, message="transmission fault")
+    rows = await eventually(lambda: read_events(events_db, "kind = 'fault' AND action = 'raised' AND "
+                                                "json_extract(payload, '$.code') = 'transmission'"),
+                            timeout=10, message="the fault's event stored")
+    fault_at = float(rows[0]["mono"])
+    assert fault_at > muted_at, "the fault came before the alarm was silenced: its chirp cannot be told apart"
+    assert fault_at - raised_at <= deadline_s + 2.0, f"fault {fault_at - raised_at:.2f} s after the alarm"
+    chirp_at = await eventually(lambda: buzzer.first_high(after=muted_at), timeout=5, message="no trouble chirp")
+    assert chirp_at >= fault_at - 0.05, f"the buzzer sounded {fault_at - chirp_at:.2f} s before the fault"
+    assert chirp_at - raised_at <= deadline_s + 2.0, f"trouble chirp {chirp_at - raised_at:.2f} s after the alarm"
+    snap = gateway.panel.snapshot()
+    assert snap["annunciation"].sound is Sound.TROUBLE
+    assert "fault" in snap["annunciation"].leds
+    assert gateway.annunciator.sound_pattern == "trouble"
+
+
 def write_site(tmp_path: Path, modem: VirtualNullModem, broker: MosquittoBroker, extra: str) -> Any:
     spec = build_site(bus_port=modem.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
                       socket_path=tmp_path / "control.sock", households=1)
@@ -135,6 +158,7 @@ async def test_broker_killed_under_an_alarm_gives_the_fault_in_time_and_it_clear
 ) -> None:
     deadline_s = 5.0
     spec, cfg = write_site(tmp_path, modem, broker, f"[transmission]\nack_deadline_s = {deadline_s}\n")
+    buzzer = mock_pins.pin(f"GPIO{spec.buzzer_pin}", pin_class=TimedMockPin)
     detector = spec.detectors[0]
     with simulated_detectors(modem.device_port, spec.detectors) as (_, sims):
         async with running_gateway(cfg) as gateway:
@@ -146,16 +170,7 @@ async def test_broker_killed_under_an_alarm_gives_the_fault_in_time_and_it_clear
             sims[detector.id].set_concentration(30.0)
             alarm = await eventually(lambda: next((r for r in read_events(cfg.storage.path, "kind = 'alarm'")), None),
                                      timeout=20, message="alarm stored")
-            raised_at = float(alarm["mono"])
-            gateway.panel.silence("test")  # the gas sound is muted: the fault raised later chirps
-            await eventually(lambda: transmission_active(gateway), timeout=deadline_s + 10,
-                             message="transmission fault")
-            shown_at = time.monotonic()
-            assert shown_at - raised_at <= deadline_s + 2.0, f"fault {shown_at - raised_at:.1f} s after the alarm"
-            snap = gateway.panel.snapshot()
-            assert snap["annunciation"].sound is Sound.TROUBLE
-            assert "fault" in snap["annunciation"].leds
-            assert gateway.annunciator.sound_pattern == "trouble"
+            await assert_fault_and_chirp_in_time(gateway, cfg.storage.path, float(alarm["mono"]), deadline_s, buzzer)
             status = await gateway.commands.status()
             assert status["transmission"]["fault"] is not None and status["transmission"]["path"] == "down"
             assert any(c["what"] == "fault:transmission" for c in status["active"])

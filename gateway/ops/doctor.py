@@ -718,12 +718,15 @@ def check_sms(cfg: SiteConfig, daemon: Daemon) -> Iterator[Check]:
              + f", SIM {modem.get('sim') or '?'}, operator {modem.get('operator') or 'none'}, signal "
              + (f"{modem['signal_percent']} %" if modem.get("signal_percent") is not None else "none"))
     if modem.get("problem"):
-        yield fail(name, f"{sms.device} ({where}): {modem['problem']}; {about}", _MODEM_FIX.get(
-            str(modem["problem"]).split(" (")[0].split(":")[0], "check the modem, its SIM and its antenna"))
+        problem = str(modem["problem"])
+        yield fail(name, f"{sms.device} ({where}): {problem}; {about}", next(
+            (fix for start, fix in _MODEM_FIX.items() if problem.startswith(start)),
+            "check the modem, its SIM and its antenna"))
     else:
         yield ok(name, f"{sms.device} ({where}): {about}")
 
 
+#: What to do about the modem, by how its problem begins (the detail goes on: the port, Gammu's words).
 _MODEM_FIX = {
     "SIM missing": "insert the SIM (power the modem off first)",
     "SIM locked": "set [sms] pin to the SIM's PIN, or remove the PIN from the SIM in a phone",
@@ -731,6 +734,8 @@ _MODEM_FIX = {
     "no signal": "check the antenna and its cable; move it away from the metal cabinet",
     "port lost": "check the modem's USB cable and power",
     "modem not answering": "power-cycle the modem; check that nothing else (ModemManager) uses the port",
+    "SMS refused": "check the SIM's credit and SMS service (send one from a phone with it) and the SMS centre "
+                   "number ([sms] smsc)",
 }
 
 

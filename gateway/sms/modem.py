@@ -27,7 +27,12 @@ REGISTERED = frozenset({"HomeNetwork", "RoamingNetwork"})
 
 
 class SendFailed(Exception):
-    """A message did not go; the text says why (never the number)."""
+    """A message did not go; the text says why (never the number). ``refused``: the modem answered and refused
+    it (``+CMS ERROR`` from the network or the SIM), rather than the port or Gammu failing."""
+
+    def __init__(self, reason: str, *, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.refused = refused
 
 
 @dataclass(slots=True)
@@ -128,9 +133,10 @@ class Modem:
                 refs.append(int(sm.SendSMS(part)))
             return refs
         except gammu.GSMError as exc:
-            if _port_trouble(exc):
+            trouble = _port_trouble(exc)
+            if trouble:
                 self.close(abort=True)
-            raise SendFailed(f"modem refused the message: {_reason(exc)}") from None
+            raise SendFailed(f"modem refused the message: {_reason(exc)}", refused=not trouble) from None
 
     def check(self) -> ModemHealth:
         """Ask the modem for the SIM, registration, signal and operator; the first problem found, if any."""

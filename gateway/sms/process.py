@@ -55,6 +55,9 @@ RETRY_MAX_S = 300.0
 TEST_WAIT_S = 8.0
 #: The fault code of the modem's health.
 MODEM_FAULT = "modem"
+#: Sends refused in a row (``+CMS ERROR``: no credit, a wrong SMS centre, barred) that make the ``modem`` fault;
+#: one refusal alone does not (a passing network hiccup). The next message the modem takes clears it.
+REFUSALS_FAULT = 3
 #: The fault code of a contacts file that cannot be used (missing, too open, malformed).
 CONTACTS_FAULT = "sms_contacts"
 
@@ -77,6 +80,8 @@ class SmsProcess:
         self._modem = Modem(sms.device, connection=sms.connection, pin=sms.pin, smsc=sms.smsc,
                             debug_file=os.environ.get("GATEWAY_GAMMU_DEBUG") or None)
         self._fault: str | None = None
+        self._refused = 0  # sends refused in a row
+        self._refusal: str | None = None  # the problem once REFUSALS_FAULT were
         self._waiting_tests: dict[int, Callable[[dict[str, Any], bool], None]] = {}
         self._tests_lock = threading.Lock()
         self._figures: dict[str, Any] = {}
@@ -297,6 +302,10 @@ class SmsProcess:
         try:
             refs = self._modem.send(item.recipient, item.text)
         except SendFailed as exc:
+            if exc.refused:
+                self._refused += 1
+                if self._refused >= REFUSALS_FAULT:
+                    self._refusal = f"SMS refused: {REFUSALS_FAULT} sends in a row; {exc}"
             delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** min(item.attempts, 10))
             store.mark_retry(item.id, str(exc), delay)
             log.error("sms not sent; tried again later", recipient=mask(item.recipient), reason=str(exc),
@@ -307,6 +316,10 @@ class SmsProcess:
             return False
         store.mark_sent(item.id, len(refs))
         self.sent_total += 1
+        self._refused = 0
+        if self._refusal is not None:
+            self._refusal = None
+            self._set_fault(self._modem.health.problem)
         log.info("sms sent", recipient=mask(item.recipient), role=item.role, parts=len(refs),
                  ms=round((time.monotonic() - started) * 1000), what=":".join(item.key.split("|", 2)[:2]))
         if item.role == "test":
@@ -314,16 +327,25 @@ class SmsProcess:
         return True
 
     def _check_modem(self) -> None:
-        health = self._modem.check()
-        self._figures = {"modem": {**health.as_dict(), "device": self.sms.device}}
-        if health.problem != self._fault:
-            if health.problem is not None:
-                log.error("modem fault", detail=health.problem)
+        problem = self._modem.check().problem
+        if problem is not None:  # it explains the refusals (not registered: +CMS ERROR 331); count afresh after
+            self._refused, self._refusal = 0, None
+        self._set_fault(problem)
+
+    def _set_fault(self, health_problem: str | None) -> None:
+        """The ``modem`` fault: the modem's health problem, else sends refused in a row (status shows which)."""
+        health = self._modem.health
+        problem = health_problem or self._refusal
+        self._figures = {"modem": {**health.as_dict(), "problem": problem, "refused_in_a_row": self._refused,
+                                   "device": self.sms.device}}
+        if problem != self._fault:
+            if problem is not None:
+                log.error("modem fault", detail=problem)
             elif self._fault is not None:
                 log.info("modem fault cleared", operator=health.operator, signal_percent=health.signal_percent)
-            if (health.problem is None) != (self._fault is None):
-                self._send("fault", code=MODEM_FAULT, present=health.problem is not None, detail=health.problem)
-            self._fault = health.problem
+            if (problem is None) != (self._fault is None):
+                self._send("fault", code=MODEM_FAULT, present=problem is not None, detail=problem)
+            self._fault = problem
 
 
 def main(argv: list[str] | None = None) -> int:
