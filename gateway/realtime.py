@@ -2,7 +2,7 @@
 
 The panel applies only what ``benchmarks/buzzer_latency.py`` shows lowering its overhead above the platform's
 floor under stress (docs/performance.md, "Tricks"): SCHED_FIFO did; a 0.25 ms GIL switch interval, ``gc.freeze``
-and ``malloc_trim`` did not, and are gone from the panel (``malloc_trim`` from both processes).
+and ``malloc_trim`` did not, and are gone from the panel (``malloc_trim`` stays for memory: gateway/heap.py).
 """
 
 from __future__ import annotations
