@@ -70,8 +70,9 @@ def main() -> None:
     parser.add_argument("--burst-rate", type=float, default=250.0, help="alarms per second across the fleet")
     parser.add_argument("--burst-s", type=float, default=10.0)
     parser.add_argument("--restart-after", type=float, default=30.0)
-    parser.add_argument("--kill", choices=("events-leader", "first"), default="events-leader",
-                        help="the node SIGKILLed in the burst: the leader of $MQTT_msgs (the worst case) or node 0")
+    parser.add_argument("--kill", choices=("events-leader", "streams-leader", "first"), default="events-leader",
+                        help="the node SIGKILLed in the burst: the leader of $MQTT_msgs, that node made the leader "
+                             "of $MQTT_sess too (the worst case), or node 0")
     parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
     parser.add_argument("--notifiers", type=int, default=2, help="notifier instances (fleet/notifier.py)")
     parser.add_argument("--escalate-after", type=float, default=20.0, help="the ladder's step, seconds")

@@ -303,6 +303,8 @@ async def run_worker(args: argparse.Namespace) -> int:
         _emit("drained", worker=args.worker, ok=drained, stored=stored, undelivered=waiting,
               connections=sum(g.uplink.connections for g in gateways),
               resent=sum(g.uplink.resent_total for g in gateways),
+              standby_copies=sum(g.uplink.standby.copies for g in gateways if g.uplink.standby is not None),
+              standby_missed=sum(g.uplink.standby.missed for g in gateways if g.uplink.standby is not None),
               answered=sum(g.commands.accepted for g in gateways))
         await stop.wait()
     await asyncio.gather(*(g.close() for g in gateways), return_exceptions=True)

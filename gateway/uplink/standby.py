@@ -113,16 +113,13 @@ class Standby:
         if self._primary_up:
             return 0
         client = self._client
-        sent = 0
+        sent = missed = 0
         for row in rows:
             if row.event_id in self._copied:
                 continue
-            if client is None or not self.connected:
-                self.missed += 1
-                continue
-            info = client.publish(self._topic(row.kind), self._wire(row), qos=0)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                self.missed += 1
+            if client is None or not self.connected or client.publish(
+                    self._topic(row.kind), self._wire(row), qos=0).rc != mqtt.MQTT_ERR_SUCCESS:
+                missed += 1
                 continue
             if len(self._copied) < COPIED_LIMIT:
                 self._copied.add(row.event_id)
@@ -130,6 +127,10 @@ class Standby:
             if len(self._ever_copied) > COPIED_LIMIT:
                 del self._ever_copied[next(iter(self._ever_copied))]
             sent += 1
+        if missed:
+            self.missed += missed
+            log.warning("urgent events not copied: the standby connection is down too", events=missed,
+                        broker=self.broker)
         if sent:
             self.copies += sent
             log.info("urgent events copied over the standby connection", copies=sent, broker=self.broker)

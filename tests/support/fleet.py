@@ -274,8 +274,10 @@ class FleetScenario:
     after_s: float = 32.0
     connect_spread_s: float = 20.0
     kill: str = "first"
-    """Which node is SIGKILLed in the burst: ``first`` (node 0) or ``events-leader``, the node leading
-    ``$MQTT_msgs``, through which every QoS 1 publish and the inbox's deliveries go (the worst case)."""
+    """Which node is SIGKILLed in the burst: ``first`` (node 0); ``events-leader``, the node leading
+    ``$MQTT_msgs``, through which every QoS 1 publish and the inbox's deliveries go; or ``streams-leader``, that
+    node made the leader of the session stream ``$MQTT_sess`` too, so that its buildings cannot connect again
+    until an election (the worst case)."""
     log: Callable[[str], None] = print
     notifiers: int = 2
     """Notifier instances (fleet/notifier.py) telling people through Apprise's json:// to a local receiver."""
@@ -407,11 +409,13 @@ class FleetScenario:
         """The index of the node to kill (see :attr:`kill`)."""
         if self.kill == "first":
             return 0
-        if self.kill != "events-leader":
-            raise ValueError(f"kill: {self.kill!r} is neither 'first' nor 'events-leader'")
+        if self.kill not in ("events-leader", "streams-leader"):
+            raise ValueError(f"kill: {self.kill!r} is not 'first', 'events-leader' or 'streams-leader'")
         for node in cluster.nodes:
             with contextlib.suppress(OSError):
                 if any(s.endswith(".$MQTT_msgs") for s in node.leaderships()):
+                    if self.kill == "streams-leader":
+                        node.lead("$MQTT_sess", "$MQTT_msgs")
                     return node.index
         raise RuntimeError("no node leads $MQTT_msgs")
 
