@@ -25,6 +25,7 @@ __all__ = [
     "COLUMNS",
     "EARLIER_SESSIONS_LISTED",
     "EVENT_VERSION",
+    "INSERT_EVENT",
     "INSERT_EVENTS",
     "MB",
     "SCHEMA_VERSION",
@@ -75,12 +76,16 @@ DROP INDEX IF EXISTS events_wall;
 COLUMNS = ("event_id, session, session_seq, kind, action, priority, device, unit, household, wall, mono,"
            " clock_synced, payload")
 
-#: A batch of events, their seqs given (the outbox is the file's only writer), in one statement: a JSON array
-#: of rows, each ``[seq, <COLUMNS>]``. One statement text for every batch size — each distinct text is
-#: compiled and kept in the connection's statement cache (128 entries), and a multi-row INSERT per batch size
-#: held 3.8 MB more after 60 sizes had been seen (benchmarks/soak.py) — and one trip to SQLite's thread for a
-#: batch, which is its own transaction: a BEGIN, an ``executemany`` and a COMMIT cost three, and the uplink
-#: waits for each while it forwards (benchmarks/forwarding.py, docs/performance.md).
+#: One event, its seq given (the outbox is the file's only writer): an alarm alone, the cheapest way in.
+INSERT_EVENT = f"INSERT INTO events (seq, {COLUMNS}) VALUES ({', '.join('?' * (len(COLUMNS.split(',')) + 1))})"
+
+#: A batch of events, their seqs given, in one statement: a JSON array of rows, each ``[seq, <COLUMNS>]``.
+#: One statement text for every batch size, because each distinct text is compiled and kept in the
+#: connection's statement cache (128 entries): a multi-row INSERT per batch size held 3.8 MB more after 60
+#: sizes had been seen (benchmarks/soak.py). And one trip to SQLite's thread, the batch its own transaction:
+#: BEGIN, an ``executemany`` of :data:`INSERT_EVENT` and COMMIT cost three, each a wake-up of the loop that
+#: the uplink's PUBACKs share (benchmarks/forwarding.py: 0.665 → 0.798 of the bare paho loop, side by side).
+#: Reading the JSON costs SQLite's thread about 10 µs more a row than binding (20 against 10 on a PC).
 INSERT_EVENTS = (f"INSERT INTO events (seq, {COLUMNS}) SELECT "
                  + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(COLUMNS.split(",")) + 1))
                  + " FROM json_each(?)")

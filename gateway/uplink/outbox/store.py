@@ -22,14 +22,16 @@ import aiosqlite
 import orjson
 import structlog
 
+import gateway.uplink.outbox.eviction as eviction
+import gateway.uplink.outbox.salvage as salvage
 from gateway.clock import clock_synchronised
 from gateway.events import Event, Priority
 from gateway.failpoints import failpoint
 from gateway.uplink.history import query_history
-from gateway.uplink.outbox import eviction, salvage
 from gateway.uplink.outbox.eviction import StorageLimits, disk_free_bytes
 from gateway.uplink.outbox.schema import (
     EVENT_VERSION,
+    INSERT_EVENT,
     INSERT_EVENTS,
     add_counters,
     connect,
@@ -105,7 +107,7 @@ class Outbox:
         self.limits = limits
         self.session = 0
         self.install = ""
-        """This installation's random identity (see :func:`new_install_id`); part of every event id."""
+        """This installation's random identity (see :func:`.schema.new_install_id`); part of every event id."""
         self.sessions_this_boot: frozenset[int] = frozenset()
         """Sessions started since the machine booted: their events' monotonic times compare with today's."""
         self.generation = 0
@@ -281,12 +283,13 @@ class Outbox:
         try:
             if failpoint("storage_full", "outbox"):
                 raise sqlite3.OperationalError("database or disk is full (fail point storage_full)")
-            batch = (orjson.dumps(rows).decode(),)
-            if handover is None:  # one statement, so one transaction
-                await db.execute(INSERT_EVENTS, batch)
+            # One statement is its own transaction; with the hand-over mark, two in one.
+            insert = (INSERT_EVENT, rows[0]) if len(rows) == 1 else (INSERT_EVENTS, (orjson.dumps(rows).decode(),))
+            if handover is None:
+                await db.execute(*insert)
             else:
                 await db.execute("BEGIN IMMEDIATE")
-                await db.execute(INSERT_EVENTS, batch)
+                await db.execute(*insert)
                 await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
                 await db.execute("COMMIT")
         except BaseException:
