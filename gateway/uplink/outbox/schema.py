@@ -26,7 +26,6 @@ __all__ = [
     "EARLIER_SESSIONS_LISTED",
     "EVENT_VERSION",
     "INSERT_EVENT",
-    "INSERT_EVENTS",
     "MB",
     "SCHEMA_VERSION",
     "Session",
@@ -76,19 +75,13 @@ DROP INDEX IF EXISTS events_wall;
 COLUMNS = ("event_id, session, session_seq, kind, action, priority, device, unit, household, wall, mono,"
            " clock_synced, payload")
 
-#: One event, its seq given (the outbox is the file's only writer): an alarm alone, the cheapest way in.
+#: One event, its seq given (the outbox is the file's only writer). One statement text for every batch: each
+#: distinct text is compiled and kept in the connection's statement cache (128 entries), and a multi-row INSERT
+#: per batch size held 3.8 MB more after 60 sizes had been seen (the storage process grew for an hour in
+#: benchmarks/soak.py). A batch is an ``executemany`` of it between BEGIN and COMMIT: three trips to SQLite's
+#: thread. One trip per batch (a ``json_each`` INSERT) was measured side by side and not kept: it cost SQLite's
+#: thread 10 µs more a row (reading the JSON) and saved the loop's thread nothing measurable (docs/storage.md).
 INSERT_EVENT = f"INSERT INTO events (seq, {COLUMNS}) VALUES ({', '.join('?' * (len(COLUMNS.split(',')) + 1))})"
-
-#: A batch of events, their seqs given, in one statement: a JSON array of rows, each ``[seq, <COLUMNS>]``.
-#: One statement text for every batch size, because each distinct text is compiled and kept in the
-#: connection's statement cache (128 entries): a multi-row INSERT per batch size held 3.8 MB more after 60
-#: sizes had been seen (benchmarks/soak.py). And one trip to SQLite's thread, the batch its own transaction:
-#: BEGIN, an ``executemany`` of :data:`INSERT_EVENT` and COMMIT cost three, each a wake-up of the loop that
-#: the uplink's PUBACKs share (benchmarks/forwarding.py: 0.665 → 0.798 of the bare paho loop, side by side).
-#: Reading the JSON costs SQLite's thread about 10 µs more a row than binding (20 against 10 on a PC).
-INSERT_EVENTS = (f"INSERT INTO events (seq, {COLUMNS}) SELECT "
-                 + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(COLUMNS.split(",")) + 1))
-                 + " FROM json_each(?)")
 
 _BOOT_SESSIONS_KEPT = 500
 #: Earlier sessions the birth message lists with their last ``seq`` (docs/mqtt.md, "Filling a gap").

@@ -32,7 +32,6 @@ from gateway.uplink.outbox.eviction import StorageLimits, disk_free_bytes
 from gateway.uplink.outbox.schema import (
     EVENT_VERSION,
     INSERT_EVENT,
-    INSERT_EVENTS,
     add_counters,
     connect,
     id_prefix,
@@ -283,14 +282,13 @@ class Outbox:
         try:
             if failpoint("storage_full", "outbox"):
                 raise sqlite3.OperationalError("database or disk is full (fail point storage_full)")
-            # One statement is its own transaction; with the hand-over mark, two in one.
-            insert = (INSERT_EVENT, rows[0]) if len(rows) == 1 else (INSERT_EVENTS, (orjson.dumps(rows).decode(),))
-            if handover is None:
-                await db.execute(*insert)
+            if len(rows) == 1 and handover is None:  # one statement, so one transaction
+                await db.execute(INSERT_EVENT, rows[0])
             else:
                 await db.execute("BEGIN IMMEDIATE")
-                await db.execute(*insert)
-                await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
+                await db.executemany(INSERT_EVENT, rows)
+                if handover is not None:
+                    await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
                 await db.execute("COMMIT")
         except BaseException:
             self._last_seq = None  # read it again: another writer may have taken these seqs
