@@ -24,20 +24,12 @@ import structlog
 
 import gateway.uplink.outbox.eviction as eviction
 import gateway.uplink.outbox.salvage as salvage
+import gateway.uplink.outbox.schema as schema
 from gateway.clock import clock_synchronised
 from gateway.events import Event, Priority
 from gateway.failpoints import failpoint
 from gateway.uplink.history import query_history
 from gateway.uplink.outbox.eviction import StorageLimits, disk_free_bytes
-from gateway.uplink.outbox.schema import (
-    EVENT_VERSION,
-    INSERT_EVENT,
-    add_counters,
-    connect,
-    id_prefix,
-    rollback,
-    start_session,
-)
 
 __all__ = ["FailureKind", "Outbox", "PendingEvent", "failure_kind"]
 
@@ -183,17 +175,17 @@ class Outbox:
         return self._db
 
     async def _start_session(self, *, check: bool, floor: int = 0, install: str | None = None) -> None:
-        self._db = await connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
-        started = await start_session(self._db, path=self.path, gateway_id=self.gateway_id, check=check,
-                                      floor=floor, install=install)
+        self._db = await schema.connect(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        started = await schema.start_session(self._db, path=self.path, gateway_id=self.gateway_id, check=check,
+                                             floor=floor, install=install)
         self.session = started.number
         self.install = started.install
         self.sessions_this_boot = started.this_boot
         self.earlier_sessions = started.earlier
         self._session_seq = 0
         self._last_seq = None
-        head = {"version": EVENT_VERSION, "gateway": self.gateway_id, **self._identity, "install": self.install,
-                "session": self.session}
+        head = {"version": schema.EVENT_VERSION, "gateway": self.gateway_id, **self._identity,
+                "install": self.install, "session": self.session}
         self._payload_prefix = orjson.dumps(head)[:-1].decode() + ","
 
     # ------------------------------------------------------------------------------ corruption
@@ -268,7 +260,7 @@ class Outbox:
         seq = self._last_seq if self._last_seq is not None else await self._read_last_seq()
         size = 0
         session = self.session
-        prefix = id_prefix(self.gateway_id, self.install, session)
+        prefix = schema.id_prefix(self.gateway_id, self.install, session)
         for event in events:
             seq += 1
             session_seq += 1
@@ -283,16 +275,16 @@ class Outbox:
             if failpoint("storage_full", "outbox"):
                 raise sqlite3.OperationalError("database or disk is full (fail point storage_full)")
             if len(rows) == 1 and handover is None:  # one statement, so one transaction
-                await db.execute(INSERT_EVENT, rows[0])
+                await db.execute(schema.INSERT_EVENT, rows[0])
             else:
                 await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(INSERT_EVENT, rows)
+                await db.executemany(schema.INSERT_EVENT, rows)
                 if handover is not None:
                     await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
                 await db.execute("COMMIT")
         except BaseException:
             self._last_seq = None  # read it again: another writer may have taken these seqs
-            await rollback(db)
+            await schema.rollback(db)
             raise
         self._last_seq = seq
         self._session_seq = session_seq
@@ -352,7 +344,7 @@ class Outbox:
                 await db.executemany(_MARK_DELIVERED, marks)
                 await db.execute("COMMIT")
             except BaseException:
-                await rollback(db)
+                await schema.rollback(db)
                 raise
 
     async def urgent_waiting(self) -> bool:
@@ -370,27 +362,12 @@ class Outbox:
         assert row is not None
         return int(row[0]), row[1]
 
-    async def recent(
-        self,
-        *,
-        limit: int = 50,
-        since: float | None = None,
-        device: str | None = None,
-        household: str | None = None,
-        kind: str | None = None,
-        after_seq: int = 0,
-        install: str | None = None,
-        session: int | None = None,
-        from_seq: int | None = None,
-        to_seq: int | None = None,
-        until: float | None = None,
-    ) -> list[dict[str, Any]]:
-        """History with delivery state: the newest ``limit`` matches, or with ``session`` the first ``limit`` of
-        that session's ``from_seq``..``to_seq``; oldest first either way."""
+    async def recent(self, **query: Any) -> list[dict[str, Any]]:
+        """History with delivery state, by the keywords of :func:`gateway.uplink.history.query_history`: the
+        newest ``limit`` matches, or with ``session`` the first ``limit`` of that session's
+        ``from_seq``..``to_seq``; oldest first either way."""
         async with self._lock:
-            return await query_history(self.connection, limit=limit, since=since, device=device, household=household,
-                                       kind=kind, after_seq=after_seq, install=install, session=session,
-                                       from_seq=from_seq, to_seq=to_seq, until=until)
+            return await query_history(self.connection, **query)
 
     # ------------------------------------------------------------------------------ bounds
 
@@ -449,10 +426,10 @@ class Outbox:
             db = self.connection
             await db.execute("BEGIN IMMEDIATE")
             try:
-                await add_counters(db, items)
+                await schema.add_counters(db, items)
                 await db.execute("COMMIT")
             except BaseException:
-                await rollback(db)
+                await schema.rollback(db)
                 raise
 
     async def counters(self) -> dict[str, int]:
