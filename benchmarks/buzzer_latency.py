@@ -73,8 +73,8 @@ from common import (
 from simbus import SimBuses
 
 from drivers.profiles import PROFILE_A, GasReading
+from gateway.annunciation import Sound
 from gateway.config import SiteConfig, load_config
-from gateway.panel.core import Sound
 from gateway.panel.process import PanelProcess
 from gateway.realtime import raise_priority, settle_startup
 from tests.support.broker import MosquittoBroker

@@ -1,8 +1,8 @@
 """Simulated RS-485 buses in a process of their own, for the benchmarks.
 
-The detectors (pymodbus's RTU server on a pseudo-terminal, :mod:`drivers.simulated`) must not share an
+The detectors (pymodbus's RTU server on a pseudo-terminal, :mod:`gateway_sim`) must not share an
 interpreter — and its GIL — with the gateway under test, any more than a real detector does. This module
-runs one :class:`~drivers.simulated.VirtualNullModem` and :class:`~drivers.simulated.SimulatedBus` per bus
+runs one :class:`~gateway_sim.nullmodem.VirtualNullModem` and :class:`~gateway_sim.bus.SimulatedBus` per bus
 in a child process and lets the parent set concentrations and *arm* a detector: the child then reports
 when the first response frame carrying the armed concentration was handed over (``time.perf_counter()``,
 which is CLOCK_MONOTONIC on Linux and so comparable across processes, plus ``time.time()``).
@@ -64,7 +64,7 @@ def _hardware_priority() -> str:
 
 
 def _misbehaving_bus_class() -> type[Any]:
-    from drivers.simulated import SimulatedBus
+    from gateway_sim.bus import SimulatedBus
 
     class MisbehavingBus(SimulatedBus):  # type: ignore[misc]
         """A bus whose slaves in :attr:`garbled` answer with a corrupted frame (CRC no longer matches)."""
@@ -102,7 +102,8 @@ def _misbehave(bus: Any, detector: Any, slave: int, stop: threading.Event) -> No
 
 def _child(conn: Connection, workdir: str, layout: dict[str, list[int]],
            misbehaving: tuple[tuple[str, int], ...] = ()) -> None:
-    from drivers.simulated import SimulatedBus, VirtualNullModem
+    from gateway_sim.bus import SimulatedBus
+    from gateway_sim.nullmodem import VirtualNullModem
 
     scheduling = _hardware_priority()
     modems = {}

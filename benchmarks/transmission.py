@@ -41,10 +41,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from drivers.simulated import VirtualNullModem  # noqa: E402
 from gateway.config import TransmissionConfig  # noqa: E402
 from gateway.events import Event  # noqa: E402
 from gateway.panel.transmission import TransmissionMonitor  # noqa: E402
+from gateway_sim.nullmodem import VirtualNullModem  # noqa: E402
 from tests.support.broker import MosquittoBroker, free_port  # noqa: E402
 from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors  # noqa: E402
 from tests.support.modem import SimulatedModem, reassemble  # noqa: E402

@@ -1,7 +1,7 @@
 """Polling at wire speed: gatewayd on a simulated RS-485 line that honours the baud rate.
 
 Each case runs ``gatewayd`` as a real subprocess (``GPIOZERO_PIN_FACTORY=mock``) against pymodbus's own RTU
-server behind :class:`drivers.simulated.WireLine` (bytes paced at the baud rate and character format, the
+server behind :class:`gateway_sim.wireline.WireLine` (bytes paced at the baud rate and character format, the
 3.5-character silence, half duplex, a 10 ms turnaround per detector), in this process:
 
 - ``floor_ms``: the wire's floor of one cycle as polled (each detector's fast window), and
@@ -49,8 +49,11 @@ import psutil
 from common import ROOT, percentile, stop_service
 
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem, WireSpec
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, bus_floor_s
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
+from gateway_sim.wireline import WireSpec
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 

@@ -551,6 +551,46 @@ class Node:
                         subjects.append(f"$JS.API.CONSUMER.LEADER.STEPDOWN.{stream['name']}.{consumer['name']}")
         return subjects
 
+    def stream_leader(self, stream: str) -> str | None:
+        """The name of the node leading ``stream`` (of the global account), as this node sees it."""
+        url = f"http://{_HOST}:{self.ports.http}/jsz?accounts=true&streams=true"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            jsz = json.load(answer)
+        for account in jsz.get("account_details", []):
+            for detail in account.get("stream_detail", []) or []:
+                if detail.get("name") == stream:
+                    leader = detail.get("cluster", {}).get("leader")
+                    return str(leader) if leader else None
+        return None
+
+    def lead(self, *streams: str, timeout: float = 30.0) -> None:
+        """Make this node the leader of ``streams`` (a step-down that names it as the preferred successor), and
+        wait until it is: a test can then lose the node that leads them. Needs nats-py (the ``fleet`` extra)."""
+        import asyncio
+        import concurrent.futures
+
+        import nats
+
+        async def ask(stream: str) -> None:
+            nc = await nats.connect(f"nats://{_HOST}:{self.ports.client}", user="ops",
+                                    password=self.cluster.ops_password, connect_timeout=timeout)
+            try:
+                body = json.dumps({"placement": {"preferred": self.name}}).encode()
+                await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", body, timeout=timeout)
+            finally:
+                await nc.close()
+
+        deadline = time.monotonic() + timeout
+        for stream in streams:
+            while self.stream_leader(stream) != self.name:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"{self.name} did not become the leader of {stream} within {timeout:g} s")
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the caller may be inside an event loop
+                    pool.submit(asyncio.run, ask(stream)).result()
+                end = time.monotonic() + 5.0
+                while self.stream_leader(stream) != self.name and time.monotonic() < end:
+                    time.sleep(0.1)
+
     def hand_over(self, timeout: float = 10.0) -> list[str]:
         """Ask this node to step down from every leadership it holds, so the others take over at once instead of
         after a raft election timeout (measured: QoS 1 PUBACKs stop for about 6 s when the leader of

@@ -63,6 +63,23 @@ def _refuse_unedited(config: str, example: str | None) -> None:
                                   "(docs/deploy.md), check it with `gatewayctl doctor`, then start the service")
 
 
+def _demo(duration: float) -> int:
+    """``--demo``: the simulated building of :mod:`gateway_sim`, which a source checkout carries and a building's
+    install does not (one line and EX_CONFIG there, not a traceback)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "gateway_sim").is_dir() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))  # an editable install maps gateway/ and drivers/ only
+    try:
+        from gateway_sim.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name != "gateway_sim":
+            raise
+        print("gatewayd: --demo: the simulator (gateway_sim) is not installed: a building's install does not carry "
+              "it; run scripts/demo in a source checkout", file=sys.stderr)
+        return EX_CONFIG
+    return run_demo(duration=duration)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``gatewayd``."""
     parser = argparse.ArgumentParser(prog="gatewayd", description="Building safety gateway daemon")
@@ -76,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(level=args.log_level)
     if args.demo:
-        from gateway.demo import run_demo
-
-        return run_demo(duration=args.duration or 30.0)
+        return _demo(args.duration or 30.0)
     try:
         _refuse_unedited(args.config, args.unedited_example)
         cfg = load_config(args.config)

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
+from gateway.annunciation import Annunciation, Sound
 from gateway.events import Event
-from gateway.panel.core import Annunciation, Sound
 
 __all__ = [
     "MAX_FRAME",

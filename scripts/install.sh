@@ -299,6 +299,9 @@ install_all() {
     # build link its C library in statically, as its PyPI wheels do: nothing else to install from apt.
     local sources=()
     [[ -z $WHEELS ]] || sources=(--no-index --find-links "$WHEELS")
+    # setuptools builds in the checkout's build/ and puts all of build/lib into the wheel: modules an earlier build
+    # left there (one since moved or removed, the simulator of an older layout) would be installed too.
+    run rm -rf -- "$REPO/build/lib"
     run env PYPI=1 "$PREFIX/venv/bin/pip" install --disable-pip-version-check --constraint "$REPO/$LOCK" \
         "${sources[@]}" "$REPO" ||
         die "pip could not install the gateway (the error is above); the service was not changed. Fix it and run again${WHEELS:+ (does $WHEELS hold every wheel of $LOCK? scripts/wheelhouse makes them)}"

@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from drivers.profiles import PROFILE_A, STATION_IO_4DI, GasReading, StationReading
+from gateway.annunciation import Sound
 from gateway.config import DEFAULT_THRESHOLDS, AlarmSettings, DeviceConfig, LinkageRule
 from gateway.events import Event
-from gateway.panel.core import TEST_SOUND_S, AlarmCore, Sound
+from gateway.panel.core import TEST_SOUND_S, AlarmCore
 
 T0 = 1000.0
 

@@ -19,11 +19,12 @@ from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
 from drivers.profiles import GasReading
+from gateway.annunciation import Annunciation, Sound
 from gateway.config import DEFAULT_THRESHOLDS, DeviceConfig
 from gateway.events import Event
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import CHIRP_S, LED_PATTERNS, PATTERNS, Annunciator, Pattern, trouble_pattern
-from gateway.panel.core import AlarmCore, Annunciation, Sound
+from gateway.panel.core import AlarmCore
 from gateway.panel.process import SUPPORT_PRIORITY
 from tests.support.wait import wait_until
 

@@ -13,9 +13,11 @@ import pytest
 
 from drivers.modbus import CommError, GasDetector, ModbusClient, ModbusDevice
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES, GasReading
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import BusConfig
 from gateway.panel.buses import BusPoller, open_client
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)

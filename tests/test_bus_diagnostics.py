@@ -20,11 +20,13 @@ import pytest
 
 from drivers.modbus import CommError, GasDetector, exception_kind, frame_error_kind, read_block
 from drivers.profiles import PROFILE_A
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import BusConfig, load_config
+from gateway.control.commands import _probe
 from gateway.ops.cli import Style, error_kind_label, render_status
-from gateway.ops.commands import _probe
 from gateway.panel.buses import open_client
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import CountingHeartbeats, TimedMockPin, eventually, read_events, running_gateway
 from tests.support.fuzz import FuzzingDevice, valid_answer
@@ -226,7 +228,7 @@ async def test_counters_by_kind_match_what_a_misbehaving_device_sent(
 def test_the_status_message_counts_failed_polls_by_kind_per_device_and_bus() -> None:
     import jsonschema
 
-    from gateway.panel.core import Annunciation
+    from gateway.annunciation import Annunciation
     from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema
 
     devices = [

@@ -19,9 +19,12 @@ from pymodbus.pdu import DecodePDU
 
 from drivers.modbus import ChannelGroup, GasDetector, group_channels
 from drivers.profiles import PROFILE_A, ProfileError, parse_detector_profile
-from drivers.simulated import SimulatedBus, SimulatedIOStation, VirtualNullModem, WireSpec
 from gateway.config import ConfigError, SiteConfig, load_config, parse_config
 from gateway.panel.side import bus_drivers
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedIOStation
+from gateway_sim.nullmodem import VirtualNullModem
+from gateway_sim.wireline import WireSpec
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway
 from tests.support.site import build_site

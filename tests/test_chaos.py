@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 

@@ -28,7 +28,9 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import SiteSpec
 from tests.support.wait import wait_until

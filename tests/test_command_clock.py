@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.clock import ASSUME_ENV
 from gateway.config import load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

@@ -35,9 +35,8 @@ from hypothesis import strategies as st
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
-from gateway.ops.commands import COMMAND_ARGS
+from gateway.control.commands import COMMAND_ARGS
 from gateway.uplink.contract import (
     COMMANDS,
     ID_PATTERN,
@@ -48,6 +47,7 @@ from gateway.uplink.contract import (
     validator,
 )
 from gateway.uplink.topics import Topics
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

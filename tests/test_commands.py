@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
-from gateway.ops.commands import COMMANDS, SCAN_PAUSE_MAX_S, SECRET_MASK, CommandHandler, CommandRejected
+from gateway.control.commands import COMMANDS, SCAN_PAUSE_MAX_S, SECRET_MASK, CommandHandler, CommandRejected
 from gateway.panel.process import PanelProcess
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import running_gateway
 from tests.support.site import ContactSpec, SiteSpec, build_site

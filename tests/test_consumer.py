@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
 from gateway.uplink.topics import Topics
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder

@@ -25,7 +25,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from jsonschema import Draft202012Validator
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
 from gateway.config import load_config
 from gateway.uplink.contract import (
     MAX_VALIDITY_S,
@@ -43,6 +42,8 @@ from gateway.uplink.contract import (
     validator,
 )
 from gateway.uplink.topics import Topics
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder, RecordedMessage
@@ -526,7 +527,7 @@ async def test_status_at_start_then_periodically_with_link_quality(
 
 
 def test_status_and_birth_carry_the_second_path_by_named_fields_only() -> None:
-    from gateway.panel.core import Annunciation
+    from gateway.annunciation import Annunciation
     from gateway.uplink.contract import StatusReporter, UplinkFigures, birth_message
 
     snapshot = {"devices": [], "annunciation": Annunciation()}

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from gateway.config import ControlConfig
+from gateway.control.server import MAX_LINE, READ_COMMANDS, ControlServer, ControlServerError
 from gateway.ops.cli import EXIT_OK, EXIT_REJECTED
-from gateway.ops.control import MAX_LINE, READ_COMMANDS, ControlServer, ControlServerError
 from tests.support.broker import MosquittoBroker
 from tests.support.other_user import SYSTEM_PYTHON, readable_copy, system_python_ok
 from tests.test_commands import Site, running_site, stored_at_least, wait_for
@@ -336,7 +336,7 @@ async def test_read_only_members_read_operators_act_root_always(
 async def test_root_is_an_operator_and_a_refusal_without_an_operator_group_says_who_may_act(site: Site) -> None:
     server = ControlServer(ControlConfig(socket="unused", group="gateway"), site.handler)
     assert server.is_operator(None) is False
-    from gateway.ops.control import Peer
+    from gateway.control.server import Peer
 
     root = Peer(pid=1, uid=0, gid=0, groups=frozenset())
     stranger = Peer(pid=1, uid=OTHER_UID, gid=OTHER_UID, groups=frozenset({12345}))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.site import build_site
 

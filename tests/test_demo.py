@@ -1,6 +1,6 @@
 """The demo as a technician's sandbox: its site file and database in its directory, the exact gatewayctl line,
 ``--keep``, Ctrl-C as a clean stop, a narrative on a terminal and JSON lines off one. The demo runs as a real
-subprocess (``python -m gateway.demo``, what scripts/demo runs); Ctrl-C is SIGINT to its process group, as a
+subprocess (``python -m gateway_sim.demo``, what scripts/demo runs); Ctrl-C is SIGINT to its process group, as a
 terminal sends it."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ GATEWAYCTL = str(Path(sys.executable).with_name("gatewayctl"))
 
 def start_demo(*args: str, stdout: int | IO[bytes] = subprocess.PIPE) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "GPIOZERO_PIN_FACTORY")}
-    return subprocess.Popen([sys.executable, "-m", "gateway.demo", "--duration", "120", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "gateway_sim.demo", "--duration", "120", *args], cwd=ROOT, env=env,
                             stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
 
 
@@ -199,7 +199,7 @@ def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) 
 
 def test_without_mosquitto_the_demo_has_no_broker_and_points_at_nothing(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import demo
+    from gateway_sim import demo
 
     monkeypatch.setattr(demo, "_find_mosquitto", lambda: None)
     assert demo.DemoBroker(tmp_path).start() is False

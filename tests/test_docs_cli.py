@@ -1,5 +1,5 @@
 """docs/cli.md stays true: every ``$ gatewayctl ...`` example in it runs, in order, against a real demo
-(``python -m gateway.demo``, the example building with its leak on), and must give the documented exit code and
+(``python -m gateway_sim.demo``, the example building with its leak on), and must give the documented exit code and
 the documented columns: table headers, CSV header, the labels that start its lines and the keys of its JSON.
 The examples of "When the daemon is not running" run after the demo is stopped. Values (times, pids, ports)
 are not compared: they differ at every run."""
@@ -155,7 +155,7 @@ def test_the_examples_are_the_commands_there_are() -> None:
 def test_every_example_in_docs_cli_md_against_a_demo(tmp_path: Path) -> None:
     workdir = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "GPIOZERO_PIN_FACTORY")}
-    demo = subprocess.Popen([sys.executable, "-m", "gateway.demo", "--duration", "600", "--dir", str(workdir)],
+    demo = subprocess.Popen([sys.executable, "-m", "gateway_sim.demo", "--duration", "600", "--dir", str(workdir)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     config = workdir / "building.toml"

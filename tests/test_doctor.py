@@ -2,7 +2,7 @@
 
 Each doctor check has a test that makes it pass and one that makes it fail: a real mosquitto (with TLS, a
 password file and an ACL, tests/support/broker.py), a real pseudo-terminal with pymodbus's server behind it
-(drivers/simulated.py), mock pins, real SQLite files and the real ``gatewayctl`` in a subprocess.
+(gateway_sim/), mock pins, real SQLite files and the real ``gatewayctl`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import ConfigError, SiteConfig, load_config, parse_config
 from gateway.ops.cli import ControlClient
 from gateway.ops.doctor import (
@@ -39,6 +38,7 @@ from gateway.ops.doctor import (
     check_service,
     check_storage,
 )
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import simulated_detectors
 from tests.support.other_user import SYSTEM_PYTHON, readable_copy, system_python_ok

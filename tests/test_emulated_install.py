@@ -17,8 +17,9 @@ tests/test_install_rehearsal.py. In each target:
 - every runtime dependency at the lock's version; ``gatewayctl config check`` passes on an edited site and
   ``gatewayctl doctor`` names the platform;
 - ``gatewayd`` with ``pin_factory = "lgpio"`` exits 69 in one line: there is no gpiochip under emulation;
-- ``gatewayd --demo`` runs, and its alarm reaches a mosquitto started by the test (host binary, in a network
-  namespace of its own, on the port the example site names);
+- ``gatewayd --demo`` refuses in one line (exit 78): the install carries no simulator; with the checkout's
+  ``gateway_sim/`` alone on ``PYTHONPATH`` it runs, and its alarm reaches a mosquitto started by the test (host
+  binary, in a network namespace of its own, on the port the example site names);
 - the pure alarm core's tests and the panel-process tests pass inside the root.
 
 Timing under emulation means nothing: nothing here asserts one. The wall time of each part and the PSS of the
@@ -345,11 +346,18 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         assert gpio.returncode == 69, (gpio.stdout[-2000:], gpio.stderr[-2000:])
         assert gpio.stderr == "gatewayd: gpio: cannot open /dev/gpiochip0 (lgpio): No such file or directory\n"
 
-        # 4. the demo, its alarm at a broker
+        # 4. the demo, its alarm at a broker: the install carries no simulator (one line, exit 78), so the demo
+        #    takes the checkout's gateway_sim/, alone on the path, with the installed gateway
+        refused = chroot.run("gatewayd", "--demo", "--duration", "5", check=False, timeout=600)
+        assert refused.returncode == 78, (refused.stdout[-2000:], refused.stderr[-2000:])
+        assert refused.stderr.startswith("gatewayd: --demo: the simulator (gateway_sim) is not installed"), \
+            refused.stderr
+        chroot.run("sh", "-c", "mkdir -p /root/sim && ln -sfn /root/gateway/gateway_sim /root/sim/gateway_sim")
         with broker_namespace(tmp_path) as net:
             listen = subprocess.Popen(chroot.argv("/opt/gateway/venv/bin/python", "-c", SUBSCRIBER, net=net),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            demo = subprocess.Popen(chroot.argv("gatewayd", "--demo", "--duration", "40", net=net),
+            demo = subprocess.Popen(chroot.argv("PYTHONPATH=/root/sim", "gatewayd", "--demo", "--duration", "40",
+                                                net=net),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
                 seen = chroot.upper / "root/alarm-seen"

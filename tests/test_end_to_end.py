@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import EX_CONFIG, SiteConfig, load_config
 from gateway.panel.process import PanelProcess
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import (
     TimedMockPin,

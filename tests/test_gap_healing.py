@@ -30,8 +30,8 @@ import pytest
 
 from gateway import link
 from gateway.config import MqttConfig
+from gateway.control.commands import CommandHandler, StorageAway
 from gateway.events import Event
-from gateway.ops.commands import CommandHandler, StorageAway
 from gateway.uplink.contract import CommandGate, CommandService, birth_message
 from gateway.uplink.mqtt import Uplink
 from gateway.uplink.outbox import Outbox

@@ -13,7 +13,7 @@ What stands in for the hardware, and why:
 - **GPIO chip**: there is no /dev/gpiochip* on a build machine. The site asks for lgpio first, and the unit
   must end in ``failed`` with ``gpio: cannot open /dev/gpiochip0`` as its status; then a drop-in sets
   ``GPIOZERO_PIN_FACTORY=mock`` (gpiozero's MockFactory) in place of a chip that came back.
-- **RS-485 adapter**: a pseudo-terminal pair with pymodbus's own server behind it (drivers/simulated.py,
+- **RS-485 adapter**: a pseudo-terminal pair with pymodbus's own server behind it (gateway_sim/,
   run as a transient unit inside the booted system). A pty is not a ``ttyUSB``/``ttyAMA`` node, so the same
   drop-in adds ``DeviceAllow=char-pts rw`` to the unit's closed device policy; nothing else of the unit changes.
 - **A hung bus**: the daemon's own fault injection (``GATEWAY_FAILPOINTS=bus_hang=bus1@/run/rehearsal/hang``),
@@ -76,7 +76,8 @@ exec /usr/bin/env -i container=gateway-rehearsal /lib/systemd/systemd --system
 
 SIMULATED_BUS = """
 import os, signal
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 
 os.makedirs("/run/rehearsal", exist_ok=True)
 with VirtualNullModem("/run/rehearsal") as modem:

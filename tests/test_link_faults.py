@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem
+from gateway.annunciation import Sound
 from gateway.config import DEFAULT_THRESHOLDS, ConfigError, load_config
 from gateway.events import Event
-from gateway.panel.core import AlarmCore, Sound
+from gateway.panel.core import AlarmCore
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import CountingHeartbeats, eventually, read_events, running_gateway
 from tests.support.site import build_site

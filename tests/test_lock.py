@@ -1,8 +1,10 @@
 """The lock (constraints/runtime.txt) agrees with pyproject.toml, the test tools are bounded, and the wheel a
-building installs carries the daemon, the CLI and the drivers only."""
+building installs carries the daemon, the CLI and the drivers only: no simulator."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -76,17 +78,53 @@ def test_install_sh_installs_with_the_lock() -> None:
     assert "--constraint" in script
 
 
-@pytest.mark.timeout(300)
-def test_the_wheel_carries_the_daemon_cli_and_drivers_only(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel a building installs, built from a copy of this checkout as a fresh clone has it: setuptools puts
+    whatever an earlier build left in build/lib into the wheel (scripts/install.sh clears it first, too)."""
+    source = tmp_path_factory.mktemp("source") / "checkout"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "var"))
+    out = tmp_path_factory.mktemp("wheel")
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300,
-                            check=False)
+                             "-w", str(out), str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    wheel = next(tmp_path.glob("building_safety_gateway-*.whl"))
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    return next(out.glob("building_safety_gateway-*.whl"))
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_carries_the_daemon_cli_and_drivers_only(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
     assert {"gateway", "drivers"} <= tops
-    assert not {"fleet", "tests", "benchmarks"} & tops, sorted(tops)
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in zipfile.ZipFile(wheel).namelist()
-                                                    if n.endswith("entry_points.txt"))).decode()
+    assert not {"fleet", "tests", "benchmarks", "gateway_sim"} & tops, sorted(tops)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "gatewayd = gateway.daemon:main" in entry_points
     assert "gatewayctl = gateway.ops.cli:main" in entry_points
+
+
+@pytest.mark.timeout(300)
+def test_the_wheel_carries_no_simulator(wheel: Path) -> None:
+    """No module of the simulator (pty null modem, wire timing, simulated devices and bus, the demo) reaches a Pi,
+    under any name: listed from the wheel itself, and checked by what each module imports."""
+    archive = zipfile.ZipFile(wheel)
+    modules = [name for name in archive.namelist() if name.endswith(".py")]
+    assert not [m for m in modules if any(word in m for word in ("gateway_sim", "simulat", "demo"))], modules
+    for module in modules:
+        text = archive.read(module).decode()
+        assert "pymodbus.server" not in text and "pymodbus.simulator" not in text and "os.openpty" not in text, module
+
+
+@pytest.mark.timeout(300)
+def test_the_installed_daemon_refuses_the_demo_in_one_line(wheel: Path, tmp_path: Path) -> None:
+    """``gatewayd --demo`` on an install (the wheel's files alone, no checkout beside them): one line naming
+    ``--demo`` and the simulator, EX_CONFIG, no traceback."""
+    unpacked = tmp_path / "site-packages"
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    result = subprocess.run([sys.executable, "-m", "gateway.daemon", "--demo", "--duration", "1"], cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(unpacked)}, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert result.stderr.splitlines() == [
+        "gatewayd: --demo: the simulator (gateway_sim) is not installed: a building's install does not carry it; "
+        "run scripts/demo in a source checkout"], result.stderr

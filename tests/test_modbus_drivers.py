@@ -10,7 +10,9 @@ from pymodbus.client import ModbusSerialClient
 
 from drivers.modbus import CommError, ExtinguisherStation, GasDetector, read_block
 from drivers.profiles import PROFILE_A, PROFILE_B, STATION_IO_4DI, BitPoint, DetectorProfile, StationProfile
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, SimulatedIOStation, VirtualNullModem
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector, SimulatedIOStation
+from gateway_sim.nullmodem import VirtualNullModem
 
 pytestmark = pytest.mark.timeout(120)
 

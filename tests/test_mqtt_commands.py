@@ -20,11 +20,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.mqtt import MqttRecorder, RecordedMessage

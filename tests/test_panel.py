@@ -13,11 +13,12 @@ from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
 from drivers.profiles import GasReading
+from gateway.annunciation import Annunciation, Sound
 from gateway.config import DEFAULT_THRESHOLDS, AlarmSettings, DeviceConfig, LinkageRule
 from gateway.events import Event
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import Annunciator
-from gateway.panel.core import AlarmCore, Annunciation, Sound
+from gateway.panel.core import AlarmCore
 from tests.support.wait import wait_until
 
 

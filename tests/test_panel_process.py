@@ -34,13 +34,15 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway import link
 from gateway.config import load_config
 from gateway.events import Event, Priority
 from gateway.panel.handover import Handover, Hold, UplinkSupervisor
 from gateway.panel.process import SUPPORT_PRIORITY
 from gateway.panel.state import state_path
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
@@ -693,3 +695,14 @@ async def test_the_storage_loop_busy_fail_point_burns_the_childs_cpu_only_while_
                 await eventually(lambda: panel.panel.snapshot()["active"], timeout=30, message="no alarm")
                 flag.unlink()
     assert idle < 1.0, idle
+
+
+def test_the_storage_process_loads_no_part_of_the_panel() -> None:
+    """The child imports the link, which carries the panel's snapshot, but not the alarm core, the bus threads,
+    the pins or the command handler: what the link reads of the panel lives in gateway/annunciation.py."""
+    code = ("import sys, gateway.uplink.process; print(' '.join(sorted(m for m in sys.modules if m.startswith(("
+            "'gateway.panel', 'gateway.control', 'gateway.ops', 'gateway_sim', 'gpiozero', 'pymodbus')))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == []

@@ -24,14 +24,9 @@ from drivers.profiles import (
     parse_detector_profile,
     parse_station_profile,
 )
-from drivers.simulated import (
-    PROFILE_A_STATUS_CODES,
-    PROFILE_B_ALARM_BITS,
-    SimulatedBus,
-    SimulatedGasDetector,
-    SimulatedIOStation,
-    VirtualNullModem,
-)
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import PROFILE_A_STATUS_CODES, PROFILE_B_ALARM_BITS, SimulatedGasDetector, SimulatedIOStation
+from gateway_sim.nullmodem import VirtualNullModem
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,12 +24,13 @@ from pymodbus.pdu import DecodePDU
 
 from drivers.modbus import ChannelGroup, CommError, GasDetector, group_channels, read_block
 from drivers.profiles import PROFILE_A, PROFILE_B, ProfileError, parse_detector_profile
-from drivers.simulated import SimulatedBus, VirtualNullModem
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat, bus_floor_s
 from gateway.config import BusConfig, SiteConfig, load_config
-from gateway.ops.discover import find_controller, profile_sketch
+from gateway.control.discover import find_controller, profile_sketch
 from gateway.panel.buses import BusPoller, open_client
 from gateway.uplink.topics import Topics
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway
 from tests.support.mqtt import MqttRecorder
@@ -386,7 +387,7 @@ async def test_a_silent_controller_counts_once_per_poll_on_the_bus_and_kinds_add
 
 def test_the_status_message_takes_a_buss_kinds_from_the_bus() -> None:
     """Four channels failing one poll each count four times among the devices, once on the bus."""
-    from gateway.panel.core import Annunciation
+    from gateway.annunciation import Annunciation
     from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures
 
     devices = [{"device": f"ctrl.ch{n}", "bus": "bus1", "state": "fault", "comm_errors": 1, "failures": 1,

@@ -23,15 +23,17 @@ import pytest
 
 from drivers.gpio import make_buzzer
 from drivers.profiles import GasReading
-from drivers.simulated import SimulatedGasDetector, VirtualNullModem
+from gateway.annunciation import Sound
 from gateway.config import load_config
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import Annunciator
-from gateway.panel.core import AlarmCore, Sound
+from gateway.panel.core import AlarmCore
 from gateway.panel.process import PanelProcess
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import ContactSpec, SiteSpec, build_site

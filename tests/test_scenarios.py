@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import SiteConfig, load_config
 from gateway.panel.process import PanelProcess
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import (
     CountingHeartbeats,

@@ -24,9 +24,11 @@ import pytest
 
 from drivers.modbus import FRAME_ERROR_KINDS, CommError, GasDetector
 from drivers.profiles import BUILTIN_DETECTOR_PROFILES
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import BusConfig, load_config
 from gateway.panel.buses import open_client
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import CountingHeartbeats, TimedMockPin, eventually, read_events, running_gateway
 from tests.support.fuzz import CATEGORIES, FuzzingDevice

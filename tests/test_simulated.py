@@ -13,12 +13,9 @@ import serial
 from pymodbus.client import ModbusSerialClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 
-from drivers.simulated import (
-    PROFILE_A_STATUS_CODES,
-    SimulatedBus,
-    SimulatedGasDetector,
-    VirtualNullModem,
-)
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import PROFILE_A_STATUS_CODES, SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import validator
 from gateway.uplink.topics import Topics
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.modem import SimulatedModem
@@ -89,7 +89,7 @@ async def test_broker_killed_an_alarm_goes_by_sms_once_in_chinese_and_the_fault_
             assert status["contacts"] == {"technicians": 1, "building_heads": 1, "unit_heads": 1, "relatives": 2}
             assert "+86" not in repr(status), "a number in status"
             # gatewayctl sms test NUMBER: any number, the message says it is a test; an operator's command.
-            from gateway.ops.control import READ_COMMANDS
+            from gateway.control.server import READ_COMMANDS
 
             assert "sms_test" not in READ_COMMANDS
             result = await gateway.commands.handle("sms_test", {"number": "+8613700000009"}, source="cli")

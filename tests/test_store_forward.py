@@ -30,10 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 
-from drivers.simulated import SimulatedGasDetector, VirtualNullModem
 from gateway.config import load_config
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
 from tests.support.building import TimedMockPin, eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import SiteSpec, build_site
@@ -297,7 +299,8 @@ def test_kill_9_at_50_random_moments_loses_nothing_committed(
 
 @contextlib.contextmanager
 def broker_later(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(tmp_path / "broker", port=free_port())
+    """A broker that persists its sessions (saved when it stops), not running: the test starts it."""
+    broker = MosquittoBroker(tmp_path / "broker", port=free_port(), autosave_interval=1)
     try:
         yield broker
     finally:
@@ -313,6 +316,12 @@ async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
     monkeypatch.setenv("GATEWAY_FAILPOINTS", f"storage_full=outbox@{full}")
     with broker_later(tmp_path) as broker, VirtualNullModem(tmp_path / "dev") as modem:
         spec = site(tmp_path, modem, broker.port, households=1)
+        # The recorder's session outlives the broker's stop: whatever the gateway publishes once the broker is
+        # back reaches it, even before it has reconnected itself.
+        broker.start()
+        recorder = mqtt_recorder_factory(broker, f"{spec.topic_base}/event/#", protocol=mqtt.MQTTv311,
+                                         client_id="late-recorder", clean=False)
+        broker.stop()
         detector = spec.detectors[0]
         buzzer = mock_pins.pin(f"GPIO{spec.buzzer_pin}", pin_class=TimedMockPin)
         cfg = load_config(tmp_path / "site.toml")
@@ -333,7 +342,6 @@ async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
                 full.unlink()  # space returns
                 await eventually(lambda: read_events(db, "kind = 'alarm'"), timeout=30)
                 broker.start()
-                recorder = await asyncio.to_thread(mqtt_recorder_factory, broker, f"{spec.topic_base}/event/#")
                 await eventually(lambda: gateway.uplink_connected, timeout=60)
 
                 def arrived(kind: str, action: str, code: str | None = None) -> Any:

@@ -409,9 +409,12 @@ def test_dry_run_install_changes_nothing(untouched: Path) -> None:
     assert "systemd-tmpfiles --create /etc/tmpfiles.d/gateway.conf" in done
     venv = [a for a in done if re.fullmatch(rf"\S*python3?\S* -m venv {re.escape(str(untouched))}/venv", a)]
     assert venv, done
-    # every runtime dependency at its locked version (constraints/runtime.txt, scripts/lock)
-    assert (f"env PYPI=1 {untouched}/venv/bin/pip install --disable-pip-version-check "
-            f"--constraint {ROOT}/constraints/runtime.txt {ROOT}") in done
+    # every runtime dependency at its locked version (constraints/runtime.txt, scripts/lock), built from a clean
+    # build/lib: setuptools would put what an earlier build left there into the wheel
+    pip = (f"env PYPI=1 {untouched}/venv/bin/pip install --disable-pip-version-check "
+           f"--constraint {ROOT}/constraints/runtime.txt {ROOT}")
+    assert pip in done
+    assert f"rm -rf -- {ROOT}/build/lib" in done[:done.index(pip)]
     # the unit's python -OO bytecode, compiled once: the service cannot write into the venv
     assert f"{untouched}/venv/bin/python -m compileall -q -o 2 {untouched}/venv/lib" in done
     assert "install -m 0644 systemd/gatewayd.service /etc/systemd/system/gatewayd.service" in done

@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from drivers.simulated import VirtualNullModem
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, load_config
 from gateway.panel.process import PanelProcess
 from gateway.uplink.contract import command_message, validator
 from gateway.uplink.topics import Topics
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors, uplink_records
 from tests.support.mqtt import MqttRecorder

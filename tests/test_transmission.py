@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import VirtualNullModem
+from gateway.annunciation import Sound
 from gateway.config import ConfigError, TransmissionConfig, load_config, parse_config
 from gateway.events import Event, delivery_key, event_delivery_key
-from gateway.panel.core import Sound
 from gateway.panel.process import PanelProcess
 from gateway.panel.transmission import TransmissionWatch
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, read_events, running_gateway, simulated_detectors
 from tests.support.site import build_site

@@ -1,4 +1,4 @@
-"""The simulated bus with wire time (drivers/simulated.py: WireSpec, WireLine), read through the gateway's own
+"""The simulated bus with wire time (gateway_sim/: WireSpec, WireLine), read through the gateway's own
 client (gateway/panel/buses.py), and what polling on it shows: only the fast window read, a cycle never
 below the wire's floor."""
 
@@ -18,10 +18,12 @@ import pytest
 
 from drivers.modbus import CommError, GasDetector, read_block
 from drivers.profiles import PROFILE_A, PROFILE_B, GasReading
-from drivers.simulated import SimulatedBus, VirtualNullModem, WireSpec
 from drivers.wire import LineFormat, bus_floor_s, read_answer_bytes, transaction_s
 from gateway.config import BusConfig
 from gateway.panel.buses import BusPoller, open_client
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
+from gateway_sim.wireline import WireSpec
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.timeout(120)

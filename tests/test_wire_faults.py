@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
-from drivers.simulated import SimulatedBus, VirtualNullModem, WireSpec
 from gateway.config import ConfigError, load_config
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.nullmodem import VirtualNullModem
+from gateway_sim.wireline import WireSpec
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway
 from tests.support.site import build_site

@@ -13,7 +13,6 @@ import jsonschema
 import pytest
 
 from drivers.profiles import PROFILE_A, PROFILE_B, STATION_IO_4DI
-from drivers.simulated import VirtualNullModem
 from drivers.wire import (
     DEFAULT_TURNAROUND_S,
     READ_REQUEST_BYTES,
@@ -23,10 +22,11 @@ from drivers.wire import (
     read_answer_bytes,
     transaction_s,
 )
+from gateway.annunciation import Annunciation
 from gateway.config import bus_floor_s as config_bus_floor_s
 from gateway.config import bus_floor_warnings, load_config
-from gateway.panel.core import Annunciation
 from gateway.uplink.contract import BusCounters, StatusReporter, UplinkFigures, schema, validator
+from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import eventually, running_gateway, simulated_detectors
 from tests.support.site import build_site

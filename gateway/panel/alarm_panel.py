@@ -2,7 +2,7 @@
 
 Bus threads, GPIO callbacks, the ticker and operator commands all call the panel. It serialises them with
 a lock that guards only in-memory state (never held across disk or network I/O), reads the clock under
-that lock (so the core sees time in order), shows the resulting :class:`~gateway.panel.core.Annunciation` on
+that lock (so the core sees time in order), shows the resulting :class:`~gateway.annunciation.Annunciation` on
 the annunciator *before* anything else, then hands copies of the events to the sink (the hand-over's queue,
 :mod:`gateway.panel.handover`) in the order the core produced them. The sink must not block.
 """
@@ -18,9 +18,10 @@ from typing import Any
 import structlog
 
 from drivers.profiles import GasReading, StationReading
+from gateway.annunciation import Annunciation
 from gateway.events import Event
 from gateway.panel.annunciator import Annunciator
-from gateway.panel.core import AlarmCore, Annunciation, ResetResult, WalkTestResult
+from gateway.panel.core import AlarmCore, ResetResult, WalkTestResult
 
 __all__ = ["AlarmPanel"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.panel.core import Annunciation, Sound
+from gateway.annunciation import Annunciation, Sound
 from gateway.realtime import raise_priority
 
 __all__ = ["CHIRP_S", "LED_PATTERNS", "PATTERNS", "Annunciator", "Output", "Pattern", "trouble_pattern"]

@@ -39,6 +39,7 @@ from enum import IntEnum
 from typing import Any
 
 from drivers.profiles import GasReading, StationReading
+from gateway.annunciation import Annunciation, Sound
 from gateway.config import AlarmSettings, DeviceConfig, LinkageRule
 from gateway.events import Event
 
@@ -47,10 +48,8 @@ __all__ = [
     "DEVICE_FAULTS",
     "TEST_SOUND_S",
     "AlarmCore",
-    "Annunciation",
     "Level",
     "ResetResult",
-    "Sound",
     "WalkTestResult",
 ]
 
@@ -84,26 +83,6 @@ class Level(IntEnum):
     NONE = 0
     LOW = 1
     HIGH = 2
-
-
-class Sound(IntEnum):
-    """What the sounder plays, in priority order (higher wins)."""
-
-    QUIET = 0
-    TROUBLE = 1
-    TEST = 2
-    SUPERVISORY = 3
-    GAS = 4
-    FIRE = 5
-
-
-@dataclass(frozen=True, slots=True)
-class Annunciation:
-    """Desired output state: the sounder's signal, the lit LEDs, the relays that are on."""
-
-    sound: Sound = Sound.QUIET
-    leds: frozenset[str] = frozenset()
-    relays: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,13 +30,13 @@ import structlog
 
 from drivers.gpio import use_pin_factory
 from gateway import __version__, link
+from gateway.annunciation import Annunciation
 from gateway.config import SiteConfig
+from gateway.control.commands import CommandHandler, StorageAway
+from gateway.control.server import ControlServer, ControlServerError
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.notify import Notifier, Watchdog
-from gateway.ops.commands import CommandHandler, StorageAway
-from gateway.ops.control import ControlServer, ControlServerError
-from gateway.panel.core import Annunciation
 from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide

@@ -14,13 +14,14 @@ from typing import Any
 
 from drivers.gpio import ContactInput, make_buzzer, make_output
 from drivers.modbus import ExtinguisherStation, GasDetector, ModbusDevice
+from gateway.annunciation import Annunciation, Sound
 from gateway.config import DeviceConfig, SiteConfig
 from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.panel.alarm_panel import AlarmPanel
 from gateway.panel.annunciator import Annunciator, trouble_pattern
 from gateway.panel.buses import BusPoller
-from gateway.panel.core import AlarmCore, Annunciation, Sound
+from gateway.panel.core import AlarmCore
 from gateway.realtime import raise_priority
 
 __all__ = ["AlarmSide", "bus_drivers"]

@@ -580,7 +580,7 @@ def peek_id(payload: bytes) -> str | None:
 
 
 class Handler(Protocol):
-    """The command handler shared by MQTT and the CLI (``gateway.ops.commands.CommandHandler``).
+    """The command handler shared by MQTT and the CLI (``gateway.control.commands.CommandHandler``).
 
     ``handle`` returns (or resolves to) an object with ``ok``, ``reason`` and ``data``.
     """

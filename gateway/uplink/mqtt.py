@@ -38,6 +38,7 @@ from gateway.config import MqttConfig, is_loopback
 from gateway.events import Priority
 from gateway.uplink.contract import availability_message, iso_time
 from gateway.uplink.outbox import Outbox, PendingEvent
+from gateway.uplink.standby import Standby
 from gateway.uplink.topics import Topics
 
 __all__ = [
@@ -399,6 +400,11 @@ class Uplink:
         """The node connected to, or the one the next attempt goes to."""
         self.attempts: deque[NodeAttempt] = deque(maxlen=256)
         """Every connection attempt and its node, newest last."""
+        self._copy_tasks: set[asyncio.Future[None]] = set()
+        self.standby: Standby | None = None
+        """With several nodes: the second connection that carries urgent events while this one is down."""
+        if len(self.nodes) > 1:
+            self.standby = Standby(mqtt_cfg, topics.event, self._wire_payload, on_connect=self._standby_connected)
         _warn_transport(mqtt_cfg)
 
     @property
@@ -422,6 +428,9 @@ class Uplink:
     async def run(self) -> None:
         """Connect, forward, reconnect — until :meth:`stop`. Nothing that goes wrong ends this loop."""
         delays = backoff_delays()
+        self._loop = asyncio.get_running_loop()
+        if self.standby is not None:
+            self.standby.start()
         while not self._stopping:
             self._beat()
             try:
@@ -439,6 +448,8 @@ class Uplink:
                 await self._sleep(wait.delay_s, urgent=wait.urgent, start=wait.chosen_at)
                 continue
             connected_at = time.monotonic()
+            if self.standby is not None:
+                self.standby.primary_up(self.node_index)
             try:
                 await self._forward(client)
             except Exception as exc:  # a bug or storage trouble must not stall the uplink: reconnect
@@ -447,7 +458,10 @@ class Uplink:
             finally:
                 await self._drop(client)
                 if not self._stopping:
-                    self._next_node()  # the node may be gone; every node of the cluster serves the same
+                    self._next_node()
+                    if self.standby is not None:
+                        self.standby.primary_down()
+                        self._copy_urgent_soon()  # the node may be gone; every node of the cluster serves the same
             # The backoff starts over only after a connection that held; one the broker drops at once (a
             # client id taken over, an ACL) must not turn into a reconnect storm. Never straight back in.
             now = time.monotonic()
@@ -484,6 +498,8 @@ class Uplink:
         self._stopping = True
         self._stop_requested.set()
         self._sleep_wake.set()
+        if self.standby is not None:
+            self.standby.stop()
         client = self._client
         if client is not None and self.connected:
             info = client.publish(self.topics.availability, self._availability("offline", "planned stop"),
@@ -658,6 +674,37 @@ class Uplink:
             self.last_error = f"disconnected: {reason}"
             self._lost.set()
             self._progress.set()
+            if self.standby is not None and not self._stopping:
+                self.standby.primary_down()
+                self._copy_urgent_soon()
+
+    # ------------------------------------------------------------------------------ standby copies
+
+    def _standby_connected(self) -> None:
+        """On paho's thread: the standby connection came up; copy what waits if the main one is down."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
+                loop.call_soon_threadsafe(self._copy_urgent_soon)
+
+    def _copy_urgent_soon(self) -> None:
+        """Copy every urgent event still waiting for its PUBACK over the standby connection, in a task."""
+        if self.standby is not None and self.standby.copying and not self._stopping:
+            task = asyncio.ensure_future(self._copy_urgent())
+            self._copy_tasks.add(task)
+            task.add_done_callback(self._copy_tasks.discard)
+
+    async def _copy_urgent(self) -> None:
+        standby = self.standby
+        if standby is None:
+            return
+        try:
+            rows = await self.outbox.urgent_pending(limit=self.prefetch)
+        except Exception as exc:  # storage trouble must not end the uplink; the durable path still sends them
+            log.warning("could not read urgent events for the standby connection", error=repr(exc))
+            return
+        if not self.connected:
+            standby.copy(rows)
 
     # ------------------------------------------------------------------------------ forwarding
 
@@ -729,13 +776,15 @@ class Uplink:
     def _wire_payload(self, row: PendingEvent, resend: bool = False) -> str:
         """The stored JSON plus ``historical``, ``sent`` and ``age_s``.
 
-        ``historical`` is true only for a copy sent again or an event of an earlier session: an alarm raised in
-        this session before the link came up is sent for the first time, and is live — ``age_s`` says how long
-        it waited. The age comes from the monotonic clock for events of this boot (a wall clock set by NTP
-        meanwhile does not change it), from the wall clock for events from before a reboot.
+        ``historical`` is true only for a copy sent again (a standby copy went first, too) or an event of an
+        earlier session: an alarm raised in this session before the link came up is sent for the first time, and
+        is live — ``age_s`` says how long it waited. The age comes from the monotonic clock for events of this
+        boot (a wall clock set by NTP meanwhile does not change it), from the wall clock for events from before a
+        reboot.
         """
         now = time.time()
-        historical = resend or row.session != self.outbox.session
+        historical = (resend or row.session != self.outbox.session
+                      or (self.standby is not None and self.standby.was_copied(row.event_id)))
         age = time.monotonic() - row.mono if row.session in self.outbox.sessions_this_boot else now - row.wall
         return (f'{row.payload[:-1]},"historical":{"true" if historical else "false"},"sent":"{iso_time(now)}",'
                 f'"age_s":{max(0.0, round(age, 3))}}}')
@@ -859,6 +908,8 @@ class Uplink:
         if not self.connected and any(r.priority >= URGENT_PRIORITY for r in rows):
             self._urgent_stored = True
             self._sleep_wake.set()
+            if self.standby is not None:
+                self.standby.copy(r for r in rows if r.priority >= URGENT_PRIORITY)
         if self._fetching:
             self._arrived.extend(rows)
         else:

@@ -23,10 +23,11 @@ from typing import Any, TypeVar
 
 from gpiozero.pins.mock import MockPin
 
-from drivers.simulated import SimulatedBus, SimulatedGasDetector
 from gateway.config import SiteConfig, load_config
 from gateway.health import Heartbeats
 from gateway.panel.process import PanelProcess
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
 from tests.support.site import DetectorSpec
 
 __all__ = [

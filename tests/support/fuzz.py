@@ -15,7 +15,7 @@ Two more categories are only drawn when asked for (:data:`EXCEPTIONS`): a Modbus
 answers ``path_unavailable`` (0x0A) and ``target_no_answer`` (0x0B), built with pymodbus's ExceptionResponse.
 
 Valid frames are built with pymodbus's framer and PDU classes (no hand-written CRC). Requests for the
-``relayed`` addresses are forwarded to another port (a :class:`~drivers.simulated.SimulatedBus` on a second
+``relayed`` addresses are forwarded to another port (a :class:`~gateway_sim.bus.SimulatedBus` on a second
 null modem) and its answers copied back, so a healthy device shares the bus with the fuzzed ones.
 """
 

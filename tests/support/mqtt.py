@@ -92,7 +92,10 @@ class MqttRecorder:
         keyfile: str | None = None,
         connect_timeout: float = 30.0,
         wait_connected: bool = True,
+        clean: bool = True,
     ) -> None:
+        """``clean=False`` (MQTT 3.1.1 only) keeps the recorder's session: with a broker that persists, what is
+        published while the recorder is away (the broker restarting) is delivered when it is back."""
         self.host = host
         self.port = port
         self.topics = [topics] if isinstance(topics, str) else list(topics)
@@ -114,6 +117,7 @@ class MqttRecorder:
             client_id=self.client_id,
             protocol=MQTTProtocolVersion(protocol),
             reconnect_on_failure=True,
+            clean_session=None if protocol == mqtt.MQTTv5 else clean,
         )
         if username is not None:
             self.client.username_pw_set(username, password)

@@ -354,6 +354,14 @@ class Outbox:
                 "SELECT EXISTS (SELECT 1 FROM events WHERE delivered = 0 AND priority >= ?)", (int(Priority.TROUBLE),))
         return bool(next(iter(rows))[0])
 
+    async def urgent_pending(self, *, limit: int = 100) -> list[PendingEvent]:
+        """Undelivered alarms, supervisory signals and faults, oldest first (the standby connection copies them)."""
+        async with self._lock:
+            rows = await self.connection.execute_fetchall(
+                "SELECT seq, event_id, session, kind, priority, payload, attempts, mono, wall FROM events"
+                " WHERE delivered = 0 AND priority >= ? ORDER BY seq LIMIT ?", (int(Priority.TROUBLE), limit))
+            return [PendingEvent._make(row) for row in rows]
+
     async def backlog(self) -> tuple[int, float | None]:
         """(undelivered count, wall time of the oldest undelivered event)."""
         async with self._lock:

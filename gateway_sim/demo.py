@@ -1,5 +1,5 @@
-"""``gatewayd --demo`` (or ``python -m gateway.demo``): the example building on a simulated bus and mock pins,
-playing a gas leak.
+"""``scripts/demo`` (``python -m gateway_sim.demo``, or ``gatewayd --demo`` from a checkout): the example building on
+a simulated bus and mock pins, playing a gas leak.
 
 A technician's sandbox: the site file goes into the demo's working directory beside its database and control
 socket, and the exact ``gatewayctl --config ...`` line to talk to it is printed (through ``scripts/gatewayctl``
@@ -35,9 +35,11 @@ from gpiozero import Device
 
 from drivers.gpio import ContactInput
 from drivers.mockpins import mock_pin_factory
-from drivers.simulated import SimulatedBus, SimulatedGasDetector, VirtualNullModem
 from gateway.config import INSTALLED_EXAMPLE, SiteConfig, load_config, parse_endpoint
 from gateway.panel.process import PanelProcess
+from gateway_sim.bus import SimulatedBus
+from gateway_sim.devices import SimulatedGasDetector
+from gateway_sim.nullmodem import VirtualNullModem
 
 __all__ = ["DemoBroker", "demo_config", "gatewayctl_line", "main", "run_demo"]
 
@@ -284,11 +286,11 @@ def run_demo(*, duration: float = 30.0, keep: bool = False, directory: Path | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.demo [--duration S] [--keep] [--dir DIR] [--broker HOST:PORT]`` (what scripts/demo
+    """``python -m gateway_sim.demo [--duration S] [--keep] [--dir DIR] [--broker HOST:PORT]`` (what scripts/demo
     runs)."""
     from gateway.logs import configure_logging
 
-    parser = argparse.ArgumentParser(prog="gateway.demo", description="the example building, simulated")
+    parser = argparse.ArgumentParser(prog="gateway_sim.demo", description="the example building, simulated")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60; Ctrl-C stops)")
     parser.add_argument("--keep", action="store_true", help="keep the directory, its config and database")
     parser.add_argument("--dir", type=Path, default=None, help="work in this directory (kept) instead of a new one")

@@ -17,7 +17,7 @@ Commands (arguments in parentheses; all optional unless marked *):
 * ``events`` (``limit``, ``since``, ``until``, ``device``, ``household``, ``kind``) — stored history, newest last.
 * ``read`` (``device``\\*, ``raw``) — a fresh reading now, through the bus thread that owns the port.
 * ``scan`` (``bus``\\*, ``from``, ``to``, ``pause_polling``) — find responding Modbus addresses and what they look
-  like (a known profile, or a multi-channel controller with a profile sketch: :mod:`gateway.ops.discover`);
+  like (a known profile, or a multi-channel controller with a profile sketch: :mod:`gateway.control.discover`);
   polling pauses at most :data:`SCAN_PAUSE_MAX_S` at a time (a trouble signal meanwhile), every device polled
   in between.
 * ``buzzer_test`` (``seconds_per_pattern``) and ``relay_test`` (``output``\\*, ``seconds``).
@@ -51,10 +51,10 @@ from drivers.modbus import (
 )
 from drivers.profiles import GasReading, StationReading
 from gateway import __version__
+from gateway.annunciation import Sound
+from gateway.control.discover import ControllerLayout, find_controller, profile_sketch
 from gateway.events import KIND_PRIORITY, Event
-from gateway.ops.discover import ControllerLayout, find_controller, profile_sketch
 from gateway.panel.annunciator import PATTERNS
-from gateway.panel.core import Sound
 
 if TYPE_CHECKING:
     from gateway.config import SiteConfig
@@ -762,7 +762,7 @@ class _WentSilent(Exception):
 
 
 def _controller_probe(client: ModbusClient, address: int) -> ControllerLayout | None:
-    """:func:`gateway.ops.discover.find_controller` through the bus client; gives up at the second silence
+    """:func:`gateway.control.discover.find_controller` through the bus client; gives up at the second silence
     (each would cost the probe timeout)."""
     silences = 0
 

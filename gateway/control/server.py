@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 
 from gateway.config import ControlConfig
-from gateway.ops.commands import CommandHandler, CommandRejected, CommandResult
+from gateway.control.commands import CommandHandler, CommandRejected, CommandResult
 
 __all__ = ["MAX_LINE", "READ_COMMANDS", "ControlServer", "ControlServerError", "Peer"]
 
@@ -67,7 +67,7 @@ class ControlServerError(Exception):
 
 
 class ControlServer:
-    """Serves :class:`~gateway.ops.commands.CommandHandler` on a Unix socket."""
+    """Serves :class:`~gateway.control.commands.CommandHandler` on a Unix socket."""
 
     def __init__(self, cfg: ControlConfig, handler: CommandHandler) -> None:
         self.cfg = cfg
