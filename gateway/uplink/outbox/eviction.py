@@ -19,7 +19,7 @@ import aiosqlite
 import structlog
 
 from gateway.events import Priority
-from gateway.uplink.outbox.schema import MB, add_counters, rollback
+from gateway.uplink.outbox.schema import MB, add_counters, transaction
 
 __all__ = ["DAY_S", "StorageLimits", "disk_free_bytes", "enforce_bounds", "give_back_space", "make_room", "retain",
            "used_bytes"]
@@ -124,18 +124,13 @@ async def _evict_to(db: aiosqlite.Connection, target: int, *, top: Priority, rea
         while used > target:
             n = min(_EVICT_CHUNK_MAX, max(_EVICT_CHUNK_MIN, math.ceil((used - target) / per_row)))
             key = f"evicted.{'delivered' if delivered else 'undelivered'}.{priority.name.lower()}"
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async with transaction(db):
                 cur = await db.execute(
                     "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE delivered = ? AND priority = ?"
                     " ORDER BY seq LIMIT ?)", (delivered, int(priority), n))
                 gone = cur.rowcount
                 if gone > 0:
                     await add_counters(db, {key: gone})
-                await db.execute("COMMIT")
-            except BaseException:
-                await rollback(db)
-                raise
             if gone <= 0:
                 break
             evicted[key] = evicted.get(key, 0) + gone
@@ -163,18 +158,13 @@ async def retain(db: aiosqlite.Connection, limits: StorageLimits, now: float | N
     if row is None:
         return 0
     boundary = int(row[0])
-    await db.execute("BEGIN IMMEDIATE")
-    try:
+    async with transaction(db):
         cur = await db.execute(
             "DELETE FROM events WHERE delivered = 1 AND seq < ? AND MAX(wall, COALESCE(delivered_at, wall)) < ?",
             (boundary, cutoff))
         gone = max(0, cur.rowcount)
         if gone:
             await add_counters(db, {"retired.history": gone})
-        await db.execute("COMMIT")
-    except BaseException:
-        await rollback(db)
-        raise
     if gone:
         log.info("history retention", deleted=gone, older_than_days=round(limits.history_s / DAY_S, 1))
     return gone

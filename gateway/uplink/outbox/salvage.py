@@ -17,7 +17,7 @@ from typing import Any
 
 import aiosqlite
 
-from gateway.uplink.outbox.schema import COLUMNS, add_counters, rollback
+from gateway.uplink.outbox.schema import COLUMNS, add_counters, transaction
 
 __all__ = ["Salvage", "carry_over", "move_aside", "read_salvage"]
 
@@ -77,14 +77,9 @@ def move_aside(path: str) -> str:
 
 async def carry_over(db: aiosqlite.Connection, salvage: Salvage) -> None:
     """Store the salvaged rows (new seqs, the same ids) and counters in the fresh file, in one transaction."""
-    await db.execute("BEGIN IMMEDIATE")
-    try:
+    async with transaction(db):
         if salvage.rows:
             marks = ",".join("?" * len(COLUMNS.split(",")))
             await db.executemany(f"INSERT OR IGNORE INTO events ({COLUMNS}) VALUES ({marks})", salvage.rows)
         if salvage.counters:
             await add_counters(db, salvage.counters)
-        await db.execute("COMMIT")
-    except BaseException:
-        await rollback(db)
-        raise

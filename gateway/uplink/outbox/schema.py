@@ -13,7 +13,7 @@ import contextlib
 import os
 import secrets
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "new_install_id",
     "rollback",
     "start_session",
+    "transaction",
 ]
 
 log = structlog.get_logger()
@@ -146,8 +147,7 @@ async def start_session(db: aiosqlite.Connection, *, path: str, gateway_id: str,
         if problems != ["ok"]:
             raise sqlite3.DatabaseError(f"database disk image is malformed: {'; '.join(problems[:3])}")
     session_file, install_file = Path(f"{path}.session"), Path(f"{path}.install-id")
-    await db.execute("BEGIN IMMEDIATE")
-    try:
+    async with transaction(db):
         cur = await db.execute("SELECT key, value FROM meta WHERE key IN ('session', 'install')")
         meta = {str(k): str(v) for k, v in await cur.fetchall()}
         session = max(int(meta.get("session", 0)), _read_session_file(session_file), floor) + 1
@@ -162,10 +162,6 @@ async def start_session(db: aiosqlite.Connection, *, path: str, gateway_id: str,
                          (session - _BOOT_SESSIONS_KEPT,))
         cur = await db.execute("SELECT key FROM meta WHERE key LIKE 'boot.%' AND value = ?", (boot,))
         this_boot = frozenset(int(str(k)[5:]) for (k,) in await cur.fetchall()) if boot else frozenset({session})
-        await db.execute("COMMIT")
-    except BaseException:
-        await rollback(db)
-        raise
     # Remember the session beside the database, so a replaced file never repeats an id.
     _write_small_file(session_file, f"{session}\n")
     _reconcile_install_file(install_file, install)
@@ -187,6 +183,18 @@ async def rollback(db: aiosqlite.Connection) -> None:
     """Roll back the open transaction, if any (a failure to do so is not news)."""
     with contextlib.suppress(sqlite3.Error, ValueError):
         await db.execute("ROLLBACK")
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: aiosqlite.Connection) -> AsyncIterator[aiosqlite.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock at once) … ``COMMIT``; rolled back if the body or the commit fails."""
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+        await db.execute("COMMIT")
+    except BaseException:
+        await rollback(db)
+        raise
 
 
 async def add_counters(db: aiosqlite.Connection, counts: Mapping[str, int]) -> None:

@@ -339,13 +339,8 @@ class Outbox:
             if len(marks) == 1:  # one statement is its own transaction
                 await db.execute(_MARK_DELIVERED, marks[0])
                 return
-            await db.execute("BEGIN IMMEDIATE")
-            try:
+            async with schema.transaction(db):
                 await db.executemany(_MARK_DELIVERED, marks)
-                await db.execute("COMMIT")
-            except BaseException:
-                await schema.rollback(db)
-                raise
 
     async def urgent_waiting(self) -> bool:
         """Whether an alarm, supervisory signal or fault waits undelivered (the uplink then retries fast)."""
@@ -430,15 +425,8 @@ class Outbox:
         items = {f"dropped.memory.{name}": n for name, n in counts.items() if n}
         if not items:
             return
-        async with self._lock:
-            db = self.connection
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                await schema.add_counters(db, items)
-                await db.execute("COMMIT")
-            except BaseException:
-                await schema.rollback(db)
-                raise
+        async with self._lock, schema.transaction(self.connection) as db:
+            await schema.add_counters(db, items)
 
     async def counters(self) -> dict[str, int]:
         """Every persisted counter (``evicted.<delivered|undelivered>.<class>``, ``dropped.memory.<class>``,
