@@ -23,7 +23,9 @@ The notifier (fleet/notifier.py, ``--notifiers`` instances, one SIGKILLed 2 s af
 ``--keep-notifiers``) tells people through Apprise's ``json://`` to a local receiver: ``notified_p99_ms``
 (detection → first-step message received, outside the failover window; target ≤ 2000), ``escalation_on_time``
 (every later step received within 1 s of its due time; the ladder steps every ``--escalate-after`` s),
-``notifier_duplicates`` (messages received more than once; target ≤ ``notifier_workers_killed``).
+``notifier_duplicates`` (messages received more than once; target ≤ ``notifier_workers_killed``, the sending
+lanes killed: each lane claims, sends and commits on its own, so each is a worker — ``in_flight`` per instance
+killed, four by default, ``--notifier-in-flight`` sets it; ``notifier_instances_killed`` the instances).
 
 ``.venv/bin/python benchmarks/fleet.py [--gateways 1000] [--processes 4] [--burst-rate 250] [--kill first]``
 """
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the run's files (logs, outboxes) here instead of a temp dir")
     parser.add_argument("--notifiers", type=int, default=2, help="notifier instances (fleet/notifier.py)")
     parser.add_argument("--escalate-after", type=float, default=20.0, help="the ladder's step, seconds")
+    parser.add_argument("--notifier-in-flight", type=int,
+                        help="each notifier instance's in_flight (messages sent at once; its default when not given)")
     parser.add_argument("--keep-notifiers", action="store_true",
                         help="do not SIGKILL a notifier instance 2 s after the node's kill")
     args = parser.parse_args()
@@ -82,7 +86,8 @@ def main() -> None:
                                  telemetry_every_s=args.telemetry_every, burst_rate=args.burst_rate,
                                  burst_s=args.burst_s, restart_after_s=args.restart_after,
                                  after_s=args.restart_after + 2.0, kill=args.kill, notifiers=args.notifiers,
-                                 escalate_after_s=args.escalate_after, kill_notifier=not args.keep_notifiers,
+                                 escalate_after_s=args.escalate_after, notifier_in_flight=args.notifier_in_flight,
+                                 kill_notifier=not args.keep_notifiers,
                                  log=lambda text: print(text, file=sys.stderr, flush=True))
         result = scenario.run()
     outside, inside = result.latencies()
@@ -114,6 +119,14 @@ def main() -> None:
     }))
 
 
+def _default_in_flight() -> int:
+    from dataclasses import fields
+
+    from fleet.notifier import NotifierSettings
+
+    return int(next(f.default for f in fields(NotifierSettings) if f.name == "in_flight"))  # type: ignore[call-overload]
+
+
 def _notifier_keys(n: dict[str, object]) -> dict[str, object]:
     """The notifier's figures (tests.support.notifier.NotifierRig.result)."""
     outside, inside = n.get("notified_outside", []), n.get("notified_inside", [])
@@ -121,7 +134,9 @@ def _notifier_keys(n: dict[str, object]) -> dict[str, object]:
     return {"notified_p50_ms": _ms(percentile(outside, 0.5)), "notified_p99_ms": _ms(percentile(outside, 0.99)),
             "notified_failover_p99_ms": _ms(percentile(inside, 0.99)),
             "escalation_on_time": n.get("escalation_on_time"), "notifier_duplicates": n.get("duplicates"),
-            "notifier_workers_killed": n.get("killed"),
+            # a killed instance may send again each message it had in flight, one per lane (docs/fleet.md)
+            "notifier_workers_killed": int(n.get("killed") or 0) * int(n.get("in_flight") or _default_in_flight()),
+            "notifier_instances_killed": n.get("killed"),
             "notifier": {k: v for k, v in n.items() if not str(k).startswith("notified_")}}
 
 

@@ -9,9 +9,10 @@ a child process — :mod:`simbus`):
    ``poll_interval_s = 0``, its events dropped instead of handed to a storage process; ``ratio`` = gateway ÷
    bare. For reference also the bare loop with the gateway's own client class.
 2. ``gatewayd`` as a real subprocess (``GPIOZERO_PIN_FACTORY=mock``) polling the 64 detectors at 1 Hz with a
-   private mosquitto up: after warm-up, memory and CPU over 60 s of the whole service — gatewayd (the panel)
-   and its storage/uplink child, summed and per process. ``pss_mb_64_devices`` sums PSS (each shared page
-   split between the processes mapping it); ``rss_mb_64_devices`` sums RSS (pages shared counted twice);
+   private mosquitto up: after warm-up, memory and CPU over 60 s of the whole service — gatewayd (the panel),
+   its storage/uplink child and, with ``--modem``, its SMS child on a simulated modem, summed and per
+   process. ``pss_mb_64_devices`` sums PSS (each shared page split between the processes mapping it);
+   ``rss_mb_64_devices`` sums RSS (pages shared counted twice);
    ``rss_once_mb_64_devices`` counts each resident page of the service once (``/proc/<pid>/pagemap``, needs
    CAP_SYS_ADMIN; null without). CPU in % of one core.
 3. Still in that service: ≥ 100 alarm readings (each detector rises to a low, then a high alarm), each
@@ -20,7 +21,7 @@ a child process — :mod:`simbus`):
    its stdout), and to a subscriber's receipt.
 
 Prints one JSON line last, with ``targets`` (met or not). ``.venv/bin/python benchmarks/polling.py
-[--seconds 60] [--devices 64]``
+[--seconds 60] [--devices 64] [--modem]``
 """
 
 from __future__ import annotations
@@ -277,8 +278,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "alarm_to_puback_p99_ms_le_20": p99 <= 20,
         },
         "memory_figures": {
-            "pss_mb_64_devices": "PSS summed over gatewayd (panel) and its storage child: each shared page split "
-                                 "between all processes mapping it, other Python processes on the machine included",
+            "pss_mb_64_devices": "PSS summed over gatewayd (panel), its storage child and (--modem) its SMS child: "
+                                 "each shared page split between all processes mapping it, other Python processes "
+                                 "on the machine included",
             "rss_mb_64_devices": "RSS summed over the service's processes; pages they share counted twice",
             "rss_once_mb_64_devices": "resident pages of the service, each counted once (pagemap); null without "
                                       "CAP_SYS_ADMIN",

@@ -1,16 +1,19 @@
 """Site configuration: TOML → a typed, validated site model.
 
-Everything is checked before anything starts. Every error names the key path (``devices[3].address``)
-and the reason; :class:`ConfigError` carries both, and from a file also the line and the id of the device,
-household, unit, bus or relay it is in. One check reports every error it finds (:class:`ConfigErrors`, at
-most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one is read. An unknown key
-close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78 (EX_CONFIG) on it and
-``gatewayctl config check`` exits 1 with the same lines.
+Everything is checked before anything starts. Each table of the file is a msgspec struct (its keys, types,
+bounds and defaults; rules across keys in its ``__post_init__``), read by :func:`_read`; rules that need other
+tables (a known unit, a free pin, a bus's cycle) are checked in code beside them. Every error names the key
+path (``devices[3].address``) and the reason; :class:`ConfigError` carries both, and from a file also the
+line and the id of the device, household, unit, bus or relay it is in. One check reports every error it finds
+(:class:`ConfigErrors`, at most :data:`MAX_ERRORS` shown): a table with an error is left out and the next one
+is read. An unknown key close to a known one gets a hint (``did you mean `address`?``). ``gatewayd`` exits 78
+(EX_CONFIG) on it and ``gatewayctl config check`` exits 1 with the same lines.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import math
 import os
@@ -18,16 +21,18 @@ import re
 import stat
 import sys
 import tomllib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import msgspec
+from msgspec import inspect as mi
 
 from drivers.profiles import (
     BUILTIN_DETECTOR_PROFILES,
     BUILTIN_STATION_PROFILES,
-    MEASURES,
     DetectorProfile,
     ProfileError,
     StationProfile,
@@ -37,6 +42,7 @@ from drivers.profiles import (
 from drivers.profiles import toml_type_name as _typename
 from drivers.wire import DEFAULT_TURNAROUND_S, LineFormat
 from drivers.wire import bus_floor_s as wire_floor_s
+from gateway.validation import Problem, convert
 
 __all__ = [
     "CONTACT_KINDS",
@@ -79,10 +85,14 @@ MODBUS_KINDS = frozenset({"gas_detector", "extinguisher_station"})
 CONTACT_KINDS = frozenset(
     {"gas_relay", "fire_contact", "extinguisher_presence", "pressure_switch", "cabinet_door", "obstruction"}
 )
-ALL_KINDS = MODBUS_KINDS | CONTACT_KINDS
+DeviceKind = Literal["cabinet_door", "extinguisher_presence", "extinguisher_station", "fire_contact", "gas_detector",
+                     "gas_relay", "obstruction", "pressure_switch"]
+ALL_KINDS = frozenset(get_args(DeviceKind))
+assert ALL_KINDS == MODBUS_KINDS | CONTACT_KINDS
 
 #: Signals a linkage rule may react to.
-LINKAGE_SIGNALS = frozenset({"gas_low", "gas_high", "fire", "supervisory", "fault", "any_alarm"})
+LinkageSignal = Literal["any_alarm", "fault", "fire", "gas_high", "gas_low", "supervisory"]
+LINKAGE_SIGNALS = frozenset(get_args(LinkageSignal))
 
 #: Default gas alarm thresholds per measuring unit (low, high, clearing hysteresis).
 DEFAULT_THRESHOLDS: dict[str, tuple[float, float, float]] = {
@@ -165,12 +175,6 @@ def _part(parse: Callable[[], _T], fallback: _T) -> _T:
     except ConfigError as exc:
         _record([exc])
         return fallback
-
-
-def _each(tables: list[_Table], parse: Callable[[_Table], None]) -> None:
-    """``parse(t)`` for every table; one with an error is recorded and left out, and the next one is read."""
-    for t in tables:
-        _part(lambda t=t: parse(t), None)  # type: ignore[misc]
 
 
 def _hint(key: str, known: Iterable[str]) -> str:
@@ -397,8 +401,9 @@ class TransmissionConfig:
 
 #: Longest ``transmission.ack_deadline_s``: EN 54-21's limit for the receiving end's acknowledgement.
 MAX_ACK_DEADLINE_S = 100.0
-SMS_MODES = ("fallback", "always")
-SMS_LANGUAGES = ("zh", "en")
+SmsMode = Literal["fallback", "always"]
+SmsLanguage = Literal["zh", "en"]
+SMS_MODES, SMS_LANGUAGES = get_args(SmsMode), get_args(SmsLanguage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,135 +467,90 @@ class SiteConfig:
 # --------------------------------------------------------------------------------------------- reader
 
 
-class _Table:
-    """A TOML table being read, tracking the key path and unknown keys."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
-        self.data: Mapping[str, Any] = data
-        self.path = path
-        self.seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def has(self, name: str) -> bool:
-        return name in self.data
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        self.seen.add(name)
-        return self.data.get(name, default)
-
-    def _get(self, name: str, required: bool) -> Any:
-        self.seen.add(name)
-        if name not in self.data:
-            if required:
-                typo = difflib.get_close_matches(name, sorted(set(self.data) - self.seen), n=1, cutoff=0.8)
-                if typo:  # `adress = 5`: the typo is the error, not the missing key
-                    self.seen.add(typo[0])
-                    raise ConfigError(self.key(typo[0]), f"unknown key{_hint(typo[0], [name])}")
-                raise ConfigError(self.key(name), "is required")
-            return None
-        return self.data[name]
-
-    def text(self, name: str, default: str | None = None, *, required: bool = False) -> str | None:
-        value = self._get(name, required and default is None)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise ConfigError(self.key(name), f"must be a string, got {_typename(value)}")
-        if not value.strip():
-            raise ConfigError(self.key(name), "must not be empty")
-        return value
-
-    def req_str(self, name: str) -> str:
-        value = self.text(name, required=True)
-        assert value is not None
-        return value
-
-    def ident(self, name: str) -> str:
-        value = self.req_str(name)
-        if not all(c.isalnum() or c in "-_." for c in value):
-            raise ConfigError(self.key(name), f"{value!r} may contain only letters, digits, '-', '_' and '.'")
-        return value
-
-    def integer(self, name: str, default: int | None = None, *, lo: int | None = None, hi: int | None = None) -> int:
-        value = self._get(name, default is None)
-        if value is None:
-            assert default is not None
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(self.key(name), f"must be an integer, got {_typename(value)}")
-        _check_range(self.key(name), value, lo, hi)
-        return value
-
-    def num(
-        self, name: str, default: float | None = None, *, lo: float | None = None, hi: float | None = None
-    ) -> float:
-        value = self._get(name, default is None)
-        if value is None:
-            assert default is not None
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(self.key(name), f"must be a number, got {_typename(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(self.key(name), "must be a finite number")
-        _check_range(self.key(name), float(value), lo, hi)
-        return float(value)
-
-    def opt_num(self, name: str, *, lo: float | None = None, hi: float | None = None) -> float | None:
-        if name not in self.data:
-            self.seen.add(name)
-            return None
-        return self.num(name, lo=lo, hi=hi)
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self._get(name, False)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(self.key(name), f"must be true or false, got {_typename(value)}")
-        return value
-
-    def choice(self, name: str, choices: Iterator[Any] | frozenset[Any] | tuple[Any, ...], default: Any) -> Any:
-        value = self._get(name, default is None)
-        if value is None:
-            return default
-        options = tuple(sorted(choices, key=str)) if isinstance(choices, frozenset) else tuple(choices)
-        # Exact type: 9600.0 or true must not pass for 9600 or 1.
-        if not any(type(value) is type(option) and value == option for option in options):
-            listed = ", ".join(repr(c) for c in options)
-            raise ConfigError(self.key(name), f"must be one of {listed}, got {value!r}")
-        return value
-
-    def table(self, name: str, *, required: bool = False) -> _Table | None:
-        value = self._get(name, required)
-        if value is None:
-            return None
-        return _Table(value, self.key(name))
-
-    def tables(self, name: str) -> list[_Table]:
-        value = self._get(name, False)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise ConfigError(self.key(name), f"must be an array of tables ([[{name}]]), got {_typename(value)}")
-        return [_Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
-
-    def done(self) -> None:
-        """Every key not read is an unknown key; one close to a key this table has is given a hint."""
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            absent = self.seen - set(self.data)
-            _record([ConfigError(self.key(k), f"unknown key{_hint(k, absent)}") for k in unknown])
+#: A table of the file as a msgspec struct: unknown keys are read by :func:`_read` (all of them, with hints).
+class _Shape(msgspec.Struct, kw_only=True):
+    pass
 
 
-def _check_range(path: str, value: float, lo: float | None, hi: float | None) -> None:
-    if lo is not None and value < lo:
-        raise ConfigError(path, f"must be ≥ {lo:g}, got {value:g}")
-    if hi is not None and value > hi:
-        raise ConfigError(path, f"must be ≤ {hi:g}, got {value:g}")
+_S = TypeVar("_S", bound=_Shape)
+#: Text: not empty, not only blanks. Id: letters, digits, '-', '_' and '.'.
+Text = Annotated[str, msgspec.Meta(pattern=r"\S")]
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[\w.-]+$")]
+
+
+def _read(data: Any, path: str, kind: type[_S], *, known_only: bool = False) -> _S:
+    """The table ``data`` at ``path`` as struct ``kind`` (its types, bounds and defaults); a wrong value raises
+    its :class:`ConfigError`, an unknown key is recorded (with a hint when it is close to a key the table lacks).
+    ``known_only``: read the keys ``kind`` has and leave the others to a later read."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(path or "<root>", f"must be a table, got {_typename(data)}")
+    known = set(kind.__struct_encode_fields__)
+    for name, value in data.items():  # inf and nan would pass a one-sided bound
+        if isinstance(value, float) and not math.isfinite(value) and name in known:
+            raise ConfigError(_key(path, name), "must be a finite number")
+    try:
+        table = convert(data, kind)
+    except Problem as problem:
+        raise _config_error(problem, path, data, known) from None
+    if not known_only:
+        _record_unknown(data, path, kind)
+    return table
+
+
+def _record_unknown(data: Mapping[str, Any], path: str, kind: type[_Shape]) -> None:
+    """Record every key of ``data`` that ``kind`` lacks, with a hint when it is close to one ``data`` lacks."""
+    known = set(kind.__struct_encode_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        absent = known - set(data)
+        _record([ConfigError(_key(path, k), f"unknown key{_hint(k, absent)}") for k in unknown])
+
+
+def _key(path: str, name: str | int) -> str:
+    if isinstance(name, int):
+        return f"{path}[{name}]"
+    return f"{path}.{name}" if path else name
+
+
+def _config_error(problem: Problem, path: str, data: Mapping[str, Any], known: set[str]) -> ConfigError:
+    """msgspec's refusal in the site file's words: the key path and the reason."""
+    where = path
+    for part in problem.path:
+        where = _key(where, part)
+    name = problem.path[-1] if problem.path else ""
+    value = problem.value
+    expected = problem.expected
+    if isinstance(expected, mi.UnionType):
+        expected = next((t for t in expected.types if not isinstance(t, mi.NoneType)), expected)
+    if problem.kind == "missing":
+        typo = difflib.get_close_matches(str(name), sorted(set(data) - known), n=1, cutoff=0.8)
+        if typo and len(problem.path) == 1:  # `adress = 5`: the typo is the error, not the missing key
+            return ConfigError(_key(path, typo[0]), f"unknown key{_hint(typo[0], [str(name)])}")
+        return ConfigError(where, "is required")
+    if problem.kind == "rule":  # a struct's own rule: "key: reason" or the table's reason
+        key, _, reason = problem.text.partition(": ")
+        if key in known and reason:
+            return ConfigError(_key(where, key), reason)
+        return ConfigError(where, problem.text)
+    if isinstance(expected, mi.LiteralType):
+        listed = ", ".join(repr(c) for c in expected.values)
+        return ConfigError(where, f"must be one of {listed}, got {value!r}")
+    if isinstance(expected, mi.StrType):
+        if problem.kind == "type":
+            return ConfigError(where, f"must be a string, got {_typename(value)}")
+        if not str(value).strip():
+            return ConfigError(where, "must not be empty")
+        return ConfigError(where, f"{value!r} may contain only letters, digits, '-', '_' and '.'")
+    if problem.kind == "bound" and isinstance(expected, mi.IntType | mi.FloatType):
+        lo = expected.ge if expected.ge is not None else expected.gt
+        if lo is not None and value < lo:
+            return ConfigError(where, f"must be ≥ {lo:g}, got {value:g}")
+        return ConfigError(where, f"must be ≤ {expected.le:g}, got {value:g}")
+    nouns: dict[type[mi.Type], str] = {mi.IntType: "an integer", mi.FloatType: "a number", mi.BoolType: "true or false"}
+    noun = None if expected is None else nouns.get(type(expected))
+    if noun is not None:
+        return ConfigError(where, f"must be {noun}, got {_typename(value)}")
+    return ConfigError(where, f"must be a table, got {_typename(value)}")
 
 
 #: Physical pin of the 40-pin header (BOARDn, J8:n) → BCM GPIO number; the others are power and ground.
@@ -602,15 +562,13 @@ _HEADER_TO_BCM: dict[int, int] = {
 _UART_PORTS = frozenset({"/dev/serial0", "/dev/ttyAMA0", "/dev/ttyS0"})
 
 
-def _pin(table: _Table, name: str, default: str | None = None) -> str | None:
-    """A GPIO pin, normalised to ``GPIOn`` so two spellings of one pin are seen as one.
+def _pin(value: Any, key: str) -> str | None:
+    """A GPIO pin (None: not given) at ``key``, normalised to ``GPIOn`` so two spellings of one pin are seen as one.
 
     Accepted: a BCM number (``17``), ``"GPIO17"``, ``"BCM17"``, ``"17"``, or a header pin ``"BOARD11"``/``"J8:11"``.
     """
-    value = table.raw(name)
     if value is None:
-        return default
-    key = table.key(name)
+        return None
     if isinstance(value, str):
         text = value.strip().upper()
         for prefix in ("GPIO", "BCM", ""):
@@ -757,18 +715,42 @@ def parse_config(data: Mapping[str, Any], *, source: str = "", base_dir: Path | 
     return cfg
 
 
+class _SiteFile(_Shape, kw_only=True):
+    """The file's top-level tables, each read by its own part."""
+
+    site: Any = None
+    units: Any = None
+    households: Any = None
+    buses: Any = None
+    profiles: Any = None
+    alarm: Any = None
+    devices: Any = None
+    outputs: Any = None
+    linkage: Any = None
+    mqtt: Any = None
+    storage: Any = None
+    control: Any = None
+    runtime: Any = None
+    transmission: Any = None
+    sms: Any = None
+
+
+class _SiteTable(_Shape, kw_only=True):
+    community: Ident
+    building: Ident
+    gateway_id: Ident | None = None
+
+
 def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig | None:
     """Every part of the site, each checked even when an earlier one had errors (None then)."""
-    root = _Table(data, "")
+    top = _read(data, "", _SiteFile, known_only=True)  # its unknown keys are reported last
+    root = data
 
     def ids() -> tuple[str, str, str]:
-        site = root.table("site", required=True)
-        assert site is not None
-        community = site.ident("community")
-        building = site.ident("building")
-        gateway_id = site.ident("gateway_id") if site.has("gateway_id") else f"{community}-{building}"
-        site.done()
-        return community, building, gateway_id
+        if top.site is None:
+            raise ConfigError("site", "is required")
+        site = _read(top.site, "site", _SiteTable)
+        return site.community, site.building, site.gateway_id or f"{site.community}-{site.building}"
 
     community, building, gateway_id = _part(ids, ("", "", ""))
     units: tuple[UnitConfig, ...] = _part(lambda: _parse_units(root), ())
@@ -794,7 +776,7 @@ def _parse_site(data: Mapping[str, Any], source: str, base: Path) -> SiteConfig 
     runtime = _part(lambda: _parse_runtime(root), RuntimeConfig())
     transmission = _part(lambda: _parse_transmission(root), TransmissionConfig())
     sms = _part(lambda: _parse_sms(root, base), None)
-    root.done()
+    _record_unknown(data, "", _SiteFile)
     if _collected.get():
         return None
     assert outputs is not None
@@ -848,72 +830,97 @@ def _unique(path: str, ids: dict[str, str], value: str) -> None:
     ids[value] = path
 
 
-def _parse_units(root: _Table) -> tuple[UnitConfig, ...]:
+def _entries(value: Any, path: str) -> list[tuple[str, Any]]:
+    """The tables of the array of tables ``value`` at ``path``, each with its key path (``devices[3]``)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be an array of tables ([[{path}]]), got {_typename(value)}")
+    return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _each_entry(entries: list[tuple[str, Any]], parse: Callable[[str, Any], None]) -> None:
+    """``parse(path, table)`` for every entry; one with an error is recorded and left out, the next one read."""
+    for path, item in entries:
+        _part(functools.partial(parse, path, item), None)
+
+
+class _UnitTable(_Shape, kw_only=True):
+    id: Ident
+    name: Text | None = None
+
+
+def _parse_units(root: Mapping[str, Any]) -> tuple[UnitConfig, ...]:
     units: list[UnitConfig] = []
     seen: dict[str, str] = {}
 
-    def unit(t: _Table) -> None:
-        uid = t.ident("id")
-        _unique(t.key("id"), seen, uid)
-        units.append(UnitConfig(id=uid, name=t.text("name") or uid))
-        t.done()
+    def unit(path: str, data: Any) -> None:
+        t = _read(data, path, _UnitTable)
+        _unique(f"{path}.id", seen, t.id)
+        units.append(UnitConfig(id=t.id, name=t.name or t.id))
 
-    _each(root.tables("units"), unit)
-    if not units and not root.tables("units"):
+    entries = _entries(root.get("units"), "units")
+    _each_entry(entries, unit)
+    if not units and not entries:
         raise ConfigError("units", "at least one unit is required")
     return tuple(units)
 
 
-def _parse_households(root: _Table, unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
+class _HouseholdTable(_Shape, kw_only=True):
+    id: Ident
+    unit: Text
+    name: Text | None = None
+
+
+def _parse_households(root: Mapping[str, Any], unit_ids: set[str]) -> tuple[HouseholdConfig, ...]:
     households: list[HouseholdConfig] = []
     seen: dict[str, str] = {}
 
-    def household(t: _Table) -> None:
-        hid = t.ident("id")
-        _unique(t.key("id"), seen, hid)
-        unit = t.req_str("unit")
-        if unit not in unit_ids:
-            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
-        households.append(HouseholdConfig(id=hid, unit=unit, name=t.text("name") or hid))
-        t.done()
+    def household(path: str, data: Any) -> None:
+        t = _read(data, path, _HouseholdTable)
+        _unique(f"{path}.id", seen, t.id)
+        if t.unit not in unit_ids:
+            raise ConfigError(f"{path}.unit", f"unknown unit {t.unit!r}")
+        households.append(HouseholdConfig(id=t.id, unit=t.unit, name=t.name or t.id))
 
-    _each(root.tables("households"), household)
+    _each_entry(_entries(root.get("households"), "households"), household)
     return tuple(households)
 
 
-def _parse_buses(root: _Table) -> tuple[BusConfig, ...]:
+class _BusTable(_Shape, kw_only=True):
+    id: Ident
+    port: Text
+    baudrate: Literal[1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200] = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: int = 8
+    timeout_s: Annotated[float, msgspec.Meta(ge=0.05, le=10.0)] = 0.5
+    #: A detector's alarm must reach the gateway within 30 s (GB/T 45839 §5.4.1).
+    poll_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=MAX_POLL_CYCLE_S)] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.bytesize != 8:
+            raise ValueError(f"bytesize: Modbus RTU frames carry 8 data bits, got {self.bytesize}")
+
+
+def _parse_buses(root: Mapping[str, Any]) -> tuple[BusConfig, ...]:
     buses: list[BusConfig] = []
     seen: dict[str, str] = {}
     ports: dict[str, tuple[str, str]] = {}  # real path → (first bus's key path, its port as written)
 
-    def bus(t: _Table) -> None:
-        bid = t.ident("id")
-        _unique(t.key("id"), seen, bid)
-        port = t.req_str("port")
-        real = real_port(port)
+    def bus(path: str, data: Any) -> None:
+        t = _read(data, path, _BusTable)
+        _unique(f"{path}.id", seen, t.id)
+        real = real_port(t.port)
         if real in ports:
             first, written = ports[real]
-            both = "" if port == written == real else f" ({port!r} and {written!r} are both {real})"
-            raise ConfigError(t.key("port"), f"port {port!r} is already used by {first}{both}: one bus per port")
-        ports[real] = (t.path, port)
-        buses.append(
-            BusConfig(
-                id=bid,
-                port=port,
-                baudrate=t.choice(
-                    "baudrate", (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200), 9600
-                ),
-                parity=t.choice("parity", ("N", "E", "O"), "N"),
-                stopbits=t.choice("stopbits", (1, 2), 1),
-                bytesize=_rtu_bytesize(t),
-                timeout_s=t.num("timeout_s", 0.5, lo=0.05, hi=10.0),
-                # A detector's alarm must reach the gateway within 30 s (GB/T 45839 §5.4.1).
-                poll_interval_s=t.num("poll_interval_s", 1.0, lo=0.1, hi=MAX_POLL_CYCLE_S),
-            )
-        )
-        t.done()
+            both = "" if t.port == written == real else f" ({t.port!r} and {written!r} are both {real})"
+            raise ConfigError(f"{path}.port", f"port {t.port!r} is already used by {first}{both}: one bus per port")
+        ports[real] = (path, t.port)
+        buses.append(BusConfig(id=t.id, port=t.port, baudrate=t.baudrate, parity=t.parity, stopbits=t.stopbits,
+                               bytesize=t.bytesize, timeout_s=t.timeout_s, poll_interval_s=t.poll_interval_s))
 
-    _each(root.tables("buses"), bus)
+    _each_entry(_entries(root.get("buses"), "buses"), bus)
     return tuple(buses)
 
 
@@ -921,13 +928,6 @@ def real_port(port: str) -> str:
     """The device a port name reaches: symlinks followed (``/dev/serial0``, udev ``by-id`` and rule names) and
     ``.``/``..`` removed. A Pi names one port several ways; two buses on one device would fight for it."""
     return os.path.realpath(port)
-
-
-def _rtu_bytesize(t: _Table) -> int:
-    bytesize: int = t.integer("bytesize", 8)
-    if bytesize != 8:
-        raise ConfigError(t.key("bytesize"), f"Modbus RTU frames carry 8 data bits, got {bytesize}")
-    return bytesize
 
 
 def _check_bus_cycles(buses: tuple[BusConfig, ...], devices: tuple[DeviceConfig, ...],
@@ -973,65 +973,121 @@ def bus_floor_warnings(cfg: SiteConfig) -> list[str]:
     return warnings
 
 
-def _parse_profiles(root: _Table) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
+class _ProfileHead(_Shape, kw_only=True):
+    """A profile's kind; the rest of its table is read by drivers.profiles."""
+
+    kind: Literal["gas_detector", "extinguisher_station"]
+
+
+def _parse_profiles(root: Mapping[str, Any]) -> tuple[dict[str, DetectorProfile], dict[str, StationProfile]]:
     detectors = dict(BUILTIN_DETECTOR_PROFILES)
     stations = dict(BUILTIN_STATION_PROFILES)
-    profiles = root.table("profiles")
+    profiles = root.get("profiles")
     if profiles is None:
         return detectors, stations
-    for name in profiles.data:
-        t = profiles.table(name)
-        assert t is not None
+    if not isinstance(profiles, Mapping):
+        raise ConfigError("profiles", f"must be a table, got {_typename(profiles)}")
+    for name, data in profiles.items():
+        path = f"profiles.{name}"
+        head = _read(data, path, _ProfileHead, known_only=True)
         if name in detectors or name in stations:
-            raise ConfigError(t.path, f"profile {name!r} already exists (built-in or defined twice)")
+            raise ConfigError(path, f"profile {name!r} already exists (built-in or defined twice)")
         if not all(c.isalnum() or c in "-_." for c in name):
-            raise ConfigError(t.path, f"profile name {name!r} may contain only letters, digits, '-', '_' and '.'")
-        kind = t.choice("kind", ("gas_detector", "extinguisher_station"), None)
-        body = {k: v for k, v in t.data.items() if k != "kind"}
+            raise ConfigError(path, f"profile name {name!r} may contain only letters, digits, '-', '_' and '.'")
+        body = {k: v for k, v in data.items() if k != "kind"}
         try:
-            if kind == "gas_detector":
+            if head.kind == "gas_detector":
                 detectors[name] = parse_detector_profile(name, body)
             else:
                 stations[name] = parse_station_profile(name, body)
         except ProfileError as exc:
-            raise ConfigError(f"{t.path}.{exc.key}" if exc.key else t.path, exc.reason) from None
-    profiles.done()
+            raise ConfigError(f"{path}.{exc.key}" if exc.key else path, exc.reason) from None
     return detectors, stations
 
 
-def _parse_alarm(root: _Table) -> AlarmSettings:
-    t = root.table("alarm")
-    if t is None:
+_ALARM = AlarmSettings()
+
+
+class _AlarmTable(_Shape, kw_only=True):
+    offline_after_failures: Annotated[int, msgspec.Meta(ge=1, le=10)] = _ALARM.offline_after_failures
+    offline_ceiling_s: Annotated[float, msgspec.Meta(ge=1.0, le=100.0)] = _ALARM.offline_ceiling_s
+    offline_clear_polls: Annotated[int, msgspec.Meta(ge=1, le=100)] = _ALARM.offline_clear_polls
+    degraded_window_polls: Annotated[int, msgspec.Meta(ge=10, le=1000)] = _ALARM.degraded_window_polls
+    degraded_percent: Annotated[float, msgspec.Meta(ge=1.0, le=90.0)] = _ALARM.degraded_percent
+    degraded_clear_percent: Annotated[float, msgspec.Meta(ge=0.0, le=90.0)] = _ALARM.degraded_clear_percent
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = _ALARM.door_open_s
+    trouble_chirp_interval_s: Annotated[float, msgspec.Meta(ge=30.0, le=60.0)] = _ALARM.trouble_chirp_interval_s
+    telemetry_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _ALARM.telemetry_interval_s
+    telemetry_deadband: Annotated[float, msgspec.Meta(ge=0.0)] = _ALARM.telemetry_deadband
+    walk_test_s: Annotated[float, msgspec.Meta(ge=30.0, le=3600.0)] = _ALARM.walk_test_s
+
+    def __post_init__(self) -> None:
+        """``comms_degraded`` clears below the share that raises it."""
+        if self.degraded_clear_percent >= self.degraded_percent:
+            raise ValueError(f"degraded_clear_percent: must be below degraded_percent ({self.degraded_percent:g}), "
+                             f"got {self.degraded_clear_percent:g}: the fault would clear as it rose")
+
+
+def _parse_alarm(root: Mapping[str, Any]) -> AlarmSettings:
+    data = root.get("alarm")
+    if data is None:
         return AlarmSettings()
-    d = AlarmSettings()
-    settings = AlarmSettings(
-        offline_after_failures=t.integer("offline_after_failures", d.offline_after_failures, lo=1, hi=10),
-        offline_ceiling_s=t.num("offline_ceiling_s", d.offline_ceiling_s, lo=1.0, hi=100.0),
-        offline_clear_polls=t.integer("offline_clear_polls", d.offline_clear_polls, lo=1, hi=100),
-        **_parse_degraded(t, d),
-        door_open_s=t.num("door_open_s", d.door_open_s, lo=0.0, hi=3600.0),
-        trouble_chirp_interval_s=t.num("trouble_chirp_interval_s", d.trouble_chirp_interval_s, lo=30.0, hi=60.0),
-        telemetry_interval_s=t.num("telemetry_interval_s", d.telemetry_interval_s, lo=1.0, hi=3600.0),
-        telemetry_deadband=t.num("telemetry_deadband", d.telemetry_deadband, lo=0.0),
-        walk_test_s=t.num("walk_test_s", d.walk_test_s, lo=30.0, hi=3600.0),
-    )
-    t.done()
-    return settings
+    t = _read(data, "alarm", _AlarmTable)
+    return AlarmSettings(**msgspec.structs.asdict(t))
 
 
-def _parse_degraded(t: _Table, d: AlarmSettings) -> dict[str, Any]:
-    """The ``comms_degraded`` keys of ``[alarm]``; the clear share must lie below the raise share."""
-    window = t.integer("degraded_window_polls", d.degraded_window_polls, lo=10, hi=1000)
-    percent = t.num("degraded_percent", d.degraded_percent, lo=1.0, hi=90.0)
-    clear = t.num("degraded_clear_percent", d.degraded_clear_percent, lo=0.0, hi=90.0)
-    if clear >= percent:
-        raise ConfigError(f"{t.path}.degraded_clear_percent", f"must be below degraded_percent ({percent:g}), "
-                                                               f"got {clear:g}: the fault would clear as it rose")
-    return {"degraded_window_polls": window, "degraded_percent": percent, "degraded_clear_percent": clear}
+class _DeviceHead(_Shape, kw_only=True):
+    """What every device has; the rest depends on its kind (:class:`_ModbusDevice`, :class:`_ContactDevice`)."""
+
+    id: Ident
+    kind: DeviceKind
+    household: Text | None = None
+    unit: Text | None = None
+    name: Text | None = None
+
+
+#: A gas detector's keys (a controller's entry sets them for all of its channels; a channel for itself).
+Gas = Literal["CH4", "LPG", "H2", "CO"] | None
+Measure = Literal["%LEL", "ppm", "%VOL"] | None
+Threshold = Annotated[float, msgspec.Meta(ge=0.0)] | None
+
+
+class _ModbusDevice(_DeviceHead, kw_only=True):
+    gas: Gas = None
+    measure: Measure = None
+    low: Threshold = None
+    high: Threshold = None
+    hysteresis: Threshold = None
+    bus: Text
+    address: Annotated[int, msgspec.Meta(ge=1, le=247)]
+    profile: Text
+    channels: Any = None  # [[devices.channels]]: _Channel each
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] | None = None
+
+
+class _ContactDevice(_DeviceHead, kw_only=True):
+    pin: Any  # _pin reads its spellings
+    contact: Literal["NO", "NC"] | None = None
+    pull_up: bool = True
+    bounce_ms: Annotated[int, msgspec.Meta(ge=0, le=5000)] = 50
+    supervision_pin: Any = None
+    door_open_s: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] | None = None
+
+
+class _Channel(_Shape, kw_only=True):
+    gas: Gas = None
+    measure: Measure = None
+    low: Threshold = None
+    high: Threshold = None
+    hysteresis: Threshold = None
+    channel: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    household: Text | None = None
+    unit: Text | None = None
+    name: Text | None = None
 
 
 def _parse_devices(
-    root: _Table,
+    root: Mapping[str, Any],
     units: tuple[UnitConfig, ...],
     households: tuple[HouseholdConfig, ...],
     buses: tuple[BusConfig, ...],
@@ -1039,86 +1095,80 @@ def _parse_devices(
     station_profiles: dict[str, StationProfile],
 ) -> tuple[DeviceConfig, ...]:
     # an entry the file has but that has errors of its own counts as known: its errors are reported, not these
-    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
-    household_unit = {**_written_ids(root.data, "households", "unit"), **{h.id: h.unit for h in households}}
-    bus_ids = {b.id for b in buses} | _written_ids(root.data, "buses")
+    unit_ids = {u.id for u in units} | _written_ids(root, "units")
+    household_unit = {**_written_ids(root, "households", "unit"), **{h.id: h.unit for h in households}}
+    bus_ids = {b.id for b in buses} | _written_ids(root, "buses")
     devices: list[DeviceConfig] = []
     seen: dict[str, str] = {}
     addresses: dict[tuple[str, int], str] = {}
 
-    def device(t: _Table) -> None:
-        did = t.ident("id")
-        _unique(t.key("id"), seen, did)
-        kind = t.choice("kind", ALL_KINDS, None)
-        household = t.text("household")
-        unit = t.text("unit")
+    def device(path: str, data: Any) -> None:
+        head = _read(data, path, _DeviceHead, known_only=True)
+        did, kind = head.id, head.kind
+        _unique(f"{path}.id", seen, did)
+        modbus = kind in MODBUS_KINDS
+        for key in ("pin",) if modbus else ("bus", "address", "profile"):
+            if key in data:
+                raise ConfigError(f"{path}.{key}", f"a {kind} is polled on a bus; use 'bus' and 'address'" if modbus
+                                  else f"a {kind} is a GPIO contact; use 'pin' and 'contact'")
+        t: _ModbusDevice | _ContactDevice = (_read(data, path, _ModbusDevice) if modbus
+                                             else _read(data, path, _ContactDevice))
+        household, unit = t.household, t.unit
         if household is not None:
             if household not in household_unit:
-                raise ConfigError(t.key("household"), f"unknown household {household!r}")
+                raise ConfigError(f"{path}.household", f"unknown household {household!r}")
             if unit is not None and unit != household_unit[household]:
                 raise ConfigError(
-                    t.key("unit"), f"household {household!r} is in unit {household_unit[household]!r}, not {unit!r}"
+                    f"{path}.unit", f"household {household!r} is in unit {household_unit[household]!r}, not {unit!r}"
                 )
             unit = household_unit[household]
         elif unit is None:
-            raise ConfigError(t.path, "needs a 'household' or a 'unit'")
+            raise ConfigError(path, "needs a 'household' or a 'unit'")
         elif unit not in unit_ids:
-            raise ConfigError(t.key("unit"), f"unknown unit {unit!r}")
-        name = t.text("name") or did
-        if kind in MODBUS_KINDS:
-            if t.has("pin"):
-                raise ConfigError(t.key("pin"), f"a {kind} is polled on a bus; use 'bus' and 'address'")
-            bus = t.req_str("bus")
+            raise ConfigError(f"{path}.unit", f"unknown unit {unit!r}")
+        name = t.name or did
+        if kind in ("cabinet_door", "extinguisher_station") or t.door_open_s is None:
+            door_open_s = t.door_open_s
+        else:
+            raise ConfigError(f"{path}.door_open_s", f"only a cabinet_door or an extinguisher_station has a door, "
+                                                     f"not a {kind}")
+        if isinstance(t, _ModbusDevice):
+            bus, address = t.bus, t.address
             if bus not in bus_ids:
-                raise ConfigError(t.key("bus"), f"unknown bus {bus!r}")
-            address = t.integer("address", lo=1, hi=247)
+                raise ConfigError(f"{path}.bus", f"unknown bus {bus!r}")
             if (bus, address) in addresses:
                 raise ConfigError(
-                    t.key("address"), f"address {address} on bus {bus!r} is already used by {addresses[bus, address]}"
+                    f"{path}.address", f"address {address} on bus {bus!r} is already used by {addresses[bus, address]}"
                 )
             addresses[bus, address] = did
-            profile_name = t.req_str("profile")
             if kind == "gas_detector":
-                if profile_name not in detector_profiles:
-                    raise ConfigError(t.key("profile"), f"unknown gas detector profile {profile_name!r}")
-                profile = detector_profiles[profile_name]
-                if t.has("channels") or profile.channels > 1:
-                    devices.extend(_channels(t, did, name, (unit, household), bus, address, profile,
-                                         household_unit, unit_ids, seen))
+                if t.profile not in detector_profiles:
+                    raise ConfigError(f"{path}.profile", f"unknown gas detector profile {t.profile!r}")
+                profile = detector_profiles[t.profile]
+                if t.channels is not None or profile.channels > 1:
+                    devices.extend(_channels(path, data, t, name, (unit, household), profile, household_unit,
+                                             unit_ids, seen))
                 else:
-                    devices.append(_gas_detector(t, did, name, unit, household, bus, address, profile))
+                    devices.append(_gas_detector(path, t, did, name, unit, household, bus, address, profile))
             else:
-                if profile_name not in station_profiles:
-                    raise ConfigError(t.key("profile"), f"unknown extinguisher station profile {profile_name!r}")
+                if t.profile not in station_profiles:
+                    raise ConfigError(f"{path}.profile", f"unknown extinguisher station profile {t.profile!r}")
                 devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household,
-                                            bus=bus, address=address,
-                                            station_profile=station_profiles[profile_name],
-                                            door_open_s=_door_open_s(t, kind)))
+                                            bus=bus, address=address, station_profile=station_profiles[t.profile],
+                                            door_open_s=door_open_s))
         else:
-            for key in ("bus", "address", "profile"):
-                if t.has(key):
-                    raise ConfigError(t.key(key), f"a {kind} is a GPIO contact; use 'pin' and 'contact'")
-            pin = _pin(t, "pin")
+            pin = _pin(t.pin, f"{path}.pin")
             if pin is None:
-                raise ConfigError(t.key("pin"), "is required")
-            devices.append(
-                DeviceConfig(
-                    id=did,
-                    kind=kind,
-                    name=name,
-                    unit=unit,
-                    household=household,
-                    pin=pin,
-                    contact=t.choice("contact", ("NO", "NC"), "NC" if kind == "extinguisher_presence" else "NO"),
-                    pull_up=t.flag("pull_up", True),
-                    bounce_ms=t.integer("bounce_ms", 50, lo=0, hi=5000),
-                    supervision_pin=_pin(t, "supervision_pin"),
-                    door_open_s=_door_open_s(t, kind),
-                )
-            )
-        t.done()
+                raise ConfigError(f"{path}.pin", "is required")
+            contact: Literal["NO", "NC"] = "NC" if kind == "extinguisher_presence" else "NO"
+            if t.contact is not None:
+                contact = t.contact
+            devices.append(DeviceConfig(id=did, kind=kind, name=name, unit=unit, household=household, pin=pin,
+                                        contact=contact, pull_up=t.pull_up, bounce_ms=t.bounce_ms,
+                                        supervision_pin=_pin(t.supervision_pin, f"{path}.supervision_pin"),
+                                        door_open_s=door_open_s))
 
-    _each(root.tables("devices"), device)
+    _each_entry(_entries(root.get("devices"), "devices"), device)
     return tuple(devices)
 
 
@@ -1127,89 +1177,82 @@ _CHANNEL_SHARED = ("gas", "measure", "low", "high", "hysteresis")
 
 
 def _channels(
-    t: _Table, did: str, name: str, place: tuple[str, str | None], bus: str, address: int,
+    path: str, data: Mapping[str, Any], t: _ModbusDevice, name: str, place: tuple[str, str | None],
     profile: DetectorProfile, household_unit: dict[str, str], unit_ids: set[str], seen: dict[str, str],
 ) -> list[DeviceConfig]:
     """The channels of a multi-channel controller (``[[devices.channels]]``), each a detector of its own:
     id ``<id>.ch<n>``, its own household (or unit), thresholds and alarm state, the controller's address."""
     if profile.channels < 2:
-        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has one channel; a multi-channel "
-                                             "profile sets channels and stride ([profiles.<name>])")
-    tables = t.tables("channels")
+        raise ConfigError(f"{path}.channels", f"profile {profile.name!r} has one channel; a multi-channel "
+                                              "profile sets channels and stride ([profiles.<name>])")
+    tables = _entries(t.channels, f"{path}.channels")
     if not tables:
-        raise ConfigError(t.key("channels"), f"profile {profile.name!r} has {profile.channels} channels: "
-                                             "bind each one in use with a [[devices.channels]] table")
-    shared = {k: t.raw(k) for k in _CHANNEL_SHARED if t.has(k)}
+        raise ConfigError(f"{path}.channels", f"profile {profile.name!r} has {profile.channels} channels: "
+                                              "bind each one in use with a [[devices.channels]] table")
+    shared = {k: data[k] for k in _CHANNEL_SHARED if k in data}
     used: dict[int, str] = {}
     out: list[DeviceConfig] = []
-    for i, raw in enumerate(tables):
-        c = _Table({**shared, **raw.data}, raw.path)
-        number = c.integer("channel", i + 1, lo=1, hi=profile.channels)
+    for i, (where, raw) in enumerate(tables):
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, f"must be a table, got {_typename(raw)}")
+        c = _read({**shared, **raw}, where, _Channel)
+        number = i + 1 if c.channel is None else c.channel
+        if number > profile.channels:
+            raise ConfigError(f"{where}.channel", f"must be ≤ {profile.channels}, got {number}")
         if number in used:
-            raise ConfigError(c.key("channel"), f"channel {number} is already bound at {used[number]}")
-        used[number] = c.path
-        cid = f"{did}.ch{number}"
-        _unique(c.key("channel"), seen, cid)
+            raise ConfigError(f"{where}.channel", f"channel {number} is already bound at {used[number]}")
+        used[number] = where
+        cid = f"{t.id}.ch{number}"
+        _unique(f"{where}.channel", seen, cid)
         unit, household = place
-        own_household, own_unit = c.text("household"), c.text("unit")
-        if own_household is not None:
-            if own_household not in household_unit:
-                raise ConfigError(c.key("household"), f"unknown household {own_household!r}")
-            if own_unit is not None and own_unit != household_unit[own_household]:
-                raise ConfigError(c.key("unit"), f"household {own_household!r} is in unit "
-                                                 f"{household_unit[own_household]!r}, not {own_unit!r}")
-            unit, household = household_unit[own_household], own_household
-        elif own_unit is not None:
-            if own_unit not in unit_ids:
-                raise ConfigError(c.key("unit"), f"unknown unit {own_unit!r}")
-            unit, household = own_unit, None
-        channel_name = c.text("name") or f"{name} channel {number}"
-        device = _gas_detector(c, cid, channel_name, unit, household, bus, address, profile.for_channel(number))
-        out.append(replace(device, controller=did, channel=number))
-        c.done()
+        if c.household is not None:
+            if c.household not in household_unit:
+                raise ConfigError(f"{where}.household", f"unknown household {c.household!r}")
+            if c.unit is not None and c.unit != household_unit[c.household]:
+                raise ConfigError(f"{where}.unit", f"household {c.household!r} is in unit "
+                                                   f"{household_unit[c.household]!r}, not {c.unit!r}")
+            unit, household = household_unit[c.household], c.household
+        elif c.unit is not None:
+            if c.unit not in unit_ids:
+                raise ConfigError(f"{where}.unit", f"unknown unit {c.unit!r}")
+            unit, household = c.unit, None
+        channel_name = c.name or f"{name} channel {number}"
+        device = _gas_detector(where, c, cid, channel_name, unit, household, t.bus, t.address,
+                               profile.for_channel(number))
+        out.append(replace(device, controller=t.id, channel=number))
     return out
 
 
-def _door_open_s(t: _Table, kind: str) -> float | None:
-    """Per-device override of ``[alarm] door_open_s`` (a cabinet door contact or a station's door point)."""
-    value = t.opt_num("door_open_s", lo=0.0, hi=3600.0)
-    if value is not None and kind not in ("cabinet_door", "extinguisher_station"):
-        raise ConfigError(t.key("door_open_s"), f"only a cabinet_door or an extinguisher_station has a door, "
-                                                f"not a {kind}")
-    return value
-
-
 def _gas_detector(
-    t: _Table, did: str, name: str, unit: str, household: str | None, bus: str, address: int,
-    profile: DetectorProfile,
+    path: str, t: _ModbusDevice | _Channel, did: str, name: str, unit: str, household: str | None, bus: str,
+    address: int, profile: DetectorProfile,
 ) -> DeviceConfig:
-    gas = t.choice("gas", tuple(GAS_UNITS), profile.default_gas)
+    gas = t.gas or profile.default_gas
     fixed = profile.measure if isinstance(profile.measure, str) else None
-    measure_given = t.has("measure")
-    measure = t.choice("measure", MEASURES, fixed or GAS_UNITS[gas])
+    measure = t.measure or fixed or GAS_UNITS[gas]
     if fixed is not None and measure != fixed:
-        raise ConfigError(t.key("measure"), f"profile {profile.name!r} reports in {fixed}, not {measure}")
+        raise ConfigError(f"{path}.measure", f"profile {profile.name!r} reports in {fixed}, not {measure}")
     if gas == "CO" and measure != "ppm":
-        raise ConfigError(t.key("measure" if measure_given else "gas"),
+        raise ConfigError(f"{path}.{'measure' if t.measure is not None else 'gas'}",
                           f"CO is measured in ppm, but profile {profile.name!r} reports in {measure}")
     d_low, d_high, d_hyst = DEFAULT_THRESHOLDS[measure]
     from_profile = profile.thresholds
-    low = t.num("low", from_profile.get("low", d_low), lo=0.0)
-    high = t.num("high", from_profile.get("high", d_high), lo=0.0)
-    hysteresis = t.num("hysteresis", from_profile.get("hysteresis", d_hyst), lo=0.0)
+    low = from_profile.get("low", d_low) if t.low is None else t.low
+    high = from_profile.get("high", d_high) if t.high is None else t.high
+    hysteresis = from_profile.get("hysteresis", d_hyst) if t.hysteresis is None else t.hysteresis
     low_cap, high_cap, why = THRESHOLD_CAPS[measure]
     if low <= 0.0:
-        raise ConfigError(t.key("low"), f"must be > 0, got {low:g}")
+        raise ConfigError(f"{path}.low", f"must be > 0, got {low:g}")
     if low_cap is not None and low > low_cap:
-        raise ConfigError(t.key("low"), f"level 1 must be ≤ {low_cap:g} {measure} ({why}), got {low:g}")
+        raise ConfigError(f"{path}.low", f"level 1 must be ≤ {low_cap:g} {measure} ({why}), got {low:g}")
     if high > high_cap:
-        raise ConfigError(t.key("high"), f"level 2 must be ≤ {high_cap:g} {measure} ({why}), got {high:g}")
+        raise ConfigError(f"{path}.high", f"level 2 must be ≤ {high_cap:g} {measure} ({why}), got {high:g}")
     if low >= high:
-        raise ConfigError(t.key("low"), f"must be below high ({high:g} {measure}), got {low:g}")
+        raise ConfigError(f"{path}.low", f"must be below high ({high:g} {measure}), got {low:g}")
     if hysteresis >= low:
-        raise ConfigError(t.key("hysteresis"), f"must be below low ({low:g} {measure}), got {hysteresis:g}")
+        raise ConfigError(f"{path}.hysteresis", f"must be below low ({low:g} {measure}), got {hysteresis:g}")
     if hysteresis >= high - low:
-        raise ConfigError(t.key("hysteresis"),
+        raise ConfigError(f"{path}.hysteresis",
                           f"must be below high − low ({high - low:g} {measure}) so the two levels stay apart, "
                           f"got {hysteresis:g}")
     return DeviceConfig(id=did, kind="gas_detector", name=name, unit=unit, household=household, bus=bus,
@@ -1217,51 +1260,73 @@ def _gas_detector(
                         hysteresis=hysteresis)
 
 
-def _output_pin(t: _Table, name: str) -> OutputPin | None:
-    value = t.raw(name)
+class _PinTable(_Shape, kw_only=True):
+    pin: Any  # _pin reads its spellings
+    active_high: bool = True
+
+
+class _LedsTable(_Shape, kw_only=True):
+    alarm: Any = None
+    supervisory: Any = None
+    fault: Any = None
+    power: Any = None
+
+
+class _RelayTable(_Shape, kw_only=True):
+    id: Ident
+    pin: Any
+    active_high: bool = True
+    name: Text | None = None
+
+
+class _OutputsTable(_Shape, kw_only=True):
+    buzzer: Any = None
+    leds: Any = None
+    relays: Any = None
+
+
+def _output_pin(value: Any, key: str) -> OutputPin | None:
+    """An output: a pin, or a table with ``pin`` and ``active_high``."""
     if value is None:
         return None
     if isinstance(value, Mapping):
-        sub = _Table(value, t.key(name))
-        pin = _pin(sub, "pin")
+        t = _read(value, key, _PinTable)
+        pin = _pin(t.pin, f"{key}.pin")
         if pin is None:
-            raise ConfigError(sub.key("pin"), "is required")
-        out = OutputPin(pin=pin, active_high=sub.flag("active_high", True))
-        sub.done()
-        return out
-    pin = _pin(t, name)
+            raise ConfigError(f"{key}.pin", "is required")
+        return OutputPin(pin=pin, active_high=t.active_high)
+    pin = _pin(value, key)
     assert pin is not None
     return OutputPin(pin=pin)
 
 
-def _parse_outputs(root: _Table) -> OutputsConfig:
-    t = root.table("outputs", required=True)
-    assert t is not None
-    buzzer = _output_pin(t, "buzzer")
+def _parse_outputs(root: Mapping[str, Any]) -> OutputsConfig:
+    data = root.get("outputs")
+    if data is None:
+        raise ConfigError("outputs", "is required")
+    t = _read(data, "outputs", _OutputsTable)
+    buzzer = _output_pin(t.buzzer, "outputs.buzzer")
     if buzzer is None:
-        raise ConfigError(t.key("buzzer"), "is required (the local sounder)")
+        raise ConfigError("outputs.buzzer", "is required (the local sounder)")
     leds: dict[str, OutputPin] = {}
-    led_table = t.table("leds")
-    if led_table is not None:
+    if t.leds is not None:
+        led_table = _read(t.leds, "outputs.leds", _LedsTable)
         for colour in ("alarm", "supervisory", "fault", "power"):
-            led = _output_pin(led_table, colour)
+            led = _output_pin(getattr(led_table, colour), f"outputs.leds.{colour}")
             if led is not None:
                 leds[colour] = led
-        led_table.done()
     relays: list[RelayConfig] = []
     seen: dict[str, str] = {}
 
-    def relay(r: _Table) -> None:
-        rid = r.ident("id")
-        _unique(r.key("id"), seen, rid)
-        pin = _pin(r, "pin")
+    def relay(path: str, data: Any) -> None:
+        r = _read(data, path, _RelayTable)
+        _unique(f"{path}.id", seen, r.id)
+        pin = _pin(r.pin, f"{path}.pin")
         if pin is None:
-            raise ConfigError(r.key("pin"), "is required")
-        relays.append(RelayConfig(id=rid, pin=pin, active_high=r.flag("active_high", True), name=r.text("name") or rid))
-        r.done()
+            raise ConfigError(f"{path}.pin", "is required")
+        relays.append(RelayConfig(id=r.id, pin=pin, active_high=r.active_high, name=r.name or r.id))
 
-    _each(t.tables("relays"), relay)
-    t.done()
+    _each_entry(_entries(t.relays, "outputs.relays"), relay)
     return OutputsConfig(buzzer=buzzer, leds=leds, relays=tuple(relays))
 
 
@@ -1296,31 +1361,36 @@ def _check_pins(devices: tuple[DeviceConfig, ...], outputs: OutputsConfig, buses
 
 
 def _parse_linkage(
-    root: _Table, units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...], outputs: OutputsConfig
+    root: Mapping[str, Any], units: tuple[UnitConfig, ...], households: tuple[HouseholdConfig, ...],
+    outputs: OutputsConfig,
 ) -> tuple[LinkageRule, ...]:
-    unit_ids = {u.id for u in units} | _written_ids(root.data, "units")
-    household_ids = {h.id for h in households} | _written_ids(root.data, "households")
-    relay_ids = {r.id for r in outputs.relays} | _written_ids(root.data, "outputs.relays")
+    unit_ids = {u.id for u in units} | _written_ids(root, "units")
+    household_ids = {h.id for h in households} | _written_ids(root, "households")
+    relay_ids = {r.id for r in outputs.relays} | _written_ids(root, "outputs.relays")
     rules: list[LinkageRule] = []
 
-    def rule(t: _Table) -> None:
-        signal = t.choice("signal", LINKAGE_SIGNALS, None)
-        scope = t.text("scope", "building") or "building"
-        kind, _, ref = scope.partition(":")
-        if scope != "building":
+    def rule(path: str, data: Any) -> None:
+        t = _read(data, path, _LinkageTable)
+        kind, _, ref = t.scope.partition(":")
+        if t.scope != "building":
             if kind not in ("unit", "household") or not ref:
-                raise ConfigError(t.key("scope"),
-                                  f"must be 'building', 'unit:<id>' or 'household:<id>', got {scope!r}")
+                raise ConfigError(f"{path}.scope",
+                                  f"must be 'building', 'unit:<id>' or 'household:<id>', got {t.scope!r}")
             if ref not in (unit_ids if kind == "unit" else household_ids):
-                raise ConfigError(t.key("scope"), f"unknown {kind} {ref!r}")
-        output = t.req_str("output")
-        if output not in relay_ids:
-            raise ConfigError(t.key("output"), f"unknown relay {output!r}")
-        rules.append(LinkageRule(signal=signal, scope=scope, output=output))
-        t.done()
+                raise ConfigError(f"{path}.scope", f"unknown {kind} {ref!r}")
+        if t.output not in relay_ids:
+            raise ConfigError(f"{path}.output", f"unknown relay {t.output!r}")
+        rules.append(LinkageRule(signal=t.signal, scope=t.scope, output=t.output))
 
-    _each(root.tables("linkage"), rule)
+    _each_entry(_entries(root.get("linkage"), "linkage"), rule)
     return tuple(rules)
+
+
+class _LinkageTable(_Shape, kw_only=True):
+    signal: LinkageSignal
+    output: Text
+    scope: Text = "building"
+
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
@@ -1330,61 +1400,91 @@ def _resolve(base: Path, value: str | None) -> str | None:
     return str(p if p.is_absolute() else (base / p))
 
 
-def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConfig:
-    t = root.table("mqtt")
-    if t is None:
+_MQTT = MqttConfig()
+
+
+class _TlsTable(_Shape, kw_only=True):
+    ca_file: Text | None = None
+    cert_file: Text | None = None
+    key_file: Text | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError(f"{'cert_file' if self.cert_file is None else 'key_file'}: client certificate and key "
+                             "must be given together")
+
+
+class _MqttTable(_Shape, kw_only=True):
+    host: Text | None = None
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    hosts: Any = None  # "host:port" strings, each checked by _parse_hosts
+    client_id: Text | None = None
+    topic_prefix: Text = _MQTT.topic_prefix
+    protocol: Literal[5, 311] = 5
+    keepalive_s: Annotated[int, msgspec.Meta(ge=5, le=3600)] = _MQTT.keepalive_s
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = _MQTT.max_inflight
+    status_interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=86_400)] = _MQTT.status_interval_s
+    tls: Any = None  # a table: _TlsTable
+    credentials_file: Text | None = None
+    allow_plaintext: bool = False
+
+    def __post_init__(self) -> None:
+        prefix = self.topic_prefix
+        if any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
+            raise ValueError(f"topic_prefix: must be a plain topic path without wildcards, got {prefix!r}")
+        if self.hosts is not None:
+            for other in ("host", "port"):
+                if getattr(self, other) is not None:
+                    raise ValueError(f"{other}: give either mqtt.hosts (the nodes of one cluster) or mqtt.host and "
+                                     "mqtt.port (one node), not both; list every node in mqtt.hosts")
+
+
+def _parse_mqtt(root: Mapping[str, Any], base: Path, *, default_client_id: str) -> MqttConfig:
+    data = root.get("mqtt")
+    if data is None:
         return MqttConfig(client_id=default_client_id)
-    d = MqttConfig()
-    prefix = t.text("topic_prefix", d.topic_prefix) or d.topic_prefix
-    if any(c in prefix for c in "#+\0") or prefix.startswith("/") or prefix.endswith("/") or "//" in prefix:
-        raise ConfigError(t.key("topic_prefix"), f"must be a plain topic path without wildcards, got {prefix!r}")
-    tls = t.table("tls")
+    t = _read(data, "mqtt", _MqttTable)
     ca = cert = key = None
     insecure = False
-    if tls is not None:
-        ca = _resolve(base, tls.text("ca_file"))
-        cert = _resolve(base, tls.text("cert_file"))
-        key = _resolve(base, tls.text("key_file"))
-        insecure = tls.flag("insecure", False)
-        if (cert is None) != (key is None):
-            raise ConfigError(tls.key("cert_file" if cert is None else "key_file"),
-                              "client certificate and key must be given together")
+    if t.tls is not None:
+        tls = _read(t.tls, "mqtt.tls", _TlsTable)
+        ca, cert, key = (_resolve(base, tls.ca_file), _resolve(base, tls.cert_file), _resolve(base, tls.key_file))
+        insecure = tls.insecure
         for name, value in (("ca_file", ca), ("cert_file", cert), ("key_file", key)):
             if value is not None and not Path(value).is_file():
-                raise ConfigError(tls.key(name), f"file not found: {value}")
+                raise ConfigError(f"mqtt.tls.{name}", f"file not found: {value}")
         if key is not None:
-            _check_private(key, tls.key("key_file"))
-        tls.done()
-    credentials = _resolve(base, t.text("credentials_file"))
+            _check_private(key, "mqtt.tls.key_file")
+    credentials = _resolve(base, t.credentials_file)
     username = password = None
     if credentials is not None:
-        username, password = read_credentials(credentials, t.key("credentials_file"))
-    default_port = 8883 if tls is not None else d.port
-    hosts = _parse_hosts(t, default_port)
+        username, password = read_credentials(credentials, "mqtt.credentials_file")
+    default_port = 8883 if t.tls is not None else _MQTT.port
+    hosts = _parse_hosts(t.hosts, default_port)
     if hosts:
         host, port = parse_endpoint(hosts[0], default_port)
     else:
-        host = t.text("host", d.host) or d.host
-        port = t.integer("port", default_port, lo=1, hi=65535)
-    allow_plaintext = t.flag("allow_plaintext", False)
+        host = t.host or _MQTT.host
+        port = default_port if t.port is None else t.port
     # mqtt.hosts holds "host:port" strings; mqtt.host is a bare host name or address (an IPv6 one unbracketed)
     nodes = [parse_endpoint(name, default_port)[0] for name in hosts] if hosts else [host]
     for node in nodes:
-        if tls is None and not allow_plaintext and not is_loopback(node):
-            raise ConfigError(t.key("allow_plaintext"),
+        if t.tls is None and not t.allow_plaintext and not is_loopback(node):
+            raise ConfigError("mqtt.allow_plaintext",
                               f"plain MQTT to {node!r} (not this host) would send events, commands and credentials "
                               "in clear: add an [mqtt.tls] table, or set mqtt.allow_plaintext = true to accept that")
-    cfg = MqttConfig(
+    return MqttConfig(
         host=host,
         port=port,
         hosts=hosts,
-        client_id=t.text("client_id") or default_client_id,
-        topic_prefix=prefix,
-        protocol=t.choice("protocol", (5, 311), 5),
-        keepalive_s=t.integer("keepalive_s", d.keepalive_s, lo=5, hi=3600),
-        max_inflight=t.integer("max_inflight", d.max_inflight, lo=1, hi=1000),
-        status_interval_s=t.num("status_interval_s", d.status_interval_s, lo=0.1, hi=86_400),
-        tls=tls is not None,
+        client_id=t.client_id or default_client_id,
+        topic_prefix=t.topic_prefix,
+        protocol=t.protocol,
+        keepalive_s=t.keepalive_s,
+        max_inflight=t.max_inflight,
+        status_interval_s=t.status_interval_s,
+        tls=t.tls is not None,
         tls_ca_file=ca,
         tls_cert_file=cert,
         tls_key_file=key,
@@ -1392,28 +1492,21 @@ def _parse_mqtt(root: _Table, base: Path, *, default_client_id: str) -> MqttConf
         credentials_file=credentials,
         username=username,
         password=password,
-        allow_plaintext=allow_plaintext,
+        allow_plaintext=t.allow_plaintext,
     )
-    t.done()
-    return cfg
 
 
-def _parse_hosts(t: _Table, default_port: int) -> tuple[str, ...]:
-    """``mqtt.hosts``: the nodes of one cluster; it replaces ``host`` and ``port``, which must then be absent."""
-    if not t.has("hosts"):
+def _parse_hosts(value: Any, default_port: int) -> tuple[str, ...]:
+    """``mqtt.hosts``: the nodes of one cluster; it replaces ``host`` and ``port`` (the struct refuses both)."""
+    if value is None:
         return ()
-    for other in ("host", "port"):
-        if t.has(other):
-            raise ConfigError(t.key(other), "give either mqtt.hosts (the nodes of one cluster) or mqtt.host and "
-                                            "mqtt.port (one node), not both; list every node in mqtt.hosts")
-    value = t.raw("hosts")
     if not isinstance(value, list):
-        raise ConfigError(t.key("hosts"), f'must be an array of "host:port" strings, got {_typename(value)}')
+        raise ConfigError("mqtt.hosts", f'must be an array of "host:port" strings, got {_typename(value)}')
     if not value:
-        raise ConfigError(t.key("hosts"), 'must list at least one "host:port"')
+        raise ConfigError("mqtt.hosts", 'must list at least one "host:port"')
     seen: dict[tuple[str, int], int] = {}
     for i, item in enumerate(value):
-        key = f"{t.key('hosts')}[{i}]"
+        key = f"mqtt.hosts[{i}]"
         if not isinstance(item, str):
             raise ConfigError(key, f'must be a "host:port" string, got {_typename(item)}')
         try:
@@ -1488,37 +1581,48 @@ def _check_private(path: str, key: str) -> None:
         )
 
 
-def _parse_storage(root: _Table, base: Path) -> StorageConfig:
-    t = root.table("storage")
-    if t is None:
+_STORAGE, _TRANSMISSION = StorageConfig(), TransmissionConfig()
+
+
+class _StorageTable(_Shape, kw_only=True):
+    path: Text = _STORAGE.path
+    max_mb: Annotated[float, msgspec.Meta(ge=1.0, le=100_000.0)] = _STORAGE.max_mb
+    min_free_mb: Annotated[float, msgspec.Meta(ge=0.0)] = _STORAGE.min_free_mb
+    history_days: Annotated[float, msgspec.Meta(ge=30.0)] = _STORAGE.history_days
+    history_min_events: Annotated[int, msgspec.Meta(ge=999)] = _STORAGE.history_min_events
+    telemetry_batch_s: Annotated[float, msgspec.Meta(ge=0.0, le=10.0)] = _STORAGE.telemetry_batch_s
+    memory_events: Annotated[int, msgspec.Meta(ge=100, le=1_000_000)] = _STORAGE.memory_events
+
+
+def _parse_storage(root: Mapping[str, Any], base: Path) -> StorageConfig:
+    data = root.get("storage")
+    if data is None:
         return StorageConfig()
-    d = StorageConfig()
-    cfg = StorageConfig(
-        path=_resolve(base, t.text("path", d.path)) or d.path,
-        max_mb=t.num("max_mb", d.max_mb, lo=1.0, hi=100_000.0),
-        min_free_mb=t.num("min_free_mb", d.min_free_mb, lo=0.0),
-        history_days=t.num("history_days", d.history_days, lo=30.0),
-        history_min_events=t.integer("history_min_events", d.history_min_events, lo=999),
-        telemetry_batch_s=t.num("telemetry_batch_s", d.telemetry_batch_s, lo=0.0, hi=10.0),
-        memory_events=t.integer("memory_events", d.memory_events, lo=100, hi=1_000_000),
-    )
-    t.done()
-    return cfg
+    t = _read(data, "storage", _StorageTable)
+    return StorageConfig(path=_resolve(base, t.path) or t.path, max_mb=t.max_mb, min_free_mb=t.min_free_mb,
+                         history_days=t.history_days, history_min_events=t.history_min_events,
+                         telemetry_batch_s=t.telemetry_batch_s, memory_events=t.memory_events)
 
 
-def _parse_control(root: _Table, base: Path) -> ControlConfig:
-    t = root.table("control")
-    if t is None:
+class _ControlTable(_Shape, kw_only=True):
+    socket: Text = DEFAULT_SOCKET
+    group: Text | None = None
+    operator_group: Text | None = None
+
+
+def _parse_control(root: Mapping[str, Any], base: Path) -> ControlConfig:
+    data = root.get("control")
+    if data is None:
         return ControlConfig()
-    cfg = ControlConfig(socket=_resolve(base, t.text("socket", DEFAULT_SOCKET)) or DEFAULT_SOCKET,
-                        group=t.text("group"), operator_group=t.text("operator_group"))
-    t.done()
-    return cfg
+    t = _read(data, "control", _ControlTable)
+    return ControlConfig(socket=_resolve(base, t.socket) or DEFAULT_SOCKET, group=t.group,
+                         operator_group=t.operator_group)
 
 
 #: Values of ``[runtime] pin_factory``; the same list as drivers.gpio.PIN_FACTORIES (gpiozero's ``native`` is
 #: left out: it needs /dev/gpiomem, which a Pi 5 lacks and the unit's device policy does not allow).
-PIN_FACTORIES = ("lgpio", "mock")
+PinFactory = Literal["lgpio", "mock"]
+PIN_FACTORIES = get_args(PinFactory)
 
 
 #: Keys that once existed, and what replaced them: a site file that still sets one is told so.
@@ -1530,60 +1634,65 @@ REMOVED_RUNTIME_KEYS = {
 }
 
 
-def _parse_runtime(root: _Table) -> RuntimeConfig:
-    t = root.table("runtime")
-    if t is None:
+class _RuntimeTable(_Shape, kw_only=True):
+    realtime_priority: Annotated[int, msgspec.Meta(ge=0, le=99)] = 0
+    gc_freeze: bool = True
+    pin_factory: PinFactory = "lgpio"
+
+
+def _parse_runtime(root: Mapping[str, Any]) -> RuntimeConfig:
+    data = root.get("runtime")
+    if data is None:
         return RuntimeConfig()
     for key, reason in REMOVED_RUNTIME_KEYS.items():
-        if t.has(key):
-            raise ConfigError(t.key(key), reason)
-    cfg = RuntimeConfig(realtime_priority=t.integer("realtime_priority", 0, lo=0, hi=99),
-                        gc_freeze=t.flag("gc_freeze", True),
-                        pin_factory=t.choice("pin_factory", PIN_FACTORIES, "lgpio"))
-    t.done()
-    return cfg
+        if isinstance(data, Mapping) and key in data:
+            raise ConfigError(f"runtime.{key}", reason)
+    t = _read(data, "runtime", _RuntimeTable)
+    return RuntimeConfig(realtime_priority=t.realtime_priority, gc_freeze=t.gc_freeze, pin_factory=t.pin_factory)
 
 
-def _parse_transmission(root: _Table) -> TransmissionConfig:
-    t = root.table("transmission")
-    if t is None:
+class _TransmissionTable(_Shape, kw_only=True):
+    ack_deadline_s: Annotated[float, msgspec.Meta(ge=1.0, le=MAX_ACK_DEADLINE_S)] = _TRANSMISSION.ack_deadline_s
+    path_down_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = _TRANSMISSION.path_down_s
+
+
+def _parse_transmission(root: Mapping[str, Any]) -> TransmissionConfig:
+    data = root.get("transmission")
+    if data is None:
         return TransmissionConfig()
-    d = TransmissionConfig()
-    cfg = TransmissionConfig(
-        ack_deadline_s=t.num("ack_deadline_s", d.ack_deadline_s, lo=1.0, hi=MAX_ACK_DEADLINE_S),
-        path_down_s=t.num("path_down_s", d.path_down_s, lo=1.0, hi=3600.0),
-    )
-    t.done()
-    return cfg
+    t = _read(data, "transmission", _TransmissionTable)
+    return TransmissionConfig(ack_deadline_s=t.ack_deadline_s, path_down_s=t.path_down_s)
 
 
-def _parse_sms(root: _Table, base: Path) -> SmsConfig | None:
-    t = root.table("sms")
-    if t is None:
+class _SmsTable(_Shape, kw_only=True):
+    device: Text
+    contacts: Text
+    mode: SmsMode = "fallback"
+    after_s: Annotated[float, msgspec.Meta(ge=0.0, le=600.0)] = 30.0
+    language: SmsLanguage = "zh"
+    max_per_hour: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 10
+    pin: Any = None
+    queue: Text = "/var/lib/gateway/sms.db"
+    connection: Text = "at115200"
+    check_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 30.0
+    smsc: Text | None = None
+
+    def __post_init__(self) -> None:
+        pin = self.pin
+        if pin is not None and (not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 8):
+            raise ValueError("pin: must be the SIM PIN as a string of 4 to 8 digits")
+        if not self.connection.startswith("at"):
+            raise ValueError(f"connection: {self.connection!r} is not one of Gammu's AT connections "
+                             "(at, at115200, ...)")
+
+
+def _parse_sms(root: Mapping[str, Any], base: Path) -> SmsConfig | None:
+    data = root.get("sms")
+    if data is None:
         return None
-    device = t.req_str("device")
-    contacts = _resolve(base, t.req_str("contacts"))
+    t = _read(data, "sms", _SmsTable)
+    contacts = _resolve(base, t.contacts)
     assert contacts is not None
-    d = SmsConfig(device=device, contacts=contacts)
-    connection = t.text("connection", d.connection) or d.connection
-    if not connection.startswith("at"):
-        raise ConfigError(t.key("connection"),
-                          f"{connection!r} is not one of Gammu's AT connections (at, at115200, ...)")
-    pin = t.raw("pin")
-    if pin is not None and (not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 8):
-        raise ConfigError(t.key("pin"), "must be the SIM PIN as a string of 4 to 8 digits")
-    cfg = SmsConfig(
-        device=device,
-        contacts=contacts,
-        mode=t.choice("mode", SMS_MODES, d.mode),
-        after_s=t.num("after_s", d.after_s, lo=0.0, hi=600.0),
-        language=t.choice("language", SMS_LANGUAGES, d.language),
-        max_per_hour=t.integer("max_per_hour", d.max_per_hour, lo=1, hi=1000),
-        pin=pin,
-        queue=_resolve(base, t.text("queue", d.queue)) or d.queue,
-        connection=connection,
-        check_interval_s=t.num("check_interval_s", d.check_interval_s, lo=1.0, hi=3600.0),
-        smsc=t.text("smsc"),
-    )
-    t.done()
-    return cfg
+    return SmsConfig(device=t.device, contacts=contacts, mode=t.mode, after_s=t.after_s, language=t.language,
+                     max_per_hour=t.max_per_hour, pin=t.pin, queue=_resolve(base, t.queue) or t.queue,
+                     connection=t.connection, check_interval_s=t.check_interval_s, smsc=t.smsc)

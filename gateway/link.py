@@ -1,7 +1,8 @@
 """Named messages between the panel process and the storage/uplink process.
 
 Every message is one frame: a 4-byte big-endian length, then a JSON object ``{"v": 1, "type": ..., ...}``.
-Each type has a fixed set of fields with fixed types (:data:`MESSAGES`); :func:`decode` checks them and raises
+Each type is a msgspec struct with a fixed set of fields of fixed types (:data:`MESSAGES`); :func:`encode`
+and :func:`decode` check them, and :func:`decode` raises
 :class:`BadMessage` with a reason for anything else, so a peer can reject a message and go on. There are no
 pickles and no generic calls: the receiver decides what a named message does.
 
@@ -24,10 +25,12 @@ import struct
 from dataclasses import fields
 from typing import Any
 
-import orjson
+import msgspec
+from msgspec import inspect as mi
 
 from gateway.annunciation import Annunciation, Sound
 from gateway.events import Event
+from gateway.validation import problem
 
 __all__ = [
     "MAX_FRAME",
@@ -48,26 +51,84 @@ VERSION = 1
 MAX_FRAME = 32 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 
-_NUMBER = (int, float)
-_OPT_TEXT = (str, type(None))
-#: Each message type and its fields with their allowed types.
-MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
-    "hello": {"handover": _OPT_TEXT, "pid": (int,)},
-    "event": {"n": (int,), "boot": (str,), "event": (dict,)},
-    "stored": {"boot": (str,), "upto": (int,), "dropped": (dict,)},
-    "fault": {"code": (str,), "present": (bool,), "detail": _OPT_TEXT},
-    "beat": {"session": (int,), "connected": (bool,), "connections": (int,), "last_error": _OPT_TEXT,
-             "stored": (int,), "held": (int,)},
-    "request": {"id": (int,), "name": (str,), "args": (dict,)},
-    "reply": {"id": (int,), "ok": (bool,), "data": (dict,)},
-    "stop": {"flush_timeout_s": _NUMBER},
-    # Transmission supervision and the second path (gateway/panel/transmission.py, gateway/sms/).
-    "delivered": {"keys": (list,)},
-    "transmission": {"present": (bool,), "detail": _OPT_TEXT},
-}
 
-_EVENT_FIELDS = {f.name: f for f in fields(Event)}
-_EVENT_TEXT = {name for name in _EVENT_FIELDS if name not in ("mono", "value", "wall")}
+class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    """A message: ``{"v": 1, "type": <its tag>, ...its fields}``; every field is required."""
+
+    v: int
+
+
+class Hello(Message, tag="hello"):
+    handover: str | None
+    pid: int
+
+
+class EventMessage(Message, tag="event"):
+    n: int
+    boot: str
+    event: dict[str, Any]
+
+
+class Stored(Message, tag="stored"):
+    boot: str
+    upto: int
+    dropped: dict[str, Any]
+
+
+class Fault(Message, tag="fault"):
+    code: str
+    present: bool
+    detail: str | None
+
+
+class Beat(Message, tag="beat"):
+    session: int
+    connected: bool
+    connections: int
+    last_error: str | None
+    stored: int
+    held: int
+
+
+class Request(Message, tag="request"):
+    id: int
+    name: str
+    args: dict[str, Any]
+
+
+class Reply(Message, tag="reply"):
+    id: int
+    ok: bool
+    data: dict[str, Any]
+
+
+class Stop(Message, tag="stop"):
+    flush_timeout_s: float
+
+
+class Delivered(Message, tag="delivered"):
+    """Transmission supervision and the second path (gateway/panel/transmission.py, gateway/sms/)."""
+
+    keys: list[Any]
+
+
+class Transmission(Message, tag="transmission"):
+    present: bool
+    detail: str | None
+
+
+#: Each message type and its struct.
+MESSAGES: dict[str, type[Message]] = {
+    str(kind.__struct_config__.tag): kind
+    for kind in (Hello, EventMessage, Stored, Fault, Beat, Request, Reply, Stop, Delivered, Transmission)
+}
+_DECODER = msgspec.json.Decoder(Hello | EventMessage | Stored | Fault | Beat | Request | Reply | Stop | Delivered
+                                | Transmission)
+_ENCODER = msgspec.json.Encoder()
+_EVENT_FIELDS = frozenset(f.name for f in fields(Event))
+#: How a field's type is named in a refusal ("must be bool, got int").
+_TYPE_NAMES: dict[type[mi.Type], str] = {mi.BoolType: "bool", mi.IntType: "int", mi.FloatType: "float",
+                                         mi.StrType: "str", mi.DictType: "dict", mi.ListType: "list"}
 
 
 class BadMessage(ValueError):
@@ -77,41 +138,56 @@ class BadMessage(ValueError):
 def encode(kind: str, **body: Any) -> bytes:
     """One frame of message ``kind`` (its fields checked as the receiver will check them)."""
     message = {"v": VERSION, "type": kind, **body}
-    _check(message)
-    data = orjson.dumps(message)
+    struct_type = MESSAGES.get(kind)
+    if struct_type is None:
+        raise BadMessage(f"unknown type {kind!r}")
+    try:
+        data = _ENCODER.encode(msgspec.convert(message, struct_type, strict=True))
+    except msgspec.ValidationError as exc:
+        raise _bad(exc, message) from None
+    if message["v"] != VERSION:
+        raise BadMessage(f"version {message['v']!r} is not {VERSION}")
     return _HEADER.pack(len(data)) + data
 
 
 def decode(data: bytes) -> dict[str, Any]:
     """The message in a frame's body; :class:`BadMessage` if it is not JSON or not a known, valid message."""
     try:
-        message = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        message = _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _bad(exc, msgspec.json.decode(data)) from None
+    except msgspec.DecodeError as exc:
         raise BadMessage(f"not JSON: {exc}") from None
-    if not isinstance(message, dict):
-        raise BadMessage(f"not an object: {type(message).__name__}")
-    _check(message)
-    return message
+    if message.v != VERSION:
+        raise BadMessage(f"version {message.v!r} is not {VERSION}")
+    out = msgspec.structs.asdict(message)
+    out["type"] = message.__struct_config__.tag
+    return out
 
 
-def _check(message: dict[str, Any]) -> None:
-    if message.get("v") != VERSION:
-        raise BadMessage(f"version {message.get('v')!r} is not {VERSION}")
-    kind = message.get("type")
-    spec = MESSAGES.get(kind) if isinstance(kind, str) else None
-    if spec is None:
-        raise BadMessage(f"unknown type {kind!r}")
-    extra = set(message) - set(spec) - {"v", "type"}
-    if extra:
-        raise BadMessage(f"{kind}: unknown field {sorted(extra)[0]!r}")
-    for name, types in spec.items():
-        if name not in message:
-            raise BadMessage(f"{kind}: field {name!r} missing")
-        value = message[name]
-        if isinstance(value, bool) and bool not in types:
-            raise BadMessage(f"{kind}: field {name!r} must be {types[0].__name__}, got bool")
-        if not isinstance(value, types):
-            raise BadMessage(f"{kind}: field {name!r} must be {types[0].__name__}, got {type(value).__name__}")
+def _bad(exc: msgspec.ValidationError, raw: Any) -> BadMessage:
+    """msgspec's refusal of ``raw`` in the link's words (the slow path: a refused message only)."""
+    if not isinstance(raw, dict):
+        return BadMessage(f"not an object: {type(raw).__name__}")
+    if raw.get("v") != VERSION:
+        return BadMessage(f"version {raw.get('v')!r} is not {VERSION}")
+    kind = raw.get("type")
+    struct_type = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if struct_type is None:
+        return BadMessage(f"unknown type {kind!r}")
+    found = problem(exc, raw, struct_type)
+    name = found.path[0] if found.path else "?"
+    if found.kind == "unknown":
+        return BadMessage(f"{kind}: unknown field {name!r}")
+    if found.kind == "missing":
+        return BadMessage(f"{kind}: field {name!r} missing")
+    return BadMessage(f"{kind}: field {name!r} must be {_type_name(found.expected)}, got {type(found.value).__name__}")
+
+
+def _type_name(info: mi.Type | None) -> str:
+    if isinstance(info, mi.UnionType):
+        info = next((t for t in info.types if not isinstance(t, mi.NoneType)), None)
+    return "something else" if info is None else _TYPE_NAMES.get(type(info), "something else")
 
 
 def read_frame(sock: socket.socket) -> bytes | None:
@@ -147,18 +223,19 @@ def event_to_wire(event: Event) -> dict[str, Any]:
 
 def event_from_wire(data: dict[str, Any]) -> Event:
     """The event in an ``event`` message; :class:`BadMessage` for an unknown field or a wrong type."""
-    for name, value in data.items():
-        if name not in _EVENT_FIELDS:
-            raise BadMessage(f"event: unknown field {name!r}")
-        if name in _EVENT_TEXT:
-            if not isinstance(value, str):
-                raise BadMessage(f"event: field {name!r} must be str, got {type(value).__name__}")
-        elif isinstance(value, bool) or not isinstance(value, _NUMBER):
-            raise BadMessage(f"event: field {name!r} must be a number, got {type(value).__name__}")
-    for name in ("kind", "action", "mono"):
-        if name not in data:
-            raise BadMessage(f"event: field {name!r} missing")
-    return Event(**data)
+    unknown = sorted(set(data) - _EVENT_FIELDS)
+    if unknown:
+        raise BadMessage(f"event: unknown field {unknown[0]!r}")
+    try:
+        return msgspec.convert(data, Event, strict=True)
+    except msgspec.ValidationError as exc:
+        found = problem(exc, data, Event)
+        name = found.path[0] if found.path else "?"
+        if found.kind == "missing":
+            raise BadMessage(f"event: field {name!r} missing") from None
+        if _type_name(found.expected) == "float":
+            raise BadMessage(f"event: field {name!r} must be a number, got {type(found.value).__name__}") from None
+        raise BadMessage(f"event: field {name!r} must be str, got {type(found.value).__name__}") from None
 
 
 def snapshot_to_wire(snapshot: dict[str, Any]) -> dict[str, Any]:

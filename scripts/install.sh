@@ -28,6 +28,8 @@ readonly LOCK=constraints/runtime.txt
 readonly INDEX_URL=${PIP_INDEX_URL:-https://pypi.org/simple/}
 # apt packages that build lgpio from its pinned source where PyPI has no wheel for this Python and machine.
 readonly LGPIO_BUILD_DEPS=(swig gcc libc6-dev python3-dev)
+# apt packages that build python-gammu from its pinned source against Debian's libGammu where PyPI has no wheel.
+readonly GAMMU_BUILD_DEPS=(libgammu-dev pkg-config gcc python3-dev)
 
 PREFIX=$DEFAULT_PREFIX
 PYTHON=python3
@@ -96,8 +98,8 @@ reload_udev() {
     fi
 }
 
-# The serial drivers whose device classes the unit allows must be loaded before it starts (systemd drops a class
-# it does not know yet); at boot systemd-modules-load does it, now modprobe does.
+# The serial driver whose device class the unit can only name (ttySC: no fixed major) must be loaded before it
+# starts (systemd drops a class it does not know yet); at boot systemd-modules-load does it, now modprobe does.
 load_serial_drivers() {
     local modules
     mapfile -t modules < <(grep -Ev '^[[:space:]]*(#|$)' systemd/gateway-serial.conf)
@@ -212,6 +214,7 @@ check_platform() {
         *) die "unsupported platform: $machine (the gateway runs on a Raspberry Pi: aarch64, armv7l or armv6l)" ;;
     esac
     MACHINE=$machine
+    check_gammu "$pyver"
     if [[ $LGPIO_FROM == wheel ]] || [[ -n $(lgpio_wheel_in "$WHEELS" "$pyver" "$machine") ]]; then
         LGPIO_FROM=wheel
         return
@@ -219,12 +222,44 @@ check_platform() {
     local missing=()
     command -v swig >/dev/null || missing+=(swig)
     command -v gcc >/dev/null || missing+=(gcc)
-    "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' ||
-        missing+=(python3-dev)
+    python_headers || missing+=(python3-dev)
     if ((${#missing[@]})); then
         [[ -z $WHEELS ]] || die "lgpio must be built here ($machine, Python ${pyver:0:1}.${pyver:1}) and ${missing[*]} missing: apt install ${LGPIO_BUILD_DEPS[*]}, or put an lgpio wheel built on such a Pi in $WHEELS"
         LGPIO_FROM="build, after: apt-get install ${LGPIO_BUILD_DEPS[*]}"
     fi
+}
+
+# How python-gammu (the SMS modem) gets here: "wheel" where PyPI has one (aarch64 and x86_64, CPython 3.11-3.13;
+# it bundles libGammu) or DIR of --wheels holds one; elsewhere (32-bit Pi OS: armv7l, armv6l) "build" from its pinned
+# source against Debian's libGammu (libgammu-dev), rather than Debian's older python3-gammu. docs/deploy.md, "Targets".
+GAMMU_FROM=""
+check_gammu() {
+    local pyver=$1
+    case $MACHINE:$pyver in
+        aarch64:31[123] | x86_64:31[123])
+            GAMMU_FROM=wheel
+            return
+            ;;
+    esac
+    if [[ -n $WHEELS ]] && compgen -G "$WHEELS/python_gammu-*-cp$pyver-cp$pyver-*$MACHINE.whl" >/dev/null; then
+        GAMMU_FROM=wheel
+        return
+    fi
+    GAMMU_FROM=build
+    local missing=()
+    [[ -e /usr/include/gammu/gammu.h ]] || missing+=(libgammu-dev)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v gcc >/dev/null || missing+=(gcc)
+    python_headers || missing+=(python3-dev)
+    if ((${#missing[@]})); then
+        [[ -z $WHEELS ]] || die "python-gammu must be built here ($MACHINE, Python ${pyver:0:1}.${pyver:1}) and ${missing[*]} missing: apt install ${GAMMU_BUILD_DEPS[*]}, or put a python-gammu wheel built on such a Pi in $WHEELS"
+        GAMMU_FROM="build, after: apt-get install ${GAMMU_BUILD_DEPS[*]}"
+    fi
+}
+
+# Whether this Python's headers (python3-dev) are installed, for a build from source.
+python_headers() {
+    "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))'
 }
 
 # A wheel of lgpio in DIR ($1) that this Python ($2) and machine ($3) can install.
@@ -290,11 +325,17 @@ install_all() {
     else
         run "$PYTHON" -m venv "$PREFIX/venv"
     fi
-    if [[ $LGPIO_FROM == build,* ]]; then
-        run apt-get install -y --no-install-recommends "${LGPIO_BUILD_DEPS[@]}"
+    local build_deps=()
+    [[ $LGPIO_FROM != build,* ]] || build_deps+=("${LGPIO_BUILD_DEPS[@]}")
+    [[ $GAMMU_FROM != build,* ]] || build_deps+=("${GAMMU_BUILD_DEPS[@]}")
+    if ((${#build_deps[@]})); then
+        mapfile -t build_deps < <(printf '%s\n' "${build_deps[@]}" | sort -u)
+        run apt-get install -y --no-install-recommends "${build_deps[@]}"
     fi
-    printf 'lgpio: %s (%s, Python %s)\n' "${LGPIO_FROM%%,*}" "$MACHINE" \
-        "$("$PYTHON" -c 'import platform; print(platform.python_version())')"
+    local version
+    version=$("$PYTHON" -c 'import platform; print(platform.python_version())')
+    printf 'lgpio: %s (%s, Python %s)\n' "${LGPIO_FROM%%,*}" "$MACHINE" "$version"
+    printf 'python-gammu: %s (%s, Python %s)\n' "${GAMMU_FROM%%,*}" "$MACHINE" "$version"
     # A local directory is always rebuilt and reinstalled, so this also upgrades. PYPI=1 makes lgpio's source
     # build link its C library in statically, as its PyPI wheels do: nothing else to install from apt.
     local sources=()

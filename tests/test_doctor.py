@@ -37,6 +37,7 @@ from gateway.ops.doctor import (
     check_serial,
     check_service,
     check_storage,
+    device_grant,
 )
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker, free_port
@@ -449,6 +450,39 @@ def test_doctor_service_not_ok_without_systemd() -> None:
         pytest.skip("systemd is init here; tests/test_install_rehearsal.py checks both outcomes")
     check = check_service()
     assert check.status == "warn" and check.fix
+
+
+# -- device filter (the whole check against a running unit: tests/test_install_rehearsal.py) ---------------
+
+
+def shipped_device_allow() -> list[str]:
+    unit = Path(__file__).resolve().parent.parent / "systemd/gatewayd.service"
+    return [line.split("=", 1)[1] for line in unit.read_text().splitlines() if line.startswith("DeviceAllow=")]
+
+
+@pytest.mark.parametrize(("major", "names", "grant"), [
+    (188, ["ttyUSB"], "char-188 rw"),  # a USB adapter whose driver was loaded at the start
+    (188, [], "char-188 rw"),  # ... or not: the number admits it all the same
+    (166, [], "char-166 rw"),  # ttyACM
+    (204, ["ttyAMA"], "char-204 rw"),  # the PL011 UART
+    (4, ["tty", "ttyS"], "char-ttyS rw"),  # the mini UART, by name (built in)
+    (240, ["ttySC"], "char-ttySC rw"),  # SC16IS7xx: a dynamic major, by name only
+    (240, [], None),  # ... so not when its driver is not loaded
+    (189, ["usb_device"], None),  # not a serial port
+])
+def test_device_grant_follows_systemds_rules_for_the_shipped_unit(major: int, names: list[str],
+                                                                 grant: str | None) -> None:
+    assert device_grant(major, 0, names, shipped_device_allow()) == grant
+
+
+def test_device_grant_matches_globs_paths_and_access(tmp_path: Path) -> None:
+    assert device_grant(188, 3, ["ttyUSB"], ["char-tty* rw"]) == "char-tty* rw"
+    assert device_grant(188, 3, ["ttyUSB"], ["char-ttyUSB r"]) is None  # read-only does not do for a bus
+    null = os.stat("/dev/null")
+    major, minor = os.major(null.st_rdev), os.minor(null.st_rdev)
+    assert device_grant(major, minor, [], ["/dev/null rw"]) == "/dev/null rw"
+    assert device_grant(major, minor + 1, [], ["/dev/null rw"]) is None
+    assert device_grant(major, minor, [], [f"{tmp_path}/nothing rw", "/dev/nothing rw"]) is None
 
 
 # -- socket group ----------------------------------------------------------------------------------------

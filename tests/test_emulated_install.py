@@ -13,13 +13,15 @@ offline (``systemctl enable``); the unit itself is rehearsed under a real system
 tests/test_install_rehearsal.py. In each target:
 
 - ``scripts/install.sh --wheels`` as a technician runs it, offline, from wheels fetched on the host for that
-  platform (scripts/wheelhouse) and the distribution's own packages (the build tools where lgpio is built);
+  platform (scripts/wheelhouse) and the distribution's own packages (the build tools where lgpio is built, and
+  libgammu-dev with them where python-gammu is, on armhf); lgpio, orjson, rpds-py and gammu import;
 - every runtime dependency at the lock's version; ``gatewayctl config check`` passes on an edited site and
   ``gatewayctl doctor`` names the platform;
 - ``gatewayd`` with ``pin_factory = "lgpio"`` exits 69 in one line: there is no gpiochip under emulation;
 - ``gatewayd --demo`` refuses in one line (exit 78): the install carries no simulator; with the checkout's
-  ``gateway_sim/`` alone on ``PYTHONPATH`` it runs, and its alarm reaches a mosquitto started by the test (host
-  binary, in a network namespace of its own, on the port the example site names);
+  ``gateway_sim/`` alone on ``PYTHONPATH`` the demo runs (``python -m gateway_sim.demo --broker``, since
+  ``gatewayd --demo`` would start a mosquitto of its own), and its high alarm reaches a mosquitto started by the
+  test (host binary, in a network namespace of its own);
 - the pure alarm core's tests and the panel-process tests pass inside the root.
 
 Timing under emulation means nothing: nothing here asserts one. The wall time of each part and the PSS of the
@@ -79,6 +81,7 @@ class Target:
     python: str
     glibc: str
     lgpio: str  # how install.sh gets lgpio there: "wheel" or "build"
+    gammu: str  # and python-gammu: "wheel" (bundles libGammu) or "build" (against Debian's libgammu-dev)
     always: bool  # False: only with GATEWAY_REHEARSE_ALL=1 (every target today: see the module's docstring)
     #: whether the tests inside the root run without GATEWAY_REHEARSE_ALL=1 (about 11 minutes under emulation)
     tests_always: bool = False
@@ -88,14 +91,18 @@ class Target:
         packages = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "mosquitto"]
         if self.lgpio == "build":
             packages += ["python3-dev", "gcc", "libc6-dev", "swig"]
+        if self.gammu == "build":
+            packages += ["libgammu-dev", "pkg-config", "gcc", "python3-dev"]
+        packages = list(dict.fromkeys(packages))
         return ["debootstrap", f"--arch={self.arch}", "--variant=minbase", f"--include={','.join(packages)}",
                 self.suite]
 
 
 TARGETS = [
-    Target("trixie-arm64", "trixie", "arm64", "aarch64", "3.13", "2.41", "build", always=False, tests_always=True),
-    Target("bookworm-arm64", "bookworm", "arm64", "aarch64", "3.11", "2.36", "wheel", always=False),
-    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "wheel", always=False),
+    Target("trixie-arm64", "trixie", "arm64", "aarch64", "3.13", "2.41", "build", "wheel", always=False,
+           tests_always=True),
+    Target("bookworm-arm64", "bookworm", "arm64", "aarch64", "3.11", "2.36", "wheel", "wheel", always=False),
+    Target("bookworm-armhf", "bookworm", "armhf", "armv7l", "3.11", "2.36", "wheel", "build", always=False),
 ]
 
 HOLD = r"""
@@ -192,8 +199,8 @@ class Chroot:
 
 @contextlib.contextmanager
 def broker_namespace(tmp_path: Path) -> Iterator[int]:
-    """A network namespace with its loopback up and a mosquitto (the host's) on 1883, the port of the example
-    site that ``gatewayd --demo`` publishes to; yields the pid that holds the namespace."""
+    """A network namespace with its loopback up and a mosquitto (the host's) on 1883, the port the
+    demo is sent to (``--broker``); yields the pid that holds the namespace."""
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(mosquitto).exists():
         pytest.fail("mosquitto is needed on the host: apt-get install mosquitto")
@@ -244,7 +251,7 @@ def gateway_pids() -> list[int]:
             continue
         with contextlib.suppress(OSError):
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "qemu" in cmd and ("gatewayd --demo" in cmd or "gateway.uplink.process" in cmd):
+            if "qemu" in cmd and ("-m gateway_sim.demo" in cmd or "gateway.uplink.process" in cmd):
                 found.append(int(entry.name))
     return found
 
@@ -324,8 +331,13 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         have = installed(chroot.run, "/opt/gateway/venv/bin/python")
         assert {n: have[n] for n in locked_pins() if n in have} == {n: v for n, v in locked_pins().items()
                                                                        if n in have}
-        assert {"lgpio", "orjson", "rpds-py", "gpiozero", "pymodbus"} <= set(have), sorted(have)
-        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, orjson, rpds")
+        assert f"python-gammu: {target.gammu} ({target.machine}, Python {target.python}." in install.stdout, \
+            install.stdout[-3000:]
+        assert {"lgpio", "orjson", "rpds-py", "gpiozero", "pymodbus", "python-gammu"} <= set(have), sorted(have)
+        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, orjson, rpds, gammu")
+        if target.gammu == "build":  # linked against Debian's shared libGammu, not a copy bundled in a wheel
+            linked = chroot.run("sh", "-c", "ldd /opt/gateway/venv/lib/python3*/site-packages/gammu/_gammu*.so").stdout
+            assert "libGammu.so" in linked and "/usr/lib/" in linked, linked
 
         # 2. an edited site passes config check; doctor names the platform
         example = (ROOT / "examples/building.toml").read_text()
@@ -356,7 +368,9 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         with broker_namespace(tmp_path) as net:
             listen = subprocess.Popen(chroot.argv("/opt/gateway/venv/bin/python", "-c", SUBSCRIBER, net=net),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            demo = subprocess.Popen(chroot.argv("PYTHONPATH=/root/sim", "gatewayd", "--demo", "--duration", "40",
+            # the demo forwards to the broker it is given (gatewayd --demo would start a mosquitto of its own)
+            demo = subprocess.Popen(chroot.argv("PYTHONPATH=/root/sim", "/opt/gateway/venv/bin/python", "-m",
+                                                "gateway_sim.demo", "--duration", "40", "--broker", "127.0.0.1:1883",
                                                 net=net),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
@@ -366,7 +380,7 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
                     if demo.poll() is not None and not seen.exists():
                         raise AssertionError(f"the demo ended ({demo.returncode}) with no alarm at the broker: "
                                              f"{demo.stderr.read()[-3000:] if demo.stderr else ''}")
-                    return seen.exists() and "high_alarm" in seen.read_text()
+                    return seen.exists() and '"level": "high"' in seen.read_text().replace('":"', '": "')
 
                 wait_until(alarm_at_the_broker, 600, "the demo's alarm never reached the broker")
                 demo_pss = pss_kb(gateway_pids())
@@ -396,22 +410,22 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
         chroot.stop()
 
     print(f"\nemulated install {target.name} ({'cold' if cold else 'cached root'}, lgpio {lgpio_from}, "
+          f"python-gammu {target.gammu}, "
           f"under emulation): {round(time.monotonic() - started, 1)} s; demo PSS {demo_pss} kB (qemu included); "
           f"tests: {passed}; "
           + ", ".join(f"{k} {v} s" for k, v in timings.items()))
 
 
-#: Inside the root, on the broker's network: every message of the demo's building, until an alarm shows.
+#: Inside the root, on the broker's network: the demo's building's messages, until its high alarm event shows.
 SUBSCRIBER = r"""
+import json, time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-import time
 
 def on_message(client, userdata, message):
-    text = message.topic + " " + message.payload.decode(errors="replace")
-    if "high_alarm" in text:
+    if message.topic.endswith("/event/alarm") and json.loads(message.payload).get("level") == "high":
         with open("/root/alarm-seen", "w") as out:
-            out.write(text)
+            out.write(message.topic + " " + message.payload.decode())
 
 client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="rehearsal-listener")
 client.on_message = on_message

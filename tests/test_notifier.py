@@ -7,7 +7,8 @@ duty desk serving the acknowledgement links, people's phones a local HTTP receiv
 * a person living alone has the grid worker at step 1 and climbs sooner;
 * a role the gateway reached by its own SMS is not sent the alarm again (told of the end all the same);
 * a failed delivery is tried again with a growing backoff, each attempt a row;
-* kill -9 of the instance sending step 2, with two running: no step skipped, one duplicate (the message in flight).
+* kill -9 of the instance sending step 2, with two running: no step skipped, the message held sent twice, and at
+  most one duplicate per sending lane of the instance killed (each instance has two).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ STEP_S = 3.0
 ALONE_STEP_S = 1.5
 #: The issue's "on time": every step within 1 s of its due time.
 ON_TIME_S = 1.0
+#: Sending lanes per instance: more than one, so that lanes sending side by side are what is tested.
+IN_FLIGHT = 2
 BUILDINGS = {
     "b1": {"units": ["u1", "u2"], "households": {
         "u1-101": {"relatives": 2}, "u1-102": {"relatives": 1, "alone": True}, "u1-103": {"relatives": 1},
@@ -84,7 +87,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     write_contacts(workdir / "contacts.toml", receiver, COMMUNITY, BUILDINGS, sms_only=["rel0-b1-u2-202"])
     write_notifier_config(workdir / "notifier.toml", community=COMMUNITY, public_url=f"http://127.0.0.1:{desk_port}",
                           sms_url=f"json://127.0.0.1:{receiver.port}/sms/{{phone}}", escalate_after_s=STEP_S,
-                          alone_escalate_after_s=ALONE_STEP_S, retry_base_s=0.3)
+                          alone_escalate_after_s=ALONE_STEP_S, retry_base_s=0.3, in_flight=IN_FLIGHT)
     pg = PostgresServer(workdir / "pg").start()
     procs: dict[str, Any] = {}
     try:
@@ -381,10 +384,10 @@ def test_kill_9_of_the_instance_sending_step_two_skips_no_step_and_duplicates_at
     due = stack.due(ref)
     assert sorted(due) == [1, 2, 3]  # no step skipped
     counts = Counter(m.path for m in stack.receiver.about(ref, "alarm"))
-    # The held message went out and its instance died before recording it: sent again once, and nothing else
-    # twice (an instance has one message in flight).
+    # The held message went out and its instance died before recording it: sent again once. Another message the
+    # instance had in flight on its other lane may have left too: at most one duplicate per lane, none twice.
     assert counts["/to/head-b2"] == 2, counts
-    assert sum(n - 1 for n in counts.values()) == 1, counts
+    assert max(counts.values()) == 2 and sum(n - 1 for n in counts.values()) <= IN_FLIGHT, counts
     assert _first(stack, ref, "/to/desk") - due[3] <= ON_TIME_S
     assert stack.rows("SELECT count(*) FROM deliveries WHERE event_id = %s AND purpose = 'alarm' AND status <> 'sent'",
                       ref) == [(0,)]

@@ -23,6 +23,7 @@ def test_the_example_file_loads(tmp_path: Path) -> None:
     s = load_settings(_write(tmp_path, example.read_text(encoding="utf-8")), dsn="", contacts=Contacts(), name="n")
     assert s.ladder.steps == (("relative", "unit head"), ("building head", "grid worker"), ("duty desk",))
     assert (s.ladder.escalate_after_s, s.ladder.alone_escalate_after_s, s.retry.max_attempts) == (120.0, 60.0, 8)
+    assert s.in_flight == 4
 
 
 @pytest.mark.parametrize(("text", "key"), [
@@ -33,6 +34,7 @@ def test_the_example_file_loads(tmp_path: Path) -> None:
      "notifier.sms_url"),
     ('[notifier]\ncommunity = "c1"\nsecret_file = "notifier.secret"\n[ladder]\nescalate_after_s = -1\n',
      "ladder.escalate_after_s"),
+    ('[notifier]\ncommunity = "c1"\nsecret_file = "notifier.secret"\nin_flight = 0\n', "notifier.in_flight"),
     ('[notifier]\ncommunity = "c1"\nsecret_file = "notifier.secret"\n[ladder]\nsteps = [{roles = []}]\n',
      "ladder.steps"),
 ])

@@ -10,17 +10,25 @@ python-gammu against the simulated modem (tests/support/modem.py), decoded by Ga
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import socket
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from drivers.profiles import GasReading
 from gateway.config import parse_config
 from gateway.events import event_delivery_key
+from gateway.logs import JournalRenderer
 from gateway.panel.core import AlarmCore
+from gateway.sms import logger
 from gateway.sms.contacts import Contacts, ContactsError, Person, mask
 from gateway.sms.messages import event_text, technician_test_text
 from gateway.sms.modem import Modem, SendFailed
@@ -217,6 +225,30 @@ def test_a_refused_submission_is_an_error_and_the_next_one_goes(sim: SimulatedMo
     assert reassemble(sim.submitted_pdus()[before:])[0]["Text"] == "hello"
 
 
+def break_modem(sim: SimulatedModem, fail: str) -> None:
+    """Make the simulated modem fail in one of the ways a real one does (:data:`MODEM_FAILURES`)."""
+    if fail in ("locked", "missing"):
+        sim.sim = fail
+    elif fail == "unregistered":
+        sim.registered = False
+    elif fail == "no_signal":
+        sim.csq = 99
+    elif fail == "silent":
+        sim.silent = True
+    else:
+        sim.unplug()
+
+
+def mend_modem(sim: SimulatedModem) -> None:
+    """Undo :func:`break_modem`: a ready SIM, registered, signal 60 %, answering, plugged in."""
+    sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
+    sim.plug()
+
+
+#: Each failure the simulated modem offers for the modem's health (``+CMS ERROR`` refuses one message instead).
+MODEM_FAILURES = ("locked", "missing", "unregistered", "no_signal", "unplugged", "silent")
+
+
 @pytest.mark.parametrize(("fail", "problem"), [
     ("locked", "SIM locked (PIN needed)"),
     ("missing", "SIM missing"),
@@ -229,22 +261,12 @@ def test_each_modem_failure_names_its_problem_and_clears_when_it_goes(
     sim: SimulatedModem, modem: Modem, fail: str, problem: str,
 ) -> None:
     assert modem.check().problem is None
-    if fail in ("locked", "missing"):
-        sim.sim = fail
-    elif fail == "unregistered":
-        sim.registered = False
-    elif fail == "no_signal":
-        sim.csq = 99
-    elif fail == "silent":
-        sim.silent = True
-    else:
-        sim.unplug()
+    break_modem(sim, fail)
     try:
         health = modem.check()
         assert health.problem is not None and health.problem.startswith(problem), health
     finally:
-        sim.sim, sim.registered, sim.csq, sim.silent = "ready", True, 20, False
-        sim.plug()
+        mend_modem(sim)
     health = modem.check()
     assert health.problem is None and health.operator == "CHINA MOBILE" and health.signal_percent == 60, health
 
@@ -319,3 +341,88 @@ def test_the_modem_udev_rule_tells_modemmanager_to_leave_the_port_alone() -> Non
         tokens = [t.strip() for t in rule.split(",")]
         assert all(token.match(t) for t in tokens), rule
         assert 'ENV{ID_MM_PORT_IGNORE}="1"' in tokens and 'SYMLINK+="ttyModem"' in tokens
+
+
+# ------------------------------------------------------------------------------------------ the process's log lines
+
+_SAME_LINE = """
+import sys, structlog
+from gateway.logs import configure_logging
+from gateway.sms import logger
+configure_logging(json=True)
+structlog.contextvars.bind_contextvars(process="sms")
+logger.configure(level="info", process="sms")
+for log in (structlog.get_logger(), logger.get_logger()):
+    log.debug("not written")
+    log.info("sms sent", recipient="+86139****0101", parts=1, what="alarm:raised", ms=812)
+    log.warning("sms held back: hourly cap reached", recipient=None, max_per_hour=10)
+    try:
+        raise ValueError("modem said no")
+    except ValueError:
+        log.exception("sms: modem step failed")
+    sys.stdout.write("--\\n")
+"""
+
+
+def test_the_sms_process_writes_the_log_lines_the_other_processes_write_through_structlog() -> None:
+    out = subprocess.run([sys.executable, "-c", _SAME_LINE], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    theirs, ours, _ = out.split("--\n")
+    a = [json.loads(line) for line in theirs.splitlines()]
+    b = [json.loads(line) for line in ours.splitlines()]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert list(x) == list(y), (x, y)  # the same keys in the same order
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", y.pop("timestamp"))
+        x.pop("timestamp")
+        assert x == y
+    assert b[2]["exception"].endswith("ValueError: modem said no")
+
+
+def test_under_journald_the_sms_process_sends_the_native_entry_the_others_send(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.sock")
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(path)
+    journal.settimeout(5)
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    out = logger._Output()
+    out.journal, out.journal_path, out.context = sender, path, {"process": "sms"}
+    try:
+        out.write("error", "modem fault", {"detail": "SIM missing\nline two", "signal": {"percent": 0}})
+        ours = journal.recv(65536)
+        entry = {"detail": "SIM missing\nline two", "signal": {"percent": 0}, "event": "modem fault",
+                 "process": "sms", "level": "error", "timestamp": ours.split(b"GATEWAY_TIMESTAMP=")[1][:27].decode()}
+        with pytest.raises(structlog.DropEvent):
+            JournalRenderer(identifier="gatewayd", path=path)(None, "error", dict(entry))
+        assert journal.recv(65536) == ours
+    finally:
+        sender.close()
+        journal.close()
+
+
+def test_the_sms_process_imports_neither_structlog_nor_the_config_machinery() -> None:
+    """structlog (with asyncio, ssl, logging) was about 5 MB of the SMS process's memory, the site file's parser
+    and the alarm core with their register maps about 3.5 MB more (``benchmarks/polling.py --modem``)."""
+    code = "import sys, gateway.sms.process as p; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.split())
+    assert "gateway.sms.process" in loaded
+    unwanted = {"structlog", "asyncio", "ssl", "logging", "gateway.config", "gateway.panel.core", "drivers.profiles"}
+    assert not loaded & unwanted, loaded & unwanted
+
+
+def test_the_panel_hands_the_sms_process_its_validated_settings_in_the_environment(tmp_path: Path) -> None:
+    from gateway.config import SiteConfig
+    from gateway.sms.settings import ENV, SettingsError, SmsSettings
+
+    cfg = _doctor_site(tmp_path, "/dev/ttyMODEM0")
+    assert isinstance(cfg, SiteConfig) and cfg.sms is not None
+    settings = SmsSettings.of(cfg)
+    assert (settings.building, settings.device, settings.after_s) == (cfg.building, "/dev/ttyMODEM0", cfg.sms.after_s)
+    assert SmsSettings.from_environment(settings.environment()) == settings
+    assert SmsSettings.from_environment({}) is None  # started by hand: it reads the site file itself
+    text = settings.environment()[ENV]
+    with pytest.raises(SettingsError, match=r"missing \['pin'\], unknown \['pin_code'\]"):
+        SmsSettings.from_environment({ENV: text.replace('"pin"', '"pin_code"')})
+    with pytest.raises(SettingsError, match="not JSON"):
+        SmsSettings.from_environment({ENV: text[:-1]})

@@ -178,7 +178,9 @@ async def test_status_and_birth_carry_the_sms_path_and_the_transmission_path_nev
 ) -> None:
     spec = build_site(bus_port=bus.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
                       socket_path=tmp_path / "control.sock", households=1)
-    site = sms_site(tmp_path, spec, modem.port, extra="[transmission]\npath_down_s = 2\n")
+    # 10 s: an uplink process slower than path_down_s to start (2 s was, on a loaded machine) is the transmission
+    # fault from the start, and its SMS to the technician makes the counts below 1 instead of 0.
+    site = sms_site(tmp_path, spec, modem.port, extra="[transmission]\npath_down_s = 10\n")
     config = Path(site.cfg.source)
     config.write_text(config.read_text().replace("[mqtt]\n", "[mqtt]\nstatus_interval_s = 0.5\n", 1))
     cfg = load_config(config)
@@ -293,65 +295,3 @@ def test_gatewayd_killed_with_an_sms_owed_sends_it_exactly_once_after_the_restar
                     daemon.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     daemon.kill()
-
-
-@pytest.mark.solo  # the alarm's Temporal-4 timeline is checked to 50 ms: not beside the other tests' load
-async def test_each_modem_failure_is_the_modem_fault_and_a_doctor_line_and_disturbs_neither_buzzer_nor_mqtt(
-    tmp_path: Path, bus: VirtualNullModem, modem: SimulatedModem, broker: MosquittoBroker, mock_pins: Any,
-) -> None:
-    from gateway.ops.cli import ControlClient
-    from gateway.ops.doctor import Daemon, check_sms
-    from tests.support.building import TimedMockPin
-    from tests.test_command_fuzz import temporal4_problems
-
-    buzzer = mock_pins.pin("GPIO18", pin_class=TimedMockPin)
-    spec = build_site(bus_port=bus.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
-                      socket_path=tmp_path / "control.sock", households=1)
-    site = sms_site(tmp_path, spec, modem.port, after_s=30.0, check_interval_s=1.0)
-    det = spec.detectors[0]
-
-    def modem_events() -> list[dict[str, Any]]:
-        return read_events(site.cfg.storage.path, "kind = 'fault' AND json_extract(payload, '$.code') = 'modem'")
-
-    failures = [("missing", "SIM missing"), ("locked", "SIM locked"), ("unregistered", "not registered"),
-                ("no_signal", "no signal"), ("unplugged", "no such device"), ("silent", "modem not answering")]
-    with simulated_detectors(bus.device_port, spec.detectors) as (_, sims):
-        async with running_gateway(site.cfg) as gateway:
-            await eventually(lambda: gateway.uplink_connected, timeout=30)
-            await modem_ready(gateway)
-            sims[det.id].set_concentration(30.0)
-            await eventually(lambda: gateway.annunciator.sound_pattern == "temporal-4", timeout=20)
-            start = time.monotonic() + 0.5
-            reconnects = gateway.supervisor.beat.get("connections")
-            for fail, problem in failures:
-                if fail in ("missing", "locked"):
-                    modem.sim = fail
-                elif fail == "unregistered":
-                    modem.registered = False
-                elif fail == "no_signal":
-                    modem.csq = 99
-                elif fail == "silent":
-                    modem.silent = True
-                else:
-                    modem.unplug()
-                await eventually(lambda: active(gateway, "fault:modem"), timeout=60,
-                                 message=f"no modem fault for {fail}")
-                daemon = Daemon(str(tmp_path / "control.sock"), ControlClient)
-                try:
-                    line = (await asyncio.to_thread(lambda d=daemon: list(check_sms(site.cfg, d))))[-1]
-                finally:
-                    daemon.close()
-                assert line.status == "FAIL" and problem in line.detail, (fail, line)
-                modem.sim, modem.registered, modem.csq, modem.silent = "ready", True, 20, False
-                modem.plug()
-                await eventually(lambda: not active(gateway, "fault:modem"), timeout=60,
-                                 message=f"the modem fault of {fail} did not clear")
-            end = time.monotonic()
-            problems = temporal4_problems(list(buzzer.changes), start, end)
-            assert not problems, problems
-            assert gateway.annunciator.sound_pattern == "temporal-4"
-            assert not active(gateway, "fault:transmission")
-            assert gateway.uplink_connected and gateway.supervisor.beat.get("connections") == reconnects
-            await eventually(lambda: len(modem_events()) == 2 * len(failures)
-                             and all(r["delivered"] for r in modem_events()), timeout=30,
-                             message=lambda: f"modem fault events not all delivered: {modem_events()}")

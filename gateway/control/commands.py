@@ -52,9 +52,24 @@ from drivers.modbus import (
 from drivers.profiles import GasReading, StationReading
 from gateway import __version__
 from gateway.annunciation import Sound
+from gateway.command_args import (
+    EVENTS_MAX,
+    LOCAL,
+    Args,
+    BuzzerTestArgs,
+    EventsArgs,
+    ReadArgs,
+    RelayTestArgs,
+    ScanArgs,
+    SmsTestArgs,
+    TargetArgs,
+    reason,
+    typename,
+)
 from gateway.control.discover import ControllerLayout, find_controller, profile_sketch
 from gateway.events import KIND_PRIORITY, Event
 from gateway.panel.annunciator import PATTERNS
+from gateway.validation import Problem, convert
 
 if TYPE_CHECKING:
     from gateway.config import SiteConfig
@@ -67,32 +82,15 @@ __all__ = [
 
 log = structlog.get_logger()
 
-#: Every command and the arguments it accepts.
+#: Every command and the arguments it accepts (their types and bounds: :data:`gateway.command_args.LOCAL`).
 COMMAND_ARGS: dict[str, frozenset[str]] = {
-    "silence": frozenset(),
-    "reset": frozenset({"device", "all"}),
-    "test": frozenset({"device", "all"}),
-    "status": frozenset(),
-    "rebirth": frozenset(),
-    "events": frozenset({"limit", "since", "until", "device", "household", "kind", "install", "session", "from_seq",
-                         "to_seq"}),
-    "read": frozenset({"device", "raw"}),
-    "scan": frozenset({"bus", "from", "to", "pause_polling"}),
-    "buzzer_test": frozenset({"seconds_per_pattern"}),
-    "relay_test": frozenset({"output", "seconds"}),
-    "config_show": frozenset(),
-    "sms_test": frozenset({"number"}),
+    name: frozenset(kind.__struct_encode_fields__) for name, kind in LOCAL.items()
 }
 COMMANDS = frozenset(COMMAND_ARGS)
-#: Events returned at most by one ``events`` call.
-EVENTS_MAX = 10_000
 #: Sounder patterns played by ``buzzer_test``, in this order.
 BUZZER_TEST_ORDER = (Sound.GAS, Sound.FIRE, Sound.SUPERVISORY, Sound.TROUBLE, Sound.TEST)
-#: Longest pattern of a buzzer test.
-BUZZER_TEST_MAX_S = 5.0
 #: How often a buzzer test looks for a real signal that must take the sounder back.
 BUZZER_TEST_CHECK_S = 0.05
-RELAY_TEST_MAX_S = 60.0
 #: Longest stretch a scan pauses a bus's polling; between two, every device on the bus is polled.
 SCAN_PAUSE_MAX_S = 30.0
 #: Per-address reply timeout during a scan (never longer than the bus's own timeout).
@@ -119,72 +117,6 @@ class CommandResult:
 
 class CommandRejected(Exception):
     """A command or its arguments are not acceptable; the message is the reason."""
-
-
-class _Args:
-    """Strict reader of a command's arguments: types checked, unknown keys refused."""
-
-    def __init__(self, command: str, args: Any) -> None:
-        if not isinstance(args, Mapping):
-            raise CommandRejected(f"{command}: args must be an object, got {_typename(args)}")
-        allowed = COMMAND_ARGS[command]
-        for key in args:
-            if not isinstance(key, str):
-                raise CommandRejected(f"{command}: argument names must be strings")
-            if key not in allowed:
-                listed = ", ".join(sorted(allowed)) or "none"
-                raise CommandRejected(f"{command}: unknown argument {key[:40]!r} (allowed: {listed})")
-        self.command = command
-        self.data: Mapping[str, Any] = args
-
-    def _get(self, key: str) -> Any:
-        return self.data.get(key)
-
-    def _bad(self, key: str, reason: str) -> CommandRejected:
-        return CommandRejected(f"{self.command}: {key}: {reason}")
-
-    def text(self, key: str, *, required: bool = False, max_len: int = 200) -> str | None:
-        value = self._get(key)
-        if value is None:
-            if required:
-                raise self._bad(key, "is required")
-            return None
-        if not isinstance(value, str) or not value:
-            raise self._bad(key, f"must be a non-empty string, got {_typename(value)}")
-        if len(value) > max_len:
-            raise self._bad(key, f"is longer than {max_len} characters")
-        return value
-
-    def integer(self, key: str, default: int, *, lo: int, hi: int) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._bad(key, f"must be an integer, got {_typename(value)}")
-        if not lo <= value <= hi:
-            raise self._bad(key, f"must be {lo}–{hi}, got {value}")
-        return value
-
-    def number(self, key: str, default: float, *, lo: float, hi: float) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-            raise self._bad(key, f"must be a number, got {_typename(value)}")
-        if not lo <= value <= hi:
-            raise self._bad(key, f"must be {lo:g}–{hi:g}, got {value:g}")
-        return float(value)
-
-    def flag(self, key: str, default: bool = False) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise self._bad(key, f"must be true or false, got {_typename(value)}")
-        return value
-
-    def raw(self, key: str) -> Any:
-        return self._get(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,11 +196,10 @@ class CommandHandler:
     ) -> CommandResult:
         """Carry out ``command``; never raises. ``progress`` receives scan progress updates."""
         if not isinstance(command, str) or command not in self.COMMANDS:
-            shown = command if isinstance(command, str) else _typename(command)
+            shown = command if isinstance(command, str) else typename(command)
             return CommandResult(False, f"unknown command {shown!r} (one of {', '.join(sorted(self.COMMANDS))})")
         try:
-            reader = _Args(command, args)
-            result: CommandResult = await getattr(self, f"_cmd_{command}")(reader, source, progress)
+            result: CommandResult = await getattr(self, f"_cmd_{command}")(_args(command, args), source, progress)
         except CommandRejected as exc:
             log.info("command rejected", command=command, source=source, reason=str(exc))
             return CommandResult(False, str(exc))
@@ -281,23 +212,18 @@ class CommandHandler:
 
     # ------------------------------------------------------------------------------ alarm actions
 
-    async def _cmd_silence(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
+    async def _cmd_silence(self, a: Args, source: str, _p: Progress | None) -> CommandResult:
         self.gateway.panel.silence(source)
         return CommandResult(True, data={"sound": self.gateway.panel.snapshot()["annunciation"].sound.name.lower()})
 
-    def _target(self, a: _Args) -> str | None:
-        device = a.text("device")
-        everything = a.flag("all")
-        if device is not None and everything:
-            raise CommandRejected(f"{a.command}: give either 'device' or 'all', not both")
-        if device is None and not everything:
-            raise CommandRejected(f"{a.command}: give 'device' or 'all': true")
-        if device is not None:
-            self._device(a.command, device)
-        return device
+    def _target(self, command: str, a: TargetArgs) -> str | None:
+        """The device of ``reset``/``test`` (None: all); the struct has checked that exactly one was given."""
+        if a.device is not None:
+            self._device(command, a.device)
+        return a.device
 
-    async def _cmd_reset(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
-        device = self._target(a)
+    async def _cmd_reset(self, a: TargetArgs, source: str, _p: Progress | None) -> CommandResult:
+        device = self._target("reset", a)
         outcome = self.gateway.panel.reset(device, source)
         data = {"reset": list(outcome.reset), "still_active": list(outcome.still_active),
                 "tests_ended": list(outcome.tests_ended)}
@@ -306,8 +232,8 @@ class CommandHandler:
                                  "it can be reset once it has cleared", data)
         return CommandResult(True, data=data)
 
-    async def _cmd_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
-        device = self._target(a)
+    async def _cmd_test(self, a: TargetArgs, source: str, _p: Progress | None) -> CommandResult:
+        device = self._target("test", a)
         outcome = self.gateway.panel.test(device, source)
         data = {"started": list(outcome.started),
                 "skipped": [{"device": d, "reason": why} for d, why in outcome.skipped]}
@@ -318,7 +244,7 @@ class CommandHandler:
 
     # ------------------------------------------------------------------------------ state
 
-    async def _cmd_status(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+    async def _cmd_status(self, a: Args, _source: str, _p: Progress | None) -> CommandResult:
         return CommandResult(True, data=await self.status())
 
     async def status(self) -> dict[str, Any]:
@@ -382,7 +308,7 @@ class CommandHandler:
             **await _second_path_status(gw),
         }
 
-    async def _cmd_rebirth(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+    async def _cmd_rebirth(self, a: Args, _source: str, _p: Progress | None) -> CommandResult:
         try:
             answer = await self.gateway.storage("rebirth")
         except StorageAway as exc:
@@ -391,8 +317,8 @@ class CommandHandler:
             return CommandResult.failed(f"rebirth: {exc}")
         return CommandResult(True, data={"topic": answer["topic"]})
 
-    async def _cmd_sms_test(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        number = a.text("number", required=True, max_len=32) or ""
+    async def _cmd_sms_test(self, a: SmsTestArgs, _source: str, _p: Progress | None) -> CommandResult:
+        number = a.number
         sms_test = getattr(self.gateway, "sms_test", None)
         if sms_test is None or getattr(self.gateway, "sms_supervisor", None) is None:
             return CommandResult.failed("sms test: no [sms] modem configured")
@@ -402,37 +328,28 @@ class CommandHandler:
             return CommandResult.failed(f"sms test: {exc}")
         return CommandResult(data.get("state") != "failed", reason=data.get("error"), data=data)
 
-    async def _cmd_config_show(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+    async def _cmd_config_show(self, a: Args, _source: str, _p: Progress | None) -> CommandResult:
         return CommandResult(True, data={"config": masked_config(self.gateway.cfg)})
 
     # ------------------------------------------------------------------------------ history
 
-    def _event_query(self, a: _Args) -> _EventQuery:
-        limit = a.integer("limit", 50, lo=1, hi=EVENTS_MAX)
-        since, until = _time_arg(a, "since"), _time_arg(a, "until")
+    def _event_query(self, a: EventsArgs) -> _EventQuery:
+        """The query of ``events`` checked against the site (the struct has checked each argument)."""
+        since, until = _time_arg(a.since, "since"), _time_arg(a.until, "until")
         if since is not None and until is not None and until <= since:
-            raise CommandRejected(f"{a.command}: until must be after since")
-        device = a.text("device")
-        if device is not None:
-            self._device(a.command, device)
-        household = a.text("household")
-        if household is not None and household not in {h.id for h in self.gateway.cfg.households}:
-            raise CommandRejected(f"{a.command}: household: unknown household {household!r}")
-        kind = a.text("kind")
-        if kind is not None and kind not in KIND_PRIORITY:
-            raise CommandRejected(f"{a.command}: kind: unknown kind {kind!r} (one of {', '.join(KIND_PRIORITY)})")
-        install = a.text("install")
-        if install is not None and not (len(install) == 16 and all(c in "0123456789abcdef" for c in install)):
-            raise CommandRejected(f"{a.command}: install: must be 16 lower-case hex digits")
-        session, from_seq, to_seq = (None if a.raw(k) is None else a.integer(k, 0, lo=1, hi=2**53)
-                                     for k in ("session", "from_seq", "to_seq"))
-        if session is None and (install, from_seq, to_seq) != (None, None, None):
-            raise CommandRejected(f"{a.command}: install, from_seq and to_seq need a session")
-        if from_seq is not None and to_seq is not None and to_seq < from_seq:
-            raise CommandRejected(f"{a.command}: to_seq ({to_seq}) is before from_seq ({from_seq})")
-        return _EventQuery(limit, since, device, household, kind, install, session, from_seq, to_seq, until)
+            raise CommandRejected("events: until must be after since")
+        if a.device is not None:
+            self._device("events", a.device)
+        if a.household is not None and a.household not in {h.id for h in self.gateway.cfg.households}:
+            raise CommandRejected(f"events: household: unknown household {a.household!r}")
+        if a.kind is not None and a.kind not in KIND_PRIORITY:
+            raise CommandRejected(f"events: kind: unknown kind {a.kind!r} (one of {', '.join(KIND_PRIORITY)})")
+        if a.from_seq is not None and a.to_seq is not None and a.to_seq < a.from_seq:
+            raise CommandRejected(f"events: to_seq ({a.to_seq}) is before from_seq ({a.from_seq})")
+        return _EventQuery(50 if a.limit is None else a.limit, since, a.device, a.household, a.kind, a.install,
+                           a.session, a.from_seq, a.to_seq, until)
 
-    async def _cmd_events(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
+    async def _cmd_events(self, a: EventsArgs, _source: str, _p: Progress | None) -> CommandResult:
         query = self._event_query(a)
         try:
             rows = await self.gateway.recent_events(limit=query.limit, **query.filters())
@@ -445,8 +362,7 @@ class CommandHandler:
 
         Raises :class:`CommandRejected` before yielding anything when the arguments are bad.
         """
-        a = _Args("events", args)
-        query = self._event_query(a)
+        query = self._event_query(_args("events", args))
         gw = self.gateway
         try:
             rows = await gw.recent_events(limit=query.limit, **query.filters())
@@ -489,10 +405,8 @@ class CommandHandler:
             future.cancel()
             raise
 
-    async def _cmd_read(self, a: _Args, _source: str, _p: Progress | None) -> CommandResult:
-        device_id = a.text("device", required=True)
-        raw = a.flag("raw")
-        assert device_id is not None
+    async def _cmd_read(self, a: ReadArgs, _source: str, _p: Progress | None) -> CommandResult:
+        device_id, raw = a.device, bool(a.raw)
         self._device("read", device_id)
         contact = self.gateway.contacts.get(device_id)
         dev = self.gateway.cfg.device(device_id)
@@ -524,12 +438,11 @@ class CommandHandler:
             data["raw"] = _raw_registers(driver, reading)
         return CommandResult(True, data=data)
 
-    async def _cmd_scan(self, a: _Args, source: str, progress: Progress | None) -> CommandResult:
-        bus_id = a.text("bus", required=True)
-        first = a.integer("from", 1, lo=1, hi=247)
-        last = a.integer("to", 247, lo=1, hi=247)
-        pause = a.flag("pause_polling")
-        assert bus_id is not None
+    async def _cmd_scan(self, a: ScanArgs, source: str, progress: Progress | None) -> CommandResult:
+        bus_id = a.bus
+        first = 1 if a.first is None else a.first
+        last = 247 if a.last is None else a.last
+        pause = bool(a.pause_polling)
         poller = self.gateway.buses.get(bus_id)
         if poller is None:
             known = ", ".join(self.gateway.buses) or "none"
@@ -600,8 +513,8 @@ class CommandHandler:
 
     # ------------------------------------------------------------------------------ outputs
 
-    async def _cmd_buzzer_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
-        seconds = a.number("seconds_per_pattern", 1.0, lo=0.1, hi=BUZZER_TEST_MAX_S)
+    async def _cmd_buzzer_test(self, a: BuzzerTestArgs, source: str, _p: Progress | None) -> CommandResult:
+        seconds = 1.0 if a.seconds_per_pattern is None else a.seconds_per_pattern
         gw = self.gateway
         sounding = gw.panel.snapshot()["annunciation"].sound
         if sounding >= Sound.TEST:
@@ -636,15 +549,14 @@ class CommandHandler:
         last: Sound = annunciator.current.sound
         return last if last >= Sound.TEST else None
 
-    async def _cmd_relay_test(self, a: _Args, source: str, _p: Progress | None) -> CommandResult:
-        output = a.text("output", required=True)
-        seconds = a.number("seconds", 2.0, lo=0.1, hi=RELAY_TEST_MAX_S)
+    async def _cmd_relay_test(self, a: RelayTestArgs, source: str, _p: Progress | None) -> CommandResult:
+        output = a.output
+        seconds = 2.0 if a.seconds is None else a.seconds
         gw = self.gateway
         relays = {r.id for r in gw.cfg.outputs.relays}
         if output not in relays:
             raise CommandRejected(f"relay_test: output: unknown relay {output!r} (configured: "
                                   f"{', '.join(sorted(relays)) or 'none'})")
-        assert output is not None
         gw.record(Event("relay", "on", time.monotonic(), code=output, source=source,
                         detail=f"relay test for {seconds:g} s"))
         gw.annunciator.set_relay(output, True)
@@ -661,37 +573,22 @@ class CommandHandler:
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def _typename(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
+def _args(command: str, args: Any) -> Any:
+    """``args`` as ``command``'s struct (:data:`gateway.command_args.LOCAL`); :class:`CommandRejected` if not."""
+    try:
+        return convert(args, LOCAL[command])
+    except Problem as problem:
+        raise CommandRejected(reason(command, problem)) from None
 
 
-def _time_arg(a: _Args, key: str) -> float | None:
+def _time_arg(raw: float | str | None, key: str) -> float | None:
     """Epoch seconds or an ISO 8601 time (local time unless it has an offset) → epoch seconds."""
-    raw = a.raw(key)
-    if raw is None:
-        return None
-    if isinstance(raw, int | float) and not isinstance(raw, bool) and raw >= 0:
-        return float(raw)
-    if isinstance(raw, str):
-        try:
-            return dt.datetime.fromisoformat(raw).timestamp()
-        except ValueError:
-            raise CommandRejected(f"{a.command}: {key}: not an ISO 8601 time: {raw[:40]!r}") from None
-    raise CommandRejected(f"{a.command}: {key}: must be epoch seconds or an ISO 8601 time, got {_typename(raw)}")
+    if raw is None or isinstance(raw, float):
+        return raw
+    try:
+        return dt.datetime.fromisoformat(raw).timestamp()
+    except (ValueError, OverflowError):
+        raise CommandRejected(f"events: {key}: not an ISO 8601 time: {raw[:40]!r}") from None
 
 
 def _cycle_figures(poller: Any) -> dict[str, Any]:

@@ -26,12 +26,14 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import structlog
 
 from gateway.config import ControlConfig
 from gateway.control.commands import CommandHandler, CommandRejected, CommandResult
+from gateway.validation import Problem, convert
 
 __all__ = ["MAX_LINE", "READ_COMMANDS", "ControlServer", "ControlServerError", "Peer"]
 
@@ -40,7 +42,6 @@ log = structlog.get_logger()
 #: Longest request line accepted.
 MAX_LINE = 64 * 1024
 SOCKET_MODE = 0o660
-_REQUEST_KEYS = frozenset({"id", "command", "args"})
 #: Commands of the read-only role; every other command needs the operator role.
 READ_COMMANDS = frozenset({"status", "events", "read", "config_show"})
 #: Linux ``SO_PEERGROUPS`` (socket(7)): the peer's supplementary groups as they were at connect().
@@ -339,31 +340,41 @@ async def _stop_watching(hangup: asyncio.Future[bool]) -> None:
         await hangup
 
 
+_INT64 = msgspec.Meta(ge=-(2**63), le=2**63 - 1)
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True):
+    """One request line."""
+
+    command: str
+    id: Annotated[str, msgspec.Meta(max_length=100)] | Annotated[int, _INT64] | None = None
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+#: What a malformed request is told, by the field at fault.
+_REQUEST_REASONS = {"id": "id must be a string or an integer", "command": "command is required and must be a string",
+                    "args": "args must be an object"}
+
+
 def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
     """(id, command, args) of one request line; raises :class:`CommandRejected` with the reason."""
     try:
-        text = line.decode("utf-8")
+        line.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandRejected("request is not valid UTF-8") from None
     try:
-        request = json.loads(text)
+        data = json.loads(line)
     except (json.JSONDecodeError, RecursionError):
         raise CommandRejected("request is not valid JSON") from None
-    if not isinstance(request, dict):
-        raise CommandRejected("request must be a JSON object")
-    unknown = sorted(set(request) - _REQUEST_KEYS)
-    if unknown:
-        raise CommandRejected(f"unknown request field {unknown[0]!r} (allowed: args, command, id)")
-    rid = request.get("id")
-    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int) or len(str(rid)) > 100):
-        raise CommandRejected("id must be a string or an integer")
-    command = request.get("command")
-    if not isinstance(command, str):
-        raise CommandRejected("command is required and must be a string")
-    args = request.get("args", {})
-    if not isinstance(args, dict):
-        raise CommandRejected("args must be an object")
-    return rid, command, args
+    try:
+        request = convert(data, _Request)
+    except Problem as problem:
+        if not problem.path:
+            raise CommandRejected("request must be a JSON object") from None
+        if problem.kind == "unknown":
+            raise CommandRejected(f"unknown request field {problem.path[0]!r} (allowed: args, command, id)") from None
+        raise CommandRejected(_REQUEST_REASONS[str(problem.path[0])]) from None
+    return request.id, request.command, request.args
 
 
 def _salvage_id(line: bytes) -> Any:

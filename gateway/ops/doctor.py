@@ -8,6 +8,7 @@ opening them. Exit status: 0 when nothing failed (warnings allowed), 1 when a ch
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import socket
 import sqlite3
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -33,6 +35,7 @@ __all__ = [
     "check_broker",
     "check_clock",
     "check_config",
+    "check_device_filter",
     "check_gpio",
     "check_group",
     "check_platform",
@@ -295,6 +298,77 @@ def _serial_through_daemon(name: str, bus: BusConfig, device_ids: list[str], dae
         return warn(name, f"{bus.port}: no device is configured on it", f"add devices with bus = {bus.id!r}")
     return fail(name, f"{bus.port} (asked the running daemon): no configured address answers "
                 f"({'; '.join(reasons[:3])})", f"check the wiring; gatewayctl scan {bus.id} lists who answers")
+
+
+def device_grant(major: int, minor: int, names: list[str], allowed: list[str]) -> str | None:
+    """The ``DeviceAllow=`` entry that admits char device ``major:minor`` read-write, as systemd applies them
+    (src/core/bpf-devices.c): ``char-N`` is major N, ``char-GLOB`` matches the driver names of /proc/devices
+    (``names``: this major's), a path matches its node's numbers."""
+    for entry in allowed:
+        spec, _, access = entry.partition(" ")
+        if not {"r", "w"} <= set(access):
+            continue
+        if spec.startswith("char-"):
+            pattern = spec.removeprefix("char-")
+            if int(pattern) == major if pattern.isdigit() else any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                return entry
+        elif spec.startswith("/dev/"):
+            try:
+                node = os.stat(spec)
+            except OSError:
+                continue
+            if stat.S_ISCHR(node.st_mode) and (os.major(node.st_rdev), os.minor(node.st_rdev)) == (major, minor):
+                return entry
+    return None
+
+
+def check_device_filter(cfg: SiteConfig, daemon: Daemon, unit: str = UNIT,
+                        proc_devices: Path = Path("/proc/devices")) -> Iterator[Check]:
+    """Each configured serial port that is present passes the service's device filter (``DeviceAllow=``)."""
+    ports = [(f"bus {b.id}", b.id, b.port) for b in cfg.buses] + ([("sms", None, cfg.sms.device)] if cfg.sms else [])
+    present = [(what, bus, port, os.stat(port)) for what, bus, port in ports if os.path.exists(port)]
+    present = [entry for entry in present if stat.S_ISCHR(entry[3].st_mode)]
+    if not present or shutil.which("systemctl") is None:
+        return
+    out = subprocess.run(["systemctl", "show", unit, "--property=LoadState", "--property=DevicePolicy",
+                          "--property=DeviceAllow"], capture_output=True, text=True, timeout=15, check=False).stdout
+    lines = [line.split("=", 1) for line in out.splitlines() if "=" in line]
+    values = dict(lines)
+    if values.get("LoadState") != "loaded":
+        return  # the service check says so
+    allowed = [value for key, value in lines if key == "DeviceAllow"]
+    policy = values.get("DevicePolicy", "auto")
+    if policy == "auto" and not allowed:
+        return
+    if policy == "closed":
+        allowed.append("char-pts rw")  # systemd's own base list under a closed policy
+    names: dict[int, list[str]] = {}
+    section = ""
+    for line in proc_devices.read_text().splitlines():
+        number, _, name = line.strip().partition(" ")
+        if number.isdigit() and section == "Character devices:":
+            names.setdefault(int(number), []).append(name.strip())
+        elif line.endswith(":"):
+            section = line
+    lost = {b.get("id") for b in daemon.request("status", {}).get("data", {}).get("buses", []) if b.get("port_lost")} \
+        if daemon.running else set()
+    for what, bus, port, node in present:
+        major, minor = os.major(node.st_rdev), os.minor(node.st_rdev)
+        kind = "/".join(names.get(major, [])) or "no driver loaded"
+        where = f"{port} (char {major}:{minor}, {kind})"
+        grant = device_grant(major, minor, names.get(major, []), allowed)
+        if grant is None:
+            line = f"DeviceAllow=char-{names[major][0] if major in names else major} rw"
+            yield fail(f"device filter {what}", f"{where}: {unit}'s DeviceAllow= does not admit it",
+                       f"sudo systemctl edit {unit}, add [Service] {line}, then sudo systemctl restart {unit} "
+                       "(docs/deploy.md, \"Adapters plugged in later\")")
+        elif bus in lost and not grant.split()[0].removeprefix("char-").isdigit():
+            yield fail(f"device filter {what}", f"{where}: admitted by name ({grant}), which systemd resolved when "
+                       "the service started, and the daemon cannot open it: its driver was likely loaded after that",
+                       f"sudo systemctl restart {unit}; have the driver loaded at boot "
+                       "(/etc/modules-load.d/gateway-serial.conf)")
+        else:
+            yield ok(f"device filter {what}", f"{where}: admitted by {grant}")
 
 
 def _tls_context(cfg: SiteConfig) -> ssl.SSLContext:
@@ -673,6 +747,7 @@ def run_doctor(config_path: str, *, connect: Callable[[str], Any] | None = None,
         steps: list[Callable[[], Iterator[Check] | Check]] = [
             lambda: check_gpio(cfg, daemon),
             *[(lambda bus=bus: check_serial(cfg, bus, daemon)) for bus in cfg.buses],
+            lambda: check_device_filter(cfg, daemon, unit),
             lambda: check_broker(cfg),
             lambda: check_clock(development=cfg.runtime.pin_factory == "mock"),
             lambda: check_test_override(unit=unit),

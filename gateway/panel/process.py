@@ -44,6 +44,7 @@ from gateway.panel.state import StateSaver, load_state, state_path
 from gateway.panel.transmission import FAULT_CODE as TRANSMISSION_FAULT
 from gateway.panel.transmission import TransmissionMonitor
 from gateway.realtime import SWITCH_INTERVAL_S, raise_priority, settle_startup
+from gateway.sms.settings import SmsSettings
 
 __all__ = [
     "EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "SUPPORT_PRIORITY", "PanelProcess", "PanelStartError", "start_error",
@@ -141,7 +142,8 @@ class PanelProcess:
             self.sms_handover = Handover()
             self.sms_supervisor = UplinkSupervisor(
                 config_path, self.sms_handover, on_request=_no_requests, on_fault=self._storage_fault,
-                on_state=self._sms_state, command=[sys.executable, "-m", "gateway.sms.process"], env=uplink_env,
+                on_state=self._sms_state, command=[sys.executable, "-m", "gateway.sms.process"],
+                env={**(os.environ if uplink_env is None else uplink_env), **SmsSettings.of(cfg).environment()},
                 log_path=sms_log or (str(Path(uplink_log).with_name("sms.log")) if uplink_log else None), name="sms")
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None

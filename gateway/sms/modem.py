@@ -14,11 +14,11 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import structlog
+from gateway.sms import logger
 
 __all__ = ["Modem", "ModemHealth", "SendFailed", "encode_parts"]
 
-log = structlog.get_logger()
+log = logger.get_logger()
 
 #: Longest start-up of Gammu's connection to the modem (a healthy one takes about 5 s: Gammu probes the model).
 INIT_LIMIT_S = 20.0

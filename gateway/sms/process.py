@@ -3,7 +3,9 @@
 The panel starts it (``python -m gateway.sms.process --config SITE --link-fd N``) when ``[sms]`` is configured,
 restarts it when it ends, and hands it — over the same named messages as the storage process
 (:mod:`gateway.link`) — every alarm, supervisory and fault event, the PUBACKs the uplink reported
-(``delivered``) and the ``transmission`` fault. So it works while the MQTT process is dead or restarting.
+(``delivered``) and the ``transmission`` fault. So it works while the MQTT process is dead or restarting. Its
+settings come from the panel, which validated the site file (:mod:`gateway.sms.settings`), and it logs through
+:mod:`gateway.sms.logger`: it imports neither the config machinery nor structlog, for memory.
 
 Three threads: the link reader; the *queue* thread, which owns the rule (:class:`~gateway.sms.policy.SmsPolicy`),
 commits what is owed (and the hand-over mark) before the panel is told it is stored, and turns due events into
@@ -27,21 +29,20 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import structlog
 
 from gateway import link
-from gateway.config import ConfigError, SiteConfig, SmsConfig, load_config
 from gateway.events import delivery_key
-from gateway.logs import configure_logging
+from gateway.sms import logger
 from gateway.sms.contacts import Contacts, ContactsError, mask
 from gateway.sms.messages import event_text, technician_test_text
 from gateway.sms.modem import Modem, SendFailed
 from gateway.sms.policy import HOUR_S, Owed, SmsPolicy
 from gateway.sms.queue import SmsQueue
+from gateway.sms.settings import SettingsError, SmsSettings
 
 __all__ = ["SmsProcess", "main"]
 
-log = structlog.get_logger()
+log = logger.get_logger()
 
 BEAT_S = 0.5
 #: How often the queue thread looks for due events when nothing arrives.
@@ -60,10 +61,9 @@ CONTACTS_FAULT = "sms_contacts"
 class SmsProcess:
     """One building's SMS path, joined to its panel by ``sock``."""
 
-    def __init__(self, cfg: SiteConfig, sms: SmsConfig, sock: socket.socket, contacts: Contacts, *,
+    def __init__(self, sms: SmsSettings, sock: socket.socket, contacts: Contacts, *,
                  contacts_problem: str | None = None) -> None:
         """``contacts_problem``: why the contacts file could not be used (the ``sms_contacts`` fault)."""
-        self.cfg = cfg
         self.contacts_problem = contacts_problem
         self.sms = sms
         self._sock = sock
@@ -215,7 +215,7 @@ class SmsProcess:
             event = bodies.get(item.key)
             if event is None:
                 continue
-            text = event_text(event, building=self.cfg.building, language=self.sms.language)
+            text = event_text(event, building=self.sms.building, language=self.sms.language)
             messages.append((item.key, item.recipient, roles.get(item.recipient, "contact"), text, item.first, state))
         store.enqueue(self.policy.became_due, messages)  # those with no one to tell leave the owed list too
         for item in held:
@@ -240,7 +240,7 @@ class SmsProcess:
             if not number.lstrip("+").isdigit() or not 3 <= len(number.lstrip("+")) <= 20:
                 answer({"error": "not a phone number"}, False)
                 return
-            text = technician_test_text(building=self.cfg.building, language=self.sms.language)
+            text = technician_test_text(building=self.sms.building, language=self.sms.language)
             message_id = store.add_message(f"test:{time.time():.6f}", number, "test", text)
             with self._tests_lock:
                 self._waiting_tests[message_id] = answer
@@ -336,24 +336,31 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    configure_logging(level=args.log_level)
-    structlog.contextvars.bind_contextvars(process="sms")
+    logger.configure(level=args.log_level, process="sms")
     try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        log.error("config error", key=exc.path, reason=exc.reason)
-        return 78
-    if cfg.sms is None:
-        log.error("config error", key="sms", reason="no [sms] section: nothing to do")
+        settings = SmsSettings.from_environment(os.environ) or _settings_from_file(args.config)
+    except SettingsError as exc:
+        key, _, reason = str(exc).partition(": ")
+        log.error("config error", key=key, reason=reason)
         return 78
     problem = None
     try:
-        contacts = Contacts.load(cfg.sms.contacts, cfg.community, cfg.building)
+        contacts = Contacts.load(settings.contacts, settings.community, settings.building)
     except ContactsError as exc:
         log.error("contacts unusable; no SMS can go to anyone", reason=str(exc))
         contacts, problem = Contacts(), str(exc)
     sock = socket.socket(fileno=args.link_fd)
-    return SmsProcess(cfg, cfg.sms, sock, contacts, contacts_problem=problem).run()
+    return SmsProcess(settings, sock, contacts, contacts_problem=problem).run()
+
+
+def _settings_from_file(path: str) -> SmsSettings:
+    """The settings read from the site file itself, when the panel passed none (started by hand)."""
+    from gateway.config import ConfigError, load_config
+
+    try:
+        return SmsSettings.of(load_config(path))
+    except ConfigError as exc:
+        raise SettingsError(f"{exc.path}: {exc.reason}") from None
 
 
 if __name__ == "__main__":

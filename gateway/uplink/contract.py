@@ -4,10 +4,11 @@ Every message the gateway publishes (availability, birth, status, event, command
 accepts has a JSON Schema (Draft 2020-12) in ``gateway/uplink/schemas/``; docs/mqtt.md explains them.
 
 Commands arrive on ``<base>/command/<name>``. :class:`CommandGate` decides, without I/O, whether one may run:
-size, UTF-8, JSON, schema, target building, validity window (``issued_at``/``expires_at``) and replay (a seen
-id). :class:`CommandService` runs admitted commands through the one command handler shared with the CLI and
-publishes exactly one result per command — on the MQTT 5 response topic with its correlation data when one
-was given (and lies in the gateway's reply subtree), otherwise on ``<base>/reply``.
+size, UTF-8, JSON, the command's struct (:class:`CommandMessage`: it accepts what ``command.json`` accepts,
+tests/test_contract.py holds them to it), target building, validity window (``issued_at``/``expires_at``) and
+replay (a seen id). :class:`CommandService` runs admitted commands through the one command handler shared with
+the CLI and publishes exactly one result per command — on the MQTT 5 response topic with its correlation data
+when one was given (and lies in the gateway's reply subtree), otherwise on ``<base>/reply``.
 
 Replays across restarts: the id of every admitted command is kept until its command expires (at most
 :data:`MAX_VALIDITY_S` after issue) in memory and, before the command runs, on disk (:class:`SeenStore`, a
@@ -20,6 +21,7 @@ command is refused as ``clock_unsynchronised``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import inspect
@@ -33,14 +35,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
+import msgspec
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.clock import command_clock_synchronised
+from gateway.command_args import REMOTE, RemoteTime, reason, typename
 from gateway.uplink.topics import Topics
+from gateway.validation import Problem, convert
 
 __all__ = [
     "COMMANDS",
@@ -111,10 +116,9 @@ def schema(name: str) -> dict[str, Any]:
 
 @functools.cache
 def validator(name: str) -> Any:
-    """A checked ``jsonschema`` Draft 2020-12 validator for message ``name``.
-
-    jsonschema is imported here, on first use, not with the module: it costs ~3 MB of resident memory that
-    a gateway which never receives a command should not pay (docs/performance.md).
+    """A checked ``jsonschema`` Draft 2020-12 validator for message ``name``, for tests and tools that hold
+    messages to the published contract. jsonschema is a test dependency: the gateway itself checks commands
+    with :class:`CommandMessage` and never imports it.
     """
     from jsonschema import Draft202012Validator
 
@@ -515,21 +519,15 @@ class CommandGate:
             raise Rejected("unknown_command", f"unknown command {_clip(name, 64)!r}; known: {', '.join(COMMANDS)}")
         if body.get("command") != name:
             raise Rejected("invalid", f"'command' must be {name!r}, the topic's last level")
-        from jsonschema.exceptions import best_match
-
-        error = best_match(validator("command").iter_errors(body))
-        if error is not None:
-            where = ".".join(str(p) for p in error.absolute_path) or "command"
-            code = "bad_args" if error.absolute_path and error.absolute_path[0] == "args" else "invalid"
-            raise Rejected(code, f"{where}: {_clip(error.message, 200)}")
-        if not _ID.fullmatch(body["id"]):
+        message = check_command(name, body)
+        if not _ID.fullmatch(message.id):
             raise Rejected("invalid", "id: must be 1-64 letters, digits, '.', '_', ':' or '-'")
-        target = body["target"]
-        if (target["community"], target["building"]) != (self.topics.community, self.topics.building):
-            raise Rejected("wrong_target", f"addressed to {_clip(target['community'], 64)}/"
-                                           f"{_clip(target['building'], 64)}, this is "
+        target = message.target
+        if (target.community, target.building) != (self.topics.community, self.topics.building):
+            raise Rejected("wrong_target", f"addressed to {_clip(target.community, 64)}/"
+                                           f"{_clip(target.building, 64)}, this is "
                                            f"{self.topics.community}/{self.topics.building}")
-        issued, expires = _instant(body, "issued_at"), _instant(body, "expires_at")
+        issued, expires = _instant(message.issued_at, "issued_at"), _instant(message.expires_at, "expires_at")
         if expires <= issued:
             raise Rejected("invalid", "expires_at must be after issued_at")
         if expires - issued > MAX_VALIDITY_S:
@@ -547,7 +545,53 @@ class CommandGate:
         if issued < self.started_at - STALE_GRACE_S:
             raise Rejected("stale", "issued before the gateway started; send a new command")
         self.seen.add(body["id"], expires, now)
-        return Command(id=body["id"], name=name, args=body.get("args", {}), issued_at=issued, expires_at=expires)
+        return Command(id=message.id, name=name, args=body.get("args", {}), issued_at=issued, expires_at=expires)
+
+
+class CommandTarget(msgspec.Struct, forbid_unknown_fields=True):
+    """The building a command is addressed to."""
+
+    community: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    building: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class CommandMessage(msgspec.Struct, forbid_unknown_fields=True, tag_field="command"):
+    """A command as the central server sends it (schemas/command.json); one subclass per command holds its
+    ``args`` (:data:`gateway.command_args.REMOTE`)."""
+
+    version: Literal[1]
+    id: Annotated[str, msgspec.Meta(pattern=f"^{ID_PATTERN}$",
+                                    description="1-64 letters, digits, '.', '_', ':' or '-'")]
+    issued_at: RemoteTime
+    expires_at: RemoteTime
+    target: CommandTarget
+
+
+#: The struct of each remote command: the envelope and that command's arguments.
+COMMAND_MESSAGES: dict[str, type[CommandMessage]] = {
+    name: msgspec.defstruct(
+        f"{name}_command", [("args", kind) if required else ("args", kind, msgspec.field(default_factory=kind))],
+        bases=(CommandMessage,), tag=name, forbid_unknown_fields=True)  # type: ignore[misc]
+    for name, (kind, required) in REMOTE.items()
+}
+
+
+def check_command(name: str, body: Any) -> CommandMessage:
+    """``body`` as remote command ``name``; :class:`Rejected` (``invalid``, or ``bad_args`` for its arguments)
+    naming the key and the reason."""
+    try:
+        return convert(body, COMMAND_MESSAGES[name])
+    except Problem as problem:
+        if problem.path[:1] != ("args",) or (problem.path == ("args",) and problem.kind == "missing"):
+            raise Rejected("invalid", f"{problem.key or 'command'}: {problem.reason(typename)}") from None
+        inner = dataclasses.replace(problem, path=problem.path[1:])
+        # the door's words ("reset: device: must be ..."), keyed from the message's top ("args.device: must be ...")
+        said = reason(name, inner, REMOTE[name][0]).removeprefix(f"{name}: ")
+        where = "args"
+        if inner.path and inner.kind != "unknown":
+            where = f"args.{inner.path[0]}"
+            said = said.removeprefix(f"{inner.path[0]}: ")
+        raise Rejected("bad_args", _clip(f"{where}: {said}", 200)) from None
 
 
 def decode_json(payload: bytes) -> Any:
@@ -717,9 +761,9 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _instant(body: Mapping[str, Any], key: str) -> float:
+def _instant(text: str, key: str) -> float:
     try:
-        return datetime.fromisoformat(body[key]).timestamp()
+        return datetime.fromisoformat(text).timestamp()
     except (ValueError, OverflowError) as exc:
         raise Rejected("invalid", f"{key}: {exc}") from None
 

@@ -280,6 +280,8 @@ class FleetScenario:
     notifiers: int = 2
     """Notifier instances (fleet/notifier.py) telling people through Apprise's json:// to a local receiver."""
     escalate_after_s: float = 20.0
+    notifier_in_flight: int | None = None
+    """Each notifier instance's ``in_flight`` (messages sent at once); the notifier's default when None."""
     kill_notifier: bool = False
     """SIGKILL one notifier instance 2 s after the node's kill, mid-ladder."""
 
@@ -326,7 +328,8 @@ class FleetScenario:
             second.wait_for(lambda m: m.get("event") == "consuming", 60)
             from tests.support.notifier import NotifierRig  # it uses _Lines from here
 
-            rig = NotifierRig(w, COMMUNITY, instances=self.notifiers, escalate_after_s=self.escalate_after_s)
+            rig = NotifierRig(w, COMMUNITY, instances=self.notifiers, escalate_after_s=self.escalate_after_s,
+                              in_flight=self.notifier_in_flight)
             rigs.append(rig)
             rig.start(pg.dsn)
             go = w / "go"

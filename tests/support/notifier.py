@@ -166,12 +166,13 @@ def write_contacts(path: Path, receiver: Receiver, community: str, buildings: Ma
 
 def write_notifier_config(path: Path, *, community: str, public_url: str, sms_url: str = "",
                           escalate_after_s: float = 120.0, alone_escalate_after_s: float = 60.0,
-                          retry_base_s: float = 5.0, secret: str = "test-secret-0123456789abcdef") -> Path:
+                          retry_base_s: float = 5.0, secret: str = "test-secret-0123456789abcdef",
+                          in_flight: int | None = None) -> Path:
     secret_file = path.with_name("notifier.secret")
     secret_file.write_text(secret + "\n", encoding="utf-8")
     path.write_text(
         f'[notifier]\ncommunity = "{community}"\npublic_url = "{public_url}"\nsecret_file = "{secret_file.name}"\n'
-        f'sms_url = "{sms_url}"\npoll_s = 0.05\n'
+        f'sms_url = "{sms_url}"\npoll_s = 0.05\n' + (f"in_flight = {in_flight}\n" if in_flight else "") +
         f"[ladder]\nescalate_after_s = {escalate_after_s}\nalone_escalate_after_s = {alone_escalate_after_s}\n"
         f"[retry]\nbase_s = {retry_base_s}\ncap_s = 10\nmax_attempts = 5\n", encoding="utf-8")
     return secret_file
@@ -292,16 +293,18 @@ class NotifierRig:
     """Notifier instances for the fleet scenario (tests/support/fleet.py): every person on file has a phone, so
     every message goes through the community's SMS provider URL, here Apprise's ``json://`` to a receiver."""
 
-    def __init__(self, workdir: Path, community: str, *, instances: int = 2, escalate_after_s: float = 20.0) -> None:
+    def __init__(self, workdir: Path, community: str, *, instances: int = 2, escalate_after_s: float = 20.0,
+                 in_flight: int | None = None) -> None:
         self.workdir = workdir
         self.instances = instances
+        self.in_flight = in_flight
         self.receiver = Receiver()
         self.procs: list[_Lines] = []
         self.killed = 0
         write_notifier_config(workdir / "notifier.toml", community=community, public_url="http://127.0.0.1:9",
                               sms_url=f"json://127.0.0.1:{self.receiver.port}/sms/{{phone}}",
                               escalate_after_s=escalate_after_s, alone_escalate_after_s=escalate_after_s / 2,
-                              retry_base_s=1.0)
+                              retry_base_s=1.0, in_flight=in_flight)
 
     def start(self, dsn: str) -> None:
         for i in range(self.instances):
@@ -383,7 +386,7 @@ class NotifierRig:
                 "escalation_late_max_s": round(max(lateness), 3) if lateness else None,
                 "statuses": dict(statuses), "failed_attempts": int(failed[0]) if failed else 0,
                 "duplicate_examples": examples,
-                "instances": self.instances, "killed": self.killed}
+                "instances": self.instances, "in_flight": self.in_flight, "killed": self.killed}
 
     def stop(self) -> None:
         import signal

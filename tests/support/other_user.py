@@ -4,6 +4,7 @@ enter (a ``mktemp -d`` directory, a 0700 or 0750 home), and so may the virtual e
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -24,15 +25,23 @@ def system_python_ok() -> bool:
         [SYSTEM_PYTHON, "-c", "import tomllib"], capture_output=True, check=False).returncode == 0
 
 
+#: Installed packages the copied code imports that the system interpreter lacks (copied from this environment:
+#: the system interpreter is the one the virtualenv was made from, so a compiled module loads in both).
+DEPENDENCIES = ("msgspec",)
+
+
 @contextlib.contextmanager
 def readable_copy(*packages: str) -> Iterator[Path]:
-    """A world-readable copy of the checkout's ``packages`` (``.py`` and data files, no caches) in a fresh
-    directory under the system temp dir; put the yielded directory on ``sys.path``. Removed afterwards."""
+    """A world-readable copy of the checkout's ``packages`` (``.py`` and data files, no caches) and of
+    :data:`DEPENDENCIES` in a fresh directory under the system temp dir; put the yielded directory on
+    ``sys.path``. Removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="gw-readable-"))
     try:
         base.chmod(0o755)
-        for package in packages:
-            shutil.copytree(ROOT / package, base / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        sources = [ROOT / package for package in packages]
+        sources += [Path(importlib.import_module(name).__file__ or "").parent for name in DEPENDENCIES]
+        for source in sources:
+            shutil.copytree(source, base / source.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         for path in base.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         yield base
