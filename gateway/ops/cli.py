@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NoReturn, TextIO
 from gateway import __version__
 from gateway.config import DEFAULT_SOCKET, ConfigError, StorageConfig, bus_floor_warnings, load_config
 from gateway.events import KIND_PRIORITY
-from gateway.uplink.history import history_filters
+from gateway.uplink import history
 
 __all__ = ["ControlClient", "DaemonUnavailable", "main"]
 
@@ -605,49 +605,18 @@ def export_record(e: Mapping[str, Any]) -> list[Any]:
             "yes" if e.get("delivered") else "no"]
 
 
-#: Rows an export reads at a time (:func:`export_rows`).
-EXPORT_PAGE_ROWS = 5000
-
-
 def export_rows(database: str, *, limit: int | None = None, since: float | None = None, until: float | None = None,
                 device: str | None = None, household: str | None = None, kind: str | None = None
                 ) -> Iterator[dict[str, Any]]:
-    """Stored events matching the filters, oldest first (``since`` ≤ time < ``until``), read from the database
-    file opened read-only and streamed row by row: no cap, little memory.
-
-    Rows are read :data:`EXPORT_PAGE_ROWS` at a time, each page a short read of its own, so an export held
-    mid-way (``| less`` left open) keeps no read transaction open and never stops the daemon's WAL
-    checkpoints. Events stored after the export began are left out, as a single read would have.
-    """
+    """Stored events matching the filters, oldest first, streamed from the database file opened read-only
+    (:func:`gateway.uplink.history.export_rows`); a file that cannot be read is a :class:`CliError`."""
     if not Path(database).exists():
         raise CliError(f"there is no database at {database}")
-    filters, args = history_filters(device=device, household=household, kind=kind, since=since, until=until)
-    where = ["1", *filters]
     try:
-        db = sqlite3.connect(f"file:{Path(database).resolve()}?mode=ro", uri=True)
-    except sqlite3.Error as exc:
-        raise CliError(f"cannot open {database}: {exc}") from None
-    try:
-        db.execute("PRAGMA busy_timeout = 5000")
-        last_seq = db.execute("SELECT MAX(seq) FROM events").fetchone()[0]
-        query = (f"SELECT seq, payload, delivered, delivered_at FROM events WHERE {' AND '.join(where)}"
-                 " AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?")
-        after, left = 0, limit or None
-        while last_seq is not None and left != 0:
-            size = EXPORT_PAGE_ROWS if left is None else min(EXPORT_PAGE_ROWS, left)
-            page = db.execute(query, (*args, after, last_seq, size)).fetchall()
-            for seq, payload, delivered, delivered_at in page:
-                item = json.loads(payload)
-                item["stored_seq"], item["delivered"], item["delivered_at"] = seq, bool(delivered), delivered_at
-                yield item
-            if len(page) < size:
-                return
-            after = page[-1][0]
-            left = None if left is None else left - len(page)
+        yield from history.export_rows(database, limit=limit, since=since, until=until, device=device,
+                                       household=household, kind=kind)
     except sqlite3.Error as exc:
         raise CliError(f"cannot read {database}: {exc}") from None
-    finally:
-        db.close()
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -666,26 +635,13 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 async def _offline_query(database: str, query: dict[str, Any]) -> dict[str, Any]:
     """History and a summary from the database file, opened read-only (the daemon is down)."""
-    import aiosqlite
-
-    from gateway.uplink.outbox import query_history
-
     if not Path(database).exists():
         raise CliError(f"the daemon is not running and there is no database at {database}", EXIT_UNAVAILABLE)
-    uri = f"file:{Path(database).resolve()}?mode=ro"
     try:
-        async with aiosqlite.connect(uri, uri=True) as db:
-            await db.execute("PRAGMA busy_timeout = 2000")
-            meta = {k: v for k, v in await (await db.execute("SELECT key, value FROM meta")).fetchall()}
-            backlog, oldest = await (await db.execute(
-                "SELECT COUNT(*), MIN(wall) FROM events WHERE delivered = 0")).fetchone() or (0, None)
-            events = await query_history(db, **query) if query else []
-            latest = await (await db.execute(
-                "SELECT e.device, e.unit, e.household, e.kind, e.action, e.wall, e.payload FROM events e"
-                " JOIN (SELECT device, MAX(seq) AS seq FROM events WHERE device IS NOT NULL GROUP BY device) m"
-                " ON e.seq = m.seq ORDER BY e.device")).fetchall()
+        view = await history.read_offline(database, query)
     except Exception as exc:  # sqlite3.Error and friends: report, never a traceback
         raise CliError(f"the daemon is not running and {database} cannot be read: {exc}", EXIT_UNAVAILABLE) from None
+    meta, backlog, oldest, latest, events = view.meta, view.backlog, view.oldest_undelivered, view.latest, view.events
     now = time.time()
     devices = []
     for device, unit, household, kind, action, wall, payload in latest:
