@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from gateway.uplink.mqtt import Uplink
 from gateway.uplink.outbox import Outbox
 from gateway.uplink.standby import STANDBY_SUFFIX, standby_node
 from gateway.uplink.topics import Topics
-from tests.support.broker import MosquittoBroker
+from tests.support.broker import MosquittoBroker, frozen
 from tests.support.building import eventually
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,19 +33,6 @@ EVENTS = f"{TOPICS.base}/event/#"
 
 def alarm(n: int) -> Event:
     return Event("alarm", "raised", time.monotonic(), device=f"gas-{n}", value=35.0, wall=time.time())
-
-
-@contextlib.contextmanager
-def frozen(broker: MosquittoBroker) -> Iterator[None]:
-    """The broker process stopped (SIGSTOP): the kernel still accepts a connection, MQTT never answers it."""
-    assert broker.pid is not None
-    pid = broker.pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
 
 @contextlib.asynccontextmanager

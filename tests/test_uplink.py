@@ -32,7 +32,7 @@ from gateway.uplink.outbox import Outbox
 from gateway.uplink.retry import URGENT_RETRY_MAX_S
 from gateway.uplink.topics import Topics
 from gateway.uplink.transport import event_window
-from tests.support.broker import MosquittoBroker
+from tests.support.broker import MosquittoBroker, frozen
 from tests.support.building import eventually
 from tests.support.mqtt import RecordedMessage
 from tests.support.wait import wait_until
@@ -163,19 +163,6 @@ async def all_delivered(ob: Outbox, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
-@contextlib.contextmanager
-def stopped(broker: MosquittoBroker) -> Iterator[None]:
-    """The broker process frozen: TCP still accepts (the kernel does it), MQTT never answers."""
-    assert broker.pid is not None
-    pid = broker.pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-
-
 # ------------------------------------------------------------------------------------------- tests
 
 
@@ -232,7 +219,7 @@ async def test_the_in_flight_window_is_bounded_and_each_row_waits_for_its_own_pu
 ) -> None:
     recorder = mqtt_recorder_factory(broker, EVENTS)
     async with forwarding(tmp_path, broker, max_inflight=8) as (ob, up):
-        with stopped(broker):
+        with frozen(broker):
             ids = await ob.append([ev("telemetry", i) for i in range(50)])
             await eventually(lambda: up.inflight == 8, timeout=10)
             await asyncio.sleep(0)  # let the forwarding loop look for room once more: there is none
@@ -251,7 +238,7 @@ async def test_the_window_stays_within_the_brokers_receive_maximum(
         recorder = mqtt_recorder_factory(broker, EVENTS)
         async with forwarding(tmp_path, broker, max_inflight=32) as (ob, up):
             assert up.transport.window_limit == event_window(32, 12) == 9  # 3 kept for status and command results
-            with stopped(broker):
+            with frozen(broker):
                 ids = await ob.append([ev("telemetry", i) for i in range(40)])
                 await eventually(lambda: up.inflight == 9, timeout=10)
                 await asyncio.sleep(0)
@@ -315,7 +302,7 @@ async def test_a_disconnect_means_outcome_unknown_and_the_same_ids_go_again(tmp_
     try:
         broker.save()  # the recorder's session survives the kill below
         async with forwarding(tmp_path, broker, ack_timeout_s=600.0) as (ob, up):
-            with stopped(broker):
+            with frozen(broker):
                 ids = await ob.append([ev("telemetry", i) for i in range(20)])
                 await eventually(lambda: up.inflight == 8, timeout=10)
                 broker.kill()
@@ -340,7 +327,7 @@ async def test_a_broker_that_never_answers_connect_is_retried(
     tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
 ) -> None:
     recorder = mqtt_recorder_factory(broker, EVENTS)
-    with stopped(broker):
+    with frozen(broker):
         async with forwarding(tmp_path, broker, start=False) as (ob, up):
             ids = await ob.append([ev("alarm", 1)])
             await eventually(lambda: up.last_error is not None and "connect" in up.last_error, timeout=20)
@@ -356,7 +343,7 @@ async def test_a_broker_that_stops_acknowledging_is_left_and_the_rows_sent_again
 ) -> None:
     recorder = mqtt_recorder_factory(broker, EVENTS)
     async with forwarding(tmp_path, broker, ack_timeout_s=1.0) as (ob, up):
-        with stopped(broker):
+        with frozen(broker):
             ids = await ob.append([ev("telemetry", i) for i in range(5)])
             await eventually(lambda: up.forwarder.outcome_unknown_total >= 5, timeout=20,
                              message="the uplink kept waiting on a broker that does not answer")
@@ -487,7 +474,7 @@ async def test_an_alarm_raised_before_the_first_connection_is_live_and_says_how_
     """``historical`` is for copies sent again and earlier sessions only: a server that mutes historical events
     must still hear the alarm raised at boot while the link was not up yet. ``age_s`` says how long it waited."""
     recorder = mqtt_recorder_factory(broker, EVENTS)
-    with stopped(broker):  # the link does not come up: CONNECT is never answered
+    with frozen(broker):  # the link does not come up: CONNECT is never answered
         async with forwarding(tmp_path, broker, start=False) as (ob, up):
             [alarm_id] = await ob.append([ev("alarm", 1)])
             appended = time.monotonic()
@@ -788,7 +775,7 @@ async def test_with_an_alarm_waiting_a_node_that_never_answers_gets_5_s_before_t
     ob = await Outbox.open(str(tmp_path / "events.db"), gateway_id="gw-test")
     [alarm_id] = await ob.append([ev("alarm", 3)])
     await ob.close()
-    with stopped(first):
+    with frozen(first):
         async with forwarding(tmp_path, first, hosts=(node(first), node(second)), connect_timeout_s=30.0,
                               start=False) as (ob, up):
             # the record (QoS 1): the standby connection, up on the second node, has sent it already as a copy

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -363,3 +364,16 @@ class MosquittoBroker:
 
     def _tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def frozen(broker: MosquittoBroker) -> Iterator[None]:
+    """The broker process stopped (SIGSTOP): the kernel still accepts a connection, MQTT never answers it."""
+    assert broker.pid is not None
+    pid = broker.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
