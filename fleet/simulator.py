@@ -207,6 +207,11 @@ class SimulatedGateway:
 # ------------------------------------------------------------------------------------------- one worker
 
 
+def _standbys_up(gateways: Sequence[SimulatedGateway]) -> int:
+    """How many gateways' standby connections are up now."""
+    return sum(1 for g in gateways if g.uplink.standby is not None and g.uplink.standby.connected)
+
+
 def _emit(kind: str, **fields: Any) -> None:
     print(json.dumps({"event": kind, **fields}), flush=True)
 
@@ -284,7 +289,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     while not stop.is_set() and sum(g.uplink.connected for g in gateways) < len(gateways):
         await asyncio.sleep(0.2)
     _emit("ready", worker=args.worker, gateways=len(gateways),
-          connected=sum(g.uplink.connected for g in gateways))
+          connected=sum(g.uplink.connected for g in gateways), standby_connected=_standbys_up(gateways))
     start = await _wait_go(Path(args.go_file), stop)
     if start is not None:
         await _run_plan(gateways, plan, start, args.processes, rng, stop)
@@ -305,6 +310,7 @@ async def run_worker(args: argparse.Namespace) -> int:
               resent=sum(g.uplink.resent_total for g in gateways),
               standby_copies=sum(g.uplink.standby.copies for g in gateways if g.uplink.standby is not None),
               standby_missed=sum(g.uplink.standby.missed for g in gateways if g.uplink.standby is not None),
+              standby_connected=_standbys_up(gateways),
               answered=sum(g.commands.accepted for g in gateways))
         await stop.wait()
     await asyncio.gather(*(g.close() for g in gateways), return_exceptions=True)

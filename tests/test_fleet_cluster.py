@@ -650,7 +650,7 @@ async def test_the_inbox_closes_every_kind_of_gap_and_hears_alarms_at_once_throu
         # only once the session stream has a leader; its standby connection, on another node, is already up.
         assert gw.uplink.standby is not None
         await _until(lambda: gw.uplink.standby.connected, timeout=60, message="the standby never connected")
-        victim = c.nodes[gw.uplink.node_index]
+        victim = c.nodes[gw.uplink.policy.node]
         # the worst case: it leads the stream every session is stored in and the one every QoS 1 message is
         victim.lead("$MQTT_sess", "$MQTT_msgs")
         led = victim.leaderships()

@@ -292,7 +292,7 @@ class Uplink:
             self._copy_urgent_soon()
 
     def _standby_connected(self) -> None:
-        """On paho's thread: the standby connection came up; copy what waits if the main one is down."""
+        """The standby connection came up: copy what waits, if the main connection is down."""
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)

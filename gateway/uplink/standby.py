@@ -12,13 +12,14 @@ inbox listens there (its fast path), so the first notice does not wait for the e
 A copy is never the record. It does not touch the outbox: the event stays undelivered until the main connection
 gets its own PUBACK, and it is sent again there (the inbox stores each id once; docs/mqtt.md, "Two paths").
 The standby connection has its own client id (``<client_id>-standby``), a clean session, no will, and no
-subscription; paho's own network thread runs it and reconnects it.
+subscription; it runs on the uplink's event loop like the main connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import threading
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import MqttConfig
 from gateway.uplink.outbox import PendingEvent
-from gateway.uplink.transport import apply_credentials
+from gateway.uplink.transport import LoopIO, apply_credentials
 
 __all__ = ["STANDBY_SUFFIX", "Standby", "standby_node"]
 
@@ -49,20 +50,30 @@ def standby_node(primary: int, nodes: int) -> int:
 class Standby:
     """A second connection that carries QoS 0 copies of urgent events while the main connection is down.
 
-    Every method is called on the uplink's event loop; paho's thread only connects, reconnects and writes.
+    Everything runs on the uplink's event loop, the socket too (:class:`~gateway.uplink.transport.LoopIO`, as the
+    main connection: paho's own thread uses ``select()``, which cannot watch a descriptor above 1023 — the fleet
+    simulator's 250 gateways in one process have them). A lost or refused connection is tried again after
+    ``RECONNECT_MIN_S``, doubling up to ``RECONNECT_MAX_S``.
     """
 
     def __init__(self, cfg: MqttConfig, topic: Callable[[str], str], wire: Callable[[PendingEvent], str], *,
                  on_connect: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
         self._on_connect = on_connect
-        """Called on paho's thread each time the standby connection comes up."""
+        """Called on the loop each time the standby connection comes up."""
         self._topic = topic
         self._wire = wire
         self.nodes = cfg.endpoints
         self.node_index = standby_node(0, len(self.nodes))
         self._client: mqtt.Client | None = None
-        self._connected = threading.Event()
+        self._io: LoopIO | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._delay = float(RECONNECT_MIN_S)
+        self._stopped = False
+        self.connected = False
+        """Whether the standby connection is up now."""
         self._primary_up = False
         self._copied: set[str] = set()  # event ids copied during this outage
         self._ever_copied: dict[str, None] = {}  # the latest COPIED_LIMIT ids copied, oldest first
@@ -73,30 +84,27 @@ class Standby:
         self.connections = 0
 
     @property
-    def connected(self) -> bool:
-        return self._connected.is_set()
-
-    @property
     def broker(self) -> str:
         host, port = self.nodes[self.node_index]
         return f"{host}:{port}"
 
     def start(self) -> None:
-        """Connect to the standby node in the background (paho's thread retries until :meth:`stop`)."""
+        """On the loop: connect to the standby node, and keep trying until :meth:`stop`."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = False
         self._open(self.node_index)
 
     def stop(self) -> None:
-        """Disconnect and end paho's thread."""
-        client, self._client = self._client, None
-        self._connected = threading.Event()
-        if client is not None:
-            _close(client)
+        """Disconnect; no more attempts."""
+        self._stopped = True
+        self._close()
 
     def primary_up(self, primary: int) -> None:
         """The main connection is up on node ``primary``: no more copies; keep off that node."""
         self._primary_up = True
         self._copied.clear()
         if primary == self.node_index:
+            self._delay = float(RECONNECT_MIN_S)
             self._open(standby_node(primary, len(self.nodes)))
 
     def primary_down(self) -> None:
@@ -141,12 +149,11 @@ class Standby:
         return event_id in self._ever_copied
 
     def _open(self, index: int) -> None:
-        """(Re)connect to node ``index`` with a new client; the old one is closed on a thread of its own (paho's
-        thread may take up to a second to notice)."""
-        old, self._client = self._client, None
-        if old is not None:
-            threading.Thread(target=_close, args=(old,), name="standby-close", daemon=True).start()
-        connected = self._connected = threading.Event()
+        """(Re)connect to node ``index`` with a new client (the old one closed first)."""
+        self._close()
+        loop = self._loop
+        if loop is None or self._stopped:
+            return
         self.node_index = index
         host, port = self.nodes[index]
         v5 = self.cfg.protocol == 5
@@ -155,31 +162,62 @@ class Standby:
             client_id=self.cfg.client_id + STANDBY_SUFFIX,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else True,
+            reconnect_on_failure=False,
         )
         apply_credentials(client, self.cfg)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_queued_messages_set(0)
+        client.connect_timeout = float(RECONNECT_MAX_S)
 
         def on_connect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
-            if not rc.is_failure:
-                connected.set()
+            if c is self._client and not rc.is_failure:
+                self.connected = True
                 self.connections += 1
+                self._delay = float(RECONNECT_MIN_S)
                 if self._on_connect is not None:
                     self._on_connect()
 
         def on_disconnect(c: mqtt.Client, u: Any, flags: Any, rc: Any, props: Any) -> None:
-            connected.clear()
+            self._lost(c)
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
-        kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
-        client.connect_async(host, port, self.cfg.keepalive_s, **kwargs)
-        client.loop_start()
         self._client = client
+        self._io = LoopIO(loop, client, lambda reason: self._lost(client))
+        kwargs: dict[str, Any] = {"clean_start": True} if v5 else {}
+        connect = functools.partial(client.connect, host, port, self.cfg.keepalive_s, **kwargs)
 
+        async def connecting() -> None:
+            try:  # resolves, opens the socket and shakes hands (TLS): blocking, so on a worker thread
+                await asyncio.wait_for(loop.run_in_executor(None, connect), timeout=RECONNECT_MAX_S + 2.0)
+            except (TimeoutError, OSError, ValueError):
+                self._lost(client)
 
-def _close(client: mqtt.Client) -> None:
-    with contextlib.suppress(Exception):  # already gone
-        client.disconnect()
-    with contextlib.suppress(Exception):
-        client.loop_stop()
+        task = loop.create_task(connecting(), name="standby-connect")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _lost(self, client: mqtt.Client) -> None:
+        """On the loop (paho's callbacks come from the loop or are moved there): try again after the delay."""
+        if client is not self._client or self._loop is None:
+            return
+        self.connected = False
+        self._close()
+        if not self._stopped and self._retry is None:
+            delay, self._delay = self._delay, min(self._delay * 2, float(RECONNECT_MAX_S))
+            self._retry = self._loop.call_later(delay, self._again)
+
+    def _again(self) -> None:
+        self._retry = None
+        if not self._stopped and self._client is None:
+            self._open(self.node_index)
+
+    def _close(self) -> None:
+        client, self._client = self._client, None
+        io, self._io = self._io, None
+        self.connected = False
+        if client is not None:
+            with contextlib.suppress(Exception):  # already gone
+                client.disconnect()
+                client.loop_write()
+        if io is not None:
+            io.detach()

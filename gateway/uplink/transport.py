@@ -1,13 +1,13 @@
 """The uplink's transport: one MQTT connection at a time, to the broker node it is told, run on the asyncio loop.
 
 paho-mqtt 2.x (``CallbackAPIVersion.VERSION2``) does its network I/O on the asyncio loop through its external-loop
-callbacks (:class:`_LoopIO`): no thread of its own, so nothing is handed between threads and no lock is shared.
+callbacks (:class:`LoopIO`): no thread of its own, so nothing is handed between threads and no lock is shared.
 A fresh paho client is made for every connection and paho queues nothing (``max_queued_messages_set(0)``), so
 paho's memory is never the store: what was in flight when a connection ends is the outbox's to send again. The
 Will, availability and birth go to whichever node the gateway is connected to; which node that is, and when
 to try again, is the retry policy's (gateway/uplink/retry.py).
 
-aiomqtt was considered for this module and rejected: it would replace :class:`_LoopIO` (it runs paho on the
+aiomqtt was considered for this module and rejected: it would replace :class:`LoopIO` (it runs paho on the
 loop the same way), but aiomqtt 2.5 drops what the forwarder needs. Its ``on_publish`` ignores the PUBACK's
 reason code, so a 0x87 "not authorized" would complete ``publish()`` as a success and the row would leave the
 outbox unsent; its ``publish()`` awaits each PUBACK, so a window of 32 in flight needs 32 waiting tasks where
@@ -79,7 +79,7 @@ def node_name(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _LoopIO:
+class LoopIO:
     """Runs one paho client's network I/O on the asyncio loop, through paho's external-loop callbacks.
 
     The socket is read when it is readable, written when paho has bytes queued, and ``loop_misc`` (keepalive)
@@ -206,7 +206,7 @@ class Transport:
         self.lost = asyncio.Event()
         """Set when the current connection is gone (or the uplink stops); cleared by :meth:`connect`."""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._io: _LoopIO | None = None
+        self._io: LoopIO | None = None
         self._on_publish = on_publish
         self._on_message = on_message
         self._on_subscribe = on_subscribe
@@ -260,7 +260,7 @@ class Transport:
         client.on_message = on_message
         client.on_subscribe = on_subscribe
         self.lost.clear()
-        io = _LoopIO(loop, client, lambda reason: self._disconnected(client, reason))
+        io = LoopIO(loop, client, lambda reason: self._disconnected(client, reason))
         self._io = io
         kwargs: dict[str, Any] = {"clean_start": True} if self.cfg.protocol == 5 else {}
         host, port = self.nodes[node]
