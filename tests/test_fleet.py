@@ -8,9 +8,9 @@ PostgreSQL exactly once, the second inbox took over, a gateway's publish under a
 nowhere, and rows deleted from PostgreSQL are healed from the gateways' outboxes by the ``events`` command. Two
 notifier instances told each alarm's first step once, through Apprise's ``json://`` to a receiver the test starts.
 Latency is printed and guarded by generous bounds only — the first notice (core NATS) of the alarms,
-supervisory signals and faults of the buildings on the nodes still up within 5 s at p99 through the node's loss,
-every first notice and every durable row within 60 s; benchmarks/fleet.py reports the figures against their
-targets.
+supervisory signals and faults within 5 s at p99 through the node's loss, for the buildings on the lost node
+(their standby connections) as for the others, every first notice and every durable row within 60 s;
+benchmarks/fleet.py reports the figures against their targets.
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     assert result.healing["deleted"] > 0
     assert result.healing["recovered"] == result.healing["deleted"], result.healing
     # Regression guards, generous (benchmarks/fleet.py holds the targets: 1 s first notice, 30 s failover).
-    # Through the node's loss the buildings on the other nodes are heard (core NATS) within 5 s at p99; the lost
-    # node's buildings can publish nothing until they are connected again, which on NATS waits for the session
-    # stream's leader (docs/fleet.md: 15 s at most seen), so they and every durable row get 60 s.
-    stayed_p99 = percentile(stayed, 0.99)
-    assert stayed_p99 is not None and stayed_p99 <= 5.0, f"first notice on the nodes still up: p99 {stayed_p99} s"
+    # Through the node's loss every building is heard within 5 s at p99: those on the nodes still up through core
+    # NATS at once, the lost node's through their standby connections (docs/mqtt.md, "Several broker nodes"),
+    # while their main connections wait for the session stream's leader; every durable row gets 60 s.
+    for where, group in (("the nodes still up", stayed), ("the lost node", moved)):
+        p99 = percentile(group, 0.99)
+        assert p99 is not None and p99 <= 5.0, f"first notice of the buildings on {where}: p99 {p99} s"
     assert max(first) <= 60.0, f"first notice through the loss: max {max(first)} s"
     assert durable and max(durable) <= 60.0, f"durable record: max {max(durable)} s"
     # Each alarm's first-step notifications (the relative and the unit head), sent through Apprise's json:// to
