@@ -79,14 +79,13 @@ class Uplink:
         """With several nodes: the second connection that carries urgent events while this one is down."""
         if len(mqtt_cfg.endpoints) > 1:
             self.standby = Standby(mqtt_cfg, topics.event, lambda row: self.forwarder.wire_payload(row),
-                                   on_connect=self._standby_connected)
+                                   on_connect=self._copy_urgent_soon)
         self.forwarder = Forwarder(outbox, self.acks, topics.event, heartbeat=self._beat, on_delivered=on_delivered,
                                    ack_timeout_s=ack_timeout_s, prefetch=prefetch,
                                    was_copied=None if self.standby is None else self.standby.was_copied)
         self.transport = Transport(mqtt_cfg, on_publish=self.forwarder.published, on_message=self._message,
                                    on_subscribe=self._subscribed, on_lost=self._lost)
         self.policy = RetryPolicy(self.transport.node_names())
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._copy_tasks: set[asyncio.Future[None]] = set()
         self._sleep_wake = asyncio.Event()  # stop, or an urgent event stored during a backoff
         self._urgent_stored = False
@@ -142,7 +141,6 @@ class Uplink:
 
     async def run(self) -> None:
         """Connect, forward, reconnect — until :meth:`stop`. Nothing that goes wrong ends this loop."""
-        self._loop = asyncio.get_running_loop()
         if self.standby is not None:
             self.standby.start()
         while not self._stopping:
@@ -290,13 +288,6 @@ class Uplink:
         if self.standby is not None:
             self.standby.primary_down()
             self._copy_urgent_soon()
-
-    def _standby_connected(self) -> None:
-        """The standby connection came up: copy what waits, if the main connection is down."""
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed first (process ending)
-                loop.call_soon_threadsafe(self._copy_urgent_soon)
 
     def _copy_urgent_soon(self) -> None:
         """Copy every urgent event still waiting for its PUBACK over the standby connection, in a task."""
