@@ -157,6 +157,7 @@ def _tcp_peers(pid: int) -> set[tuple[str, int]]:
     return peers
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 def test_the_demo_talks_only_to_its_own_broker_unless_given_one(tmp_path: Path) -> None:
     """A broker already on the machine (here one started by the test) hears nothing from the demo by default;
     with --broker it gets the demo's birth."""

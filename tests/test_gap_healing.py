@@ -218,6 +218,7 @@ async def _started(broker: MosquittoBroker, contacts: Path) -> Consumer:
     return consumer
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 @pytest.mark.parametrize("lost", ["head", "tail", "session"])
 async def test_a_gap_no_later_event_of_its_session_shows_is_healed(tmp_path: Path, lost: str) -> None:
     """The consumer is away (cut off by a broker killed and started again) while: head — a session's first 10

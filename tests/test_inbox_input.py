@@ -209,6 +209,7 @@ async def test_a_session_end_whose_body_names_another_building_or_community_than
     assert inbox.rejected == 2
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_after_postgresql_closed_its_connections_both_paths_store_again(
     pg: PostgresServer, nats_url: str, inbox: Inbox,
 ) -> None:

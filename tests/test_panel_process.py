@@ -633,6 +633,7 @@ FAKE_STORAGE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 @pytest.mark.parametrize("mode", ["beat", "silent"])
 def test_a_storage_process_that_breaks_the_protocol_is_rejected_and_one_that_hangs_is_replaced(
     tmp_path: Path, mode: str
@@ -665,6 +666,7 @@ def test_a_storage_process_that_breaks_the_protocol_is_rejected_and_one_that_han
         handover.stop()
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_the_storage_loop_busy_fail_point_burns_the_childs_cpu_only_while_armed(
     tmp_path: Path, broker: MosquittoBroker, mock_pins: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

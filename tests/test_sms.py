@@ -257,9 +257,9 @@ ALL_MODEM_FAILURES = (*MODEM_FAILURES, "refused")
 @pytest.mark.parametrize(("fail", "problem"), [
     ("locked", "SIM locked (PIN needed)"),
     ("missing", "SIM missing"),
-    ("unregistered", "not registered (NoNetwork)"),
-    ("no_signal", "no signal"),
-    ("unplugged", "port lost"),
+    pytest.param("unregistered", "not registered (NoNetwork)", marks=pytest.mark.slow),
+    pytest.param("no_signal", "no signal", marks=pytest.mark.slow),
+    pytest.param("unplugged", "port lost", marks=pytest.mark.slow),  # the fast set keeps the SIM's two
     pytest.param("silent", "modem not answering", marks=pytest.mark.slow),  # Gammu's 20 s timeout
 ])
 def test_each_modem_failure_names_its_problem_and_clears_when_it_goes(
@@ -287,6 +287,7 @@ def _doctor_site(tmp_path: Path, port: str) -> object:
     return sms_site(tmp_path, spec, port).cfg
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 def test_doctor_names_the_modem_its_operator_and_signal_and_each_problem(tmp_path: Path, sim: SimulatedModem,
                                                                         modem: Modem) -> None:
     from gateway.ops.doctor import Daemon, check_sms

@@ -79,6 +79,7 @@ async def test_one_node_has_no_standby(tmp_path: Path, broker: MosquittoBroker) 
         await ob.close()
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_an_alarm_raised_while_the_main_connection_is_down_goes_at_once_over_the_standby_node(
     tmp_path: Path, mqtt_recorder_factory: Any
 ) -> None:

@@ -443,6 +443,7 @@ async def test_a_replaced_database_restarts_the_forwarding_cursor(
     assert fault.json["session"] == 2 and fault.index < after.index
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_a_broker_that_drops_every_connection_at_once_gets_no_reconnect_storm(
     tmp_path: Path, broker: MosquittoBroker
 ) -> None:
@@ -562,6 +563,7 @@ async def test_an_alarm_raised_as_the_broker_goes_keeps_every_retry_within_5_s(t
         d.chosen_at == before[-1].chosen_at and d.urgent for d in delays), delays
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_without_anything_urgent_the_backoff_is_todays(tmp_path: Path, broker: MosquittoBroker) -> None:
     async with forwarding(tmp_path, broker) as (ob, up):
         broker.stop()
@@ -764,6 +766,7 @@ def test_mqtt_hosts_parse_with_key_paths(tmp_path: Path) -> None:
         "broker-2.example.net", 1883)
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_with_an_alarm_waiting_a_node_that_never_answers_gets_5_s_before_the_next_is_tried(
     tmp_path: Path, two_brokers: tuple[MosquittoBroker, MosquittoBroker], mqtt_recorder_factory: Any
 ) -> None:
