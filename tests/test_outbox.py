@@ -494,3 +494,19 @@ async def test_batches_of_every_size_compile_no_new_statements(tmp_path: Path) -
         await ob.close()
     assert grown < 512 * 1024, f"SQLite holds {grown / 1024:.0f} KiB more after 60 batch sizes"
 
+
+
+async def test_a_batch_of_any_size_stores_exactly_its_rows_in_order(tmp_path: Path) -> None:
+    """Batches are written with a few fixed INSERT sizes, padded with NULL rows: none of the padding is stored,
+    every row is, and a batch larger than the largest size is cut into pieces of one transaction."""
+    ob = await open_outbox(tmp_path)
+    try:
+        ids: list[str] = []
+        for size in (1, 2, 7, 8, 9, 33, 128, 129, 300):
+            ids += await ob.append([ev() for _ in range(size)])
+        rows = await ob.pending(limit=10_000)
+    finally:
+        await ob.close()
+    assert [r.event_id for r in rows] == ids and len(ids) == 617
+    assert [r.seq for r in rows] == list(range(rows[0].seq, rows[0].seq + 617))
+    assert all(json.loads(r.payload)["event_id"] == r.event_id for r in rows)

@@ -10,10 +10,11 @@ bumped at every start. docs/storage.md gives the rules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import sqlite3
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,14 @@ __all__ = [
     "EARLIER_SESSIONS_LISTED",
     "EVENT_VERSION",
     "INSERT_EVENT",
+    "INSERT_SIZES",
     "MB",
     "SCHEMA_VERSION",
     "Session",
     "add_counters",
     "connect",
     "id_prefix",
+    "insert_events",
     "new_install_id",
     "rollback",
     "start_session",
@@ -76,13 +79,38 @@ DROP INDEX IF EXISTS events_wall;
 COLUMNS = ("event_id, session, session_seq, kind, action, priority, device, unit, household, wall, mono,"
            " clock_synced, payload")
 
-#: One event, its seq given (the outbox is the file's only writer). One statement text for every batch: each
-#: distinct text is compiled and kept in the connection's statement cache (128 entries), and a multi-row INSERT
-#: per batch size held 3.8 MB more after 60 sizes had been seen (the storage process grew for an hour in
-#: benchmarks/soak.py). A batch is an ``executemany`` of it between BEGIN and COMMIT: three trips to SQLite's
-#: thread. One trip per batch (a ``json_each`` INSERT) was measured side by side and not kept: it cost SQLite's
-#: thread 10 µs more a row (reading the JSON) and saved the loop's thread nothing measurable (docs/storage.md).
+#: One event, its seq given (the outbox is the file's only writer).
 INSERT_EVENT = f"INSERT INTO events (seq, {COLUMNS}) VALUES ({', '.join('?' * (len(COLUMNS.split(',')) + 1))})"
+_ROW_WIDTH = len(COLUMNS.split(",")) + 1
+#: The row counts a batch INSERT is written for: a batch is padded with rows of NULLs up to the next one (and
+#: cut into pieces of the largest), so SQLite's statement cache holds three texts whatever the batch sizes
+#: (compiled, about 1.3 KB a row: 180 KiB). A multi-row INSERT per batch size held 3.8 MB more after 60 sizes
+#: had been seen (the storage process grew for an hour in benchmarks/soak.py). One statement is one trip to
+#: SQLite's thread and one step for the whole batch, where an ``executemany`` between BEGIN and COMMIT took
+#: three trips and released and took back the GIL once a row, against the loop's thread (docs/storage.md,
+#: "Forwarding throughput"). Pieces of 64 (a 100-event batch in two, inside BEGIN … COMMIT) gained nothing.
+INSERT_SIZES = (1, 8, 128)
+
+
+@functools.cache
+def _insert_rows_sql(size: int) -> str:
+    if size == 1:
+        return INSERT_EVENT
+    row = f"({', '.join('?' * _ROW_WIDTH)})"
+    return (f"INSERT INTO events (seq, {COLUMNS}) SELECT * FROM (VALUES {', '.join([row] * size)})"
+            " WHERE column1 IS NOT NULL")
+
+
+def insert_events(rows: Sequence[Sequence[object]]) -> Iterator[tuple[str, list[object]]]:
+    """The statements (text, parameters) that insert ``rows`` (each ``seq`` then :data:`COLUMNS`): one per
+    :data:`INSERT_SIZES` [-1] rows, each of one of the fixed sizes, padded with NULL rows that are not inserted."""
+    largest = INSERT_SIZES[-1]
+    for start in range(0, len(rows), largest):
+        piece = rows[start:start + largest]
+        size = next(n for n in INSERT_SIZES if n >= len(piece))
+        params: list[object] = [value for row in piece for value in row]
+        params.extend([None] * (_ROW_WIDTH * (size - len(piece))))
+        yield _insert_rows_sql(size), params
 
 _BOOT_SESSIONS_KEPT = 500
 #: Earlier sessions the birth message lists with their last ``seq`` (docs/mqtt.md, "Filling a gap").

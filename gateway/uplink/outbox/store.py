@@ -274,11 +274,13 @@ class Outbox:
         try:
             if failpoint("storage_full", "outbox"):
                 raise sqlite3.OperationalError("database or disk is full (fail point storage_full)")
-            if len(rows) == 1 and handover is None:  # one statement, so one transaction
-                await db.execute(schema.INSERT_EVENT, rows[0])
+            statements = list(schema.insert_events(rows))
+            if len(statements) == 1 and handover is None:  # one statement, so one transaction
+                await db.execute(*statements[0])
             else:
                 await db.execute("BEGIN IMMEDIATE")
-                await db.executemany(schema.INSERT_EVENT, rows)
+                for statement in statements:
+                    await db.execute(*statement)
                 if handover is not None:
                     await db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('handover', ?)", (handover,))
                 await db.execute("COMMIT")
