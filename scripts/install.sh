@@ -343,7 +343,12 @@ install_all() {
     # setuptools builds in the checkout's build/ and puts all of build/lib into the wheel: modules an earlier build
     # left there (one since moved or removed, the simulator of an older layout) would be installed too.
     run rm -rf -- "$REPO/build/lib"
-    run env PYPI=1 "$PREFIX/venv/bin/pip" install --disable-pip-version-check --constraint "$REPO/$LOCK" \
+    # 32-bit Pi OS on a 64-bit kernel (a Pi 4 or 5): pip would judge the lock's markers by the kernel's
+    # "aarch64" and take python-gammu's 64-bit pin; under the 32-bit personality it sees "armv8l", as the
+    # interpreter is.
+    local personality=()
+    [[ $MACHINE != armv* || $(uname -m) != aarch64 ]] || personality=(setarch linux32)
+    run "${personality[@]}" env PYPI=1 "$PREFIX/venv/bin/pip" install --disable-pip-version-check --constraint "$REPO/$LOCK" \
         "${sources[@]}" "$REPO" ||
         die "pip could not install the gateway (the error is above); the service was not changed. Fix it and run again${WHEELS:+ (does $WHEELS hold every wheel of $LOCK? scripts/wheelhouse makes them)}"
     # The unit runs Python with PYTHONOPTIMIZE=2, whose bytecode pip does not write; the service cannot write

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -173,13 +174,23 @@ def wheelhouse(into: Path, *target: str) -> None:
     shutil.copytree(kept, into)
 
 
-def locked_pins() -> dict[str, str]:
-    """constraints/runtime.txt as name → version (canonical names), markers aside."""
+def locked_pins(machine: str | None = None) -> dict[str, str]:
+    """constraints/runtime.txt as name → version (canonical names): the pins whose marker holds on ``machine``
+    (by default this one; a package may be pinned per machine, python-gammu is)."""
+    from packaging.markers import Marker
     from packaging.utils import canonicalize_name
 
-    lines = (ROOT / "constraints/runtime.txt").read_text().splitlines()
-    pins = (line.split(";")[0].strip().split("==") for line in lines if "==" in line and not line.startswith("#"))
-    return {canonicalize_name(name): version for name, version in pins}
+    found = {}
+    for line in (ROOT / "constraints/runtime.txt").read_text().splitlines():
+        if "==" not in line or line.startswith("#"):
+            continue
+        pin, _, marker = line.partition(";")
+        if marker.strip() and not Marker(marker.strip()).evaluate(
+                {"platform_machine": machine or platform.machine()}):
+            continue
+        name, version = pin.strip().split("==")
+        found[canonicalize_name(name)] = version
+    return found
 
 
 def installed(run: Callable[..., subprocess.CompletedProcess[str]], python: str) -> dict[str, str]:

@@ -128,3 +128,17 @@ def test_the_installed_daemon_refuses_the_demo_in_one_line(wheel: Path, tmp_path
     assert result.stderr.splitlines() == [
         "gatewayd: --demo: the simulator (gateway_sim) is not installed: a building's install does not carry it; "
         "run scripts/demo in a source checkout"], result.stderr
+
+
+def test_a_package_pinned_per_machine_is_checked_pin_by_pin(tmp_path: Path) -> None:
+    """python-gammu is pinned per machine (a wheel on 64-bit, Debian's libGammu on 32-bit Pi OS): each pin must
+    meet the requirement of its own marker, and the rehearsals install the one their machine selects."""
+    from tests.test_install_rehearsal import locked_pins
+
+    assert locked_pins("armv7l")["python-gammu"] == "3.2.5"
+    assert locked_pins("aarch64")["python-gammu"] == locked_pins("x86_64")["python-gammu"] != "3.2.5"
+    lock = tmp_path / "runtime.txt"
+    lock.write_text(LOCK.read_text().replace("python-gammu==3.2.5 ;", "python-gammu==3.2.4 ;", 1))
+    result = lock_check(ROOT / "pyproject.toml", lock)
+    assert result.returncode == 1
+    assert "python-gammu==3.2.4 in runtime.txt is outside ==3.2.5" in result.stderr

@@ -218,6 +218,10 @@ class SimulatedModem:
             self._reply(self.model)
         elif cmd == "AT+CGMR":
             self._reply("EC25ECGAR06A07M4G")
+        elif cmd.startswith("AT+CFUN="):  # Gammu 1.42 (Debian's libGammu) powers the radio on at start
+            self._reply()
+        elif cmd == "AT+CFUN?":
+            self._reply("+CFUN: 1")
         elif cmd in ("AT+CGSN", "AT+GSN"):
             self._reply("861234567890123")
         elif cmd == "AT+CPIN?":
