@@ -88,7 +88,7 @@ _ROW_WIDTH = len(COLUMNS.split(",")) + 1
 #: had been seen (the storage process grew for an hour in benchmarks/soak.py). One statement is one trip to
 #: SQLite's thread and one step for the whole batch, where an ``executemany`` between BEGIN and COMMIT took
 #: three trips and released and took back the GIL once a row, against the loop's thread (docs/storage.md,
-#: "Forwarding throughput"). Pieces of 64 (a 100-event batch in two, inside BEGIN … COMMIT) gained nothing.
+#: "Forwarding figures"). Pieces of 64 (a 100-event batch in two, inside BEGIN … COMMIT) gained nothing.
 INSERT_SIZES = (1, 8, 128)
 
 
