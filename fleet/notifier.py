@@ -5,7 +5,8 @@ each person its routing names; an instance opens an *episode* for that event (on
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
 * **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 4 by default). A lane claims
-  one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise while holding it, and
+  one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED`` (a later step, an acknowledgement notice and an
+  all-clear first: :data:`HEAD_START_S`), sends it through Apprise while holding it, and
   commits its outcome (an ``attempts`` row) with its new status in that same transaction; the outcome, the commit
   and the next claim go to PostgreSQL in one round trip (a pipeline), and the commit is confirmed before the next
   message leaves. An instance killed mid-send loses nothing: its transactions roll back, the rows are free again,
@@ -119,9 +120,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     sent_at          timestamptz,
     detail           text,
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    claim_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (event_id, purpose, role, name)
 );
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (community, next_attempt_at) WHERE status = 'pending';
+ALTER TABLE deliveries ADD COLUMN IF NOT EXISTS claim_at timestamptz NOT NULL DEFAULT clock_timestamp();
+CREATE INDEX IF NOT EXISTS deliveries_claim ON deliveries (community, claim_at, next_attempt_at)
+ WHERE status = 'pending';
+DROP INDEX IF EXISTS deliveries_pending;
 CREATE TABLE IF NOT EXISTS attempts (
     delivery_id bigint NOT NULL REFERENCES deliveries (id),
     attempt     integer NOT NULL,
@@ -174,35 +179,49 @@ SELECT c.event_id FROM clears h JOIN events c ON c.event_id = h.event_id
  LIMIT 1
 """
 
+#: The order deliveries are claimed in (``claim_at``, earliest first) is when they are due, but HEAD_START_S
+#: earlier for a later step of the ladder, an acknowledgement notice and an all-clear: they go before a backlog of
+#: first-step messages that became due less than HEAD_START_S before them, and after the older ones, so a first
+#: step waits behind them for HEAD_START_S at most. The ladder's steps are due on their time (a step is overdue at
+#: once: the people before did not answer), the notices are few (one a person told), and a burst of alarms can
+#: queue thousands of first-step messages: without the head start a step waited for the whole backlog.
+HEAD_START_S = 60.0
+#: The head start of a row (SQL), ``{purpose}`` and ``{step}`` its columns.
+HEAD_START = f"CASE WHEN {{purpose}} = 'alarm' AND {{step}} = 1 THEN 0 ELSE {HEAD_START_S} END"
+
 INSERT_DELIVERIES = """
 INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, status, due_at, next_attempt_at,
-                        token_expires_at, detail, sent_at)
+                        claim_at, token_expires_at, detail, sent_at)
 SELECT x.e, (SELECT community FROM episodes WHERE event_id = x.e), x.p, x.s, x.r, x.n, x.ph,
        string_to_array(x.u, E'\\n'), x.st, to_timestamp(x.d), to_timestamp(x.d),
-       to_timestamp(x.d) + make_interval(secs => %s), x.dt,
+       to_timestamp(x.d) - make_interval(secs => """ + HEAD_START.format(purpose="x.p", step="x.s") + """),
+       to_timestamp(x.d) + make_interval(secs => %(ttl)s), x.dt,
        CASE WHEN x.st = 'skipped' THEN clock_timestamp() END
-  FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-              %s::float8[], %s::text[]) AS x(e, p, s, r, n, ph, u, st, d, dt)
+  FROM unnest(%(e)s::text[], %(p)s::text[], %(s)s::int[], %(r)s::text[], %(n)s::text[], %(ph)s::text[],
+              %(u)s::text[], %(st)s::text[], %(d)s::float8[], %(dt)s::text[]) AS x(e, p, s, r, n, ph, u, st, d, dt)
 ON CONFLICT (event_id, purpose, role, name) DO NOTHING
 """
+DELIVERY_COLUMNS = ("e", "p", "s", "r", "n", "ph", "u", "st", "d", "dt")
 
-#: Everyone told of an episode (delivered, or reached by the gateway's own SMS) who has no ``%s`` message yet.
-FOLLOW_UP = """
-INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls)
-SELECT d.event_id, d.community, %s, d.step, d.role, d.name, d.phone, d.urls
+#: Everyone told of an episode (delivered, or reached by the gateway's own SMS) who has no ``purpose`` message yet.
+FOLLOW_UP = f"""
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, claim_at)
+SELECT d.event_id, d.community, %(purpose)s, d.step, d.role, d.name, d.phone, d.urls,
+       clock_timestamp() - make_interval(secs => {HEAD_START_S})
   FROM deliveries d
- WHERE d.event_id = %s AND d.purpose = 'alarm' AND d.status IN ('sent', 'skipped')
+ WHERE d.event_id = %(event)s AND d.purpose = 'alarm' AND d.status IN ('sent', 'skipped')
 ON CONFLICT (event_id, purpose, role, name) DO NOTHING
 """
 
 #: A delivered alarm message of an episode acknowledged or cleared meanwhile: its own notice (the acknowledgement
 #: or the all-clear), queued under the episode's row lock (``FOR SHARE``) that the acknowledgement and the clear
 #: take ``FOR UPDATE``. Run after the message's ``sent`` status, in the same transaction.
-FOLLOW_UP_IF_OVER = """
+FOLLOW_UP_IF_OVER = f"""
 WITH p AS (SELECT event_id, acked_at IS NOT NULL AS acked, cleared_at IS NOT NULL AS cleared
-             FROM episodes WHERE event_id = %s FOR SHARE)
-INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls)
-SELECT d.event_id, d.community, x.purpose, d.step, d.role, d.name, d.phone, d.urls
+             FROM episodes WHERE event_id = %(event)s FOR SHARE)
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, claim_at)
+SELECT d.event_id, d.community, x.purpose, d.step, d.role, d.name, d.phone, d.urls,
+       clock_timestamp() - make_interval(secs => {HEAD_START_S})
   FROM p JOIN deliveries d ON d.event_id = p.event_id
        JOIN (VALUES ('ack'), ('clear')) AS x(purpose) ON (x.purpose = 'ack' AND p.acked) OR (x.purpose = 'clear'
                                                           AND p.cleared)
@@ -220,9 +239,11 @@ UPDATE deliveries
    SET status = %(status)s, attempts = %(attempt)s, detail = %(detail)s,
        sent_at = CASE WHEN %(status)s = 'sent' THEN clock_timestamp() END,
        next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
-                              ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8) END
+                              ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8) END,
+       claim_at = CASE WHEN %(delay)s::float8 IS NULL THEN claim_at
+                       ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8 - {head}) END
  WHERE id = %(id)s
-"""
+""".replace("{head}", HEAD_START.format(purpose="purpose", step="step"))
 
 CANCEL_PENDING_ALARMS = """
 UPDATE deliveries SET status = 'cancelled', detail = %s
@@ -230,14 +251,15 @@ UPDATE deliveries SET status = 'cancelled', detail = %s
                 FOR UPDATE SKIP LOCKED)
 """
 
-#: One due delivery of the community, locked (the others' locked ones skipped), then its episode by key. The
-#: lock is taken on ``deliveries`` alone, through its own index, so the plan stays one index step whatever the
-#: tables' statistics (a join here, planned on a fresh table's, walked every episode for every row: 180 ms a claim).
+#: One due delivery of the community, the first in claim order (:data:`HEAD_START`), locked (the others' locked
+#: ones skipped), then its episode by key. The lock is taken on ``deliveries`` alone, through its own index, so the
+#: plan stays one index step whatever the tables' statistics (a join here, planned on a fresh table's, walked every
+#: episode for every row: 180 ms a claim).
 CLAIM = """
 WITH claimed AS (
     SELECT id FROM deliveries
      WHERE status = 'pending' AND community = %s AND next_attempt_at <= statement_timestamp()
-     ORDER BY community, next_attempt_at
+     ORDER BY community, claim_at
      LIMIT 1
        FOR UPDATE SKIP LOCKED)
 SELECT d.id, d.event_id, d.purpose, d.step, d.role, d.name, d.phone, d.urls, d.attempts,
@@ -413,7 +435,7 @@ async def _acknowledge(conn: psycopg.AsyncConnection[Any], event_id: str, by: st
         await conn.execute("UPDATE episodes SET acked_at = clock_timestamp(), acked_by = %s, next_step_at = NULL "
                            "WHERE event_id = %s", (by, event_id))
         await conn.execute(CANCEL_PENDING_ALARMS, (f"acknowledged by {by}", event_id))
-        await conn.execute(FOLLOW_UP, ("ack", event_id))
+        await conn.execute(FOLLOW_UP, {"purpose": "ack", "event": event_id})
     _emit("acknowledged", event_id=event_id, by=by)
     return AckResult("acknowledged", event_id, by)
 
@@ -633,6 +655,10 @@ class Notifier:
                 return p
         return Person(name, phone, role)
 
+    def _delivery_args(self, cols: list[list[Any]]) -> dict[str, Any]:
+        """:data:`INSERT_DELIVERIES`' arguments: the columns :meth:`_rows_for` filled, and the links' lifetime."""
+        return {"ttl": self.s.ack_link_ttl_s, **dict(zip(DELIVERY_COLUMNS, cols, strict=True))}
+
     def _rows_for(self, event_id: str, step: int, people: Sequence[Person], due: float, skip_roles: frozenset[str],
                   cols: list[list[Any]]) -> None:
         for p in people:
@@ -700,7 +726,7 @@ class Notifier:
                 await conn.execute("UPDATE episodes p SET next_step_at = to_timestamp(x.t) FROM unnest(%s::text[], "
                                    "%s::float8[]) AS x(e, t) WHERE p.event_id = x.e", climbing)
             if dcols[0]:
-                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+                await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
         for event_id in new:
             _emit("opened", event_id=event_id, name=self.s.name)
         return len(new)
@@ -736,7 +762,7 @@ class Notifier:
                     done += 1
                     _emit("escalated", event_id=p["event_id"], steps=steps, name=self.s.name)
             if dcols[0]:
-                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+                await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
         return done
 
     # ------------------------------------------------------------------------------ closing
@@ -772,7 +798,7 @@ class Notifier:
                     await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
                                        "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
                     await conn.execute(CANCEL_PENDING_ALARMS, ("cleared before it was sent", event_id))
-                    await conn.execute(FOLLOW_UP, ("clear", event_id))
+                    await conn.execute(FOLLOW_UP, {"purpose": "clear", "event": event_id})
                 await conn.execute("UPDATE clears SET closed = %s WHERE event_id = %s", (len(ids), end["event_id"]))
             for event_id in ids:
                 _emit("cleared", event_id=event_id, by=end["event_id"], name=self.s.name)
@@ -868,7 +894,7 @@ class Notifier:
         if outcome == "delivered" and r["purpose"] == "alarm":
             # Meet acknowledgements and clears on the episode's lock: one committed before is seen here, one
             # committing after sees this message as sent.
-            conn.execute(FOLLOW_UP_IF_OVER, (r["event_id"],))
+            conn.execute(FOLLOW_UP_IF_OVER, {"event": r["event_id"]})
 
     @property
     def sent(self) -> int:

@@ -407,3 +407,56 @@ def test_a_claim_is_one_step_down_the_pending_index_whatever_the_statistics(stac
         for query, cte in ((CLAIM, "claimed"), (DUE_EPISODES, "due")):
             plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", (COMMUNITY,)).fetchall())
             assert f"CTE {cte}" in plan and "Join Filter" not in plan, plan
+
+
+def test_a_step_due_while_first_step_messages_queue_goes_before_them(stack: Stack) -> None:
+    """A burst queues first-step messages faster than they are sent; a later step of an older alarm comes due
+    meanwhile: it is claimed before the queued first steps (they became due less than the head start before it),
+    not after them. One instance of one lane, for another community, so the order of claims is the order
+    received."""
+    from tests.support.notifier import event, start_notifier, store_events, write_contacts, write_notifier_config
+
+    workdir = stack.workdir / "queue"
+    workdir.mkdir()
+    buildings = {"q1": {"units": ["u1"], "households": {f"u1-{i:03d}": {"relatives": 1} for i in range(20)}}}
+    write_contacts(workdir / "contacts.toml", stack.receiver, "cq", buildings)
+    write_notifier_config(workdir / "notifier.toml", community="cq", public_url="http://127.0.0.1:9",
+                          escalate_after_s=STEP_S, in_flight=1)
+    proc = start_notifier(workdir, stack.pg.dsn, "notifier-queue")
+    try:
+        old = event("cq", "q1", "alarm", "raised", unit="u1", household="u1-000", device="gas-u1-000")
+        store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", [old])
+        ref = old["event_id"]
+        stack.receiver.wait_for(lambda _: len(stack.receiver.about(ref, "alarm")) == 2, timeout=10, what="step 1")
+        burst = [event("cq", "q1", "alarm", "raised", unit="u1", household=f"u1-{i:03d}", device=f"gas-u1-{i:03d}")
+                 for i in range(1, 20)]
+        queued = "SELECT count(*) FROM deliveries WHERE event_id = ANY(%s) AND status = 'pending'"
+
+        def held(_: Any) -> None:  # the lane sends the burst's first message: hold it until the step is due
+            wait_until(lambda: stack.rows("SELECT 1 FROM deliveries WHERE event_id = %s AND step = 2", ref)
+                       and stack.rows(queued, [e["event_id"] for e in burst]) == [(2 * len(burst) - 1,)],
+                       timeout=3 * STEP_S, message="step 2 created with the burst queued")
+
+        first = f"/to/rel0-q1-{burst[0]['household']}"
+        stack.receiver.hold[first] = 0.01
+        stack.receiver.on_hold = held
+        try:
+            store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", burst[:1])
+            stack.receiver.wait_for(lambda _: any(m.path == first for m in stack.receiver.messages), timeout=10,
+                                    what="the burst's first message")
+            store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", burst[1:])
+            step2 = {"/to/head-q1", "/to/grid"}
+            stack.receiver.wait_for(lambda _: {m.path for m in stack.receiver.about(ref, "alarm")} >= step2,
+                                    timeout=3 * STEP_S + 10, what="step 2")
+        finally:
+            stack.receiver.hold.clear()
+            stack.receiver.on_hold = None
+        refs = {e["event_id"] for e in burst}
+        order = [(m.ref, m.path) for m in stack.receiver.messages if m.ref == ref or m.ref in refs]
+        after_hold = order[order.index((burst[0]["event_id"], first)) + 1:]
+        # Step 2's two messages next, before any of the 37 first-step messages queued before it was due.
+        assert {p for _, p in after_hold[:2]} == step2 and {r for r, _ in after_hold[:2]} == {ref}, after_hold[:5]
+        stack.receiver.wait_for(lambda _: sum(m.ref in refs for m in stack.receiver.messages) >= 2 * len(burst),
+                                timeout=30, what="the burst's first-step messages after the step")
+    finally:
+        proc.stop(signal.SIGTERM, timeout=20)
