@@ -404,8 +404,8 @@ def test_a_claim_is_one_step_down_the_pending_index_whatever_the_statistics(stac
     from fleet.notifier import CLAIM, DUE_EPISODES
 
     with psycopg.connect(stack.pg.dsn, autocommit=True) as c:
-        for query, cte in ((CLAIM, "claimed"), (DUE_EPISODES, "due")):
-            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", (COMMUNITY,)).fetchall())
+        for query, cte, args in ((CLAIM, "claimed", (COMMUNITY, 16)), (DUE_EPISODES, "due", (COMMUNITY,))):
+            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", args).fetchall())
             assert f"CTE {cte}" in plan and "Join Filter" not in plan, plan
 
 
@@ -460,3 +460,53 @@ def test_a_step_due_while_first_step_messages_queue_goes_before_them(stack: Stac
                                 timeout=30, what="the burst's first-step messages after the step")
     finally:
         proc.stop(signal.SIGTERM, timeout=20)
+
+
+def test_an_outcome_logged_by_a_lane_killed_before_its_commit_is_taken_not_sent_again(stack: Stack) -> None:
+    """A lane commits each attempt's outcome (an ``attempts`` row) before its next message and the deliveries'
+    statuses once a batch is sent: killed in between, its batch rolls back, and the next claim takes the logged
+    outcome instead of sending the message again."""
+    from tests.support.notifier import event, start_notifier, store_events, write_contacts, write_notifier_config
+
+    workdir = stack.workdir / "logged"
+    workdir.mkdir()
+    write_contacts(workdir / "contacts.toml", stack.receiver, "cl",
+                   {"l1": {"units": ["u1"], "households": {"u1-101": {"relatives": 1}}}})
+    write_notifier_config(workdir / "notifier.toml", community="cl", public_url="http://127.0.0.1:9",
+                          escalate_after_s=3600, in_flight=1)
+    raised = event("cl", "l1", "alarm", "raised", unit="u1", household="u1-101", device="gas-l1")
+    ref, path = raised["event_id"], "/to/rel0-l1-u1-101"
+    first = start_notifier(workdir, stack.pg.dsn, "notifier-logged-1")
+    killed: list[int] = []
+
+    def log_then_kill(msg: Any) -> None:  # the message is out: its outcome logged as the lane does, then kill -9
+        if msg.ref != ref or killed:
+            return
+        delivery = stack.rows("SELECT id FROM deliveries WHERE event_id = %s AND role = 'relative'", ref)[0][0]
+        stack.rows("INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail) VALUES "
+                   "(%s, 1, 'notifier-logged-1', clock_timestamp(), 'delivered', 'logged') RETURNING 1", delivery)
+        killed.append(first.proc.pid)
+        os.kill(first.proc.pid, signal.SIGKILL)
+
+    stack.receiver.hold[path] = 0.01
+    stack.receiver.on_hold = log_then_kill
+    try:
+        store_events(stack.pg.dsn, workdir / "contacts.toml", "cl", [raised])
+        stack.receiver.wait_for(lambda _: bool(killed), timeout=10, what="the relative's message")
+        first.proc.wait(10)
+    finally:
+        stack.receiver.hold.clear()
+        stack.receiver.on_hold = None
+    status = "SELECT status, attempts FROM deliveries WHERE event_id = %s AND role = 'relative'"
+    assert stack.rows(status, ref) == [("pending", 0)]  # the batch rolled back with the kill
+    second = start_notifier(workdir, stack.pg.dsn, "notifier-logged-2")
+    try:
+        wait_until(lambda: stack.rows(status, ref) == [("sent", 1)], timeout=10, message="the logged outcome taken")
+        stack.receiver.wait_for(lambda _: any(m.path == "/to/head-l1-u1" for m in stack.receiver.about(ref)),
+                                timeout=10, what="the unit head's message")
+        assert [m.path for m in stack.receiver.about(ref)].count(path) == 1
+        assert stack.rows("SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                          "WHERE d.event_id = %s AND d.role = 'relative'", ref) == [(1,)]
+    finally:
+        second.stop(signal.SIGTERM, timeout=20)
+        first.stop(signal.SIGTERM, timeout=5)
