@@ -4,16 +4,17 @@ Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes 
 each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
-* **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 4 by default). A lane claims
-  one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED`` (a later step, an acknowledgement notice and an
-  all-clear first: :data:`HEAD_START_S`), sends it through Apprise while holding it, and
-  commits its outcome (an ``attempts`` row) with its new status in that same transaction; the outcome, the commit
-  and the next claim go to PostgreSQL in one round trip (a pipeline), and the commit is confirmed before the next
-  message leaves. An instance killed mid-send loses nothing: its transactions roll back, the rows are free again,
-  and another instance sends them. The messages in flight may have left before the kill: **at most
-  ``in_flight`` duplicates per instance killed, each of a different message**: each lane is a worker, and a person
-  gets at most one duplicate of a message. A failed
-  attempt is tried again after a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance.
+* **deliver** — ``in_flight`` sending lanes (threads, each with two connections; 4 by default). A lane claims a
+  batch of due ``pending`` deliveries with ``FOR NO KEY UPDATE SKIP LOCKED`` (a later step, an acknowledgement
+  notice and an all-clear first: :data:`HEAD_START_S`) and sends them through Apprise one by one while holding
+  them; each attempt's outcome (an ``attempts`` row) is committed on its second connection before the next
+  message leaves, and the deliveries' statuses in one statement once the batch is out (:data:`CLAIM_BATCH`,
+  :data:`BATCH_S`). An instance killed mid-batch loses nothing: its batches roll back, the rows are free again,
+  and another instance takes the outcomes logged and sends the rest. The messages in flight may have left
+  before the kill: **at most ``in_flight`` duplicates per instance killed, each of a different message**: each
+  lane is a worker, and a person gets at most one duplicate of a message. A failed attempt is tried again after
+  a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance, and each lane keeps its HTTP
+  connections (:func:`keep_connections`).
 * **escalate** — on a loop and a connection of its own, every ``poll_s``: takes the episodes whose next step is
   due (``FOR UPDATE SKIP LOCKED``) and creates that step's deliveries in the same transaction as the step count,
   so a step is never skipped nor created twice, nor held back by a burst being opened or cleared.
@@ -777,21 +778,28 @@ class Notifier:
     # ------------------------------------------------------------------------------ escalating
 
     async def escalate(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        """The due steps of every episode whose next step is due, each with its deliveries, atomically."""
+        """The due steps of every episode whose next step is due, each with its deliveries, atomically: four
+        statements however many episodes are due (a burst's alarms come due together a step later)."""
         done = 0
         async with conn.transaction():
             cur = await conn.execute(DUE_EPISODES, (self.s.community,))
             rows = await cur.fetchall()
+            if not rows:
+                return 0
+            cur = await conn.execute("SELECT event_id, role, name FROM deliveries WHERE event_id = ANY(%s) "
+                                     "AND purpose = 'alarm'", ([p["event_id"] for p in rows],))
+            told_by: dict[str, set[tuple[str, str]]] = {}
+            for r in await cur.fetchall():
+                told_by.setdefault(r["event_id"], set()).add((r["role"], r["name"]))
             dcols: list[list[Any]] = [[] for _ in range(10)]
+            moved: list[list[Any]] = [[], [], []]  # event id, step reached, next step's due time
             ladder = self.s.ladder
             for p in rows:
                 closed = p["acked_at"] is not None or p["cleared_at"] is not None
                 opened, alone = float(p["opened"]), bool(p["alone"])
                 steps = ladder.due_steps(kind=p["kind"], opened_at=opened, started=p["step"], now=float(p["now"]),
                                          alone=alone, closed=closed)
-                cur = await conn.execute("SELECT role, name FROM deliveries WHERE event_id = %s AND purpose = 'alarm'",
-                                         (p["event_id"],))
-                told = {(r["role"], r["name"]) for r in await cur.fetchall()}
+                told = told_by.get(p["event_id"], set())
                 for step in steps:
                     people = [q for q in self._people(p, ladder.roles(step, alone)) if (q.role, q.name) not in told]
                     told |= {(q.role, q.name) for q in people}
@@ -799,11 +807,13 @@ class Notifier:
                                    gateway_sms_roles(p["body"] or {}), dcols)
                 top = steps[-1] if steps else p["step"]
                 nxt = ladder.next_due(kind=p["kind"], opened_at=opened, started=top, alone=alone, closed=closed)
-                await conn.execute("UPDATE episodes SET step = %s, next_step_at = to_timestamp(%s) WHERE event_id = %s",
-                                   (top, nxt, p["event_id"]))
+                for col, v in zip(moved, (p["event_id"], top, nxt), strict=True):
+                    col.append(v)
                 if steps:
                     done += 1
                     _emit("escalated", event_id=p["event_id"], steps=steps, name=self.s.name)
+            await conn.execute("UPDATE episodes p SET step = x.s, next_step_at = to_timestamp(x.t) FROM unnest("
+                               "%s::text[], %s::int[], %s::float8[]) AS x(e, s, t) WHERE p.event_id = x.e", moved)
             if dcols[0]:
                 await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
         return done
@@ -999,6 +1009,10 @@ class _KeptSession(requests.Session):
             return super().merge_environment_settings(url, proxies, stream, verify, cert)
         parts = urlsplit(str(url))
         key = (f"{parts.scheme}://{parts.netloc}", stream, verify, cert)
+        try:
+            hash(key)
+        except TypeError:  # a plugin's certificate as a list: not kept
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
         if key not in self._env:
             self._env[key] = super().merge_environment_settings(url, {}, stream, verify, cert)
         found = self._env[key]
