@@ -578,6 +578,8 @@ class Notifier:
         self._halt = threading.Event()
         self._wakes = [threading.Event() for _ in range(settings.in_flight)]
         self._channels = Channels()
+        self._steps_created = 0
+        """Bumped each time :meth:`escalate` creates a step's messages: a lane ends its batch early to claim them."""
         self._last_sweep = -SWEEP_S
 
     def stop(self) -> None:
@@ -816,6 +818,8 @@ class Notifier:
                                "%s::text[], %s::int[], %s::float8[]) AS x(e, s, t) WHERE p.event_id = x.e", moved)
             if dcols[0]:
                 await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
+        if dcols[0]:
+            self._steps_created += 1  # committed: the lanes end their batches and claim them first
         return done
 
     # ------------------------------------------------------------------------------ closing
@@ -924,7 +928,8 @@ class Notifier:
     def _deliver(self, conn: psycopg.Connection[Any], log: psycopg.Connection[Any], batch: int) -> tuple[int, int]:
         """Claim and send batches until none is due: (messages tried, the next batch's size). A batch is claimed in
         one statement and recorded in one; each message's outcome is committed (``log``) before the next leaves,
-        and the batch stops after BATCH_S so that its rows (and a step or notice due meanwhile) do not wait long.
+        and the batch stops after BATCH_S so that its rows (and a notice due meanwhile) do not wait long, and at
+        once when :meth:`escalate` has created a step's messages (they are claimed first).
         Its size doubles while a whole batch is sent within BATCH_S (to CLAIM_BATCH), and falls to what was sent
         when it is not: with a slow provider each lane claims one at a time and leaves the rest to the others."""
         tried = 0
@@ -937,9 +942,9 @@ class Notifier:
                     break
                 done: list[tuple[Mapping[str, Any], int, str, str]] = []
                 unsent: list[int] = []
-                deadline = time.monotonic() + BATCH_S
+                deadline, steps = time.monotonic() + BATCH_S, self._steps_created
                 for r in rows:
-                    if done and (self._halt.is_set() or time.monotonic() > deadline):
+                    if done and (self._halt.is_set() or time.monotonic() > deadline or self._steps_created != steps):
                         unsent.append(r["id"])
                     elif r["logged"] is not None and r["logged"] > r["attempts"]:  # a lane killed before its commit
                         done.append((r, r["logged"], r["logged_outcome"], r["logged_detail"] or ""))
