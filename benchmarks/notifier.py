@@ -168,23 +168,27 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
         else:
             store_events(pg.dsn, workdir / "contacts.toml", "c1", [])  # the inbox's tables
         before = count.value
-        procs = [start_notifier(workdir, pg.dsn, f"notifier-{i + 1}") for i in range(instances)]
-        watched = [psutil.Process(p.proc.pid) for p in procs]
-        server_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
-        user0, system0 = _cpu(watched)
-        server0, receiver0 = _tree_cpu(server_pid), _tree_cpu(receiver_pid)
-        t0 = time.perf_counter()
-        stored = _paced(pg, workdir / "contacts.toml", events, rate) if rate is not None else {}
-        first = None if rate is None else t0  # paced: from the first alarm stored
-        while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
-            if first is None and count.value > before:
-                first = time.perf_counter()
-            time.sleep(0.01)
-        seconds = time.perf_counter() - (first or t0)
-        user, system = _cpu(watched)
-        server, receiver = _spent(server0, _tree_cpu(server_pid)), _spent(receiver0, _tree_cpu(receiver_pid))
-        for p in procs:
-            p.stop(signal.SIGTERM, timeout=20)
+        procs: list[Any] = []
+        try:  # every instance started is stopped, whatever fails
+            for i in range(instances):
+                procs.append(start_notifier(workdir, pg.dsn, f"notifier-{i + 1}"))
+            watched = [psutil.Process(p.proc.pid) for p in procs]
+            server_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
+            user0, system0 = _cpu(watched)
+            server0, receiver0 = _tree_cpu(server_pid), _tree_cpu(receiver_pid)
+            t0 = time.perf_counter()
+            stored = _paced(pg, workdir / "contacts.toml", events, rate) if rate is not None else {}
+            first = None if rate is None else t0  # paced: from the first alarm stored
+            while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
+                if first is None and count.value > before:
+                    first = time.perf_counter()
+                time.sleep(0.01)
+            seconds = time.perf_counter() - (first or t0)
+            user, system = _cpu(watched)
+            server, receiver = _spent(server0, _tree_cpu(server_pid)), _spent(receiver0, _tree_cpu(receiver_pid))
+        finally:
+            for p in procs:
+                p.stop(signal.SIGTERM, timeout=20)
     sent = count.value - before
     per = 1000 / max(1, sent)
     latency: dict[str, Any] = {}

@@ -655,12 +655,16 @@ class Notifier:
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
 
-    async def _reconnect(self) -> psycopg.AsyncConnection[Any]:
-        while True:
+    async def _reconnect(self) -> psycopg.AsyncConnection[Any] | None:
+        """A new connection, tried every second; None once stopped (a SIGTERM ends an instance whose database is
+        gone: it used to try for ever)."""
+        while not self._stop.is_set():
             try:
                 return await self._connect()
             except psycopg.OperationalError:
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+        return None
 
     async def _wait_for_inbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The inbox creates ``events`` and ``notifications``; the notifier's tables refer to them."""
