@@ -7,14 +7,16 @@ received → last), ``messages_per_s`` with 1 and with ``--instances`` instances
 process sending the same number of messages through Apprise to the same receiver, one ``Apprise()`` each, no
 database), and the notifier processes' CPU per message once started (``cpu_ms_per_message``, user and system;
 the start, Apprise's plugins loading, is left out), PostgreSQL's and the receiver's CPU per message, and the
-machine's load average. ``--in-flight`` sets the
-notifier's ``in_flight`` (messages one instance sends at once; its default when not given). Without PostgreSQL,
-Apprise or another package it needs, the line says why in ``error`` (with what was measured before).
+machine's load average; ``rows`` (the messages), ``instances``. ``--in-flight`` sets the notifier's
+``in_flight`` (its sending lanes: messages one instance sends at once; its default when not given). The receiver
+keeps connections open (HTTP/1.1, as a provider's API does); ``--close`` makes it close each after its answer
+(HTTP/1.0). Without PostgreSQL, Apprise or another package it needs, the line says why in ``error`` (with what
+was measured before).
 
 With ``--rate R`` the alarms are stored at R a second (as the inbox stores them) while the notifiers run, and
 ``notified_p50_ms`` / ``notified_p99_ms`` are the times from each alarm's commit to its messages received.
 
-``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2] [--in-flight N] [--rate R]``
+``.venv/bin/python benchmarks/notifier.py [--alarms 1000] [--instances 2] [--in-flight N] [--rate R] [--close]``
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ except ImportError as exc:  # the JSON line all the same, naming what is missing
     MISSING = exc
 
 
-def _serve(port_out: Any, count_out: Any, stop: Any, log: str) -> None:
+def _serve(port_out: Any, count_out: Any, stop: Any, log: str, keep_alive: bool = True) -> None:
     """The receiver in a process of its own, so that it does not share the notifier's or Apprise's CPU time; each
     message's ref and arrival time appended to ``log``."""
-    receiver = Receiver()
+    receiver = Receiver(keep_alive=keep_alive)
     port_out.value = receiver.port
     written = 0
     with open(log, "a", encoding="utf-8") as out:
@@ -166,23 +168,27 @@ def _run(workdir: Path, alarms: int, instances: int, port: int, count: Any, in_f
         else:
             store_events(pg.dsn, workdir / "contacts.toml", "c1", [])  # the inbox's tables
         before = count.value
-        procs = [start_notifier(workdir, pg.dsn, f"notifier-{i + 1}") for i in range(instances)]
-        watched = [psutil.Process(p.proc.pid) for p in procs]
-        server_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
-        user0, system0 = _cpu(watched)
-        server0, receiver0 = _tree_cpu(server_pid), _tree_cpu(receiver_pid)
-        t0 = time.perf_counter()
-        stored = _paced(pg, workdir / "contacts.toml", events, rate) if rate is not None else {}
-        first = None if rate is None else t0  # paced: from the first alarm stored
-        while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
-            if first is None and count.value > before:
-                first = time.perf_counter()
-            time.sleep(0.01)
-        seconds = time.perf_counter() - (first or t0)
-        user, system = _cpu(watched)
-        server, receiver = _spent(server0, _tree_cpu(server_pid)), _spent(receiver0, _tree_cpu(receiver_pid))
-        for p in procs:
-            p.stop(signal.SIGTERM, timeout=20)
+        procs: list[Any] = []
+        try:  # every instance started is stopped, whatever fails
+            for i in range(instances):
+                procs.append(start_notifier(workdir, pg.dsn, f"notifier-{i + 1}"))
+            watched = [psutil.Process(p.proc.pid) for p in procs]
+            server_pid = int((pg.data / "postmaster.pid").read_text().split()[0])
+            user0, system0 = _cpu(watched)
+            server0, receiver0 = _tree_cpu(server_pid), _tree_cpu(receiver_pid)
+            t0 = time.perf_counter()
+            stored = _paced(pg, workdir / "contacts.toml", events, rate) if rate is not None else {}
+            first = None if rate is None else t0  # paced: from the first alarm stored
+            while count.value - before < 2 * alarms and time.perf_counter() - t0 < 600:
+                if first is None and count.value > before:
+                    first = time.perf_counter()
+                time.sleep(0.01)
+            seconds = time.perf_counter() - (first or t0)
+            user, system = _cpu(watched)
+            server, receiver = _spent(server0, _tree_cpu(server_pid)), _spent(receiver0, _tree_cpu(receiver_pid))
+        finally:
+            for p in procs:
+                p.stop(signal.SIGTERM, timeout=20)
     sent = count.value - before
     per = 1000 / max(1, sent)
     latency: dict[str, Any] = {}
@@ -205,8 +211,11 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, help="the notifier's in_flight (its default when not given)")
     parser.add_argument("--rate", type=float, help="store the alarms at this rate a second while the notifiers run "
                         "(and report the latency to each message) instead of all before they start")
+    parser.add_argument("--close", action="store_true", help="the receiver closes each connection after its "
+                        "answer (HTTP/1.0) instead of keeping it open (HTTP/1.1, as a provider's API)")
     args = parser.parse_args()
-    result: dict[str, Any] = {"alarms": args.alarms, "in_flight": args.in_flight}
+    result: dict[str, Any] = {"alarms": args.alarms, "rows": 2 * args.alarms, "instances": args.instances,
+                              "in_flight": args.in_flight, "receiver_keeps_connections": not args.close}
     try:
         if MISSING is not None:
             raise MISSING
@@ -220,7 +229,8 @@ def _measure(args: argparse.Namespace, result: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="notifier-bench-") as tmp:
         log = Path(tmp) / "received.tsv"
         port, count, stop = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0), multiprocessing.Event()
-        server = multiprocessing.Process(target=_serve, args=(port, count, stop, str(log)), daemon=True)
+        server = multiprocessing.Process(target=_serve, args=(port, count, stop, str(log), not args.close),
+                                         daemon=True)
         server.start()
         while port.value == 0:
             time.sleep(0.01)

@@ -4,15 +4,17 @@ Any number of instances share one PostgreSQL. The inbox (fleet/inbox.py) writes 
 each person its routing names; an instance opens an *episode* for that event (one ``INSERT … ON CONFLICT DO
 NOTHING`` decides which), with a ``deliveries`` row for each person of step 1. Every instance then loops:
 
-* **deliver** — ``in_flight`` sending lanes (threads, each with its own connection; 4 by default). A lane claims
-  one due ``pending`` delivery with ``FOR UPDATE SKIP LOCKED``, sends it through Apprise while holding it, and
-  commits its outcome (an ``attempts`` row) with its new status in that same transaction; the outcome, the commit
-  and the next claim go to PostgreSQL in one round trip (a pipeline), and the commit is confirmed before the next
-  message leaves. An instance killed mid-send loses nothing: its transactions roll back, the rows are free again,
-  and another instance sends them. The messages in flight may have left before the kill: **at most
-  ``in_flight`` duplicates per instance killed, each of a different message**: each lane is a worker, and a person
-  gets at most one duplicate of a message. A failed
-  attempt is tried again after a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance.
+* **deliver** — ``in_flight`` sending lanes (threads, each with two connections; 4 by default). A lane claims a
+  batch of due ``pending`` deliveries with ``FOR NO KEY UPDATE SKIP LOCKED`` (a later step, an acknowledgement
+  notice and an all-clear first: :data:`HEAD_START_S`) and sends them through Apprise one by one while holding
+  them; each attempt's outcome (an ``attempts`` row) is committed on its second connection before the next
+  message leaves, and the deliveries' statuses in one statement once the batch is out (:data:`CLAIM_BATCH`,
+  :data:`BATCH_S`). An instance killed mid-batch loses nothing: its batches roll back, the rows are free again,
+  and another instance takes the outcomes logged and sends the rest. The messages in flight may have left
+  before the kill: **at most ``in_flight`` duplicates per instance killed, each of a different message**: each
+  lane is a worker, and a person gets at most one duplicate of a message. A failed attempt is tried again after
+  a backoff (fleet/ladder.py). Each Apprise URL is parsed once per instance, and each lane keeps its HTTP
+  connections (:func:`keep_connections`).
 * **escalate** — on a loop and a connection of its own, every ``poll_s``: takes the episodes whose next step is
   due (``FOR UPDATE SKIP LOCKED``) and creates that step's deliveries in the same transaction as the step count,
   so a step is never skipped nor created twice, nor held back by a burst being opened or cleared.
@@ -51,10 +53,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import apprise
 import psycopg
+import requests
 from apprise.plugins import url_to_dict
 from psycopg.rows import dict_row
 
@@ -76,6 +79,13 @@ LOOKBACK_S = 24 * 3600.0
 #: by the next sweep, at most SWEEP_S later.
 RECENT_S = 5.0
 SWEEP_S = 10.0
+#: A sending lane claims up to CLAIM_BATCH deliveries at once and sends them for BATCH_S at most before it records
+#: their statuses and claims again (a step or a notice that comes due waits that long at most for a lane).
+CLAIM_BATCH = 16
+BATCH_S = 0.25
+LOG_LOCK_TIMEOUT_S = 10
+#: A lane's HTTP connections are reused while it sends; after this long idle they are closed, not reused.
+KEEP_ALIVE_S = 2.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
@@ -119,9 +129,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
     sent_at          timestamptz,
     detail           text,
     created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    claim_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     UNIQUE (event_id, purpose, role, name)
 );
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (community, next_attempt_at) WHERE status = 'pending';
+DO $$ BEGIN  -- tables of an older version; checked first: ALTER TABLE locks the table even when it does nothing
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'deliveries'::regclass AND attname = 'claim_at') THEN
+        ALTER TABLE deliveries ADD COLUMN claim_at timestamptz NOT NULL DEFAULT clock_timestamp();
+    END IF;
+END $$;
+CREATE INDEX IF NOT EXISTS deliveries_claim ON deliveries (community, claim_at, next_attempt_at)
+ WHERE status = 'pending';
+DROP INDEX IF EXISTS deliveries_pending;
 CREATE TABLE IF NOT EXISTS attempts (
     delivery_id bigint NOT NULL REFERENCES deliveries (id),
     attempt     integer NOT NULL,
@@ -160,49 +178,69 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id, extract(epoch FROM opened_at)
 """
 
-#: A clear (or reset) already handled that ends an episode being opened (one the healer brought back late):
-#: the same gateway and subject, not before it (as :meth:`Notifier.close_episodes` matches them).
+#: For each episode being opened, a clear (or reset) already handled that ends it (the healer brought the alarm
+#: back late): the same gateway and subject, not before it (as :meth:`Notifier.close_episodes` matches them). One
+#: statement for a whole batch of episodes (one each was a round trip per alarm: 8 % of an instance's CPU).
 HANDLED_END = """
-SELECT c.event_id FROM clears h JOIN events c ON c.event_id = h.event_id
- WHERE c.gateway = %(gateway)s AND c.community = %(community)s
-   AND h.handled_at > statement_timestamp() - make_interval(secs => %(lookback)s)
-   AND ((c.action = 'cleared' AND c.kind = %(kind)s
-         AND coalesce(nullif(c.device, ''), nullif(c.body->>'code', ''), '') = %(subject)s)
-        OR (c.kind = 'reset' AND %(kind)s = 'alarm' AND (nullif(c.device, '') IS NULL OR c.device = %(subject)s)))
-   AND (c.detected_at IS NULL OR %(detected)s::timestamptz IS NULL OR %(detected)s::timestamptz <= c.detected_at)
- ORDER BY c.committed_at
- LIMIT 1
+SELECT x.e AS event_id, h.end_id
+  FROM unnest(%(events)s::text[], %(gateways)s::text[], %(kinds)s::text[], %(subjects)s::text[],
+              %(detected)s::timestamptz[]) AS x(e, g, k, s, t)
+       CROSS JOIN LATERAL (
+           SELECT c.event_id AS end_id FROM clears h JOIN events c ON c.event_id = h.event_id
+            WHERE c.gateway = x.g AND c.community = %(community)s
+              AND h.handled_at > statement_timestamp() - make_interval(secs => %(lookback)s)
+              AND ((c.action = 'cleared' AND c.kind = x.k
+                    AND coalesce(nullif(c.device, ''), nullif(c.body->>'code', ''), '') = x.s)
+                   OR (c.kind = 'reset' AND x.k = 'alarm' AND (nullif(c.device, '') IS NULL OR c.device = x.s)))
+              AND (c.detected_at IS NULL OR x.t IS NULL OR x.t <= c.detected_at)
+            ORDER BY c.committed_at
+            LIMIT 1) h
 """
+
+#: The order deliveries are claimed in (``claim_at``, earliest first) is when they are due, but HEAD_START_S
+#: earlier for a later step of the ladder, an acknowledgement notice and an all-clear: they go before a backlog of
+#: first-step messages that became due less than HEAD_START_S before them, and after the older ones, so a first
+#: step waits behind them for HEAD_START_S at most. The ladder's steps are due on their time (a step is overdue at
+#: once: the people before did not answer), the notices are few (one a person told), and a burst of alarms can
+#: queue thousands of first-step messages: without the head start a step waited for the whole backlog.
+HEAD_START_S = 60.0
+#: The head start of a row (SQL), ``{purpose}`` and ``{step}`` its columns.
+HEAD_START = f"CASE WHEN {{purpose}} = 'alarm' AND {{step}} = 1 THEN 0 ELSE {HEAD_START_S} END"
 
 INSERT_DELIVERIES = """
 INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, status, due_at, next_attempt_at,
-                        token_expires_at, detail, sent_at)
+                        claim_at, token_expires_at, detail, sent_at)
 SELECT x.e, (SELECT community FROM episodes WHERE event_id = x.e), x.p, x.s, x.r, x.n, x.ph,
        string_to_array(x.u, E'\\n'), x.st, to_timestamp(x.d), to_timestamp(x.d),
-       to_timestamp(x.d) + make_interval(secs => %s), x.dt,
+       to_timestamp(x.d) - make_interval(secs => """ + HEAD_START.format(purpose="x.p", step="x.s") + """),
+       to_timestamp(x.d) + make_interval(secs => %(ttl)s), x.dt,
        CASE WHEN x.st = 'skipped' THEN clock_timestamp() END
-  FROM unnest(%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-              %s::float8[], %s::text[]) AS x(e, p, s, r, n, ph, u, st, d, dt)
+  FROM unnest(%(e)s::text[], %(p)s::text[], %(s)s::int[], %(r)s::text[], %(n)s::text[], %(ph)s::text[],
+              %(u)s::text[], %(st)s::text[], %(d)s::float8[], %(dt)s::text[]) AS x(e, p, s, r, n, ph, u, st, d, dt)
 ON CONFLICT (event_id, purpose, role, name) DO NOTHING
 """
+DELIVERY_COLUMNS = ("e", "p", "s", "r", "n", "ph", "u", "st", "d", "dt")
 
-#: Everyone told of an episode (delivered, or reached by the gateway's own SMS) who has no ``%s`` message yet.
-FOLLOW_UP = """
-INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls)
-SELECT d.event_id, d.community, %s, d.step, d.role, d.name, d.phone, d.urls
+#: Everyone told of an episode (delivered, or reached by the gateway's own SMS) who has no ``purpose`` message yet.
+FOLLOW_UP = f"""
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, claim_at)
+SELECT d.event_id, d.community, %(purpose)s, d.step, d.role, d.name, d.phone, d.urls,
+       clock_timestamp() - make_interval(secs => {HEAD_START_S})
   FROM deliveries d
- WHERE d.event_id = %s AND d.purpose = 'alarm' AND d.status IN ('sent', 'skipped')
+ WHERE d.event_id = %(event)s AND d.purpose = 'alarm' AND d.status IN ('sent', 'skipped')
 ON CONFLICT (event_id, purpose, role, name) DO NOTHING
 """
 
-#: A delivered alarm message of an episode acknowledged or cleared meanwhile: its own notice (the acknowledgement
-#: or the all-clear), queued under the episode's row lock (``FOR SHARE``) that the acknowledgement and the clear
-#: take ``FOR UPDATE``. Run after the message's ``sent`` status, in the same transaction.
-FOLLOW_UP_IF_OVER = """
+#: The delivered alarm messages of episodes acknowledged or cleared meanwhile: their own notices (the
+#: acknowledgement or the all-clear), queued under the episodes' row locks (``FOR SHARE``, in key order) that the
+#: acknowledgement and the clear take ``FOR UPDATE``. Run after the messages' ``sent`` status, in the same
+#: transaction.
+FOLLOW_UP_IF_OVER = f"""
 WITH p AS (SELECT event_id, acked_at IS NOT NULL AS acked, cleared_at IS NOT NULL AS cleared
-             FROM episodes WHERE event_id = %s FOR SHARE)
-INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls)
-SELECT d.event_id, d.community, x.purpose, d.step, d.role, d.name, d.phone, d.urls
+             FROM episodes WHERE event_id = ANY(%(events)s) ORDER BY event_id FOR SHARE)
+INSERT INTO deliveries (event_id, community, purpose, step, role, name, phone, urls, claim_at)
+SELECT d.event_id, d.community, x.purpose, d.step, d.role, d.name, d.phone, d.urls,
+       clock_timestamp() - make_interval(secs => {HEAD_START_S})
   FROM p JOIN deliveries d ON d.event_id = p.event_id
        JOIN (VALUES ('ack'), ('clear')) AS x(purpose) ON (x.purpose = 'ack' AND p.acked) OR (x.purpose = 'clear'
                                                           AND p.cleared)
@@ -210,18 +248,36 @@ SELECT d.event_id, d.community, x.purpose, d.step, d.role, d.name, d.phone, d.ur
 ON CONFLICT (event_id, purpose, role, name) DO NOTHING
 """
 
-#: One attempt's outcome: its ``attempts`` row and the delivery's status (``sent``; ``pending`` again after
-#: ``delay`` s; ``failed`` when the retries are spent), in one statement.
+#: One attempt's outcome, committed at once on the lane's second connection before its next message leaves (the
+#: delivery's row stays locked by the claim meanwhile: the claim's ``FOR NO KEY UPDATE`` lets this row's foreign
+#: key check through). ``%s`` after ``worker``: the seconds the attempt took, so it started that long ago.
+LOG_ATTEMPT = """
+INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail)
+VALUES (%s, %s, %s, clock_timestamp() - make_interval(secs => %s), %s, %s)
+"""
+
+#: The outcomes of a claimed batch, one statement: each delivery's status (``sent``; ``pending`` again after
+#: ``delay`` s from its attempt's end; ``failed`` when the retries are spent) from its logged attempt.
 RECORD = """
-WITH attempt AS (
-    INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail)
-    VALUES (%(id)s, %(attempt)s, %(worker)s, %(started)s, %(outcome)s, %(detail)s))
-UPDATE deliveries
-   SET status = %(status)s, attempts = %(attempt)s, detail = %(detail)s,
-       sent_at = CASE WHEN %(status)s = 'sent' THEN clock_timestamp() END,
-       next_attempt_at = CASE WHEN %(delay)s::float8 IS NULL THEN next_attempt_at
-                              ELSE clock_timestamp() + make_interval(secs => %(delay)s::float8) END
- WHERE id = %(id)s
+UPDATE deliveries d
+   SET status = x.status, attempts = x.attempt, detail = x.detail,
+       sent_at = CASE WHEN x.status = 'sent' THEN a.finished_at END,
+       next_attempt_at = CASE WHEN x.delay IS NULL THEN d.next_attempt_at
+                              ELSE a.finished_at + make_interval(secs => x.delay) END,
+       claim_at = CASE WHEN x.delay IS NULL THEN d.claim_at
+                       ELSE a.finished_at + make_interval(secs => x.delay - {head}) END
+  FROM unnest(%s::bigint[], %s::int[], %s::text[], %s::text[], %s::float8[]) AS x(id, attempt, status, detail, delay)
+       JOIN attempts a ON a.delivery_id = x.id AND a.attempt = x.attempt
+ WHERE d.id = x.id
+""".replace("{head}", HEAD_START.format(purpose="d.purpose", step="d.step"))
+
+#: Alarm messages claimed and not sent (the batch's time was up, or they were over when claimed) whose episode was
+#: acknowledged or cleared meanwhile: the acknowledgement and the clear skipped them while they were locked.
+CANCEL_IF_OVER = """
+UPDATE deliveries d SET status = 'cancelled', detail = 'acknowledged or cleared before it was sent'
+  FROM episodes p
+ WHERE d.id = ANY(%s) AND d.purpose = 'alarm' AND d.status = 'pending' AND p.event_id = d.event_id
+   AND (p.acked_at IS NOT NULL OR p.cleared_at IS NOT NULL)
 """
 
 CANCEL_PENDING_ALARMS = """
@@ -230,21 +286,26 @@ UPDATE deliveries SET status = 'cancelled', detail = %s
                 FOR UPDATE SKIP LOCKED)
 """
 
-#: One due delivery of the community, locked (the others' locked ones skipped), then its episode by key. The
-#: lock is taken on ``deliveries`` alone, through its own index, so the plan stays one index step whatever the
-#: tables' statistics (a join here, planned on a fresh table's, walked every episode for every row: 180 ms a claim).
+#: Up to ``%s`` due deliveries of the community, the first in claim order (:data:`HEAD_START`), locked (the others'
+#: locked ones skipped), then their episodes by key and each one's last logged attempt. The lock is taken on
+#: ``deliveries`` alone, through its own index, so the plan stays one index step whatever the tables' statistics (a
+#: join here, planned on a fresh table's, walked every episode for every row: 180 ms a claim).
 CLAIM = """
 WITH claimed AS (
     SELECT id FROM deliveries
      WHERE status = 'pending' AND community = %s AND next_attempt_at <= statement_timestamp()
-     ORDER BY community, next_attempt_at
-     LIMIT 1
-       FOR UPDATE SKIP LOCKED)
+     ORDER BY community, claim_at
+     LIMIT %s
+       FOR NO KEY UPDATE SKIP LOCKED)
 SELECT d.id, d.event_id, d.purpose, d.step, d.role, d.name, d.phone, d.urls, d.attempts,
+       l.attempt AS logged, l.outcome AS logged_outcome, l.detail AS logged_detail,
        p.community, p.building, p.unit, p.household, p.what, p.kind, extract(epoch FROM p.detected_at) AS detected,
        extract(epoch FROM p.opened_at) AS opened, p.acked_by, extract(epoch FROM p.acked_at) AS acked,
-       extract(epoch FROM p.cleared_at) AS cleared, clock_timestamp() AS claimed_at
+       extract(epoch FROM p.cleared_at) AS cleared
   FROM claimed c JOIN deliveries d ON d.id = c.id JOIN episodes p ON p.event_id = d.event_id
+       LEFT JOIN LATERAL (SELECT attempt, outcome, detail FROM attempts a WHERE a.delivery_id = d.id
+                           ORDER BY attempt DESC LIMIT 1) l ON true
+ ORDER BY d.claim_at
 """
 
 #: Episodes whose next step is due, locked (others' skipped), then their events by key (as :data:`CLAIM`).
@@ -413,7 +474,7 @@ async def _acknowledge(conn: psycopg.AsyncConnection[Any], event_id: str, by: st
         await conn.execute("UPDATE episodes SET acked_at = clock_timestamp(), acked_by = %s, next_step_at = NULL "
                            "WHERE event_id = %s", (by, event_id))
         await conn.execute(CANCEL_PENDING_ALARMS, (f"acknowledged by {by}", event_id))
-        await conn.execute(FOLLOW_UP, ("ack", event_id))
+        await conn.execute(FOLLOW_UP, {"purpose": "ack", "event": event_id})
     _emit("acknowledged", event_id=event_id, by=by)
     return AckResult("acknowledged", event_id, by)
 
@@ -517,6 +578,8 @@ class Notifier:
         self._halt = threading.Event()
         self._wakes = [threading.Event() for _ in range(settings.in_flight)]
         self._channels = Channels()
+        self._steps_created = 0
+        """Bumped each time :meth:`escalate` creates a step's messages: a lane ends its batch early to claim them."""
         self._last_sweep = -SWEEP_S
 
     def stop(self) -> None:
@@ -530,6 +593,7 @@ class Notifier:
         """Loop until :meth:`stop`. Every statement uses the database's clock, so instances agree on time."""
         # Apprise loads its plugins on first use (about a second here): before the first alarm, not during it.
         await asyncio.to_thread(apprise.Apprise().add, "json://localhost")
+        keep_connections()
         conn = await self._connect()
         await self._wait_for_inbox(conn)
         await ensure_schema(conn)
@@ -591,12 +655,16 @@ class Notifier:
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         return await psycopg.AsyncConnection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
 
-    async def _reconnect(self) -> psycopg.AsyncConnection[Any]:
-        while True:
+    async def _reconnect(self) -> psycopg.AsyncConnection[Any] | None:
+        """A new connection, tried every second; None once stopped (a SIGTERM ends an instance whose database is
+        gone: it used to try for ever)."""
+        while not self._stop.is_set():
             try:
                 return await self._connect()
             except psycopg.OperationalError:
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+        return None
 
     async def _wait_for_inbox(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """The inbox creates ``events`` and ``notifications``; the notifier's tables refer to them."""
@@ -632,6 +700,10 @@ class Notifier:
             if p.name == name:
                 return p
         return Person(name, phone, role)
+
+    def _delivery_args(self, cols: list[list[Any]]) -> dict[str, Any]:
+        """:data:`INSERT_DELIVERIES`' arguments: the columns :meth:`_rows_for` filled, and the links' lifetime."""
+        return {"ttl": self.s.ack_link_ttl_s, **dict(zip(DELIVERY_COLUMNS, cols, strict=True))}
 
     def _rows_for(self, event_id: str, step: int, people: Sequence[Person], due: float, skip_roles: frozenset[str],
                   cols: list[list[Any]]) -> None:
@@ -670,15 +742,19 @@ class Notifier:
             dcols: list[list[Any]] = [[] for _ in range(10)]
             climbing: tuple[list[str], list[float]] = ([], [])
             ladder = self.s.ladder
+            ended: dict[str, str] = {}
+            if new:
+                cur = await conn.execute(HANDLED_END, {
+                    "events": list(new), "gateways": [events[i]["gateway"] for i in new],
+                    "kinds": [events[i]["kind"] for i in new], "subjects": [_subject(events[i]) for i in new],
+                    "detected": [events[i]["detected_at"] for i in new], "community": self.s.community,
+                    "lookback": LOOKBACK_S})
+                ended = {r["event_id"]: r["end_id"] for r in await cur.fetchall()}
             for event_id, opened in new.items():
                 e = events[event_id]
-                cur = await conn.execute(HANDLED_END, {
-                    "gateway": e["gateway"], "community": e["community"], "lookback": LOOKBACK_S, "kind": e["kind"],
-                    "subject": _subject(e), "detected": e["detected_at"]})
-                end = await cur.fetchone()
-                if end is not None:  # its clear came (and was handled) first: opened closed, nobody told
+                if event_id in ended:  # its clear came (and was handled) first: opened closed, nobody told
                     await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
-                                       "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
+                                       "next_step_at = NULL WHERE event_id = %s", (ended[event_id], event_id))
                     continue
                 alone = self.s.contacts.is_alone(e)
                 people: dict[tuple[str, str], Person] = {}
@@ -700,7 +776,7 @@ class Notifier:
                 await conn.execute("UPDATE episodes p SET next_step_at = to_timestamp(x.t) FROM unnest(%s::text[], "
                                    "%s::float8[]) AS x(e, t) WHERE p.event_id = x.e", climbing)
             if dcols[0]:
-                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+                await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
         for event_id in new:
             _emit("opened", event_id=event_id, name=self.s.name)
         return len(new)
@@ -708,21 +784,28 @@ class Notifier:
     # ------------------------------------------------------------------------------ escalating
 
     async def escalate(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        """The due steps of every episode whose next step is due, each with its deliveries, atomically."""
+        """The due steps of every episode whose next step is due, each with its deliveries, atomically: four
+        statements however many episodes are due (a burst's alarms come due together a step later)."""
         done = 0
         async with conn.transaction():
             cur = await conn.execute(DUE_EPISODES, (self.s.community,))
             rows = await cur.fetchall()
+            if not rows:
+                return 0
+            cur = await conn.execute("SELECT event_id, role, name FROM deliveries WHERE event_id = ANY(%s) "
+                                     "AND purpose = 'alarm'", ([p["event_id"] for p in rows],))
+            told_by: dict[str, set[tuple[str, str]]] = {}
+            for r in await cur.fetchall():
+                told_by.setdefault(r["event_id"], set()).add((r["role"], r["name"]))
             dcols: list[list[Any]] = [[] for _ in range(10)]
+            moved: list[list[Any]] = [[], [], []]  # event id, step reached, next step's due time
             ladder = self.s.ladder
             for p in rows:
                 closed = p["acked_at"] is not None or p["cleared_at"] is not None
                 opened, alone = float(p["opened"]), bool(p["alone"])
                 steps = ladder.due_steps(kind=p["kind"], opened_at=opened, started=p["step"], now=float(p["now"]),
                                          alone=alone, closed=closed)
-                cur = await conn.execute("SELECT role, name FROM deliveries WHERE event_id = %s AND purpose = 'alarm'",
-                                         (p["event_id"],))
-                told = {(r["role"], r["name"]) for r in await cur.fetchall()}
+                told = told_by.get(p["event_id"], set())
                 for step in steps:
                     people = [q for q in self._people(p, ladder.roles(step, alone)) if (q.role, q.name) not in told]
                     told |= {(q.role, q.name) for q in people}
@@ -730,13 +813,17 @@ class Notifier:
                                    gateway_sms_roles(p["body"] or {}), dcols)
                 top = steps[-1] if steps else p["step"]
                 nxt = ladder.next_due(kind=p["kind"], opened_at=opened, started=top, alone=alone, closed=closed)
-                await conn.execute("UPDATE episodes SET step = %s, next_step_at = to_timestamp(%s) WHERE event_id = %s",
-                                   (top, nxt, p["event_id"]))
+                for col, v in zip(moved, (p["event_id"], top, nxt), strict=True):
+                    col.append(v)
                 if steps:
                     done += 1
                     _emit("escalated", event_id=p["event_id"], steps=steps, name=self.s.name)
+            await conn.execute("UPDATE episodes p SET step = x.s, next_step_at = to_timestamp(x.t) FROM unnest("
+                               "%s::text[], %s::int[], %s::float8[]) AS x(e, s, t) WHERE p.event_id = x.e", moved)
             if dcols[0]:
-                await conn.execute(INSERT_DELIVERIES, [self.s.ack_link_ttl_s, *dcols])
+                await conn.execute(INSERT_DELIVERIES, self._delivery_args(dcols))
+        if dcols[0]:
+            self._steps_created += 1  # committed: the lanes end their batches and claim them first
         return done
 
     # ------------------------------------------------------------------------------ closing
@@ -772,7 +859,7 @@ class Notifier:
                     await conn.execute("UPDATE episodes SET cleared_at = clock_timestamp(), cleared_by = %s, "
                                        "next_step_at = NULL WHERE event_id = %s", (end["event_id"], event_id))
                     await conn.execute(CANCEL_PENDING_ALARMS, ("cleared before it was sent", event_id))
-                    await conn.execute(FOLLOW_UP, ("clear", event_id))
+                    await conn.execute(FOLLOW_UP, {"purpose": "clear", "event": event_id})
                 await conn.execute("UPDATE clears SET closed = %s WHERE event_id = %s", (len(ids), end["event_id"]))
             for event_id in ids:
                 _emit("cleared", event_id=event_id, by=end["event_id"], name=self.s.name)
@@ -811,64 +898,101 @@ class Notifier:
         return "failed", _detail(f"Apprise reported a failure: {_schemes(urls)}")
 
     def _lane(self, wake: threading.Event) -> None:
-        """One sending lane: claim a due delivery, send it, record its outcome, commit; again until none is due,
-        then wait for :meth:`_wake_lanes` or ``poll_s``. The claim holds the delivery's row lock until its outcome
-        is committed, so a kill -9 leaves at most this lane's one message sent and unrecorded."""
-        conn: psycopg.Connection[Any] | None = None
+        """One sending lane: claim a batch of due deliveries, send them one by one, each attempt's outcome committed
+        on a second connection before the next leaves; then their statuses and commit; again until none is due,
+        then wait for :meth:`_wake_lanes` or ``poll_s``. A kill -9 leaves at most the one message being sent
+        without its outcome: the claim's transaction rolls back, and the next claim takes the logged outcomes."""
+        conns: tuple[psycopg.Connection[Any], psycopg.Connection[Any]] | None = None
+        batch = 1
         while not self._halt.is_set():
             try:
-                if conn is None:
-                    conn = psycopg.Connection.connect(self.s.dsn, autocommit=True, row_factory=dict_row)
+                if conns is None:
+                    conns = (psycopg.Connection.connect(self.s.dsn, autocommit=True, row_factory=dict_row),
+                             psycopg.Connection.connect(self.s.dsn, autocommit=True))
+                    # The claim holds its rows while an outcome is logged beside it: a lock the log waits for
+                    # behind the claim (DDL queued on the tables) would wait for ever, unseen by PostgreSQL's
+                    # deadlock detection. It fails instead, and the lane starts again (the rows freed).
+                    conns[1].execute(f"SET lock_timeout = '{LOG_LOCK_TIMEOUT_S}s'")
                 wake.clear()  # a wake-up from here on ends the wait below at once
-                if not self._deliver(conn):
+                tried, batch = self._deliver(*conns, batch)
+                if not tried:
                     wake.wait(self.s.poll_s)
-            except Exception as exc:  # database lost, a statement refused, a row it cannot read: the row is freed
-                # (its transaction rolls back with the connection), and the lane goes on with a new one
+            except Exception as exc:  # database lost, a statement refused, a row it cannot read: the rows are freed
+                # (the claim's transaction rolls back with its connection), and the lane goes on with new ones
                 _emit("lane_failed", name=self.s.name, error=repr(exc))
-                if conn is not None:
+                for c in conns or ():
                     with contextlib.suppress(psycopg.Error):
-                        conn.close()
-                conn = None
+                        c.close()
+                conns = None
                 self._halt.wait(1.0)
-        if conn is not None:
+        for c in conns or ():
             with contextlib.suppress(psycopg.Error):
-                conn.close()
+                c.close()
 
-    def _deliver(self, conn: psycopg.Connection[Any]) -> int:
-        """Send due deliveries one after the other on this lane's connection; how many were tried. Each is claimed,
-        sent and recorded in its own transaction; the pipeline sends the outcome, its commit and the next claim in
-        one round trip, and the commit is confirmed before the next message leaves."""
+    def _deliver(self, conn: psycopg.Connection[Any], log: psycopg.Connection[Any], batch: int) -> tuple[int, int]:
+        """Claim and send batches until none is due: (messages tried, the next batch's size). A batch is claimed in
+        one statement and recorded in one; each message's outcome is committed (``log``) before the next leaves,
+        and the batch stops after BATCH_S so that its rows (and a notice due meanwhile) do not wait long, and at
+        once when :meth:`escalate` has created a step's messages (they are claimed first).
+        Its size doubles while a whole batch is sent within BATCH_S (to CLAIM_BATCH), and falls to what was sent
+        when it is not: with a slow provider each lane claims one at a time and leaves the rest to the others."""
         tried = 0
         with conn.pipeline():
             while not self._halt.is_set():
                 conn.execute("BEGIN")
-                r = conn.execute(CLAIM, (self.s.community,)).fetchone()
-                if r is None:
+                rows = conn.execute(CLAIM, (self.s.community, batch)).fetchall()
+                if not rows:
                     conn.execute("COMMIT")
                     break
-                outcome, detail = self._send(r)
-                self._record(conn, r, outcome, detail)
+                done: list[tuple[Mapping[str, Any], int, str, str]] = []
+                unsent: list[int] = []
+                deadline, steps = time.monotonic() + BATCH_S, self._steps_created
+                for r in rows:
+                    if done and (self._halt.is_set() or time.monotonic() > deadline or self._steps_created != steps):
+                        unsent.append(r["id"])
+                    elif r["logged"] is not None and r["logged"] > r["attempts"]:  # a lane killed before its commit
+                        done.append((r, r["logged"], r["logged_outcome"], r["logged_detail"] or ""))
+                    elif r["purpose"] == "alarm" and (r["acked"] is not None or r["cleared"] is not None):
+                        unsent.append(r["id"])  # acknowledged or cleared while another batch held it
+                    else:
+                        started = time.monotonic()
+                        outcome, detail = self._send(r)
+                        log.execute(LOG_ATTEMPT, (r["id"], r["attempts"] + 1, self.s.name,
+                                                  time.monotonic() - started, outcome, detail))
+                        with self._counts_lock:
+                            self._counts["sent" if outcome == "delivered" else "failed"] += 1
+                        done.append((r, r["attempts"] + 1, outcome, detail))
+                self._record(conn, done, unsent)
                 conn.execute("COMMIT")
-                tried += 1
-        return tried
+                tried += len(done)
+                batch = min(CLAIM_BATCH, 2 * batch) if len(rows) == batch and not unsent else max(1, len(done))
+        return tried, batch
 
-    def _record(self, conn: psycopg.Connection[Any], r: Mapping[str, Any], outcome: str, detail: str) -> None:
-        """The attempt's row and the delivery's new state, in the claim's transaction (not committed here)."""
-        attempt = r["attempts"] + 1
-        delay = None
-        if outcome == "delivered":
-            status = "sent"
-        else:
-            delay = self.s.retry.delay_s(attempt)
-            status = "failed" if delay is None else "pending"
-        with self._counts_lock:
-            self._counts["sent" if outcome == "delivered" else "failed"] += 1
-        conn.execute(RECORD, {"id": r["id"], "attempt": attempt, "worker": self.s.name, "started": r["claimed_at"],
-                              "outcome": outcome, "detail": detail, "status": status, "delay": delay})
-        if outcome == "delivered" and r["purpose"] == "alarm":
-            # Meet acknowledgements and clears on the episode's lock: one committed before is seen here, one
-            # committing after sees this message as sent.
-            conn.execute(FOLLOW_UP_IF_OVER, (r["event_id"],))
+    def _record(self, conn: psycopg.Connection[Any], done: Sequence[tuple[Mapping[str, Any], int, str, str]],
+                unsent: Sequence[int]) -> None:
+        """The batch's outcomes (logged already) as the deliveries' statuses, the notices they call for, and the
+        rows left unsent cancelled if their episode is over; in the claim's transaction (not committed here)."""
+        cols: tuple[list[Any], ...] = ([], [], [], [], [])
+        over: set[str] = set()
+        for r, attempt, outcome, detail in done:
+            delay = None
+            if outcome == "delivered":
+                status = "sent"
+                if r["purpose"] == "alarm":
+                    over.add(r["event_id"])
+            else:
+                delay = self.s.retry.delay_s(attempt)
+                status = "failed" if delay is None else "pending"
+            for col, v in zip(cols, (r["id"], attempt, status, detail, delay), strict=True):
+                col.append(v)
+        if done:
+            conn.execute(RECORD, cols)
+        if over:
+            # Meet acknowledgements and clears on the episodes' locks: one committed before is seen here, one
+            # committing after sees these messages as sent.
+            conn.execute(FOLLOW_UP_IF_OVER, {"events": sorted(over)})
+        if unsent:
+            conn.execute(CANCEL_IF_OVER, (list(unsent),))
 
     @property
     def sent(self) -> int:
@@ -877,6 +1001,59 @@ class Notifier:
     @property
     def failed(self) -> int:
         return self._counts["failed"]
+
+
+class _KeptSession(requests.Session):
+    """A sending lane's HTTP session: its connections kept open between messages (no new TCP connection and TLS
+    handshake for each), and the environment's proxy and certificate settings read once per site rather than for
+    every request (the environment of a running process does not change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._env: dict[tuple[str, Any, Any, Any], dict[str, Any]] = {}
+        self.used = time.monotonic()
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        if proxies:  # a plugin's own proxies: as requests would
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        parts = urlsplit(str(url))
+        key = (f"{parts.scheme}://{parts.netloc}", stream, verify, cert)
+        try:
+            hash(key)
+        except TypeError:  # a plugin's certificate as a list: not kept
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if key not in self._env:
+            self._env[key] = super().merge_environment_settings(url, {}, stream, verify, cert)
+        found = self._env[key]
+        return {**found, "proxies": dict(found["proxies"])}
+
+
+_kept = threading.local()
+
+
+def _kept_request(method: str, url: str, **kwargs: Any) -> requests.Response:
+    """``requests.request`` on the calling thread's :class:`_KeptSession`. Nothing else is carried from one message
+    to the next: the cookies a response set are dropped, and a session idle for KEEP_ALIVE_S is replaced (its
+    connections closed) rather than reused, since a server may have closed them meanwhile."""
+    session: _KeptSession | None = getattr(_kept, "session", None)
+    if session is None or time.monotonic() - session.used > KEEP_ALIVE_S:
+        if session is not None:
+            session.close()
+        session = _kept.session = _KeptSession()
+    try:
+        return session.request(method=method, url=url, **kwargs)
+    finally:
+        session.cookies.clear()
+        session.used = time.monotonic()
+
+
+def keep_connections() -> None:
+    """Apprise's HTTP plugins call ``requests.request`` (or ``requests.post`` …, which call it): one new session,
+    pool and connection per message, a third of an instance's CPU with a plain HTTP receiver, and a TLS handshake
+    per message with an HTTPS provider. Apprise offers no session to pass, so the notifier's process routes those
+    calls to one kept session per sending lane (:func:`_kept_request`). Only :meth:`Notifier.run` calls this."""
+    requests.api.request = _kept_request  # type: ignore[assignment]  # requests.post & co. look it up here
+    requests.request = _kept_request  # type: ignore[assignment]
 
 
 class UnknownChannel(ValueError):

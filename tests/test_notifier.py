@@ -404,6 +404,109 @@ def test_a_claim_is_one_step_down_the_pending_index_whatever_the_statistics(stac
     from fleet.notifier import CLAIM, DUE_EPISODES
 
     with psycopg.connect(stack.pg.dsn, autocommit=True) as c:
-        for query, cte in ((CLAIM, "claimed"), (DUE_EPISODES, "due")):
-            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", (COMMUNITY,)).fetchall())
+        for query, cte, args in ((CLAIM, "claimed", (COMMUNITY, 16)), (DUE_EPISODES, "due", (COMMUNITY,))):
+            plan = "\n".join(r[0] for r in c.execute(f"EXPLAIN {query}", args).fetchall())
             assert f"CTE {cte}" in plan and "Join Filter" not in plan, plan
+
+
+def test_a_step_due_while_first_step_messages_queue_goes_before_them(stack: Stack) -> None:
+    """A burst queues first-step messages faster than they are sent; a later step of an older alarm comes due
+    meanwhile: it is claimed before the queued first steps (they became due less than the head start before it),
+    not after them. One instance of one lane, for another community, so the order of claims is the order
+    received."""
+    from tests.support.notifier import event, start_notifier, store_events, write_contacts, write_notifier_config
+
+    workdir = stack.workdir / "queue"
+    workdir.mkdir()
+    buildings = {"q1": {"units": ["u1"], "households": {f"u1-{i:03d}": {"relatives": 1} for i in range(20)}}}
+    write_contacts(workdir / "contacts.toml", stack.receiver, "cq", buildings)
+    write_notifier_config(workdir / "notifier.toml", community="cq", public_url="http://127.0.0.1:9",
+                          escalate_after_s=STEP_S, in_flight=1)
+    proc = start_notifier(workdir, stack.pg.dsn, "notifier-queue")
+    try:
+        old = event("cq", "q1", "alarm", "raised", unit="u1", household="u1-000", device="gas-u1-000")
+        store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", [old])
+        ref = old["event_id"]
+        stack.receiver.wait_for(lambda _: len(stack.receiver.about(ref, "alarm")) == 2, timeout=10, what="step 1")
+        burst = [event("cq", "q1", "alarm", "raised", unit="u1", household=f"u1-{i:03d}", device=f"gas-u1-{i:03d}")
+                 for i in range(1, 20)]
+        queued = "SELECT count(*) FROM deliveries WHERE event_id = ANY(%s) AND status = 'pending'"
+
+        def held(_: Any) -> None:  # the lane sends the burst's first message: hold it until the step is due
+            wait_until(lambda: stack.rows("SELECT 1 FROM deliveries WHERE event_id = %s AND step = 2", ref)
+                       and stack.rows(queued, [e["event_id"] for e in burst]) == [(2 * len(burst) - 1,)],
+                       timeout=3 * STEP_S, message="step 2 created with the burst queued")
+
+        first = f"/to/rel0-q1-{burst[0]['household']}"
+        stack.receiver.hold[first] = 0.01
+        stack.receiver.on_hold = held
+        try:
+            store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", burst[:1])
+            stack.receiver.wait_for(lambda _: any(m.path == first for m in stack.receiver.messages), timeout=10,
+                                    what="the burst's first message")
+            store_events(stack.pg.dsn, workdir / "contacts.toml", "cq", burst[1:])
+            step2 = {"/to/head-q1", "/to/grid"}
+            stack.receiver.wait_for(lambda _: {m.path for m in stack.receiver.about(ref, "alarm")} >= step2,
+                                    timeout=3 * STEP_S + 10, what="step 2")
+        finally:
+            stack.receiver.hold.clear()
+            stack.receiver.on_hold = None
+        refs = {e["event_id"] for e in burst}
+        order = [(m.ref, m.path) for m in stack.receiver.messages if m.ref == ref or m.ref in refs]
+        after_hold = order[order.index((burst[0]["event_id"], first)) + 1:]
+        # Step 2's two messages next, before any of the 37 first-step messages queued before it was due.
+        assert {p for _, p in after_hold[:2]} == step2 and {r for r, _ in after_hold[:2]} == {ref}, after_hold[:5]
+        stack.receiver.wait_for(lambda _: sum(m.ref in refs for m in stack.receiver.messages) >= 2 * len(burst),
+                                timeout=30, what="the burst's first-step messages after the step")
+    finally:
+        proc.stop(signal.SIGTERM, timeout=20)
+
+
+def test_an_outcome_logged_by_a_lane_killed_before_its_commit_is_taken_not_sent_again(stack: Stack) -> None:
+    """A lane commits each attempt's outcome (an ``attempts`` row) before its next message and the deliveries'
+    statuses once a batch is sent: killed in between, its batch rolls back, and the next claim takes the logged
+    outcome instead of sending the message again."""
+    from tests.support.notifier import event, start_notifier, store_events, write_contacts, write_notifier_config
+
+    workdir = stack.workdir / "logged"
+    workdir.mkdir()
+    write_contacts(workdir / "contacts.toml", stack.receiver, "cl",
+                   {"l1": {"units": ["u1"], "households": {"u1-101": {"relatives": 1}}}})
+    write_notifier_config(workdir / "notifier.toml", community="cl", public_url="http://127.0.0.1:9",
+                          escalate_after_s=3600, in_flight=1)
+    raised = event("cl", "l1", "alarm", "raised", unit="u1", household="u1-101", device="gas-l1")
+    ref, path = raised["event_id"], "/to/rel0-l1-u1-101"
+    first = start_notifier(workdir, stack.pg.dsn, "notifier-logged-1")
+    killed: list[int] = []
+
+    def log_then_kill(msg: Any) -> None:  # the message is out: its outcome logged as the lane does, then kill -9
+        if msg.ref != ref or killed:
+            return
+        delivery = stack.rows("SELECT id FROM deliveries WHERE event_id = %s AND role = 'relative'", ref)[0][0]
+        stack.rows("INSERT INTO attempts (delivery_id, attempt, worker, started_at, outcome, detail) VALUES "
+                   "(%s, 1, 'notifier-logged-1', clock_timestamp(), 'delivered', 'logged') RETURNING 1", delivery)
+        killed.append(first.proc.pid)
+        os.kill(first.proc.pid, signal.SIGKILL)
+
+    stack.receiver.hold[path] = 0.01
+    stack.receiver.on_hold = log_then_kill
+    try:
+        store_events(stack.pg.dsn, workdir / "contacts.toml", "cl", [raised])
+        stack.receiver.wait_for(lambda _: bool(killed), timeout=10, what="the relative's message")
+        first.proc.wait(10)
+    finally:
+        stack.receiver.hold.clear()
+        stack.receiver.on_hold = None
+    status = "SELECT status, attempts FROM deliveries WHERE event_id = %s AND role = 'relative'"
+    assert stack.rows(status, ref) == [("pending", 0)]  # the batch rolled back with the kill
+    second = start_notifier(workdir, stack.pg.dsn, "notifier-logged-2")
+    try:
+        wait_until(lambda: stack.rows(status, ref) == [("sent", 1)], timeout=10, message="the logged outcome taken")
+        stack.receiver.wait_for(lambda _: any(m.path == "/to/head-l1-u1" for m in stack.receiver.about(ref)),
+                                timeout=10, what="the unit head's message")
+        assert [m.path for m in stack.receiver.about(ref)].count(path) == 1
+        assert stack.rows("SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                          "WHERE d.event_id = %s AND d.role = 'relative'", ref) == [(1,)]
+    finally:
+        second.stop(signal.SIGTERM, timeout=20)
+        first.stop(signal.SIGTERM, timeout=5)

@@ -1,5 +1,6 @@
-"""fleet/notifier.py's file and tokens, without a database: bad settings name their key; the acknowledgement
-token is the delivery id with an HMAC that a changed id or MAC, or another secret, does not match."""
+"""fleet/notifier.py without a database: bad settings name their key; the acknowledgement
+token is the delivery id with an HMAC that a changed id or MAC, or another secret, does not match; a sending
+lane keeps its HTTP connection."""
 
 from __future__ import annotations
 
@@ -83,3 +84,37 @@ def test_the_notifier_benchmark_prints_its_json_line_when_a_package_is_missing(t
                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
     last = json.loads(run.stdout.strip().splitlines()[-1])
     assert last["alarms"] == 10 and "psycopg" in last["error"], run.stderr
+
+
+def test_a_lane_keeps_its_http_connection_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apprise's requests.post from one lane reuse one connection (the receiver sees one client port); another
+    thread has its own; a connection idle too long is not reused."""
+    import threading
+
+    import requests
+
+    import fleet.notifier as notifier
+    from tests.support.notifier import Receiver
+
+    monkeypatch.setattr(requests.api, "request", requests.api.request)  # restored after the test
+    monkeypatch.setattr(requests, "request", requests.request)
+    notifier.keep_connections()
+    receiver = Receiver()
+    try:
+        url = f"http://127.0.0.1:{receiver.port}/to/x"
+
+        def post(n: int) -> None:
+            for i in range(n):
+                assert requests.post(url, json={"title": "t", "message": f"m{i}"}, timeout=10).status_code == 200
+
+        post(3)
+        other = threading.Thread(target=post, args=(2,))
+        other.start()
+        other.join()
+        ports = [m.client_port for m in receiver.messages]
+        assert ports[0] == ports[1] == ports[2] and ports[3] == ports[4] != ports[0], ports
+        monkeypatch.setattr(notifier, "KEEP_ALIVE_S", 0.0)
+        post(1)
+        assert receiver.messages[-1].client_port != ports[0]
+    finally:
+        receiver.close()

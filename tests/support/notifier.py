@@ -71,6 +71,9 @@ class Receiver:
     s`` answers after s seconds (``on_hold`` is called with the message first)."""
 
     messages: list[Message] = field(default_factory=list)
+    keep_alive: bool = True
+    """HTTP/1.1, connections kept open as a provider's API keeps them; False: HTTP/1.0, each closed after its
+    answer."""
     fail: dict[str, int] = field(default_factory=dict)
     hold: dict[str, float] = field(default_factory=dict)
     on_hold: Callable[[Message], None] | None = None
@@ -80,6 +83,8 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if self.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length", "0"))
                 data = json.loads(self.rfile.read(length) or b"{}")
