@@ -15,7 +15,6 @@ import os
 import stat
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = ["Contacts", "ContactsError", "Person", "mask"]
@@ -46,16 +45,17 @@ class Contacts:
     @classmethod
     def load(cls, path: str | os.PathLike[str], community: str, building: str) -> Contacts:
         """Read the file; :class:`ContactsError` when it is missing, too open, or not in the expected shape."""
-        p = Path(path)
+        p = os.fspath(path)  # not pathlib, which the SMS process does without (with urllib.parse and ipaddress)
         try:
-            st = p.stat()
+            st = os.stat(p)
         except OSError as exc:
             raise ContactsError(f"contacts file {p}: {exc.strerror}") from None
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ContactsError(f"contacts file {p} is accessible by group or others "
                                 f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            with open(p, encoding="utf-8") as f:
+                data = tomllib.loads(f.read())
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ContactsError(f"contacts file {p}: cannot parse: {type(exc).__name__}") from None
         prefix = f"{community}/{building}"

@@ -8,11 +8,11 @@ the commit sends it once more after the restart — at least once, at most one d
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = ["Outgoing", "SmsQueue"]
@@ -61,7 +61,7 @@ class SmsQueue:
     """One connection to the queue file (one per thread that uses it)."""
 
     def __init__(self, path: str) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path, timeout=10, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
