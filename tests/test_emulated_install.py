@@ -26,7 +26,7 @@ tests/test_install_rehearsal.py. In each target:
 
 Timing under emulation means nothing: nothing here asserts one. The wall time of each part and the PSS of the
 demo's two processes (qemu included) are printed, for docs/deploy.md's table. Every target runs only with
-``GATEWAY_REHEARSE_ALL=1`` (README): warm, the arm64 Trixie one took about 23 minutes on a busy build machine
+``GATEWAY_REHEARSE_ALL=1`` (README): from a cold root the arm64 Trixie one took 27 minutes (2026-12-07)
 (lgpio built from source under emulation), past CI's 25-minute budget for the whole suite; the tests inside
 the root run in Trixie, and in Bookworm too with ``GATEWAY_REHEARSE_ALL=1``.
 """
