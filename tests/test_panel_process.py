@@ -142,7 +142,10 @@ async def test_kill_9_of_the_storage_process_during_a_gas_alarm(
                     timeout=30)
                 status = await panel.commands.handle("status", {}, source="test")
                 assert status.ok and status.data["uplink"]["process"] == "down"
-                assert status.data["storage"]["held_by_panel"] >= 1
+                # the panel holds what it read while the process is away, unless the process started again (0.5 s)
+                # took it already: the alarm is checked at the broker below either way
+                assert status.data["storage"]["held_by_panel"] >= 1 or panel.uplink_pid not in (None, first), \
+                    status.data["storage"]
                 assert status.data["annunciator"]["relays"] == {RELAY_ID: True}
                 read = await panel.commands.handle("read", {"device": other.id}, source="test")
                 assert read.ok and read.data["value"] == HIGH
