@@ -79,9 +79,9 @@ DROP INDEX IF EXISTS events_wall;
 COLUMNS = ("event_id, session, session_seq, kind, action, priority, device, unit, household, wall, mono,"
            " clock_synced, payload")
 
-#: One event, its seq given (the outbox is the file's only writer).
-INSERT_EVENT = f"INSERT INTO events (seq, {COLUMNS}) VALUES ({', '.join('?' * (len(COLUMNS.split(',')) + 1))})"
 _ROW_WIDTH = len(COLUMNS.split(",")) + 1
+#: One event, its seq given (the outbox is the file's only writer).
+INSERT_EVENT = f"INSERT INTO events (seq, {COLUMNS}) VALUES ({', '.join('?' * _ROW_WIDTH)})"
 #: The row counts a batch INSERT is written for: a batch is padded with rows of NULLs up to the next one (and
 #: cut into pieces of the largest), so SQLite's statement cache holds three texts whatever the batch sizes
 #: (compiled, about 1.3 KB a row: 180 KiB). A multi-row INSERT per batch size held 3.8 MB more after 60 sizes
