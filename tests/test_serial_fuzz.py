@@ -99,6 +99,7 @@ def poll_within_tries(detector: GasDetector, client: Any, tries: int = 3) -> Any
     raise AssertionError("unreachable")
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_every_bad_frame_is_a_comm_error_and_the_healthy_device_reads_through(

@@ -307,6 +307,7 @@ def broker_later(tmp_path: Path) -> Iterator[MosquittoBroker]:
         broker.stop()
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_a_full_disk_holds_events_sounds_the_alarm_and_recovers(
     tmp_path: Path, mock_pins: Any, mqtt_recorder_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -323,6 +323,7 @@ async def test_a_disconnect_means_outcome_unknown_and_the_same_ids_go_again(tmp_
     assert [b["historical"] for b in got] == [True] * 8 + [False] * 12
 
 
+@pytest.mark.slow  # fault injection, several seconds: CI runs it, the fast set does not
 async def test_a_broker_that_never_answers_connect_is_retried(
     tmp_path: Path, broker: MosquittoBroker, mqtt_recorder_factory: Any
 ) -> None:
