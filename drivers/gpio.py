@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -111,6 +109,9 @@ def load_lgpio() -> Any:
     if "lgpio" in sys.modules:
         return sys.modules["lgpio"]
     if not os.environ.get("LG_WD"):
+        import shutil  # only off the unit (which sets LG_WD): not loaded into every panel, for memory
+        import tempfile
+
         workdir = tempfile.mkdtemp(prefix="gateway-lgpio-")
         atexit.register(shutil.rmtree, workdir, True)
         os.environ["LG_WD"] = workdir

@@ -12,7 +12,6 @@ is read. An unknown key close to a known one gets a hint (``did you mean `addres
 
 from __future__ import annotations
 
-import difflib
 import functools
 import ipaddress
 import math
@@ -179,6 +178,8 @@ def _part(parse: Callable[[], _T], fallback: _T) -> _T:
 
 def _hint(key: str, known: Iterable[str]) -> str:
     """"; did you mean `address`?" for a key one or two letters off a known one ("" when none is close)."""
+    import difflib  # only for a refused site: not loaded into every process, for memory
+
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
     return f"; did you mean `{close[0]}`?" if close else ""
 
@@ -523,6 +524,8 @@ def _config_error(problem: Problem, path: str, data: Mapping[str, Any], known: s
     if isinstance(expected, mi.UnionType):
         expected = next((t for t in expected.types if not isinstance(t, mi.NoneType)), expected)
     if problem.kind == "missing":
+        import difflib
+
         typo = difflib.get_close_matches(str(name), sorted(set(data) - known), n=1, cutoff=0.8)
         if typo and len(problem.path) == 1:  # `adress = 5`: the typo is the error, not the missing key
             return ConfigError(_key(path, typo[0]), f"unknown key{_hint(typo[0], [str(name)])}")

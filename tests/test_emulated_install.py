@@ -14,7 +14,7 @@ tests/test_install_rehearsal.py. In each target:
 
 - ``scripts/install.sh --wheels`` as a technician runs it, offline, from wheels fetched on the host for that
   platform (scripts/wheelhouse) and the distribution's own packages (the build tools where lgpio is built, and
-  libgammu-dev with them where python-gammu is, on armhf); lgpio, orjson, msgspec and gammu import;
+  libgammu-dev with them where python-gammu is, on armhf); lgpio, msgspec and gammu import;
 - every runtime dependency at the lock's version; ``gatewayctl config check`` passes on an edited site and
   ``gatewayctl doctor`` names the platform;
 - ``gatewayd`` with ``pin_factory = "lgpio"`` exits 69 in one line: there is no gpiochip under emulation;
@@ -334,8 +334,8 @@ def test_emulated_install(target: Target, tmp_path: Path) -> None:
                                                                        if n in have}
         assert f"python-gammu: {target.gammu} ({target.machine}, Python {target.python}." in install.stdout, \
             install.stdout[-3000:]
-        assert {"lgpio", "orjson", "msgspec", "gpiozero", "pymodbus", "python-gammu"} <= set(have), sorted(have)
-        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, orjson, msgspec, gammu")
+        assert {"lgpio", "msgspec", "gpiozero", "pymodbus", "python-gammu"} <= set(have), sorted(have)
+        chroot.run("/opt/gateway/venv/bin/python", "-c", "import lgpio, msgspec, gammu")
         if target.gammu == "build":  # linked against Debian's shared libGammu, not a copy bundled in a wheel
             linked = chroot.run("sh", "-c", "ldd /opt/gateway/venv/lib/python3*/site-packages/gammu/_gammu*.so").stdout
             gammu_lib = next((line.split("=>")[1].split()[0] for line in linked.splitlines() if "libGammu.so" in line

@@ -617,11 +617,11 @@ def test_a_full_hold_gives_the_garbage_collector_nothing_to_walk() -> None:
 
 
 FAKE_STORAGE = textwrap.dedent("""
-    import socket, struct, sys, time, orjson
+    import socket, struct, sys, time, msgspec
     args = sys.argv[1:]
     sock = socket.socket(fileno=int(args[args.index("--link-fd") + 1]))
     def send(body):
-        data = orjson.dumps(body)
+        data = msgspec.json.encode(body)
         sock.sendall(struct.pack(">I", len(data)) + data)
     send({"v": 1, "type": "call", "target": "panel", "name": "reset"})   # no such message
     send({"v": 1, "type": "fault", "code": "x"})                          # fields missing

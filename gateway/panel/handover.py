@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import os
 import queue
-import secrets
 import signal
 import socket
 import subprocess
@@ -147,7 +146,7 @@ class Handover:
 
     def __init__(self, hold: Hold | None = None) -> None:
         self.hold = hold or Hold()
-        self.boot = secrets.token_hex(6)
+        self.boot = os.urandom(6).hex()
         """This panel run's name in hand-over marks: numbers restart with every panel start."""
         self._numbers = itertools.count(1)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()

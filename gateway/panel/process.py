@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from drivers.gpio import use_pin_factory
@@ -519,10 +520,8 @@ def _no_requests(name: str, args: dict[str, Any], answer: Any) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """Command data as JSON values (tuples to lists, enums by name)."""
-    import orjson
-
-    return orjson.loads(orjson.dumps(value, default=str))
+    """Command data as JSON values (tuples to lists, enums by value, anything else JSON lacks as its str)."""
+    return msgspec.json.decode(msgspec.json.encode(value, enc_hook=str))
 
 
 def _reason(exc: BaseException) -> str:

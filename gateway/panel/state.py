@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 
 __all__ = ["FORMAT", "LoadedState", "StateSaver", "load_state", "state_path"]
@@ -53,8 +53,8 @@ def load_state(path: Path, identity: dict[str, str]) -> LoadedState:
     except OSError as exc:
         return _set_aside(path, f"unreadable: {exc.strerror or exc}")
     try:
-        doc = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        doc = msgspec.json.decode(data)
+    except msgspec.DecodeError as exc:
         return _set_aside(path, f"corrupt: {exc}")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("panel"), dict):
         return _set_aside(path, "corrupt: not a panel state of format 1")
@@ -107,7 +107,7 @@ class StateSaver:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(orjson.dumps(doc))
+                f.write(msgspec.json.encode(doc))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+import msgspec
 
 from gateway import link
 from gateway.events import delivery_key
@@ -115,7 +115,7 @@ class SmsProcess:
     def _restore(self, store: SmsQueue) -> None:
         """What was owed before a restart is owed still; what went in the last hour counts for the cap."""
         for key, body, made in store.owed():
-            event = orjson.loads(body)
+            event = msgspec.json.decode(body)
             self.policy.owe(self._owed(key, event, made))
         for recipient, at in store.sent_since(time.time() - HOUR_S):
             self.policy.sent_before(recipient, at)
@@ -189,7 +189,7 @@ class SmsProcess:
                     key = delivery_key(event["kind"], event["action"], event.get("device"), event.get("code"),
                                        float(event["mono"]))
                     made = float(event.get("wall") or time.time())
-                    owed.append((key, orjson.dumps(event).decode(), made))
+                    owed.append((key, msgspec.json.encode(event).decode(), made))
                     fresh.append(self._owed(key, event, made))
             elif kind == "delivered":
                 cancelled = self.policy.delivered(str(k) for k in message["keys"])
@@ -212,7 +212,7 @@ class SmsProcess:
         send, held = self.policy.due(time.time())
         if not self.policy.became_due:
             return
-        bodies = {key: orjson.loads(body) for key, body, _ in store.owed()}
+        bodies = {key: msgspec.json.decode(body) for key, body, _ in store.owed()}
         roles = {p.phone: p.role for people in (self.contacts.technicians, self.contacts.building_heads,
                                                 *self.contacts.unit_heads.values(), *self.contacts.relatives.values())
                  for p in people}

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 import structlog
 
 from gateway import __version__, failpoints, link
@@ -281,10 +281,10 @@ class StorageProcess:
         keys = []
         for row in rows:
             try:
-                body = orjson.loads(row.payload)
+                body = msgspec.json.decode(row.payload)
                 keys.append(delivery_key(body["kind"], body["action"], body.get("device"), body.get("code"),
                                          float(body["mono"])))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError):
                 log.warning("acknowledged row without a delivery key", event_id=row.event_id)
         if keys:
             self._send("delivered", keys=keys)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import aiosqlite
-import orjson
+import msgspec
 import structlog
 
 import gateway.uplink.outbox.eviction as eviction
@@ -186,7 +186,7 @@ class Outbox:
         self._last_seq = None
         head = {"version": schema.EVENT_VERSION, "gateway": self.gateway_id, **self._identity,
                 "install": self.install, "session": self.session}
-        self._payload_prefix = orjson.dumps(head)[:-1].decode() + ","
+        self._payload_prefix = msgspec.json.encode(head)[:-1].decode() + ","
 
     # ------------------------------------------------------------------------------ corruption
 
@@ -230,7 +230,7 @@ class Outbox:
         body: dict[str, Any] = {"event_id": event_id, "seq": session_seq, "time": _iso(event.wall),
                                 "clock_synced": synced}
         body.update(event.as_dict())
-        return self._payload_prefix + orjson.dumps(body)[1:].decode()
+        return self._payload_prefix + msgspec.json.encode(body)[1:].decode()
 
     async def append(self, events: Sequence[Event], *, handover: str | None = None) -> list[str]:
         """Commit events in one transaction (fully synced); returns their ids.
