@@ -123,14 +123,20 @@ def process(pid: int) -> psutil.Process:
 
 
 def role_of(p: psutil.Process, panel_pid: int) -> str:
-    """``panel`` (gatewayd itself), ``storage`` (its storage/uplink child), ``sms`` (its SMS child), else
-    ``child``."""
+    """``panel`` (gatewayd itself), ``spawner``, ``storage`` (its storage/uplink child), ``sms`` (its SMS child),
+    else ``child``: by the name a forked child gives itself (gateway/panel/children.py), else by the command line
+    of a child started as a new interpreter."""
     if p.pid == panel_pid:
         return "panel"
     try:
         cmdline = p.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        with open(f"/proc/{p.pid}/comm", encoding="utf-8") as f:
+            comm = f.read().strip()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, OSError):
         return "child"
+    named = {"gateway-storage": "storage", "gateway-sms": "sms"}
+    if comm in named:
+        return named[comm]
     if STORAGE_MODULE in cmdline:
         return "storage"
     return "sms" if "gateway.sms.process" in cmdline else "child"

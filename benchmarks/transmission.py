@@ -196,11 +196,24 @@ def _daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _children(pid: int, module: str) -> list[int]:
+    """gatewayd's children running ``module``: forked at start-up (named, gateway/panel/children.py) or started as
+    ``python -m module``."""
     import psutil
 
+    from gateway.panel.children import PROCESS_NAMES
+
     with contextlib.suppress(psutil.Error):
-        return [c.pid for c in psutil.Process(pid).children() if module in " ".join(c.cmdline())]
+        return [c.pid for c in psutil.Process(pid).children()
+                if module in " ".join(c.cmdline()) or _comm(c.pid) == PROCESS_NAMES[module]]
     return []
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
@@ -18,7 +19,7 @@ from gateway import __version__
 from gateway.config import EX_CONFIG, ConfigError, SiteConfig, bus_floor_warnings, load_config
 from gateway.logs import configure_logging
 from gateway.notify import Notifier
-from gateway.panel.process import PanelProcess, PanelStartError
+from gateway.panel.children import FirstChild, can_fork, panel_children
 from gateway.realtime import raise_priority
 
 __all__ = ["main", "run_panel"]
@@ -26,11 +27,16 @@ __all__ = ["main", "run_panel"]
 log = structlog.get_logger()
 
 
-def run_panel(cfg: SiteConfig, config_path: str, *, duration: float | None = None) -> int:
+def run_panel(cfg: SiteConfig, config_path: str, *, duration: float | None = None,
+              first_children: Mapping[str, FirstChild] | None = None) -> int:
     """Open the panel and serve until stopped; the exit status (a sysexits code when it cannot start)."""
+    # Imported here, after the first children were forked: the panel's own modules (gpiozero, pymodbus, the
+    # panel) are not in them, which never use them.
+    from gateway.panel.process import PanelProcess, PanelStartError
+
     for warning in bus_floor_warnings(cfg):
         log.warning("poll interval cannot be met on the wire", detail=warning)
-    panel = PanelProcess(cfg, config_path)
+    panel = PanelProcess(cfg, config_path, first_children=first_children)
     try:
         panel.open()
     except PanelStartError as exc:
@@ -105,8 +111,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("config error", key=exc.path, reason=exc.reason, line=exc.line,
                   errors=len(getattr(exc, "errors", [exc])))
         return EX_CONFIG
+    first_children = _fork_children(cfg, args.config)
     raise_priority(0, "main")
-    return run_panel(cfg, args.config, duration=args.duration)
+    return run_panel(cfg, args.config, duration=args.duration, first_children=first_children)
+
+
+def _fork_children(cfg: SiteConfig, config_path: str) -> dict[str, FirstChild]:
+    """The storage and SMS processes, forked now, before any thread, port or pin (gateway/panel/children.py); none
+    when this process runs threads already (they then start as new interpreters)."""
+    if not can_fork():
+        log.warning("threads run already: the panel's children start as new interpreters")
+        return {}
+    return {child.name: child.fork_first(config_path) for child in panel_children(cfg)}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def test_ready_watchdog_stale_bus_and_stopping(tmp_path: Path, broker: Mosquitto
     assert all("level" in r and "event" in r and "timestamp" in r for r in records)
     assert any(r["event"] == "panel started" for r in records)
     # runtime.gc_freeze (on by default): the storage process freezes its start-up objects once it is up; the panel
-    # does not (it did not lower the alarm path's overhead, docs/performance.md, "Tricks")
+    # has no such setting of its own (it freezes what it loaded before it forks its first children,
+    # docs/performance.md, "Memory")
     assert any(r["event"] == "panel serving" and "gc_frozen" not in r for r in records), [
         (r["event"], r.get("gc_frozen")) for r in records]
     assert any(r["event"] == "storage process started" and r["process"] == "uplink" and r["gc_frozen"] > 10_000

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,7 @@ import structlog
 
 from gateway import link
 from gateway.events import Event, Priority
+from gateway.panel.children import FirstChild, ForkedProcess
 
 __all__ = ["Handover", "Hold", "UplinkSupervisor"]
 
@@ -286,15 +287,17 @@ class UplinkSupervisor:
         on_fault: Callable[[str, bool, str | None], None],
         on_state: Callable[[bool, str], None] | None = None,
         command: Sequence[str] | None = None,
-        env: dict[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
         log_path: str | None = None,
         deadline_s: float = UPLINK_DEADLINE_S,
         on_delivered: Callable[[list[str]], None] | None = None,
         name: str = "uplink",
+        first: FirstChild | None = None,
     ) -> None:
         """``log_path``: a file for the storage process's log (default: this process's stdout, journald).
         ``on_delivered``: told the delivery keys of urgent events the broker acknowledged. ``name`` names the
-        child in thread names (the SMS process is supervised by this class too)."""
+        child in thread names (the SMS process is supervised by this class too). ``first``: the child forked at
+        start-up (:mod:`gateway.panel.children`), for the first run; every later one is started as ``command``."""
         self.config_path = config_path
         self.handover = handover
         self._on_request = on_request
@@ -302,13 +305,14 @@ class UplinkSupervisor:
         self._on_state = on_state
         self._command = list(command) if command else [sys.executable, "-m", "gateway.uplink.process"]
         self._env = env
+        self._first = first
         self._log_path = log_path
         self.deadline_s = deadline_s
         self._stop = threading.Event()
         self._on_delivered = on_delivered
         self.name = name
         self._thread = threading.Thread(target=self._run, name=f"{name}-supervisor", daemon=True)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | ForkedProcess | None = None
         self._pending: dict[int, Future[dict[str, Any]]] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -381,17 +385,13 @@ class UplinkSupervisor:
             delay = min(RESTART_MAX_S, delay * 2)
 
     def _run_once(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out = open(self._log_path, "ab") if self._log_path else None  # noqa: SIM115 - closed below
-        try:
-            proc = subprocess.Popen(
-                [*self._command, "--config", self.config_path, "--link-fd", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=self._env, stdout=out,
-            )
-        finally:
-            theirs.close()
-            if out is not None:
-                out.close()
+        first, self._first = self._first, None
+        proc: subprocess.Popen[bytes] | ForkedProcess
+        if first is not None:
+            proc, ours = first.proc, first.sock
+            first.go()
+        else:
+            proc, ours = self._start_child()
         self._proc = proc
         self.pid = proc.pid
         self.starts += 1
@@ -423,7 +423,25 @@ class UplinkSupervisor:
         elif code != 0:
             self.last_exit = f"exit status {code}"
 
-    def _read(self, sock: socket.socket, proc: subprocess.Popen[bytes]) -> None:
+    def _start_child(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """A new interpreter running ``command``, and our end of its link."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out = open(self._log_path, "ab") if self._log_path else None  # noqa: SIM115 - closed below
+        try:
+            proc = subprocess.Popen(
+                [*self._command, "--config", self.config_path, "--link-fd", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), env=self._env, stdout=out,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            if out is not None:
+                out.close()
+        return proc, ours
+
+    def _read(self, sock: socket.socket, proc: subprocess.Popen[bytes] | ForkedProcess) -> None:
         try:
             while True:
                 try:

@@ -19,11 +19,9 @@ import contextlib
 import errno
 import os
 import signal
-import sys
 import time
 from collections.abc import AsyncGenerator, Mapping
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -39,6 +37,7 @@ from gateway.events import Event
 from gateway.health import Heartbeats
 from gateway.heap import release_startup_heap
 from gateway.notify import Notifier, Watchdog
+from gateway.panel.children import FirstChild, panel_children
 from gateway.panel.handover import Handover, UplinkSupervisor
 from gateway.panel.selfcheck import SelfCheck, on_alarm_path
 from gateway.panel.side import AlarmSide
@@ -46,7 +45,6 @@ from gateway.panel.state import StateSaver, load_state, state_path
 from gateway.panel.transmission import FAULT_CODE as TRANSMISSION_FAULT
 from gateway.panel.transmission import TransmissionMonitor
 from gateway.realtime import raise_priority
-from gateway.sms.settings import SmsSettings
 
 __all__ = [
     "EX_OSERR", "EX_SOFTWARE", "EX_UNAVAILABLE", "SUPPORT_PRIORITY", "PanelProcess", "PanelStartError", "start_error",
@@ -110,9 +108,14 @@ class PanelProcess:
 
     def __init__(self, cfg: SiteConfig, config_path: str, *, uplink_env: dict[str, str] | None = None,
                  uplink_log: str | None = None, heartbeats: Heartbeats | None = None,
-                 sms_log: str | None = None) -> None:
+                 sms_log: str | None = None, first_children: Mapping[str, FirstChild] | None = None) -> None:
         """``uplink_env``/``uplink_log``: environment and log file of the storage process (default: ours);
-        ``sms_log``: the SMS process's log file (default: ``sms.log`` beside ``uplink_log``, or ours)."""
+        ``sms_log``: the SMS process's log file (default: ``sms.log`` beside ``uplink_log``, or ours);
+        ``first_children``: by name (:func:`panel_children`), the children ``gatewayd`` forked at start-up (each
+        later start, and every start without one, is a new interpreter)."""
+        first = dict(first_children or {})
+        children = {c.name: c for c in panel_children(cfg, uplink_env=uplink_env, uplink_log=uplink_log,
+                                                      sms_log=sms_log)}
         self.cfg = cfg
         self.config_path = config_path
         self.started_at = time.time()
@@ -132,21 +135,22 @@ class PanelProcess:
         self.side = AlarmSide(cfg, on_event=self._event_made, on_annunciation=self._annunciation_changed,
                               heartbeats=self.heartbeats, saved=loaded.state,
                               on_saved_change=self.saver.changed)
+        uplink = children["uplink"]
         self.supervisor = UplinkSupervisor(config_path, self.handover, on_request=self._uplink_request,
                                            on_fault=self._storage_fault, on_state=self._uplink_state,
-                                           env=uplink_env, log_path=uplink_log,
-                                           on_delivered=self._delivered)
+                                           command=uplink.command, env=uplink.env, log_path=uplink.log_path,
+                                           on_delivered=self._delivered, first=first.get("uplink"))
         self._recent_delivered: collections.deque[str] = collections.deque(maxlen=RECENT_DELIVERED)
         self.sms_handover: Handover | None = None
         self.sms_supervisor: UplinkSupervisor | None = None
-        if cfg.sms is not None:
+        if "sms" in children:
             # The second path: a child of its own, never routed through the storage/uplink process.
+            sms = children["sms"]
             self.sms_handover = Handover()
             self.sms_supervisor = UplinkSupervisor(
                 config_path, self.sms_handover, on_request=_no_requests, on_fault=self._storage_fault,
-                on_state=self._sms_state, command=[sys.executable, "-m", "gateway.sms.process"],
-                env={**(os.environ if uplink_env is None else uplink_env), **SmsSettings.of(cfg).environment()},
-                log_path=sms_log or (str(Path(uplink_log).with_name("sms.log")) if uplink_log else None), name="sms")
+                on_state=self._sms_state, command=sms.command, env=sms.env, log_path=sms.log_path, name="sms",
+                first=first.get("sms"))
         self.commands = CommandHandler(self)
         self.control: ControlServer | None = None
         self.selfcheck: SelfCheck | None = None
