@@ -6,7 +6,8 @@ Shown with the real daemon on simulated detectors and a private mosquitto:
 - the first storage process is the panel's fork (its command line, named ``gateway-storage``) and forwards a gas
   alarm to the broker;
 - kill -9 of it: the next one is ``python -m gateway.uplink.process``, and a second alarm reaches the broker;
-- a planned stop ends with exit status 0 and leaves none of the service's processes behind.
+- a planned stop ends with exit status 0 and leaves none of the service's processes behind;
+- with ``[sms]``, the SMS process is forked the same way (``gateway-sms``) and talks to its (simulated) modem.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from gateway_sim.devices import SimulatedGasDetector
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
 from tests.support.building import simulated_detectors
+from tests.support.modem import SimulatedModem
 from tests.support.mqtt import MqttRecorder
 from tests.support.site import build_site
+from tests.support.sms import sms_site
 from tests.support.wait import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,3 +143,28 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_sms_process_is_forked_too_and_talks_to_its_modem(tmp_path: Path, broker: MosquittoBroker) -> None:
+    with VirtualNullModem(tmp_path / "dev") as bus, SimulatedModem(tmp_path / "modem") as modem:
+        spec = build_site(bus_port=bus.gateway_port, db_path=tmp_path / "events.db", broker_port=broker.port,
+                          socket_path=tmp_path / "control.sock", households=1)
+        site = sms_site(tmp_path, spec, modem.port)
+        log = tmp_path / "gatewayd.log"
+        with simulated_detectors(bus.device_port, spec.detectors), open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "gateway.daemon", "--config", str(site.cfg.source)],
+                                    stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env=dict(os.environ, GPIOZERO_PIN_FACTORY="mock", PYTHONPATH=str(ROOT)))
+            try:
+                sms = wait_until(lambda: next((p for p in _tree(proc.pid) if _comm(p) == "gateway-sms"), None),
+                                 timeout=30, message=lambda: log.read_text(errors="replace")[-3000:])
+                assert sms.ppid() == proc.pid and sms.cmdline() == psutil.Process(proc.pid).cmdline()
+                wait_until(lambda: any(c.startswith("AT+CSQ") for c in modem.commands), timeout=60,
+                           message="the forked SMS process never asked the modem")
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]
+                wait_until(lambda: not _alive(sms.pid), timeout=30, message="the SMS process outlived the panel")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=30)
