@@ -365,8 +365,11 @@ class CommandHandler:
         query = self._event_query(_args("events", args))
         gw = self.gateway
         try:
+            # The newest sequence number first: an event stored between the two reads is then either in ``rows``
+            # or after ``after``, never skipped (the other order lost one stored in between).
+            last = await self._last_seq()
             rows = await gw.recent_events(limit=query.limit, **query.filters())
-            after = rows[-1]["stored_seq"] if rows else await self._last_seq()
+            after = max(last, int(rows[-1]["stored_seq"])) if rows else last
         except StorageAway as exc:
             raise CommandRejected(str(exc)) from None
         for row in rows:
