@@ -78,7 +78,9 @@ def wire_bus(tmp_path: Path, spec: WireSpec, slaves: dict[int, str], requests: R
 # limit of what this test allows; open.
 @pytest.mark.parametrize("baud", [9600, 19200])
 def test_one_transaction_takes_its_wire_time(tmp_path: Path, baud: int) -> None:
-    """Request sent → whole answer received through the gateway's client: within 5 % of the formula.
+    """Request sent → whole answer received through the gateway's client: within 5 % of the formula, plus 2 ms
+    for the Python on both ends (the simulator's and the client's), which a slower machine takes longer over
+    (1.46 ms at 19200 Bd on one whose plain Python runs 1.6 times slower: 30.47 ms for 29.01).
 
     The median of 21 transactions, so that a scheduling hiccup of this busy machine cannot decide it.
     """
@@ -91,7 +93,8 @@ def test_one_transaction_takes_its_wire_time(tmp_path: Path, baud: int) -> None:
             taken.append(time.perf_counter() - started)
     computed = transaction_s(LineFormat(baud=baud), read_answer_bytes(3, 10), turnaround_s=0.010)
     measured = statistics.median(taken)
-    assert measured == pytest.approx(computed, rel=0.05), f"{measured * 1000:.2f} ms vs {computed * 1000:.2f} ms"
+    assert computed * 0.95 <= measured <= computed * 1.05 + 0.002, \
+        f"{measured * 1000:.2f} ms vs {computed * 1000:.2f} ms"
     # No transaction beats the wire: the answer's last character cannot come before its time.
     assert min(taken) >= computed * 0.99
 
