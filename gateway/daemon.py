@@ -122,7 +122,13 @@ def _fork_children(cfg: SiteConfig, config_path: str) -> dict[str, FirstChild]:
     if not can_fork():
         log.warning("threads run already: the panel's children start as new interpreters")
         return {}
-    return {child.name: child.fork_first(config_path) for child in panel_children(cfg)}
+    forked: dict[str, FirstChild] = {}
+    for child in panel_children(cfg):
+        try:
+            forked[child.name] = child.fork_first(config_path)
+        except OSError as exc:  # no fork (a process limit): its supervisor starts it as a new interpreter
+            log.warning("could not fork the child; it starts as a new interpreter", child=child.name, error=str(exc))
+    return forked
 
 
 if __name__ == "__main__":
