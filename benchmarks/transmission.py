@@ -200,20 +200,12 @@ def _children(pid: int, module: str) -> list[int]:
     ``python -m module``."""
     import psutil
 
-    from gateway.panel.children import PROCESS_NAMES
+    from gateway.panel.children import PROCESS_NAMES, process_name
 
     with contextlib.suppress(psutil.Error):
         return [c.pid for c in psutil.Process(pid).children()
-                if module in " ".join(c.cmdline()) or _comm(c.pid) == PROCESS_NAMES[module]]
+                if module in " ".join(c.cmdline()) or process_name(c.pid) == PROCESS_NAMES[module]]
     return []
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _rows(db: Path, sql: str) -> list[tuple[Any, ...]]:

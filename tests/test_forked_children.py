@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gateway.panel.children import process_name
 from gateway_sim.devices import SimulatedGasDetector
 from gateway_sim.nullmodem import VirtualNullModem
 from tests.support.broker import MosquittoBroker
@@ -38,11 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _comm(p: psutil.Process) -> str:
-    try:
-        with open(f"/proc/{p.pid}/comm", encoding="utf-8") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
+    return process_name(p.pid)
 
 
 def _tree(pid: int) -> list[psutil.Process]:

@@ -32,12 +32,22 @@ from gateway.config import SiteConfig
 from gateway.heap import release_startup_heap
 from gateway.sms.settings import SmsSettings
 
-__all__ = ["ChildSpec", "FirstChild", "ForkedProcess", "can_fork", "fork_child", "panel_children"]
+__all__ = ["PROCESS_NAMES", "ChildSpec", "FirstChild", "ForkedProcess", "can_fork", "fork_child", "panel_children",
+           "process_name"]
 
 #: ``/proc/self/comm`` of each forked child (what ``ps``, ``top`` and the journal show), by module: its command
 #: line is the panel's.
 PROCESS_NAMES = {"gateway.uplink.process": "gateway-storage", "gateway.sms.process": "gateway-sms"}
 _WAIT_STEP_S = 0.05
+
+
+def process_name(pid: int) -> str:
+    """``/proc/<pid>/comm``: the name a forked child gives itself (:data:`PROCESS_NAMES`); "" when unreadable."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def can_fork() -> bool:
